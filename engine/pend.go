@@ -1,0 +1,404 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Errors of the pend and classify-handle APIs.
+var (
+	ErrCannotPend        = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
+	ErrPendResolved      = errors.New("fwp: pend already completed or timed out")
+	ErrHandleInvalid     = errors.New("fwp: invalid or stale handle")
+	ErrInvalidLayerData  = errors.New("fwp: invalid modified layer data")
+	ErrRedirectRecords   = errors.New("fwp: malformed redirect records")
+	ErrRecordsNotTrusted = errors.New("fwp: redirect records not issued by this engine")
+)
+
+// CompletionHandle is the metadata's completion handle: valid only inside
+// the classify that carries it (WFP's completionHandle).
+type CompletionHandle struct {
+	cs  *classifyState
+	seq uint64
+}
+
+// IsValid reports whether the handle was set.
+func (h CompletionHandle) IsValid() bool { return h.cs != nil }
+
+type pendKind uint8
+
+const (
+	pendOperation pendKind = iota + 1 // PendOperation at auth / resource layers
+	pendClassify                      // PendClassify at redirect / closure layers
+)
+
+// PendOutcome is how a pend resolved.
+type PendOutcome uint8
+
+const (
+	PendWaiting   PendOutcome = iota
+	PendCompleted             // CompleteOperation / CompleteClassify
+	PendTimedOut              // the deadline passed; the filter's default applies
+	PendCanceled              // the datapath gave up (the connection went away)
+)
+
+func (o PendOutcome) String() string {
+	return [...]string{"waiting", "completed", "timed_out", "canceled"}[o]
+}
+
+// Pend is a pended classification: the completion context of PendOperation
+// and the state behind a pended classify handle. It resolves exactly once.
+type Pend struct {
+	e        *Engine
+	kind     pendKind
+	layer    LayerID
+	filter   FilterID
+	callout  CalloutID
+	failOpen bool // the pending filter's PERMIT_IF_CALLOUT_UNREGISTERED
+	deadline time.Time
+	done     chan struct{}
+	state    atomic.Uint32 // PendOutcome
+	timer    *time.Timer
+
+	mu        sync.Mutex
+	out       ClassifyOut // CompleteClassify's output
+	pendedOut ClassifyOut // what PendClassify wrote (block, no write right)
+	reinject  any         // AUTH_RECV_ACCEPT: the held data handed back
+
+	// For resuming a pended classify: the classification's inputs and what
+	// was decided before the pend.
+	vs   Values
+	meta Metadata
+	memo resumeMemo
+	rd   *redirectState
+}
+
+// Layer, Filter and Callout say where the pend happened.
+func (p *Pend) Layer() LayerID     { return p.layer }
+func (p *Pend) Filter() FilterID   { return p.filter }
+func (p *Pend) Callout() CalloutID { return p.callout }
+
+// Deadline is when the pend times out.
+func (p *Pend) Deadline() time.Time { return p.deadline }
+
+// Done is closed when the pend resolves.
+func (p *Pend) Done() <-chan struct{} { return p.done }
+
+// Outcome reports how the pend resolved (PendWaiting until then).
+func (p *Pend) Outcome() PendOutcome { return PendOutcome(p.state.Load()) }
+
+// Reinjected returns the data a callout handed back when completing a pend
+// at AUTH_RECV_ACCEPT (nil: drop the held connection).
+func (p *Pend) Reinjected() any {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.reinject
+}
+
+func (e *Engine) newPend(cs *classifyState, cf *cfilter, kind pendKind) *Pend {
+	p := &Pend{
+		e: e, kind: kind, layer: cs.layer, filter: cf.id, callout: cf.callout,
+		failOpen: cf.flags&FilterPermitIfCalloutUnregistered != 0,
+		deadline: e.opts.Now().Add(e.opts.PendTimeout),
+		done:     make(chan struct{}),
+	}
+	e.rt.pendMu.Lock()
+	e.rt.pends[p] = struct{}{}
+	e.rt.pendMu.Unlock()
+	p.timer = time.AfterFunc(e.opts.PendTimeout, func() { p.resolve(PendTimedOut) })
+	return p
+}
+
+// resolve moves the pend to its final outcome once; later calls fail.
+func (p *Pend) resolve(o PendOutcome) bool {
+	if !p.state.CompareAndSwap(uint32(PendWaiting), uint32(o)) {
+		return false
+	}
+	p.timer.Stop()
+	rt := &p.e.rt
+	rt.pendMu.Lock()
+	delete(rt.pends, p)
+	rt.pendMu.Unlock()
+	if o != PendCompleted && p.rd != nil {
+		p.rd.releaseHandles()
+	}
+	close(p.done)
+	return true
+}
+
+// Cancel resolves a pend the datapath no longer waits for.
+func (p *Pend) Cancel() { p.resolve(PendCanceled) }
+
+// PendOperation pends the current classification (FwpsPendOperation0). It
+// is valid inside classify at AUTH_CONNECT, AUTH_RECV_ACCEPT, AUTH_LISTEN and
+// RESOURCE_ASSIGNMENT, not during a reauthorization. The callout then
+// returns BLOCK with ABSORB, and later calls CompleteOperation, from any
+// goroutine, with the Pend returned here.
+func (e *Engine) PendOperation(h CompletionHandle) (*Pend, error) {
+	cs := h.cs
+	if cs == nil || cs.seq != h.seq || cs.inCallout == nil || cs.e != e {
+		return nil, fmt.Errorf("%w: not the completion handle of a classify in progress", ErrHandleInvalid)
+	}
+	l := LayerByID(cs.layer)
+	if !l.CanPendOperation {
+		return nil, fmt.Errorf("%w: layer %s does not pend operations", ErrCannotPend, l.Name)
+	}
+	if uint32(cs.vs.v[FieldFlags].n)&FlagIsReauthorize != 0 {
+		return nil, fmt.Errorf("%w: the flow is being reauthorized", ErrCannotPend)
+	}
+	if cs.pend != nil {
+		return nil, fmt.Errorf("%w: the classification is already pended", ErrCannotPend)
+	}
+	p := e.newPend(cs, cs.inCallout, pendOperation)
+	cs.pend, cs.pendAt = p, cs.inCallout
+	return p, nil
+}
+
+// PendOperation is FwpsPendOperation0 with the request's completion handle.
+func (r *ClassifyRequest) PendOperation() (*Pend, error) {
+	if r.cs == nil {
+		return nil, ErrHandleInvalid
+	}
+	return r.e.PendOperation(CompletionHandle{r.cs, r.cs.seq})
+}
+
+// CompleteOperation completes a pended operation (FwpsCompleteOperation0).
+// The datapath then reauthorizes the flow: it classifies again with
+// FlagIsReauthorize and the callout answers with the decision it kept.
+// At AUTH_RECV_ACCEPT there is no reauthorization: reinject is the held
+// connection or packet to deliver (nil drops it), as WFP's callout
+// reinjects the packet it cloned.
+func (e *Engine) CompleteOperation(p *Pend, reinject any) error {
+	if p == nil || p.e != e || p.kind != pendOperation {
+		return fmt.Errorf("%w: not a pended operation of this engine", ErrHandleInvalid)
+	}
+	p.mu.Lock()
+	p.reinject = reinject
+	p.mu.Unlock()
+	if !p.resolve(PendCompleted) {
+		return fmt.Errorf("%w: %s", ErrPendResolved, p.Outcome())
+	}
+	return nil
+}
+
+// Wait blocks until the pend resolves or ctx ends; on ctx's end the pend is
+// canceled.
+func (p *Pend) Wait(ctx context.Context) PendOutcome {
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		p.resolve(PendCanceled)
+		<-p.done
+	}
+	return p.Outcome()
+}
+
+// ClassifyWait classifies and, when a callout pends, waits for the pend and
+// finishes the classification the way WFP does: a completed operation is
+// reauthorized (classified again with FlagIsReauthorize); a completed
+// classify resumes with the callout's final ClassifyOut; a pend at
+// AUTH_RECV_ACCEPT delivers what the callout reinjected; a timed-out pend
+// applies the filter's default (permit with PERMIT_IF_CALLOUT_UNREGISTERED,
+// else block); a canceled one blocks. vs and meta may be changed (the
+// reauthorize flag).
+func (e *Engine) ClassifyWait(ctx context.Context, layer LayerID, vs *Values, meta *Metadata) (Result, error) {
+	res := e.Classify(layer, vs, meta)
+	if res.Pend == nil {
+		return res, nil
+	}
+	p := res.Pend
+	outcome := p.Wait(ctx)
+	return e.finishPend(p, outcome, vs, meta), ctx.Err()
+}
+
+func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) Result {
+	base := Result{Filter: p.filter, Callout: p.callout}
+	switch o {
+	case PendTimedOut:
+		base.Reason = ReasonPendTimeout
+		if p.failOpen {
+			base.ClassifyOut = ClassifyOut{Action: ActionPermit}
+		} else {
+			base.ClassifyOut = ClassifyOut{Action: ActionBlock}
+		}
+		return base
+	case PendCanceled:
+		base.Reason = ReasonPended
+		base.ClassifyOut = ClassifyOut{Action: ActionBlock, Flags: OutAbsorb}
+		return base
+	}
+	if p.kind == pendClassify {
+		return e.resume(p)
+	}
+	if p.layer.Kind() == KindAuthRecvAccept {
+		base.Reason = ReasonCalloutPermit
+		if p.Reinjected() != nil {
+			base.ClassifyOut = ClassifyOut{Action: ActionPermit, Rights: RightActionWrite}
+		} else {
+			base.Reason = ReasonCalloutBlock
+			base.ClassifyOut = ClassifyOut{Action: ActionBlock, Flags: OutAbsorb}
+		}
+		return base
+	}
+	vs.Set(FieldFlags, Uint32(uint32(vs.Uint(FieldFlags))|FlagIsReauthorize))
+	r := e.Classify(p.layer, vs, meta)
+	if r.Pend != nil { // cannot happen: pends fail during reauthorization
+		r.Pend.Cancel()
+		r.Pend = nil
+	}
+	return r
+}
+
+// resumeMemo keeps the outputs of the callouts called before a pend, so a
+// resumed classify does not call them twice.
+type resumeMemo struct {
+	n   int
+	ids [16]FilterID
+	out [16]ClassifyOut
+}
+
+func (m *resumeMemo) lookup(id FilterID) (ClassifyOut, bool) {
+	for i := 0; i < m.n; i++ {
+		if m.ids[i] == id {
+			return m.out[i], true
+		}
+	}
+	return ClassifyOut{}, false
+}
+
+func (m *resumeMemo) add(id FilterID, out ClassifyOut) {
+	if m.n < len(m.ids) {
+		m.ids[m.n], m.out[m.n] = id, out
+		m.n++
+	}
+}
+
+func (cs *classifyState) remember(id FilterID, out ClassifyOut) {
+	if cs.memo == nil { // not a resume: keep, in case a later callout pends
+		cs.called.add(id, out)
+	}
+}
+
+// ClassifyHandle is a handle on one classification for the asynchronous
+// recipes of seed 001 (FwpsAcquireClassifyHandle0).
+type ClassifyHandle struct{ h *classifyHandle }
+
+type classifyHandle struct {
+	e        *Engine
+	layer    LayerID
+	filter   *cfilter
+	cs       *classifyState // while the classify runs
+	seq      uint64
+	rd       *redirectState
+	pend     *Pend
+	released atomic.Bool
+}
+
+// AcquireClassifyHandle returns a handle on the running classification. It
+// must be released with ReleaseClassifyHandle.
+func (r *ClassifyRequest) AcquireClassifyHandle() (ClassifyHandle, error) {
+	cs := r.cs
+	if cs == nil || cs.inCallout == nil {
+		return ClassifyHandle{}, fmt.Errorf("%w: only inside classify", ErrHandleInvalid)
+	}
+	h := &classifyHandle{e: r.e, layer: cs.layer, filter: cs.inCallout, cs: cs, seq: cs.seq, rd: cs.redirect()}
+	h.rd.handles = append(h.rd.handles, h)
+	r.e.rt.handles.Add(1)
+	return ClassifyHandle{h}, nil
+}
+
+// ReleaseClassifyHandle releases a classify handle (FwpsReleaseClassifyHandle0).
+// Releasing twice is harmless; a handle whose pend timed out was released
+// by the engine.
+func (e *Engine) ReleaseClassifyHandle(h ClassifyHandle) {
+	if h.h != nil && h.h.e == e && h.h.released.CompareAndSwap(false, true) {
+		e.rt.handles.Add(-1)
+	}
+}
+
+func (h ClassifyHandle) check(e *Engine) (*classifyHandle, error) {
+	if h.h == nil || h.h.e != e {
+		return nil, fmt.Errorf("%w: not a classify handle of this engine", ErrHandleInvalid)
+	}
+	if h.h.released.Load() {
+		return nil, fmt.Errorf("%w: classify handle released", ErrHandleInvalid)
+	}
+	return h.h, nil
+}
+
+// PendClassify pends the classification of the handle (FwpsPendClassify0),
+// valid inside classify at CONNECT_REDIRECT, BIND_REDIRECT and
+// ENDPOINT_CLOSURE. The engine sets out to BLOCK with ACTION_WRITE cleared,
+// as the seed's recipe does. CompleteClassify ends it.
+func (e *Engine) PendClassify(h ClassifyHandle, out *ClassifyOut) (*Pend, error) {
+	ch, err := h.check(e)
+	if err != nil {
+		return nil, err
+	}
+	cs := ch.cs
+	if cs == nil || cs.seq != ch.seq || cs.inCallout != ch.filter {
+		return nil, fmt.Errorf("%w: PendClassify is only valid inside the classify of its handle", ErrHandleInvalid)
+	}
+	if !LayerByID(ch.layer).CanPendClassify {
+		return nil, fmt.Errorf("%w: layer %s does not pend classifies", ErrCannotPend, ch.layer)
+	}
+	if cs.pend != nil {
+		return nil, fmt.Errorf("%w: the classification is already pended", ErrCannotPend)
+	}
+	p := e.newPend(cs, ch.filter, pendClassify)
+	out.Action = ActionBlock
+	out.Rights &^= RightActionWrite
+	p.pendedOut = *out
+	p.vs = *cs.vs
+	if cs.meta != nil {
+		p.meta = *cs.meta
+	}
+	p.memo = cs.called
+	p.rd = ch.rd
+	ch.pend = p
+	cs.pend, cs.pendAt = p, ch.filter
+	return p, nil
+}
+
+// CompleteClassify completes a pended classify with the callout's final
+// output (FwpsCompleteClassify0), from any goroutine.
+func (e *Engine) CompleteClassify(h ClassifyHandle, out ClassifyOut) error {
+	ch, err := h.check(e)
+	if err != nil {
+		return err
+	}
+	p := ch.pend
+	if p == nil {
+		return fmt.Errorf("%w: the handle's classify was not pended", ErrHandleInvalid)
+	}
+	p.mu.Lock()
+	p.out = out
+	p.mu.Unlock()
+	if !p.resolve(PendCompleted) {
+		return fmt.Errorf("%w: %s", ErrPendResolved, p.Outcome())
+	}
+	return nil
+}
+
+// resume finishes a completed pended classify: the filters are evaluated
+// again in order, callouts already called answer from the memo, the pending
+// callout answers with its completed output, later callouts are called.
+func (e *Engine) resume(p *Pend) Result {
+	p.mu.Lock()
+	out := p.out
+	p.mu.Unlock()
+	memo := p.memo
+	memo.add(p.filter, out)
+	c := e.state.Load().compiled[p.layer]
+	cs := csPool.Get().(*classifyState)
+	*cs = classifyState{e: e, layer: p.layer, vs: &p.vs, meta: &p.meta, memo: &memo, rd: p.rd, seq: e.rt.nextSeq.Add(1)}
+	res := c.classify(cs)
+	e.afterClassify(cs, &res)
+	*cs = classifyState{}
+	csPool.Put(cs)
+	return res
+}

@@ -1,0 +1,3 @@
+module fwp
+
+go 1.26

@@ -103,6 +103,10 @@ type ClassifyRequest struct {
 	Filter          *Filter
 	ProviderContext []byte
 	FlowContext     any // the context this callout associated with the flow, or nil
+	// LayerData is what the datapath holds for this classify (at
+	// AUTH_RECV_ACCEPT, the accepted connection or first datagram), for a
+	// callout that pends and later reinjects it.
+	LayerData any
 
 	e  *Engine
 	cs *classifyState
@@ -175,6 +179,7 @@ type classifyState struct {
 	memo      *resumeMemo // a resumed classify: outputs of callouts already called
 	called    resumeMemo  // callouts called so far, for a later pend
 	rd        *redirectState
+	layerData any
 	req       ClassifyRequest
 }
 
@@ -187,12 +192,18 @@ const maxReauthPasses = 3
 // involved, allocates nothing. At a layer where operations can be pended,
 // the engine sets meta's completion handle for the callouts.
 func (e *Engine) Classify(layer LayerID, vs *Values, meta *Metadata) Result {
+	return e.ClassifyLayerData(layer, vs, meta, nil)
+}
+
+// ClassifyLayerData is Classify with the datapath's layer data, which
+// callouts receive as ClassifyRequest.LayerData.
+func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, data any) Result {
 	if !layer.Valid() || vs == nil {
 		return Result{ClassifyOut: ClassifyOut{Action: ActionBlock}, Reason: ReasonFilterBlock}
 	}
 	c := e.state.Load().compiled[layer]
 	cs := csPool.Get().(*classifyState)
-	*cs = classifyState{e: e, layer: layer, vs: vs, meta: meta}
+	*cs = classifyState{e: e, layer: layer, vs: vs, meta: meta, layerData: data}
 	if c.hasCallouts {
 		cs.seq = e.rt.nextSeq.Add(1)
 		if meta != nil && layers[layer].CanPendOperation {

@@ -57,6 +57,7 @@ type Pend struct {
 	kind     pendKind
 	layer    LayerID
 	filter   FilterID
+	sublayer SublayerID
 	callout  CalloutID
 	failOpen bool // the pending filter's PERMIT_IF_CALLOUT_UNREGISTERED
 	deadline time.Time
@@ -69,12 +70,16 @@ type Pend struct {
 	pendedOut ClassifyOut // what PendClassify wrote (block, no write right)
 	reinject  any         // AUTH_RECV_ACCEPT: the held data handed back
 
-	// For resuming a pended classify: the classification's inputs and what
-	// was decided before the pend.
+	rd *redirectState
+	// resume is set for a pended classify: its inputs and what was decided
+	// before the pend, kept apart so a pended operation stays small.
+	resume *pendResume
+}
+
+type pendResume struct {
 	vs   Values
 	meta Metadata
 	memo resumeMemo
-	rd   *redirectState
 }
 
 // Layer, Filter and Callout say where the pend happened.
@@ -101,7 +106,7 @@ func (p *Pend) Reinjected() any {
 
 func (e *Engine) newPend(cs *classifyState, cf *cfilter, kind pendKind) *Pend {
 	p := &Pend{
-		e: e, kind: kind, layer: cs.layer, filter: cf.id, callout: cf.callout,
+		e: e, kind: kind, layer: cs.layer, filter: cf.id, sublayer: cf.f.Sublayer, callout: cf.callout,
 		failOpen: cf.flags&FilterPermitIfCalloutUnregistered != 0,
 		deadline: e.opts.Now().Add(e.opts.PendTimeout),
 		done:     make(chan struct{}),
@@ -109,7 +114,9 @@ func (e *Engine) newPend(cs *classifyState, cf *cfilter, kind pendKind) *Pend {
 	e.rt.pendMu.Lock()
 	e.rt.pends[p] = struct{}{}
 	e.rt.pendMu.Unlock()
+	p.mu.Lock() // the timer may fire before the assignment below is seen
 	p.timer = time.AfterFunc(e.opts.PendTimeout, func() { p.resolve(PendTimedOut) })
+	p.mu.Unlock()
 	return p
 }
 
@@ -118,7 +125,9 @@ func (p *Pend) resolve(o PendOutcome) bool {
 	if !p.state.CompareAndSwap(uint32(PendWaiting), uint32(o)) {
 		return false
 	}
+	p.mu.Lock()
 	p.timer.Stop()
+	p.mu.Unlock()
 	rt := &p.e.rt
 	rt.pendMu.Lock()
 	delete(rt.pends, p)
@@ -205,18 +214,26 @@ func (p *Pend) Wait(ctx context.Context) PendOutcome {
 // applies the filter's default (permit with PERMIT_IF_CALLOUT_UNREGISTERED,
 // else block); a canceled one blocks. vs and meta may be changed (the
 // reauthorize flag).
-func (e *Engine) ClassifyWait(ctx context.Context, layer LayerID, vs *Values, meta *Metadata) (Result, error) {
-	res := e.Classify(layer, vs, meta)
-	if res.Pend == nil {
-		return res, nil
+func (e *Engine) ClassifyWait(ctx context.Context, layer LayerID, vs *Values, meta *Metadata, layerData any) (Result, error) {
+	res := e.ClassifyLayerData(layer, vs, meta, layerData)
+	// A resumed classify may meet another pending callout; each pend
+	// resolves before the next, and the number of callouts bounds the loop.
+	for res.Pend != nil {
+		p := res.Pend
+		res = e.finishPend(p, p.Wait(ctx), vs, meta)
+		if err := ctx.Err(); err != nil {
+			if res.Pend != nil {
+				res.Pend.Cancel()
+				res.Pend = nil
+			}
+			return res, err
+		}
 	}
-	p := res.Pend
-	outcome := p.Wait(ctx)
-	return e.finishPend(p, outcome, vs, meta), ctx.Err()
+	return res, nil
 }
 
 func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) Result {
-	base := Result{Filter: p.filter, Callout: p.callout}
+	base := Result{Filter: p.filter, Sublayer: p.sublayer, Callout: p.callout}
 	switch o {
 	case PendTimedOut:
 		base.Reason = ReasonPendTimeout
@@ -353,11 +370,12 @@ func (e *Engine) PendClassify(h ClassifyHandle, out *ClassifyOut) (*Pend, error)
 	out.Action = ActionBlock
 	out.Rights &^= RightActionWrite
 	p.pendedOut = *out
-	p.vs = *cs.vs
+	p.resume = &pendResume{vs: *cs.vs, memo: cs.called}
 	if cs.meta != nil {
-		p.meta = *cs.meta
+		p.resume.meta = *cs.meta
+		p.resume.meta.CompletionHandle = CompletionHandle{}
+		p.resume.meta.Present &^= MetaCompletionHandle
 	}
-	p.memo = cs.called
 	p.rd = ch.rd
 	ch.pend = p
 	cs.pend, cs.pendAt = p, ch.filter
@@ -391,11 +409,11 @@ func (e *Engine) resume(p *Pend) Result {
 	p.mu.Lock()
 	out := p.out
 	p.mu.Unlock()
-	memo := p.memo
-	memo.add(p.filter, out)
+	r := p.resume
+	r.memo.add(p.filter, out)
 	c := e.state.Load().compiled[p.layer]
 	cs := csPool.Get().(*classifyState)
-	*cs = classifyState{e: e, layer: p.layer, vs: &p.vs, meta: &p.meta, memo: &memo, rd: p.rd, seq: e.rt.nextSeq.Add(1)}
+	*cs = classifyState{e: e, layer: p.layer, vs: &r.vs, meta: &r.meta, memo: &r.memo, rd: p.rd, seq: e.rt.nextSeq.Add(1)}
 	res := c.classify(cs)
 	e.afterClassify(cs, &res)
 	*cs = classifyState{}

@@ -252,7 +252,7 @@ func (cs *classifyState) call(cf *cfilter, reg *CalloutRegistration, rights Righ
 	}
 	cs.req = ClassifyRequest{
 		Layer: cs.layer, Values: cs.vs, Meta: cs.meta, Filter: cf.f, ProviderContext: cf.pctx,
-		FlowContext: flowCtx, e: cs.e, cs: cs, cf: cf,
+		FlowContext: flowCtx, LayerData: cs.layerData, e: cs.e, cs: cs, cf: cf,
 	}
 	out := ClassifyOut{Action: ActionContinue, Rights: rights}
 	cs.inCallout = cf

@@ -216,8 +216,7 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 		// A callout asked to be reauthorized if others modified the data
 		// after it: classify again on the latest version.
 		cs.rd.reauth = false
-		saved := *cs.vs
-		vs2 := saved
+		vs2 := *vs
 		vs2.Set(FieldFlags, Uint32(uint32(vs2.Uint(FieldFlags))|FlagIsReauthorize))
 		cs.vs = &vs2
 		cs.called = resumeMemo{}
@@ -323,8 +322,8 @@ func (c *compiledLayer) merge(cs *classifyState, a *arbiter, cur *[maxCursors][]
 		}
 		if c.eval(cs, a, cf) {
 			skipTo = c.subs[cf.sub].end
-			if a.out.Rights&RightActionWrite == 0 && !c.hasCallouts {
-				return // a hard decision no callout can veto
+			if a.out.Rights&RightActionWrite == 0 && !c.hasCallouts || cs.pend != nil {
+				return // a hard decision no callout can veto, or a pend that holds the flow
 			}
 		}
 	}
@@ -338,6 +337,9 @@ func (c *compiledLayer) scan(cs *classifyState, a *arbiter) {
 			continue
 		}
 		if c.eval(cs, a, cf) {
+			if cs.pend != nil {
+				return
+			}
 			i = int(c.subs[cf.sub].end) - 1
 		}
 	}

@@ -376,6 +376,9 @@ func (tx *Txn) AddCallout(c Callout) (CalloutID, error) {
 	return c.ID, nil
 }
 
+// MaxConditions bounds a filter's conditions.
+const MaxConditions = 256
+
 // ValidateFilter checks a filter against the engine's current objects and
 // the layer's schema without adding it.
 func (tx *Txn) ValidateFilter(f *Filter) error {
@@ -420,6 +423,9 @@ func (tx *Txn) ValidateFilter(f *Filter) error {
 		}
 	default:
 		return fmt.Errorf("%w: %s", ErrInvalidAction, f.Action.Type)
+	}
+	if len(f.Conditions) > MaxConditions {
+		return fmt.Errorf("%w: %d conditions exceed %d", ErrInvalidCondition, len(f.Conditions), MaxConditions)
 	}
 	for i, c := range f.Conditions {
 		if err := c.validate(l); err != nil {

@@ -242,6 +242,9 @@ func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) 
 		} else {
 			base.ClassifyOut = ClassifyOut{Action: ActionBlock}
 		}
+		if vs != nil {
+			e.recordEvent(&classifyState{layer: p.layer, vs: vs, meta: meta}, &base)
+		}
 		return base
 	case PendCanceled:
 		base.Reason = ReasonPended

@@ -11,19 +11,19 @@
 // The package imports only the standard library (a test enforces it), so it
 // can be embedded anywhere.
 //
-//	                  Classify(layer, values, metadata)
-//	                               │
-//	             ┌─────────────────▼──────────────────┐
-//	             │ snapshot (atomic.Pointer)           │
-//	             │  layer ─► index: proto/port/addr/app│
-//	             │        ─► candidates in rank order  │
-//	             └─────────────────┬──────────────────┘
-//	   sublayer 1 (highest weight) │ first matching filter that returns
-//	   sublayer 2                  │ permit/block decides the sublayer;
-//	   ...                         ▼ sublayers combine by the ACTION_WRITE right
-//	                      Result{ClassifyOut, Filter, Reason}
+//	               Classify(layer, values, metadata)
+//	                            │
+//	          ┌─────────────────▼──────────────────┐
+//	          │ snapshot (atomic.Pointer)           │
+//	          │  layer ─► index: proto/port/addr/app│
+//	          │        ─► candidates in rank order  │
+//	          └─────────────────┬──────────────────┘
+//	sublayer 1 (highest weight) │ first matching filter that returns
+//	sublayer 2                  │ permit/block decides the sublayer;
+//	...                         ▼ sublayers combine by the ACTION_WRITE right
+//	                   Result{ClassifyOut, Filter, Reason}
 //
 // Arbitration follows WFP's "Filter Arbitration" page and fwp's design
-// document; the readings fwp takes where WFP is silent are listed in
-// arbitrate.go.
+// document; the readings fwp takes where WFP is silent are documented on
+// the arbiter in classify.go and in docs/semantics.md.
 package engine

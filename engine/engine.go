@@ -98,7 +98,7 @@ func (t *table[I, T]) clone() *table[I, T] {
 }
 
 func (t *table[I, T]) put(id I, key string, v *T) { t.byID[id] = v; t.byKey[key] = id }
-func (t *table[I, T]) del(id I, key string)        { delete(t.byID, id); delete(t.byKey, key) }
+func (t *table[I, T]) del(id I, key string)       { delete(t.byID, id); delete(t.byKey, key) }
 
 // sorted returns the table's objects by ascending ID.
 func (t *table[I, T]) sorted() []I {

@@ -124,7 +124,7 @@ func TestInlineConnectRedirect(t *testing.T) {
 		rtCallout{key: "redir", layer: redirLay, sublayer: 10, conds: []Condition{port80}, reg: cr.Registration()},
 		rtCallout{key: "auth", layer: LayerALEAuthConnectV4, sublayer: 10, action: ActionCalloutInspection,
 			conds: []Condition{{Field: FieldFlags, Match: MatchFlagsAllSet, Value: Uint32(FlagIsConnectionRedirected)}},
-			reg: InlineInspection(func(req *ClassifyRequest) { authMeta, authVals = *req.Meta, *req.Values })},
+			reg:   InlineInspection(func(req *ClassifyRequest) { authMeta, authVals = *req.Meta, *req.Values })},
 	)
 	cr.Handle = e.RedirectHandleCreate("proxy")
 	vs := tcpValues(client, server)

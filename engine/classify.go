@@ -95,7 +95,11 @@ func (r Result) String() string {
 
 // ClassifyRequest is what a callout's classify function receives: the
 // incoming values, metadata, the filter that matched, its provider context
-// and the flow context (WFP classifyFn's parameters).
+// and the flow context (WFP classifyFn's parameters). Values, Meta, Filter
+// and ProviderContext are the engine's and the datapath's own memory,
+// shared without a copy so that a callout call costs no allocation: read
+// them, never write them, and do not keep them past the call (copy what an
+// asynchronous completion needs).
 type ClassifyRequest struct {
 	Layer           LayerID
 	Values          *Values
@@ -316,6 +320,9 @@ func (c *compiledLayer) merge(cs *classifyState, a *arbiter, cur *[maxCursors][]
 			continue
 		}
 		last = bv
+		if !c.quick[bv].pass(cs.vs) {
+			continue
+		}
 		cf := &c.filters[bv]
 		if !cf.match(cs.vs) {
 			continue

@@ -76,6 +76,9 @@ func (c Condition) validate(l *Layer) error {
 		return fmt.Errorf("%w: unknown match type %d", ErrInvalidMatchType, c.Match)
 	}
 	ft := c.Field.Type()
+	if !matchApplies(c.Match, ft) {
+		return fmt.Errorf("%w: %s does not apply to field %s (%s)", ErrInvalidMatchType, c.Match, c.Field, ft)
+	}
 	vt := c.Value.t
 	bad := func() error {
 		return fmt.Errorf("%w: %s on field %s (%s) with a %s value", ErrTypeMismatch, c.Match, c.Field, ft, vt)
@@ -128,6 +131,23 @@ func (c Condition) validate(l *Layer) error {
 		}
 	}
 	return nil
+}
+
+// matchApplies reports whether a match type is defined for a field type at
+// all (FWP_E_MATCH_TYPE_MISMATCH when not); the value's type is checked
+// separately (FWP_E_TYPE_MISMATCH).
+func matchApplies(m MatchType, ft Type) bool {
+	switch m {
+	case MatchGreater, MatchLess, MatchGreaterOrEqual, MatchLessOrEqual, MatchRange:
+		return ft.isInt() || ft == TypeAddr
+	case MatchFlagsAllSet, MatchFlagsAnySet, MatchFlagsNoneSet:
+		return ft.isInt()
+	case MatchEqualCaseInsensitive:
+		return ft == TypeString
+	case MatchPrefix, MatchNotPrefix:
+		return ft == TypeString || ft == TypeBytes || ft == TypeAddr
+	}
+	return true
 }
 
 // checkFamily refuses a v6 address on a v4 layer and the reverse: such a

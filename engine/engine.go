@@ -161,7 +161,7 @@ func (e *Engine) Begin(ctx context.Context) (*Txn, error) {
 	select {
 	case e.txnSem <- struct{}{}:
 	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: waiting for the open transaction: %v", ErrTxnInProgress, ctx.Err())
+		return nil, fmt.Errorf("%w: waiting for the open transaction: %w", ErrTxnInProgress, ctx.Err())
 	}
 	base := e.state.Load()
 	return &Txn{e: e, base: base, work: *base}, nil
@@ -257,6 +257,36 @@ func (tx *Txn) Abort() {
 
 // Pending reports how many filter changes the transaction holds.
 func (tx *Txn) Pending() int { return len(tx.notifies) }
+
+// Savepoint marks a transaction's state so that RollbackTo can undo the
+// calls made after it without aborting the transaction: a management
+// plane's batch inside an open transaction must be all or nothing.
+type Savepoint struct {
+	work     state
+	cloned   uint32
+	dirty    [numLayers]bool
+	notifies int
+}
+
+// Savepoint returns a mark of the transaction's current state. Tables are
+// copied again on their next write, so the tables a mark holds are never
+// changed and it can be rolled back to any number of times.
+func (tx *Txn) Savepoint() Savepoint {
+	sp := Savepoint{work: tx.work, cloned: tx.cloned, dirty: tx.dirty, notifies: len(tx.notifies)}
+	tx.cloned = 0
+	return sp
+}
+
+// RollbackTo undoes every change made since sp was taken. IDs handed out
+// since then are not reused.
+func (tx *Txn) RollbackTo(sp Savepoint) error {
+	if err := tx.check(); err != nil {
+		return err
+	}
+	tx.work, tx.cloned, tx.dirty = sp.work, 0, sp.dirty
+	tx.notifies = tx.notifies[:sp.notifies]
+	return nil
+}
 
 func (e *Engine) newID(kind string) uint64 {
 	e.idMu.Lock()
@@ -382,6 +412,9 @@ const MaxConditions = 256
 // ValidateFilter checks a filter against the engine's current objects and
 // the layer's schema without adding it.
 func (tx *Txn) ValidateFilter(f *Filter) error {
+	if err := tx.check(); err != nil {
+		return err
+	}
 	l := LayerByID(f.Layer)
 	if l == nil {
 		return fmt.Errorf("%w: %d", ErrInvalidLayer, f.Layer)
@@ -490,6 +523,9 @@ func (tx *Txn) slotOf(id CalloutID) *calloutSlot {
 
 // DeleteFilterByKey deletes a filter by key.
 func (tx *Txn) DeleteFilterByKey(key string) error {
+	if err := tx.check(); err != nil {
+		return err
+	}
 	f, err := tx.FilterByKey(key)
 	if err != nil {
 		return err
@@ -685,7 +721,11 @@ func (v View) ProviderContextByKey(key string) (ProviderContext, error) {
 
 // ProviderContexts lists the provider contexts by ID, optionally of one provider.
 func (v View) ProviderContexts(provider ProviderID) []ProviderContext {
-	return enum(v.s.contexts, func(c *ProviderContext) bool { return provider == 0 || c.Provider == provider })
+	out := enum(v.s.contexts, func(c *ProviderContext) bool { return provider == 0 || c.Provider == provider })
+	for i := range out {
+		out[i].Data = slices.Clone(out[i].Data) // the engine's copy stays immutable
+	}
+	return out
 }
 
 // Sublayer returns a sublayer by ID.

@@ -192,6 +192,9 @@ func ParseValue(t Type, s string) (Value, error) {
 			if err != nil {
 				return Value{}, err
 			}
+			if hi.t == TypeRange { // "1-2-3"
+				return Value{}, fmt.Errorf("%w: %q is not a %s range", ErrInvalidValue, s, t)
+			}
 			return Range(lo, hi), nil
 		}
 		n, err := strconv.ParseUint(s, 0, bits)

@@ -1,0 +1,149 @@
+package inproc
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"fwp/engine"
+	"fwp/proxy"
+)
+
+// Dialer dials through the datapath's ALE layers: CONNECT_REDIRECT,
+// AUTH_CONNECT, the real connect (to the redirected address when a callout
+// redirected the flow), FLOW_ESTABLISHED. It takes tcp, tcp4, tcp6, udp,
+// udp4 and udp6. The zero value with Datapath set is usable.
+type Dialer struct {
+	Datapath *Datapath
+	// Net makes the real socket: its Timeout, Deadline, LocalAddr,
+	// KeepAlive and Control apply. Timeout and Deadline also bound pends.
+	Net net.Dialer
+
+	records []byte
+	recs    *engine.RedirectRecords
+}
+
+// SetRedirectRecords makes the dialer's connections carry redirect
+// records a proxy queried on its accepted connection (implements
+// proxy.RecordsSetter). The records must come from this datapath's engine.
+func (d *Dialer) SetRedirectRecords(records []byte) error {
+	if d.Datapath == nil {
+		return fmt.Errorf("%w: dialer has no datapath", proxy.ErrInvalidArgument)
+	}
+	r, err := d.Datapath.e.UnmarshalRedirectRecords(records)
+	if err != nil {
+		return fmt.Errorf("%w: %w", proxy.ErrInvalidArgument, err)
+	}
+	d.records, d.recs = append([]byte(nil), records...), r
+	return nil
+}
+
+// Dial is DialContext with a background context.
+func (d *Dialer) Dial(network, address string) (net.Conn, error) {
+	return d.DialContext(context.Background(), network, address)
+}
+
+// DialContext connects to address through the ALE layers. A block returns
+// an error wrapping *BlockedError; a pend waits until the callout completes
+// it, its deadline, the dialer's timeout or ctx's end.
+func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	dp := d.Datapath
+	if dp == nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: fmt.Errorf("%w: dialer has no datapath", proxy.ErrInvalidArgument)}
+	}
+	nw, err := parseNetwork(network)
+	if err != nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+	}
+	if dl := d.deadline(); !dl.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, dl)
+		defer cancel()
+	}
+	remote, err := nw.resolve(ctx, address, false)
+	if err != nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+	}
+	c := dp.newClassifier(nw.proto, remote.Addr().Is6(), engine.DirectionOutbound, dp.id, true)
+	c.recs = d.recs
+	conn, err := d.dial(ctx, c, nw, network, remote)
+	if err != nil {
+		dp.e.FlowDeleted(c.flow)
+		return nil, &net.OpError{Op: "dial", Net: network, Addr: nw.addr(remote), Err: err}
+	}
+	return conn, nil
+}
+
+func (d *Dialer) deadline() time.Time {
+	dl := d.Net.Deadline
+	if d.Net.Timeout > 0 {
+		if t := time.Now().Add(d.Net.Timeout); dl.IsZero() || t.Before(dl) {
+			dl = t
+		}
+	}
+	return dl
+}
+
+func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network string, remote netip.AddrPort) (*Conn, error) {
+	dp := c.dp
+	var local netip.AddrPort // known before connect only when the dialer binds
+	if la, ok := addrPortOf(d.Net.LocalAddr); ok {
+		local = la
+	}
+	var vs engine.Values
+	var m engine.Metadata
+	c.values(&vs, local, remote)
+	c.meta(&m)
+	res, err := c.classify(ctx, engine.KindConnectRedirect, &vs, &m, nil)
+	if err != nil {
+		return nil, err
+	}
+	rd := res.Redirect
+	target := remote
+	var ent *redirectEntry
+	if rd.Redirected() && rd.Connect != nil {
+		target = unmap(rd.Remote())
+		ent = &redirectEntry{original: remote, context: rd.Connect.LocalRedirectContext, targetPID: rd.Connect.LocalRedirectTargetPID}
+		if rd.Records != nil {
+			ent.records = dp.e.MarshalRedirectRecords(rd.Records)
+		}
+	}
+
+	vs.Reset()
+	c.values(&vs, local, remote)
+	c.meta(&m)
+	rd.ApplyTo(&vs, &m)
+	if _, err := c.classify(ctx, engine.KindAuthConnect, &vs, &m, nil); err != nil {
+		return nil, err
+	}
+
+	if ent != nil {
+		dp.beginRedirect(target)
+	}
+	raw, err := d.Net.DialContext(ctx, network, target.String())
+	if err != nil {
+		if ent != nil {
+			dp.endRedirect(target, connKey{}, nil)
+		}
+		return nil, err
+	}
+	conn := &Conn{Conn: raw, c: c, remote: target}
+	conn.local, _ = addrPortOf(raw.LocalAddr())
+	if ent != nil {
+		conn.redirect, conn.original = ent, remote
+		conn.key = connKey{nw.proto, conn.local, target}
+		dp.endRedirect(target, conn.key, ent)
+	}
+
+	vs.Reset()
+	c.values(&vs, conn.local, remote)
+	c.meta(&m)
+	rd.ApplyTo(&vs, &m)
+	if _, err := c.classify(ctx, engine.KindFlowEstablished, &vs, &m, nil); err != nil {
+		conn.abort()
+		return nil, err
+	}
+	return conn, nil
+}

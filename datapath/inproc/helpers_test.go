@@ -1,0 +1,278 @@
+package inproc_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"fwp/datapath/inproc"
+	"fwp/engine"
+	"fwp/proxy"
+)
+
+// callout is one provider+sublayer+callout+filter for a test engine.
+type callout struct {
+	key      string
+	layer    engine.LayerID
+	sublayer uint16
+	action   engine.ActionType // default CALLOUT_UNKNOWN
+	flags    engine.FilterFlags
+	conds    []engine.Condition
+	reg      engine.CalloutRegistration
+}
+
+type ids struct {
+	callout engine.CalloutID
+	filter  engine.FilterID
+}
+
+func newEngine(t testing.TB, opts engine.Options, cs ...callout) (*engine.Engine, map[string]ids) {
+	t.Helper()
+	e := engine.New(opts)
+	out := map[string]ids{}
+	err := e.Update(func(tx *engine.Txn) error {
+		for _, c := range cs {
+			p, err := tx.AddProvider(engine.Provider{Key: "prov-" + c.key})
+			if err != nil {
+				return err
+			}
+			sl, err := tx.AddSublayer(engine.Sublayer{Key: "sub-" + c.key, Provider: p, Weight: c.sublayer})
+			if err != nil {
+				return err
+			}
+			act := c.action
+			if act == 0 {
+				act = engine.ActionCalloutUnknown
+			}
+			f := engine.Filter{Layer: c.layer, Sublayer: sl, Provider: p, Conditions: c.conds, Flags: c.flags, Action: engine.Action{Type: act}}
+			var co engine.CalloutID
+			if act.IsCallout() {
+				if co, err = tx.AddCallout(engine.Callout{Key: c.key, Provider: p, Layer: c.layer}); err != nil {
+					return err
+				}
+				f.Action.Callout = co
+			}
+			id, err := tx.AddFilter(f)
+			if err != nil {
+				return err
+			}
+			out[c.key] = ids{co, id}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cs {
+		if c.reg.Classify != nil {
+			if err := e.RegisterCallout(c.key, c.reg); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return e, out
+}
+
+// noLeaks waits for the engine to hold nothing: pends, handles, flow
+// contexts, redirect handles (destroy yours first).
+func noLeaks(t testing.TB, e *engine.Engine) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		o := e.Outstanding()
+		if o == (engine.Outstanding{}) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("engine still holds %+v", o)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func port(p uint16) engine.Condition {
+	return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(p)}
+}
+
+func apOf(a net.Addr) netip.AddrPort {
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		return a.AddrPort()
+	case *net.UDPAddr:
+		return a.AddrPort()
+	}
+	return netip.AddrPort{}
+}
+
+// redirectTo sends a flow to a local proxy with its original destination
+// as context, as WFPSampler's proxy callout does.
+func redirectTo(to netip.AddrPort, pid uint32) func(*engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+	return func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+		orig := netip.AddrPortFrom(req.Values.Get(engine.FieldIPRemoteAddress).Addr(), uint16(req.Values.Uint(engine.FieldIPRemotePort)))
+		b, _ := orig.MarshalBinary()
+		return engine.RedirectTarget{To: to, TargetPID: pid, Context: b}, true
+	}
+}
+
+// reservePort returns a loopback TCP port that was free a moment ago.
+func reservePort(t testing.TB) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := apOf(ln.Addr())
+	ln.Close()
+	return ap
+}
+
+// echoServer accepts on ln and echoes each connection, counting them.
+type echoServer struct {
+	ln       net.Listener
+	accepted atomic.Int64
+	wg       sync.WaitGroup
+}
+
+func startEcho(t testing.TB, ln net.Listener) *echoServer {
+	s := &echoServer{ln: ln}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.accepted.Add(1)
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	t.Cleanup(s.stop)
+	return s
+}
+
+func (s *echoServer) stop() { s.ln.Close(); s.wg.Wait() }
+
+func (s *echoServer) addr() netip.AddrPort { return apOf(s.ln.Addr()) }
+
+// testProxy is the proxy of seed 000: query, dial the original
+// destination with the records set, splice.
+type testProxy struct {
+	ln       net.Listener
+	dp       *inproc.Datapath
+	accepted atomic.Int64
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	original []netip.AddrPort
+	outFlows []engine.FlowHandle
+	errs     []error
+}
+
+func startProxy(t testing.TB, dp *inproc.Datapath, ln net.Listener) *testProxy {
+	p := &testProxy{ln: ln, dp: dp}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p.accepted.Add(1)
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				defer c.Close()
+				if err := p.handle(c); err != nil {
+					p.mu.Lock()
+					p.errs = append(p.errs, err)
+					p.mu.Unlock()
+				}
+			}()
+		}
+	}()
+	t.Cleanup(p.stop)
+	return p
+}
+
+func (p *testProxy) handle(c net.Conn) error {
+	recs, err := proxy.QueryRedirectRecords(c)
+	if err != nil {
+		return err
+	}
+	rctx, err := proxy.QueryRedirectContext(c)
+	if err != nil {
+		return err
+	}
+	var orig netip.AddrPort
+	if err := orig.UnmarshalBinary(rctx); err != nil {
+		return err
+	}
+	d := &inproc.Dialer{Datapath: p.dp}
+	if err := proxy.SetRedirectRecords(d, recs); err != nil {
+		return err
+	}
+	out, err := d.DialContext(context.Background(), "tcp", orig.String())
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	p.mu.Lock()
+	p.original = append(p.original, orig)
+	p.outFlows = append(p.outFlows, out.(*inproc.Conn).Flow())
+	p.mu.Unlock()
+	_, _, err = proxy.Splice(c, out)
+	return err
+}
+
+func (p *testProxy) stop() { p.ln.Close(); p.wg.Wait() }
+
+func (p *testProxy) addr() netip.AddrPort { return apOf(p.ln.Addr()) }
+
+func (p *testProxy) errors() []error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]error(nil), p.errs...)
+}
+
+// roundTrip writes msg, half-closes and reads everything back.
+func roundTrip(c net.Conn, msg []byte) ([]byte, error) {
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Write(msg)
+		if err == nil {
+			err = c.(interface{ CloseWrite() error }).CloseWrite()
+		}
+		errc <- err
+	}()
+	got, err := io.ReadAll(c)
+	if werr := <-errc; err == nil {
+		err = werr
+	}
+	return got, err
+}
+
+func listen(t testing.TB, lc *inproc.ListenConfig) net.Listener {
+	t.Helper()
+	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}
+
+func isBlocked(err error) bool {
+	var be *inproc.BlockedError
+	return errors.As(err, &be) && errors.Is(err, inproc.ErrBlocked)
+}

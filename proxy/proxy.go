@@ -1,0 +1,206 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"syscall"
+
+	"fwp/engine"
+)
+
+// Errors, after the ioctls' failures.
+var (
+	ErrNotFound        = errors.New("fwp proxy: not a redirected connection")       // WSAENOTCONN / no record
+	ErrInvalidArgument = errors.New("fwp proxy: invalid argument")                  // WSAEINVAL
+	ErrNotSupported    = errors.New("fwp proxy: not supported by this datapath")    // WSAEOPNOTSUPP
+	ErrAccessDenied    = errors.New("fwp proxy: caller is not the redirect target") // WSAEACCES
+)
+
+// Redirect is what a datapath knows about a connection a callout redirected
+// to a local proxy.
+type Redirect struct {
+	// Records are the flow's redirect records, opaque to the proxy.
+	Records []byte
+	// Context is the redirecting callout's context bytes (may be nil).
+	Context []byte
+	// TargetPID is the local redirect target the callout named; only that
+	// process may read Context. 0: the callout named none.
+	TargetPID uint32
+}
+
+// Accepted is implemented by accepted connections whose datapath knows how
+// they were redirected (fwp's in-process datapath).
+type Accepted interface {
+	// ProxyRedirect returns the connection's redirect and the process id of
+	// the process that accepted it, or an error wrapping ErrNotFound.
+	ProxyRedirect() (r Redirect, acceptorPID uint32, err error)
+}
+
+// RecordsSetter is implemented by dialers that carry redirect records on
+// the connections they make (fwp's in-process Dialer).
+type RecordsSetter interface {
+	SetRedirectRecords(records []byte) error
+}
+
+// Backend is a datapath that answers for plain sockets: a kernel datapath
+// finds an accepted connection by 4-tuple or socket cookie and attaches
+// records to a socket before it connects.
+type Backend interface {
+	// QueryAccepted returns the redirect of an accepted connection, or an
+	// error wrapping ErrNotFound when the backend does not know it.
+	QueryAccepted(conn net.Conn) (Redirect, error)
+	// SetRecords attaches records to a socket about to connect (called from
+	// a net.Dialer's Control hook); ErrNotSupported when it cannot.
+	SetRecords(network, address string, c syscall.RawConn, records []byte) error
+}
+
+var backends struct {
+	mu   sync.RWMutex
+	list []*Backend
+}
+
+// Register adds a backend and returns the function that removes it.
+func Register(b Backend) (unregister func()) {
+	p := &b
+	backends.mu.Lock()
+	backends.list = append(backends.list, p)
+	backends.mu.Unlock()
+	return func() {
+		backends.mu.Lock()
+		backends.list = slices.DeleteFunc(backends.list, func(x *Backend) bool { return x == p })
+		backends.mu.Unlock()
+	}
+}
+
+func registered() []Backend {
+	backends.mu.RLock()
+	defer backends.mu.RUnlock()
+	out := make([]Backend, len(backends.list))
+	for i, p := range backends.list {
+		out[i] = *p
+	}
+	return out
+}
+
+// lookup finds the redirect of an accepted connection and the pid of the
+// process that holds it.
+func lookup(conn net.Conn) (Redirect, uint32, error) {
+	if conn == nil {
+		return Redirect{}, 0, fmt.Errorf("%w: nil connection", ErrInvalidArgument)
+	}
+	// Unwrap layered connections (tls.Conn and the like) to the socket.
+	for {
+		if a, ok := conn.(Accepted); ok {
+			return a.ProxyRedirect()
+		}
+		u, ok := conn.(interface{ NetConn() net.Conn })
+		if !ok || u.NetConn() == nil || u.NetConn() == conn {
+			break
+		}
+		conn = u.NetConn()
+	}
+	bs := registered()
+	if len(bs) == 0 {
+		return Redirect{}, 0, fmt.Errorf("%w: no datapath knows %T connections", ErrNotSupported, conn)
+	}
+	for _, b := range bs {
+		r, err := b.QueryAccepted(conn)
+		if err == nil {
+			return r, uint32(os.Getpid()), nil
+		}
+		if !errors.Is(err, ErrNotFound) {
+			return Redirect{}, 0, err
+		}
+	}
+	return Redirect{}, 0, fmt.Errorf("%w: %s -> %s", ErrNotFound, conn.RemoteAddr(), conn.LocalAddr())
+}
+
+// QueryRedirectRecords returns the redirect records of an accepted
+// connection (SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS). The bytes are
+// opaque: pass them to SetRedirectRecords for the outbound connection.
+func QueryRedirectRecords(conn net.Conn) ([]byte, error) {
+	r, _, err := lookup(conn)
+	if err != nil {
+		return nil, err
+	}
+	if len(r.Records) == 0 {
+		return nil, fmt.Errorf("%w: the connection carries no redirect records", ErrNotFound)
+	}
+	return slices.Clone(r.Records), nil
+}
+
+// QueryRedirectContext returns the redirecting callout's context of an
+// accepted connection (SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT). Only the
+// process the callout named as local redirect target may read it: the
+// context can hold the flow's secrets.
+func QueryRedirectContext(conn net.Conn) ([]byte, error) {
+	r, pid, err := lookup(conn)
+	if err != nil {
+		return nil, err
+	}
+	if r.TargetPID == 0 || r.TargetPID != pid {
+		return nil, fmt.Errorf("%w: redirect target pid %d, caller pid %d", ErrAccessDenied, r.TargetPID, pid)
+	}
+	if r.Context == nil {
+		return nil, fmt.Errorf("%w: the callout set no redirect context", ErrNotFound)
+	}
+	return slices.Clone(r.Context), nil
+}
+
+// SetRedirectRecords makes the connections a dialer makes carry records
+// (SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS). dialer is a RecordsSetter
+// (fwp's in-process Dialer) or a *net.Dialer, whose Control hook then hands
+// the records to a registered kernel backend before the socket connects;
+// without such a backend a *net.Dialer gets ErrNotSupported, since a plain
+// socket would silently drop them.
+func SetRedirectRecords(dialer any, records []byte) error {
+	if len(records) == 0 || len(records) > engine.MaxRedirectRecordsSize {
+		return fmt.Errorf("%w: %d bytes of redirect records", ErrInvalidArgument, len(records))
+	}
+	switch d := dialer.(type) {
+	case nil:
+		return fmt.Errorf("%w: nil dialer", ErrInvalidArgument)
+	case RecordsSetter:
+		return d.SetRedirectRecords(records)
+	case *net.Dialer:
+		if d == nil {
+			return fmt.Errorf("%w: nil dialer", ErrInvalidArgument)
+		}
+		bs := registered()
+		if len(bs) == 0 {
+			return fmt.Errorf("%w: no kernel datapath is registered to carry records on a net.Dialer", ErrNotSupported)
+		}
+		recs := slices.Clone(records)
+		prevCtx, prev := d.ControlContext, d.Control
+		d.ControlContext = func(ctx context.Context, network, address string, c syscall.RawConn) error {
+			switch {
+			case prevCtx != nil:
+				if err := prevCtx(ctx, network, address, c); err != nil {
+					return err
+				}
+			case prev != nil:
+				if err := prev(network, address, c); err != nil {
+					return err
+				}
+			}
+			var firstErr error
+			for _, b := range bs {
+				err := b.SetRecords(network, address, c, recs)
+				if err == nil {
+					return nil
+				}
+				if firstErr == nil || !errors.Is(err, ErrNotSupported) {
+					firstErr = err
+				}
+			}
+			return firstErr
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: cannot set redirect records on a %T", ErrNotSupported, dialer)
+}

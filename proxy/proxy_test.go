@@ -1,0 +1,212 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"testing"
+
+	"fwp/proxy"
+)
+
+// fakeAccepted is a connection whose datapath knows its redirect.
+type fakeAccepted struct {
+	net.Conn
+	r   proxy.Redirect
+	pid uint32
+	err error
+}
+
+func (f *fakeAccepted) ProxyRedirect() (proxy.Redirect, uint32, error) { return f.r, f.pid, f.err }
+
+// wrapped is a layered connection (like tls.Conn) over another.
+type wrapped struct{ net.Conn }
+
+func (w wrapped) NetConn() net.Conn { return w.Conn }
+
+func TestQueries(t *testing.T) {
+	recs := []byte("opaque-records")
+	ok := &fakeAccepted{r: proxy.Redirect{Records: recs, Context: []byte("ctx"), TargetPID: 42}, pid: 42}
+	got, err := proxy.QueryRedirectRecords(ok)
+	if err != nil || !bytes.Equal(got, recs) {
+		t.Fatalf("records %q %v", got, err)
+	}
+	got[0] = 'X' // the caller's copy
+	if ok.r.Records[0] != 'o' {
+		t.Fatal("QueryRedirectRecords returned the datapath's own slice")
+	}
+	if c, err := proxy.QueryRedirectContext(wrapped{ok}); err != nil || string(c) != "ctx" {
+		t.Fatalf("context through NetConn: %q %v", c, err)
+	}
+	cases := []struct {
+		name string
+		conn net.Conn
+		fn   func(net.Conn) ([]byte, error)
+		want error
+	}{
+		{"nil", nil, proxy.QueryRedirectRecords, proxy.ErrInvalidArgument},
+		{"other pid", &fakeAccepted{r: ok.r, pid: 7}, proxy.QueryRedirectContext, proxy.ErrAccessDenied},
+		{"no target pid", &fakeAccepted{r: proxy.Redirect{Records: recs, Context: []byte("c")}, pid: 7}, proxy.QueryRedirectContext, proxy.ErrAccessDenied},
+		{"no context", &fakeAccepted{r: proxy.Redirect{Records: recs, TargetPID: 7}, pid: 7}, proxy.QueryRedirectContext, proxy.ErrNotFound},
+		{"no records", &fakeAccepted{r: proxy.Redirect{TargetPID: 7}, pid: 7}, proxy.QueryRedirectRecords, proxy.ErrNotFound},
+		{"not redirected", &fakeAccepted{err: proxy.ErrNotFound}, proxy.QueryRedirectRecords, proxy.ErrNotFound},
+		{"plain conn, no backend", pipeConn(t), proxy.QueryRedirectRecords, proxy.ErrNotSupported},
+	}
+	for _, c := range cases {
+		if _, err := c.fn(c.conn); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", c.name, err, c.want)
+		}
+	}
+}
+
+func pipeConn(t *testing.T) net.Conn {
+	a, b := net.Pipe()
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a
+}
+
+type setter struct{ got []byte }
+
+func (s *setter) SetRedirectRecords(b []byte) error { s.got = b; return nil }
+
+// backend records what the Control hook handed it.
+type backend struct {
+	mu      sync.Mutex
+	records []byte
+	known   net.Conn
+}
+
+func (b *backend) QueryAccepted(c net.Conn) (proxy.Redirect, error) {
+	if c == b.known {
+		return proxy.Redirect{Records: []byte("k")}, nil
+	}
+	return proxy.Redirect{}, proxy.ErrNotFound
+}
+
+func (b *backend) SetRecords(network, address string, c syscall.RawConn, records []byte) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.records = append([]byte(nil), records...)
+	return nil
+}
+
+func TestSetRedirectRecords(t *testing.T) {
+	s := &setter{}
+	if err := proxy.SetRedirectRecords(s, []byte("r")); err != nil || string(s.got) != "r" {
+		t.Fatalf("setter: %q %v", s.got, err)
+	}
+	for name, c := range map[string]struct {
+		d    any
+		recs []byte
+		want error
+	}{
+		"empty":          {s, nil, proxy.ErrInvalidArgument},
+		"too long":       {s, make([]byte, 1<<16), proxy.ErrInvalidArgument},
+		"nil dialer":     {nil, []byte("r"), proxy.ErrInvalidArgument},
+		"nil net.Dialer": {(*net.Dialer)(nil), []byte("r"), proxy.ErrInvalidArgument},
+		"unknown type":   {42, []byte("r"), proxy.ErrNotSupported},
+		"no backend":     {&net.Dialer{}, []byte("r"), proxy.ErrNotSupported},
+	} {
+		if err := proxy.SetRedirectRecords(c.d, c.recs); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", name, err, c.want)
+		}
+	}
+
+	// With a kernel backend, a net.Dialer's Control hook hands it the
+	// records before connecting, after the dialer's own hook.
+	b := &backend{}
+	unregister := proxy.Register(b)
+	defer unregister()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ownHook := false
+	d := &net.Dialer{Control: func(string, string, syscall.RawConn) error { ownHook = true; return nil }}
+	if err := proxy.SetRedirectRecords(d, []byte("recs")); err != nil {
+		t.Fatal(err)
+	}
+	c, err := d.DialContext(context.Background(), "tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	b.mu.Lock()
+	got := string(b.records)
+	b.mu.Unlock()
+	if got != "recs" || !ownHook {
+		t.Fatalf("backend got %q, own hook called %v", got, ownHook)
+	}
+	// The backend answers for plain connections it knows.
+	known := pipeConn(t)
+	b.known = known
+	if r, err := proxy.QueryRedirectRecords(known); err != nil || string(r) != "k" {
+		t.Fatalf("backend query: %q %v", r, err)
+	}
+	if _, err := proxy.QueryRedirectRecords(pipeConn(t)); !errors.Is(err, proxy.ErrNotFound) {
+		t.Fatalf("unknown plain conn: %v", err)
+	}
+	unregister()
+	if err := proxy.SetRedirectRecords(&net.Dialer{}, []byte("r")); !errors.Is(err, proxy.ErrNotSupported) {
+		t.Fatalf("after unregister: %v", err)
+	}
+}
+
+func TestSplice(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// server echoes; the "proxy" splices a client-facing socket pair to it.
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	front, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer front.Close()
+	type result struct{ up, down int64 }
+	done := make(chan result, 1)
+	go func() {
+		a, err := front.Accept()
+		if err != nil {
+			done <- result{-1, -1}
+			return
+		}
+		defer a.Close()
+		b, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			done <- result{-1, -1}
+			return
+		}
+		defer b.Close()
+		up, down, _ := proxy.Splice(a, b)
+		done <- result{up, down}
+	}()
+	c, err := net.Dial("tcp4", front.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := bytes.Repeat([]byte("0123456789"), 100000)
+	go func() { c.Write(msg); c.(*net.TCPConn).CloseWrite() }()
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("spliced echo: %d bytes, %v", len(got), err)
+	}
+	if r := <-done; r.up != int64(len(msg)) || r.down != int64(len(msg)) {
+		t.Fatalf("spliced %d up, %d down; want %d", r.up, r.down, len(msg))
+	}
+}

@@ -1,0 +1,180 @@
+package api
+
+import (
+	"fmt"
+	"time"
+
+	"fwp/engine"
+	"fwp/mgmt"
+)
+
+func lifetime(s string) (mgmt.Lifetime, error) { return mgmt.ParseLifetime(s) }
+
+// ToObject converts a wire object to mgmt's.
+func ToObject(o *Object) (mgmt.Object, error) {
+	switch k := o.GetKind().(type) {
+	case *Object_Provider:
+		p := k.Provider
+		l, err := lifetime(p.Lifetime)
+		return mgmt.Object{Provider: &mgmt.Provider{Key: p.Key, Name: p.Name, Description: p.Description, Lifetime: l, ID: p.Id, Session: p.Session}}, err
+	case *Object_ProviderContext:
+		c := k.ProviderContext
+		l, err := lifetime(c.Lifetime)
+		return mgmt.Object{ProviderContext: &mgmt.ProviderContext{Key: c.Key, Name: c.Name, Provider: c.Provider, Data: c.Data, Lifetime: l, ID: c.Id, Session: c.Session}}, err
+	case *Object_Sublayer:
+		s := k.Sublayer
+		l, err := lifetime(s.Lifetime)
+		if err == nil && s.Weight > 0xffff {
+			err = fmt.Errorf("%w: sublayer weight %d is above 65535", engine.ErrInvalidWeight, s.Weight)
+		}
+		return mgmt.Object{Sublayer: &mgmt.Sublayer{Key: s.Key, Name: s.Name, Provider: s.Provider, Weight: uint16(s.Weight), Lifetime: l, ID: s.Id, Session: s.Session}}, err
+	case *Object_Callout:
+		c := k.Callout
+		l, err := lifetime(c.Lifetime)
+		return mgmt.Object{Callout: &mgmt.Callout{Key: c.Key, Name: c.Name, Provider: c.Provider, Layer: c.Layer, Flags: c.Flags, Lifetime: l, ID: c.Id, Session: c.Session}}, err
+	case *Object_Filter:
+		f := k.Filter
+		l, err := lifetime(f.Lifetime)
+		mf := &mgmt.Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: f.Layer, Sublayer: f.Sublayer,
+			Provider: f.Provider, Weight: f.Weight, Action: f.Action, Callout: f.Callout, ProviderContext: f.ProviderContext,
+			Flags: f.Flags, Lifetime: l, ID: f.Id, EffectiveWeight: f.EffectiveWeight, Session: f.Session}
+		for _, c := range f.Conditions {
+			mf.Conditions = append(mf.Conditions, mgmt.Condition{Field: c.Field, Match: c.Match, Value: c.Value})
+		}
+		return mgmt.Object{Filter: mf}, err
+	}
+	return mgmt.Object{}, fmt.Errorf("%w: empty object", engine.ErrInvalidArgument)
+}
+
+// FromObject converts mgmt's object to the wire's.
+func FromObject(o mgmt.Object) *Object {
+	switch o.Kind() {
+	case mgmt.KindProvider:
+		p := o.Provider
+		return &Object{Kind: &Object_Provider{Provider: &Provider{Key: p.Key, Name: p.Name, Description: p.Description, Lifetime: p.Lifetime.String(), Id: p.ID, Session: p.Session}}}
+	case mgmt.KindProviderContext:
+		c := o.ProviderContext
+		return &Object{Kind: &Object_ProviderContext{ProviderContext: &ProviderContext{Key: c.Key, Name: c.Name, Provider: c.Provider, Data: c.Data, Lifetime: c.Lifetime.String(), Id: c.ID, Session: c.Session}}}
+	case mgmt.KindSublayer:
+		s := o.Sublayer
+		return &Object{Kind: &Object_Sublayer{Sublayer: &Sublayer{Key: s.Key, Name: s.Name, Provider: s.Provider, Weight: uint32(s.Weight), Lifetime: s.Lifetime.String(), Id: s.ID, Session: s.Session}}}
+	case mgmt.KindCallout:
+		c := o.Callout
+		return &Object{Kind: &Object_Callout{Callout: &Callout{Key: c.Key, Name: c.Name, Provider: c.Provider, Layer: c.Layer, Flags: c.Flags, Lifetime: c.Lifetime.String(), Id: c.ID, Session: c.Session}}}
+	case mgmt.KindFilter:
+		f := o.Filter
+		pf := &Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: f.Layer, Sublayer: f.Sublayer,
+			Provider: f.Provider, Weight: f.Weight, Action: f.Action, Callout: f.Callout, ProviderContext: f.ProviderContext,
+			Flags: f.Flags, Lifetime: f.Lifetime.String(), Id: f.ID, EffectiveWeight: f.EffectiveWeight, Session: f.Session}
+		for _, c := range f.Conditions {
+			pf.Conditions = append(pf.Conditions, &Condition{Field: c.Field, Match: c.Match, Value: c.Value})
+		}
+		return &Object{Kind: &Object_Filter{Filter: pf}}
+	}
+	return &Object{}
+}
+
+// ToRef and FromRef convert object references.
+func ToRef(r *ObjectRef) (mgmt.Ref, error) {
+	k, err := mgmt.ParseKind(r.GetKind())
+	return mgmt.Ref{Kind: k, Key: r.GetKey(), ID: r.GetId()}, err
+}
+
+func FromRef(r mgmt.Ref) *ObjectRef { return &ObjectRef{Kind: r.Kind.String(), Key: r.Key, Id: r.ID} }
+
+// ToOps and FromOps convert Apply's ops.
+func ToOps(ops []*Op) ([]mgmt.Op, error) {
+	out := make([]mgmt.Op, 0, len(ops))
+	for i, op := range ops {
+		var m mgmt.Op
+		switch o := op.GetOp().(type) {
+		case *Op_Add:
+			obj, err := ToObject(o.Add)
+			if err != nil {
+				return nil, fmt.Errorf("op %d: %w", i+1, err)
+			}
+			m.Add = &obj
+		case *Op_Delete:
+			r, err := ToRef(o.Delete)
+			if err != nil {
+				return nil, fmt.Errorf("op %d: %w", i+1, err)
+			}
+			m.Delete = &r
+		default:
+			return nil, fmt.Errorf("%w: op %d is empty", engine.ErrInvalidArgument, i+1)
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+func FromOps(ops []mgmt.Op) []*Op {
+	out := make([]*Op, 0, len(ops))
+	for _, op := range ops {
+		switch {
+		case op.Add != nil:
+			out = append(out, &Op{Op: &Op_Add{Add: FromObject(*op.Add)}})
+		case op.Delete != nil:
+			out = append(out, &Op{Op: &Op_Delete{Delete: FromRef(*op.Delete)}})
+		}
+	}
+	return out
+}
+
+// FromSession and ToSession convert session descriptions.
+func FromSession(s mgmt.SessionInfo) *Session {
+	return &Session{Id: s.ID, Pid: s.PID, Uid: s.UID, Gid: s.GID, Name: s.Name, Dynamic: s.Dynamic,
+		OpenedUnixNano: s.OpenedAt.UnixNano(), Admin: s.Admin, InTransaction: s.InTransaction}
+}
+
+func ToSession(s *Session) mgmt.SessionInfo {
+	return mgmt.SessionInfo{ID: s.GetId(), PID: s.GetPid(), UID: s.GetUid(), GID: s.GetGid(), Name: s.GetName(),
+		Dynamic: s.GetDynamic(), OpenedAt: time.Unix(0, s.GetOpenedUnixNano()), Admin: s.GetAdmin(), InTransaction: s.GetInTransaction()}
+}
+
+// FromNetEvent converts an engine net event.
+func FromNetEvent(ev engine.NetEvent) *NetEvent {
+	n := &NetEvent{Seq: ev.Seq, TimeUnixNano: ev.Time.UnixNano(), Type: ev.Type.String(), Layer: ev.Layer.String(),
+		FilterId: uint64(ev.Filter), Callout: uint32(ev.Callout), Reason: ev.Reason.String(), Protocol: uint32(ev.Protocol),
+		AppId: ev.AppID, UserId: ev.UserID, ProcessId: ev.ProcessID}
+	if ev.Local.IsValid() {
+		n.Local = ev.Local.String()
+	}
+	if ev.Remote.IsValid() {
+		n.Remote = ev.Remote.String()
+	}
+	return n
+}
+
+// FromExplanation converts an explanation.
+func FromExplanation(x *mgmt.Explanation, values string) *ExplainResponse {
+	t := x.Trace
+	r := t.Result
+	out := &ExplainResponse{Layer: t.Layer.String(), Action: r.Action.String(), Hard: r.Filter != 0 && r.Hard(),
+		FilterId: uint64(r.Filter), FilterKey: x.FilterKeys[r.Filter], Sublayer: uint32(r.Sublayer),
+		SublayerKey: x.SublayerKeys[r.Sublayer], Callout: uint32(r.Callout), Reason: r.Reason.String(), Values: values}
+	if r.Action != engine.ActionPermit {
+		out.Action = engine.ActionBlock.String()
+	}
+	for _, s := range t.Steps {
+		out.Steps = append(out.Steps, &Step{Sublayer: uint32(s.Sublayer), SublayerKey: x.SublayerKeys[s.Sublayer],
+			FilterId: uint64(s.Filter), FilterKey: x.FilterKeys[s.Filter], FilterAction: s.FilterAction.String(),
+			Callout: uint32(s.Callout), Returned: s.Returned.String(),
+			WriteBefore: s.RightsBefore&engine.RightActionWrite != 0, WriteAfter: s.RightsAfter&engine.RightActionWrite != 0, Note: s.Note})
+	}
+	return out
+}
+
+// FromChange and ToChange convert change notifications.
+func FromChange(c mgmt.Change) *Change {
+	return &Change{Kind: c.Kind.String(), Type: c.Type.String(), Key: c.Key, Id: c.ID, Session: c.Session}
+}
+
+func ToChange(c *Change) mgmt.Change {
+	k, _ := mgmt.ParseKind(c.GetKind())
+	t := mgmt.ChangeDelete
+	if c.GetType() == "add" {
+		t = mgmt.ChangeAdd
+	}
+	return mgmt.Change{Kind: k, Type: t, Key: c.GetKey(), ID: c.GetId(), Session: c.GetSession()}
+}

@@ -1,0 +1,253 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"fwp/client"
+	"fwp/mgmt"
+)
+
+func apply(ctx context.Context, args []string) error {
+	fs, c := newFlags("apply -f FILE", "Applies a policy file (YAML; see package policy) in one transaction:\nall of it or, on any error, nothing. Errors say file:line and why.")
+	var file string
+	fs.StringVar(&file, "f", "", "policy file (- for standard input)")
+	pos, err := parse(fs, c, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 || file == "" {
+		return usageErr("apply needs -f FILE and nothing else")
+	}
+	var data []byte
+	if file == "-" {
+		data, err = io.ReadAll(os.Stdin)
+	} else {
+		data, err = os.ReadFile(file)
+	}
+	if err != nil {
+		return err
+	}
+	cl, err := c.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	res, err := cl.ApplyPolicy(ctx, file, data)
+	if err != nil {
+		return err
+	}
+	if c.json() {
+		return printJSON(res)
+	}
+	fmt.Fprintf(stdout, "applied %s: %d added, %d deleted\n", file, len(res.Added), len(res.Deleted))
+	return nil
+}
+
+var protocols = map[string]string{"tcp": "6", "udp": "17", "icmp": "1", "icmpv6": "58"}
+
+func explain(ctx context.Context, args []string) error {
+	fs, c := newFlags("explain --layer LAYER [tuple flags]", "Says which filter decides a tuple (the best terminating match) and shows\nthe arbitration trace. Callouts are not called.")
+	var layer, remote, local, proto, app, uid, gid string
+	var fields listFlag
+	fs.StringVar(&layer, "layer", "", "layer (see fwpctl layers)")
+	fs.StringVar(&remote, "remote", "", "remote ADDR:PORT (or ADDR)")
+	fs.StringVar(&local, "local", "", "local ADDR:PORT (or ADDR)")
+	fs.StringVar(&proto, "proto", "", "tcp, udp, icmp, icmpv6 or a number")
+	fs.StringVar(&app, "app", "", "executable path (ale_app_id)")
+	fs.StringVar(&uid, "uid", "", "user id (ale_user_id)")
+	fs.StringVar(&gid, "gid", "", "group id (ale_group_id)")
+	fs.Var(&fields, "field", "any field as NAME=VALUE (repeatable)")
+	pos, err := parse(fs, c, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 || layer == "" {
+		return usageErr("explain needs --layer and takes no arguments")
+	}
+	vals := map[string]string{}
+	endpoint := func(s, addrField, portField string) error {
+		if s == "" {
+			return nil
+		}
+		if ap, err := netip.ParseAddrPort(s); err == nil {
+			vals[addrField], vals[portField] = ap.Addr().String(), strconv.Itoa(int(ap.Port()))
+			return nil
+		}
+		if a, err := netip.ParseAddr(s); err == nil {
+			vals[addrField] = a.String()
+			return nil
+		}
+		return usageErr("%q is not ADDR:PORT or ADDR", s)
+	}
+	if err := endpoint(remote, "ip_remote_address", "ip_remote_port"); err != nil {
+		return err
+	}
+	if err := endpoint(local, "ip_local_address", "ip_local_port"); err != nil {
+		return err
+	}
+	if proto != "" {
+		if n, ok := protocols[strings.ToLower(proto)]; ok {
+			proto = n
+		}
+		vals["ip_protocol"] = proto
+	}
+	for k, v := range map[string]string{"ale_app_id": app, "ale_user_id": uid, "ale_group_id": gid} {
+		if v != "" {
+			vals[k] = v
+		}
+	}
+	for _, f := range fields {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok {
+			return usageErr("--field %q: want NAME=VALUE", f)
+		}
+		vals[strings.TrimSpace(k)] = strings.TrimSpace(v)
+	}
+	cl, err := c.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	x, err := cl.Explain(ctx, layer, vals)
+	if err != nil {
+		return err
+	}
+	if c.json() {
+		return printJSON(x)
+	}
+	fmt.Fprintf(stdout, "layer:    %s\ntuple:    %s\n", x.Layer, dash(x.Values))
+	hard := "soft"
+	if x.Hard {
+		hard = "hard"
+	}
+	if x.FilterID == 0 {
+		fmt.Fprintf(stdout, "decision: %s (%s)\n", x.Action, x.Reason)
+	} else {
+		fmt.Fprintf(stdout, "decision: %s, %s, by filter %s (#%d) in sublayer %s: %s\n", x.Action, hard, x.FilterKey, x.FilterID, x.SublayerKey, x.Reason)
+	}
+	if len(x.Steps) == 0 {
+		fmt.Fprintln(stdout, "no filter matched")
+		return nil
+	}
+	fmt.Fprintln(stdout)
+	table("SUBLAYER\tFILTER\tACTION\tRETURNED\tWRITE\tNOTE", func(w io.Writer) {
+		for _, s := range x.Steps {
+			fmt.Fprintf(w, "%s\t%s(#%d)\t%s\t%s\t%v->%v\t%s\n", s.SublayerKey, s.FilterKey, s.FilterID, s.FilterAction, s.Returned, s.WriteBefore, s.WriteAfter, dash(s.Note))
+		}
+	})
+	return nil
+}
+
+func events(ctx context.Context, args []string) error {
+	fs, c := newFlags("events [--follow] [--since SEQ]", "Lists the recorded net events; --follow then streams new ones until interrupted.\nWith -o json: an array, or one object per line when following.")
+	var follow bool
+	var since uint64
+	fs.BoolVar(&follow, "follow", false, "keep streaming new events")
+	fs.Uint64Var(&since, "since", 0, "only events with this sequence number or later")
+	cl, err := connect(ctx, fs, c, args)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	row := func(e client.NetEvent) {
+		fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\t#%d\t%d\t%s\t%s\t%s\t%d\t%s\n", e.Seq, e.Time.Format(time.RFC3339Nano), e.Type, e.Layer, e.FilterID,
+			e.Protocol, dash(e.Local), dash(e.Remote), dash(e.AppID), e.UserID, e.Reason)
+	}
+	if !follow {
+		evs, err := cl.NetEvents(ctx, since)
+		if err != nil {
+			return err
+		}
+		if c.json() {
+			if evs == nil {
+				evs = []client.NetEvent{}
+			}
+			return printJSON(evs)
+		}
+		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tREASON")
+		for _, e := range evs {
+			row(e)
+		}
+		return nil
+	}
+	if !c.json() {
+		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tREASON")
+	}
+	return cl.FollowNetEvents(ctx, since, func(e client.NetEvent) error {
+		if c.json() {
+			b, _ := jsonLine(e)
+			_, err := stdout.Write(b)
+			return err
+		}
+		row(e)
+		return nil
+	})
+}
+
+func sessions(ctx context.Context, args []string) error {
+	fs, c := newFlags("sessions", "Lists the daemon's open sessions (this command's own included).")
+	cl, err := connect(ctx, fs, c, args)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ss, err := cl.Sessions(ctx)
+	if err != nil {
+		return err
+	}
+	if c.json() {
+		return printJSON(ss)
+	}
+	table("ID\tPID\tUID\tNAME\tDYNAMIC\tADMIN\tTXN\tOPENED", func(w io.Writer) {
+		for _, s := range ss {
+			fmt.Fprintf(w, "%d\t%d\t%d\t%s\t%v\t%v\t%v\t%s\n", s.ID, s.PID, s.UID, s.Name, s.Dynamic, s.Admin, s.InTransaction, s.OpenedAt.Format(time.RFC3339))
+		}
+	})
+	return nil
+}
+
+func watch(ctx context.Context, args []string) error {
+	fs, c := newFlags("watch [--kind KIND]...", "Prints other sessions' committed changes until interrupted.")
+	var kinds listFlag
+	fs.Var(&kinds, "kind", "provider, provider_context, sublayer, callout or filter (repeatable; default all)")
+	pos, err := parse(fs, c, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usageErr("unexpected arguments %q", pos)
+	}
+	var ks []mgmt.Kind
+	for _, k := range kinds {
+		kk, err := mgmt.ParseKind(k)
+		if err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+		ks = append(ks, kk)
+	}
+	cl, err := c.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ch, err := cl.Subscribe(ctx, ks...)
+	if err != nil {
+		return err
+	}
+	for ch := range ch {
+		if c.json() {
+			b, _ := jsonLine(ch)
+			stdout.Write(b)
+			continue
+		}
+		fmt.Fprintf(stdout, "%s\t%s\t%s\tid=%d\tsession=%d\n", ch.Type, ch.Kind, ch.Key, ch.ID, ch.Session)
+	}
+	return nil
+}

@@ -1,0 +1,198 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"fwp/client"
+	"fwp/engine"
+	"fwp/internal/metrics"
+	"fwp/internal/server"
+	"fwp/mgmt"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "fwpd:", err)
+		os.Exit(1)
+	}
+}
+
+type config struct {
+	socket, stateDir, metricsAddr, logLevel, logFormat string
+	adminGroups, adminUsers                            string
+	noRootAdmin                                        bool
+	txnTimeout                                         time.Duration
+	maxMsgBytes                                        int
+	allowEvents                                        bool
+}
+
+func run(args []string) error {
+	var c config
+	fs := flag.NewFlagSet("fwpd", flag.ContinueOnError)
+	fs.StringVar(&c.socket, "socket", client.SocketFromEnv(), "unix socket to serve on (env FWPD_SOCKET)")
+	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/fwp", "directory of the persistent store")
+	fs.StringVar(&c.adminGroups, "admin-group", "", "comma-separated groups (names or gids) whose members may change policy")
+	fs.StringVar(&c.adminUsers, "admin-user", "", "comma-separated users (names or uids) who may change policy")
+	fs.BoolVar(&c.noRootAdmin, "no-root-admin", false, "do not make root an administrator by default (root then needs --admin-user/--admin-group)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9465); off when empty")
+	fs.DurationVar(&c.txnTimeout, "txn-timeout", mgmt.DefaultTxnTimeout, "how long a write waits for another session's transaction")
+	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 64<<20, "largest request accepted")
+	fs.BoolVar(&c.allowEvents, "allow-events", false, "record classify-allow net events too (drops are always recorded)")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: fwpd [flags]\n\nfwp's daemon: serves the management API on a unix socket.\n\nflags:")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	log, err := newLogger(c.logLevel, c.logFormat)
+	if err != nil {
+		return err
+	}
+	gids, err := ids(c.adminGroups, func(s string) (string, error) {
+		g, err := user.LookupGroup(s)
+		if err != nil {
+			return "", err
+		}
+		return g.Gid, nil
+	})
+	if err != nil {
+		return fmt.Errorf("--admin-group: %w", err)
+	}
+	uids, err := ids(c.adminUsers, func(s string) (string, error) {
+		u, err := user.Lookup(s)
+		if err != nil {
+			return "", err
+		}
+		return u.Uid, nil
+	})
+	if err != nil {
+		return fmt.Errorf("--admin-user: %w", err)
+	}
+
+	eng := engine.New(engine.Options{AllowEvents: c.allowEvents})
+	var met *metrics.Metrics
+	opts := mgmt.Options{StateDir: c.stateDir, TxnTimeout: c.txnTimeout, Logger: log}
+	if c.metricsAddr != "" {
+		met = metrics.New(eng)
+		opts.OnCommit = met.ObserveCommit
+	}
+	m, err := mgmt.New(eng, opts)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+
+	l, err := listen(c.socket)
+	if err != nil {
+		return err
+	}
+	srv := server.New(server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids,
+		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes})
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if met != nil {
+		ms, err := met.Serve(ctx, c.metricsAddr)
+		if err != nil {
+			return err
+		}
+		log.Info("metrics listening", "addr", ms)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	log.Info("fwpd listening", "socket", c.socket, "state_dir", c.stateDir, "pid", os.Getpid())
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	srv.GracefulStop(5 * time.Second)
+	os.Remove(c.socket)
+	return nil
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	o := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, o)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, o)), nil
+	}
+	return nil, fmt.Errorf("--log-format: %q is not text or json", format)
+}
+
+// ids reads a comma-separated list of numeric IDs or names.
+func ids(list string, lookup func(string) (string, error)) ([]uint32, error) {
+	var out []uint32
+	for _, s := range strings.Split(list, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		if _, err := strconv.ParseUint(s, 10, 32); err != nil {
+			if s, err = lookup(s); err != nil {
+				return nil, err
+			}
+		}
+		n, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, uint32(n))
+	}
+	return out, nil
+}
+
+// listen opens the socket. A stale socket file (no daemon behind it) is
+// replaced; a live one is an error, so two daemons never share a state.
+func listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another daemon is serving %s", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	// Anyone may connect; what they may do is decided per call from
+	// SO_PEERCRED.
+	if err := os.Chmod(path, 0o666); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}

@@ -1,0 +1,406 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+
+	"fwp/api"
+	"fwp/engine"
+	"fwp/internal/peercred"
+	"fwp/mgmt"
+	"fwp/policy"
+)
+
+// SessionHeader is the metadata key that carries a call's session ID.
+const SessionHeader = "fwp-session"
+
+// DefaultMaxMsgBytes bounds a request (gRPC's own default).
+const DefaultMaxMsgBytes = 4 << 20
+
+// Config configures a Server.
+type Config struct {
+	Manager *mgmt.Manager
+	Logger  *slog.Logger
+	// Who may change policy: root (unless NoRootAdmin), the listed users,
+	// and members (primary or supplementary) of the listed groups.
+	AdminUIDs   []uint32
+	AdminGIDs   []uint32
+	NoRootAdmin bool
+	// MaxMsgBytes bounds a request; larger ones fail with ErrTooLarge.
+	MaxMsgBytes int
+}
+
+// Server is fwpd's service.
+type Server struct {
+	api.UnimplementedManagementServer
+	cfg  Config
+	m    *mgmt.Manager
+	log  *slog.Logger
+	grpc *grpc.Server
+	// quit ends the long-lived streams (sessions, follows) at shutdown,
+	// which a graceful stop would otherwise wait for.
+	quit     chan struct{}
+	quitOnce sync.Once
+}
+
+// New returns a server; call Serve with a unix listener.
+func New(cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MaxMsgBytes <= 0 {
+		cfg.MaxMsgBytes = DefaultMaxMsgBytes
+	}
+	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Logger, quit: make(chan struct{})}
+	s.grpc = grpc.NewServer(
+		grpc.Creds(peercred.Credentials()),
+		grpc.MaxRecvMsgSize(cfg.MaxMsgBytes),
+		grpc.ChainUnaryInterceptor(s.unary),
+		grpc.ChainStreamInterceptor(s.stream),
+	)
+	api.RegisterManagementServer(s.grpc, s)
+	return s
+}
+
+// Serve serves on l until Stop.
+func (s *Server) Serve(l net.Listener) error { return s.grpc.Serve(l) }
+
+// Stop ends every call and closes the listeners.
+func (s *Server) Stop() {
+	s.quitOnce.Do(func() { close(s.quit) })
+	s.grpc.Stop()
+}
+
+// GracefulStop stops accepting, ends the session and follow streams, lets
+// running calls end within d, then stops.
+func (s *Server) GracefulStop(d time.Duration) {
+	s.quitOnce.Do(func() { close(s.quit) })
+	done := make(chan struct{})
+	go func() { s.grpc.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		s.grpc.Stop()
+	}
+}
+
+func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	start := time.Now()
+	resp, err := h(ctx, req)
+	if err != nil {
+		s.log.Debug("call failed", "method", info.FullMethod, "err", err, "took", time.Since(start))
+	}
+	return resp, api.Status(err)
+}
+
+func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	return api.Status(h(srv, ss))
+}
+
+func (s *Server) isAdmin(c peercred.Cred) bool {
+	if c.UID == 0 && !s.cfg.NoRootAdmin {
+		return true
+	}
+	if slices.Contains(s.cfg.AdminUIDs, c.UID) || slices.Contains(s.cfg.AdminGIDs, c.GID) {
+		return true
+	}
+	if len(s.cfg.AdminGIDs) == 0 {
+		return false
+	}
+	groups, err := peercred.Groups(c.PID)
+	if err != nil {
+		s.log.Warn("cannot read the peer's groups", "pid", c.PID, "err", err)
+		return false
+	}
+	for _, g := range groups {
+		if slices.Contains(s.cfg.AdminGIDs, g) {
+			return true
+		}
+	}
+	return false
+}
+
+// session returns the call's session ID (0 when it names none), checking
+// that the session belongs to the calling process.
+func (s *Server) session(ctx context.Context) (uint64, mgmt.SessionInfo, error) {
+	cred, err := peercred.FromContext(ctx)
+	if err != nil {
+		return 0, mgmt.SessionInfo{}, fmt.Errorf("%w: %w", mgmt.ErrAccessDenied, err)
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	v := md.Get(SessionHeader)
+	if len(v) == 0 {
+		return 0, mgmt.SessionInfo{PID: cred.PID, UID: cred.UID, GID: cred.GID, Admin: s.isAdmin(cred)}, nil
+	}
+	id, err := strconv.ParseUint(v[0], 10, 64)
+	if err != nil {
+		return 0, mgmt.SessionInfo{}, fmt.Errorf("%w: bad session header %q", mgmt.ErrSessionNotFound, v[0])
+	}
+	info, err := s.m.Session(id)
+	if err != nil {
+		return 0, mgmt.SessionInfo{}, err
+	}
+	if info.PID != cred.PID || info.UID != cred.UID {
+		return 0, mgmt.SessionInfo{}, fmt.Errorf("%w: session #%d belongs to another process", mgmt.ErrAccessDenied, id)
+	}
+	return id, info, nil
+}
+
+// writer returns the session of a call that changes policy.
+func (s *Server) writer(ctx context.Context) (uint64, error) {
+	id, info, err := s.session(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if !info.Admin {
+		return 0, fmt.Errorf("%w: uid %d may only read (see fwpd --admin-group)", mgmt.ErrAccessDenied, info.UID)
+	}
+	if id == 0 {
+		return 0, fmt.Errorf("%w: this call needs a session", mgmt.ErrSessionNotFound)
+	}
+	return id, nil
+}
+
+func (s *Server) OpenSession(req *api.OpenSessionRequest, st grpc.ServerStreamingServer[api.Session]) error {
+	cred, err := peercred.FromContext(st.Context())
+	if err != nil {
+		return fmt.Errorf("%w: %w", mgmt.ErrAccessDenied, err)
+	}
+	info := s.m.OpenSession(mgmt.SessionInfo{PID: cred.PID, UID: cred.UID, GID: cred.GID,
+		Name: req.GetName(), Dynamic: req.GetDynamic(), Admin: s.isAdmin(cred)})
+	// Whatever ends the stream (a close, the client's death, daemon
+	// shutdown) closes the session and deletes its dynamic objects.
+	defer s.m.CloseSession(info.ID)
+	if err := st.Send(api.FromSession(info)); err != nil {
+		return err
+	}
+	select {
+	case <-st.Context().Done():
+	case <-s.quit:
+	}
+	return nil
+}
+
+func (s *Server) CloseSession(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
+	id, _, err := s.session(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if id == 0 {
+		return nil, fmt.Errorf("%w: no session to close", mgmt.ErrSessionNotFound)
+	}
+	return &api.Empty{}, s.m.CloseSession(id)
+}
+
+func (s *Server) Sessions(ctx context.Context, _ *api.Empty) (*api.SessionList, error) {
+	if _, _, err := s.session(ctx); err != nil {
+		return nil, err
+	}
+	out := &api.SessionList{}
+	for _, si := range s.m.Sessions() {
+		out.Sessions = append(out.Sessions, api.FromSession(si))
+	}
+	return out, nil
+}
+
+func (s *Server) Begin(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
+	id, err := s.writer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, s.m.Begin(ctx, id)
+}
+
+func (s *Server) Commit(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
+	id, err := s.writer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, s.m.Commit(id)
+}
+
+func (s *Server) Abort(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
+	id, err := s.writer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, s.m.Abort(id)
+}
+
+func (s *Server) Apply(ctx context.Context, req *api.ApplyRequest) (*api.ApplyResponse, error) {
+	id, err := s.writer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ops, err := api.ToOps(req.GetOps())
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetPolicy()) > 0 {
+		name := req.GetPolicyName()
+		if name == "" {
+			name = "policy"
+		}
+		pol, err := policy.Parse(name, req.GetPolicy())
+		if err != nil {
+			return nil, err
+		}
+		ops = append(ops, pol.Ops...)
+	}
+	res, err := s.m.Apply(ctx, id, ops)
+	if err != nil {
+		return nil, err
+	}
+	out := &api.ApplyResponse{}
+	for _, r := range res.Added {
+		out.Added = append(out.Added, api.FromRef(r))
+	}
+	for _, r := range res.Deleted {
+		out.Deleted = append(out.Deleted, api.FromRef(r))
+	}
+	return out, nil
+}
+
+func (s *Server) Get(ctx context.Context, req *api.ObjectRef) (*api.Object, error) {
+	id, _, err := s.session(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r, err := api.ToRef(req)
+	if err != nil {
+		return nil, err
+	}
+	o, err := s.m.Get(id, r)
+	if err != nil {
+		return nil, err
+	}
+	return api.FromObject(o), nil
+}
+
+func (s *Server) List(ctx context.Context, req *api.ListRequest) (*api.ObjectList, error) {
+	id, _, err := s.session(ctx)
+	if err != nil {
+		return nil, err
+	}
+	k, err := mgmt.ParseKind(req.GetKind())
+	if err != nil {
+		return nil, err
+	}
+	objs, err := s.m.List(id, k, mgmt.Template{Layer: req.GetLayer(), Sublayer: req.GetSublayer(),
+		Provider: req.GetProvider(), Callout: req.GetCallout(), Action: req.GetAction()})
+	if err != nil {
+		return nil, err
+	}
+	out := &api.ObjectList{Objects: make([]*api.Object, 0, len(objs))}
+	for _, o := range objs {
+		out.Objects = append(out.Objects, api.FromObject(o))
+	}
+	return out, nil
+}
+
+func (s *Server) Explain(ctx context.Context, req *api.ExplainRequest) (*api.ExplainResponse, error) {
+	if _, _, err := s.session(ctx); err != nil {
+		return nil, err
+	}
+	x, err := s.m.Explain(req.GetLayer(), req.GetValues())
+	if err != nil {
+		return nil, err
+	}
+	l, _ := mgmt.ParseLayer(req.GetLayer())
+	vs, _ := mgmt.ParseValues(l, req.GetValues())
+	return api.FromExplanation(x, vs.String()), nil
+}
+
+func (s *Server) NetEvents(req *api.NetEventsRequest, st grpc.ServerStreamingServer[api.NetEvent]) error {
+	if _, _, err := s.session(st.Context()); err != nil {
+		return err
+	}
+	eng := s.m.Engine()
+	// Subscribe before reading the ring, so that no event falls between.
+	var c <-chan engine.NetEvent
+	if req.GetFollow() {
+		sub := eng.SubscribeNetEvents(1024)
+		defer sub.Close()
+		c = sub.C
+	}
+	last := uint64(0)
+	for _, ev := range eng.NetEvents(req.GetSince()) {
+		if err := st.Send(api.FromNetEvent(ev)); err != nil {
+			return err
+		}
+		last = ev.Seq
+	}
+	if c == nil {
+		return nil
+	}
+	for {
+		select {
+		case <-st.Context().Done():
+			return nil
+		case <-s.quit:
+			return nil
+		case ev, ok := <-c:
+			if !ok {
+				return nil
+			}
+			if ev.Seq <= last {
+				continue // already sent from the ring
+			}
+			if err := st.Send(api.FromNetEvent(ev)); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (s *Server) Subscribe(req *api.SubscribeRequest, st grpc.ServerStreamingServer[api.Change]) error {
+	id, _, err := s.session(st.Context())
+	if err != nil {
+		return err
+	}
+	if id == 0 {
+		return fmt.Errorf("%w: subscribing needs a session", mgmt.ErrSessionNotFound)
+	}
+	var kinds []mgmt.Kind
+	for _, k := range req.GetKinds() {
+		kk, err := mgmt.ParseKind(k)
+		if err != nil {
+			return err
+		}
+		kinds = append(kinds, kk)
+	}
+	sub, err := s.m.Subscribe(id, kinds, 4096)
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	// An empty header tells the client the subscription is in place.
+	if err := st.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-st.Context().Done():
+			return nil
+		case <-s.quit:
+			return nil
+		case c, ok := <-sub.C:
+			if !ok {
+				return errors.Join(mgmt.ErrSessionNotFound, fmt.Errorf("session #%d closed", id))
+			}
+			if err := st.Send(api.FromChange(c)); err != nil {
+				return err
+			}
+		}
+	}
+}

@@ -1,0 +1,102 @@
+package mgmt
+
+import (
+	"sync/atomic"
+)
+
+// ChangeType says what happened to an object.
+type ChangeType uint8
+
+const (
+	ChangeAdd ChangeType = iota + 1
+	ChangeDelete
+)
+
+func (c ChangeType) String() string {
+	if c == ChangeAdd {
+		return "add"
+	}
+	return "delete"
+}
+
+// MarshalText renders the change type by name.
+func (c ChangeType) MarshalText() ([]byte, error) { return []byte(c.String()), nil }
+
+// Change is one committed change (WFP's FWPM_*_CHANGE0).
+type Change struct {
+	Kind    Kind       `json:"kind"`
+	Type    ChangeType `json:"type"`
+	Key     string     `json:"key"`
+	ID      uint64     `json:"id"`
+	Session uint64     `json:"session"` // the session that made it
+}
+
+// Subscription receives the committed changes of some kinds made by other
+// sessions. A subscriber that falls behind loses changes (Lost counts
+// them) rather than slowing commits.
+type Subscription struct {
+	C       <-chan Change
+	c       chan Change
+	session uint64
+	kinds   uint32
+	lost    atomic.Uint64
+	closed  bool
+	m       *Manager
+}
+
+// Lost reports how many changes did not fit the channel.
+func (s *Subscription) Lost() uint64 { return s.lost.Load() }
+
+// Close ends the subscription and closes C.
+func (s *Subscription) Close() {
+	s.m.mu.Lock()
+	defer s.m.mu.Unlock()
+	s.closeLocked()
+}
+
+func (s *Subscription) closeLocked() {
+	if !s.closed {
+		s.closed = true
+		delete(s.m.subs, s)
+		close(s.c)
+	}
+}
+
+// Subscribe subscribes session sid to changes of the given kinds (all when
+// none), not counting its own. It ends when the session closes.
+func (m *Manager) Subscribe(sid uint64, kinds []Kind, buffer int) (*Subscription, error) {
+	if _, err := m.session(sid); err != nil {
+		return nil, err
+	}
+	var mask uint32
+	for _, k := range kinds {
+		mask |= 1 << k
+	}
+	if mask == 0 {
+		mask = ^uint32(0)
+	}
+	c := make(chan Change, max(buffer, 1))
+	s := &Subscription{C: c, c: c, session: sid, kinds: mask, m: m}
+	m.mu.Lock()
+	m.subs[s] = struct{}{}
+	m.mu.Unlock()
+	return s, nil
+}
+
+func (m *Manager) publishLocked(changes []Change) {
+	if len(changes) == 0 {
+		return
+	}
+	for s := range m.subs {
+		for _, c := range changes {
+			if c.Session == s.session || s.kinds&(1<<c.Kind) == 0 {
+				continue
+			}
+			select {
+			case s.c <- c:
+			default:
+				s.lost.Add(1)
+			}
+		}
+	}
+}

@@ -1,0 +1,424 @@
+package mgmt
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"time"
+
+	"fwp/engine"
+)
+
+// txn is a management transaction: an engine transaction plus the
+// objects' owners and lifetimes and the store changes it will commit.
+type txn struct {
+	m  *Manager
+	s  *session
+	tx *engine.Txn
+	// Overlays over the manager's maps; a nil value is a removal.
+	meta    map[objKey]*objMeta
+	stored  map[objKey]*Object
+	changes []Change
+	// journal, while a batch runs in an open transaction, records the
+	// overlay entries the batch replaced, for undo.
+	journal []journalEntry
+	logging bool
+	// loading: the store is being loaded; nothing to write back.
+	loading bool
+}
+
+type journalEntry struct {
+	k                  objKey
+	hadMeta, hadStored bool
+	meta               *objMeta
+	stored             *Object
+}
+
+func (t *txn) metaOf(k objKey) (objMeta, bool) {
+	if v, ok := t.meta[k]; ok {
+		if v == nil {
+			return objMeta{}, false
+		}
+		return *v, true
+	}
+	v, ok := t.m.meta[k] // safe: meta changes only under the lock t holds
+	return v, ok
+}
+
+func (t *txn) storedOf(k objKey) (Object, bool) {
+	if v, ok := t.stored[k]; ok {
+		if v == nil {
+			return Object{}, false
+		}
+		return *v, true
+	}
+	v, ok := t.m.stored[k]
+	return v, ok
+}
+
+// record notes an add (o non-nil) or a delete of k in the overlays.
+func (t *txn) record(k objKey, id uint64, l Lifetime, o *Object) {
+	if t.logging {
+		e := journalEntry{k: k}
+		e.meta, e.hadMeta = t.meta[k]
+		e.stored, e.hadStored = t.stored[k]
+		t.journal = append(t.journal, e)
+	}
+	c := Change{Kind: k.kind, Key: k.key, ID: id, Session: t.s.info.ID, Type: ChangeDelete}
+	if o != nil {
+		c.Type = ChangeAdd
+		t.meta[k] = &objMeta{session: t.s.info.ID, lifetime: l}
+	} else {
+		t.meta[k] = nil
+	}
+	t.changes = append(t.changes, c)
+	if t.loading {
+		return
+	}
+	switch {
+	case o != nil && l.durable():
+		so := o.stored(l)
+		so = t.withKey(so, k.key)
+		t.stored[k] = &so
+	case o == nil:
+		if _, ok := t.storedOf(k); ok {
+			t.stored[k] = nil
+		}
+	}
+}
+
+// withKey sets the engine-generated key on a stored object.
+func (t *txn) withKey(o Object, key string) Object {
+	if k, _ := o.head(); k != nil {
+		*k = key
+	}
+	return o
+}
+
+func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
+	var sp engine.Savepoint
+	nchanges := len(t.changes)
+	if undoable {
+		sp = t.tx.Savepoint()
+		t.logging, t.journal = true, t.journal[:0]
+		defer func() { t.logging, t.journal = false, nil }()
+	}
+	var res ApplyResult
+	for i, op := range ops {
+		var err error
+		var r Ref
+		switch {
+		case op.Add != nil && op.Delete == nil:
+			if r, err = t.add(*op.Add); err == nil {
+				res.Added = append(res.Added, r)
+			}
+		case op.Delete != nil && op.Add == nil:
+			if r, err = t.delete(*op.Delete); err == nil {
+				res.Deleted = append(res.Deleted, r)
+			}
+		default:
+			err = fmt.Errorf("%w: an op is either an add or a delete", engine.ErrInvalidArgument)
+		}
+		if err != nil {
+			if undoable {
+				t.undo(sp, nchanges)
+			}
+			pos := op.Pos
+			if pos == "" && len(ops) > 1 {
+				pos = fmt.Sprintf("op %d", i+1)
+			}
+			if pos != "" {
+				err = fmt.Errorf("%s: %w", pos, err)
+			}
+			return ApplyResult{}, err
+		}
+	}
+	return res, nil
+}
+
+func (t *txn) undo(sp engine.Savepoint, nchanges int) {
+	_ = t.tx.RollbackTo(sp) // fails only on a finished txn, which t is not
+	for i := len(t.journal) - 1; i >= 0; i-- {
+		e := t.journal[i]
+		if e.hadMeta {
+			t.meta[e.k] = e.meta
+		} else {
+			delete(t.meta, e.k)
+		}
+		if e.hadStored {
+			t.stored[e.k] = e.stored
+		} else {
+			delete(t.stored, e.k)
+		}
+	}
+	t.changes = t.changes[:nchanges]
+}
+
+func (t *txn) abort() { t.tx.Abort() }
+
+// commit writes the store (when durable objects changed) and then swaps
+// the engine's state. A failed store write aborts: nothing changes.
+func (t *txn) commit() error {
+	start := time.Now()
+	m := t.m
+	var stored map[objKey]Object
+	if len(t.stored) > 0 {
+		stored = maps.Clone(m.stored)
+		for k, v := range t.stored {
+			if v == nil {
+				delete(stored, k)
+			} else {
+				stored[k] = *v
+			}
+		}
+		if m.store != nil {
+			if err := m.store.write(stored); err != nil {
+				t.tx.Abort()
+				return fmt.Errorf("%w: %w: %w", engine.ErrTxnAborted, ErrStore, err)
+			}
+		}
+	}
+	m.mu.Lock()
+	if err := t.tx.Commit(); err != nil {
+		m.mu.Unlock()
+		return err
+	}
+	for k, v := range t.meta {
+		if v == nil {
+			delete(m.meta, k)
+		} else {
+			m.meta[k] = *v
+		}
+	}
+	if stored != nil {
+		m.stored = stored
+	}
+	m.publishLocked(t.changes)
+	m.mu.Unlock()
+	if m.opts.OnCommit != nil {
+		m.opts.OnCommit(time.Since(start))
+	}
+	return nil
+}
+
+// lifetimeFor resolves an object's requested lifetime in the session.
+func (t *txn) lifetimeFor(l Lifetime) (Lifetime, error) {
+	if t.s.info.Dynamic {
+		if l != LifetimeDefault && l != LifetimeDynamic {
+			return 0, fmt.Errorf("%w: %s requested", ErrDynamicSession, l)
+		}
+		return LifetimeDynamic, nil
+	}
+	if l == LifetimeDefault {
+		return LifetimeStatic, nil
+	}
+	if l > LifetimeBootTime {
+		return 0, fmt.Errorf("%w: unknown lifetime %d", engine.ErrInvalidArgument, l)
+	}
+	return l, nil
+}
+
+// checkRef refuses a reference from an object of lifetime l to a shorter
+// lived one, or to another session's dynamic object. Built-in objects
+// (the universal sublayer) have no meta and outlive everything.
+func (t *txn) checkRef(kind Kind, key string, l Lifetime) error {
+	mt, ok := t.metaOf(objKey{kind, key})
+	if !ok {
+		return nil
+	}
+	if !l.mayReference(mt.lifetime) {
+		return fmt.Errorf("%w: a %s object cannot reference %s %q, which is %s", ErrLifetime, l, kind, key, mt.lifetime)
+	}
+	if mt.lifetime == LifetimeDynamic && mt.session != t.s.info.ID {
+		return fmt.Errorf("%w: %s %q is a dynamic object of session #%d", ErrLifetime, kind, key, mt.session)
+	}
+	return nil
+}
+
+func (t *txn) provider(key string, l Lifetime) (engine.ProviderID, error) {
+	if key == "" {
+		return 0, nil
+	}
+	p, err := t.tx.View().ProviderByKey(key)
+	if err != nil {
+		return 0, err
+	}
+	return p.ID, t.checkRef(KindProvider, key, l)
+}
+
+func (t *txn) add(o Object) (Ref, error) {
+	l, err := t.lifetimeFor(o.lifetime())
+	if err != nil {
+		return Ref{}, err
+	}
+	v := t.tx.View()
+	var id uint64
+	var key string
+	switch o.Kind() {
+	case KindProvider:
+		p := o.Provider
+		pid, err := t.tx.AddProvider(engine.Provider{Key: p.Key, Name: p.Name, Description: p.Description})
+		if err != nil {
+			return Ref{}, err
+		}
+		got, _ := v.Provider(pid)
+		id, key = uint64(pid), got.Key
+	case KindProviderContext:
+		c := o.ProviderContext
+		prov, err := t.provider(c.Provider, l)
+		if err != nil {
+			return Ref{}, err
+		}
+		cid, err := t.tx.AddProviderContext(engine.ProviderContext{Key: c.Key, Name: c.Name, Provider: prov, Data: c.Data})
+		if err != nil {
+			return Ref{}, err
+		}
+		got, _ := t.tx.View().ProviderContext(cid)
+		id, key = uint64(cid), got.Key
+	case KindSublayer:
+		s := o.Sublayer
+		prov, err := t.provider(s.Provider, l)
+		if err != nil {
+			return Ref{}, err
+		}
+		sid, err := t.tx.AddSublayer(engine.Sublayer{Key: s.Key, Name: s.Name, Provider: prov, Weight: s.Weight})
+		if err != nil {
+			return Ref{}, err
+		}
+		got, _ := t.tx.View().Sublayer(sid)
+		id, key = uint64(sid), got.Key
+	case KindCallout:
+		c := o.Callout
+		layer, err := ParseLayer(c.Layer)
+		if err != nil {
+			return Ref{}, err
+		}
+		flags, err := ParseCalloutFlags(c.Flags)
+		if err != nil {
+			return Ref{}, err
+		}
+		prov, err := t.provider(c.Provider, l)
+		if err != nil {
+			return Ref{}, err
+		}
+		cid, err := t.tx.AddCallout(engine.Callout{Key: c.Key, Name: c.Name, Provider: prov, Layer: layer, Flags: flags})
+		if err != nil {
+			return Ref{}, err
+		}
+		got, _ := t.tx.View().Callout(cid)
+		id, key = uint64(cid), got.Key
+	case KindFilter:
+		f, err := t.engineFilter(o.Filter, l)
+		if err != nil {
+			return Ref{}, err
+		}
+		fid, err := t.tx.AddFilter(f)
+		if err != nil {
+			return Ref{}, err
+		}
+		got, _ := t.tx.View().Filter(fid)
+		id, key = uint64(fid), got.Key
+	default:
+		return Ref{}, fmt.Errorf("%w: empty object", engine.ErrInvalidArgument)
+	}
+	k := objKey{o.Kind(), key}
+	t.record(k, id, l, &o)
+	return Ref{Kind: k.kind, Key: key, ID: id}, nil
+}
+
+func (t *txn) engineFilter(f *Filter, l Lifetime) (engine.Filter, error) {
+	layer, err := ParseLayer(f.Layer)
+	if err != nil {
+		return engine.Filter{}, err
+	}
+	w, err := ParseWeight(f.Weight)
+	if err != nil {
+		return engine.Filter{}, err
+	}
+	act, ok := engine.ActionTypeByName(f.Action)
+	if !ok || act == engine.ActionContinue {
+		return engine.Filter{}, fmt.Errorf("%w: %q (block, permit, callout_terminating, callout_inspection, callout_unknown)", engine.ErrInvalidAction, f.Action)
+	}
+	flags, err := ParseFilterFlags(f.Flags)
+	if err != nil {
+		return engine.Filter{}, err
+	}
+	ef := engine.Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: layer, Weight: w, Flags: flags, Action: engine.Action{Type: act}}
+	for i, c := range f.Conditions {
+		ec, err := ParseCondition(layer, c)
+		if err != nil {
+			return engine.Filter{}, fmt.Errorf("condition %d: %w", i+1, err)
+		}
+		ef.Conditions = append(ef.Conditions, ec)
+	}
+	v := t.tx.View()
+	if ef.Provider, err = t.provider(f.Provider, l); err != nil {
+		return engine.Filter{}, err
+	}
+	if f.Sublayer != "" {
+		s, err := v.SublayerByKey(f.Sublayer)
+		if err != nil {
+			return engine.Filter{}, err
+		}
+		if err := t.checkRef(KindSublayer, f.Sublayer, l); err != nil {
+			return engine.Filter{}, err
+		}
+		ef.Sublayer = s.ID
+	}
+	if f.ProviderContext != "" {
+		c, err := v.ProviderContextByKey(f.ProviderContext)
+		if err != nil {
+			return engine.Filter{}, err
+		}
+		if err := t.checkRef(KindProviderContext, f.ProviderContext, l); err != nil {
+			return engine.Filter{}, err
+		}
+		ef.ProviderContext = c.ID
+	}
+	if f.Callout != "" {
+		if !act.IsCallout() {
+			return engine.Filter{}, fmt.Errorf("%w: a %s filter names no callout", engine.ErrInvalidAction, act)
+		}
+		c, err := v.CalloutByKey(f.Callout)
+		if err != nil {
+			return engine.Filter{}, fmt.Errorf("%w: %w", engine.ErrCalloutNotFound, err)
+		}
+		if err := t.checkRef(KindCallout, f.Callout, l); err != nil {
+			return engine.Filter{}, err
+		}
+		ef.Action.Callout = c.ID
+	}
+	return ef, nil
+}
+
+// delete deletes by key, or by ID when the key is empty. A boot-time
+// object that lives only in the store (after start) is deleted there.
+func (t *txn) delete(r Ref) (Ref, error) {
+	_, key, id, err := find(t.tx.View(), r)
+	if err == nil {
+		switch r.Kind {
+		case KindProvider:
+			err = t.tx.DeleteProvider(engine.ProviderID(id))
+		case KindProviderContext:
+			err = t.tx.DeleteProviderContext(engine.ProviderContextID(id))
+		case KindSublayer:
+			err = t.tx.DeleteSublayer(engine.SublayerID(id))
+		case KindCallout:
+			err = t.tx.DeleteCallout(engine.CalloutID(id))
+		case KindFilter:
+			err = t.tx.DeleteFilter(engine.FilterID(id))
+		}
+	} else {
+		key = r.Key // for a boot-time object that lives only in the store
+	}
+	k := objKey{r.Kind, key}
+	if err != nil {
+		if so, ok := t.storedOf(k); ok && key != "" && so.lifetime() == LifetimeBootTime && errors.Is(err, engine.ErrNotFound) {
+			t.record(k, 0, LifetimeBootTime, nil)
+			return Ref{Kind: r.Kind, Key: key}, nil
+		}
+		return Ref{}, err
+	}
+	t.record(k, id, 0, nil)
+	return Ref{Kind: r.Kind, Key: key, ID: id}, nil
+}

@@ -1,0 +1,522 @@
+package policy
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"fwp/engine"
+	"fwp/mgmt"
+)
+
+// MaxSize bounds a policy file.
+const MaxSize = 64 << 20
+
+// Error is a policy file error at a position. It matches
+// mgmt.ErrInvalidPolicy and, when there is one, the underlying typed error
+// (engine.ErrInvalidValue, engine.ErrInvalidLayer, ...).
+type Error struct {
+	File         string
+	Line, Column int
+	Msg          string
+	Err          error
+}
+
+func (e *Error) Error() string {
+	s := fmt.Sprintf("%s:%d:%d: %s", e.File, e.Line, e.Column, e.Msg)
+	if e.Err != nil {
+		if e.Msg != "" {
+			s += ": "
+		}
+		s += e.Err.Error()
+	}
+	return s
+}
+
+func (e *Error) Unwrap() []error {
+	if e.Err == nil {
+		return []error{mgmt.ErrInvalidPolicy}
+	}
+	return []error{mgmt.ErrInvalidPolicy, e.Err}
+}
+
+// Policy is a parsed file: the ops to apply, in order, each with its
+// file:line position.
+type Policy struct {
+	Ops []mgmt.Op
+}
+
+type parser struct {
+	file     string
+	lifetime mgmt.Lifetime
+}
+
+func (p *parser) errf(n *yaml.Node, err error, format string, a ...any) error {
+	line, col := 1, 1
+	if n != nil {
+		line, col = max(n.Line, 1), max(n.Column, 1)
+	}
+	return &Error{File: p.file, Line: line, Column: col, Msg: fmt.Sprintf(format, a...), Err: err}
+}
+
+func (p *parser) pos(n *yaml.Node) string { return fmt.Sprintf("%s:%d", p.file, n.Line) }
+
+// Parse reads a policy file; name is used in error positions.
+func Parse(name string, data []byte) (*Policy, error) {
+	p := &parser{file: name}
+	if len(data) > MaxSize {
+		return nil, &Error{File: name, Line: 1, Column: 1, Msg: fmt.Sprintf("file is %d bytes, the limit is %d", len(data), MaxSize), Err: mgmt.ErrTooLarge}
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, p.yamlErr(err)
+	}
+	pol := &Policy{}
+	if doc.Kind == 0 || len(doc.Content) == 0 {
+		return pol, nil // empty file: nothing to do
+	}
+	root := doc.Content[0]
+	if root.Kind == yaml.ScalarNode && root.Tag == "!!null" {
+		return pol, nil
+	}
+	if root.Kind != yaml.MappingNode {
+		return nil, p.errf(root, nil, "the policy must be a mapping of sections (providers, sublayers, filters, ...)")
+	}
+	sections := map[string]*yaml.Node{}
+	err := p.fields(root, func(k string, v *yaml.Node) error {
+		switch k {
+		case "lifetime":
+			s, err := p.str(v)
+			if err != nil {
+				return err
+			}
+			if p.lifetime, err = mgmt.ParseLifetime(s); err != nil {
+				return p.errf(v, err, "")
+			}
+		case "providers", "provider_contexts", "sublayers", "callouts", "filters", "delete":
+			sections[k] = v
+		default:
+			return p.errf(v, nil, "unknown section %q (lifetime, providers, provider_contexts, sublayers, callouts, filters, delete)", k)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	type section struct {
+		name string
+		item func(*yaml.Node) (mgmt.Op, error)
+	}
+	for _, s := range []section{
+		{"delete", p.deleteOp}, {"providers", p.provider}, {"provider_contexts", p.context},
+		{"sublayers", p.sublayer}, {"callouts", p.callout}, {"filters", p.filter},
+	} {
+		n := sections[s.name]
+		if n == nil || (n.Kind == yaml.ScalarNode && n.Tag == "!!null") {
+			continue
+		}
+		if n.Kind != yaml.SequenceNode {
+			return nil, p.errf(n, nil, "%s must be a list", s.name)
+		}
+		for _, it := range n.Content {
+			if it.Kind != yaml.MappingNode {
+				return nil, p.errf(it, nil, "each entry of %s must be a mapping", s.name)
+			}
+			op, err := s.item(it)
+			if err != nil {
+				return nil, err
+			}
+			op.Pos = p.pos(it)
+			pol.Ops = append(pol.Ops, op)
+		}
+	}
+	return pol, nil
+}
+
+// yamlErr turns a yaml.v3 error ("yaml: line N: ...") into a positioned Error.
+func (p *parser) yamlErr(err error) error {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	line := 1
+	if rest, ok := strings.CutPrefix(msg, "line "); ok {
+		if i := strings.IndexByte(rest, ':'); i > 0 {
+			if n, err := strconv.Atoi(rest[:i]); err == nil {
+				line, msg = n, strings.TrimSpace(rest[i+1:])
+			}
+		}
+	}
+	var te *yaml.TypeError
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		msg = te.Errors[0]
+	}
+	return &Error{File: p.file, Line: line, Column: 1, Msg: "YAML syntax: " + msg}
+}
+
+// fields walks a mapping, refusing duplicate and non-string keys.
+func (p *parser) fields(n *yaml.Node, fn func(k string, v *yaml.Node) error) error {
+	seen := map[string]bool{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		if k.Kind != yaml.ScalarNode {
+			return p.errf(k, nil, "a key must be a plain name")
+		}
+		if seen[k.Value] {
+			return p.errf(k, nil, "%q is given twice", k.Value)
+		}
+		seen[k.Value] = true
+		if err := fn(k.Value, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *parser) str(v *yaml.Node) (string, error) {
+	if v.Kind == yaml.AliasNode && v.Alias != nil {
+		v = v.Alias
+	}
+	if v.Kind != yaml.ScalarNode {
+		return "", p.errf(v, engine.ErrTypeMismatch, "want a single value, not a %s", kindName(v))
+	}
+	if v.Tag == "!!null" {
+		return "", nil
+	}
+	return v.Value, nil
+}
+
+func (p *parser) strs(v *yaml.Node) ([]string, error) {
+	if v.Kind == yaml.ScalarNode {
+		if v.Tag == "!!null" {
+			return nil, nil
+		}
+		return []string{v.Value}, nil
+	}
+	if v.Kind != yaml.SequenceNode {
+		return nil, p.errf(v, engine.ErrTypeMismatch, "want a list of names, not a %s", kindName(v))
+	}
+	var out []string
+	for _, it := range v.Content {
+		s, err := p.str(it)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// layer reads a layer name.
+func (p *parser) layer(v *yaml.Node) (string, engine.LayerID, error) {
+	s, err := p.str(v)
+	if err != nil {
+		return "", 0, err
+	}
+	l, err := mgmt.ParseLayer(s)
+	if err != nil {
+		return "", 0, p.errf(v, err, "")
+	}
+	return s, l, nil
+}
+
+// flags reads a list of flag names and checks them with check.
+func (p *parser) flags(v *yaml.Node, check func([]string) error) ([]string, error) {
+	names, err := p.strs(v)
+	if err != nil {
+		return nil, err
+	}
+	if err := check(names); err != nil {
+		return nil, p.errf(v, err, "")
+	}
+	return names, nil
+}
+
+func kindName(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "mapping"
+	case yaml.SequenceNode:
+		return "list"
+	case yaml.AliasNode:
+		return "alias"
+	}
+	return "value"
+}
+
+// common reads the keys every object has; other keys go to fn.
+type common struct {
+	key, name, provider string
+	lifetime            mgmt.Lifetime
+	keyNode             *yaml.Node
+}
+
+func (p *parser) object(n *yaml.Node, what string, fn func(k string, v *yaml.Node) (bool, error)) (common, error) {
+	c := common{lifetime: p.lifetime}
+	err := p.fields(n, func(k string, v *yaml.Node) error {
+		var err error
+		switch k {
+		case "key":
+			c.key, err = p.str(v)
+			c.keyNode = v
+		case "name":
+			c.name, err = p.str(v)
+		case "provider":
+			c.provider, err = p.str(v)
+		case "lifetime":
+			var s string
+			if s, err = p.str(v); err == nil {
+				if c.lifetime, err = mgmt.ParseLifetime(s); err != nil {
+					err = p.errf(v, err, "")
+				}
+			}
+		default:
+			ok, ferr := fn(k, v)
+			if ferr != nil {
+				return ferr
+			}
+			if !ok {
+				return p.errf(v, nil, "unknown %s attribute %q", what, k)
+			}
+		}
+		return err
+	})
+	if err == nil && strings.TrimSpace(c.key) == "" {
+		err = p.errf(n, engine.ErrInvalidArgument, "a %s needs a key", what)
+	}
+	return c, err
+}
+
+func (p *parser) provider(n *yaml.Node) (mgmt.Op, error) {
+	var desc string
+	c, err := p.object(n, "provider", func(k string, v *yaml.Node) (bool, error) {
+		if k == "description" {
+			s, err := p.str(v)
+			desc = s
+			return true, err
+		}
+		return false, nil
+	})
+	if err != nil {
+		return mgmt.Op{}, err
+	}
+	if c.provider != "" {
+		return mgmt.Op{}, p.errf(n, nil, "a provider has no provider")
+	}
+	return mgmt.Op{Add: &mgmt.Object{Provider: &mgmt.Provider{Key: c.key, Name: c.name, Description: desc, Lifetime: c.lifetime}}}, nil
+}
+
+func (p *parser) context(n *yaml.Node) (mgmt.Op, error) {
+	var data []byte
+	var have bool
+	c, err := p.object(n, "provider context", func(k string, v *yaml.Node) (bool, error) {
+		switch k {
+		case "data", "data_hex":
+			if have {
+				return true, p.errf(v, nil, "give data or data_hex, not both")
+			}
+			have = true
+			s, err := p.str(v)
+			if err != nil {
+				return true, err
+			}
+			if k == "data" {
+				data = []byte(s)
+				return true, nil
+			}
+			h := strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(s), "0x"), "0X")
+			if data, err = hex.DecodeString(h); err != nil {
+				return true, p.errf(v, engine.ErrInvalidValue, "data_hex %q is not hex", s)
+			}
+			return true, nil
+		}
+		return false, nil
+	})
+	if err != nil {
+		return mgmt.Op{}, err
+	}
+	return mgmt.Op{Add: &mgmt.Object{ProviderContext: &mgmt.ProviderContext{Key: c.key, Name: c.name, Provider: c.provider, Data: data, Lifetime: c.lifetime}}}, nil
+}
+
+func (p *parser) sublayer(n *yaml.Node) (mgmt.Op, error) {
+	var w uint16
+	c, err := p.object(n, "sublayer", func(k string, v *yaml.Node) (bool, error) {
+		if k != "weight" {
+			return false, nil
+		}
+		s, err := p.str(v)
+		if err != nil {
+			return true, err
+		}
+		x, err := strconv.ParseUint(strings.TrimSpace(s), 0, 16)
+		if err != nil {
+			return true, p.errf(v, engine.ErrInvalidWeight, "sublayer weight %q is not a number in 0..65535", s)
+		}
+		w = uint16(x)
+		return true, nil
+	})
+	if err != nil {
+		return mgmt.Op{}, err
+	}
+	return mgmt.Op{Add: &mgmt.Object{Sublayer: &mgmt.Sublayer{Key: c.key, Name: c.name, Provider: c.provider, Weight: w, Lifetime: c.lifetime}}}, nil
+}
+
+func (p *parser) callout(n *yaml.Node) (mgmt.Op, error) {
+	var co mgmt.Callout
+	var layerNode *yaml.Node
+	c, err := p.object(n, "callout", func(k string, v *yaml.Node) (bool, error) {
+		var err error
+		switch k {
+		case "layer":
+			layerNode = v
+			co.Layer, _, err = p.layer(v)
+		case "flags":
+			co.Flags, err = p.flags(v, func(s []string) error { _, err := mgmt.ParseCalloutFlags(s); return err })
+		default:
+			return false, nil
+		}
+		return true, err
+	})
+	if err != nil {
+		return mgmt.Op{}, err
+	}
+	if layerNode == nil {
+		return mgmt.Op{}, p.errf(n, engine.ErrInvalidLayer, "callout %q needs a layer", c.key)
+	}
+	co.Key, co.Name, co.Provider, co.Lifetime = c.key, c.name, c.provider, c.lifetime
+	return mgmt.Op{Add: &mgmt.Object{Callout: &co}}, nil
+}
+
+func (p *parser) filter(n *yaml.Node) (mgmt.Op, error) {
+	var f mgmt.Filter
+	var layer engine.LayerID
+	var layerNode, actionNode, condNode *yaml.Node
+	c, err := p.object(n, "filter", func(k string, v *yaml.Node) (bool, error) {
+		var err error
+		switch k {
+		case "description":
+			f.Description, err = p.str(v)
+		case "layer":
+			layerNode = v
+			f.Layer, layer, err = p.layer(v)
+		case "sublayer":
+			f.Sublayer, err = p.str(v)
+		case "weight":
+			if f.Weight, err = p.str(v); err == nil {
+				if _, werr := mgmt.ParseWeight(f.Weight); werr != nil {
+					err = p.errf(v, werr, "")
+				}
+			}
+		case "conditions":
+			condNode = v
+		case "action":
+			actionNode = v
+			if f.Action, err = p.str(v); err == nil {
+				if a, ok := engine.ActionTypeByName(f.Action); !ok || a == engine.ActionContinue {
+					err = p.errf(v, engine.ErrInvalidAction, "%q (block, permit, callout_terminating, callout_inspection, callout_unknown)", f.Action)
+				}
+			}
+		case "callout":
+			f.Callout, err = p.str(v)
+		case "provider_context":
+			f.ProviderContext, err = p.str(v)
+		case "flags":
+			f.Flags, err = p.flags(v, func(s []string) error { _, err := mgmt.ParseFilterFlags(s); return err })
+		default:
+			return false, nil
+		}
+		return true, err
+	})
+	if err != nil {
+		return mgmt.Op{}, err
+	}
+	if layerNode == nil {
+		return mgmt.Op{}, p.errf(n, engine.ErrInvalidLayer, "filter %q needs a layer", c.key)
+	}
+	if actionNode == nil {
+		return mgmt.Op{}, p.errf(n, engine.ErrInvalidAction, "filter %q needs an action", c.key)
+	}
+	if condNode != nil {
+		if f.Conditions, err = p.conditions(condNode, layer); err != nil {
+			return mgmt.Op{}, err
+		}
+	}
+	f.Key, f.Name, f.Provider, f.Lifetime = c.key, c.name, c.provider, c.lifetime
+	return mgmt.Op{Add: &mgmt.Object{Filter: &f}}, nil
+}
+
+func (p *parser) conditions(n *yaml.Node, layer engine.LayerID) ([]mgmt.Condition, error) {
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
+		return nil, nil
+	}
+	if n.Kind != yaml.SequenceNode {
+		return nil, p.errf(n, engine.ErrInvalidCondition, "conditions must be a list of {field, match, value}")
+	}
+	var out []mgmt.Condition
+	for _, it := range n.Content {
+		if it.Kind != yaml.MappingNode {
+			return nil, p.errf(it, engine.ErrInvalidCondition, "a condition is a mapping {field, match, value}")
+		}
+		var c mgmt.Condition
+		var haveField, haveValue bool
+		var valueNode *yaml.Node
+		err := p.fields(it, func(k string, v *yaml.Node) error {
+			var err error
+			switch k {
+			case "field":
+				c.Field, err = p.str(v)
+				haveField = true
+			case "match":
+				c.Match, err = p.str(v)
+			case "value":
+				c.Value, err = p.str(v)
+				haveValue, valueNode = true, v
+			default:
+				return p.errf(v, engine.ErrInvalidCondition, "unknown condition attribute %q (field, match, value)", k)
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		if !haveField || !haveValue {
+			return nil, p.errf(it, engine.ErrInvalidCondition, "a condition needs a field and a value")
+		}
+		if _, err := mgmt.ParseCondition(layer, c); err != nil {
+			return nil, p.errf(valueNode, err, "")
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+func (p *parser) deleteOp(n *yaml.Node) (mgmt.Op, error) {
+	var r mgmt.Ref
+	var haveKind bool
+	err := p.fields(n, func(k string, v *yaml.Node) error {
+		s, err := p.str(v)
+		if err != nil {
+			return err
+		}
+		switch k {
+		case "kind":
+			haveKind = true
+			if r.Kind, err = mgmt.ParseKind(s); err != nil {
+				return p.errf(v, err, "")
+			}
+		case "key":
+			r.Key = s
+		default:
+			return p.errf(v, nil, "unknown delete attribute %q (kind, key)", k)
+		}
+		return nil
+	})
+	if err != nil {
+		return mgmt.Op{}, err
+	}
+	if !haveKind || r.Key == "" {
+		return mgmt.Op{}, p.errf(n, engine.ErrInvalidArgument, "a delete needs a kind and a key")
+	}
+	return mgmt.Op{Delete: &r}, nil
+}

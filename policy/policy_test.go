@@ -1,0 +1,168 @@
+package policy
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"fwp/engine"
+	"fwp/mgmt"
+)
+
+const good = `lifetime: persistent
+providers:
+  - {key: acme, name: ACME, description: "the vendor"}
+provider_contexts:
+  - {key: c1, provider: acme, data: "127.0.0.1:3128"}
+  - {key: c2, data_hex: "0x0a0b"}
+sublayers:
+  - {key: s1, provider: acme, weight: 100, lifetime: static}
+callouts:
+  - {key: co, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+filters:
+  - key: f1
+    layer: ALE_AUTH_CONNECT_V4
+    sublayer: s1
+    weight: index:3
+    conditions:
+      - {field: ip_remote_port, match: range, value: 80-443}
+      - {field: ip_remote_address, value: 10.0.0.0/8}
+    action: block
+    flags: [clear_action_right]
+  - key: f2
+    layer: FWPM_LAYER_ALE_CONNECT_REDIRECT_V4
+    action: callout_terminating
+    callout: co
+    provider_context: c1
+delete:
+  - {kind: filter, key: old}
+`
+
+func TestParseGood(t *testing.T) {
+	p, err := Parse("p.yaml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, op := range p.Ops {
+		if op.Delete != nil {
+			got = append(got, op.Pos+" delete "+op.Delete.String())
+			continue
+		}
+		got = append(got, op.Pos+" "+op.Add.Kind().String()+" "+op.Add.Key())
+	}
+	want := []string{"p.yaml:27 delete filter \"old\"", "p.yaml:3 provider acme", "p.yaml:5 provider_context c1",
+		"p.yaml:6 provider_context c2", "p.yaml:8 sublayer s1", "p.yaml:10 callout co", "p.yaml:12 filter f1", "p.yaml:21 filter f2"}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("ops:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	f := p.Ops[6].Add.Filter
+	if f.Lifetime != mgmt.LifetimePersistent || f.Weight != "index:3" || len(f.Conditions) != 2 || f.Conditions[0].Value != "80-443" || f.Flags[0] != "clear_action_right" {
+		t.Fatalf("filter: %+v", f)
+	}
+	if p.Ops[4].Add.Sublayer.Lifetime != mgmt.LifetimeStatic || p.Ops[4].Add.Sublayer.Weight != 100 {
+		t.Fatalf("sublayer: %+v", p.Ops[4].Add.Sublayer)
+	}
+	if string(p.Ops[3].Add.ProviderContext.Data) != "\x0a\x0b" {
+		t.Fatal("data_hex")
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	cases := []struct {
+		name, src string
+		line      int
+		err       error
+		msg       string
+	}{
+		{"syntax", "filters:\n  - key: [\n", 2, nil, "YAML syntax"},
+		{"not a mapping", "- a\n- b\n", 1, nil, "mapping of sections"},
+		{"unknown section", "filter:\n  - {}\n", 2, nil, "unknown section"},
+		{"unknown layer", "filters:\n  - key: f\n    layer: NOPE\n    action: block\n", 3, engine.ErrInvalidLayer, "NOPE"},
+		{"field not in layer", "filters:\n  - key: f\n    layer: ALE_BIND_REDIRECT_V4\n    action: block\n    conditions:\n      - {field: ip_remote_port, value: 1}\n", 6, engine.ErrInvalidField, "ip_remote_port"},
+		{"wrong value type", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: block\n    conditions:\n      - field: ip_remote_port\n        value: http\n", 7, engine.ErrInvalidValue, "uint16"},
+		{"value is a list", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: block\n    conditions:\n      - field: ip_remote_port\n        value: [1, 2]\n", 7, engine.ErrTypeMismatch, "single value"},
+		{"port too big", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: block\n    conditions:\n      - {field: ip_remote_port, value: 70000}\n", 6, engine.ErrInvalidValue, "70000"},
+		{"bad match", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: block\n    conditions:\n      - {field: ip_remote_port, match: like, value: 1}\n", 6, engine.ErrInvalidMatchType, "like"},
+		{"bad action", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: allow\n", 4, engine.ErrInvalidAction, "allow"},
+		{"no action", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n", 2, engine.ErrInvalidAction, "needs an action"},
+		{"bad weight", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: block\n    weight: index:16\n", 5, engine.ErrInvalidWeight, "0..15"},
+		{"bad flag", "filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V4\n    action: block\n    flags: [loud]\n", 5, engine.ErrInvalidFlags, "loud"},
+		{"no key", "providers:\n  - {name: x}\n", 2, engine.ErrInvalidArgument, "needs a key"},
+		{"dup attribute", "providers:\n  - key: a\n    key: b\n", 3, nil, "twice"},
+		{"unknown attribute", "sublayers:\n  - {key: s, wieght: 3}\n", 2, nil, "wieght"},
+		{"sublayer weight", "sublayers:\n  - {key: s, weight: 70000}\n", 2, engine.ErrInvalidWeight, "65535"},
+		{"bad lifetime", "lifetime: forever\n", 1, engine.ErrInvalidArgument, "forever"},
+		{"bad hex", "provider_contexts:\n  - {key: c, data_hex: zz}\n", 2, engine.ErrInvalidValue, "hex"},
+		{"list expected", "filters: {key: f}\n", 1, nil, "must be a list"},
+		{"delete kind", "delete:\n  - {kind: widget, key: x}\n", 2, engine.ErrInvalidArgument, "widget"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse("p.yaml", []byte(c.src))
+			var pe *Error
+			if !errors.As(err, &pe) {
+				t.Fatalf("want *Error, got %T %v", err, err)
+			}
+			if !errors.Is(err, mgmt.ErrInvalidPolicy) {
+				t.Fatalf("not ErrInvalidPolicy: %v", err)
+			}
+			if c.err != nil && !errors.Is(err, c.err) {
+				t.Fatalf("want %v, got %v", c.err, err)
+			}
+			if pe.Line != c.line || !strings.HasPrefix(err.Error(), "p.yaml:") || !strings.Contains(err.Error(), c.msg) {
+				t.Fatalf("got line %d %q, want line %d containing %q", pe.Line, err, c.line, c.msg)
+			}
+		})
+	}
+}
+
+func TestParseEmptyAndTooLarge(t *testing.T) {
+	for _, src := range []string{"", "# nothing\n", "---\n", "filters:\n"} {
+		p, err := Parse("e.yaml", []byte(src))
+		if err != nil || len(p.Ops) != 0 {
+			t.Fatalf("%q: %v %v", src, p, err)
+		}
+	}
+	if _, err := Parse("big.yaml", make([]byte, MaxSize+1)); !errors.Is(err, mgmt.ErrTooLarge) {
+		t.Fatalf("too large: %v", err)
+	}
+}
+
+func FuzzParsePolicy(f *testing.F) {
+	f.Add(good)
+	f.Add("filters:\n  - key: f\n    layer: ALE_AUTH_CONNECT_V6\n    action: permit\n    conditions:\n      - {field: ip_remote_address, value: '::1/128'}\n")
+	f.Add("a: &x [*x]\n")
+	f.Add("providers: [{key: a}, {key: b, lifetime: boot-time}]\n")
+	f.Add("delete: [{kind: context, key: x}]\n")
+	f.Add("filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ale_app_id, match: prefix, value: /usr}]}\n")
+	f.Fuzz(func(t *testing.T, src string) {
+		p, err := Parse("fuzz.yaml", []byte(src))
+		if err != nil {
+			var pe *Error
+			if !errors.As(err, &pe) || pe.Line < 1 || !errors.Is(err, mgmt.ErrInvalidPolicy) {
+				t.Fatalf("untyped or unpositioned error: %T %v", err, err)
+			}
+			return
+		}
+		for _, op := range p.Ops {
+			if (op.Add == nil) == (op.Delete == nil) || !strings.HasPrefix(op.Pos, "fuzz.yaml:") {
+				t.Fatalf("bad op %+v", op)
+			}
+			// What the parser accepts, the manager's own checks accept
+			// too (up to references, which need the engine's state).
+			if op.Add != nil && op.Add.Filter != nil {
+				f := op.Add.Filter
+				l, err := mgmt.ParseLayer(f.Layer)
+				if err != nil {
+					t.Fatalf("accepted layer %q: %v", f.Layer, err)
+				}
+				for _, c := range f.Conditions {
+					if _, err := mgmt.ParseCondition(l, c); err != nil {
+						t.Fatalf("accepted condition %+v: %v", c, err)
+					}
+				}
+			}
+		}
+	})
+}

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"testing"
+	"time"
 
 	"fwp/engine"
 )
@@ -197,6 +198,36 @@ func BenchmarkClassify(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkClassifyScaling interleaves batches of classifications on the
+// 100-filter and the 100k-filter policy in one loop and reports their ratio:
+// other load on the machine then slows both alike, so the ratio is steadier
+// than one computed from BenchmarkClassify's separate sub-benchmarks.
+func BenchmarkClassifyScaling(b *testing.B) {
+	small, large := newBenchPolicy(100, 100), newBenchPolicy(100000, 100000)
+	es, el := small.install(b), large.install(b)
+	const batch = 256
+	var ts, tl time.Duration
+	calls, i := 0, 0
+	b.ReportAllocs()
+	for b.Loop() {
+		t0 := time.Now()
+		for j := range batch {
+			es.Classify(benchLayer, &small.tuples[(i+j)&4095], nil)
+		}
+		t1 := time.Now()
+		for j := range batch {
+			el.Classify(benchLayer, &large.tuples[(i+j)&4095], nil)
+		}
+		tl += time.Since(t1)
+		ts += t1.Sub(t0)
+		i += batch
+		calls += batch
+	}
+	b.ReportMetric(float64(ts.Nanoseconds())/float64(calls), "ns/classify@100")
+	b.ReportMetric(float64(tl.Nanoseconds())/float64(calls), "ns/classify@100k")
+	b.ReportMetric(float64(tl)/float64(ts), "ratio")
 }
 
 // BenchmarkCommit times one transaction that adds 100k filters and commits

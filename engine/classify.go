@@ -61,10 +61,10 @@ type Result struct {
 }
 
 // Permitted reports whether the connection may proceed.
-func (r *Result) Permitted() bool { return r.Action == ActionPermit }
+func (r Result) Permitted() bool { return r.Action == ActionPermit }
 
 // Hard reports whether the decision was final (ACTION_WRITE cleared).
-func (r *Result) Hard() bool { return r.Rights&RightActionWrite == 0 }
+func (r Result) Hard() bool { return r.Rights&RightActionWrite == 0 }
 
 // String reads the result the way a person would want it.
 func (r Result) String() string {
@@ -292,18 +292,21 @@ func (c *compiledLayer) classify(cs *classifyState) Result {
 	var a arbiter
 	a.out.Rights = RightActionWrite
 	var cur [maxCursors][]int32
-	n := c.candidates(cs.vs, &cur)
+	var met [maxCursors]FieldID
+	n := c.candidates(cs.vs, &cur, &met)
 	if n < 0 {
 		c.scan(cs, &a)
 	} else {
-		c.merge(cs, &a, &cur, n)
+		c.merge(cs, &a, &cur, &met, n)
 	}
 	return a.result()
 }
 
 // merge walks the candidate lists in rank order, skipping the rest of a
-// sublayer once it has decided.
-func (c *compiledLayer) merge(cs *classifyState, a *arbiter, cur *[maxCursors][]int32, n int) {
+// sublayer once it has decided. A candidate taken from a list whose
+// filters are known to meet their conditions on met[i] is matched on the
+// other fields only.
+func (c *compiledLayer) merge(cs *classifyState, a *arbiter, cur *[maxCursors][]int32, met *[maxCursors]FieldID, n int) {
 	last, skipTo := int32(-1), int32(0)
 	for {
 		best, bv := -1, int32(1<<31-1)
@@ -324,7 +327,7 @@ func (c *compiledLayer) merge(cs *classifyState, a *arbiter, cur *[maxCursors][]
 			continue
 		}
 		cf := &c.filters[bv]
-		if !cf.match(cs.vs) {
+		if !cf.matchExcept(cs.vs, met[best]) {
 			continue
 		}
 		if c.eval(cs, a, cf) {

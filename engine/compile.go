@@ -51,11 +51,15 @@ type cgroup struct {
 // match walks the field-sorted conditions directly rather than through
 // groups: one memory area less to touch per candidate, which is what
 // classification time is made of at 100k filters.
-func (cf *cfilter) match(vs *Values) bool {
+func (cf *cfilter) match(vs *Values) bool { return cf.matchExcept(vs, FieldInvalid) }
+
+// matchExcept is match without the conditions on field skip, which the
+// caller knows are met (skip FieldInvalid checks every field).
+func (cf *cfilter) matchExcept(vs *Values, skip FieldID) bool {
 	conds := cf.conds
 	for i := 0; i < len(conds); {
 		f := conds[i].Field
-		ok := false
+		ok := f == skip
 		for ; i < len(conds) && conds[i].Field == f; i++ {
 			if !ok && conds[i].matches(vs.v[f]) {
 				ok = true
@@ -185,11 +189,28 @@ type compiledLayer struct {
 	rport, lport portIndex
 	raddr, laddr prefixIndex
 	app          map[string][]int32
+	// appPort holds the app-keyed filters whose only app id and only remote
+	// port conditions are single EQUALs: an application's rules are mostly
+	// per port, and this keeps the others out of a tuple's candidates.
+	appPort map[appPortKey][]int32
 }
 
 type portIndex struct {
 	exact map[uint16][]int32
 	seg   segIndex
+	// present has a bit per port that is a key of a large exact map (see
+	// prefixLen.present).
+	present []uint64
+}
+
+func (p *portIndex) buildPresent() {
+	if len(p.exact) < presentMin {
+		return
+	}
+	p.present = make([]uint64, 65536/64)
+	for port := range p.exact {
+		p.present[port>>6] |= 1 << (port & 63)
+	}
 }
 
 // segIndex answers "which ranges contain p" for port ranges: the port space
@@ -227,7 +248,14 @@ type prefixLen struct {
 	mhi, mlo uint64
 	m4       map[uint32][]int32
 	m6       map[[2]uint64][]int32
+	// present has a bit per /20 that holds an m4 key, for large maps only:
+	// most lookups in a large blocklist miss, and the bitmap answers them
+	// without the map's cache misses.
+	present []uint64
 }
+
+// presentMin is the map size from which a v4 prefix length gets a bitmap.
+const presentMin = 1024
 
 func newPrefixLen(bits int) prefixLen {
 	// A shift by the full width yields 0, so bits 0 masks everything out.
@@ -277,6 +305,16 @@ func (p *prefixIndex) sortLens() {
 	longest := func(a, b prefixLen) int { return cmp.Compare(b.bits, a.bits) }
 	slices.SortFunc(p.v4, longest)
 	slices.SortFunc(p.v6, longest)
+	for i := range p.v4 {
+		l := &p.v4[i]
+		if len(l.m4) < presentMin {
+			continue
+		}
+		l.present = make([]uint64, (1<<20)/64)
+		for k := range l.m4 {
+			l.present[k>>18] |= 1 << (k >> 12 & 63)
+		}
+	}
 }
 
 // segBudget bounds the entries of one segment index; range filters past it
@@ -315,6 +353,23 @@ func (s *state) ordered(l LayerID) []*Filter {
 }
 
 type keyKind uint8
+
+type appPortKey struct {
+	app  string
+	port uint16
+}
+
+// singleRemotePort returns the port of the filter's remote port group when
+// that group is one EQUAL condition.
+func singleRemotePort(cf *cfilter) (uint16, bool) {
+	for _, g := range cf.groups {
+		if g.field == FieldIPRemotePort && g.to-g.from == 1 {
+			c := &cf.conds[g.from]
+			return uint16(c.Value.n), c.Match == MatchEqual && c.Value.t == TypeUint16
+		}
+	}
+	return 0, false
+}
 
 const (
 	keyWild keyKind = iota
@@ -401,6 +456,16 @@ func (c *compiledLayer) buildIndex() {
 			c.wild = append(c.wild, rank)
 			continue
 		}
+		if kind == keyApp && g.to-g.from == 1 {
+			if port, ok := singleRemotePort(cf); ok {
+				if c.appPort == nil {
+					c.appPort = map[appPortKey][]int32{}
+				}
+				k := appPortKey{cf.conds[g.from].Value.s, port}
+				c.appPort[k] = appendRank(c.appPort[k], rank)
+				continue
+			}
+		}
 		for _, cond := range cf.conds[g.from:g.to] {
 			v := cond.Value
 			switch kind {
@@ -443,6 +508,8 @@ func (c *compiledLayer) buildIndex() {
 	}
 	c.rport.seg = c.buildSeg(rRanges)
 	c.lport.seg = c.buildSeg(lRanges)
+	c.rport.buildPresent()
+	c.lport.buildPresent()
 	slices.Sort(c.wild)
 	c.wild = slices.Compact(c.wild)
 	c.raddr.sortLens()
@@ -569,9 +636,13 @@ func chooseKey(cf *cfilter) (keyKind, cgroup) {
 const maxCursors = 32
 
 // candidates fills cur with the rank lists that may hold matching filters
-// and returns how many, or -1 when they do not fit.
-func (c *compiledLayer) candidates(vs *Values, cur *[maxCursors][]int32) int {
+// and returns how many, or -1 when they do not fit. met[i] is the field
+// whose condition group every filter of cur[i] meets, where the lookup was
+// exact (app id and address buckets), else FieldInvalid; matching the
+// app id again would cost a cache miss on its string per candidate.
+func (c *compiledLayer) candidates(vs *Values, cur *[maxCursors][]int32, met *[maxCursors]FieldID) int {
 	n := 0
+	field := FieldInvalid
 	add := func(l []int32) bool {
 		if len(l) == 0 {
 			return true
@@ -579,7 +650,7 @@ func (c *compiledLayer) candidates(vs *Values, cur *[maxCursors][]int32) int {
 		if n == maxCursors {
 			return false
 		}
-		cur[n] = l
+		cur[n], met[n] = l, field
 		n++
 		return true
 	}
@@ -590,9 +661,16 @@ func (c *compiledLayer) candidates(vs *Values, cur *[maxCursors][]int32) int {
 	ok = ok && c.rport.lookup(vs.v[FieldIPRemotePort], add)
 	ok = ok && c.lport.lookup(vs.v[FieldIPLocalPort], add)
 	if v := vs.v[FieldALEAppID]; ok && c.app != nil && v.t != TypeEmpty {
+		field = FieldALEAppID
 		ok = add(c.app[v.s])
 	}
+	if v, p := vs.v[FieldALEAppID], vs.v[FieldIPRemotePort]; ok && c.appPort != nil && v.t != TypeEmpty && p.t != TypeEmpty {
+		field = FieldALEAppID // the port is matched again: the key truncates it
+		ok = add(c.appPort[appPortKey{v.s, uint16(p.n)}])
+	}
+	field = FieldIPRemoteAddress
 	ok = ok && c.raddr.lookup(vs.v[FieldIPRemoteAddress], add)
+	field = FieldIPLocalAddress
 	ok = ok && c.laddr.lookup(vs.v[FieldIPLocalAddress], add)
 	if !ok {
 		return -1
@@ -604,7 +682,8 @@ func (p *portIndex) lookup(v Value, add func([]int32) bool) bool {
 	if v.t == TypeEmpty {
 		return true
 	}
-	if p.exact != nil && !add(p.exact[uint16(v.n)]) {
+	port := uint16(v.n)
+	if p.exact != nil && (p.present == nil || p.present[port>>6]&(1<<(port&63)) != 0) && !add(p.exact[port]) {
 		return false
 	}
 	return add(p.seg.lookup(uint32(v.n)))
@@ -617,7 +696,12 @@ func (p *prefixIndex) lookup(v Value, add func([]int32) bool) bool {
 	if v.ip.Is4() {
 		k := addrKey4(v.ip)
 		for i := range p.v4 {
-			if !add(p.v4[i].m4[k&p.v4[i].mask4]) {
+			l := &p.v4[i]
+			key := k & l.mask4
+			if l.present != nil && l.present[key>>18]&(1<<(key>>12&63)) == 0 {
+				continue
+			}
+			if !add(l.m4[key]) {
 				return false
 			}
 		}

@@ -361,7 +361,10 @@ func (p *diffPools) conditions(g *dgen, l *engine.Layer) []engine.Condition {
 		}
 		used = append(used, f)
 		conds = append(conds, p.condition(g, f))
-		for g.chance(20) { // ORed with more on the same field
+		for range 3 { // ORed with up to three more on the same field
+			if !g.chance(20) {
+				break
+			}
 			conds = append(conds, p.condition(g, f))
 		}
 	}
@@ -661,6 +664,36 @@ func TestDifferentialLargeSets(t *testing.T) {
 	}
 }
 
+// addPlain adds n plain permit/block filters with conds(i)'s conditions in
+// random sublayers, and rebuilds the reference model.
+func (dc *diffCase) addPlain(t *testing.T, g *dgen, n int, conds func(i int) []engine.Condition) {
+	t.Helper()
+	subs := []engine.SublayerID{0}
+	for _, s := range dc.e.View().Sublayers(0) {
+		subs = append(subs, s.ID)
+	}
+	err := dc.e.Update(func(tx *engine.Txn) error {
+		for i := range n {
+			f := engine.Filter{Layer: dc.layer.ID, Sublayer: pick(g, subs), Weight: engine.WeightAuto(),
+				Action:     engine.Action{Type: pick(g, []engine.ActionType{engine.ActionPermit, engine.ActionBlock})},
+				Conditions: conds(i)}
+			if g.chance(30) {
+				f.Flags |= engine.FilterClearActionRight
+			}
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dc.ref, err = newRefModel(dc.e.View(), dc.layer.ID, dc.regs); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestDifferentialScanFallback builds sets where one tuple meets more
 // candidate lists than the index merges on the stack (every prefix length
 // of its remote address holds a filter), so classification falls back to
@@ -671,31 +704,10 @@ func TestDifferentialScanFallback(t *testing.T) {
 		layer := engine.LayerFor(engine.KindAuthConnect, v6)
 		dc := buildDiffCase(t, g, caseSize{filters: 200, sublayers: 3, callouts: 3, layer: layer})
 		target := pick(g, dc.pools.addrs)
-		subs := []engine.SublayerID{0}
-		for _, s := range dc.e.View().Sublayers(0) {
-			subs = append(subs, s.ID)
-		}
-		err := dc.e.Update(func(tx *engine.Txn) error {
-			for bits := 0; bits <= target.BitLen(); bits++ {
-				pf, _ := target.Prefix(bits)
-				f := engine.Filter{Layer: layer, Sublayer: pick(g, subs), Weight: engine.WeightAuto(),
-					Action:     engine.Action{Type: pick(g, []engine.ActionType{engine.ActionPermit, engine.ActionBlock})},
-					Conditions: []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Prefix(pf)}}}
-				if g.chance(30) {
-					f.Flags |= engine.FilterClearActionRight
-				}
-				if _, err := tx.AddFilter(f); err != nil {
-					return err
-				}
-			}
-			return nil
+		dc.addPlain(t, g, target.BitLen()+1, func(bits int) []engine.Condition {
+			pf, _ := target.Prefix(bits)
+			return []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Prefix(pf)}}
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if dc.ref, err = newRefModel(dc.e.View(), layer, dc.regs); err != nil {
-			t.Fatal(err)
-		}
 		for range 300 {
 			vs := dc.pools.tuple(g, dc.layer)
 			if g.chance(70) {
@@ -704,6 +716,55 @@ func TestDifferentialScanFallback(t *testing.T) {
 			dc.check(t, vs)
 		}
 	}
+}
+
+// TestDifferentialBigBuckets fills single index maps past the size from
+// which the engine keeps presence bitmaps beside them (thousands of /32
+// and /24 remote addresses, remote and local ports), then checks tuples
+// that hit and miss them.
+func TestDifferentialBigBuckets(t *testing.T) {
+	g := newDgen(nil, 3000)
+	dc := buildDiffCase(t, g, caseSize{filters: 30, sublayers: 3, callouts: 3, layer: engine.LayerALEAuthConnectV4, selective: true})
+	var hosts, nets []netip.Addr
+	var ports []uint16
+	for i := range 2000 {
+		a := netip.AddrFrom4([4]byte{byte(1 + g.intn(200)), byte(g.intn(256)), byte(g.intn(256)), byte(g.intn(256))})
+		hosts = append(hosts, a)
+		nets = append(nets, netip.AddrFrom4([4]byte{byte(1 + g.intn(200)), byte(g.intn(256)), byte(g.intn(256)), 0}))
+		ports = append(ports, uint16(i*31+7))
+	}
+	dc.addPlain(t, g, 8000, func(i int) []engine.Condition {
+		switch i % 4 {
+		case 0:
+			return []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(hosts[i/4])}}
+		case 1:
+			return []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Prefix(netip.PrefixFrom(nets[i/4], 24))}}
+		case 2:
+			return []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(ports[i/4])}}
+		}
+		return []engine.Condition{{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(ports[i/4])}}
+	})
+	for range 800 {
+		vs := dc.pools.tuple(g, dc.layer)
+		switch g.intn(4) {
+		case 0:
+			vs.Set(engine.FieldIPRemoteAddress, engine.Addr(pick(g, hosts)))
+		case 1:
+			n := pick(g, nets).As4()
+			n[3] = byte(g.intn(256))
+			vs.Set(engine.FieldIPRemoteAddress, engine.Addr(netip.AddrFrom4(n)))
+		case 2:
+			vs.Set(engine.FieldIPRemoteAddress, engine.Addr(netip.AddrFrom4([4]byte{byte(1 + g.intn(200)), byte(g.intn(256)), byte(g.intn(256)), byte(g.intn(256))})))
+		}
+		if g.chance(50) {
+			vs.Set(engine.FieldIPRemotePort, engine.Uint16(pick(g, ports)))
+		}
+		if g.chance(50) {
+			vs.Set(engine.FieldIPLocalPort, engine.Uint16(pick(g, ports)+uint16(g.intn(2))))
+		}
+		dc.check(t, vs)
+	}
+	dc.stats.require(t, "permit soft", "permit hard", "block hard")
 }
 
 // FuzzClassify: the input seeds a generated filter set and tuples; the
@@ -715,7 +776,7 @@ func FuzzClassify(f *testing.F) {
 	f.Add([]byte{1, 9, 9, 9, 1, 0, 0, 255, 255, 3, 3, 3, 3, 70, 70, 70, 70, 70, 70})
 	f.Add([]byte{5, 200, 4, 4, 2, 2, 2, 2, 99, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if len(data) > 4096 {
+		if len(data) > 4096 { // bounds one input's work; the PCG carries on after the bytes
 			return
 		}
 		g := newDgen(data, 0xf00d)

@@ -188,17 +188,19 @@ func (m *refModel) call(f *engine.Filter, reg *engine.CalloutRegistration, vs *e
 // refFilterMatches: conditions on one field are ORed, fields are ANDed; a
 // filter without conditions matches everything.
 func refFilterMatches(f *engine.Filter, vs *engine.Values) bool {
-	byField := map[engine.FieldID]bool{}
-	for _, c := range f.Conditions {
-		if _, seen := byField[c.Field]; !seen {
-			byField[c.Field] = false
+	conds := f.Conditions
+	for i, c := range conds {
+		if slices.ContainsFunc(conds[:i], func(d engine.Condition) bool { return d.Field == c.Field }) {
+			continue // this field's group was decided already
 		}
-		if refCondMatches(c, vs.Get(c.Field)) {
-			byField[c.Field] = true
+		met := false
+		for _, d := range conds[i:] {
+			if d.Field == c.Field && refCondMatches(d, vs.Get(d.Field)) {
+				met = true
+				break
+			}
 		}
-	}
-	for _, ok := range byField {
-		if !ok {
+		if !met {
 			return false
 		}
 	}

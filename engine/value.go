@@ -224,11 +224,38 @@ type Values struct {
 }
 
 // Set sets a field's value and returns the set, for chaining.
+//
+// A value must be of the field's type; an integer of another width is
+// converted when it fits. A value that cannot be the field's (a string for
+// a port, 70000 for a port) leaves the field empty, so no condition on it
+// matches: an index keyed on the field's type never sees a value of
+// another.
 func (vs *Values) Set(f FieldID, v Value) *Values {
-	if f > FieldInvalid && f < numFields {
-		vs.v[f] = v
+	if f <= FieldInvalid || f >= numFields {
+		return vs
 	}
+	ft := fields[f].typ
+	switch {
+	case v.t == ft || v.t == TypeEmpty:
+	case ft.isInt() && v.t.isInt() && v.n <= maxOf(ft):
+		v.t = ft
+	default:
+		v = Value{}
+	}
+	vs.v[f] = v
 	return vs
+}
+
+func maxOf(t Type) uint64 {
+	switch t {
+	case TypeUint8:
+		return 1<<8 - 1
+	case TypeUint16:
+		return 1<<16 - 1
+	case TypeUint32:
+		return 1<<32 - 1
+	}
+	return 1<<64 - 1
 }
 
 // Get returns a field's value (empty when unset).

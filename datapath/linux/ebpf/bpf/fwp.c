@@ -1,0 +1,910 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// fwp's kernel datapath: cgroup socket hooks that classify connect, sendmsg
+// and bind against the policy compiled into maps by the Go side (policy.go),
+// and carry out fwp's built-in connect redirect.
+//
+// Classification is bit-vector based: every filter of a layer has a rank
+// (its place in the engine's evaluation order). For each condition field a
+// lookup maps the incoming value to a "class", and each class owns a bitset
+// over ranks: the filters whose conditions on that field accept the value
+// (filters without a condition on the field are set in every class). ANDing
+// the field bitsets gives the matching filters; walking the set bits in rank
+// order applies WFP arbitration. Every policy map key carries a generation,
+// so a new policy is written beside the active one and switched by one write.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define NSLOTS 8   // layers: (kind 0..3) * 2 + v6
+#define NFIELDS 8  // see FIELD_*
+#define NWORDS 256 // bitset words: up to 16384 filters per layer
+#define NSUM 4     // summary words: one bit per nonzero bitset word
+#define MAXF (NWORDS * 64)
+#define MAXR 1024 // redirect configurations per generation
+#define CTXMAX 128
+
+#define SLOT_CONNECT_REDIRECT 0
+#define SLOT_AUTH_CONNECT 2
+#define SLOT_BIND_REDIRECT 4
+#define SLOT_RESOURCE_ASSIGNMENT 6
+
+#define FIELD_RADDR 0
+#define FIELD_LADDR 1
+#define FIELD_RPORT 2
+#define FIELD_LPORT 3
+#define FIELD_PROTO 4
+#define FIELD_UID 5
+#define FIELD_CGROUP 6
+#define FIELD_ALL 7
+
+#define ACT_BLOCK 1
+#define ACT_PERMIT 2
+#define ACT_REDIRECT 3
+
+#define SO_ORIGINAL_DST 80
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define AF_INET 2
+#define AF_INET6 10
+
+struct config {
+	__u32 gen;
+	__u32 pad;
+};
+
+struct layer_cfg {
+	__u32 nfilters;
+	__u32 nwords;
+	__u32 active;		     // bit per field with any condition
+	__u32 default_class[NFIELDS]; // value present, no lookup entry
+	__u32 empty_class[NFIELDS];   // value absent (e.g. local port before bind)
+};
+
+struct filter_meta {
+	__u64 id;
+	__u8 action;
+	__u8 hard;
+	__u16 pad;
+	__u32 sub_end; // rank of the first filter of the next sublayer
+	__u32 redirect;
+	__u32 handle;
+};
+
+struct bitset {
+	__u64 sum[NSUM];
+	__u64 w[NWORDS];
+};
+
+struct bs_key {
+	__u32 glf;
+	__u32 cls;
+};
+
+struct addr_key {
+	__u32 prefixlen;
+	__u32 glf;
+	__u8 addr[16];
+};
+
+struct int_key {
+	__u32 glf;
+	__u32 pad;
+	__u64 val;
+};
+
+struct port_block {
+	__u16 cls[32];
+};
+
+struct redirect_cfg {
+	__u8 addr[16];
+	__u16 port; // host order; 0 keeps the port (bind redirect)
+	__u8 v6;
+	__u8 keep_addr; // bind redirect: change the port only
+	__u32 pid;
+	__u32 handle;
+	__u32 ctx_len;
+	__u8 ctx[CTXMAX];
+};
+
+// redirect_state is what the connect hook records for a redirected socket;
+// the Go side reads it as RedirectState.
+struct redirect_state {
+	__u8 orig_addr[16];
+	__u8 proxy_addr[16];
+	__u16 orig_port;  // host order
+	__u16 proxy_port; // host order
+	__u8 orig_v6;
+	__u8 proxy_v6;
+	__u8 proto;
+	__u8 pad;
+	__u32 handle;
+	__u32 target_pid;
+	__u32 pid; // tgid of the connecting process
+	__u32 uid;
+	__u32 gid;
+	__u64 cookie;
+	__u64 filter_id;
+	__u64 cgroup_id;
+	char comm[16];
+	__u32 ctx_len;
+	__u32 pad2;
+	__u8 ctx[CTXMAX];
+};
+
+struct tuple_key {
+	__u8 client[16];
+	__u8 proxy[16];
+	__u16 client_port; // host order
+	__u16 proxy_port;  // host order
+	__u8 v6;
+	__u8 pad[3];
+};
+
+#define MAXRECORDS 8
+struct records {
+	__u32 n;
+	__u32 handles[MAXRECORDS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} fwp_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * NSLOTS);
+	__type(key, __u32);
+	__type(value, struct layer_cfg);
+} fwp_layers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * NSLOTS * MAXF);
+	__type(key, __u32);
+	__type(value, struct filter_meta);
+} fwp_filters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct bs_key);
+	__type(value, struct bitset);
+} fwp_bitsets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct addr_key);
+	__type(value, __u32);
+} fwp_addrs SEC(".maps");
+
+// Ports: per (gen, slot, local/remote) 2048 blocks of 32 class ids.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * NSLOTS * 2 * 2048);
+	__type(key, __u32);
+	__type(value, struct port_block);
+} fwp_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct int_key);
+	__type(value, __u32);
+} fwp_ints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * MAXR);
+	__type(key, __u32);
+	__type(value, struct redirect_cfg);
+} fwp_redirects SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct redirect_state);
+} fwp_sock_redirect SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, struct redirect_state);
+} fwp_tuple_redirect SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct records);
+} fwp_sock_records SEC(".maps");
+
+// Scratch for the redirect state: too big for the 512-byte stack.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct redirect_state);
+} fwp_scratch SEC(".maps");
+
+struct tuple {
+	__u8 raddr[16];
+	__u8 laddr[16];
+	__u64 cgid;
+	__u64 cookie;
+	__u32 uid;
+	__u16 rport; // host order
+	__u16 lport; // host order
+	__u8 proto;
+	__u8 v6;
+	__u8 has_raddr;
+	__u8 has_laddr;
+	__u8 has_rport;
+	__u8 has_lport;
+};
+
+struct walk {
+	struct bitset *bs[NFIELDS];
+	struct records *rec;
+	__u64 sum[NSUM];
+	__u64 sumbits;
+	__u64 bits;
+	__u64 decider;
+	__u32 chunk;
+	__u32 word;
+	__u32 skip_to;
+	__u32 base;
+	__u32 redirect; // chosen redirect index + 1
+	__u8 action;
+	__u8 write;
+};
+
+static __always_inline __u32 ctz64(__u64 x)
+{
+	__u32 n = 0;
+	if (!(x & 0xffffffffULL)) {
+		n += 32;
+		x >>= 32;
+	}
+	if (!(x & 0xffff)) {
+		n += 16;
+		x >>= 16;
+	}
+	if (!(x & 0xff)) {
+		n += 8;
+		x >>= 8;
+	}
+	if (!(x & 0xf)) {
+		n += 4;
+		x >>= 4;
+	}
+	if (!(x & 0x3)) {
+		n += 2;
+		x >>= 2;
+	}
+	if (!(x & 0x1))
+		n += 1;
+	return n;
+}
+
+static __always_inline __u32 glf(__u32 gen, __u32 slot, __u32 field)
+{
+	return gen << 16 | slot << 8 | field;
+}
+
+static __always_inline int has_record(struct records *rec, __u32 handle)
+{
+	if (!rec)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < MAXRECORDS; i++)
+		if (i < rec->n && rec->handles[i] == handle)
+			return 1;
+	return 0;
+}
+
+#define WORDS_PER_STEP 1
+
+// and_word ANDs one word of every field's bitset, stopping at zero: most
+// words come out zero after a field or two.
+static __always_inline __u64 and_word(struct walk *w, __u32 word)
+{
+	__u64 x = ~0ULL;
+#pragma unroll
+	for (int f = 0; f < NFIELDS; f++) {
+		struct bitset *b = w->bs[f];
+		if (!b)
+			return 0;
+		x &= b->w[word & (NWORDS - 1)];
+		if (!x)
+			return 0;
+	}
+	return x;
+}
+
+static int walk_step(__u32 index, struct walk *w)
+{
+	if (w->bits) {
+		__u64 low = w->bits & -w->bits;
+		w->bits &= w->bits - 1;
+		__u32 rank = w->word * 64 + ctz64(low);
+		if (rank < w->skip_to)
+			return 0;
+		if (rank >= MAXF)
+			return 1;
+		__u32 key = w->base + rank;
+		struct filter_meta *m = bpf_map_lookup_elem(&fwp_filters, &key);
+		if (!m)
+			return 1;
+		__u8 act = m->action;
+		if (act == ACT_REDIRECT) {
+			// A socket carrying a record of this redirect is the
+			// proxy's own: the callout passes (no loop).
+			if (has_record(w->rec, m->handle))
+				return 0;
+			if (!w->redirect)
+				w->redirect = m->redirect + 1;
+			act = ACT_PERMIT;
+		}
+		if (w->action == 0 || w->write) {
+			w->action = act;
+			w->write = !m->hard;
+			w->decider = m->id;
+		}
+		w->skip_to = m->sub_end;
+		// A hard decision is final: no callout in the kernel can veto.
+		return w->write ? 0 : 1;
+	}
+	if (w->sumbits) {
+		// A few words per step: most ANDs come out zero, and a step
+		// costs more than a word.
+#pragma unroll
+		for (int k = 0; k < WORDS_PER_STEP; k++) {
+			if (!w->sumbits)
+				return 0;
+			__u64 low = w->sumbits & -w->sumbits;
+			w->sumbits &= w->sumbits - 1;
+			__u32 word = w->chunk * 64 + ctz64(low);
+			if (word >= NWORDS)
+				return 1;
+			__u64 x = and_word(w, word);
+			if (x) {
+				w->bits = x;
+				w->word = word;
+				return 0;
+			}
+		}
+		return 0;
+	}
+	w->chunk++;
+	if (w->chunk >= NSUM)
+		return 1;
+	__u32 c = w->chunk;
+	if (c < NSUM)
+		w->sumbits = w->sum[c];
+	return 0;
+}
+
+#define CLASS_MISS 0xffffffffU  // no lookup entry: the field's default class
+#define CLASS_EMPTY 0xfffffffeU // value absent: the field's empty class
+
+static __always_inline __u32 addr_class(__u32 g, __u8 has, __u8 *addr, __u8 v6)
+{
+	if (!has)
+		return CLASS_EMPTY;
+	struct addr_key k = {.prefixlen = 32 + (v6 ? 128 : 32), .glf = g};
+	__builtin_memcpy(k.addr, addr, 16);
+	__u32 *c = bpf_map_lookup_elem(&fwp_addrs, &k);
+	return c ? *c : CLASS_MISS;
+}
+
+static __always_inline __u32 port_class(__u32 gen, __u32 slot, __u32 local, __u8 has, __u16 port)
+{
+	if (!has)
+		return CLASS_EMPTY;
+	__u32 k = ((gen * NSLOTS + slot) * 2 + local) * 2048 + (port >> 5);
+	struct port_block *b = bpf_map_lookup_elem(&fwp_ports, &k);
+	if (!b)
+		return CLASS_MISS;
+	return b->cls[port & 31];
+}
+
+static __always_inline __u32 int_class(__u32 g, __u64 v)
+{
+	struct int_key k = {.glf = g, .val = v};
+	__u32 *c = bpf_map_lookup_elem(&fwp_ints, &k);
+	return c ? *c : CLASS_MISS;
+}
+
+// field_class maps one field of the tuple to its class at layer li, or
+// CLASS_MISS / CLASS_EMPTY. It is a global function so the verifier checks
+// it once, not once per path.
+__attribute__((noinline)) int fwp_field_class(__u32 li, __u32 f, struct tuple *t)
+{
+	if (!t)
+		return CLASS_MISS;
+	__u32 gen = li / NSLOTS, slot = li % NSLOTS;
+	__u32 g = glf(gen, slot, f);
+	switch (f) {
+	case FIELD_RADDR:
+		return addr_class(g, t->has_raddr, t->raddr, t->v6);
+	case FIELD_LADDR:
+		return addr_class(g, t->has_laddr, t->laddr, t->v6);
+	case FIELD_RPORT:
+		return port_class(gen, slot, 0, t->has_rport, t->rport);
+	case FIELD_LPORT:
+		return port_class(gen, slot, 1, t->has_lport, t->lport);
+	case FIELD_PROTO:
+		return int_class(g, t->proto);
+	case FIELD_UID:
+		return int_class(g, t->uid);
+	}
+	return int_class(g, t->cgid);
+}
+
+struct verdict {
+	__u64 filter_id;
+	__u32 redirect; // index + 1 of the chosen redirect, 0 for none
+	__u32 action;
+};
+
+// fwp_classify runs one layer over the tuple and fills v with ACT_BLOCK or
+// ACT_PERMIT and, at CONNECT_REDIRECT, the chosen redirect.
+__attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *t, struct verdict *v)
+{
+	if (!t || !v)
+		return 0;
+	v->action = ACT_PERMIT;
+	v->redirect = 0;
+	v->filter_id = 0;
+	gen &= 1;
+	if (slot >= NSLOTS)
+		return 0;
+	__u32 li = gen * NSLOTS + slot;
+	struct layer_cfg *lc = bpf_map_lookup_elem(&fwp_layers, &li);
+	if (!lc || lc->nfilters == 0)
+		return 0;
+	struct walk w = {};
+	__u64 cookie = t->cookie;
+	if (cookie)
+		w.rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
+	w.base = li * MAXF;
+	__u32 active = lc->active;
+	__u32 n = lc->nfilters;
+#pragma unroll
+	for (int f = 0; f < NFIELDS; f++) {
+		struct bs_key k = {.glf = glf(gen, slot, FIELD_ALL), .cls = 0};
+		if (f != FIELD_ALL && (active & (1 << f))) {
+			k.glf = glf(gen, slot, f);
+			__u32 c = fwp_field_class(li, f, t);
+			if (c == CLASS_MISS)
+				c = lc->default_class[f];
+			else if (c == CLASS_EMPTY)
+				c = lc->empty_class[f];
+			k.cls = c;
+		}
+		struct bitset *b = bpf_map_lookup_elem(&fwp_bitsets, &k);
+		if (!b) {
+			// A policy the Go side wrote inconsistently: fail closed.
+			v->action = ACT_BLOCK;
+			return 0;
+		}
+		w.bs[f] = b;
+	}
+#pragma unroll
+	for (int i = 0; i < NSUM; i++) {
+		__u64 s = ~0ULL;
+#pragma unroll
+		for (int f = 0; f < NFIELDS; f++) {
+			struct bitset *b = w.bs[f];
+			if (!b)
+				return 0;
+			s &= b->sum[i];
+		}
+		w.sum[i] = s;
+	}
+	w.sumbits = w.sum[0];
+	if (n > MAXF)
+		n = MAXF;
+	bpf_loop(n + NWORDS + NSUM + 1, walk_step, &w, 0);
+	v->redirect = w.redirect;
+	v->filter_id = w.decider;
+	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
+	return 0;
+}
+
+static __always_inline __u32 current_gen(void)
+{
+	__u32 zero = 0;
+	struct config *c = bpf_map_lookup_elem(&fwp_config, &zero);
+	return c ? (c->gen & 1) : 0;
+}
+
+static __always_inline int is_v4mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+// LOAD_IP6 copies an IPv6 address word by word: context fields must be
+// read with plain loads the verifier can rewrite.
+#define LOAD_IP6(dst, src)            \
+	do {                          \
+		(dst)[0] = (src)[0];  \
+		(dst)[1] = (src)[1];  \
+		(dst)[2] = (src)[2];  \
+		(dst)[3] = (src)[3];  \
+	} while (0)
+
+// store_addr writes a to dst as the maps hold addresses (a v4-mapped one
+// as its v4 address in the first 4 bytes) and reports whether it is v6.
+static __always_inline __u8 store_addr(__u8 *dst, const __u32 *a)
+{
+	if (is_v4mapped(a)) {
+		__builtin_memcpy(dst, &a[3], 4);
+		return 0;
+	}
+	__builtin_memcpy(dst, a, 16);
+	return 1;
+}
+
+static __always_inline void fill_process(struct tuple *t)
+{
+	t->uid = (__u32)bpf_get_current_uid_gid();
+	t->cgid = bpf_get_current_cgroup_id();
+}
+
+// local_from_sk reads the socket's local address and port, when bound.
+static __always_inline void local_from_sk(struct tuple *t, struct bpf_sock *sk, int v6sock)
+{
+	if (!sk)
+		return;
+	if (!v6sock) {
+		__u32 a = sk->src_ip4;
+		if (a) {
+			__builtin_memcpy(t->laddr, &a, 4);
+			t->has_laddr = 1;
+		}
+	} else {
+		__u32 a[4];
+		LOAD_IP6(a, sk->src_ip6);
+		if (t->v6) {
+			if (a[0] | a[1] | a[2] | a[3]) {
+				__builtin_memcpy(t->laddr, a, 16);
+				t->has_laddr = 1;
+			}
+		} else if (is_v4mapped(a) && a[3]) {
+			__builtin_memcpy(t->laddr, &a[3], 4);
+			t->has_laddr = 1;
+		}
+	}
+	__u32 p = sk->src_port;
+	if (p) {
+		t->lport = p;
+		t->has_lport = 1;
+	}
+}
+
+static __always_inline void set_user_addr(struct bpf_sock_addr *ctx, int v6sock, __u8 *addr, __u8 v6, __u16 port)
+{
+	if (!v6sock) {
+		__u32 a;
+		__builtin_memcpy(&a, addr, 4);
+		ctx->user_ip4 = a;
+	} else if (v6) {
+		__u32 a[4];
+		__builtin_memcpy(a, addr, 16);
+		ctx->user_ip6[0] = a[0];
+		ctx->user_ip6[1] = a[1];
+		ctx->user_ip6[2] = a[2];
+		ctx->user_ip6[3] = a[3];
+	} else {
+		__u32 a;
+		__builtin_memcpy(&a, addr, 4);
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = a;
+	}
+	ctx->user_port = bpf_htons(port);
+}
+
+// read_dest fills the tuple's remote side from the sockaddr the program
+// sees; a v4-mapped destination of a v6 socket is classified at v4 layers.
+static __always_inline void read_dest(struct bpf_sock_addr *ctx, struct tuple *t, int v6sock)
+{
+	if (!v6sock) {
+		__u32 a = ctx->user_ip4;
+		__builtin_memcpy(t->raddr, &a, 4);
+	} else {
+		__u32 a[4];
+		LOAD_IP6(a, ctx->user_ip6);
+		t->v6 = store_addr(t->raddr, a);
+	}
+	t->has_raddr = 1;
+	t->rport = bpf_ntohs((__u16)ctx->user_port);
+	t->has_rport = 1;
+	t->proto = ctx->protocol;
+}
+
+// do_connect is ALE_CONNECT_REDIRECT then ALE_AUTH_CONNECT for a connect or
+// an unconnected sendmsg. It returns 1 to let the call proceed, 0 for EPERM.
+static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
+{
+	struct tuple t = {};
+	read_dest(ctx, &t, v6sock);
+	local_from_sk(&t, ctx->sk, v6sock);
+	fill_process(&t);
+	__u32 gen = current_gen();
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	t.cookie = cookie;
+	struct verdict v = {};
+	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
+	if (v.action == ACT_BLOCK)
+		return 0;
+	__u32 redirect = v.redirect;
+	int redirected = 0;
+	if (redirect && (t.proto == IPPROTO_TCP || t.proto == IPPROTO_UDP)) {
+		__u32 ri = gen * MAXR + (redirect - 1);
+		struct redirect_cfg *rc = bpf_map_lookup_elem(&fwp_redirects, &ri);
+		__u32 zero = 0;
+		struct redirect_state *st = bpf_map_lookup_elem(&fwp_scratch, &zero);
+		// A v4 socket cannot reach a v6 proxy: the redirect is skipped.
+		if (rc && st && (v6sock || !rc->v6)) {
+			__builtin_memcpy(st->orig_addr, t.raddr, 16);
+			__builtin_memcpy(st->proxy_addr, rc->addr, 16);
+			st->orig_port = t.rport;
+			st->proxy_port = rc->port;
+			st->orig_v6 = t.v6;
+			st->proxy_v6 = rc->v6;
+			st->proto = t.proto;
+			st->handle = rc->handle;
+			st->target_pid = rc->pid;
+			__u64 pt = bpf_get_current_pid_tgid();
+			__u64 ug = bpf_get_current_uid_gid();
+			st->pid = pt >> 32;
+			st->uid = (__u32)ug;
+			st->gid = ug >> 32;
+			st->cookie = cookie;
+			st->filter_id = 0;
+			st->cgroup_id = t.cgid;
+			bpf_get_current_comm(st->comm, sizeof(st->comm));
+			__u32 n = rc->ctx_len;
+			if (n > CTXMAX)
+				n = CTXMAX;
+			st->ctx_len = n;
+			__builtin_memcpy(st->ctx, rc->ctx, CTXMAX);
+			bpf_map_update_elem(&fwp_sock_redirect, &cookie, st, BPF_ANY);
+			set_user_addr(ctx, v6sock, rc->addr, rc->v6, rc->port);
+			__builtin_memcpy(t.raddr, rc->addr, 16);
+			t.v6 = rc->v6;
+			t.rport = rc->port;
+			redirected = 1;
+		}
+	}
+	fwp_classify(gen, SLOT_AUTH_CONNECT + t.v6, &t, &v);
+	if (v.action == ACT_BLOCK) {
+		if (redirected)
+			bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
+		return 0;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int fwp_connect4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0); }
+
+SEC("cgroup/connect6")
+int fwp_connect6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1); }
+
+SEC("cgroup/sendmsg4")
+int fwp_sendmsg4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0); }
+
+SEC("cgroup/sendmsg6")
+int fwp_sendmsg6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1); }
+
+// restore_peer makes the proxy's address look like the original
+// destination (getpeername, and the source of UDP replies).
+static __always_inline int restore_peer(struct bpf_sock_addr *ctx, int v6sock)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
+	if (!st)
+		return 1;
+	struct tuple t = {};
+	read_dest(ctx, &t, v6sock);
+	if (t.rport != st->proxy_port || t.v6 != st->proxy_v6)
+		return 1;
+	__u32 a[4], b[4];
+	__builtin_memcpy(a, t.raddr, 16);
+	__builtin_memcpy(b, st->proxy_addr, 16);
+	if ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]))
+		return 1;
+	set_user_addr(ctx, v6sock, st->orig_addr, st->orig_v6, st->orig_port);
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int fwp_getpeername4(struct bpf_sock_addr *ctx) { return restore_peer(ctx, 0); }
+
+SEC("cgroup/getpeername6")
+int fwp_getpeername6(struct bpf_sock_addr *ctx) { return restore_peer(ctx, 1); }
+
+SEC("cgroup/recvmsg4")
+int fwp_recvmsg4(struct bpf_sock_addr *ctx) { return restore_peer(ctx, 0); }
+
+SEC("cgroup/recvmsg6")
+int fwp_recvmsg6(struct bpf_sock_addr *ctx) { return restore_peer(ctx, 1); }
+
+// do_bind is ALE_BIND_REDIRECT then ALE_RESOURCE_ASSIGNMENT.
+static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
+{
+	struct tuple t = {};
+	if (!v6sock) {
+		__u32 a = ctx->user_ip4;
+		if (a) {
+			__builtin_memcpy(t.laddr, &a, 4);
+			t.has_laddr = 1;
+		}
+	} else {
+		__u32 a[4];
+		LOAD_IP6(a, ctx->user_ip6);
+		t.v6 = store_addr(t.laddr, a);
+		t.has_laddr = t.v6 ? (a[0] | a[1] | a[2] | a[3]) != 0 : a[3] != 0;
+	}
+	__u16 p = bpf_ntohs((__u16)ctx->user_port);
+	if (p) {
+		t.lport = p;
+		t.has_lport = 1;
+	}
+	t.proto = ctx->protocol;
+	fill_process(&t);
+	__u32 gen = current_gen();
+	struct verdict v = {};
+	fwp_classify(gen, SLOT_BIND_REDIRECT + t.v6, &t, &v);
+	if (v.action == ACT_BLOCK)
+		return 0;
+	if (v.redirect) {
+		// The built-in bind redirect moves the local address or port;
+		// RESOURCE_ASSIGNMENT then sees the new one.
+		__u32 ri = gen * MAXR + (v.redirect - 1);
+		struct redirect_cfg *rc = bpf_map_lookup_elem(&fwp_redirects, &ri);
+		if (rc && (rc->keep_addr || rc->v6 == t.v6) && (v6sock || !rc->v6)) {
+			if (!rc->keep_addr) {
+				__builtin_memcpy(t.laddr, rc->addr, 16);
+				t.has_laddr = 1;
+			}
+			if (rc->port) {
+				t.lport = rc->port;
+				t.has_lport = 1;
+			}
+			set_user_addr(ctx, v6sock, t.laddr, t.v6, t.lport);
+		}
+	}
+	fwp_classify(gen, SLOT_RESOURCE_ASSIGNMENT + t.v6, &t, &v);
+	if (v.action == ACT_BLOCK)
+		return 0;
+	return 1;
+}
+
+SEC("cgroup/bind4")
+int fwp_bind4(struct bpf_sock_addr *ctx) { return do_bind(ctx, 0); }
+
+SEC("cgroup/bind6")
+int fwp_bind6(struct bpf_sock_addr *ctx) { return do_bind(ctx, 1); }
+
+// sockops: once a redirected TCP client has its source port, index its
+// redirect by the 4-tuple the proxy will see on the accepted connection.
+SEC("sockops")
+int fwp_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
+	if (!st)
+		return 1;
+	struct tuple_key k = {};
+	if (skops->family == AF_INET) {
+		__u32 a = skops->local_ip4;
+		__builtin_memcpy(k.client, &a, 4);
+	} else {
+		__u32 a[4];
+		LOAD_IP6(a, skops->local_ip6);
+		k.v6 = store_addr(k.client, a);
+	}
+	__builtin_memcpy(k.proxy, st->proxy_addr, 16);
+	k.client_port = skops->local_port;
+	k.proxy_port = st->proxy_port;
+	if (k.v6 != st->proxy_v6)
+		return 1;
+	bpf_map_update_elem(&fwp_tuple_redirect, &k, st, BPF_ANY);
+	return 1;
+}
+
+// getsockopt answers SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST) on the
+// proxy's accepted socket, as iptables REDIRECT does.
+SEC("cgroup/getsockopt")
+int fwp_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct tuple_key k = {};
+	if (sk->family == AF_INET) {
+		__u32 a = sk->dst_ip4;
+		__builtin_memcpy(k.client, &a, 4);
+		a = sk->src_ip4;
+		__builtin_memcpy(k.proxy, &a, 4);
+	} else {
+		__u32 c[4], p[4];
+		LOAD_IP6(c, sk->dst_ip6);
+		LOAD_IP6(p, sk->src_ip6);
+		k.v6 = store_addr(k.client, c);
+		store_addr(k.proxy, p);
+	}
+	k.client_port = bpf_ntohs(sk->dst_port);
+	k.proxy_port = sk->src_port;
+	struct redirect_state *st = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
+	if (!st)
+		return 1;
+	__u8 *p = ctx->optval;
+	if (ctx->level == SOL_IP) {
+		if (st->orig_v6)
+			return 1;
+		struct sockaddr_in sa = {};
+		sa.sin_family = AF_INET;
+		sa.sin_port = bpf_htons(st->orig_port);
+		__builtin_memcpy(&sa.sin_addr, st->orig_addr, 4);
+		if (p + sizeof(sa) > (__u8 *)ctx->optval_end)
+			return 1;
+		__builtin_memcpy(p, &sa, sizeof(sa));
+		ctx->optlen = sizeof(sa);
+	} else {
+		struct sockaddr_in6 sa = {};
+		sa.sin6_family = AF_INET6;
+		sa.sin6_port = bpf_htons(st->orig_port);
+		if (st->orig_v6) {
+			__builtin_memcpy(&sa.sin6_addr, st->orig_addr, 16);
+		} else {
+			__u32 m = bpf_htonl(0xffff);
+			__builtin_memcpy((__u8 *)&sa.sin6_addr + 10 - 2, &m, 4);
+			__builtin_memcpy((__u8 *)&sa.sin6_addr + 12, st->orig_addr, 4);
+		}
+		if (p + sizeof(sa) > (__u8 *)ctx->optval_end)
+			return 1;
+		__builtin_memcpy(p, &sa, sizeof(sa));
+		ctx->optlen = sizeof(sa);
+	}
+	ctx->retval = 0;
+	return 1;
+}
+
+// sock_release drops what the hooks keep per socket.
+SEC("cgroup/sock_release")
+int fwp_sock_release(struct bpf_sock *sk)
+{
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	// Lookups are lock-free; deletes of absent keys would still lock.
+	if (bpf_map_lookup_elem(&fwp_sock_redirect, &cookie))
+		bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
+	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
+		bpf_map_delete_elem(&fwp_sock_records, &cookie);
+	return 1;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

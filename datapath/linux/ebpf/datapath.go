@@ -1,0 +1,425 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+
+	"fwp/internal/unix"
+)
+
+// Options configure a Datapath.
+type Options struct {
+	// MaxClasses bounds the class bitsets (both generations together); 0
+	// keeps the default 65536. Each costs about 2 KiB of kernel memory while used.
+	MaxClasses uint32
+}
+
+// Datapath is the loaded eBPF programs and maps. Load it once, Attach it to
+// a cgroup v2 and Apply compiled policies; Close detaches everything.
+type Datapath struct {
+	mu      sync.Mutex
+	objs    fwpObjects
+	links   map[string][]link.Link // by cgroup path
+	gen     uint32                 // the active generation
+	written [2]genKeys
+	closed  bool
+}
+
+// genKeys are the hash-map keys one generation wrote, deleted before the
+// generation is rewritten.
+type genKeys struct {
+	bitsets []fwpBsKey
+	addrs   []fwpAddrKey
+	ints    []fwpIntKey
+}
+
+// Load loads and verifies the programs and creates the maps. It needs root
+// (CAP_BPF and CAP_NET_ADMIN); without it the error wraps ErrUnavailable
+// and says what is missing.
+func Load(opts Options) (*Datapath, error) {
+	if unix.Geteuid() != 0 {
+		return nil, fmt.Errorf("%w: loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN)", ErrUnavailable)
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("%w: memlock rlimit: %v", ErrUnavailable, err)
+	}
+	spec, err := loadFwp()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if opts.MaxClasses > 0 {
+		spec.Maps["fwp_bitsets"].MaxEntries = opts.MaxClasses
+	}
+	d := &Datapath{}
+	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("%w: the kernel refused the programs: %v", ErrUnavailable, ve)
+		}
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return d, nil
+}
+
+// Attach attaches every hook to the cgroup v2 directory path as bpf_links:
+// sockets created by processes in that cgroup (and below) are classified.
+func (d *Datapath) Attach(cgroupPath string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	p := &d.objs.fwpPrograms
+	hooks := []struct {
+		prog *ebpf.Program
+		at   ebpf.AttachType
+	}{
+		{p.FwpConnect4, ebpf.AttachCGroupInet4Connect},
+		{p.FwpConnect6, ebpf.AttachCGroupInet6Connect},
+		{p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+		{p.FwpBind4, ebpf.AttachCGroupInet4Bind},
+		{p.FwpBind6, ebpf.AttachCGroupInet6Bind},
+		{p.FwpSockops, ebpf.AttachCGroupSockOps},
+		{p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt},
+		{p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease},
+	}
+	var links []link.Link
+	for _, h := range hooks {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: h.at, Program: h.prog})
+		if err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return fmt.Errorf("%w: attach %s to %s: %v", ErrUnavailable, h.at, cgroupPath, err)
+		}
+		links = append(links, l)
+	}
+	if d.links == nil {
+		d.links = map[string][]link.Link{}
+	}
+	d.links[cgroupPath] = append(d.links[cgroupPath], links...)
+	return nil
+}
+
+// Detach removes the hooks from one cgroup; the maps and the policy stay.
+func (d *Datapath) Detach(cgroupPath string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var errs []error
+	for _, l := range d.links[cgroupPath] {
+		errs = append(errs, l.Close())
+	}
+	delete(d.links, cgroupPath)
+	return errors.Join(errs...)
+}
+
+// Close detaches the hooks and frees the maps: nothing stays in the kernel.
+func (d *Datapath) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	var errs []error
+	for _, ls := range d.links {
+		for _, l := range ls {
+			errs = append(errs, l.Close())
+		}
+	}
+	errs = append(errs, d.objs.Close())
+	return errors.Join(errs...)
+}
+
+func glf(gen uint32, slot, field int) uint32 { return gen<<16 | uint32(slot)<<8 | uint32(field) }
+
+// Apply installs a compiled policy atomically: it is written beside the
+// active one and switched by a single write of the generation, so a
+// connection is classified wholly by the old or wholly by the new policy.
+// On error the active policy is left in force.
+func (d *Datapath) Apply(p *Policy) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	next := 1 - d.gen
+	if err := d.clearGen(next); err != nil {
+		return err
+	}
+	if err := d.writeGen(next, p); err != nil {
+		return err
+	}
+	if err := d.objs.FwpConfig.Put(uint32(0), fwpConfig{Gen: next}); err != nil {
+		return fmt.Errorf("switch generation: %w", err)
+	}
+	d.gen = next
+	return nil
+}
+
+func (d *Datapath) clearGen(gen uint32) error {
+	w := &d.written[gen]
+	del := func(m *ebpf.Map, k any) error {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clear generation %d: %w", gen, err)
+		}
+		return nil
+	}
+	for _, k := range w.bitsets {
+		if err := del(d.objs.FwpBitsets, k); err != nil {
+			return err
+		}
+	}
+	for _, k := range w.addrs {
+		if err := del(d.objs.FwpAddrs, k); err != nil {
+			return err
+		}
+	}
+	for _, k := range w.ints {
+		if err := del(d.objs.FwpInts, k); err != nil {
+			return err
+		}
+	}
+	*w = genKeys{}
+	for slot := range numSlots {
+		if err := d.objs.FwpLayers.Put(uint32(int(gen)*numSlots+slot), fwpLayerCfg{}); err != nil {
+			return fmt.Errorf("clear generation %d: %w", gen, err)
+		}
+	}
+	return nil
+}
+
+func mapErr(what string, err error) error {
+	if errors.Is(err, os.ErrInvalid) || strings.Contains(err.Error(), "no space") || strings.Contains(err.Error(), "argument list too long") {
+		return fmt.Errorf("%w: %s: %v", ErrCapacity, what, err)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+func (d *Datapath) writeGen(gen uint32, p *Policy) error {
+	w := &d.written[gen]
+	for i, rc := range p.redirects {
+		if err := d.objs.FwpRedirects.Put(uint32(int(gen)*MaxRedirects+i), rc); err != nil {
+			return mapErr("redirects", err)
+		}
+	}
+	for slot, lp := range p.layers {
+		if lp == nil {
+			continue
+		}
+		li := int(gen)*numSlots + slot
+		for f := range numFields {
+			for cls, b := range lp.classes[f].sets {
+				k := fwpBsKey{Glf: glf(gen, slot, f), Cls: uint32(cls)}
+				w.bitsets = append(w.bitsets, k)
+				if err := d.objs.FwpBitsets.Put(k, kernelBitset(b)); err != nil {
+					return mapErr("class bitsets", err)
+				}
+			}
+		}
+		for which, entries := range lp.addrs {
+			for _, e := range entries {
+				k := fwpAddrKey{Prefixlen: uint32(32 + e.prefix.Bits()), Glf: glf(gen, slot, fieldRAddr+which)}
+				copy(k.Addr[:], e.prefix.Addr().AsSlice())
+				w.addrs = append(w.addrs, k)
+				if err := d.objs.FwpAddrs.Put(k, e.class); err != nil {
+					return mapErr("address classes", err)
+				}
+			}
+		}
+		for which, ports := range lp.ports {
+			if ports == nil {
+				continue
+			}
+			base := ((int(gen)*numSlots+slot)*2 + which) * (65536 / portBlock)
+			keys := make([]uint32, 65536/portBlock)
+			vals := make([]fwpPortBlock, 65536/portBlock)
+			for i := range keys {
+				keys[i] = uint32(base + i)
+				copy(vals[i].Cls[:], ports[i*portBlock:(i+1)*portBlock])
+			}
+			if _, err := d.objs.FwpPorts.BatchUpdate(keys, vals, nil); err != nil {
+				return mapErr("port classes", err)
+			}
+		}
+		for which, m := range lp.ints {
+			for v, cls := range m {
+				k := fwpIntKey{Glf: glf(gen, slot, fieldProto+which), Val: v}
+				w.ints = append(w.ints, k)
+				if err := d.objs.FwpInts.Put(k, cls); err != nil {
+					return mapErr("id classes", err)
+				}
+			}
+		}
+		keys := make([]uint32, len(lp.filters))
+		for i := range keys {
+			keys[i] = uint32(li*MaxFilters + i)
+		}
+		if _, err := d.objs.FwpFilters.BatchUpdate(keys, lp.filters, nil); err != nil {
+			return mapErr("filters", err)
+		}
+		cfg := fwpLayerCfg{Nfilters: uint32(len(lp.filters)), Nwords: uint32((len(lp.filters) + 63) / 64), Active: lp.active,
+			DefaultClass: lp.def, EmptyClass: lp.empty}
+		if err := d.objs.FwpLayers.Put(uint32(li), cfg); err != nil {
+			return mapErr("layers", err)
+		}
+	}
+	return nil
+}
+
+// SetRedirectRecords marks a socket (by its SO_COOKIE) as carrying records
+// of the given redirect handles (callout IDs of built-in redirects): its
+// connect is not redirected again by those redirects, which is how a proxy's
+// outbound connection avoids a loop. Call it before connect.
+func (d *Datapath) SetRedirectRecords(cookie uint64, handles ...uint32) error {
+	if len(handles) > maxRecords {
+		return fmt.Errorf("%w: %d redirect records, at most %d", ErrCapacity, len(handles), maxRecords)
+	}
+	r := fwpRecords{N: uint32(len(handles))}
+	copy(r.Handles[:], handles)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	return d.objs.FwpSockRecords.Put(cookie, r)
+}
+
+// RedirectState is what the kernel recorded about one redirected connection.
+type RedirectState struct {
+	Original  netip.AddrPort // the destination the client asked for
+	Proxy     netip.AddrPort // where it was sent
+	Protocol  uint8
+	Handle    uint32 // the redirect's handle: its callout ID
+	TargetPID uint32 // the process allowed to query the context
+	PID       uint32 // the connecting process (tgid)
+	UID, GID  uint32
+	CgroupID  uint64
+	Comm      string
+	Cookie    uint64 // the client socket's cookie
+	Context   []byte
+}
+
+func addrOf(b [16]byte, v6 uint8) netip.Addr {
+	if v6 != 0 {
+		return netip.AddrFrom16(b)
+	}
+	return netip.AddrFrom4([4]byte(b[:4]))
+}
+
+func (s *fwpRedirectState) export() RedirectState {
+	comm := make([]byte, 0, 16)
+	for _, c := range s.Comm {
+		if c == 0 {
+			break
+		}
+		comm = append(comm, byte(c))
+	}
+	n := min(int(s.CtxLen), MaxContextLen)
+	return RedirectState{
+		Original: netip.AddrPortFrom(addrOf(s.OrigAddr, s.OrigV6), s.OrigPort),
+		Proxy:    netip.AddrPortFrom(addrOf(s.ProxyAddr, s.ProxyV6), s.ProxyPort),
+		Protocol: s.Proto, Handle: s.Handle, TargetPID: s.TargetPid, PID: s.Pid, UID: s.Uid, GID: s.Gid,
+		CgroupID: s.CgroupId, Comm: string(comm), Cookie: s.Cookie, Context: append([]byte(nil), s.Ctx[:n]...),
+	}
+}
+
+// QueryRedirect finds the redirect of a TCP connection the proxy accepted:
+// local is the accepted socket's local address (the proxy's), remote its
+// peer (the client). Without a record the error wraps ErrNoRedirect.
+func (d *Datapath) QueryRedirect(local, remote netip.AddrPort) (RedirectState, error) {
+	var k fwpTupleKey
+	c, p := remote.Addr().Unmap(), local.Addr().Unmap()
+	if c.Is6() != p.Is6() {
+		return RedirectState{}, fmt.Errorf("%w: %s -> %s mixes address families", ErrNoRedirect, remote, local)
+	}
+	if c.Is6() {
+		k.V6 = 1
+	}
+	copy(k.Client[:], c.AsSlice())
+	copy(k.Proxy[:], p.AsSlice())
+	k.ClientPort, k.ProxyPort = remote.Port(), local.Port()
+	var s fwpRedirectState
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return RedirectState{}, ErrClosed
+	}
+	if err := d.objs.FwpTupleRedirect.Lookup(k, &s); err != nil {
+		return RedirectState{}, fmt.Errorf("%w: %s -> %s", ErrNoRedirect, remote, local)
+	}
+	return s.export(), nil
+}
+
+// RedirectByCookie returns the redirect recorded for a client socket.
+func (d *Datapath) RedirectByCookie(cookie uint64) (RedirectState, error) {
+	var s fwpRedirectState
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return RedirectState{}, ErrClosed
+	}
+	if err := d.objs.FwpSockRedirect.Lookup(cookie, &s); err != nil {
+		return RedirectState{}, fmt.Errorf("%w: socket cookie %d", ErrNoRedirect, cookie)
+	}
+	return s.export(), nil
+}
+
+// EnableStats turns on the kernel's run-time accounting of BPF programs
+// (BPF_ENABLE_STATS) until the returned closer is closed.
+func EnableStats() (io.Closer, error) {
+	c, err := ebpf.EnableStats(unix.BPFStatsRunTime)
+	if err != nil {
+		return nil, fmt.Errorf("%w: BPF_ENABLE_STATS: %v", ErrUnavailable, err)
+	}
+	return c, nil
+}
+
+// HookStats is a hook program's run count and total run time, from the
+// kernel's bpf_stats (counted only while EnableStats is in force).
+type HookStats struct {
+	Runs    uint64
+	RunTime time.Duration
+}
+
+// Stats returns the run statistics of each hook program by name (connect4,
+// sendmsg6, ...).
+func (d *Datapath) Stats() (map[string]HookStats, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	p := &d.objs.fwpPrograms
+	progs := map[string]*ebpf.Program{
+		"connect4": p.FwpConnect4, "connect6": p.FwpConnect6, "sendmsg4": p.FwpSendmsg4, "sendmsg6": p.FwpSendmsg6,
+		"recvmsg4": p.FwpRecvmsg4, "recvmsg6": p.FwpRecvmsg6, "getpeername4": p.FwpGetpeername4, "getpeername6": p.FwpGetpeername6,
+		"bind4": p.FwpBind4, "bind6": p.FwpBind6, "sockops": p.FwpSockops, "getsockopt": p.FwpGetsockopt, "sock_release": p.FwpSockRelease,
+	}
+	out := map[string]HookStats{}
+	for name, prog := range progs {
+		st, err := prog.Stats()
+		if err != nil {
+			return nil, fmt.Errorf("stats of %s: %w", name, err)
+		}
+		out[name] = HookStats{Runs: st.RunCount, RunTime: st.Runtime}
+	}
+	return out, nil
+}

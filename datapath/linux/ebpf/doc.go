@@ -1,0 +1,93 @@
+// Package ebpf is fwp's kernel datapath: eBPF programs on a cgroup v2 that
+// filter and redirect the sockets of unmodified programs, with the policy of
+// the engine compiled into BPF maps.
+//
+// # Hooks and layers
+//
+// Load verifies the programs and creates the maps; Attach links them
+// (bpf_link, gone on Detach, Close or when the process exits) to a cgroup v2
+// directory:
+//
+//	cgroup/connect4, connect6   ALE_CONNECT_REDIRECT, then ALE_AUTH_CONNECT (TCP, connected UDP)
+//	cgroup/sendmsg4, sendmsg6   the same for unconnected UDP, per datagram
+//	cgroup/recvmsg4, recvmsg6   a redirected UDP socket's replies come "from" the original destination
+//	cgroup/getpeername4/6       a redirected client sees the original destination as its peer
+//	cgroup/bind4, bind6         ALE_BIND_REDIRECT, then ALE_RESOURCE_ASSIGNMENT (block: EPERM)
+//	sockops (TCP_CONNECT_CB)    indexes a redirect by the client 4-tuple once the source port exists
+//	cgroup/getsockopt           answers SO_ORIGINAL_DST (SOL_IP and SOL_IPV6) on the proxy's accepted socket
+//	cgroup/sock_release         drops the per-socket state
+//
+// A v4-mapped destination of a dual-stack socket is classified at the v4
+// layers with the v4 address, as the engine's Addr does. A block returns
+// EPERM from connect/sendmsg/bind at once (curl: "couldn't connect").
+//
+// # Policy in maps
+//
+// Compile takes the engine's filters in evaluation order (View.Filters) and
+// gives each enabled filter of a hooked layer a rank. Per layer and
+// condition field (remote/local address, remote/local port, protocol, user
+// id, cgroup id) a lookup maps the incoming value to a class: an LPM trie for
+// addresses (prefixes, exact addresses, ranges and NOT_* matches, via
+// prefixes), an array of 65536 class ids for ports (every integer match but
+// the FLAGS_* ones), a hash with a default entry for protocol (any integer
+// match), user and cgroup ids (EQUAL and NOT_EQUAL). Each class owns a bitset
+// over ranks: the filters whose conditions on that field accept the value
+// (filters without a condition on the field are in every class, and an
+// absent value — a local address or port before bind — is in the class of
+// only those, as an empty value never matches in the engine). The program
+// ANDs the fields' bitsets (a summary word per 64 words skips empty ones) and
+// walks the set bits in rank order with WFP arbitration: the first match of
+// a sublayer decides it and the rest of the sublayer is skipped; a soft
+// decision may be overridden by a later sublayer; a hard permit
+// (CLEAR_ACTION_RIGHT) or a block is final, and the walk stops there (no
+// callout runs in the kernel, so nothing can veto). Up to MaxFilters filters
+// per layer.
+//
+// Every policy map key carries a generation (0 or 1). Apply writes the new
+// policy into the inactive generation and then switches the one-word
+// generation index, so a connection is classified wholly by the old or the
+// new policy and a failed Apply leaves the old one in force.
+//
+// Filters the kernel cannot decide alone — a Go callout, a condition on
+// another field (app id, flags...), an unsupported match, a layer no hook
+// classifies — make Compile fail with an error wrapping ErrNotSupported that
+// names the filter; the datapath never ignores a filter silently.
+//
+// # Built-in connect redirect
+//
+// A CONNECT_REDIRECT filter with ActionCalloutUnknown whose callout key is
+// BuiltinConnectRedirectKey (or that key + "/" + anything, one callout per
+// provider) is run by the kernel. Its provider context is a RedirectConfig in
+// JSON: {"proxy":"127.0.0.1:8080","target_pid":1234,"context":"<base64>"}.
+// The connect hook rewrites the destination (TCP and UDP, v4, v6 and
+// v4-mapped; a v4-only socket is not sent to a v6 proxy), and records the
+// original destination, the proxy, the redirect handle (the callout's ID),
+// the target pid, the context bytes and the connecting process (pid, uid,
+// gid, cgroup id, comm, captured in the hook) by socket cookie; sockops maps
+// the client 4-tuple to the same record for QueryRedirect and
+// SO_ORIGINAL_DST. A socket marked with SetRedirectRecords(cookie, handle)
+// before its connect is not redirected by that handle's filters again — the
+// proxy's outbound connection — so chained proxies never loop. For the
+// arbitration the redirect counts as the callout's permit (soft unless the
+// filter has CLEAR_ACTION_RIGHT); the first redirect filter that runs picks
+// the proxy, later ones in other sublayers defer to it, as the engine's
+// ConnectRedirect recipe does.
+//
+// # Regenerating the BPF objects
+//
+// The generated fwp_bpfel.go and fwp_bpfel.o are committed, so building and
+// testing need no clang. After changing bpf/fwp.c, on Debian:
+//
+//	apt-get install -y clang-14 llvm libbpf-dev
+//	go generate ./datapath/linux/ebpf
+//
+// # Tests
+//
+// The kernel tests need root; they skip without it, and fail instead when
+// the environment variable CI is set. They share one loaded datapath (the
+// verifier takes seconds per load: ~620k verified instructions for each
+// program that classifies, of the kernel's 1M limit — keep bpf/fwp.c's walk
+// callback lean), attach it to a child cgroup each test creates (never the
+// root cgroup) and run their traffic in helper processes started inside that
+// cgroup and a new network namespace (see internal/testutil).
+package ebpf

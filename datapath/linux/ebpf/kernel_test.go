@@ -1,0 +1,794 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"fwp/engine"
+	"fwp/internal/testutil"
+	"fwp/internal/unix"
+)
+
+func TestMain(m *testing.M) {
+	testutil.RegisterHelper("probe", probeHelper)
+	testutil.RegisterHelper("redirect", redirectHelper)
+	testutil.RegisterHelper("udpredirect", udpRedirectHelper)
+	testutil.RegisterHelper("connectbench", connectBenchHelper)
+	testutil.HelperMain()
+	code := m.Run()
+	if shared.d != nil {
+		shared.d.Close()
+	}
+	os.Exit(code)
+}
+
+var shared struct {
+	once sync.Once
+	d    *Datapath
+	err  error
+}
+
+// kernelSetup attaches the package's datapath (loaded once: verifying the
+// programs takes seconds) to a fresh child cgroup, detached when the test
+// ends. Tests apply whole policies, so they do not see each other's.
+func kernelSetup(t testing.TB) (*Datapath, *testutil.Cgroup) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	cg := testutil.NewCgroup(t)
+	shared.once.Do(func() { shared.d, shared.err = Load(Options{}) })
+	if shared.err != nil {
+		testutil.Unavailable(t, shared.err)
+	}
+	d := shared.d
+	if err := d.Attach(cg.Path); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	t.Cleanup(func() {
+		if err := d.Detach(cg.Path); err != nil {
+			t.Error(err)
+		}
+	})
+	return d, cg
+}
+
+func apply(t testing.TB, d *Datapath, e *engine.Engine) {
+	t.Helper()
+	p, err := Compile(e.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// probeOp is one connect the probe helper makes inside the test cgroup.
+type probeOp struct {
+	Net    string `json:"net"` // tcp4, udp6...
+	Local  string `json:"local,omitempty"`
+	Remote string `json:"remote"`
+}
+
+// probeHelper runs in the test cgroup and namespace: for each line of ops
+// on stdin it makes each connect (or, without a remote, a listen) and
+// answers a line of "ok", "eperm", "refused" or the error.
+func probeHelper([]string) error {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(nil, 1<<20)
+	for in.Scan() {
+		var ops []probeOp
+		if err := json.Unmarshal(in.Bytes(), &ops); err != nil {
+			return err
+		}
+		if err := json.NewEncoder(os.Stdout).Encode(probeOps(ops)); err != nil {
+			return err
+		}
+	}
+	return in.Err()
+}
+
+func probeOps(ops []probeOp) []string {
+	out := make([]string, len(ops))
+	for i, op := range ops {
+		if op.Remote == "" { // a bind: listen on Local
+			l, err := net.Listen(op.Net, op.Local)
+			switch {
+			case err == nil:
+				out[i] = "ok"
+				if got := l.Addr().String(); got != op.Local {
+					out[i] = "bound:" + got // a bind redirect moved it
+				}
+				l.Close()
+			case errors.Is(err, unix.EPERM):
+				out[i] = "eperm"
+			default:
+				out[i] = err.Error()
+			}
+			continue
+		}
+		d := net.Dialer{Timeout: 2 * time.Second}
+		if op.Local != "" {
+			ap := netip.MustParseAddrPort(op.Local)
+			if op.Net[:3] == "udp" {
+				d.LocalAddr = net.UDPAddrFromAddrPort(ap)
+			} else {
+				d.LocalAddr = net.TCPAddrFromAddrPort(ap)
+			}
+		}
+		c, err := d.Dial(op.Net, op.Remote)
+		switch {
+		case err == nil:
+			out[i] = "ok"
+			c.Close()
+		case errors.Is(err, unix.EPERM):
+			out[i] = "eperm"
+		case errors.Is(err, unix.ECONNREFUSED):
+			out[i] = "refused"
+		default:
+			out[i] = err.Error()
+		}
+	}
+	return out
+}
+
+func probe(t testing.TB, h *testutil.Helper, ops []probeOp) []string {
+	t.Helper()
+	in, _ := json.Marshal(ops)
+	ans, err := h.Call(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	if err := json.Unmarshal(ans, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func blockFilter(l engine.LayerID, conds ...engine.Condition) engine.Filter {
+	return engine.Filter{Layer: l, Action: engine.Action{Type: engine.ActionBlock}, Conditions: conds}
+}
+
+func TestKernelBlockAndPermit(t *testing.T) {
+	d, cg := kernelSetup(t)
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		for _, f := range []engine.Filter{
+			blockFilter(engine.LayerALEAuthConnectV4, engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(netip.MustParseAddr("127.0.0.9"))}),
+			blockFilter(engine.LayerALEAuthConnectV4, engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchRange, Value: engine.Range(engine.Uint16(7000), engine.Uint16(7010))}),
+			blockFilter(engine.LayerALEAuthConnectV6, engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(6666)}),
+			// A hard permit in a heavier sublayer wins over the block below.
+			{Layer: engine.LayerALEAuthConnectV4, Sublayer: 0, Weight: engine.WeightIndex(15), Flags: engine.FilterClearActionRight,
+				Action:     engine.Action{Type: engine.ActionPermit},
+				Conditions: []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(7005)}}},
+		} {
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	apply(t, d, e)
+	h := testutil.StartHelper(t, cg, "probe")
+	got := probe(t, h, []probeOp{
+		{Net: "tcp4", Remote: "127.0.0.9:80"},
+		{Net: "tcp4", Remote: "127.0.0.8:80"},
+		{Net: "udp4", Remote: "127.0.0.1:7003"},
+		{Net: "tcp4", Remote: "127.0.0.1:7005"},
+		{Net: "tcp6", Remote: "[::1]:6666"},
+		{Net: "tcp6", Remote: "[::1]:6667"},
+	})
+	want := []string{"eperm", "refused", "eperm", "refused", "eperm", "refused"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	// RESOURCE_ASSIGNMENT: a bind to a blocked local port fails with EPERM.
+	if err := e.Update(func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(engine.LayerALEResourceAssignmentV4,
+			engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(9999)}))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, d, e)
+	got = probe(t, h, []probeOp{
+		{Net: "tcp4", Local: "127.0.0.1:9999"},
+		{Net: "tcp4", Local: "127.0.0.1:9998"},
+		{Net: "tcp4", Remote: "127.0.0.9:80"},
+	})
+	want = []string{"eperm", "ok", "eperm"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	// An empty policy permits again: Apply replaced the whole generation.
+	apply(t, d, engine.New(engine.Options{}))
+	if got := probe(t, h, []probeOp{{Net: "tcp4", Remote: "127.0.0.9:80"}}); got[0] != "refused" {
+		t.Fatalf("after clearing: %v", got)
+	}
+}
+
+// TestKernelMatchesEngine is the differential test: random filter sets,
+// random tuples, real connects in the cgroup; the kernel's decision must be
+// the engine's.
+func TestKernelMatchesEngine(t *testing.T) {
+	d, cg := kernelSetup(t)
+	h := testutil.StartHelper(t, cg, "probe")
+	policies := 60
+	if testing.Short() {
+		policies = 10
+	}
+	blocked, permitted := 0, 0
+	defer func() {
+		t.Logf("%d connects blocked, %d permitted", blocked, permitted)
+		if !t.Failed() && (blocked == 0 || permitted == 0) {
+			t.Errorf("the random policies never blocked or never permitted: the test proves nothing")
+		}
+	}()
+	for seed := range uint64(policies) {
+		g := &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3}
+		e := g.policy(t, 1+g.r.IntN(30))
+		apply(t, d, e)
+		var ops []probeOp
+		var tuples []tuple
+		for range 40 {
+			tp := g.tuple()
+			net := "tcp"
+			if tp.proto == 17 {
+				net = "udp"
+			}
+			op := probeOp{Net: net + "4", Remote: tp.remote.String()}
+			if tp.v6 {
+				op.Net = net + "6"
+			}
+			if tp.local.IsValid() {
+				op.Local = tp.local.String()
+			}
+			ops = append(ops, op)
+			tuples = append(tuples, tp)
+		}
+		got := probe(t, h, ops)
+		for i, tp := range tuples {
+			if got[i] == "eperm" {
+				blocked++
+			} else {
+				permitted++
+			}
+			want := engineBlocks(e, tp)
+			switch got[i] {
+			case "eperm", "ok", "refused":
+			default:
+				t.Fatalf("seed %d op %+v: %s", seed, ops[i], got[i])
+			}
+			if (got[i] == "eperm") != want {
+				var trace string
+				for _, k := range []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect} {
+					tr, _ := e.Explain(engine.LayerFor(k, tp.v6), tp.values(), nil)
+					trace += tr.String()
+				}
+				t.Fatalf("seed %d op %+v: kernel %s, engine blocks=%v\n%s", seed, ops[i], got[i], want, trace)
+			}
+		}
+	}
+}
+
+// redirectResult is what the redirect helper saw.
+type redirectResult struct {
+	Peer           string `json:"peer"`            // the client's getpeername
+	OriginalDst    string `json:"original_dst"`    // SO_ORIGINAL_DST on the accepted socket
+	AcceptedLocal  string `json:"accepted_local"`  // the proxy's side of the accepted connection
+	AcceptedRemote string `json:"accepted_remote"` // the client's address as the proxy sees it
+	Response       string `json:"response"`
+	ProxyAccepts   int    `json:"proxy_accepts"`
+}
+
+// redirectHelper runs origin server, proxy and client in the test cgroup.
+// args: origin address, proxy address, redirect handle. The proxy finds the
+// original destination with SO_ORIGINAL_DST, marks its outbound socket with
+// the redirect's records (map fd 3) and relays the origin's answer.
+func redirectHelper(args []string) error {
+	origin, proxyAddr := args[0], args[1]
+	var handle uint32
+	if _, err := fmt.Sscan(args[2], &handle); err != nil {
+		return fmt.Errorf("handle %q: %w", args[2], err)
+	}
+	records, err := ebpf.NewMapFromFD(3)
+	if err != nil {
+		return err
+	}
+	ol, err := net.Listen("tcp", origin)
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := ol.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "origin\n")
+			c.Close()
+		}
+	}()
+	pl, err := net.Listen("tcp", proxyAddr)
+	if err != nil {
+		return err
+	}
+	var res redirectResult
+	done := make(chan error, 1)
+	go func() {
+		c, err := pl.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		res.ProxyAccepts++
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		res.AcceptedLocal, res.AcceptedRemote = c.LocalAddr().String(), c.RemoteAddr().String()
+		raw, _ := c.(*net.TCPConn).SyscallConn()
+		var odst netip.AddrPort
+		var oerr error
+		raw.Control(func(fd uintptr) {
+			v6 := c.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Is6() && !c.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Is4In6()
+			odst, oerr = unix.OriginalDst(int(fd), v6)
+		})
+		if oerr != nil {
+			done <- oerr
+			return
+		}
+		res.OriginalDst = odst.String()
+		dialer := net.Dialer{Control: func(network, address string, rc syscall.RawConn) error {
+			var cerr error
+			rc.Control(func(fd uintptr) {
+				cookie, err := unix.SocketCookie(int(fd))
+				if err != nil {
+					cerr = err
+					return
+				}
+				cerr = records.Put(cookie, fwpRecords{N: 1, Handles: [8]uint32{handle}})
+			})
+			return cerr
+		}}
+		up, err := dialer.Dial("tcp", odst.String())
+		if err != nil {
+			done <- err
+			return
+		}
+		up.SetDeadline(time.Now().Add(5 * time.Second))
+		line, err := bufio.NewReader(up).ReadString('\n')
+		up.Close()
+		if err != nil {
+			done <- err
+			return
+		}
+		fmt.Fprintf(c, "proxy:%s", line)
+		done <- nil
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", origin)
+	if err != nil {
+		return err
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	raw, _ := c.(*net.TCPConn).SyscallConn()
+	raw.Control(func(fd uintptr) {
+		sa, err := syscall.Getpeername(int(fd))
+		switch sa := sa.(type) {
+		case *syscall.SockaddrInet4:
+			res.Peer = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)).String()
+		case *syscall.SockaddrInet6:
+			res.Peer = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)).String()
+		default:
+			res.Peer = fmt.Sprint("getpeername: ", err)
+		}
+	})
+	line, err := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if err != nil {
+		return fmt.Errorf("client read: %w", err)
+	}
+	res.Response = line
+	if err := <-done; err != nil {
+		return fmt.Errorf("proxy: %w", err)
+	}
+	pl.Close()
+	ol.Close()
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// redirectPolicy is an engine with one built-in connect redirect filter
+// sending connects to origin's port to the proxy.
+func redirectPolicy(t testing.TB, v6 bool, originPort uint16, proxy netip.AddrPort, ctxBytes []byte) (*engine.Engine, engine.CalloutID) {
+	var co engine.CalloutID
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		layer := engine.LayerFor(engine.KindConnectRedirect, v6)
+		var err error
+		co, err = tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey + "/test", Layer: layer})
+		if err != nil {
+			return err
+		}
+		data, err := RedirectConfig{Proxy: proxy, TargetPID: 77, Context: ctxBytes}.Marshal()
+		if err != nil {
+			return err
+		}
+		pc, err := tx.AddProviderContext(engine.ProviderContext{Data: data})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Layer: layer, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}, ProviderContext: pc,
+			Conditions: []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(originPort)}}})
+		return err
+	})
+	return e, co
+}
+
+type redirectCase struct {
+	name          string
+	origin, proxy netip.AddrPort
+}
+
+// redirectCases are a v4 and a v6 origin, each sent to a proxy on the
+// loopback address of its family.
+func redirectCases(origin4, origin6 string, proxyPort uint16) []redirectCase {
+	return []redirectCase{
+		{"v4", netip.MustParseAddrPort(origin4), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), proxyPort)},
+		{"v6", netip.MustParseAddrPort(origin6), netip.AddrPortFrom(netip.IPv6Loopback(), proxyPort)},
+	}
+}
+
+func TestKernelRedirect(t *testing.T) {
+	d, cg := kernelSetup(t)
+	for _, c := range redirectCases("127.0.0.1:18080", "[::1]:18080", 18081) {
+		t.Run(c.name, func(t *testing.T) {
+			e, co := redirectPolicy(t, c.name == "v6", c.origin.Port(), c.proxy, []byte("secret"))
+			apply(t, d, e)
+			file := mapFile(t, d.objs.FwpSockRecords)
+			out, err := testutil.RunHelperFiles(cg, "redirect", nil, []*os.File{file}, c.origin.String(), c.proxy.String(), fmt.Sprint(uint32(co)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var res redirectResult
+			if err := json.Unmarshal(out, &res); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			if res.Response != "proxy:origin\n" {
+				t.Errorf("response %q, want it relayed by the proxy from the origin", res.Response)
+			}
+			if res.Peer != c.origin.String() {
+				t.Errorf("client's getpeername %s, want the original destination %s", res.Peer, c.origin)
+			}
+			if res.OriginalDst != c.origin.String() {
+				t.Errorf("SO_ORIGINAL_DST %s, want %s", res.OriginalDst, c.origin)
+			}
+			if res.ProxyAccepts != 1 {
+				t.Errorf("proxy accepted %d connections, want 1 (no loop)", res.ProxyAccepts)
+			}
+			st, err := d.QueryRedirect(netip.MustParseAddrPort(res.AcceptedLocal), netip.MustParseAddrPort(res.AcceptedRemote))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Original != c.origin || st.Proxy != c.proxy || st.Handle != uint32(co) || st.TargetPID != 77 ||
+				string(st.Context) != "secret" || st.Protocol != 6 || st.CgroupID != cg.ID || st.PID == 0 {
+				t.Errorf("QueryRedirect: %+v", st)
+			}
+			if _, err := d.QueryRedirect(c.proxy, netip.AddrPortFrom(c.origin.Addr(), 1)); !errors.Is(err, ErrNoRedirect) {
+				t.Errorf("QueryRedirect of an unknown tuple: %v", err)
+			}
+		})
+	}
+}
+
+// mapFile hands a map to a helper process as an inherited file.
+func mapFile(t testing.TB, m *ebpf.Map) *os.File {
+	t.Helper()
+	c, err := m.Clone() // a dup'd fd the file owns from here on
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(c.FD()), "map")
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// udpResult is what the UDP redirect helper saw.
+type udpResult struct {
+	UnconnectedFrom  string `json:"unconnected_from"` // source of the reply to a sendto
+	UnconnectedReply string `json:"unconnected_reply"`
+	ConnectedPeer    string `json:"connected_peer"`
+	ConnectedReply   string `json:"connected_reply"`
+}
+
+// udpRedirectHelper sends datagrams to origin (args[0]); the policy sends
+// them to a proxy (args[1]) that answers "proxy:<data>".
+func udpRedirectHelper(args []string) error {
+	origin, proxy := netip.MustParseAddrPort(args[0]), netip.MustParseAddrPort(args[1])
+	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(proxy))
+	if err != nil {
+		return err
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteToUDPAddrPort(append([]byte("proxy:"), buf[:n]...), from)
+		}
+	}()
+	var res udpResult
+	network := "udp4"
+	if origin.Addr().Is6() {
+		network = "udp6"
+	}
+	c, err := net.ListenUDP(network, nil)
+	if err != nil {
+		return err
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.WriteToUDPAddrPort([]byte("a"), origin); err != nil {
+		return fmt.Errorf("sendto: %w", err)
+	}
+	buf := make([]byte, 512)
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		return fmt.Errorf("recvfrom: %w", err)
+	}
+	c.Close()
+	res.UnconnectedFrom, res.UnconnectedReply = netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String(), string(buf[:n])
+	cc, err := net.Dial(network, origin.String())
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	cc.SetDeadline(time.Now().Add(5 * time.Second))
+	res.ConnectedPeer = cc.RemoteAddr().String()
+	if _, err := cc.Write([]byte("b")); err != nil {
+		return err
+	}
+	n, err = cc.Read(buf)
+	if err != nil {
+		return fmt.Errorf("connected read: %w", err)
+	}
+	res.ConnectedReply = string(buf[:n])
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+func TestKernelRedirectUDP(t *testing.T) {
+	d, cg := kernelSetup(t)
+	for _, c := range redirectCases("127.0.0.53:53", "[::1]:53", 15353) {
+		t.Run(c.name, func(t *testing.T) {
+			e, _ := redirectPolicy(t, c.name == "v6", c.origin.Port(), c.proxy, nil)
+			apply(t, d, e)
+			var res udpResult
+			if err := json.Unmarshal(testutil.RunHelper(t, cg, "udpredirect", nil, c.origin.String(), c.proxy.String()), &res); err != nil {
+				t.Fatal(err)
+			}
+			want := udpResult{UnconnectedFrom: c.origin.String(), UnconnectedReply: "proxy:a", ConnectedPeer: c.origin.String(), ConnectedReply: "proxy:b"}
+			if res != want {
+				t.Fatalf("got %+v, want %+v", res, want)
+			}
+		})
+	}
+}
+
+// connectBenchHelper measures TCP connect+close to a listener in its own
+// namespace with testing.Benchmark and prints ns per connect.
+func connectBenchHelper(args []string) error {
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	addr := l.Addr().String()
+	var ferr error
+	r := testing.Benchmark(func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			c, err := net.Dial("tcp4", addr)
+			if err != nil {
+				ferr = err
+				b.SkipNow()
+			}
+			c.(*net.TCPConn).SetLinger(0) // no TIME_WAIT pile-up
+			c.Close()
+		}
+	})
+	if ferr != nil {
+		return ferr
+	}
+	return json.NewEncoder(os.Stdout).Encode(r.NsPerOp())
+}
+
+func BenchmarkApply10k(b *testing.B) {
+	d, _ := kernelSetup(b)
+	p, err := Compile(tenThousand(b).View())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := d.Apply(p); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkKernelConnect measures TCP connect+close on loopback in a cgroup
+// without hooks and in one with the hooks (and no filters, or 10,000),
+// alternately in one run, and the hooks' own run time from bpf_stats.
+func BenchmarkKernelConnect(b *testing.B) {
+	for _, c := range []struct {
+		name   string
+		policy func(testing.TB) *engine.Engine
+	}{
+		{"filters=0", func(testing.TB) *engine.Engine { return engine.New(engine.Options{}) }},
+		{"filters=10k", tenThousand},
+	} {
+		b.Run(c.name, func(b *testing.B) { benchConnect(b, c.policy(b)) })
+	}
+}
+
+func benchConnect(b *testing.B, e *engine.Engine) {
+	bare := testutil.NewCgroup(b)
+	d, cg := kernelSetup(b)
+	apply(b, d, e)
+	stats, err := EnableStats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stats.Close()
+	before, err := d.Stats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var nsBare, nsHooked int64
+	runs := 0
+	measure := func(c *testutil.Cgroup) int64 {
+		var ns int64
+		if err := json.Unmarshal(testutil.RunHelper(b, c, "connectbench", nil), &ns); err != nil {
+			b.Fatal(err)
+		}
+		return ns
+	}
+	for b.Loop() {
+		nsBare += measure(bare)
+		nsHooked += measure(cg)
+		runs++
+	}
+	after, err := d.Stats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(nsBare)/float64(runs), "ns/connect-nohooks")
+	b.ReportMetric(float64(nsHooked)/float64(runs), "ns/connect-hooked")
+	b.ReportMetric(float64(nsHooked)/float64(nsBare), "ratio")
+	for _, h := range []string{"connect4", "sockops", "sock_release"} {
+		if n := after[h].Runs - before[h].Runs; n > 0 {
+			b.ReportMetric(float64(after[h].RunTime-before[h].RunTime)/float64(n), "ns/"+h+"-run")
+		}
+	}
+}
+
+// TestKernelApplyMapFull fills the class map: Apply fails with ErrCapacity
+// and the policy in force stays the old one, wholly.
+func TestKernelApplyMapFull(t *testing.T) {
+	testutil.RequireRoot(t)
+	cg := testutil.NewCgroup(t)
+	d, err := Load(Options{MaxClasses: 16})
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	defer d.Close()
+	if err := d.Attach(cg.Path); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	blockPorts := func(ports ...uint16) *engine.Engine {
+		return buildEngine(t, func(tx *engine.Txn) error {
+			for _, p := range ports {
+				if _, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+					engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(p)})); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	apply(t, d, blockPorts(1001))
+	var many []uint16
+	for p := range uint16(40) {
+		many = append(many, 2000+p)
+	}
+	p, err := Compile(blockPorts(many...).View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("Apply of a policy too big for the maps: %v, want ErrCapacity", err)
+	}
+	h := testutil.StartHelper(t, cg, "probe")
+	got := probe(t, h, []probeOp{{Net: "udp4", Remote: "127.0.0.1:1001"}, {Net: "udp4", Remote: "127.0.0.1:2000"}})
+	if fmt.Sprint(got) != "[eperm ok]" {
+		t.Fatalf("after a failed Apply: %v, want the old policy [eperm ok]", got)
+	}
+	// The next Apply that fits still works.
+	apply(t, d, blockPorts(2000))
+	if got := probe(t, h, []probeOp{{Net: "udp4", Remote: "127.0.0.1:1001"}, {Net: "udp4", Remote: "127.0.0.1:2000"}}); fmt.Sprint(got) != "[ok eperm]" {
+		t.Fatalf("after a good Apply: %v, want [ok eperm]", got)
+	}
+}
+
+// TestKernelBindRedirect moves listeners with the built-in bind redirect;
+// RESOURCE_ASSIGNMENT then classifies the new address.
+func TestKernelBindRedirect(t *testing.T) {
+	d, cg := kernelSetup(t)
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		for _, r := range []struct {
+			layer engine.LayerID
+			port  uint16
+			to    string
+		}{
+			{engine.LayerALEBindRedirectV4, 9999, "0.0.0.0:19999"},
+			{engine.LayerALEBindRedirectV4, 9998, "0.0.0.0:19997"},
+			{engine.LayerALEBindRedirectV6, 9999, "[::1]:19998"},
+		} {
+			co, err := tx.AddCallout(engine.Callout{Key: fmt.Sprintf("%s/%s-%d", BuiltinBindRedirectKey, r.layer, r.port), Layer: r.layer})
+			if err != nil {
+				return err
+			}
+			data, err := BindRedirectConfig{Local: netip.MustParseAddrPort(r.to)}.Marshal()
+			if err != nil {
+				return err
+			}
+			pc, err := tx.AddProviderContext(engine.ProviderContext{Data: data})
+			if err != nil {
+				return err
+			}
+			if _, err := tx.AddFilter(engine.Filter{Layer: r.layer, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}, ProviderContext: pc,
+				Conditions: []engine.Condition{{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(r.port)}}}); err != nil {
+				return err
+			}
+		}
+		_, err := tx.AddFilter(blockFilter(engine.LayerALEResourceAssignmentV4,
+			engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(19997)}))
+		return err
+	})
+	apply(t, d, e)
+	h := testutil.StartHelper(t, cg, "probe")
+	got := probe(t, h, []probeOp{
+		{Net: "tcp4", Local: "127.0.0.1:9999"},
+		{Net: "tcp4", Local: "127.0.0.1:9998"},
+		{Net: "tcp6", Local: "[::]:9999"},
+		{Net: "tcp4", Local: "127.0.0.1:9000"},
+	})
+	want := []string{"bound:127.0.0.1:19999", "eperm", "bound:[::1]:19998", "ok"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+}

@@ -1,0 +1,746 @@
+package ebpf
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"fwp/engine"
+)
+
+// Sizes shared with bpf/fwp.c.
+const (
+	numSlots      = 8   // (kind 0..3) * 2 + v6
+	numFields     = 8   // fieldRAddr..fieldAll
+	bitsetWords   = 256 // NWORDS
+	MaxFilters    = bitsetWords * 64
+	MaxRedirects  = 1024
+	MaxContextLen = 128
+	maxRecords    = 8
+	portBlock     = 32
+)
+
+// The kernel's condition fields, in bpf/fwp.c's order.
+const (
+	fieldRAddr = iota
+	fieldLAddr
+	fieldRPort
+	fieldLPort
+	fieldProto
+	fieldUID
+	fieldCgroup
+	fieldAll
+)
+
+var kernelField = map[engine.FieldID]int{
+	engine.FieldIPRemoteAddress: fieldRAddr,
+	engine.FieldIPLocalAddress:  fieldLAddr,
+	engine.FieldIPRemotePort:    fieldRPort,
+	engine.FieldIPLocalPort:     fieldLPort,
+	engine.FieldIPProtocol:      fieldProto,
+	engine.FieldALEUserID:       fieldUID,
+	engine.FieldCgroupID:        fieldCgroup,
+}
+
+// Filter actions in the kernel's metadata.
+const (
+	actBlock    = 1
+	actPermit   = 2
+	actRedirect = 3
+)
+
+// kernelKinds are the layers the hooks classify, in slot order.
+var kernelKinds = []engine.LayerKind{
+	engine.KindConnectRedirect, engine.KindAuthConnect, engine.KindBindRedirect, engine.KindResourceAssignment,
+}
+
+func slotOf(l engine.LayerID) (int, bool) {
+	for i, k := range kernelKinds {
+		if l.Kind() == k {
+			s := 2 * i
+			if l.V6() {
+				s++
+			}
+			return s, true
+		}
+	}
+	return 0, false
+}
+
+// BuiltinConnectRedirectKey is the callout key of fwp's built-in connect
+// redirect. A CONNECT_REDIRECT filter with ActionCalloutUnknown whose
+// callout's key is this key, or starts with it followed by "/" (one callout
+// per provider, each its own redirect handle), is carried out in the kernel:
+// its provider context (a RedirectConfig) names the proxy.
+const BuiltinConnectRedirectKey = "fwp.builtin.connect_redirect"
+
+// IsBuiltinConnectRedirect reports whether a callout key names the built-in
+// connect redirect.
+func IsBuiltinConnectRedirect(key string) bool {
+	return key == BuiltinConnectRedirectKey || strings.HasPrefix(key, BuiltinConnectRedirectKey+"/")
+}
+
+// BuiltinBindRedirectKey is the callout key of fwp's built-in bind
+// redirect: a BIND_REDIRECT filter with ActionCalloutUnknown calling it
+// (this key, or this key + "/" + anything) moves the socket's local address
+// or port to its provider context's BindRedirectConfig.
+const BuiltinBindRedirectKey = "fwp.builtin.bind_redirect"
+
+// IsBuiltinBindRedirect reports whether a callout key names the built-in
+// bind redirect.
+func IsBuiltinBindRedirect(key string) bool {
+	return key == BuiltinBindRedirectKey || strings.HasPrefix(key, BuiltinBindRedirectKey+"/")
+}
+
+func connectRedirectCfg(data []byte) (fwpRedirectCfg, error) {
+	rc, err := ParseRedirectConfig(data)
+	if err != nil {
+		return fwpRedirectCfg{}, err
+	}
+	kc := fwpRedirectCfg{Port: rc.Proxy.Port(), Pid: rc.TargetPID, CtxLen: uint32(len(rc.Context))}
+	a := rc.Proxy.Addr().Unmap()
+	if a.Is6() {
+		kc.V6 = 1
+	}
+	copy(kc.Addr[:], a.AsSlice())
+	copy(kc.Ctx[:], rc.Context)
+	return kc, nil
+}
+
+func bindRedirectCfg(data []byte, v6 bool) (fwpRedirectCfg, error) {
+	bc, err := ParseBindRedirectConfig(data)
+	if err != nil {
+		return fwpRedirectCfg{}, err
+	}
+	kc := fwpRedirectCfg{Port: bc.Local.Port()}
+	a := bc.Local.Addr().Unmap()
+	if a.IsUnspecified() {
+		kc.KeepAddr = 1
+	} else if a.Is6() != v6 {
+		return kc, fmt.Errorf("%w: bind redirect to %s on a layer of the other family", ErrInvalidRedirect, bc.Local)
+	}
+	if a.Is6() {
+		kc.V6 = 1
+	}
+	copy(kc.Addr[:], a.AsSlice())
+	return kc, nil
+}
+
+// bitvec is a set of filter ranks.
+type bitvec []uint64
+
+func newBitvec(n int) bitvec    { return make(bitvec, (n+63)/64) }
+func (b bitvec) set(r int)      { b[r>>6] |= 1 << (r & 63) }
+func (b bitvec) clear(r int)    { b[r>>6] &^= 1 << (r & 63) }
+func (b bitvec) has(r int) bool { return b[r>>6]&(1<<(r&63)) != 0 }
+func (b bitvec) clone() bitvec  { return slices.Clone(b) }
+func (b bitvec) or(o bitvec) bitvec { // in place
+	for i := range b {
+		b[i] |= o[i]
+	}
+	return b
+}
+
+// classes interns the distinct bitsets of one field of one layer.
+type classes struct {
+	ids  map[string]uint32
+	sets []bitvec
+}
+
+func (c *classes) intern(b bitvec) uint32 {
+	if c.ids == nil {
+		c.ids = map[string]uint32{}
+	}
+	var sb strings.Builder
+	for _, w := range b {
+		for i := 0; i < 8; i++ {
+			sb.WriteByte(byte(w >> (8 * i)))
+		}
+	}
+	k := sb.String()
+	if id, ok := c.ids[k]; ok {
+		return id
+	}
+	id := uint32(len(c.sets))
+	c.ids[k] = id
+	c.sets = append(c.sets, b.clone())
+	return id
+}
+
+type addrClass struct {
+	prefix netip.Prefix
+	class  uint32
+}
+
+// layerPolicy is one layer compiled for the kernel.
+type layerPolicy struct {
+	layer   engine.LayerID
+	filters []fwpFilterMeta
+	ids     []engine.FilterID
+	active  uint32
+	def     [numFields]uint32
+	empty   [numFields]uint32
+	classes [numFields]classes
+	addrs   [2][]addrClass
+	ports   [2][]uint16          // 65536 classes, nil when the field is inactive
+	ints    [3]map[uint64]uint32 // proto, uid, cgroup id
+}
+
+// Policy is an engine policy compiled into the kernel's classification
+// maps. Build it with Compile and install it with Datapath.Apply.
+type Policy struct {
+	layers    [numSlots]*layerPolicy
+	redirects []fwpRedirectCfg
+}
+
+// Filters returns the number of filters the policy enforces in the kernel.
+func (p *Policy) Filters() int {
+	n := 0
+	for _, l := range p.layers {
+		if l != nil {
+			n += len(l.filters)
+		}
+	}
+	return n
+}
+
+// Compile turns the filters of the view into a kernel policy. Every enabled
+// filter must be one the kernel decides alone: PERMIT or BLOCK, or the
+// built-in connect redirect, on CONNECT_REDIRECT, AUTH_CONNECT,
+// BIND_REDIRECT or RESOURCE_ASSIGNMENT, with conditions on addresses,
+// ports, protocol, user id and cgroup id. Any other filter makes Compile
+// fail with an error wrapping ErrNotSupported that names it: the kernel
+// datapath never ignores a filter silently.
+func Compile(view engine.View) (*Policy, error) {
+	p := &Policy{}
+	var byLayer [numSlots][]engine.Filter
+	for _, f := range view.Filters(engine.FilterTemplate{}) {
+		if f.Flags&engine.FilterDisabled != 0 {
+			continue
+		}
+		slot, ok := slotOf(f.Layer)
+		if !ok {
+			return nil, fmt.Errorf("%w: %s on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.ID, f.Layer)
+		}
+		byLayer[slot] = append(byLayer[slot], f)
+	}
+	for slot, fs := range byLayer {
+		if len(fs) == 0 {
+			continue
+		}
+		lp, err := p.compileLayer(view, fs)
+		if err != nil {
+			return nil, err
+		}
+		p.layers[slot] = lp
+	}
+	return p, nil
+}
+
+func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolicy, error) {
+	n := len(fs)
+	layer := fs[0].Layer
+	if n > MaxFilters {
+		return nil, fmt.Errorf("%w: %d filters on layer %s, the kernel datapath holds %d per layer", ErrCapacity, n, layer, MaxFilters)
+	}
+	lp := &layerPolicy{layer: layer, filters: make([]fwpFilterMeta, n), ids: make([]engine.FilterID, n)}
+	// groups[f][rank] is the filter's conditions on kernel field f.
+	var groups [numFields - 1][][]engine.Condition
+	for i := range groups {
+		groups[i] = make([][]engine.Condition, n)
+	}
+	for rank, f := range fs {
+		m, err := p.filterMeta(view, &f)
+		if err != nil {
+			return nil, err
+		}
+		lp.filters[rank] = m
+		lp.ids[rank] = f.ID
+		for _, c := range f.Conditions {
+			kf, ok := kernelField[c.Field]
+			if !ok {
+				return nil, fmt.Errorf("%w: %s: condition on %s: the kernel cannot match this field", ErrNotSupported, f.ID, c.Field)
+			}
+			groups[kf][rank] = append(groups[kf][rank], c)
+		}
+	}
+	// Sublayer ends: the rank of the first filter of the next sublayer.
+	for i := n - 1; i >= 0; i-- {
+		switch {
+		case i == n-1:
+			lp.filters[i].SubEnd = uint32(n)
+		case fs[i+1].Sublayer != fs[i].Sublayer:
+			lp.filters[i].SubEnd = uint32(i + 1)
+		default:
+			lp.filters[i].SubEnd = lp.filters[i+1].SubEnd
+		}
+	}
+	all := newBitvec(n)
+	for r := range n {
+		all.set(r)
+	}
+	lp.classes[fieldAll].intern(all)
+	for f := range numFields - 1 {
+		g := groups[f]
+		wild := newBitvec(n)
+		constrained := false
+		for r := range n {
+			if len(g[r]) == 0 {
+				wild.set(r)
+			} else {
+				constrained = true
+			}
+		}
+		if !constrained {
+			continue // the kernel uses the all-filters bitset for the field
+		}
+		c := &lp.classes[f]
+		lp.empty[f] = c.intern(wild)
+		lp.def[f] = lp.empty[f]
+		lp.active |= 1 << f
+		var err error
+		switch f {
+		case fieldRAddr, fieldLAddr:
+			err = lp.compileAddrs(f, g, wild)
+		case fieldRPort, fieldLPort:
+			err = lp.compilePorts(f, g, wild)
+		case fieldProto:
+			err = lp.compileProto(g, wild)
+		default:
+			err = lp.compileIDs(f, g, wild)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("layer %s: %w", layer, err)
+		}
+		if len(c.sets) > 0xffff {
+			return nil, fmt.Errorf("%w: layer %s field %d needs %d classes", ErrCapacity, layer, f, len(c.sets))
+		}
+	}
+	return lp, nil
+}
+
+func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, error) {
+	m := fwpFilterMeta{Id: uint64(f.ID)}
+	switch f.Action.Type {
+	case engine.ActionBlock:
+		m.Action, m.Hard = actBlock, 1 // a filter's block is hard
+	case engine.ActionPermit:
+		m.Action = actPermit
+	case engine.ActionCalloutUnknown:
+		co, err := view.Callout(f.Action.Callout)
+		kind := f.Layer.Kind()
+		builtin := err == nil && (IsBuiltinConnectRedirect(co.Key) && kind == engine.KindConnectRedirect ||
+			IsBuiltinBindRedirect(co.Key) && kind == engine.KindBindRedirect)
+		if !builtin {
+			return m, fmt.Errorf("%w: %s calls a Go callout (%s); the kernel datapath runs only the built-in connect and bind redirects", ErrNotSupported, f.ID, f.Action.Callout)
+		}
+		if len(p.redirects) >= MaxRedirects {
+			return m, fmt.Errorf("%w: more than %d redirect filters", ErrCapacity, MaxRedirects)
+		}
+		if f.ProviderContext == 0 {
+			return m, fmt.Errorf("%w: %s: a built-in redirect needs a provider context naming where to", ErrInvalidRedirect, f.ID)
+		}
+		pc, err := view.ProviderContext(f.ProviderContext)
+		if err != nil {
+			return m, fmt.Errorf("%w: %s: %v", ErrInvalidRedirect, f.ID, err)
+		}
+		var kc fwpRedirectCfg
+		if kind == engine.KindConnectRedirect {
+			kc, err = connectRedirectCfg(pc.Data)
+		} else {
+			kc, err = bindRedirectCfg(pc.Data, f.Layer.V6())
+		}
+		if err != nil {
+			return m, fmt.Errorf("%s: %w", f.ID, err)
+		}
+		kc.Handle = uint32(co.ID)
+		m.Action, m.Redirect, m.Handle = actRedirect, uint32(len(p.redirects)), uint32(co.ID)
+		p.redirects = append(p.redirects, kc)
+	default:
+		return m, fmt.Errorf("%w: %s has action %s; the kernel datapath decides only permit, block and the built-in redirect", ErrNotSupported, f.ID, f.Action.Type)
+	}
+	if f.Flags&engine.FilterClearActionRight != 0 {
+		m.Hard = 1
+	}
+	return m, nil
+}
+
+// addrSet is one address condition as a union of prefixes, or its complement.
+type addrSet struct {
+	prefixes []netip.Prefix
+	neg      bool
+}
+
+func addrCondition(c engine.Condition) (addrSet, error) {
+	v := c.Value
+	one := func(v engine.Value) netip.Prefix {
+		if v.Type() == engine.TypePrefix {
+			return v.Prefix()
+		}
+		return netip.PrefixFrom(v.Addr(), v.Addr().BitLen())
+	}
+	switch c.Match {
+	case engine.MatchEqual, engine.MatchPrefix:
+		return addrSet{prefixes: []netip.Prefix{one(v)}}, nil
+	case engine.MatchNotEqual, engine.MatchNotPrefix:
+		return addrSet{prefixes: []netip.Prefix{one(v)}, neg: true}, nil
+	case engine.MatchRange:
+		return addrSet{prefixes: rangePrefixes(v.Low().Addr(), v.High().Addr())}, nil
+	case engine.MatchGreater, engine.MatchGreaterOrEqual, engine.MatchLess, engine.MatchLessOrEqual:
+		a := v.Addr()
+		lo, hi := zeroAddr(a), maxAddr(a)
+		switch c.Match {
+		case engine.MatchGreater:
+			if a == hi {
+				return addrSet{}, nil
+			}
+			lo = a.Next()
+		case engine.MatchGreaterOrEqual:
+			lo = a
+		case engine.MatchLess:
+			if a == lo {
+				return addrSet{}, nil
+			}
+			hi = a.Prev()
+		default:
+			hi = a
+		}
+		return addrSet{prefixes: rangePrefixes(lo, hi)}, nil
+	}
+	return addrSet{}, fmt.Errorf("%w: %s: the kernel cannot match addresses this way", ErrNotSupported, c)
+}
+
+func zeroAddr(a netip.Addr) netip.Addr {
+	if a.Is4() {
+		return netip.IPv4Unspecified()
+	}
+	return netip.IPv6Unspecified()
+}
+
+func maxAddr(a netip.Addr) netip.Addr {
+	if a.Is4() {
+		return netip.AddrFrom4([4]byte{255, 255, 255, 255})
+	}
+	var b [16]byte
+	for i := range b {
+		b[i] = 0xff
+	}
+	return netip.AddrFrom16(b)
+}
+
+// rangePrefixes covers [lo, hi] with the fewest prefixes.
+func rangePrefixes(lo, hi netip.Addr) []netip.Prefix {
+	var out []netip.Prefix
+	for lo.IsValid() && lo.Compare(hi) <= 0 {
+		bitsN := lo.BitLen()
+		// Widen the prefix while it stays aligned and inside the range.
+		for bitsN > 0 {
+			p, _ := lo.Prefix(bitsN - 1)
+			if p.Addr() != lo || lastAddr(p).Compare(hi) > 0 {
+				break
+			}
+			bitsN--
+		}
+		p := netip.PrefixFrom(lo, bitsN)
+		out = append(out, p)
+		last := lastAddr(p)
+		if last == maxAddr(lo) {
+			break
+		}
+		lo = last.Next()
+	}
+	return out
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
+// compileAddrs builds the LPM classes of an address field: one class per
+// distinct prefix P, holding the filters that accept every address whose
+// longest stored prefix is P.
+func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) error {
+	type ref struct {
+		rank, cond int
+		neg        bool
+	}
+	byPrefix := map[netip.Prefix][]ref{}
+	conds := make([][]addrSet, len(g))
+	var negRanks []int
+	for r, cs := range g {
+		hasNeg := false
+		for i, c := range cs {
+			s, err := addrCondition(c)
+			if err != nil {
+				return err
+			}
+			conds[r] = append(conds[r], s)
+			hasNeg = hasNeg || s.neg
+			for _, pf := range s.prefixes {
+				byPrefix[pf] = append(byPrefix[pf], ref{r, i, s.neg})
+			}
+		}
+		if hasNeg {
+			negRanks = append(negRanks, r)
+		}
+	}
+	c := &lp.classes[f]
+	def := wild.clone()
+	for _, r := range negRanks {
+		def.set(r) // no stored prefix contains the address: every negated condition holds
+	}
+	lp.def[f] = c.intern(def)
+	prefixes := make([]netip.Prefix, 0, len(byPrefix))
+	for pf := range byPrefix {
+		prefixes = append(prefixes, pf)
+	}
+	slices.SortFunc(prefixes, func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	})
+	which := f - fieldRAddr
+	contained := map[[2]int]bool{}
+	for _, pf := range prefixes {
+		b := wild.clone()
+		clear(contained)
+		for l := pf.Bits(); l >= 0; l-- {
+			anc, _ := pf.Addr().Prefix(l)
+			for _, e := range byPrefix[anc] {
+				if e.neg {
+					contained[[2]int{e.rank, e.cond}] = true
+				} else {
+					b.set(e.rank)
+				}
+			}
+		}
+		for _, r := range negRanks {
+			for i, s := range conds[r] {
+				if s.neg && !contained[[2]int{r, i}] {
+					b.set(r)
+					break
+				}
+			}
+		}
+		lp.addrs[which] = append(lp.addrs[which], addrClass{pf, c.intern(b)})
+	}
+	return nil
+}
+
+type interval struct{ lo, hi uint32 }
+
+func intIntervals(c engine.Condition, max uint32) ([]interval, error) {
+	v := uint32(c.Value.Uint())
+	switch c.Match {
+	case engine.MatchEqual:
+		return []interval{{v, v}}, nil
+	case engine.MatchNotEqual:
+		var out []interval
+		if v > 0 {
+			out = append(out, interval{0, v - 1})
+		}
+		if v < max {
+			out = append(out, interval{v + 1, max})
+		}
+		return out, nil
+	case engine.MatchGreater:
+		if v >= max {
+			return nil, nil
+		}
+		return []interval{{v + 1, max}}, nil
+	case engine.MatchGreaterOrEqual:
+		return []interval{{v, max}}, nil
+	case engine.MatchLess:
+		if v == 0 {
+			return nil, nil
+		}
+		return []interval{{0, v - 1}}, nil
+	case engine.MatchLessOrEqual:
+		return []interval{{0, v}}, nil
+	case engine.MatchRange:
+		return []interval{{uint32(c.Value.Low().Uint()), uint32(c.Value.High().Uint())}}, nil
+	}
+	return nil, fmt.Errorf("%w: %s: the kernel cannot match ports this way", ErrNotSupported, c)
+}
+
+// compilePorts gives every port its class, sweeping the ports once.
+func (lp *layerPolicy) compilePorts(f int, g [][]engine.Condition, wild bitvec) error {
+	type event struct {
+		at   uint32
+		rank int
+		add  bool
+	}
+	var events []event
+	for r, cs := range g {
+		var ivs []interval
+		for _, c := range cs {
+			iv, err := intIntervals(c, 0xffff)
+			if err != nil {
+				return err
+			}
+			ivs = append(ivs, iv...)
+		}
+		// Merge so that one filter's intervals never overlap.
+		slices.SortFunc(ivs, func(a, b interval) int { return cmp.Compare(a.lo, b.lo) })
+		var merged []interval
+		for _, iv := range ivs {
+			if k := len(merged) - 1; k >= 0 && iv.lo <= merged[k].hi+1 {
+				merged[k].hi = max(merged[k].hi, iv.hi)
+				continue
+			}
+			merged = append(merged, iv)
+		}
+		for _, iv := range merged {
+			events = append(events, event{iv.lo, r, true}, event{iv.hi + 1, r, false})
+		}
+	}
+	slices.SortStableFunc(events, func(a, b event) int { return cmp.Compare(a.at, b.at) })
+	c := &lp.classes[f]
+	ports := make([]uint16, 65536)
+	cur := wild.clone()
+	cls := c.intern(cur)
+	next := 0
+	for port := uint32(0); port < 65536; {
+		for next < len(events) && events[next].at == port {
+			if e := events[next]; e.add {
+				cur.set(e.rank)
+			} else {
+				cur.clear(e.rank)
+			}
+			next++
+		}
+		cls = c.intern(cur)
+		end := uint32(65536)
+		if next < len(events) {
+			end = events[next].at
+		}
+		for q := port; q < end; q++ {
+			ports[q] = uint16(cls)
+		}
+		port = end
+	}
+	lp.ports[f-fieldRPort] = ports
+	return nil
+}
+
+func matchInt(c engine.Condition, v uint64) bool {
+	cv := c.Value.Uint()
+	switch c.Match {
+	case engine.MatchEqual:
+		return v == cv
+	case engine.MatchNotEqual:
+		return v != cv
+	case engine.MatchGreater:
+		return v > cv
+	case engine.MatchLess:
+		return v < cv
+	case engine.MatchGreaterOrEqual:
+		return v >= cv
+	case engine.MatchLessOrEqual:
+		return v <= cv
+	case engine.MatchRange:
+		return v >= c.Value.Low().Uint() && v <= c.Value.High().Uint()
+	case engine.MatchFlagsAllSet:
+		return v&cv == cv
+	case engine.MatchFlagsAnySet:
+		return v&cv != 0
+	case engine.MatchFlagsNoneSet:
+		return v&cv == 0
+	}
+	return false
+}
+
+// compileProto enumerates the 256 protocol numbers: every integer match works.
+func (lp *layerPolicy) compileProto(g [][]engine.Condition, wild bitvec) error {
+	for _, cs := range g {
+		for _, c := range cs {
+			if c.Match > engine.MatchFlagsNoneSet && c.Match != engine.MatchNotEqual {
+				return fmt.Errorf("%w: %s", ErrNotSupported, c)
+			}
+		}
+	}
+	c := &lp.classes[fieldProto]
+	m := map[uint64]uint32{}
+	for v := uint64(0); v < 256; v++ {
+		b := wild.clone()
+		for r, cs := range g {
+			for _, cond := range cs {
+				if matchInt(cond, v) {
+					b.set(r)
+					break
+				}
+			}
+		}
+		m[v] = c.intern(b)
+	}
+	lp.ints[0] = m
+	return nil
+}
+
+// compileIDs handles user and cgroup ids: EQUAL and NOT_EQUAL only, each
+// mentioned id with its class, every other id in the default class.
+func (lp *layerPolicy) compileIDs(f int, g [][]engine.Condition, wild bitvec) error {
+	eq := map[uint64][]int{}
+	var neRanks []int
+	for r, cs := range g {
+		hasNE := false
+		for _, c := range cs {
+			switch c.Match {
+			case engine.MatchEqual:
+				eq[c.Value.Uint()] = append(eq[c.Value.Uint()], r)
+			case engine.MatchNotEqual:
+				hasNE = true
+				if _, ok := eq[c.Value.Uint()]; !ok {
+					eq[c.Value.Uint()] = nil
+				}
+			default:
+				return fmt.Errorf("%w: %s: the kernel matches ids only with equal and not_equal", ErrNotSupported, c)
+			}
+		}
+		if hasNE {
+			neRanks = append(neRanks, r)
+		}
+	}
+	c := &lp.classes[f]
+	def := wild.clone()
+	for _, r := range neRanks {
+		def.set(r)
+	}
+	lp.def[f] = c.intern(def)
+	m := map[uint64]uint32{}
+	for v, ranks := range eq {
+		b := wild.clone()
+		for _, r := range ranks {
+			b.set(r)
+		}
+		for _, r := range neRanks {
+			for _, cond := range g[r] {
+				if matchInt(cond, v) {
+					b.set(r)
+					break
+				}
+			}
+		}
+		m[v] = c.intern(b)
+	}
+	lp.ints[f-fieldProto] = m
+	return nil
+}
+
+// kernelBitset returns the bitset in the kernel's layout: a summary word per 64
+// words, one bit per nonzero word, then the words.
+func kernelBitset(b bitvec) *fwpBitset {
+	var k fwpBitset
+	copy(k.W[:], b)
+	for i, w := range b {
+		if w != 0 {
+			k.Sum[i/64] |= 1 << (i % 64)
+		}
+	}
+	return &k
+}

@@ -1,0 +1,449 @@
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+
+	"fwp/engine"
+)
+
+// tuple is one classification input as the kernel hooks see it.
+type tuple struct {
+	proto  uint8
+	remote netip.AddrPort
+	local  netip.AddrPort // zero address / port: not bound yet (absent)
+	uid    uint32
+	cgroup uint64
+	v6     bool
+}
+
+func (t tuple) values() *engine.Values {
+	var vs engine.Values
+	vs.Set(engine.FieldIPProtocol, engine.Uint8(t.proto))
+	vs.Set(engine.FieldIPRemoteAddress, engine.Addr(t.remote.Addr()))
+	vs.Set(engine.FieldIPRemotePort, engine.Uint16(t.remote.Port()))
+	if a := t.local.Addr(); a.IsValid() && !a.IsUnspecified() {
+		vs.Set(engine.FieldIPLocalAddress, engine.Addr(a))
+	}
+	if t.local.Port() != 0 {
+		vs.Set(engine.FieldIPLocalPort, engine.Uint16(t.local.Port()))
+	}
+	vs.Set(engine.FieldALEUserID, engine.Uint32(t.uid))
+	vs.Set(engine.FieldCgroupID, engine.Uint64(t.cgroup))
+	return &vs
+}
+
+// engineBlocks is what the engine decides for a connect: CONNECT_REDIRECT
+// then AUTH_CONNECT, blocked if either blocks.
+func engineBlocks(e *engine.Engine, t tuple) bool {
+	vs := t.values()
+	for _, k := range []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect} {
+		r := e.Classify(engine.LayerFor(k, t.v6), vs, &engine.Metadata{})
+		if !r.Permitted() {
+			return true
+		}
+	}
+	return false
+}
+
+// simulate runs the compiled maps the way bpf/fwp.c does, in Go.
+func (p *Policy) simulate(slot int, t tuple) (block bool, redirect int) {
+	lp := p.layers[slot]
+	if lp == nil {
+		return false, 0
+	}
+	n := len(lp.filters)
+	acc := lp.classes[fieldAll].sets[0].clone()
+	for f := range fieldAll {
+		if lp.active&(1<<f) == 0 {
+			continue
+		}
+		cls := lp.def[f]
+		switch f {
+		case fieldRAddr, fieldLAddr:
+			a := t.remote.Addr().Unmap()
+			if f == fieldLAddr {
+				a = t.local.Addr().Unmap()
+			}
+			if !a.IsValid() || a.IsUnspecified() {
+				cls = lp.empty[f]
+				break
+			}
+			best := -1
+			for _, e := range lp.addrs[f-fieldRAddr] {
+				if e.prefix.Contains(a) && e.prefix.Bits() > best {
+					best, cls = e.prefix.Bits(), e.class
+				}
+			}
+		case fieldRPort, fieldLPort:
+			port := t.remote.Port()
+			if f == fieldLPort {
+				port = t.local.Port()
+			}
+			if port == 0 && f == fieldLPort {
+				cls = lp.empty[f]
+				break
+			}
+			cls = uint32(lp.ports[f-fieldRPort][port])
+		default:
+			v := uint64(t.proto)
+			if f == fieldUID {
+				v = uint64(t.uid)
+			} else if f == fieldCgroup {
+				v = t.cgroup
+			}
+			if c, ok := lp.ints[f-fieldProto][v]; ok {
+				cls = c
+			}
+		}
+		b := lp.classes[f].sets[cls]
+		for i := range acc {
+			acc[i] &= b[i]
+		}
+	}
+	var action, write uint8 = 0, 1
+	for r := 0; r < n; {
+		if !acc.has(r) {
+			r++
+			continue
+		}
+		m := lp.filters[r]
+		act := m.Action
+		if act == actRedirect {
+			if redirect == 0 {
+				redirect = int(m.Redirect) + 1
+			}
+			act = actPermit
+		}
+		if action == 0 || write == 1 {
+			action, write = act, 1-m.Hard
+		}
+		if write == 0 {
+			break
+		}
+		r = int(m.SubEnd)
+	}
+	return action == actBlock, redirect
+}
+
+func (p *Policy) simulateBlocks(t tuple) bool {
+	v6 := 0
+	if t.v6 {
+		v6 = 1
+	}
+	for _, slot := range []int{0 + v6, 2 + v6} {
+		if b, _ := p.simulate(slot, t); b {
+			return true
+		}
+	}
+	return false
+}
+
+// gen builds random filter sets and tuples over small pools, so that
+// conditions often hit and arbitration matters.
+type gen struct {
+	r      *rand.Rand
+	cgroup uint64
+	v6     bool
+}
+
+var (
+	v4Pool = []string{"127.0.0.1", "127.0.0.2", "127.0.1.1", "127.0.1.200", "127.1.0.9", "127.0.0.77"}
+	v6Pool = []string{"::1"}
+)
+
+func (g *gen) addr() netip.Addr {
+	if g.v6 {
+		return netip.MustParseAddr(v6Pool[g.r.IntN(len(v6Pool))])
+	}
+	return netip.MustParseAddr(v4Pool[g.r.IntN(len(v4Pool))])
+}
+
+func (g *gen) port() uint16 {
+	return []uint16{53, 80, 443, 8080, 1000, 1001, 1005, 40000}[g.r.IntN(8)]
+}
+
+func (g *gen) cond() engine.Condition {
+	r := g.r
+	switch r.IntN(7) {
+	case 0, 1:
+		a := g.addr()
+		switch r.IntN(5) {
+		case 0:
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}
+		case 1:
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchNotEqual, Value: engine.Addr(a)}
+		case 2:
+			bits := []int{8, 16, 24, 31}[r.IntN(4)]
+			if g.v6 {
+				bits = []int{64, 127, 128}[r.IntN(3)]
+			}
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchPrefix, Value: engine.Prefix(netip.PrefixFrom(a, bits))}
+		case 3:
+			b := g.addr()
+			if b.Less(a) {
+				a, b = b, a
+			}
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchRange, Value: engine.Range(engine.Addr(a), engine.Addr(b))}
+		default:
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchNotPrefix, Value: engine.Prefix(netip.PrefixFrom(a, a.BitLen()-1))}
+		}
+	case 2, 3:
+		p := g.port()
+		switch r.IntN(4) {
+		case 0:
+			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(p)}
+		case 1:
+			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchNotEqual, Value: engine.Uint16(p)}
+		case 2:
+			q := g.port()
+			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchRange, Value: engine.Range(engine.Uint16(min(p, q)), engine.Uint16(max(p, q)))}
+		default:
+			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchGreater, Value: engine.Uint16(p)}
+		}
+	case 4:
+		if r.IntN(2) == 0 {
+			return engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchRange, Value: engine.Range(engine.Uint16(1000), engine.Uint16(1003))}
+		}
+		a := g.addr()
+		return engine.Condition{Field: engine.FieldIPLocalAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}
+	case 5:
+		return engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8([]uint8{6, 17}[r.IntN(2)])}
+	default:
+		if r.IntN(2) == 0 {
+			m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
+			return engine.Condition{Field: engine.FieldALEUserID, Match: m, Value: engine.Uint32([]uint32{0, 1000}[r.IntN(2)])}
+		}
+		return engine.Condition{Field: engine.FieldCgroupID, Match: engine.MatchEqual, Value: engine.Uint64([]uint64{g.cgroup, 12345}[r.IntN(2)])}
+	}
+}
+
+// policy builds an engine with random sublayers and filters.
+func (g *gen) policy(t testing.TB, nfilters int) *engine.Engine {
+	return buildEngine(t, func(tx *engine.Txn) error {
+		subs := []engine.SublayerID{engine.UniversalSublayer}
+		for i := range 2 {
+			id, err := tx.AddSublayer(engine.Sublayer{Name: fmt.Sprint("s", i), Weight: uint16(g.r.IntN(3) * 100)})
+			if err != nil {
+				return err
+			}
+			subs = append(subs, id)
+		}
+		for range nfilters {
+			kind := []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect}[g.r.IntN(2)]
+			f := engine.Filter{Layer: engine.LayerFor(kind, g.v6), Sublayer: subs[g.r.IntN(len(subs))],
+				Action: engine.Action{Type: []engine.ActionType{engine.ActionPermit, engine.ActionPermit, engine.ActionBlock}[g.r.IntN(3)]}}
+			switch g.r.IntN(3) {
+			case 0:
+				f.Weight = engine.WeightExact(uint64(g.r.IntN(4)))
+			case 1:
+				f.Weight = engine.WeightIndex(uint8(g.r.IntN(3)))
+			}
+			if g.r.IntN(3) == 0 {
+				f.Flags |= engine.FilterClearActionRight
+			}
+			for range g.r.IntN(4) {
+				f.Conditions = append(f.Conditions, g.cond())
+			}
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// buildEngine returns a new engine holding what fn adds in one transaction.
+func buildEngine(t testing.TB, fn func(tx *engine.Txn) error) *engine.Engine {
+	t.Helper()
+	e := engine.New(engine.Options{})
+	if err := e.Update(fn); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (g *gen) tuple() tuple {
+	t := tuple{proto: []uint8{6, 17}[g.r.IntN(2)], uid: 0, cgroup: g.cgroup, v6: g.v6}
+	t.remote = netip.AddrPortFrom(g.addr(), g.port())
+	switch g.r.IntN(3) {
+	case 0: // unbound
+	case 1:
+		t.local = netip.AddrPortFrom(g.addr(), 0)
+	default:
+		t.local = netip.AddrPortFrom(g.addr(), uint16(1000+g.r.IntN(6)))
+	}
+	return t
+}
+
+// TestCompileMatchesEngine checks the compiled maps, run by a Go model of
+// the BPF walk, against engine.Classify over random policies and tuples.
+func TestCompileMatchesEngine(t *testing.T) {
+	for seed := range uint64(300) {
+		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4}
+		e := g.policy(t, 1+g.r.IntN(25))
+		p, err := Compile(e.View())
+		if err != nil {
+			t.Fatalf("seed %d: %v", seed, err)
+		}
+		for range 60 {
+			tp := g.tuple()
+			if want, got := engineBlocks(e, tp), p.simulateBlocks(tp); want != got {
+				t.Fatalf("seed %d tuple %+v: engine blocks=%v, compiled blocks=%v", seed, tp, want, got)
+			}
+		}
+	}
+}
+
+func TestCompileRefusesWhatTheKernelCannotDecide(t *testing.T) {
+	cases := []struct {
+		name string
+		add  func(tx *engine.Txn) error
+		want error
+	}{
+		{"go callout", func(tx *engine.Txn) error {
+			co, err := tx.AddCallout(engine.Callout{Key: "my.callout", Layer: engine.LayerALEAuthConnectV4})
+			if err != nil {
+				return err
+			}
+			_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co}})
+			return err
+		}, ErrNotSupported},
+		{"app id condition", func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String("/usr/bin/curl")}}})
+			return err
+		}, ErrNotSupported},
+		{"uid range", func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldALEUserID, Match: engine.MatchRange, Value: engine.Range(engine.Uint32(1), engine.Uint32(9))}}})
+			return err
+		}, ErrNotSupported},
+		{"unhooked layer", func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthRecvAcceptV4, Action: engine.Action{Type: engine.ActionBlock}})
+			return err
+		}, ErrNotSupported},
+		{"redirect without context", func(tx *engine.Txn) error {
+			co, err := tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey, Layer: engine.LayerALEConnectRedirectV4})
+			if err != nil {
+				return err
+			}
+			_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
+			return err
+		}, ErrInvalidRedirect},
+		{"redirect with a bad context", func(tx *engine.Txn) error {
+			co, err := tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey + "/p", Layer: engine.LayerALEConnectRedirectV4})
+			if err != nil {
+				return err
+			}
+			pc, err := tx.AddProviderContext(engine.ProviderContext{Data: []byte(`{"proxy":"x"}`)})
+			if err != nil {
+				return err
+			}
+			_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}, ProviderContext: pc})
+			return err
+		}, ErrInvalidRedirect},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Compile(buildEngine(t, c.add).View())
+			if !errors.Is(err, c.want) {
+				t.Fatalf("Compile: %v, want %v", err, c.want)
+			}
+		})
+	}
+}
+
+func TestCompileTooManyFilters(t *testing.T) {
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		for i := range MaxFilters + 1 {
+			if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(i))}}}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if _, err := Compile(e.View()); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("Compile: %v, want ErrCapacity", err)
+	}
+}
+
+func TestRangePrefixes(t *testing.T) {
+	for _, c := range []struct {
+		lo, hi string
+		want   int
+	}{
+		{"10.0.0.0", "10.0.0.255", 1}, {"10.0.0.1", "10.0.0.2", 2}, {"0.0.0.0", "255.255.255.255", 1},
+		{"10.0.0.1", "10.0.0.1", 1}, {"::", "::3", 1}, {"10.0.0.5", "10.0.1.3", 8},
+	} {
+		ps := rangePrefixes(netip.MustParseAddr(c.lo), netip.MustParseAddr(c.hi))
+		if len(ps) != c.want {
+			t.Errorf("%s-%s: %v", c.lo, c.hi, ps)
+		}
+		// Every prefix lies in the range and they tile it without gaps.
+		next := netip.MustParseAddr(c.lo)
+		for _, p := range ps {
+			if p.Addr() != next {
+				t.Fatalf("%s-%s: gap before %s", c.lo, c.hi, p)
+			}
+			next = lastAddr(p).Next()
+		}
+		if last := lastAddr(ps[len(ps)-1]); last != netip.MustParseAddr(c.hi) {
+			t.Fatalf("%s-%s ends at %s", c.lo, c.hi, last)
+		}
+	}
+}
+
+// tenThousand is the benchmark policy: 10,000 filters at AUTH_CONNECT_V4 in
+// two sublayers, on remote addresses (exact and /24), ports (exact and
+// ranges) and protocol, none of which matches 127.0.0.1.
+func tenThousand(t testing.TB) *engine.Engine {
+	return buildEngine(t, func(tx *engine.Txn) error {
+		sub, err := tx.AddSublayer(engine.Sublayer{Name: "bench", Weight: 10})
+		if err != nil {
+			return err
+		}
+		for i := range 10000 {
+			f := engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock}}
+			if i%2 == 0 {
+				f.Sublayer = sub
+			}
+			a := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+			switch i % 10 {
+			case 0, 1, 2, 3, 4, 5:
+				f.Conditions = []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}}
+			case 6, 7:
+				f.Conditions = []engine.Condition{
+					{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Prefix(netip.PrefixFrom(netip.AddrFrom4([4]byte{11, byte(i >> 8), byte(i), 0}), 24))},
+					{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(443)},
+				}
+			case 8:
+				f.Conditions = []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(1 + i/10))}}
+			default:
+				lo := uint16(2000 + i/10*2)
+				f.Conditions = []engine.Condition{
+					{Field: engine.FieldIPRemotePort, Match: engine.MatchRange, Value: engine.Range(engine.Uint16(lo), engine.Uint16(lo+1))},
+					{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(17)},
+				}
+			}
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func BenchmarkCompile10k(b *testing.B) {
+	e := tenThousand(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := Compile(e.View()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -10,36 +10,38 @@ import (
 
 func lifetime(s string) (mgmt.Lifetime, error) { return mgmt.ParseLifetime(s) }
 
-// ToObject converts a wire object to mgmt's.
+// ToObject converts a wire object to mgmt's. It reads through the
+// generated getters, so that a partial message (a nil kind, a nil
+// condition) is an error or an empty field, never a panic.
 func ToObject(o *Object) (mgmt.Object, error) {
 	switch k := o.GetKind().(type) {
 	case *Object_Provider:
 		p := k.Provider
-		l, err := lifetime(p.Lifetime)
-		return mgmt.Object{Provider: &mgmt.Provider{Key: p.Key, Name: p.Name, Description: p.Description, Lifetime: l, ID: p.Id, Session: p.Session}}, err
+		l, err := lifetime(p.GetLifetime())
+		return mgmt.Object{Provider: &mgmt.Provider{Key: p.GetKey(), Name: p.GetName(), Description: p.GetDescription(), Lifetime: l, ID: p.GetId(), Session: p.GetSession()}}, err
 	case *Object_ProviderContext:
 		c := k.ProviderContext
-		l, err := lifetime(c.Lifetime)
-		return mgmt.Object{ProviderContext: &mgmt.ProviderContext{Key: c.Key, Name: c.Name, Provider: c.Provider, Data: c.Data, Lifetime: l, ID: c.Id, Session: c.Session}}, err
+		l, err := lifetime(c.GetLifetime())
+		return mgmt.Object{ProviderContext: &mgmt.ProviderContext{Key: c.GetKey(), Name: c.GetName(), Provider: c.GetProvider(), Data: c.GetData(), Lifetime: l, ID: c.GetId(), Session: c.GetSession()}}, err
 	case *Object_Sublayer:
 		s := k.Sublayer
-		l, err := lifetime(s.Lifetime)
-		if err == nil && s.Weight > 0xffff {
-			err = fmt.Errorf("%w: sublayer weight %d is above 65535", engine.ErrInvalidWeight, s.Weight)
+		l, err := lifetime(s.GetLifetime())
+		if err == nil && s.GetWeight() > 0xffff {
+			err = fmt.Errorf("%w: sublayer weight %d is above 65535", engine.ErrInvalidWeight, s.GetWeight())
 		}
-		return mgmt.Object{Sublayer: &mgmt.Sublayer{Key: s.Key, Name: s.Name, Provider: s.Provider, Weight: uint16(s.Weight), Lifetime: l, ID: s.Id, Session: s.Session}}, err
+		return mgmt.Object{Sublayer: &mgmt.Sublayer{Key: s.GetKey(), Name: s.GetName(), Provider: s.GetProvider(), Weight: uint16(s.GetWeight()), Lifetime: l, ID: s.GetId(), Session: s.GetSession()}}, err
 	case *Object_Callout:
 		c := k.Callout
-		l, err := lifetime(c.Lifetime)
-		return mgmt.Object{Callout: &mgmt.Callout{Key: c.Key, Name: c.Name, Provider: c.Provider, Layer: c.Layer, Flags: c.Flags, Lifetime: l, ID: c.Id, Session: c.Session}}, err
+		l, err := lifetime(c.GetLifetime())
+		return mgmt.Object{Callout: &mgmt.Callout{Key: c.GetKey(), Name: c.GetName(), Provider: c.GetProvider(), Layer: c.GetLayer(), Flags: c.GetFlags(), Lifetime: l, ID: c.GetId(), Session: c.GetSession()}}, err
 	case *Object_Filter:
 		f := k.Filter
-		l, err := lifetime(f.Lifetime)
-		mf := &mgmt.Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: f.Layer, Sublayer: f.Sublayer,
-			Provider: f.Provider, Weight: f.Weight, Action: f.Action, Callout: f.Callout, ProviderContext: f.ProviderContext,
-			Flags: f.Flags, Lifetime: l, ID: f.Id, EffectiveWeight: f.EffectiveWeight, Session: f.Session}
-		for _, c := range f.Conditions {
-			mf.Conditions = append(mf.Conditions, mgmt.Condition{Field: c.Field, Match: c.Match, Value: c.Value})
+		l, err := lifetime(f.GetLifetime())
+		mf := &mgmt.Filter{Key: f.GetKey(), Name: f.GetName(), Description: f.GetDescription(), Layer: f.GetLayer(), Sublayer: f.GetSublayer(),
+			Provider: f.GetProvider(), Weight: f.GetWeight(), Action: f.GetAction(), Callout: f.GetCallout(), ProviderContext: f.GetProviderContext(),
+			Flags: f.GetFlags(), Lifetime: l, ID: f.GetId(), EffectiveWeight: f.GetEffectiveWeight(), Session: f.GetSession()}
+		for _, c := range f.GetConditions() {
+			mf.Conditions = append(mf.Conditions, mgmt.Condition{Field: c.GetField(), Match: c.GetMatch(), Value: c.GetValue()})
 		}
 		return mgmt.Object{Filter: mf}, err
 	}

@@ -31,6 +31,7 @@ var sentinels = []struct {
 	{"LIFETIME", mgmt.ErrLifetime, codes.FailedPrecondition},
 	{"DYNAMIC_SESSION", mgmt.ErrDynamicSession, codes.FailedPrecondition},
 	{"STORE", mgmt.ErrStore, codes.Internal},
+	{"INTERNAL", mgmt.ErrInternal, codes.Internal},
 	{"NOT_FOUND", engine.ErrNotFound, codes.NotFound},
 	{"ALREADY_EXISTS", engine.ErrAlreadyExists, codes.AlreadyExists},
 	{"IN_USE", engine.ErrInUse, codes.FailedPrecondition},

@@ -86,3 +86,33 @@ func deref(o mgmt.Object) any {
 	}
 	return *o.Filter
 }
+
+// Partial messages, as a Go caller can build them (the wire always gives
+// non-nil messages), convert without a panic.
+func TestConvertPartialMessages(t *testing.T) {
+	for _, o := range []*Object{
+		nil, {},
+		{Kind: &Object_Provider{}}, {Kind: &Object_ProviderContext{}}, {Kind: &Object_Sublayer{}},
+		{Kind: &Object_Callout{}}, {Kind: &Object_Filter{}},
+		{Kind: &Object_Filter{Filter: &Filter{Conditions: []*Condition{nil, {}}}}},
+	} {
+		got, err := ToObject(o)
+		if err != nil && !errors.Is(err, engine.ErrInvalidArgument) {
+			t.Errorf("%v: untyped error %v", o, err)
+		}
+		if err == nil && got.Kind() == 0 {
+			t.Errorf("%v: no object and no error", o)
+		}
+	}
+	if ops, err := ToOps([]*Op{nil}); !errors.Is(err, engine.ErrInvalidArgument) {
+		t.Errorf("nil op: %v %v", ops, err)
+	}
+	if ops, err := ToOps([]*Op{{Op: &Op_Add{}}, {Op: &Op_Delete{}}}); !errors.Is(err, engine.ErrInvalidArgument) {
+		t.Errorf("empty add: %v %v", ops, err)
+	}
+	if _, err := ToRef(nil); !errors.Is(err, engine.ErrInvalidArgument) {
+		t.Errorf("nil ref: %v", err)
+	}
+	_ = ToSession(nil)
+	_ = ToChange(nil)
+}

@@ -84,7 +84,12 @@ func Dial(ctx context.Context, socket string, opts Options) (*Client, error) {
 	if err != nil {
 		cancel()
 		conn.Close()
-		return nil, fmt.Errorf("fwp: opening a session on %s: %w", socket, api.FromStatus(err))
+		err = api.FromStatus(err)
+		hint := ""
+		if errors.Is(err, api.ErrUnavailable) {
+			hint = " (is fwpd running there? the socket is set by --socket or $FWPD_SOCKET)"
+		}
+		return nil, fmt.Errorf("fwp: opening a session on %s%s: %w", socket, hint, err)
 	}
 	c.session = api.ToSession(first)
 	go func() {
@@ -348,7 +353,8 @@ func (c *Client) events(ctx context.Context, since uint64, follow bool, fn func(
 
 // Subscribe subscribes to committed changes of the given kinds (all when
 // none) made by other sessions. The subscription is in place when it
-// returns; the channel closes when ctx ends or the session closes.
+// returns; the channel closes when ctx ends, the session closes or the
+// client is closed.
 func (c *Client) Subscribe(ctx context.Context, kinds ...mgmt.Kind) (<-chan mgmt.Change, error) {
 	req := &api.SubscribeRequest{}
 	for _, k := range kinds {
@@ -377,6 +383,8 @@ func (c *Client) Subscribe(ctx context.Context, kinds ...mgmt.Kind) (<-chan mgmt
 			select {
 			case out <- api.ToChange(ch):
 			case <-ctx.Done():
+				return
+			case <-c.done: // closed client: nobody may be reading any more
 				return
 			}
 		}

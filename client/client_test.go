@@ -10,11 +10,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"fwp/api"
 	"fwp/client"
 	"fwp/engine"
 	"fwp/internal/server"
@@ -328,3 +330,46 @@ func childMain(sock string) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// Without a daemon, Dial says so in a way a person can act on, typed.
+func TestDialNoDaemon(t *testing.T) {
+	sock := filepath.Join(shortDir(t), "none.sock")
+	_, err := client.Dial(context.Background(), sock, client.Options{})
+	if !errors.Is(err, api.ErrUnavailable) || !strings.Contains(err.Error(), "is fwpd running") || !strings.Contains(err.Error(), sock) {
+		t.Fatalf("dial without a daemon: %v", err)
+	}
+}
+
+// A subscriber that stops reading and closes its client leaves no
+// goroutine behind, even with a context that never ends.
+func TestSubscribeUnreadThenClose(t *testing.T) {
+	sock, _ := startServer(t, server.Config{})
+	ctx := context.Background()
+	writer := dial(t, sock, false)
+	base := runtime.NumGoroutine()
+	c, err := client.Dial(ctx, sock, client.Options{Name: "reader"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := c.Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ops []mgmt.Op
+	for i := range 400 { // more than the client's buffer
+		ops = append(ops, mgmt.Op{Add: ptr(block(fmt.Sprint("u", i), i+1))})
+	}
+	if _, err := writer.Apply(ctx, ops); err != nil {
+		t.Fatal(err)
+	}
+	for len(ch) < cap(ch) { // the client's goroutine now blocks on a full channel
+		time.Sleep(time.Millisecond)
+	}
+	c.Close()
+	for deadline := time.Now().Add(10 * time.Second); runtime.NumGoroutine() > base; {
+		if time.Now().After(deadline) {
+			t.Fatalf("goroutines after Close: %d > %d", runtime.NumGoroutine(), base)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -13,4 +13,5 @@ var (
 	ErrInvalidPolicy   = errors.New("fwp: invalid policy")
 	ErrTooLarge        = errors.New("fwp: request too large")
 	ErrStore           = errors.New("fwp: persistent store failed")
+	ErrInternal        = errors.New("fwp: internal error") // a bug: the daemon logged it and kept serving
 )

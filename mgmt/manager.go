@@ -49,6 +49,15 @@ type session struct {
 	mu     sync.Mutex
 	txn    *txn
 	closed bool
+	// inTxn mirrors txn != nil for describe, which must not wait for mu:
+	// a call of the session may hold mu for the whole lock wait.
+	inTxn atomic.Bool
+}
+
+// setTxn sets the session's explicit transaction (nil: none); s.mu held.
+func (s *session) setTxn(t *txn) {
+	s.txn = t
+	s.inTxn.Store(t != nil)
 }
 
 type objKey struct {
@@ -70,6 +79,9 @@ type Manager struct {
 	store *store
 
 	nextSession atomic.Uint64
+	// holder is the session whose transaction holds the engine's lock,
+	// named in lock-wait timeouts so that a person knows whom to wait for.
+	holder atomic.Pointer[session]
 
 	// mu guards the maps below. meta and stored change only at commit,
 	// by the holder of the engine's transaction lock.
@@ -235,10 +247,8 @@ func (m *Manager) Session(id uint64) (SessionInfo, error) {
 }
 
 func (s *session) describe() SessionInfo {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	i := s.info
-	i.InTransaction = s.txn != nil
+	i.InTransaction = s.inTxn.Load()
 	return i
 }
 
@@ -270,7 +280,7 @@ func (m *Manager) CloseSession(id uint64) error {
 	s.closed = true
 	if s.txn != nil {
 		s.txn.abort()
-		s.txn = nil
+		s.setTxn(nil)
 	}
 	n := m.deleteDynamic(s)
 	m.mu.Lock()
@@ -334,7 +344,7 @@ func (m *Manager) Close() {
 		s.mu.Lock()
 		if s.txn != nil {
 			s.txn.abort()
-			s.txn = nil
+			s.setTxn(nil)
 		}
 		s.mu.Unlock()
 	}
@@ -350,8 +360,13 @@ func (m *Manager) begin(ctx context.Context, s *session) (*txn, error) {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w: %w", err, ctx.Err())
 		}
-		return nil, fmt.Errorf("%w after %s: %w", ErrTimeout, m.opts.TxnTimeout, err)
+		by := ""
+		if h := m.holder.Load(); h != nil {
+			by = fmt.Sprintf(" (held by session #%d %q, pid %d; see fwpctl sessions)", h.info.ID, h.info.Name, h.info.PID)
+		}
+		return nil, fmt.Errorf("%w after %s%s: %w", ErrTimeout, m.opts.TxnTimeout, by, err)
 	}
+	m.holder.Store(s)
 	return &txn{m: m, s: s, tx: tx, meta: map[objKey]*objMeta{}, stored: map[objKey]*Object{}}, nil
 }
 
@@ -369,39 +384,32 @@ func (m *Manager) Begin(ctx context.Context, sid uint64) error {
 	if err != nil {
 		return err
 	}
-	s.txn = t
+	s.setTxn(t)
 	return nil
 }
 
 // Commit commits the session's transaction: one store write, then one
 // atomic engine swap.
-func (m *Manager) Commit(sid uint64) error {
-	s, err := m.lock(sid)
-	if err != nil {
-		return err
-	}
-	defer s.mu.Unlock()
-	if s.txn == nil {
-		return engine.ErrNoTxnInProgress
-	}
-	t := s.txn
-	s.txn = nil
-	return t.commit()
-}
+func (m *Manager) Commit(sid uint64) error { return m.endTxn(sid, (*txn).commit) }
 
 // Abort discards the session's transaction.
 func (m *Manager) Abort(sid uint64) error {
+	return m.endTxn(sid, func(t *txn) error { t.abort(); return nil })
+}
+
+// endTxn ends the session's explicit transaction with end.
+func (m *Manager) endTxn(sid uint64, end func(*txn) error) error {
 	s, err := m.lock(sid)
 	if err != nil {
 		return err
 	}
 	defer s.mu.Unlock()
 	if s.txn == nil {
-		return engine.ErrNoTxnInProgress
+		return fmt.Errorf("%w: session #%d has no open transaction (begin one first)", engine.ErrNoTxnInProgress, sid)
 	}
-	s.txn.abort()
-	s.txn = nil
-	return nil
+	t := s.txn
+	s.setTxn(nil)
+	return end(t)
 }
 
 // ApplyResult lists what Apply added and deleted.

@@ -246,6 +246,31 @@ func (o Object) lifetime() Lifetime {
 	return 0
 }
 
+// refs lists the objects o references by key.
+func (o Object) refs() []objKey {
+	var out []objKey
+	add := func(k Kind, key string) {
+		if key != "" {
+			out = append(out, objKey{k, key})
+		}
+	}
+	switch o.Kind() {
+	case KindProviderContext:
+		add(KindProvider, o.ProviderContext.Provider)
+	case KindSublayer:
+		add(KindProvider, o.Sublayer.Provider)
+	case KindCallout:
+		add(KindProvider, o.Callout.Provider)
+	case KindFilter:
+		f := o.Filter
+		add(KindProvider, f.Provider)
+		add(KindSublayer, f.Sublayer)
+		add(KindCallout, f.Callout)
+		add(KindProviderContext, f.ProviderContext)
+	}
+	return out
+}
+
 // stored returns a copy fit for the store: runtime fields cleared.
 func (o Object) stored(l Lifetime) Object {
 	switch o.Kind() {

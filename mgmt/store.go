@@ -34,8 +34,23 @@ type storeFile struct {
 }
 
 func openStore(dir string) (*store, map[objKey]Object, error) {
+	// A new directory's entry must reach the disk too, or a power loss
+	// could take it, and the commits in it, away: sync the parent of each
+	// directory created.
+	var created []string
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil || filepath.Dir(d) == d {
+			break
+		}
+		created = append(created, d)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("%w: %w", ErrStore, err)
+	}
+	for _, d := range created {
+		if err := syncDir(filepath.Dir(d)); err != nil {
+			return nil, nil, fmt.Errorf("%w: %w", ErrStore, err)
+		}
 	}
 	s := &store{dir: dir, path: filepath.Join(dir, "policy.json")}
 	// One process per store: a second daemon on the same directory would
@@ -106,9 +121,17 @@ func (s *store) write(objs map[objKey]Object) error {
 	}
 	// The rename is the commit point: a failed directory sync after it
 	// cannot undo the commit, so it is not reported as a failure.
-	if d, err := os.Open(s.dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
+	_ = syncDir(s.dir)
 	return nil
+}
+
+// syncDir makes a directory's entries (a rename, a new file) durable; a
+// variable for tests.
+var syncDir = func(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }

@@ -1,7 +1,10 @@
 package mgmt
 
 import (
+	"fmt"
 	"sync/atomic"
+
+	"fwp/engine"
 )
 
 // ChangeType says what happened to an object.
@@ -62,24 +65,47 @@ func (s *Subscription) closeLocked() {
 	}
 }
 
+// Subscription limits: a session's subscriptions each hold a channel, so
+// that a client cannot grow the daemon without bound.
+const (
+	MaxSubscriptions      = 64      // per session
+	MaxSubscriptionBuffer = 1 << 16 // changes held per subscription
+)
+
 // Subscribe subscribes session sid to changes of the given kinds (all when
-// none), not counting its own. It ends when the session closes.
+// none), not counting its own. It ends when the session closes. A session
+// has at most MaxSubscriptions (ErrTooLarge); buffer is capped at
+// MaxSubscriptionBuffer.
 func (m *Manager) Subscribe(sid uint64, kinds []Kind, buffer int) (*Subscription, error) {
-	if _, err := m.session(sid); err != nil {
-		return nil, err
-	}
 	var mask uint32
 	for _, k := range kinds {
+		if k == 0 || k >= numKinds {
+			return nil, fmt.Errorf("%w: unknown object kind %d", engine.ErrInvalidArgument, k)
+		}
 		mask |= 1 << k
 	}
 	if mask == 0 {
 		mask = ^uint32(0)
 	}
-	c := make(chan Change, max(buffer, 1))
-	s := &Subscription{C: c, c: c, session: sid, kinds: mask, m: m}
 	m.mu.Lock()
+	defer m.mu.Unlock()
+	// Checked under m.mu, which CloseSession holds while it ends the
+	// session's subscriptions: none is added after that, to leak.
+	if m.sessions[sid] == nil {
+		return nil, fmt.Errorf("%w: #%d", ErrSessionNotFound, sid)
+	}
+	n := 0
+	for s := range m.subs {
+		if s.session == sid {
+			n++
+		}
+	}
+	if n >= MaxSubscriptions {
+		return nil, fmt.Errorf("%w: session #%d already has %d subscriptions", ErrTooLarge, sid, n)
+	}
+	c := make(chan Change, min(max(buffer, 1), MaxSubscriptionBuffer))
+	s := &Subscription{C: c, c: c, session: sid, kinds: mask, m: m}
 	m.subs[s] = struct{}{}
-	m.mu.Unlock()
 	return s, nil
 }
 

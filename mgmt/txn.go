@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"fwp/engine"
@@ -154,7 +155,14 @@ func (t *txn) undo(sp engine.Savepoint, nchanges int) {
 	t.changes = t.changes[:nchanges]
 }
 
-func (t *txn) abort() { t.tx.Abort() }
+func (t *txn) abort() {
+	t.release()
+	t.tx.Abort()
+}
+
+// release forgets t's session as the lock holder, before the engine lets
+// the lock go (and the next holder is recorded).
+func (t *txn) release() { t.m.holder.CompareAndSwap(t.s, nil) }
 
 // commit writes the store (when durable objects changed) and then swaps
 // the engine's state. A failed store write aborts: nothing changes.
@@ -173,12 +181,13 @@ func (t *txn) commit() error {
 		}
 		if m.store != nil {
 			if err := m.store.write(stored); err != nil {
-				t.tx.Abort()
+				t.abort()
 				return fmt.Errorf("%w: %w: %w", engine.ErrTxnAborted, ErrStore, err)
 			}
 		}
 	}
 	m.mu.Lock()
+	t.release()
 	if err := t.tx.Commit(); err != nil {
 		m.mu.Unlock()
 		return err
@@ -414,6 +423,10 @@ func (t *txn) delete(r Ref) (Ref, error) {
 	k := objKey{r.Kind, key}
 	if err != nil {
 		if so, ok := t.storedOf(k); ok && key != "" && so.lifetime() == LifetimeBootTime && errors.Is(err, engine.ErrNotFound) {
+			// The engine cannot see references among stored objects.
+			if rk, ok := t.storedReferrer(k); ok {
+				return Ref{}, fmt.Errorf("%w: boot-time %s %q is referenced by stored %s %q", engine.ErrInUse, k.kind, k.key, rk.kind, rk.key)
+			}
 			t.record(k, 0, LifetimeBootTime, nil)
 			return Ref{Kind: r.Kind, Key: key}, nil
 		}
@@ -421,4 +434,20 @@ func (t *txn) delete(r Ref) (Ref, error) {
 	}
 	t.record(k, id, 0, nil)
 	return Ref{Kind: r.Kind, Key: key, ID: id}, nil
+}
+
+// storedReferrer finds a stored object (as t will leave the store) that
+// references k.
+func (t *txn) storedReferrer(k objKey) (objKey, bool) {
+	for rk, o := range t.stored {
+		if o != nil && slices.Contains(o.refs(), k) {
+			return rk, true
+		}
+	}
+	for rk, o := range t.m.stored {
+		if _, changed := t.stored[rk]; !changed && slices.Contains(o.refs(), k) {
+			return rk, true
+		}
+	}
+	return objKey{}, false
 }

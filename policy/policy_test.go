@@ -2,6 +2,7 @@ package policy
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -165,4 +166,36 @@ func FuzzParsePolicy(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Hostile shapes: deep nesting and alias bombs end in a positioned, typed
+// error, without expanding anything.
+func TestParseHostileShapes(t *testing.T) {
+	lol := "a: &a [x, x, x, x, x, x, x, x, x]\n"
+	for i, prev := 0, "a"; i < 9; i++ {
+		name := fmt.Sprintf("b%d", i)
+		lol += fmt.Sprintf("%s: &%s [*%s, *%s, *%s, *%s, *%s, *%s, *%s, *%s, *%s]\n", name, name, prev, prev, prev, prev, prev, prev, prev, prev, prev)
+		prev = name
+	}
+	for name, src := range map[string]string{
+		"deep flow":      "filters: " + strings.Repeat("[", 20000) + strings.Repeat("]", 20000),
+		"deep mapping":   "filters:\n  - key: " + strings.Repeat("{a: ", 20000) + "x" + strings.Repeat("}", 20000),
+		"deep block":     "filters:\n" + deepBlock(3000),
+		"billion laughs": lol + "filters: *b8\n",
+		"alias as key":   "filters:\n  - &k key: a\n    *k : b\n",
+	} {
+		_, err := Parse("h.yaml", []byte(src))
+		var pe *Error
+		if err == nil || !errors.As(err, &pe) || !errors.Is(err, mgmt.ErrInvalidPolicy) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func deepBlock(n int) string {
+	var b strings.Builder
+	for i := range n {
+		b.WriteString(strings.Repeat(" ", 2+i) + "- \n")
+	}
+	return b.String()
 }

@@ -12,6 +12,7 @@ import (
 
 	"fwp/client"
 	"fwp/mgmt"
+	"fwp/policy"
 )
 
 func apply(ctx context.Context, args []string) error {
@@ -25,12 +26,7 @@ func apply(ctx context.Context, args []string) error {
 	if len(pos) > 0 || file == "" {
 		return usageErr("apply needs -f FILE and nothing else")
 	}
-	var data []byte
-	if file == "-" {
-		data, err = io.ReadAll(os.Stdin)
-	} else {
-		data, err = os.ReadFile(file)
-	}
+	data, err := readPolicy(file)
 	if err != nil {
 		return err
 	}
@@ -48,6 +44,28 @@ func apply(ctx context.Context, args []string) error {
 	}
 	fmt.Fprintf(stdout, "applied %s: %d added, %d deleted\n", file, len(res.Added), len(res.Deleted))
 	return nil
+}
+
+// readPolicy reads a policy file, at most policy.MaxSize bytes: a larger
+// one fails here, before it is read whole into memory and sent.
+func readPolicy(file string) ([]byte, error) {
+	r := io.Reader(os.Stdin)
+	if file != "-" {
+		f, err := os.Open(file)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		r = f
+	}
+	data, err := io.ReadAll(io.LimitReader(r, policy.MaxSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > policy.MaxSize {
+		return nil, fmt.Errorf("%w: %s is larger than %d MiB, the limit of a policy file; split it", mgmt.ErrTooLarge, file, policy.MaxSize>>20)
+	}
+	return data, nil
 }
 
 var protocols = map[string]string{"tcp": "6", "udp": "17", "icmp": "1", "icmpv6": "58"}

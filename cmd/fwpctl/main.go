@@ -28,7 +28,13 @@ const (
 	exitUnavailable = 4 // the daemon could not be reached
 )
 
-var stdout io.Writer = os.Stdout
+// stdout and stderr are variables for tests. Results go to stdout, and
+// only they: errors and the usage shown with them go to stderr, so that
+// -o json output stays parseable.
+var (
+	stdout io.Writer = os.Stdout
+	stderr io.Writer = os.Stderr
+)
 
 func main() {
 	os.Exit(run(os.Args[1:]))
@@ -41,8 +47,8 @@ func run(args []string) int {
 	}
 	cmd, ok := commands[args[0]]
 	if !ok {
-		fmt.Fprintf(os.Stderr, "fwpctl: unknown command %q\n", args[0])
-		usage(os.Stderr)
+		fmt.Fprintf(stderr, "fwpctl: unknown command %q\n", args[0])
+		usage(stderr)
 		return exitUsage
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -54,10 +60,10 @@ func run(args []string) int {
 	case errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.Is(err, errUsage):
-		fmt.Fprintln(os.Stderr, "fwpctl:", err)
+		fmt.Fprintln(stderr, "fwpctl:", err)
 		return exitUsage
 	}
-	fmt.Fprintln(os.Stderr, "fwpctl:", err)
+	fmt.Fprintln(stderr, "fwpctl:", err)
 	switch {
 	case errors.Is(err, mgmt.ErrAccessDenied):
 		return exitDenied
@@ -122,7 +128,7 @@ type common struct {
 func newFlags(name, help string) (*flag.FlagSet, *common) {
 	c := &common{}
 	fs := flag.NewFlagSet("fwpctl "+name, flag.ContinueOnError)
-	fs.SetOutput(stdout)
+	fs.SetOutput(io.Discard) // parse shows the usage, on the right stream
 	fs.StringVar(&c.socket, "socket", client.SocketFromEnv(), "fwpd's unix socket (env FWPD_SOCKET)")
 	fs.StringVar(&c.output, "o", "table", "output: table or json")
 	fs.Usage = func() {
@@ -138,8 +144,12 @@ func parse(fs *flag.FlagSet, c *common, args []string) ([]string, error) {
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
+				fs.SetOutput(stdout)
+				fs.Usage()
 				return nil, err
 			}
+			fs.SetOutput(stderr)
+			fs.Usage()
 			return nil, fmt.Errorf("%w: %v", errUsage, err)
 		}
 		if fs.NArg() == 0 {

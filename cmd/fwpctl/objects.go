@@ -35,7 +35,11 @@ func objectCommand(kind mgmt.Kind) func(context.Context, []string) error {
 	}
 	return func(ctx context.Context, args []string) error {
 		if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
-			fmt.Fprintf(stdout, "usage: fwpctl %s add|delete|list|show [flags]\n\nRun fwpctl %s SUBCOMMAND --help for its flags.\n", name, name)
+			w := stdout
+			if len(args) == 0 {
+				w = stderr
+			}
+			fmt.Fprintf(w, "usage: fwpctl %s add|delete|list|show [flags]\n\nRun fwpctl %s SUBCOMMAND --help for its flags.\n", name, name)
 			if len(args) == 0 {
 				return usageErr("%s needs a subcommand", name)
 			}

@@ -2,10 +2,10 @@ package server
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync"
@@ -26,6 +26,10 @@ const SessionHeader = "fwp-session"
 
 // DefaultMaxMsgBytes bounds a request (gRPC's own default).
 const DefaultMaxMsgBytes = 4 << 20
+
+// MaxStreamsPerConn bounds the concurrent calls of one connection: each
+// session, subscription and follow is a stream holding daemon memory.
+const MaxStreamsPerConn = 256
 
 // Config configures a Server.
 type Config struct {
@@ -65,6 +69,7 @@ func New(cfg Config) *Server {
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peercred.Credentials()),
 		grpc.MaxRecvMsgSize(cfg.MaxMsgBytes),
+		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
 		grpc.ChainUnaryInterceptor(s.unary),
 		grpc.ChainStreamInterceptor(s.stream),
 	)
@@ -94,17 +99,28 @@ func (s *Server) GracefulStop(d time.Duration) {
 	}
 }
 
-func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	defer s.recoverCall(info.FullMethod, &err)
 	start := time.Now()
-	resp, err := h(ctx, req)
+	resp, err = h(ctx, req)
 	if err != nil {
 		s.log.Debug("call failed", "method", info.FullMethod, "err", err, "took", time.Since(start))
 	}
 	return resp, api.Status(err)
 }
 
-func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
+	defer s.recoverCall(info.FullMethod, &err)
 	return api.Status(h(srv, ss))
+}
+
+// recoverCall turns a handler's panic into a typed error for its caller:
+// one bad request must not take down the daemon and every other session.
+func (s *Server) recoverCall(method string, err *error) {
+	if r := recover(); r != nil {
+		s.log.Error("call panicked", "method", method, "panic", r, "stack", string(debug.Stack()))
+		*err = api.Status(fmt.Errorf("%w: %s failed: %v", mgmt.ErrInternal, method, r))
+	}
 }
 
 func (s *Server) isAdmin(c peercred.Cred) bool {
@@ -332,8 +348,13 @@ func (s *Server) NetEvents(req *api.NetEventsRequest, st grpc.ServerStreamingSer
 		sub := eng.SubscribeNetEvents(1024)
 		defer sub.Close()
 		c = sub.C
+		// As for Subscribe: an empty header says the follow is in place.
+		if err := st.SendHeader(metadata.MD{}); err != nil {
+			return err
+		}
 	}
-	last := uint64(0)
+	// Events before since are not wanted, from the ring or the follow.
+	last := max(req.GetSince(), 1) - 1
 	for _, ev := range eng.NetEvents(req.GetSince()) {
 		if err := st.Send(api.FromNetEvent(ev)); err != nil {
 			return err
@@ -343,21 +364,30 @@ func (s *Server) NetEvents(req *api.NetEventsRequest, st grpc.ServerStreamingSer
 	if c == nil {
 		return nil
 	}
+	_, err := follow(st.Context(), s.quit, c, func(ev engine.NetEvent) error {
+		if ev.Seq <= last {
+			return nil // already sent from the ring
+		}
+		return st.Send(api.FromNetEvent(ev))
+	})
+	return err
+}
+
+// follow passes what c delivers to send until the client goes away, the
+// server shuts down (both nil) or c closes (closed).
+func follow[T any](ctx context.Context, quit <-chan struct{}, c <-chan T, send func(T) error) (closed bool, err error) {
 	for {
 		select {
-		case <-st.Context().Done():
-			return nil
-		case <-s.quit:
-			return nil
-		case ev, ok := <-c:
+		case <-ctx.Done():
+			return false, nil
+		case <-quit:
+			return false, nil
+		case v, ok := <-c:
 			if !ok {
-				return nil
+				return true, nil
 			}
-			if ev.Seq <= last {
-				continue // already sent from the ring
-			}
-			if err := st.Send(api.FromNetEvent(ev)); err != nil {
-				return err
+			if err := send(v); err != nil {
+				return false, err
 			}
 		}
 	}
@@ -388,19 +418,9 @@ func (s *Server) Subscribe(req *api.SubscribeRequest, st grpc.ServerStreamingSer
 	if err := st.SendHeader(metadata.MD{}); err != nil {
 		return err
 	}
-	for {
-		select {
-		case <-st.Context().Done():
-			return nil
-		case <-s.quit:
-			return nil
-		case c, ok := <-sub.C:
-			if !ok {
-				return errors.Join(mgmt.ErrSessionNotFound, fmt.Errorf("session #%d closed", id))
-			}
-			if err := st.Send(api.FromChange(c)); err != nil {
-				return err
-			}
-		}
+	closed, err := follow(st.Context(), s.quit, sub.C, func(c mgmt.Change) error { return st.Send(api.FromChange(c)) })
+	if closed {
+		return fmt.Errorf("%w: session #%d closed, which ends its subscriptions", mgmt.ErrSessionNotFound, id)
 	}
+	return err
 }

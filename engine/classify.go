@@ -228,6 +228,7 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 		cs.vs = vs
 	}
 	e.afterClassify(cs, &res)
+	e.count(layer, &res)
 	if meta != nil && meta.CompletionHandle.cs == cs {
 		meta.CompletionHandle = CompletionHandle{}
 		meta.Present &^= MetaCompletionHandle

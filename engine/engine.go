@@ -41,8 +41,47 @@ type Engine struct {
 	calloutSlots  map[string]*calloutSlot
 	registrations map[CalloutID]*calloutSlot
 
-	events *eventRing
-	rt     runtime
+	events   *eventRing
+	rt       runtime
+	counters [numLayers]layerCounter
+}
+
+// layerCounter counts one layer's classifications; padded so that two
+// layers' counters do not share a cache line.
+type layerCounter struct {
+	permit, block, veto, pend atomic.Uint64
+	_                         [32]byte
+}
+
+// ClassifyCount is the number of classifications of one layer by outcome.
+// A pended classification counts once as pended and again when it ends.
+type ClassifyCount struct {
+	Layer                     LayerID
+	Permit, Block, Veto, Pend uint64
+}
+
+// ClassifyCounts returns every layer's classification counts.
+func (e *Engine) ClassifyCounts() []ClassifyCount {
+	out := make([]ClassifyCount, 0, NumLayers)
+	for l := LayerID(1); l < numLayers; l++ {
+		c := &e.counters[l]
+		out = append(out, ClassifyCount{Layer: l, Permit: c.permit.Load(), Block: c.block.Load(), Veto: c.veto.Load(), Pend: c.pend.Load()})
+	}
+	return out
+}
+
+func (e *Engine) count(l LayerID, res *Result) {
+	c := &e.counters[l]
+	switch {
+	case res.Pend != nil:
+		c.pend.Add(1)
+	case res.Veto:
+		c.veto.Add(1)
+	case res.Action == ActionPermit:
+		c.permit.Add(1)
+	default:
+		c.block.Add(1)
+	}
 }
 
 // New returns an engine with the universal sublayer and no filters.

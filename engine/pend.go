@@ -245,6 +245,7 @@ func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) 
 		if vs != nil {
 			e.recordEvent(&classifyState{layer: p.layer, vs: vs, meta: meta}, &base)
 		}
+		e.count(p.layer, &base)
 		return base
 	case PendCanceled:
 		base.Reason = ReasonPended

@@ -46,3 +46,30 @@ func TestValuesSetCoercesToFieldType(t *testing.T) {
 		t.Fatal("classification disagrees with the stored values")
 	}
 }
+
+func TestClassifyCounts(t *testing.T) {
+	e := New(Options{})
+	if err := e.Update(func(tx *Txn) error {
+		_, err := tx.AddFilter(Filter{Layer: LayerALEAuthConnectV4, Action: Action{Type: ActionBlock},
+			Conditions: []Condition{{Field: FieldIPRemotePort, Match: MatchEqual, Value: Uint16(23)}}})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var blocked, permitted Values
+	blocked.SetTuple(6, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.1:23"))
+	permitted.SetTuple(6, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.1:80"))
+	for range 3 {
+		e.Classify(LayerALEAuthConnectV4, &blocked, nil)
+	}
+	e.Classify(LayerALEAuthConnectV4, &permitted, nil)
+	for _, c := range e.ClassifyCounts() {
+		want := ClassifyCount{Layer: c.Layer}
+		if c.Layer == LayerALEAuthConnectV4 {
+			want.Block, want.Permit = 3, 1
+		}
+		if c != want {
+			t.Fatalf("%s: %+v, want %+v", c.Layer, c, want)
+		}
+	}
+}

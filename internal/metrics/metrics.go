@@ -16,24 +16,19 @@ import (
 // Metrics holds fwpd's metrics over one engine.
 type Metrics struct {
 	eng      *engine.Engine
-	reg      *prometheus.Registry
-	classify *prometheus.CounterVec
-	commit   prometheus.Histogram
+	reg    *prometheus.Registry
+	commit prometheus.Histogram
 }
 
 // New registers the metrics of eng.
 func New(eng *engine.Engine) *Metrics {
 	m := &Metrics{eng: eng, reg: prometheus.NewRegistry()}
-	m.classify = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "fwp_classifications_total",
-		Help: "Classifications by layer and outcome, counted from the engine's net events: drops and vetoes always, permits with fwpd --allow-events.",
-	}, []string{"layer", "action"})
 	m.commit = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "fwp_commit_duration_seconds",
 		Help:    "Duration of committed transactions (store write and engine swap).",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 	})
-	m.reg.MustRegister(m.classify, m.commit, collector{eng},
+	m.reg.MustRegister(m.commit, collector{eng},
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
@@ -44,29 +39,8 @@ func (m *Metrics) ObserveCommit(d time.Duration) { m.commit.Observe(d.Seconds())
 // Registry returns the registry, for tests.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
-// Follow counts net events until ctx ends.
-func (m *Metrics) Follow(ctx context.Context) {
-	sub := m.eng.SubscribeNetEvents(4096)
-	defer sub.Close()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case ev := <-sub.C:
-			action := "block"
-			switch ev.Type {
-			case engine.EventClassifyAllow:
-				action = "permit"
-			case engine.EventClassifyVeto:
-				action = "veto"
-			}
-			m.classify.WithLabelValues(ev.Layer.String(), action).Inc()
-		}
-	}
-}
-
-// Serve serves /metrics on addr until ctx ends and counts net events
-// meanwhile. It returns the address listened on.
+// Serve serves /metrics on addr until ctx ends. It returns the address
+// listened on.
 func (m *Metrics) Serve(ctx context.Context, addr string) (string, error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -75,7 +49,6 @@ func (m *Metrics) Serve(ctx context.Context, addr string) (string, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go m.Follow(ctx)
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			return
@@ -97,12 +70,14 @@ var (
 	filtersDesc = prometheus.NewDesc("fwp_filters", "Filters per layer.", []string{"layer"}, nil)
 	pendsDesc   = prometheus.NewDesc("fwp_pends_outstanding", "Pended operations and classifies not yet completed.", nil, nil)
 	flowsDesc   = prometheus.NewDesc("fwp_flow_contexts", "Flow contexts associated by callouts.", nil, nil)
+	classDesc   = prometheus.NewDesc("fwp_classifications_total", "Classifications by layer and outcome (permit, block, veto, pend), counted by the engine.", []string{"layer", "action"}, nil)
 )
 
 func (collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- filtersDesc
 	ch <- pendsDesc
 	ch <- flowsDesc
+	ch <- classDesc
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
@@ -113,4 +88,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	o := c.eng.Outstanding()
 	ch <- prometheus.MustNewConstMetric(pendsDesc, prometheus.GaugeValue, float64(o.Pends))
 	ch <- prometheus.MustNewConstMetric(flowsDesc, prometheus.GaugeValue, float64(o.FlowContexts))
+	for _, n := range c.eng.ClassifyCounts() {
+		for _, kv := range []struct {
+			action string
+			n      uint64
+		}{{"permit", n.Permit}, {"block", n.Block}, {"veto", n.Veto}, {"pend", n.Pend}} {
+			ch <- prometheus.MustNewConstMetric(classDesc, prometheus.CounterValue, float64(kv.n), n.Layer.String(), kv.action)
+		}
+	}
 }

@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"context"
 	"net/netip"
 	"strings"
 	"testing"
@@ -15,9 +14,6 @@ import (
 func TestMetrics(t *testing.T) {
 	eng := engine.New(engine.Options{})
 	m := New(eng)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go m.Follow(ctx)
 	err := eng.Update(func(tx *engine.Txn) error {
 		_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock}})
 		return err
@@ -26,16 +22,17 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.ObserveCommit(3 * time.Millisecond)
-	// Wait until Follow's subscription is in place, then classify.
 	vs := &engine.Values{}
 	vs.SetTuple(6, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:1"))
-	deadline := time.Now().Add(5 * time.Second)
-	for testutil.ToFloat64(m.classify.WithLabelValues("ALE_AUTH_CONNECT_V4", "block")) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("classification not counted")
-		}
+	for range 3 {
 		eng.Classify(engine.LayerALEAuthConnectV4, vs, nil)
-		time.Sleep(5 * time.Millisecond)
+	}
+	eng.Classify(engine.LayerALEAuthConnectV6, &engine.Values{}, nil)
+	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(`
+# HELP fwp_classifications_total Classifications by layer and outcome (permit, block, veto, pend), counted by the engine.
+# TYPE fwp_classifications_total counter
+`+classificationsWant()), "fwp_classifications_total"); err != nil {
+		t.Fatal(err)
 	}
 	want := `
 # HELP fwp_filters Filters per layer.
@@ -56,6 +53,25 @@ func filtersRest() string {
 	for _, l := range engine.Layers() {
 		if l.ID != engine.LayerALEAuthConnectV4 {
 			b.WriteString(`fwp_filters{layer="` + l.Name + `"} 0` + "\n")
+		}
+	}
+	return b.String()
+}
+
+// classificationsWant: three blocks on AUTH_CONNECT_V4, one permit on
+// AUTH_CONNECT_V6, zero elsewhere.
+func classificationsWant() string {
+	var b strings.Builder
+	for _, l := range engine.Layers() {
+		for _, a := range []string{"block", "pend", "permit", "veto"} {
+			n := "0"
+			if l.ID == engine.LayerALEAuthConnectV4 && a == "block" {
+				n = "3"
+			}
+			if l.ID == engine.LayerALEAuthConnectV6 && a == "permit" {
+				n = "1"
+			}
+			b.WriteString(`fwp_classifications_total{action="` + a + `",layer="` + l.Name + `"} ` + n + "\n")
 		}
 	}
 	return b.String()

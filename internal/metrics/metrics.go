@@ -15,7 +15,7 @@ import (
 
 // Metrics holds fwpd's metrics over one engine.
 type Metrics struct {
-	eng      *engine.Engine
+	eng    *engine.Engine
 	reg    *prometheus.Registry
 	commit prometheus.Histogram
 }

@@ -86,6 +86,13 @@ func (a *AsyncAuthorizer) classify(req *ClassifyRequest, out *ClassifyOut) {
 	go func() {
 		ctx, cancel := context.WithDeadline(context.Background(), p.Deadline())
 		defer cancel()
+		go func() { // a pend the datapath gave up on (canceled) ends Decide's context too
+			select {
+			case <-p.Done():
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
 		act := a.Decide(ctx, layer, vs, meta)
 		if layer.Kind() == KindAuthRecvAccept {
 			if act != ActionPermit {

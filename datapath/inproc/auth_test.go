@@ -290,36 +290,7 @@ func TestAcceptBlockAndPend(t *testing.T) {
 // Flow contexts associated at FLOW_ESTABLISHED are deleted exactly once
 // per flow, and ENDPOINT_CLOSURE sees every flow, however often Close runs.
 func TestFlowDeleteOnceAndEndpointClosure(t *testing.T) {
-	var mu sync.Mutex
-	deleted := map[engine.FlowHandle]int{}
-	closed := map[engine.FlowHandle]int{}
-	var calloutID engine.CalloutID
-	var e *engine.Engine
-	assoc := engine.CalloutRegistration{
-		Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
-			if err := req.Engine().FlowAssociateContext(req.Meta.FlowHandle, req.Layer, calloutID, req.Meta.FlowHandle); err != nil {
-				t.Error(err)
-			}
-			out.Action = engine.ActionContinue
-		},
-		FlowDelete: func(l engine.LayerID, c engine.CalloutID, ctx any) {
-			mu.Lock()
-			deleted[ctx.(engine.FlowHandle)]++
-			mu.Unlock()
-		},
-	}
-	closure := engine.InlineInspection(func(req *engine.ClassifyRequest) {
-		if req.Meta.Has(engine.MetaFlowHandle) {
-			mu.Lock()
-			closed[req.Meta.FlowHandle]++
-			mu.Unlock()
-		}
-	})
-	e, id := newEngine(t, engine.Options{},
-		callout{key: "assoc", layer: engine.LayerALEFlowEstablishedV4, sublayer: 1, action: engine.ActionCalloutInspection, reg: assoc},
-		callout{key: "closure", layer: engine.LayerALEEndpointClosureV4, sublayer: 1, action: engine.ActionCalloutInspection, reg: closure},
-	)
-	calloutID = id["assoc"].callout
+	cc, e := newCloseCounter(t)
 	dp := inproc.New(e, inproc.Options{})
 	ln := listen(t, &inproc.ListenConfig{Datapath: dp})
 	const n = 20
@@ -340,14 +311,14 @@ func TestFlowDeleteOnceAndEndpointClosure(t *testing.T) {
 		}
 	}
 	ln.Close()
-	mu.Lock()
-	defer mu.Unlock()
-	if len(deleted) != 2*n || len(closed) != 2*n {
-		t.Fatalf("flow-delete for %d flows, closure for %d; want %d", len(deleted), len(closed), 2*n)
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if len(cc.deleted) != 2*n || len(cc.closedFlows) != 2*n {
+		t.Fatalf("flow-delete for %d flows, closure for %d; want %d", len(cc.deleted), len(cc.closedFlows), 2*n)
 	}
 	for _, f := range flows {
-		if deleted[f] != 1 || closed[f] != 1 {
-			t.Fatalf("flow %d: deleted %d times, closure %d times", f, deleted[f], closed[f])
+		if cc.deleted[f] != 1 || cc.closedFlows[f] != 1 {
+			t.Fatalf("flow %d: deleted %d times, closure %d times", f, cc.deleted[f], cc.closedFlows[f])
 		}
 	}
 	noLeaks(t, e)

@@ -64,6 +64,9 @@ func (c *Conn) RemoteAddr() net.Addr {
 
 // ProxyRedirect implements proxy.Accepted.
 func (c *Conn) ProxyRedirect() (proxy.Redirect, uint32, error) {
+	if c == nil { // a typed nil comes through the proxy queries
+		return proxy.Redirect{}, 0, fmt.Errorf("%w: nil connection", proxy.ErrInvalidArgument)
+	}
 	if c.accepted == nil {
 		return proxy.Redirect{}, 0, fmt.Errorf("%w: %s -> %s", proxy.ErrNotFound, c.remote, c.local)
 	}

@@ -79,9 +79,17 @@ type Datapath struct {
 	// really connected to), for the proxy queries of the accepting side.
 	mu      sync.Mutex
 	redirs  map[connKey]*redirectEntry
-	pending map[netip.AddrPort]int // redirected dials in flight, by target
-	changed chan struct{}          // closed and replaced on every change
-	nredirs atomic.Int64           // len(redirs)+in-flight, read without the lock
+	dialing map[netip.AddrPort]map[*dialing]struct{} // redirected dials in flight, by target
+	nredirs atomic.Int64                             // len(redirs)+in-flight, read without the lock
+}
+
+// dialing is a redirected dial in flight. Its socket (known from the
+// dialer's Control hook) tells an accept whether the dial is its peer.
+type dialing struct {
+	proto  uint8
+	target netip.AddrPort
+	sock   syscall.RawConn // nil until the socket exists; guarded by Datapath.mu
+	done   chan struct{}   // closed when the dial registers or fails
 }
 
 type connKey struct {
@@ -108,7 +116,7 @@ func New(e *engine.Engine, opts Options) *Datapath {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Datapath{e: e, id: id, opts: opts, log: log,
-		redirs: map[connKey]*redirectEntry{}, pending: map[netip.AddrPort]int{}, changed: make(chan struct{})}
+		redirs: map[connKey]*redirectEntry{}, dialing: map[netip.AddrPort]map[*dialing]struct{}{}}
 }
 
 // Engine returns the datapath's engine.
@@ -123,10 +131,11 @@ type classifier struct {
 	id    Identity
 	proto uint8
 	v6    bool
-	flow  engine.FlowHandle // 0 for a listening socket
-	ep    uint64            // transport endpoint handle
-	dir   engine.Direction
+	flow  engine.FlowHandle       // 0 for a listening socket
+	ep    uint64                  // transport endpoint handle
+	dir   engine.Direction        // of the flow; a socket without a flow has none
 	recs  *engine.RedirectRecords // records the socket carries (a proxy's outbound)
+	via   netip.AddrPort          // where a redirected flow really goes
 }
 
 // values fills the tuple, protocol, process and flag fields.
@@ -142,21 +151,35 @@ func (c *classifier) values(vs *engine.Values, local, remote netip.AddrPort) {
 		vs.Set(engine.FieldALEGroupID, engine.Uint32(uint32(c.id.GID)))
 	}
 	var flags uint32
-	if remote.IsValid() && remote.Addr().IsLoopback() || !remote.IsValid() && local.IsValid() && local.Addr().IsLoopback() {
+	wire := remote // a redirected flow is loopback by where it really goes
+	if c.via.IsValid() {
+		wire = c.via
+	}
+	if loopback(local, wire) {
 		flags |= engine.FlagIsLoopback
 	}
 	if local.IsValid() && local.Addr().IsUnspecified() {
 		flags |= engine.FlagIsWildcardBind
 	}
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
-	vs.Set(engine.FieldDirection, engine.Uint32(uint32(c.dir)))
+	if c.flow != 0 {
+		vs.Set(engine.FieldDirection, engine.Uint32(uint32(c.dir)))
+	}
+}
+
+// loopback reports whether traffic between local and remote (remote
+// invalid: a socket not connected) stays on this host.
+func loopback(local, remote netip.AddrPort) bool {
+	if !remote.IsValid() {
+		return local.IsValid() && local.Addr().IsLoopback()
+	}
+	return remote.Addr().IsLoopback() || local.IsValid() && local.Addr() == remote.Addr()
 }
 
 // meta fills what the process knows about the classification.
 func (c *classifier) meta(m *engine.Metadata) {
-	m.Present = engine.MetaProcessID | engine.MetaPacketDirection | engine.MetaTransportEndpointHandle
+	m.Present = engine.MetaProcessID | engine.MetaTransportEndpointHandle
 	m.ProcessID = c.id.PID
-	m.Direction = c.dir
 	m.TransportEndpointHandle = c.ep
 	if c.id.Path != "" {
 		m.Present |= engine.MetaProcessPath
@@ -170,8 +193,11 @@ func (c *classifier) meta(m *engine.Metadata) {
 		}
 	}
 	if c.flow != 0 {
-		m.Present |= engine.MetaFlowHandle
+		// Only a flow has a direction: a listening or unconnected UDP
+		// socket's own classifications (bind, resource, closure) have none.
+		m.Present |= engine.MetaFlowHandle | engine.MetaPacketDirection
 		m.FlowHandle = c.flow
+		m.Direction = c.dir
 	}
 	if c.recs != nil {
 		m.Present |= engine.MetaRedirectRecords
@@ -211,28 +237,49 @@ func (dp *Datapath) newClassifier(proto uint8, v6 bool, dir engine.Direction, id
 
 // beginRedirect notes a redirected dial in flight to target, so that an
 // accept racing the dial's registration waits for it.
-func (dp *Datapath) beginRedirect(target netip.AddrPort) {
+func (dp *Datapath) beginRedirect(proto uint8, target netip.AddrPort) *dialing {
+	dl := &dialing{proto: proto, target: target, done: make(chan struct{})}
 	dp.mu.Lock()
-	dp.pending[target]++
+	set := dp.dialing[target]
+	if set == nil {
+		set = map[*dialing]struct{}{}
+		dp.dialing[target] = set
+	}
+	set[dl] = struct{}{}
 	dp.nredirs.Add(1)
-	dp.notifyLocked()
+	dp.mu.Unlock()
+	return dl
+}
+
+// dialSocket records the socket of an in-flight dial (from its Control hook,
+// before connect).
+func (dp *Datapath) dialSocket(dl *dialing, c syscall.RawConn) {
+	dp.mu.Lock()
+	dl.sock = c
 	dp.mu.Unlock()
 }
 
 // endRedirect ends an in-flight redirected dial, registering the
-// connection when it was made.
-func (dp *Datapath) endRedirect(target netip.AddrPort, k connKey, ent *redirectEntry) {
+// connection when it was made, and wakes the accepts waiting for it.
+func (dp *Datapath) endRedirect(dl *dialing, k connKey, ent *redirectEntry) {
 	dp.mu.Lock()
-	if dp.pending[target]--; dp.pending[target] <= 0 {
-		delete(dp.pending, target)
+	if set := dp.dialing[dl.target]; set != nil {
+		delete(set, dl)
+		if len(set) == 0 {
+			delete(dp.dialing, dl.target)
+		}
 	}
 	if ent != nil {
+		if _, dup := dp.redirs[k]; dup {
+			dp.nredirs.Add(-1) // replaces a stale entry: keep the count exact
+		}
 		dp.redirs[k] = ent
 	} else {
 		dp.nredirs.Add(-1)
 	}
-	dp.notifyLocked()
+	dl.sock = nil
 	dp.mu.Unlock()
+	close(dl.done)
 }
 
 func (dp *Datapath) forget(k connKey) {
@@ -244,51 +291,72 @@ func (dp *Datapath) forget(k connKey) {
 	dp.mu.Unlock()
 }
 
-func (dp *Datapath) notifyLocked() {
-	close(dp.changed)
-	dp.changed = make(chan struct{})
-}
-
-// acceptWait bounds how long an accept waits for a racing dial to register.
-// The wait is normally microseconds (the dialer's goroutine returning from
-// connect); the bound only matters when a scheduler is starved.
+// acceptWait bounds how long an accept waits for its racing dial to
+// register. The wait is normally microseconds (the dialer's goroutine
+// returning from connect); the bound only matters when a scheduler is
+// starved, or where the socket's address cannot be read (see sockname).
 const acceptWait = 30 * time.Second
 
 // lookupAccepted finds the redirect of a connection accepted with this
 // local and remote address: the dialing side's (remote, local). The kernel
 // completes the handshake before the dialer learns its local port, so an
-// accept may come first: while a redirected dial to this address is in
-// flight, it waits for that dial to register or fail.
+// accept may come first. It then waits, but only for the in-flight dial
+// whose socket is bound to the accepted connection's remote address: a
+// connection nobody redirected (a client dialing the proxy directly) is
+// answered at once, however many redirected dials are in flight.
 func (dp *Datapath) lookupAccepted(ctx context.Context, proto uint8, local, remote netip.AddrPort) *redirectEntry {
 	if dp.nredirs.Load() == 0 {
 		return nil
 	}
 	k := connKey{proto, remote, local}
+	type candidate struct {
+		dl   *dialing
+		sock syscall.RawConn
+	}
+	var cands []candidate
+	dp.mu.Lock()
+	ent := dp.redirs[k]
+	if ent == nil {
+		for dl := range dp.dialing[local] {
+			// A dial with no socket yet has not connected, so it cannot
+			// be the peer of a connection already accepted.
+			if dl.proto == proto && dl.sock != nil {
+				cands = append(cands, candidate{dl, dl.sock})
+			}
+		}
+	}
+	dp.mu.Unlock()
+	if ent != nil {
+		return ent
+	}
 	var timer *time.Timer
 	defer func() {
 		if timer != nil {
 			timer.Stop()
 		}
 	}()
-	for {
-		dp.mu.Lock()
-		ent, waiting, ch := dp.redirs[k], dp.pending[local] > 0, dp.changed
-		dp.mu.Unlock()
-		if ent != nil || !waiting {
-			return ent
+	for _, cd := range cands {
+		if at, known := sockname(cd.sock); known && at != remote {
+			continue
 		}
-		// The dial connected but has not registered yet.
 		if timer == nil {
 			timer = time.NewTimer(acceptWait)
 		}
 		select {
-		case <-ch:
+		case <-cd.dl.done:
 		case <-timer.C:
 			return nil
 		case <-ctx.Done():
 			return nil
 		}
+		dp.mu.Lock()
+		ent = dp.redirs[k]
+		dp.mu.Unlock()
+		if ent != nil {
+			return ent
+		}
 	}
+	return nil
 }
 
 // QueryAccepted implements proxy.Backend for connections accepted outside

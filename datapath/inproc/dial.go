@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"syscall"
 	"time"
 
 	"fwp/engine"
@@ -29,7 +30,7 @@ type Dialer struct {
 // records a proxy queried on its accepted connection (implements
 // proxy.RecordsSetter). The records must come from this datapath's engine.
 func (d *Dialer) SetRedirectRecords(records []byte) error {
-	if d.Datapath == nil {
+	if d == nil || d.Datapath == nil { // a typed nil comes through proxy.SetRedirectRecords
 		return fmt.Errorf("%w: dialer has no datapath", proxy.ErrInvalidArgument)
 	}
 	r, err := d.Datapath.e.UnmarshalRedirectRecords(records)
@@ -105,6 +106,7 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 	var ent *redirectEntry
 	if rd.Redirected() && rd.Connect != nil {
 		target = unmap(rd.Remote())
+		c.via = target
 		ent = &redirectEntry{original: remote, context: rd.Connect.LocalRedirectContext, targetPID: rd.Connect.LocalRedirectTargetPID}
 		if rd.Records != nil {
 			ent.records = dp.e.MarshalRedirectRecords(rd.Records)
@@ -119,22 +121,25 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 		return nil, err
 	}
 
+	nd := &d.Net
+	var dl *dialing
 	if ent != nil {
-		dp.beginRedirect(target)
+		dl = dp.beginRedirect(nw.proto, target)
+		nd = d.netWithSocketHook(dp, dl)
 	}
-	raw, err := d.Net.DialContext(ctx, network, target.String())
+	raw, err := nd.DialContext(ctx, network, target.String())
 	if err != nil {
-		if ent != nil {
-			dp.endRedirect(target, connKey{}, nil)
+		if dl != nil {
+			dp.endRedirect(dl, connKey{}, nil)
 		}
 		return nil, err
 	}
 	conn := &Conn{Conn: raw, c: c, remote: target}
 	conn.local, _ = addrPortOf(raw.LocalAddr())
-	if ent != nil {
+	if dl != nil {
 		conn.redirect, conn.original = ent, remote
 		conn.key = connKey{nw.proto, conn.local, target}
-		dp.endRedirect(target, conn.key, ent)
+		dp.endRedirect(dl, conn.key, ent)
 	}
 
 	vs.Reset()
@@ -146,4 +151,27 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 		return nil, err
 	}
 	return conn, nil
+}
+
+// netWithSocketHook is the dialer's net.Dialer with a Control hook that
+// hands the new socket to the in-flight dial's record (after the caller's
+// own hook), so that an accept can tell whether the dial is its peer.
+func (d *Dialer) netWithSocketHook(dp *Datapath, dl *dialing) *net.Dialer {
+	nd := d.Net
+	ctl, ctlCtx := d.Net.Control, d.Net.ControlContext
+	nd.Control = nil
+	nd.ControlContext = func(ctx context.Context, network, address string, c syscall.RawConn) error {
+		var err error
+		switch {
+		case ctlCtx != nil:
+			err = ctlCtx(ctx, network, address, c)
+		case ctl != nil:
+			err = ctl(network, address, c)
+		}
+		if err == nil {
+			dp.dialSocket(dl, c)
+		}
+		return err
+	}
+	return &nd
 }

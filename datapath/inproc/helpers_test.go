@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -275,4 +276,102 @@ func listen(t testing.TB, lc *inproc.ListenConfig) net.Listener {
 func isBlocked(err error) bool {
 	var be *inproc.BlockedError
 	return errors.As(err, &be) && errors.Is(err, inproc.ErrBlocked)
+}
+
+// goroutines returns a check that the goroutine count comes back to what
+// it is now (the goleak idea, without the dependency): call it at the end.
+func goroutines(t testing.TB) func() {
+	t.Helper()
+	base := runtime.NumGoroutine()
+	return func() {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			n := runtime.NumGoroutine()
+			if n <= base {
+				return
+			}
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				t.Fatalf("%d goroutines, %d before:\n%s", n, base, buf[:runtime.Stack(buf, true)])
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
+
+// closeCounter counts the flow-deletes of a context associated with each
+// flow at FLOW_ESTABLISHED, and the ENDPOINT_CLOSURE classifications per
+// flow and per endpoint.
+type closeCounter struct {
+	mu              sync.Mutex
+	deleted         map[engine.FlowHandle]int
+	closedFlows     map[engine.FlowHandle]int
+	closedEndpoints map[uint64]int
+}
+
+func newCloseCounter(t testing.TB) (*closeCounter, *engine.Engine) {
+	cc := &closeCounter{deleted: map[engine.FlowHandle]int{}, closedFlows: map[engine.FlowHandle]int{}, closedEndpoints: map[uint64]int{}}
+	var assocID engine.CalloutID
+	assoc := engine.CalloutRegistration{
+		Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+			if err := req.Engine().FlowAssociateContext(req.Meta.FlowHandle, req.Layer, assocID, req.Meta.FlowHandle); err != nil {
+				t.Error(err)
+			}
+			out.Action = engine.ActionContinue
+		},
+		FlowDelete: func(_ engine.LayerID, _ engine.CalloutID, ctx any) {
+			cc.mu.Lock()
+			cc.deleted[ctx.(engine.FlowHandle)]++
+			cc.mu.Unlock()
+		},
+	}
+	closure := engine.InlineInspection(func(req *engine.ClassifyRequest) {
+		cc.mu.Lock()
+		defer cc.mu.Unlock()
+		cc.closedEndpoints[req.Meta.TransportEndpointHandle]++
+		if req.Meta.Has(engine.MetaFlowHandle) {
+			cc.closedFlows[req.Meta.FlowHandle]++
+		}
+	})
+	e, id := newEngine(t, engine.Options{},
+		callout{key: "assoc", layer: engine.LayerALEFlowEstablishedV4, sublayer: 1, action: engine.ActionCalloutInspection, reg: assoc},
+		callout{key: "closure", layer: engine.LayerALEEndpointClosureV4, sublayer: 1, action: engine.ActionCalloutInspection, reg: closure},
+	)
+	assocID = id["assoc"].callout
+	return cc, e
+}
+
+// udpResponderOn answers each datagram on network/address with prefix+payload.
+func udpResponderOn(t *testing.T, network, address, prefix string) net.PacketConn {
+	t.Helper()
+	pc, err := net.ListenPacket(network, address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte(prefix), buf[:n]...), from)
+		}
+	}()
+	t.Cleanup(func() { pc.Close() })
+	return pc
+}
+
+// newRedirect is an engine with one ConnectRedirect callout on layer (its
+// filter's conditions conds) sending flows to to, and a datapath on it.
+func newRedirect(t testing.TB, layer engine.LayerID, conds []engine.Condition, to netip.AddrPort) (*engine.Engine, *inproc.Datapath, *engine.ConnectRedirect) {
+	t.Helper()
+	e, _ := newEngine(t, engine.Options{}, callout{key: "r", layer: layer, sublayer: 1, conds: conds})
+	dp := inproc.New(e, inproc.Options{})
+	cr := &engine.ConnectRedirect{Handle: e.RedirectHandleCreate("r"), Target: redirectTo(to, dp.Identity().PID)}
+	if err := e.RegisterCallout("r", cr.Registration()); err != nil {
+		t.Fatal(err)
+	}
+	return e, dp, cr
 }

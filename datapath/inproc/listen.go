@@ -118,11 +118,23 @@ func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (ne
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	l := &Listener{ln: ln, lc: lc, c: c, local: local, ready: make(chan *Conn), done: make(chan struct{}), failed: make(chan struct{})}
+	return newListener(lc, ln, c, local), nil
+}
+
+// admitLimit bounds the connections a listener has taken from the kernel
+// and not yet handed to Accept (being classified, pended, or waiting for
+// Accept). Beyond it the kernel's backlog queues them, as it does for a
+// plain listener nobody accepts on; without it a peer could make the
+// listener hold any number of sockets and goroutines.
+var admitLimit = 128
+
+func newListener(lc *ListenConfig, ln net.Listener, c *classifier, local netip.AddrPort) *Listener {
+	l := &Listener{ln: ln, lc: lc, c: c, local: local, ready: make(chan *Conn), errc: make(chan error),
+		done: make(chan struct{}), slots: make(chan struct{}, admitLimit)}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.wg.Add(1)
 	go l.loop()
-	return l, nil
+	return l
 }
 
 // Listener accepts through AUTH_RECV_ACCEPT and FLOW_ESTABLISHED. A blocked
@@ -137,9 +149,9 @@ type Listener struct {
 	cancel context.CancelFunc
 
 	ready     chan *Conn
+	errc      chan error    // the real Accept's errors, one per Accept call
 	done      chan struct{} // closed by Close
-	failed    chan struct{} // closed when the real Accept fails
-	err       error         // the real Accept's error, set before failed closes
+	slots     chan struct{} // a token per connection taken and not yet returned or dropped
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -152,31 +164,37 @@ func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
 func (l *Listener) Accept() (net.Conn, error) {
 	select {
 	case c := <-l.ready:
+		<-l.slots
 		return c, nil
+	case err := <-l.errc:
+		return nil, err
 	case <-l.done:
 		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.ln.Addr(), Err: net.ErrClosed}
-	case <-l.failed:
-		// Connections admitted before the failure still come first.
-		select {
-		case c := <-l.ready:
-			return c, nil
-		default:
-		}
-		return nil, l.err
 	}
 }
 
 // loop accepts real connections and admits each on its own goroutine, so
-// one pended connection does not stall the others. The unbuffered ready
-// channel keeps the kernel's backlog as the queue.
+// one pended connection does not stall the others; at most admitLimit at
+// a time, so that beyond it the kernel's backlog is the queue. An error of
+// the real Accept (EMFILE, say) goes to one Accept call and the loop goes
+// on, as a plain listener would let its caller retry.
 func (l *Listener) loop() {
 	defer l.wg.Done()
 	for {
+		select {
+		case l.slots <- struct{}{}:
+		case <-l.done:
+			return
+		}
 		raw, err := l.ln.Accept()
 		if err != nil {
-			l.err = err
-			close(l.failed)
-			return
+			<-l.slots
+			select {
+			case l.errc <- err:
+				continue
+			case <-l.done:
+				return
+			}
 		}
 		l.wg.Add(1)
 		go l.admit(raw)
@@ -197,6 +215,7 @@ func (l *Listener) admit(raw net.Conn) {
 		dp.log.Debug("accept refused", "remote", remote, "err", err)
 		raw.Close()
 		dp.e.FlowDeleted(c.flow)
+		<-l.slots
 		return
 	}
 	vs.Reset()
@@ -205,6 +224,7 @@ func (l *Listener) admit(raw net.Conn) {
 	if _, err := c.classify(l.ctx, engine.KindFlowEstablished, &vs, &m, nil); err != nil {
 		raw.Close()
 		dp.e.FlowDeleted(c.flow)
+		<-l.slots
 		return
 	}
 	conn := &Conn{Conn: raw, c: c, local: local, remote: remote, accepted: dp.lookupAccepted(l.ctx, 6, local, remote)}
@@ -212,6 +232,7 @@ func (l *Listener) admit(raw net.Conn) {
 	case l.ready <- conn:
 	case <-l.done:
 		conn.Close()
+		<-l.slots
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
+	"syscall"
 
 	"fwp/engine"
 )
@@ -25,8 +27,10 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	return &PacketConn{PacketConn: pc, udp: pc.(*net.UDPConn), lc: lc, c: c, local: local,
-		peers: map[netip.AddrPort]*peer{}, replies: map[netip.AddrPort]netip.AddrPort{}}, nil
+	p := &PacketConn{PacketConn: pc, udp: pc.(*net.UDPConn), lc: lc, c: c, local: local,
+		peers: map[netip.AddrPort]*peer{}, replies: map[netip.AddrPort]netip.AddrPort{}}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	return p, nil
 }
 
 // PacketConn is an unconnected UDP socket whose associations with remotes
@@ -38,19 +42,25 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 // ENDPOINT_CLOSURE and deletes every association's flow.
 //
 // Limits: associations live until Close; a pended inbound classification
-// holds ReadFrom until it resolves; when two remotes are redirected to one
-// address, replies from it are reported as from the latest of them.
+// holds ReadFrom until it resolves (Close ends it); when two remotes are
+// redirected to one address (or one is redirected to an address the
+// application also sends to), a reply from it is reported as from the
+// remote the application sent to last, so exchanges must take turns.
 type PacketConn struct {
 	net.PacketConn
-	udp   *net.UDPConn
-	lc    *ListenConfig
-	c     *classifier // the socket; associations get their own flows
-	local netip.AddrPort
+	udp    *net.UDPConn
+	lc     *ListenConfig
+	c      *classifier // the socket; associations get their own flows
+	local  netip.AddrPort
+	ctx    context.Context // canceled by Close: pended classifications end
+	cancel context.CancelFunc
 
 	mu      sync.Mutex
 	peers   map[netip.AddrPort]*peer          // by the remote the application sees
-	replies map[netip.AddrPort]netip.AddrPort // redirect target -> original remote
+	replies map[netip.AddrPort]netip.AddrPort // redirect target -> remote its replies are reported from
 	closed  bool
+
+	nreplies atomic.Int32 // len(replies), read without the lock
 
 	closeOnce sync.Once
 	closeErr  error
@@ -66,15 +76,33 @@ type peer struct {
 
 // WriteTo sends to addr through the association's verdict and redirect.
 func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	dst, ok := addrPortOf(addr)
-	if !ok {
-		return 0, &net.OpError{Op: "write", Net: "udp", Addr: addr, Err: &net.AddrError{Err: "not a UDP address", Addr: addr.String()}}
+	ua, ok := addr.(*net.UDPAddr) // as net.UDPConn.WriteTo: nil or another kind is an invalid argument
+	dst := ua.AddrPort()
+	if !ok || !dst.IsValid() {
+		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: syscall.EINVAL}
 	}
+	dst = unmap(dst)
 	p := pc.peer(dst, engine.DirectionOutbound, nil)
 	if p.err != nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: p.err}
 	}
+	if pc.nreplies.Load() > 0 {
+		pc.noteSent(p.to, dst)
+	}
 	return pc.udp.WriteToUDPAddrPort(b, p.to)
+}
+
+// noteSent records that the application last addressed to when sending to
+// where: replies from where are reported as from to. Two remotes
+// redirected to one address, or one redirected and one addressed directly,
+// are told apart by which was sent to last: exact for request/response
+// exchanges taken in turn.
+func (pc *PacketConn) noteSent(where, to netip.AddrPort) {
+	pc.mu.Lock()
+	if cur, ok := pc.replies[where]; ok && cur != to {
+		pc.replies[where] = to
+	}
+	pc.mu.Unlock()
 }
 
 // ReadFrom returns the next datagram the ALE layers admit, with the
@@ -117,7 +145,7 @@ func (pc *PacketConn) peer(remote netip.AddrPort, dir engine.Direction, datagram
 	pc.peers[remote] = p
 	pc.mu.Unlock()
 	defer close(p.done)
-	ctx := context.Background()
+	ctx := pc.ctx
 	if dir == engine.DirectionInbound {
 		p.err = pc.admit(ctx, p, remote, append([]byte(nil), datagram...))
 	} else {
@@ -137,6 +165,9 @@ func (pc *PacketConn) connect(ctx context.Context, p *peer, remote netip.AddrPor
 		return err
 	}
 	rd := res.Redirect
+	if rd.Redirected() && rd.Connect != nil {
+		c.via = unmap(rd.Remote())
+	}
 	for _, k := range []engine.LayerKind{engine.KindAuthConnect, engine.KindFlowEstablished} {
 		vs.Reset()
 		c.values(&vs, pc.local, remote)
@@ -150,6 +181,7 @@ func (pc *PacketConn) connect(ctx context.Context, p *peer, remote netip.AddrPor
 		p.to = unmap(rd.Remote())
 		pc.mu.Lock()
 		pc.replies[p.to] = remote
+		pc.nreplies.Store(int32(len(pc.replies)))
 		pc.mu.Unlock()
 	}
 	return nil
@@ -175,6 +207,7 @@ func (pc *PacketConn) admit(ctx context.Context, p *peer, remote netip.AddrPort,
 // deletes every association's flow contexts.
 func (pc *PacketConn) Close() error {
 	pc.closeOnce.Do(func() {
+		pc.cancel()
 		pc.closeErr = pc.PacketConn.Close()
 		pc.mu.Lock()
 		peers := pc.peers

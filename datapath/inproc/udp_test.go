@@ -2,7 +2,10 @@ package inproc_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -10,25 +13,9 @@ import (
 	"fwp/engine"
 )
 
-// udpResponder answers each datagram with prefix+payload.
+// udpResponder answers each datagram with prefix+payload, on IPv4 loopback.
 func udpResponder(t *testing.T, prefix string) net.PacketConn {
-	t.Helper()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append([]byte(prefix), buf[:n]...), from)
-		}
-	}()
-	t.Cleanup(func() { pc.Close() })
-	return pc
+	return udpResponderOn(t, "udp4", "127.0.0.1:0", prefix)
 }
 
 // A UDP connect redirect: the request goes to the proxy, and the reply is
@@ -136,5 +123,57 @@ func TestUDPRecvAcceptAndBlock(t *testing.T) {
 	if _, err := pc.WriteTo([]byte("x"), from); err == nil {
 		t.Fatal("write after close succeeded")
 	}
+	noLeaks(t, e)
+}
+
+// Two remotes redirected to one proxy from one socket, and the proxy's own
+// address addressed directly: each reply is reported as from the remote
+// the application sent to last, for exchanges taken in turn.
+func TestUDPRedirectTwoRemotesOneProxy(t *testing.T) {
+	prox := udpResponder(t, "proxy:")
+	pxAddr := apOf(prox.LocalAddr())
+	remoteA, remoteB := udpResponder(t, "a:"), udpResponder(t, "b:")
+	e, dp, cr := newRedirect(t, engine.LayerALEConnectRedirectV4,
+		[]engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchNotEqual, Value: engine.Uint16(pxAddr.Port())}}, pxAddr)
+	pc, err := (&inproc.ListenConfig{Datapath: dp}).ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 100)
+	for i, to := range []net.PacketConn{remoteA, remoteB, remoteA, prox, remoteB} {
+		msg := fmt.Sprint("m", i)
+		if _, err := pc.WriteTo([]byte(msg), to.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(buf[:n]) != "proxy:"+msg || apOf(from) != apOf(to.LocalAddr()) {
+			t.Fatalf("exchange %d: %q from %v, want %q from %v", i, buf[:n], from, "proxy:"+msg, to.LocalAddr())
+		}
+	}
+	pc.Close()
+	e.RedirectHandleDestroy(cr.Handle)
+	noLeaks(t, e)
+}
+
+// WriteTo with no address, a nil one or a TCP one is an invalid argument,
+// as on a net.UDPConn, not a panic.
+func TestUDPWriteToBadAddress(t *testing.T) {
+	e := engine.New(engine.Options{})
+	pc, err := (&inproc.ListenConfig{Datapath: inproc.New(e, inproc.Options{})}).ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	for _, a := range []net.Addr{nil, (*net.UDPAddr)(nil), &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9}} {
+		if _, err := pc.WriteTo([]byte("x"), a); !errors.Is(err, syscall.EINVAL) {
+			t.Fatalf("WriteTo(%#v): %v", a, err)
+		}
+	}
+	pc.Close()
 	noLeaks(t, e)
 }

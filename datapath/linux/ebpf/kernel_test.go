@@ -497,11 +497,13 @@ func TestKernelRedirect(t *testing.T) {
 // mapFile hands a map to a helper process as an inherited file.
 func mapFile(t testing.TB, m *ebpf.Map) *os.File {
 	t.Helper()
-	c, err := m.Clone() // a dup'd fd the file owns from here on
+	// A plain dup that only the file owns: a cloned *ebpf.Map would close
+	// its fd from a finalizer once unreachable, under the file's feet.
+	fd, err := syscall.Dup(m.FD())
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := os.NewFile(uintptr(c.FD()), "map")
+	f := os.NewFile(uintptr(fd), "map")
 	t.Cleanup(func() { f.Close() })
 	return f
 }

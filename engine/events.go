@@ -11,9 +11,10 @@ import (
 type NetEventType uint8
 
 const (
-	EventClassifyDrop  NetEventType = iota + 1 // a block decided
-	EventClassifyAllow                         // a permit decided (Options.AllowEvents)
-	EventClassifyVeto                          // a callout vetoed a hard permit
+	EventClassifyDrop     NetEventType = iota + 1 // a block decided
+	EventClassifyAllow                            // a permit decided (Options.AllowEvents)
+	EventClassifyVeto                             // a callout vetoed a hard permit
+	EventClassifyRedirect                         // a connection redirected (reported by the kernel datapath)
 )
 
 func (t NetEventType) String() string {
@@ -24,6 +25,8 @@ func (t NetEventType) String() string {
 		return "classify_allow"
 	case EventClassifyVeto:
 		return "classify_veto"
+	case EventClassifyRedirect:
+		return "classify_redirect"
 	}
 	return "unknown"
 }
@@ -124,6 +127,10 @@ func (e *Engine) NetEvents(since uint64) []NetEvent {
 	}
 	return out
 }
+
+// RecordNetEvent records an event a datapath decided without Classify
+// (the kernel datapath's drops and redirects); Seq and Time are set here.
+func (e *Engine) RecordNetEvent(ev NetEvent) { e.events.add(&ev) }
 
 func (e *Engine) recordEvent(cs *classifyState, res *Result) {
 	var t NetEventType

@@ -27,6 +27,12 @@ type Options struct {
 	Logger     *slog.Logger
 	// OnCommit, when set, is told each commit's duration (for metrics).
 	OnCommit func(time.Duration)
+	// BeforeCommit, when set, sees the state a transaction is about to
+	// commit and may refuse it (the kernel datapath installs the policy
+	// here, so a policy it cannot enforce is never committed). On error
+	// the transaction aborts; if the store write then fails, it is called
+	// again with the state still in force.
+	BeforeCommit func(engine.View) error
 }
 
 // SessionInfo describes a session. PID, UID and GID are the client's as

@@ -169,6 +169,12 @@ func (t *txn) release() { t.m.holder.CompareAndSwap(t.s, nil) }
 func (t *txn) commit() error {
 	start := time.Now()
 	m := t.m
+	if m.opts.BeforeCommit != nil {
+		if err := m.opts.BeforeCommit(t.tx.View()); err != nil {
+			t.abort()
+			return fmt.Errorf("%w: %w", engine.ErrTxnAborted, err)
+		}
+	}
 	var stored map[objKey]Object
 	if len(t.stored) > 0 {
 		stored = maps.Clone(m.stored)
@@ -182,6 +188,11 @@ func (t *txn) commit() error {
 		if m.store != nil {
 			if err := m.store.write(stored); err != nil {
 				t.abort()
+				if m.opts.BeforeCommit != nil {
+					if rerr := m.opts.BeforeCommit(m.eng.View()); rerr != nil {
+						m.log.Error("datapath not restored after a failed store write", "err", rerr)
+					}
+				}
 				return fmt.Errorf("%w: %w: %w", engine.ErrTxnAborted, ErrStore, err)
 			}
 		}

@@ -80,7 +80,7 @@ func shortDir(t *testing.T) string {
 func startDaemon(t *testing.T, dir string, args ...string) *daemon {
 	t.Helper()
 	d := &daemon{t: t, sock: filepath.Join(dir, "fwpd.sock"), state: filepath.Join(dir, "state"), log: &syncBuffer{}}
-	d.cmd = exec.Command(bins.fwpd, append([]string{"--socket", d.sock, "--state-dir", d.state, "--txn-timeout", "2s"}, args...)...)
+	d.cmd = exec.Command(bins.fwpd, append([]string{"--socket", d.sock, "--state-dir", d.state, "--txn-timeout", "2s", "--datapath", "none"}, args...)...)
 	d.cmd.Stderr = d.log
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -37,6 +37,7 @@ type config struct {
 	txnTimeout                                         time.Duration
 	maxMsgBytes                                        int
 	allowEvents                                        bool
+	kernel                                             kernelConfig
 }
 
 func run(args []string) error {
@@ -53,6 +54,7 @@ func run(args []string) error {
 	fs.BoolVar(&c.allowEvents, "allow-events", false, "record classify-allow net events too (drops are always recorded)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
+	c.kernel.flags(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: fwpd [flags]\n\nfwp's daemon: serves the management API on a unix socket.\n\nflags:")
 		fs.PrintDefaults()
@@ -98,11 +100,24 @@ func run(args []string) error {
 		met = metrics.New(eng)
 		opts.OnCommit = met.ObserveCommit
 	}
+	kern, err := loadKernel(c.kernel, log)
+	if err != nil {
+		return err
+	}
+	defer kern.close()
+	if kern != nil {
+		opts.BeforeCommit = kern.beforeCommit
+	}
 	m, err := mgmt.New(eng, opts)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
+	if kern != nil {
+		if err := kern.attach(); err != nil {
+			return err
+		}
+	}
 
 	l, err := listen(c.socket)
 	if err != nil {
@@ -113,6 +128,11 @@ func run(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if met != nil {
+		kern.serve(ctx, eng, met.Registry())
+	} else {
+		kern.serve(ctx, eng, nil)
+	}
 	if met != nil {
 		ms, err := met.Serve(ctx, c.metricsAddr)
 		if err != nil {

@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -61,21 +60,7 @@ func Cgroup2Root(t testing.TB) string {
 }
 
 // FindCgroup2 returns the first cgroup2 mount point in /proc/mounts.
-func FindCgroup2() (string, error) {
-	f, err := os.Open("/proc/mounts")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		fs := strings.Fields(s.Text())
-		if len(fs) >= 3 && fs[2] == "cgroup2" {
-			return fs[1], nil
-		}
-	}
-	return "", errors.New("no cgroup2 file system in /proc/mounts")
-}
+func FindCgroup2() (string, error) { return unix.FindCgroup2() }
 
 // Cgroup is a child cgroup a test created.
 type Cgroup struct {

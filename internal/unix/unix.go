@@ -4,9 +4,11 @@ package unix
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 	"unsafe"
 
@@ -112,3 +114,27 @@ func Unmount(dir string) error {
 
 // Geteuid is the effective user id.
 func Geteuid() int { return xunix.Geteuid() }
+
+// IsBPFFS reports whether dir is on a bpffs.
+func IsBPFFS(dir string) (bool, error) {
+	var st xunix.Statfs_t
+	if err := xunix.Statfs(dir, &st); err != nil {
+		return false, fmt.Errorf("statfs %s: %w", dir, err)
+	}
+	return uint32(st.Type) == xunix.BPF_FS_MAGIC, nil
+}
+
+// FindCgroup2 returns the first cgroup2 mount point in /proc/mounts.
+func FindCgroup2() (string, error) {
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		fs := strings.Fields(line)
+		if len(fs) >= 3 && fs[2] == "cgroup2" {
+			return fs[1], nil
+		}
+	}
+	return "", errors.New("no cgroup2 file system in /proc/mounts")
+}

@@ -24,6 +24,16 @@ type Options struct {
 	// MaxClasses bounds the class bitsets (both generations together); 0
 	// keeps the default 65536. Each costs about 2 KiB of kernel memory while used.
 	MaxClasses uint32
+	// PinDir, a directory on a bpffs, holds the maps' pins while the
+	// datapath is loaded, so proxies in other processes find the redirect
+	// maps (OpenRedirects). Maps already pinned there by an earlier
+	// datapath are adopted with their policy when KeepHooks is set, and
+	// discarded otherwise.
+	PinDir string
+	// KeepHooks pins the links too and makes Close leave programs, maps
+	// and pins in place: the policy stays enforced after the process
+	// exits, and the next Load with the same PinDir adopts it.
+	KeepHooks bool
 }
 
 // Datapath is the loaded eBPF programs and maps. Load it once, Attach it to
@@ -35,6 +45,7 @@ type Datapath struct {
 	gen     uint32                 // the active generation
 	written [2]genKeys
 	closed  bool
+	opts    Options
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -62,13 +73,26 @@ func Load(opts Options) (*Datapath, error) {
 	if opts.MaxClasses > 0 {
 		spec.Maps["fwp_bitsets"].MaxEntries = opts.MaxClasses
 	}
-	d := &Datapath{}
-	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
+	d := &Datapath{opts: opts}
+	copts, adopted, err := d.adoptMaps(spec)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, m := range adopted {
+			m.Close() // LoadAndAssign cloned them
+		}
+	}()
+	if err := spec.LoadAndAssign(&d.objs, copts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("%w: the kernel refused the programs: %v", ErrUnavailable, ve)
 		}
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if err := d.afterLoad(len(adopted) > 0); err != nil {
+		d.objs.Close()
+		return nil, err
 	}
 	return d, nil
 }
@@ -81,33 +105,14 @@ func (d *Datapath) Attach(cgroupPath string) error {
 	if d.closed {
 		return ErrClosed
 	}
-	p := &d.objs.fwpPrograms
-	hooks := []struct {
-		prog *ebpf.Program
-		at   ebpf.AttachType
-	}{
-		{p.FwpConnect4, ebpf.AttachCGroupInet4Connect},
-		{p.FwpConnect6, ebpf.AttachCGroupInet6Connect},
-		{p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-		{p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
-		{p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-		{p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
-		{p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername},
-		{p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername},
-		{p.FwpBind4, ebpf.AttachCGroupInet4Bind},
-		{p.FwpBind6, ebpf.AttachCGroupInet6Bind},
-		{p.FwpSockops, ebpf.AttachCGroupSockOps},
-		{p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt},
-		{p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease},
-	}
 	var links []link.Link
-	for _, h := range hooks {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: h.at, Program: h.prog})
+	for _, h := range d.hooks() {
+		l, err := d.attachHook(cgroupPath, h)
 		if err != nil {
 			for _, l := range links {
 				l.Close()
 			}
-			return fmt.Errorf("%w: attach %s to %s: %v", ErrUnavailable, h.at, cgroupPath, err)
+			return err
 		}
 		links = append(links, l)
 	}
@@ -124,6 +129,9 @@ func (d *Datapath) Detach(cgroupPath string) error {
 	defer d.mu.Unlock()
 	var errs []error
 	for _, l := range d.links[cgroupPath] {
+		if d.opts.KeepHooks {
+			_ = l.Unpin() // a pinned link would outlive Close
+		}
 		errs = append(errs, l.Close())
 	}
 	delete(d.links, cgroupPath)
@@ -145,6 +153,9 @@ func (d *Datapath) Close() error {
 		}
 	}
 	errs = append(errs, d.objs.Close())
+	if !d.opts.KeepHooks && d.opts.PinDir != "" {
+		errs = append(errs, os.RemoveAll(d.opts.PinDir))
+	}
 	return errors.Join(errs...)
 }
 
@@ -171,6 +182,7 @@ func (d *Datapath) Apply(p *Policy) error {
 		return fmt.Errorf("switch generation: %w", err)
 	}
 	d.gen = next
+	d.pruneHits(p)
 	return nil
 }
 
@@ -289,17 +301,12 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 // connect is not redirected again by those redirects, which is how a proxy's
 // outbound connection avoids a loop. Call it before connect.
 func (d *Datapath) SetRedirectRecords(cookie uint64, handles ...uint32) error {
-	if len(handles) > maxRecords {
-		return fmt.Errorf("%w: %d redirect records, at most %d", ErrCapacity, len(handles), maxRecords)
-	}
-	r := fwpRecords{N: uint32(len(handles))}
-	copy(r.Handles[:], handles)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return ErrClosed
 	}
-	return d.objs.FwpSockRecords.Put(cookie, r)
+	return d.redirects().SetRedirectRecords(cookie, handles...)
 }
 
 // RedirectState is what the kernel recorded about one redirected connection.
@@ -345,41 +352,22 @@ func (s *fwpRedirectState) export() RedirectState {
 // local is the accepted socket's local address (the proxy's), remote its
 // peer (the client). Without a record the error wraps ErrNoRedirect.
 func (d *Datapath) QueryRedirect(local, remote netip.AddrPort) (RedirectState, error) {
-	var k fwpTupleKey
-	c, p := remote.Addr().Unmap(), local.Addr().Unmap()
-	if c.Is6() != p.Is6() {
-		return RedirectState{}, fmt.Errorf("%w: %s -> %s mixes address families", ErrNoRedirect, remote, local)
-	}
-	if c.Is6() {
-		k.V6 = 1
-	}
-	copy(k.Client[:], c.AsSlice())
-	copy(k.Proxy[:], p.AsSlice())
-	k.ClientPort, k.ProxyPort = remote.Port(), local.Port()
-	var s fwpRedirectState
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return RedirectState{}, ErrClosed
 	}
-	if err := d.objs.FwpTupleRedirect.Lookup(k, &s); err != nil {
-		return RedirectState{}, fmt.Errorf("%w: %s -> %s", ErrNoRedirect, remote, local)
-	}
-	return s.export(), nil
+	return d.redirects().QueryRedirect(local, remote)
 }
 
 // RedirectByCookie returns the redirect recorded for a client socket.
 func (d *Datapath) RedirectByCookie(cookie uint64) (RedirectState, error) {
-	var s fwpRedirectState
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return RedirectState{}, ErrClosed
 	}
-	if err := d.objs.FwpSockRedirect.Lookup(cookie, &s); err != nil {
-		return RedirectState{}, fmt.Errorf("%w: socket cookie %d", ErrNoRedirect, cookie)
-	}
-	return s.export(), nil
+	return d.redirects().RedirectByCookie(cookie)
 }
 
 // EnableStats turns on the kernel's run-time accounting of BPF programs

@@ -73,6 +73,44 @@
 // the proxy, later ones in other sublayers defer to it, as the engine's
 // ConnectRedirect recipe does.
 //
+// # Proxies in other processes
+//
+// With Options.PinDir the maps are pinned on a bpffs while the datapath is
+// loaded. A proxy (root) opens the redirect maps with OpenRedirects and
+// registers ProxyBackend with proxy.Register; the proxy package's
+// QueryRedirectRecords, QueryRedirectContext and SetRedirectRecords then
+// work on plain net.Conns and *net.Dialers: an accepted connection is found
+// by its 4-tuple, a dialer's socket is marked by its SO_COOKIE in the
+// Control hook before connect. The records are EncodeRecords of the chain
+// of redirect handles (the client socket's own records plus this
+// redirect's), so a proxy chain never loops. The context is the filter's
+// context bytes or, when it set none, the original destination as text;
+// the proxy package gives it only to the redirect target pid (the maps
+// themselves are readable by whoever may open the pins: root).
+//
+// # Lifetime
+//
+// By default Close detaches everything and removes the pins; a process
+// killed with SIGKILL loses its links with its file descriptors (the hooks
+// go at once) and leaves only map pins, which the next Load with the same
+// PinDir removes. With Options.KeepHooks the links are pinned too and
+// Close leaves programs, maps and pins: the policy stays enforced. The
+// next Load with KeepHooks adopts the pinned maps (recovering the active
+// generation and the keys each generation wrote), and Attach switches each
+// pinned link of the same cgroup to the new programs with one link update,
+// so the hooks never go away across a restart.
+//
+// # Net events and counters
+//
+// The hooks report every drop (connect, sendmsg, bind) and every connect
+// redirect on a ring buffer (fwp_events, 1 MiB; the hooks never wait, a
+// lagging reader loses events) with the metadata captured in the hook:
+// pid (tgid), uid, gid, cgroup id and comm; ReadEvents decodes them and
+// ProcessPaths resolves the executable path once per process. Each
+// classification that a filter decided counts in a per-CPU hash by filter
+// ID (fwp_hits, read with FilterHits; counters of filters no longer
+// installed are dropped by Apply).
+//
 // # Regenerating the BPF objects
 //
 // The generated fwp_bpfel.go and fwp_bpfel.o are committed, so building and

@@ -130,7 +130,9 @@ const (
 	fwpMapFwpAddrs         = "fwp_addrs"
 	fwpMapFwpBitsets       = "fwp_bitsets"
 	fwpMapFwpConfig        = "fwp_config"
+	fwpMapFwpEvents        = "fwp_events"
 	fwpMapFwpFilters       = "fwp_filters"
+	fwpMapFwpHits          = "fwp_hits"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
 	fwpMapFwpPorts         = "fwp_ports"
@@ -218,7 +220,9 @@ type fwpMapSpecs struct {
 	FwpAddrs         *ebpf.MapSpec `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.MapSpec `ebpf:"fwp_bitsets"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
+	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.MapSpec `ebpf:"fwp_filters"`
+	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
@@ -258,7 +262,9 @@ type fwpMaps struct {
 	FwpAddrs         *ebpf.Map `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.Map `ebpf:"fwp_bitsets"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
+	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.Map `ebpf:"fwp_filters"`
+	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
@@ -274,7 +280,9 @@ func (m *fwpMaps) Close() error {
 		m.FwpAddrs,
 		m.FwpBitsets,
 		m.FwpConfig,
+		m.FwpEvents,
 		m.FwpFilters,
+		m.FwpHits,
 		m.FwpInts,
 		m.FwpLayers,
 		m.FwpPorts,

@@ -240,6 +240,45 @@ struct {
 	__type(value, struct redirect_state);
 } fwp_scratch SEC(".maps");
 
+#define EV_DROP 1
+#define EV_REDIRECT 2
+
+// event is one drop or redirect, for net events; the Go side reads it as
+// fwpEvent. Process metadata is captured here, in the hook.
+struct event {
+	__u64 filter_id;
+	__u64 cgroup_id;
+	__u32 pid; // tgid
+	__u32 uid;
+	__u32 gid;
+	__u16 rport; // host order
+	__u16 lport; // host order
+	__u8 raddr[16];
+	__u8 laddr[16];
+	__u8 proxy_addr[16];
+	__u16 proxy_port;
+	__u8 type;
+	__u8 slot;
+	__u8 proto;
+	__u8 v6;
+	__u8 has_laddr;
+	__u8 proxy_v6;
+	char comm[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} fwp_events SEC(".maps");
+
+// fwp_hits counts, per CPU, the classifications each filter decided.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} fwp_hits SEC(".maps");
+
 struct tuple {
 	__u8 raddr[16];
 	__u8 laddr[16];
@@ -523,6 +562,55 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
+	__u64 id = w.decider;
+	if (id) {
+		__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);
+		if (c) {
+			*c += 1;
+		} else {
+			__u64 one = 1;
+			bpf_map_update_elem(&fwp_hits, &id, &one, BPF_NOEXIST);
+		}
+	}
+	return 0;
+}
+
+// fwp_emit reports a drop or a redirect on the ring buffer (dropped when
+// the reader lags: events never slow the hook down).
+__attribute__((noinline)) int fwp_emit(struct tuple *t, struct redirect_cfg *rc, __u64 filter_id, __u32 type, __u32 slot)
+{
+	if (!t)
+		return 0;
+	struct event *e = bpf_ringbuf_reserve(&fwp_events, sizeof(struct event), 0);
+	if (!e)
+		return 0;
+	__u64 pt = bpf_get_current_pid_tgid();
+	__u64 ug = bpf_get_current_uid_gid();
+	e->filter_id = filter_id;
+	e->cgroup_id = t->cgid;
+	e->pid = pt >> 32;
+	e->uid = (__u32)ug;
+	e->gid = ug >> 32;
+	e->rport = t->rport;
+	e->lport = t->lport;
+	__builtin_memcpy(e->raddr, t->raddr, 16);
+	__builtin_memcpy(e->laddr, t->laddr, 16);
+	if (rc) {
+		__builtin_memcpy(e->proxy_addr, rc->addr, 16);
+		e->proxy_port = rc->port;
+		e->proxy_v6 = rc->v6;
+	} else {
+		__builtin_memset(e->proxy_addr, 0, 16);
+		e->proxy_port = 0;
+		e->proxy_v6 = 0;
+	}
+	e->type = type;
+	e->slot = slot;
+	e->proto = t->proto;
+	e->v6 = t->v6;
+	e->has_laddr = t->has_laddr;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
 
@@ -652,9 +740,12 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	t.cookie = cookie;
 	struct verdict v = {};
 	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
-	if (v.action == ACT_BLOCK)
+	if (v.action == ACT_BLOCK) {
+		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_CONNECT_REDIRECT + t.v6);
 		return 0;
+	}
 	__u32 redirect = v.redirect;
+	__u64 redirect_filter = v.filter_id;
 	int redirected = 0;
 	if (redirect && (t.proto == IPPROTO_TCP || t.proto == IPPROTO_UDP)) {
 		__u32 ri = gen * MAXR + (redirect - 1);
@@ -688,16 +779,21 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 			__builtin_memcpy(st->ctx, rc->ctx, CTXMAX);
 			bpf_map_update_elem(&fwp_sock_redirect, &cookie, st, BPF_ANY);
 			set_user_addr(ctx, v6sock, rc->addr, rc->v6, rc->port);
+			// Reported with the original destination; a block at
+			// AUTH_CONNECT of the proxy's address follows as a drop.
+			fwp_emit(&t, rc, redirect_filter, EV_REDIRECT, SLOT_CONNECT_REDIRECT + t.v6);
 			__builtin_memcpy(t.raddr, rc->addr, 16);
 			t.v6 = rc->v6;
 			t.rport = rc->port;
 			redirected = 1;
 		}
 	}
-	fwp_classify(gen, SLOT_AUTH_CONNECT + t.v6, &t, &v);
+	__u8 slot = SLOT_AUTH_CONNECT + t.v6;
+	fwp_classify(gen, slot, &t, &v);
 	if (v.action == ACT_BLOCK) {
 		if (redirected)
 			bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
+		fwp_emit(&t, 0, v.filter_id, EV_DROP, slot);
 		return 0;
 	}
 	return 1;
@@ -774,8 +870,10 @@ static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
 	__u32 gen = current_gen();
 	struct verdict v = {};
 	fwp_classify(gen, SLOT_BIND_REDIRECT + t.v6, &t, &v);
-	if (v.action == ACT_BLOCK)
+	if (v.action == ACT_BLOCK) {
+		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_BIND_REDIRECT + t.v6);
 		return 0;
+	}
 	if (v.redirect) {
 		// The built-in bind redirect moves the local address or port;
 		// RESOURCE_ASSIGNMENT then sees the new one.
@@ -793,9 +891,12 @@ static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
 			set_user_addr(ctx, v6sock, t.laddr, t.v6, t.lport);
 		}
 	}
-	fwp_classify(gen, SLOT_RESOURCE_ASSIGNMENT + t.v6, &t, &v);
-	if (v.action == ACT_BLOCK)
+	__u8 rslot = SLOT_RESOURCE_ASSIGNMENT + t.v6;
+	fwp_classify(gen, rslot, &t, &v);
+	if (v.action == ACT_BLOCK) {
+		fwp_emit(&t, 0, v.filter_id, EV_DROP, rslot);
 		return 0;
+	}
 	return 1;
 }
 

@@ -1,0 +1,941 @@
+//go:build linux
+
+package main_test
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"fwp/datapath/linux/ebpf"
+	"fwp/internal/testutil"
+	"fwp/internal/unix"
+	"fwp/proxy"
+)
+
+// The kernel end-to-end tests run the real fwpd with the eBPF datapath on
+// a child cgroup, apply policies with the real fwpctl, and drive real
+// clients (curl, dig) from a helper process in that cgroup and a new
+// network namespace, where fixed loopback ports are free:
+//
+//	:8080, :9090        HTTP origin servers (v4 and v6)
+//	:3128               proxy on the proxy package (records + context)
+//	:3129               proxy that only uses SO_ORIGINAL_DST
+//	:3130               second proxy (chained after :3128)
+//	127.0.0.1:53        DNS responder (the original server)
+//	127.0.0.1:5354      UDP proxy forwarding to it with records set
+
+func init() {
+	testutil.RegisterHelper("kscenario", kscenarioHelper)
+	testutil.HelperMain()
+}
+
+type kdaemon struct {
+	*daemon
+	pins string
+}
+
+// startKernelDaemon starts fwpd with the kernel datapath on cg, its pins
+// in a bpffs it mounts under a fresh directory.
+func startKernelDaemon(t *testing.T, cg *testutil.Cgroup, dir string, args ...string) *kdaemon {
+	t.Helper()
+	pins := filepath.Join(dir, "bpf", "fwp")
+	d := startDaemon(t, dir, append([]string{"--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", pins}, args...)...)
+	// A killed fwpd leaves its pin lock file (see lockPins).
+	sum := sha256.Sum256([]byte(pins))
+	t.Cleanup(func() { os.Remove(filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock")) })
+	return &kdaemon{daemon: d, pins: pins}
+}
+
+func kernelDir(t *testing.T) string {
+	dir := shortDir(t)
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(dir, "bpf")) })
+	return dir
+}
+
+// redirectPolicy sends TCP to port 8080 (v4 and v6) to the proxy at
+// proxyPort, UDP to port 53 to the UDP proxy, and blocks 127.0.0.3 and
+// v6 port 9090.
+func redirectPolicy(pid, proxyPort int, blockV6 bool) string {
+	cfg := func(proxy string) string {
+		return strconv.Quote(fmt.Sprintf(`{"proxy":%q,"target_pid":%d}`, proxy, pid))
+	}
+	return fmt.Sprintf(`lifetime: persistent
+providers:
+  - {key: acme, name: ACME}
+provider_contexts:
+  - {key: to-proxy4, provider: acme, data: %s}
+  - {key: to-proxy6, provider: acme, data: %s}
+  - {key: to-dns, provider: acme, data: %s}
+callouts:
+  - {key: fwp.builtin.connect_redirect/acme4, provider: acme, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+  - {key: fwp.builtin.connect_redirect/acme6, provider: acme, layer: ALE_CONNECT_REDIRECT_V6, flags: [uses_provider_context]}
+filters:
+  - key: redirect-http4
+    layer: ALE_CONNECT_REDIRECT_V4
+    conditions: [{field: ip_remote_port, match: equal, value: 8080}, {field: ip_protocol, match: equal, value: 6}]
+    action: callout_unknown
+    callout: fwp.builtin.connect_redirect/acme4
+    provider_context: to-proxy4
+  - key: redirect-http6
+    layer: ALE_CONNECT_REDIRECT_V6
+    conditions: [{field: ip_remote_port, match: equal, value: 8080}]
+    action: callout_unknown
+    callout: fwp.builtin.connect_redirect/acme6
+    provider_context: to-proxy6
+  - key: redirect-dns
+    layer: ALE_CONNECT_REDIRECT_V4
+    conditions: [{field: ip_remote_port, match: equal, value: 53}, {field: ip_protocol, match: equal, value: 17}]
+    action: callout_unknown
+    callout: fwp.builtin.connect_redirect/acme4
+    provider_context: to-dns
+  - key: block-host3
+    layer: ALE_AUTH_CONNECT_V4
+    conditions: [{field: ip_remote_address, match: equal, value: 127.0.0.3}]
+    action: block
+%s`, cfg(fmt.Sprintf("127.0.0.1:%d", proxyPort)), cfg(fmt.Sprintf("[::1]:%d", proxyPort)), cfg("127.0.0.1:5354"), blockV6Filter(blockV6))
+}
+
+// deleteRedirectPolicy removes what redirectPolicy adds.
+const deleteRedirectPolicy = `delete:
+  - {kind: filter, key: redirect-http4}
+  - {kind: filter, key: redirect-http6}
+  - {kind: filter, key: redirect-dns}
+  - {kind: filter, key: block-host3}
+  - {kind: filter, key: block-v6-9090}
+  - {kind: provider_context, key: to-proxy4}
+  - {kind: provider_context, key: to-proxy6}
+  - {kind: provider_context, key: to-dns}
+  - {kind: callout, key: fwp.builtin.connect_redirect/acme4}
+  - {kind: callout, key: fwp.builtin.connect_redirect/acme6}
+  - {kind: provider, key: acme}
+`
+
+// chainPolicy: acme (higher sublayer) sends port 8080 to the proxy on
+// 3128, beta to the one on 3130.
+func chainPolicy(pid int) string {
+	return fmt.Sprintf(`providers:
+  - {key: acme, name: ACME}
+  - {key: beta, name: Beta}
+sublayers:
+  - {key: acme-sub, provider: acme, weight: 200}
+  - {key: beta-sub, provider: beta, weight: 100}
+provider_contexts:
+  - {key: to-acme, provider: acme, data: %q}
+  - {key: to-beta, provider: beta, data: %q}
+callouts:
+  - {key: fwp.builtin.connect_redirect/acme, provider: acme, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+  - {key: fwp.builtin.connect_redirect/beta, provider: beta, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+filters:
+  - {key: acme-redirect, layer: ALE_CONNECT_REDIRECT_V4, sublayer: acme-sub, action: callout_unknown, callout: fwp.builtin.connect_redirect/acme, provider_context: to-acme, conditions: [{field: ip_remote_port, match: equal, value: 8080}]}
+  - {key: beta-redirect, layer: ALE_CONNECT_REDIRECT_V4, sublayer: beta-sub, action: callout_unknown, callout: fwp.builtin.connect_redirect/beta, provider_context: to-beta, conditions: [{field: ip_remote_port, match: equal, value: 8080}]}
+`, fmt.Sprintf(`{"proxy":"127.0.0.1:3128","target_pid":%d}`, pid), fmt.Sprintf(`{"proxy":"127.0.0.1:3130","target_pid":%d}`, pid))
+}
+
+func blockV6Filter(on bool) string {
+	if !on {
+		return ""
+	}
+	return `  - key: block-v6-9090
+    layer: ALE_AUTH_CONNECT_V6
+    conditions: [{field: ip_remote_port, match: equal, value: 9090}]
+    action: block
+`
+}
+
+func (d *kdaemon) apply(t *testing.T, yaml string) (string, int) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(f, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, errs, code := d.ctl("apply", "-f", f)
+	return errs, code
+}
+
+type scenario struct {
+	t *testing.T
+	h *testutil.Helper
+}
+
+type runResult struct {
+	Out, Err string
+	Code     int
+	Took     time.Duration
+}
+
+func startScenario(t *testing.T, cg *testutil.Cgroup, pins string) (*scenario, int) {
+	h := testutil.StartHelper(t, cg, "kscenario", pins)
+	s := &scenario{t: t, h: h}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(s.call("pid"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, pid
+}
+
+func (s *scenario) call(req string) []byte {
+	s.t.Helper()
+	out, err := s.h.Call([]byte(req))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return out
+}
+
+func (s *scenario) run(args ...string) runResult {
+	s.t.Helper()
+	b, _ := json.Marshal(args)
+	var r runResult
+	if err := json.Unmarshal(s.call("run "+string(b)), &r); err != nil {
+		s.t.Fatal(err)
+	}
+	return r
+}
+
+func (s *scenario) accepted(port int) int {
+	n, _ := strconv.Atoi(strings.TrimSpace(string(s.call("accepted " + strconv.Itoa(port)))))
+	return n
+}
+
+func curl(url string) []string {
+	return []string{"curl", "-sS", "--max-time", "5", "-g", url}
+}
+
+func requireTool(t *testing.T, name string) {
+	if _, err := exec.LookPath(name); err != nil {
+		testutil.Unavailable(t, fmt.Errorf("%s is not installed (.ci/run installs it)", name))
+	}
+}
+
+func TestE2EKernelRedirectAndBlock(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	cg := testutil.NewCgroup(t)
+	d := startKernelDaemon(t, cg, kernelDir(t), "--metrics-addr", "127.0.0.1:0")
+	s, pid := startScenario(t, cg, d.pins)
+	if errs, code := d.apply(t, redirectPolicy(pid, 3128, true)); code != 0 {
+		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+	}
+	events := d.followEvents(t)
+	for i, url := range []string{"http://127.0.0.1:8080/x", "http://[::1]:8080/y"} {
+		r := s.run(curl(url)...)
+		origin := "127.0.0.1:8080"
+		if strings.Contains(url, "::1") {
+			origin = "[::1]:8080"
+		}
+		if r.Code != 0 || !strings.Contains(r.Out, "origin "+origin) {
+			t.Fatalf("curl %s: exit %d, out %q, err %q", url, r.Code, r.Out, r.Err)
+		}
+		// Exactly one connection per request reached the proxy: its own
+		// outbound connection, carrying the records, was not redirected.
+		if n := s.accepted(3128); n != i+1 {
+			t.Fatalf("after curl %s the proxy accepted %d connections, want %d (a loop?)", url, n, i+1)
+		}
+		if !strings.Contains(r.Out, "via-proxy:3128 records=ok context=ok") {
+			t.Errorf("curl %s: the proxy did not see records and context: %q", url, r.Out)
+		}
+	}
+	// Not redirected (port 9090) and allowed.
+	if r := s.run(curl("http://127.0.0.1:9090/")...); r.Code != 0 || !strings.Contains(r.Out, "origin 127.0.0.1:9090") || strings.Contains(r.Out, "via-proxy") {
+		t.Fatalf("direct curl: %+v", r)
+	}
+	// Blocked: refused at connect, at once.
+	for _, url := range []string{"http://127.0.0.3:9090/", "http://[::1]:9090/"} {
+		r := s.run(curl(url)...)
+		if r.Code != 7 || !strings.Contains(strings.ToLower(r.Err), "couldn't connect") {
+			t.Errorf("curl %s to a blocked address: exit %d, stderr %q; want 7, couldn't connect", url, r.Code, r.Err)
+		}
+		if r.Took > 2*time.Second {
+			t.Errorf("curl %s took %v to fail: not refused at connect", url, r.Took)
+		}
+	}
+
+	t.Run("net events and counters from the kernel", func(t *testing.T) {
+		curlPath, _ := exec.LookPath("curl")
+		curlPath, _ = filepath.EvalSymlinks(curlPath)
+		var drop, redirect bool
+		deadline := time.After(10 * time.Second)
+		for !drop || !redirect {
+			select {
+			case e := <-events:
+				// The path is resolved once per process in fwpd; a curl
+				// that exited before fwpd read its first event is named
+				// by the comm captured in the hook.
+				if e.AppID != curlPath && e.AppID != "[curl]" || e.ProcessID == 0 {
+					continue
+				}
+				drop = drop || e.Type == "classify_drop" && e.Remote == "127.0.0.3:9090" && e.Layer == "ALE_AUTH_CONNECT_V4" && e.FilterID != 0
+				redirect = redirect || e.Type == "classify_redirect" && e.Remote == "127.0.0.1:8080" && e.Layer == "ALE_CONNECT_REDIRECT_V4"
+			case <-deadline:
+				t.Fatalf("fwpctl events --follow: drop seen %v, redirect seen %v (app %s)", drop, redirect, curlPath)
+			}
+		}
+		m := d.metrics(t)
+		for _, key := range []string{"block-host3", "block-v6-9090", "redirect-http4", "redirect-http6"} {
+			if !regexp.MustCompile(`fwp_kernel_filter_decisions_total\{filter_id="\d+",filter_key="` + key + `"\} [1-9]`).MatchString(m) {
+				t.Errorf("no kernel counter for %s in /metrics:\n%s", key, grepLines(m, "fwp_kernel"))
+			}
+		}
+	})
+
+	t.Run("dig through a UDP redirect", func(t *testing.T) {
+		requireTool(t, "dig")
+		r := s.run("dig", "+short", "+time=2", "+tries=1", "@127.0.0.1", "-p", "53", "fwp.test", "A")
+		if r.Code != 0 || strings.TrimSpace(r.Out) != "10.1.2.3" {
+			t.Fatalf("dig: exit %d, out %q, err %q", r.Code, r.Out, r.Err)
+		}
+		if n := s.accepted(5354); n < 1 {
+			t.Fatalf("the UDP proxy relayed %d queries: dig was not redirected", n)
+		}
+	})
+
+	t.Run("SO_ORIGINAL_DST proxy", func(t *testing.T) {
+		if errs, code := d.apply(t, deleteRedirectPolicy+redirectPolicy(pid, 3129, false)); code != 0 {
+			t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+		}
+		for _, url := range []string{"http://127.0.0.1:8080/o", "http://[::1]:8080/o"} {
+			r := s.run(curl(url)...)
+			if r.Code != 0 || !strings.Contains(r.Out, "via-original-dst") || !strings.Contains(r.Out, "origin ") {
+				t.Fatalf("curl %s via the SO_ORIGINAL_DST proxy: %+v", url, r)
+			}
+		}
+	})
+
+	t.Run("two proxies of two providers chain", func(t *testing.T) {
+		if errs, code := d.apply(t, strings.Replace(deleteRedirectPolicy, "  - {kind: filter, key: block-v6-9090}\n", "", 1)+chainPolicy(pid)); code != 0 {
+			t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+		}
+		a0, b0 := s.accepted(3128), s.accepted(3130)
+		r := s.run(curl("http://127.0.0.1:8080/chain")...)
+		// The client goes to acme's proxy, whose outbound (carrying acme's
+		// record) goes to beta's, whose outbound (carrying both) reaches
+		// the origin: each proxy once, no loop.
+		if r.Code != 0 || !strings.Contains(r.Out, "origin 127.0.0.1:8080 via-proxy:3128 records=ok context=ok,via-proxy:3130 records=ok context=ok /chain") {
+			t.Fatalf("chained curl: %+v", r)
+		}
+		if a, b := s.accepted(3128)-a0, s.accepted(3130)-b0; a != 1 || b != 1 {
+			t.Fatalf("proxies accepted %d and %d connections, want 1 each", a, b)
+		}
+	})
+}
+
+// TestE2EKernelRefusesWhatItCannotEnforce: a Go callout (not built in),
+// a malformed redirect and a policy too big for the maps are refused at
+// commit with a clear error; nothing of the file is applied and the policy
+// in force stays enforced.
+func TestE2EKernelRefusesWhatItCannotEnforce(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	cg := testutil.NewCgroup(t)
+	d := startKernelDaemon(t, cg, kernelDir(t), "--kernel-max-classes", "16")
+	s, _ := startScenario(t, cg, d.pins)
+	if errs, code := d.apply(t, blockHost3); code != 0 {
+		t.Fatal(errs)
+	}
+	var many strings.Builder
+	many.WriteString("filters:\n")
+	for p := range 40 {
+		fmt.Fprintf(&many, "  - {key: port-%d, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, match: equal, value: %d}]}\n", p, 2000+p)
+	}
+	for _, c := range []struct{ name, yaml, want string }{
+		{"go callout", `filters:
+  - {key: ok-block, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, match: equal, value: 9090}]}
+  - {key: go-callout, layer: ALE_AUTH_CONNECT_V4, action: callout_terminating, callout: my-go-callout}
+callouts:
+  - {key: my-go-callout, layer: ALE_AUTH_CONNECT_V4}
+`, "not supported by the kernel datapath"},
+		{"malformed redirect", `provider_contexts:
+  - {key: bad, data: "not json"}
+callouts:
+  - {key: fwp.builtin.connect_redirect, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+filters:
+  - {key: ok-block, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, match: equal, value: 9090}]}
+  - {key: bad-redirect, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect, provider_context: bad}
+`, "invalid redirect configuration"},
+		{"map full", many.String(), "exceeds the kernel datapath's capacity"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			errs, code := d.apply(t, c.yaml)
+			if code == 0 || !strings.Contains(errs, "kernel datapath refuses the policy") || !strings.Contains(errs, c.want) {
+				t.Fatalf("fwpctl apply: exit %d, stderr %q; want a refusal saying %q", code, errs, c.want)
+			}
+			if keys := d.filterKeys(); fmt.Sprint(keys) != "[block-host3]" {
+				t.Fatalf("filters after a refused apply: %v", keys)
+			}
+			if r := s.run(curl("http://127.0.0.3:9090/")...); r.Code != 7 {
+				t.Fatalf("the policy in force is no longer enforced: %+v", r)
+			}
+			if r := s.run(curl("http://127.0.0.1:9090/")...); r.Code != 0 {
+				t.Fatalf("part of the refused policy is enforced: %+v", r)
+			}
+		})
+	}
+}
+
+const blockHost3 = `lifetime: persistent
+filters:
+  - {key: block-host3, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_address, match: equal, value: 127.0.0.3}]}
+`
+
+// TestE2EKernelLifetime: SIGKILLed fwpd leaves no hooks by default; with
+// --keep-hooks-on-exit its policy stays enforced and the next fwpd adopts it.
+func TestE2EKernelLifetime(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	block := blockHost3
+	blocked := func(s *scenario) bool {
+		r := s.run(curl("http://127.0.0.3:9090/")...)
+		if r.Code != 0 && r.Code != 7 {
+			t.Fatalf("curl: %+v", r)
+		}
+		return r.Code == 7
+	}
+	t.Run("default: hooks go with fwpd", func(t *testing.T) {
+		cg := testutil.NewCgroup(t)
+		d := startKernelDaemon(t, cg, kernelDir(t))
+		s, _ := startScenario(t, cg, d.pins)
+		if errs, code := d.apply(t, block); code != 0 {
+			t.Fatal(errs)
+		}
+		if !blocked(s) {
+			t.Fatal("not blocked while fwpd runs")
+		}
+		d.stop(syscall.SIGKILL)
+		if blocked(s) {
+			t.Fatal("still blocked after fwpd was killed: hooks left behind")
+		}
+	})
+	t.Run("--keep-hooks-on-exit", func(t *testing.T) {
+		cg := testutil.NewCgroup(t)
+		dir := kernelDir(t)
+		d := startKernelDaemon(t, cg, dir, "--keep-hooks-on-exit")
+		s, _ := startScenario(t, cg, d.pins)
+		if errs, code := d.apply(t, block); code != 0 {
+			t.Fatal(errs)
+		}
+		d.stop(syscall.SIGKILL)
+		if !blocked(s) {
+			t.Fatal("not blocked after fwpd was killed with --keep-hooks-on-exit")
+		}
+		d2 := startKernelDaemon(t, cg, dir, "--keep-hooks-on-exit")
+		if !blocked(s) {
+			t.Fatal("not blocked after a new fwpd adopted the hooks")
+		}
+		d2.mustCtl("filter", "delete", "block-host3")
+		if blocked(s) {
+			t.Fatal("still blocked after the adopting fwpd deleted the filter")
+		}
+		// A fwpd without the flag starts afresh and leaves nothing.
+		// Only one fwpd may use a pin directory.
+		cmd := exec.Command(bins.fwpd, "--socket", filepath.Join(dir, "other.sock"), "--state-dir", filepath.Join(dir, "other"),
+			"--cgroup", cg.Path, "--bpffs-dir", d.pins)
+		if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "another fwpd uses --bpffs-dir") {
+			t.Fatalf("second fwpd on the same pins: %v\n%s", err, out)
+		}
+		d2.stop(syscall.SIGTERM)
+		d3 := startKernelDaemon(t, cg, dir)
+		d3.stop(syscall.SIGTERM)
+		if ents, _ := os.ReadDir(d.pins); len(ents) != 0 {
+			t.Fatalf("pins left behind: %v", ents)
+		}
+	})
+}
+
+// kscenarioHelper runs the servers and proxies of the kernel e2e tests and
+// answers requests: "pid", "accepted PORT", "run [argv JSON]".
+func kscenarioHelper(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("usage: kscenario PINDIR")
+	}
+	r, err := ebpf.OpenRedirects(args[0])
+	if err != nil {
+		return err
+	}
+	defer proxy.Register(ebpf.ProxyBackend{R: r})()
+	counts := map[int]*atomic.Int64{3128: {}, 3129: {}, 3130: {}, 5354: {}}
+	for _, port := range []int{8080, 9090} {
+		ln, err := net.Listen("tcp", fmt.Sprintf(":%d", port))
+		if err != nil {
+			return err
+		}
+		go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			fmt.Fprintf(w, "origin %s %s %s\n", req.Host, strings.Join(req.Header.Values("X-Fwp-Proxy"), ","), req.URL.Path)
+		}))
+	}
+	for port, handle := range map[int]func(net.Conn) error{3128: proxyConn, 3129: originalDstConn, 3130: proxyConn} {
+		if err := serveTCP(fmt.Sprintf(":%d", port), func(c net.Conn) {
+			counts[port].Add(1)
+			if err := handle(c); err != nil {
+				fmt.Fprintf(os.Stderr, "proxy %d: %v\n", port, err)
+			}
+		}); err != nil {
+			return err
+		}
+	}
+	if err := dnsServers(counts[5354]); err != nil {
+		return err
+	}
+	if err := bulkServers(); err != nil {
+		return err
+	}
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		cmd, arg, _ := strings.Cut(in.Text(), " ")
+		switch cmd {
+		case "pid":
+			fmt.Println(os.Getpid())
+		case "accepted":
+			port, _ := strconv.Atoi(arg)
+			fmt.Println(counts[port].Load())
+		case "bulk":
+			// bulk ADDR BYTES: send BYTES to the sink at ADDR, wait for
+			// its count; answers the nanoseconds it took.
+			addr, n, _ := strings.Cut(arg, " ")
+			size, _ := strconv.ParseInt(n, 10, 64)
+			took, err := bulkSend(addr, size)
+			if err != nil {
+				return err
+			}
+			fmt.Println(took.Nanoseconds())
+		case "run":
+			var argv []string
+			if err := json.Unmarshal([]byte(arg), &argv); err != nil {
+				return err
+			}
+			var out, errb bytes.Buffer
+			c := exec.Command(argv[0], argv[1:]...)
+			c.Stdout, c.Stderr = &out, &errb
+			start := time.Now()
+			err := c.Run()
+			res := runResult{Out: out.String(), Err: errb.String(), Took: time.Since(start)}
+			if ee, ok := err.(*exec.ExitError); ok {
+				res.Code = ee.ExitCode()
+			} else if err != nil {
+				res.Code, res.Err = -1, err.Error()
+			}
+			b, _ := json.Marshal(res)
+			fmt.Println(string(b))
+		default:
+			return fmt.Errorf("unknown request %q", cmd)
+		}
+	}
+	return nil
+}
+
+// proxyConn is a proxy on the proxy package: it reads the records and the
+// context (the original destination), sets the records on its dialer and
+// relays an HTTP request, marking it.
+func proxyConn(c net.Conn) error {
+	out, err := dialOriginal(c)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	return relayHTTP(c, out, fmt.Sprintf("via-proxy:%d records=ok context=ok", c.LocalAddr().(*net.TCPAddr).Port))
+}
+
+// dialOriginal is a proxy's use of the proxy package: it reads the
+// records and the context (the original destination) of an accepted
+// connection, sets the records on its dialer and connects there.
+func dialOriginal(c net.Conn) (net.Conn, error) {
+	records, err := proxy.QueryRedirectRecords(c)
+	if err != nil {
+		return nil, err
+	}
+	rctx, err := proxy.QueryRedirectContext(c)
+	if err != nil {
+		return nil, err
+	}
+	orig, err := netip.ParseAddrPort(string(rctx))
+	if err != nil {
+		return nil, fmt.Errorf("context %q: %w", rctx, err)
+	}
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	if err := proxy.SetRedirectRecords(d, records); err != nil {
+		return nil, err
+	}
+	return d.Dial("tcp", orig.String())
+}
+
+// originalDstConn is a proxy written for iptables REDIRECT: it knows only
+// SO_ORIGINAL_DST. Its outbound connection carries no records, so it goes
+// to port 9090 of the original address (not redirected).
+func originalDstConn(c net.Conn) error {
+	tc := c.(*net.TCPConn)
+	sc, err := tc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	v6 := tc.LocalAddr().(*net.TCPAddr).IP.To4() == nil
+	var orig netip.AddrPort
+	var oerr error
+	if err := sc.Control(func(fd uintptr) { orig, oerr = unix.OriginalDst(int(fd), v6) }); err != nil {
+		return err
+	}
+	if oerr != nil {
+		return oerr
+	}
+	out, err := net.DialTimeout("tcp", netip.AddrPortFrom(orig.Addr(), 9090).String(), 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	return relayHTTP(c, out, "via-original-dst "+orig.String())
+}
+
+// relayHTTP forwards one request with a header naming the proxy, then
+// splices the rest.
+func relayHTTP(c, out net.Conn, mark string) error {
+	br := bufio.NewReader(c)
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		return err
+	}
+	req.Header.Add("X-Fwp-Proxy", mark)
+	if err := req.Write(out); err != nil {
+		return err
+	}
+	_, err = io.Copy(c, out)
+	return err
+}
+
+// dnsServers runs the original DNS server on 127.0.0.1:53 (answers any A
+// query with 10.1.2.3) and a UDP proxy on 127.0.0.1:5354 that forwards to
+// it from a socket carrying the redirect records (so it is not redirected
+// back to itself).
+func dnsServers(relayed *atomic.Int64) error {
+	srv, err := net.ListenPacket("udp4", "127.0.0.1:53")
+	if err != nil {
+		return err
+	}
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, from, err := srv.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if a := dnsAnswer(buf[:n]); a != nil {
+				srv.WriteTo(a, from)
+			}
+		}
+	}()
+	p, err := net.ListenPacket("udp4", "127.0.0.1:5354")
+	if err != nil {
+		return err
+	}
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, from, err := p.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			relayed.Add(1)
+			q := append([]byte(nil), buf[:n]...)
+			go func() {
+				d := &net.Dialer{Timeout: 2 * time.Second}
+				// The handle of the acme4 redirect: every built-in
+				// redirect's records name it; reuse the kernel's encoding.
+				if err := proxy.SetRedirectRecords(d, ebpf.EncodeRecords(udpHandles())); err != nil {
+					fmt.Fprintln(os.Stderr, "udp proxy:", err)
+					return
+				}
+				up, err := d.Dial("udp4", "127.0.0.1:53")
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "udp proxy:", err)
+					return
+				}
+				defer up.Close()
+				up.SetDeadline(time.Now().Add(2 * time.Second))
+				if _, err := up.Write(q); err != nil {
+					return
+				}
+				ans := make([]byte, 512)
+				m, err := up.Read(ans)
+				if err == nil {
+					p.WriteTo(ans[:m], from)
+				}
+			}()
+		}
+	}()
+	return nil
+}
+
+// udpHandles are the redirect handles the UDP proxy's upstream socket
+// carries: a UDP proxy cannot query records by 4-tuple, so it names every
+// handle that could send it back (callout IDs are small integers).
+func udpHandles() []uint32 { return []uint32{1, 2, 3, 4, 5, 6, 7, 8} }
+
+// dnsAnswer answers one A question with 10.1.2.3.
+func dnsAnswer(q []byte) []byte {
+	if len(q) < 12 || binary.BigEndian.Uint16(q[4:6]) != 1 {
+		return nil
+	}
+	end := 12
+	for end < len(q) && q[end] != 0 {
+		end += int(q[end]) + 1
+	}
+	end += 5 // zero byte, type, class
+	if end > len(q) {
+		return nil
+	}
+	a := append([]byte(nil), q[:end]...)
+	binary.BigEndian.PutUint16(a[2:4], 0x8180)
+	binary.BigEndian.PutUint16(a[6:8], 1)
+	binary.BigEndian.PutUint16(a[8:10], 0)
+	binary.BigEndian.PutUint16(a[10:12], 0)
+	return append(a, 0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 1, 2, 3)
+}
+
+// TestE2EKernelNeedsRoot: without root fwpd says what is missing and exits
+// non-zero instead of serving a policy it does not enforce.
+func TestE2EKernelNeedsRoot(t *testing.T) {
+	testutil.RequireRoot(t) // to become another user
+	dir := shortDir(t)
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// The test binaries' directory is private: run a copy.
+	bin, err := os.ReadFile(bins.fwpd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "fwpd"), bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(dir, "fwpd"), "--socket", filepath.Join(dir, "s"), "--state-dir", filepath.Join(dir, "state"), "--bpffs-dir", filepath.Join(dir, "bpf", "fwp"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() == 0 || !strings.Contains(string(out), "needs root (CAP_BPF, CAP_NET_ADMIN)") || !strings.Contains(string(out), "--datapath none") {
+		t.Fatalf("fwpd as nobody: %v\n%s", err, out)
+	}
+}
+
+// followEvents runs fwpctl events --follow and delivers its events.
+func (d *kdaemon) followEvents(t *testing.T) <-chan eventLine {
+	cmd := exec.Command(bins.fwpctl, "events", "--follow", "-o", "json")
+	cmd.Env = append(os.Environ(), "FWPD_SOCKET="+d.sock)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	c := make(chan eventLine, 1024)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var e eventLine
+			if json.Unmarshal(sc.Bytes(), &e) == nil {
+				select {
+				case c <- e:
+				default:
+				}
+			}
+		}
+	}()
+	return c
+}
+
+type eventLine struct {
+	Type, Layer, Remote string
+	FilterID            uint64 `json:"filter_id"`
+	AppID               string `json:"app_id"`
+	ProcessID           uint32 `json:"process_id"`
+}
+
+// metrics fetches /metrics from the address fwpd logged.
+func (d *kdaemon) metrics(t *testing.T) string {
+	m := regexp.MustCompile(`msg="metrics listening" addr=(\S+)`).FindStringSubmatch(d.log.String())
+	if m == nil {
+		t.Fatalf("fwpd did not log its metrics address:\n%s", d.log)
+	}
+	resp, err := http.Get("http://" + m[1] + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// bulkServers: a sink on :7071 and :7072 (counts what it reads and sends
+// the count back) and a splicing proxy on :3131 built on the proxy
+// package, as examples/proxycallout's.
+func bulkServers() error {
+	for _, port := range []int{7071, 7072} {
+		if err := serveTCP(fmt.Sprintf("127.0.0.1:%d", port), func(c net.Conn) {
+			n, _ := io.Copy(io.Discard, c)
+			binary.Write(c, binary.BigEndian, n)
+		}); err != nil {
+			return err
+		}
+	}
+	return serveTCP("127.0.0.1:3131", func(c net.Conn) {
+		out, err := dialOriginal(c)
+		if err != nil {
+			return
+		}
+		defer out.Close()
+		proxy.Splice(c, out)
+	})
+}
+
+// serveTCP accepts connections on addr and handles each in a goroutine,
+// closing it afterwards.
+func serveTCP(addr string, handle func(net.Conn)) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return nil
+}
+
+func bulkSend(addr string, size int64) (time.Duration, error) {
+	start := time.Now()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	for sent := int64(0); sent < size; sent += int64(len(buf)) {
+		if _, err := c.Write(buf); err != nil {
+			return 0, err
+		}
+	}
+	c.(*net.TCPConn).CloseWrite()
+	var n int64
+	if err := binary.Read(c, binary.BigEndian, &n); err != nil {
+		return 0, err
+	}
+	if n < size {
+		return 0, fmt.Errorf("sink got %d bytes of %d", n, size)
+	}
+	return time.Since(start), nil
+}
+
+// BenchmarkE2EKernelRedirectThroughput sends bulk data to a sink directly
+// and through a kernel redirect to a splicing proxy, alternating, and
+// reports both rates and their ratio (target ≥ 0.8).
+func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
+	testutil.RequireRoot(b)
+	cg := testutil.NewCgroup(b)
+	dir, err := os.MkdirTemp("", "fwpbench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	defer unix.Unmount(filepath.Join(dir, "bpf"))
+	pins := filepath.Join(dir, "bpf", "fwp")
+	sock := filepath.Join(dir, "fwpd.sock")
+	cmd := exec.Command(bins.fwpd, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", pins)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
+	for i := 0; ; i++ {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if i > 1000 {
+			b.Fatal("fwpd did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	h := testutil.StartHelper(b, cg, "kscenario", pins)
+	pidb, err := h.Call([]byte("pid"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	pid := strings.TrimSpace(string(pidb))
+	policy := fmt.Sprintf(`providers:
+  - {key: bench, name: Bench}
+provider_contexts:
+  - {key: to-proxy, provider: bench, data: %q}
+callouts:
+  - {key: fwp.builtin.connect_redirect/bench, provider: bench, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+filters:
+  - {key: redirect-bulk, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/bench, provider_context: to-proxy, conditions: [{field: ip_remote_port, match: equal, value: 7071}]}
+`, `{"proxy":"127.0.0.1:3131","target_pid":`+pid+`}`)
+	f := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(f, []byte(policy), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	ctl := exec.Command(bins.fwpctl, "apply", "-f", f)
+	ctl.Env = append(os.Environ(), "FWPD_SOCKET="+sock)
+	if out, err := ctl.CombinedOutput(); err != nil {
+		b.Fatalf("fwpctl apply: %v: %s", err, out)
+	}
+	const size = 64 << 20
+	send := func(addr string) time.Duration {
+		out, err := h.Call([]byte(fmt.Sprintf("bulk %s %d", addr, size)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		ns, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64)
+		if err != nil {
+			b.Fatalf("bulk: %q", out)
+		}
+		return time.Duration(ns)
+	}
+	var direct, redirected time.Duration
+	b.ReportAllocs()
+	b.SetBytes(2 * size)
+	for b.Loop() {
+		direct += send("127.0.0.1:7072")
+		redirected += send("127.0.0.1:7071")
+	}
+	mbps := func(d time.Duration) float64 { return float64(b.N) * size / d.Seconds() / 1e6 }
+	b.ReportMetric(mbps(direct), "direct-MB/s")
+	b.ReportMetric(mbps(redirected), "redirected-MB/s")
+	b.ReportMetric(direct.Seconds()/redirected.Seconds(), "ratio")
+}

@@ -1,0 +1,230 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"fwp/internal/unix"
+)
+
+// hook is one program and where it attaches.
+type hook struct {
+	name string
+	prog *ebpf.Program
+	at   ebpf.AttachType
+}
+
+func (d *Datapath) hooks() []hook {
+	p := &d.objs.fwpPrograms
+	return []hook{
+		{"connect4", p.FwpConnect4, ebpf.AttachCGroupInet4Connect},
+		{"connect6", p.FwpConnect6, ebpf.AttachCGroupInet6Connect},
+		{"sendmsg4", p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{"sendmsg6", p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{"recvmsg4", p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{"recvmsg6", p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{"getpeername4", p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{"getpeername6", p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+		{"bind4", p.FwpBind4, ebpf.AttachCGroupInet4Bind},
+		{"bind6", p.FwpBind6, ebpf.AttachCGroupInet6Bind},
+		{"sockops", p.FwpSockops, ebpf.AttachCGroupSockOps},
+		{"getsockopt", p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt},
+		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease},
+	}
+}
+
+func (d *Datapath) mapsByName() map[string]*ebpf.Map {
+	m := &d.objs.fwpMaps
+	return map[string]*ebpf.Map{
+		"fwp_addrs": m.FwpAddrs, "fwp_bitsets": m.FwpBitsets, "fwp_config": m.FwpConfig, "fwp_filters": m.FwpFilters,
+		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
+		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
+		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits,
+	}
+}
+
+// pinnedMaps are the maps worth keeping across a restart (the scratch map
+// is per-invocation state).
+var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
+	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits"}
+
+// EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
+// its parent is not on a bpffs, mounts one on the parent (usually
+// /sys/fs/bpf, absent on minimal systems).
+func EnsureBPFFS(dir string) error {
+	parent := filepath.Dir(dir)
+	if err := os.MkdirAll(parent, 0o700); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if ok, err := unix.IsBPFFS(parent); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	} else if !ok {
+		if err := unix.MountBPF(parent); err != nil {
+			return fmt.Errorf("%w: no bpffs at %s and mounting one failed: %v", ErrUnavailable, parent, err)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// adoptMaps opens the maps an earlier datapath pinned in PinDir when
+// KeepHooks asks to adopt them, or removes stale pins otherwise. It
+// returns the load options and the opened maps.
+func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions, []*ebpf.Map, error) {
+	dir := d.opts.PinDir
+	if dir == "" {
+		return nil, nil, nil
+	}
+	if err := EnsureBPFFS(dir); err != nil {
+		return nil, nil, err
+	}
+	if !d.opts.KeepHooks {
+		// Left by a datapath that died without Close: its links went
+		// with it, its maps are of no use.
+		if err := removePins(dir); err != nil {
+			return nil, nil, err
+		}
+		return nil, nil, nil
+	}
+	repl := map[string]*ebpf.Map{}
+	var opened []*ebpf.Map
+	for _, name := range pinnedMaps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			for _, m := range opened {
+				m.Close()
+			}
+			return nil, nil, fmt.Errorf("%w: open pinned map %s: %v", ErrUnavailable, name, err)
+		}
+		opened = append(opened, m)
+		repl[name] = m
+	}
+	if len(opened) == 0 {
+		return nil, nil, nil
+	}
+	if len(opened) != len(pinnedMaps) {
+		for _, m := range opened {
+			m.Close()
+		}
+		return nil, nil, fmt.Errorf("%w: %s holds only some of the datapath's maps; remove it to start afresh", ErrUnavailable, dir)
+	}
+	if spec.Maps["fwp_bitsets"].MaxEntries != repl["fwp_bitsets"].MaxEntries() {
+		spec.Maps["fwp_bitsets"].MaxEntries = repl["fwp_bitsets"].MaxEntries()
+	}
+	return &ebpf.CollectionOptions{MapReplacements: repl}, opened, nil
+}
+
+// afterLoad pins the maps and, for adopted ones, recovers the active
+// generation and the keys each generation wrote.
+func (d *Datapath) afterLoad(adopted bool) error {
+	if adopted {
+		var cfg fwpConfig
+		if err := d.objs.FwpConfig.Lookup(uint32(0), &cfg); err != nil {
+			return fmt.Errorf("%w: read adopted generation: %v", ErrUnavailable, err)
+		}
+		d.gen = cfg.Gen
+		if err := d.recoverKeys(); err != nil {
+			return err
+		}
+	}
+	if d.opts.PinDir == "" {
+		return nil
+	}
+	byName := d.mapsByName()
+	for _, name := range pinnedMaps {
+		p := filepath.Join(d.opts.PinDir, name)
+		if adopted {
+			continue // already pinned there
+		}
+		if err := byName[name].Pin(p); err != nil {
+			return fmt.Errorf("%w: pin %s: %v", ErrUnavailable, p, err)
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) recoverKeys() error {
+	var bk fwpBsKey
+	var bv fwpBitset
+	it := d.objs.FwpBitsets.Iterate()
+	for it.Next(&bk, &bv) {
+		d.written[bk.Glf>>16&1].bitsets = append(d.written[bk.Glf>>16&1].bitsets, bk)
+	}
+	var ak fwpAddrKey
+	var av uint32
+	it2 := d.objs.FwpAddrs.Iterate()
+	for it2.Next(&ak, &av) {
+		d.written[ak.Glf>>16&1].addrs = append(d.written[ak.Glf>>16&1].addrs, ak)
+	}
+	var ik fwpIntKey
+	var iv uint32
+	it3 := d.objs.FwpInts.Iterate()
+	for it3.Next(&ik, &iv) {
+		d.written[ik.Glf>>16&1].ints = append(d.written[ik.Glf>>16&1].ints, ik)
+	}
+	if err := errors.Join(it.Err(), it2.Err(), it3.Err()); err != nil {
+		return fmt.Errorf("%w: read adopted policy: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+func removePins(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), "fwp_") || strings.HasPrefix(e.Name(), "link_") {
+			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+				return fmt.Errorf("%w: remove stale pin: %v", ErrUnavailable, err)
+			}
+		}
+	}
+	return nil
+}
+
+// attachHook links one program to the cgroup. With KeepHooks, a link an
+// earlier datapath pinned for the same cgroup is adopted and switched to
+// this program atomically (the hook never goes away); otherwise a new
+// link is made, and pinned when KeepHooks is set.
+func (d *Datapath) attachHook(cgroupPath string, h hook) (link.Link, error) {
+	var pin string
+	if d.opts.PinDir != "" && d.opts.KeepHooks {
+		id, err := unix.CgroupID(cgroupPath)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		}
+		pin = filepath.Join(d.opts.PinDir, fmt.Sprintf("link_%d_%s", id, h.name))
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			if err := l.Update(h.prog); err != nil {
+				l.Close()
+				return nil, fmt.Errorf("%w: adopt pinned link %s: %v", ErrUnavailable, pin, err)
+			}
+			return l, nil
+		}
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: h.at, Program: h.prog})
+	if err != nil {
+		return nil, fmt.Errorf("%w: attach %s to %s: %v", ErrUnavailable, h.at, cgroupPath, err)
+	}
+	if pin != "" {
+		if err := l.Pin(pin); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("%w: pin %s: %v", ErrUnavailable, pin, err)
+		}
+	}
+	return l, nil
+}

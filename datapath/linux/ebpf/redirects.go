@@ -1,0 +1,198 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+
+	"fwp/internal/unix"
+	"fwp/proxy"
+)
+
+// Redirects is the per-connection redirect state a proxy reads and writes:
+// the maps of a Datapath in this process, or those a datapath in another
+// process (fwpd) pinned, opened with OpenRedirects.
+type Redirects struct {
+	tuple, sock, records *ebpf.Map
+	owned                bool
+}
+
+func (d *Datapath) redirects() *Redirects {
+	return &Redirects{tuple: d.objs.FwpTupleRedirect, sock: d.objs.FwpSockRedirect, records: d.objs.FwpSockRecords}
+}
+
+// OpenRedirects opens the redirect maps a datapath pinned in pinDir (its
+// Options.PinDir; fwpd's --bpffs-dir). It needs the rights to open the pins
+// (root), as reading the maps shows every redirected connection's context.
+func OpenRedirects(pinDir string) (*Redirects, error) {
+	r := &Redirects{owned: true}
+	for _, x := range []struct {
+		m    **ebpf.Map
+		name string
+	}{{&r.tuple, "fwp_tuple_redirect"}, {&r.sock, "fwp_sock_redirect"}, {&r.records, "fwp_sock_records"}} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, x.name), nil)
+		if err != nil {
+			r.Close()
+			return nil, fmt.Errorf("%w: open the datapath's redirect maps in %s: %v", ErrUnavailable, pinDir, err)
+		}
+		*x.m = m
+	}
+	return r, nil
+}
+
+// Close releases maps OpenRedirects opened.
+func (r *Redirects) Close() error {
+	if !r.owned {
+		return nil
+	}
+	var errs []error
+	for _, m := range []*ebpf.Map{r.tuple, r.sock, r.records} {
+		if m != nil {
+			errs = append(errs, m.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SetRedirectRecords marks a socket (by its SO_COOKIE) as carrying records
+// of the given redirect handles; see Datapath.SetRedirectRecords.
+func (r *Redirects) SetRedirectRecords(cookie uint64, handles ...uint32) error {
+	if len(handles) > maxRecords {
+		return fmt.Errorf("%w: %d redirect records, at most %d", ErrCapacity, len(handles), maxRecords)
+	}
+	rec := fwpRecords{N: uint32(len(handles))}
+	copy(rec.Handles[:], handles)
+	return r.records.Put(cookie, rec)
+}
+
+// Records returns the redirect handles a socket was marked with.
+func (r *Redirects) Records(cookie uint64) []uint32 {
+	var rec fwpRecords
+	if r.records.Lookup(cookie, &rec) != nil {
+		return nil
+	}
+	return slices.Clone(rec.Handles[:min(int(rec.N), maxRecords)])
+}
+
+// QueryRedirect finds the redirect of a TCP connection a proxy accepted:
+// local is the accepted socket's local address (the proxy's), remote its
+// peer (the client). Without a record the error wraps ErrNoRedirect.
+func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, error) {
+	var k fwpTupleKey
+	c, p := remote.Addr().Unmap(), local.Addr().Unmap()
+	if c.Is6() != p.Is6() {
+		return RedirectState{}, fmt.Errorf("%w: %s -> %s mixes address families", ErrNoRedirect, remote, local)
+	}
+	if c.Is6() {
+		k.V6 = 1
+	}
+	copy(k.Client[:], c.AsSlice())
+	copy(k.Proxy[:], p.AsSlice())
+	k.ClientPort, k.ProxyPort = remote.Port(), local.Port()
+	var s fwpRedirectState
+	if err := r.tuple.Lookup(k, &s); err != nil {
+		return RedirectState{}, fmt.Errorf("%w: %s -> %s", ErrNoRedirect, remote, local)
+	}
+	return s.export(), nil
+}
+
+// RedirectByCookie returns the redirect recorded for a client socket.
+func (r *Redirects) RedirectByCookie(cookie uint64) (RedirectState, error) {
+	var s fwpRedirectState
+	if err := r.sock.Lookup(cookie, &s); err != nil {
+		return RedirectState{}, fmt.Errorf("%w: socket cookie %d", ErrNoRedirect, cookie)
+	}
+	return s.export(), nil
+}
+
+// recordsMagic starts the kernel datapath's redirect records, so that
+// records of another datapath are told apart.
+var recordsMagic = []byte("fwpk")
+
+// EncodeRecords is the opaque form of a chain of redirect handles that
+// proxy.QueryRedirectRecords returns and proxy.SetRedirectRecords takes.
+func EncodeRecords(handles []uint32) []byte {
+	b := slices.Clone(recordsMagic)
+	for _, h := range handles {
+		b = binary.LittleEndian.AppendUint32(b, h)
+	}
+	return b
+}
+
+// DecodeRecords reverses EncodeRecords; other bytes give an error wrapping
+// ErrInvalidRedirect.
+func DecodeRecords(b []byte) ([]uint32, error) {
+	if len(b) < len(recordsMagic) || string(b[:len(recordsMagic)]) != string(recordsMagic) || (len(b)-len(recordsMagic))%4 != 0 {
+		return nil, fmt.Errorf("%w: not kernel redirect records", ErrInvalidRedirect)
+	}
+	b = b[len(recordsMagic):]
+	if len(b)/4 > maxRecords {
+		return nil, fmt.Errorf("%w: %d redirect records, at most %d", ErrInvalidRedirect, len(b)/4, maxRecords)
+	}
+	hs := make([]uint32, 0, len(b)/4)
+	for ; len(b) > 0; b = b[4:] {
+		hs = append(hs, binary.LittleEndian.Uint32(b))
+	}
+	return hs, nil
+}
+
+// ProxyBackend answers the proxy package's functions for plain sockets of
+// the kernel datapath (register it with proxy.Register):
+//
+//   - QueryRedirectRecords of an accepted TCP connection: found by its
+//     4-tuple; the records are the chain of redirect handles the client
+//     socket carried (a proxy's outbound connection) plus this redirect's;
+//   - QueryRedirectContext: the filter's context bytes or, when it set
+//     none, the original destination in text form ("10.0.0.1:80"); the
+//     proxy package gives it only to the redirect's target pid;
+//   - SetRedirectRecords on a *net.Dialer: the records are put on the
+//     socket by its SO_COOKIE in the dialer's Control hook, before connect.
+type ProxyBackend struct{ R *Redirects }
+
+// QueryAccepted implements proxy.Backend.
+func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
+	la, ok1 := conn.LocalAddr().(*net.TCPAddr)
+	ra, ok2 := conn.RemoteAddr().(*net.TCPAddr)
+	if !ok1 || !ok2 {
+		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	}
+	st, err := b.R.QueryRedirect(la.AddrPort(), ra.AddrPort())
+	if err != nil {
+		return proxy.Redirect{}, fmt.Errorf("%w: %w", proxy.ErrNotFound, err)
+	}
+	ctx := st.Context
+	if len(ctx) == 0 {
+		ctx = []byte(st.Original.String())
+	}
+	chain := append(b.R.Records(st.Cookie), st.Handle)
+	if len(chain) > maxRecords {
+		chain = chain[len(chain)-maxRecords:]
+	}
+	return proxy.Redirect{Records: EncodeRecords(chain), Context: ctx, TargetPID: st.TargetPID}, nil
+}
+
+// SetRecords implements proxy.Backend.
+func (b ProxyBackend) SetRecords(network, address string, c syscall.RawConn, records []byte) error {
+	hs, err := DecodeRecords(records)
+	if err != nil {
+		return fmt.Errorf("%w: %w", proxy.ErrNotSupported, err)
+	}
+	var cookie uint64
+	var cerr error
+	if err := c.Control(func(fd uintptr) { cookie, cerr = unix.SocketCookie(int(fd)) }); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	return b.R.SetRedirectRecords(cookie, hs...)
+}

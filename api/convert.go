@@ -138,7 +138,7 @@ func ToSession(s *Session) mgmt.SessionInfo {
 func FromNetEvent(ev engine.NetEvent) *NetEvent {
 	n := &NetEvent{Seq: ev.Seq, TimeUnixNano: ev.Time.UnixNano(), Type: ev.Type.String(), Layer: ev.Layer.String(),
 		FilterId: uint64(ev.Filter), Callout: uint32(ev.Callout), Reason: ev.Reason.String(), Protocol: uint32(ev.Protocol),
-		AppId: ev.AppID, UserId: ev.UserID, ProcessId: ev.ProcessID}
+		AppId: ev.AppID, UserId: ev.UserID, GroupId: ev.GroupID, CgroupId: ev.CgroupID, ProcessId: ev.ProcessID}
 	if ev.Local.IsValid() {
 		n.Local = ev.Local.String()
 	}

@@ -11,6 +11,7 @@ import (
 
 	"fwp/engine"
 	"fwp/mgmt"
+	"fwp/proxy"
 )
 
 // errorDomain marks fwp's ErrorInfo details.
@@ -50,6 +51,11 @@ var sentinels = []struct {
 	{"TXN_IN_PROGRESS", engine.ErrTxnInProgress, codes.FailedPrecondition},
 	{"NO_TXN_IN_PROGRESS", engine.ErrNoTxnInProgress, codes.FailedPrecondition},
 	{"TXN_ABORTED", engine.ErrTxnAborted, codes.Aborted},
+	// The proxy package's errors, for QueryRedirect.
+	{"REDIRECT_ACCESS_DENIED", proxy.ErrAccessDenied, codes.PermissionDenied},
+	{"REDIRECT_NOT_FOUND", proxy.ErrNotFound, codes.NotFound},
+	{"REDIRECT_INVALID_ARGUMENT", proxy.ErrInvalidArgument, codes.InvalidArgument},
+	{"REDIRECT_NOT_SUPPORTED", proxy.ErrNotSupported, codes.Unimplemented},
 }
 
 // ErrUnavailable means the daemon could not be reached.

@@ -10,6 +10,7 @@ import (
 
 	"fwp/engine"
 	"fwp/mgmt"
+	"fwp/proxy"
 )
 
 func TestErrorRoundTrip(t *testing.T) {
@@ -22,6 +23,9 @@ func TestErrorRoundTrip(t *testing.T) {
 		{fmt.Errorf("%w after 1s: %w", mgmt.ErrTimeout, engine.ErrTxnInProgress), codes.DeadlineExceeded, []error{mgmt.ErrTimeout, engine.ErrTxnInProgress}},
 		{fmt.Errorf("%w: uid 5", mgmt.ErrAccessDenied), codes.PermissionDenied, []error{mgmt.ErrAccessDenied}},
 		{errors.Join(mgmt.ErrInvalidPolicy, engine.ErrInvalidLayer), codes.InvalidArgument, []error{mgmt.ErrInvalidPolicy, engine.ErrInvalidLayer}},
+		{fmt.Errorf("%w: target pid 7, caller pid 8", proxy.ErrAccessDenied), codes.PermissionDenied, []error{proxy.ErrAccessDenied}},
+		{fmt.Errorf("%w: 127.0.0.1:1 -> 127.0.0.1:2", proxy.ErrNotFound), codes.NotFound, []error{proxy.ErrNotFound}},
+		{fmt.Errorf("%w: no kernel datapath", proxy.ErrNotSupported), codes.Unimplemented, []error{proxy.ErrNotSupported}},
 	} {
 		st := Status(c.err)
 		if s, _ := status.FromError(st); s.Code() != c.code {

@@ -1730,6 +1730,8 @@ type NetEvent struct {
 	AppId         string                 `protobuf:"bytes,11,opt,name=app_id,json=appId,proto3" json:"app_id,omitempty"`
 	UserId        uint32                 `protobuf:"varint,12,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	ProcessId     uint32                 `protobuf:"varint,13,opt,name=process_id,json=processId,proto3" json:"process_id,omitempty"`
+	GroupId       uint32                 `protobuf:"varint,14,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	CgroupId      uint64                 `protobuf:"varint,15,opt,name=cgroup_id,json=cgroupId,proto3" json:"cgroup_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1855,6 +1857,140 @@ func (x *NetEvent) GetProcessId() uint32 {
 	return 0
 }
 
+func (x *NetEvent) GetGroupId() uint32 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *NetEvent) GetCgroupId() uint64 {
+	if x != nil {
+		return x.CgroupId
+	}
+	return 0
+}
+
+type QueryRedirectRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Local         string                 `protobuf:"bytes,1,opt,name=local,proto3" json:"local,omitempty"`   // the accepted socket's local address (the proxy's), addr:port
+	Remote        string                 `protobuf:"bytes,2,opt,name=remote,proto3" json:"remote,omitempty"` // its peer (the client), addr:port
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueryRedirectRequest) Reset() {
+	*x = QueryRedirectRequest{}
+	mi := &file_fwp_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueryRedirectRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueryRedirectRequest) ProtoMessage() {}
+
+func (x *QueryRedirectRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fwp_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueryRedirectRequest.ProtoReflect.Descriptor instead.
+func (*QueryRedirectRequest) Descriptor() ([]byte, []int) {
+	return file_fwp_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *QueryRedirectRequest) GetLocal() string {
+	if x != nil {
+		return x.Local
+	}
+	return ""
+}
+
+func (x *QueryRedirectRequest) GetRemote() string {
+	if x != nil {
+		return x.Remote
+	}
+	return ""
+}
+
+type RedirectInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Records       []byte                 `protobuf:"bytes,1,opt,name=records,proto3" json:"records,omitempty"`
+	Context       []byte                 `protobuf:"bytes,2,opt,name=context,proto3" json:"context,omitempty"`
+	Original      string                 `protobuf:"bytes,3,opt,name=original,proto3" json:"original,omitempty"` // the destination the client asked for, addr:port
+	TargetPid     uint32                 `protobuf:"varint,4,opt,name=target_pid,json=targetPid,proto3" json:"target_pid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RedirectInfo) Reset() {
+	*x = RedirectInfo{}
+	mi := &file_fwp_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RedirectInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RedirectInfo) ProtoMessage() {}
+
+func (x *RedirectInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_fwp_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RedirectInfo.ProtoReflect.Descriptor instead.
+func (*RedirectInfo) Descriptor() ([]byte, []int) {
+	return file_fwp_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *RedirectInfo) GetRecords() []byte {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+func (x *RedirectInfo) GetContext() []byte {
+	if x != nil {
+		return x.Context
+	}
+	return nil
+}
+
+func (x *RedirectInfo) GetOriginal() string {
+	if x != nil {
+		return x.Original
+	}
+	return ""
+}
+
+func (x *RedirectInfo) GetTargetPid() uint32 {
+	if x != nil {
+		return x.TargetPid
+	}
+	return 0
+}
+
 type SubscribeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Kinds         []string               `protobuf:"bytes,1,rep,name=kinds,proto3" json:"kinds,omitempty"`
@@ -1864,7 +2000,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_fwp_proto_msgTypes[22]
+	mi := &file_fwp_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1876,7 +2012,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fwp_proto_msgTypes[22]
+	mi := &file_fwp_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1889,7 +2025,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_fwp_proto_rawDescGZIP(), []int{22}
+	return file_fwp_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SubscribeRequest) GetKinds() []string {
@@ -1912,7 +2048,7 @@ type Change struct {
 
 func (x *Change) Reset() {
 	*x = Change{}
-	mi := &file_fwp_proto_msgTypes[23]
+	mi := &file_fwp_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2060,7 @@ func (x *Change) String() string {
 func (*Change) ProtoMessage() {}
 
 func (x *Change) ProtoReflect() protoreflect.Message {
-	mi := &file_fwp_proto_msgTypes[23]
+	mi := &file_fwp_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2073,7 @@ func (x *Change) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Change.ProtoReflect.Descriptor instead.
 func (*Change) Descriptor() ([]byte, []int) {
-	return file_fwp_proto_rawDescGZIP(), []int{23}
+	return file_fwp_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Change) GetKind() string {
@@ -2126,7 +2262,7 @@ const file_fwp_proto_rawDesc = "" +
 	"\x06values\x18\v \x01(\tR\x06values\"@\n" +
 	"\x10NetEventsRequest\x12\x14\n" +
 	"\x05since\x18\x01 \x01(\x04R\x05since\x12\x16\n" +
-	"\x06follow\x18\x02 \x01(\bR\x06follow\"\xd4\x02\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\"\x8c\x03\n" +
 	"\bNetEvent\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12\x12\n" +
@@ -2142,7 +2278,18 @@ const file_fwp_proto_rawDesc = "" +
 	"\x06app_id\x18\v \x01(\tR\x05appId\x12\x17\n" +
 	"\auser_id\x18\f \x01(\rR\x06userId\x12\x1d\n" +
 	"\n" +
-	"process_id\x18\r \x01(\rR\tprocessId\"(\n" +
+	"process_id\x18\r \x01(\rR\tprocessId\x12\x19\n" +
+	"\bgroup_id\x18\x0e \x01(\rR\agroupId\x12\x1b\n" +
+	"\tcgroup_id\x18\x0f \x01(\x04R\bcgroupId\"D\n" +
+	"\x14QueryRedirectRequest\x12\x14\n" +
+	"\x05local\x18\x01 \x01(\tR\x05local\x12\x16\n" +
+	"\x06remote\x18\x02 \x01(\tR\x06remote\"}\n" +
+	"\fRedirectInfo\x12\x18\n" +
+	"\arecords\x18\x01 \x01(\fR\arecords\x12\x18\n" +
+	"\acontext\x18\x02 \x01(\fR\acontext\x12\x1a\n" +
+	"\boriginal\x18\x03 \x01(\tR\boriginal\x12\x1d\n" +
+	"\n" +
+	"target_pid\x18\x04 \x01(\rR\ttargetPid\"(\n" +
 	"\x10SubscribeRequest\x12\x14\n" +
 	"\x05kinds\x18\x01 \x03(\tR\x05kinds\"l\n" +
 	"\x06Change\x12\x12\n" +
@@ -2150,7 +2297,7 @@ const file_fwp_proto_rawDesc = "" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x10\n" +
 	"\x03key\x18\x03 \x01(\tR\x03key\x12\x0e\n" +
 	"\x02id\x18\x04 \x01(\x04R\x02id\x12\x18\n" +
-	"\asession\x18\x05 \x01(\x04R\asession2\xdf\x04\n" +
+	"\asession\x18\x05 \x01(\x04R\asession2\xa4\x05\n" +
 	"\n" +
 	"Management\x12<\n" +
 	"\vOpenSession\x12\x1a.fwp.v1.OpenSessionRequest\x1a\x0f.fwp.v1.Session0\x01\x12,\n" +
@@ -2164,7 +2311,8 @@ const file_fwp_proto_rawDesc = "" +
 	"\x04List\x12\x13.fwp.v1.ListRequest\x1a\x12.fwp.v1.ObjectList\x12:\n" +
 	"\aExplain\x12\x16.fwp.v1.ExplainRequest\x1a\x17.fwp.v1.ExplainResponse\x129\n" +
 	"\tNetEvents\x12\x18.fwp.v1.NetEventsRequest\x1a\x10.fwp.v1.NetEvent0\x01\x127\n" +
-	"\tSubscribe\x12\x18.fwp.v1.SubscribeRequest\x1a\x0e.fwp.v1.Change0\x01B\rZ\vfwp/api;apib\x06proto3"
+	"\tSubscribe\x12\x18.fwp.v1.SubscribeRequest\x1a\x0e.fwp.v1.Change0\x01\x12C\n" +
+	"\rQueryRedirect\x12\x1c.fwp.v1.QueryRedirectRequest\x1a\x14.fwp.v1.RedirectInfoB\rZ\vfwp/api;apib\x06proto3"
 
 var (
 	file_fwp_proto_rawDescOnce sync.Once
@@ -2178,33 +2326,35 @@ func file_fwp_proto_rawDescGZIP() []byte {
 	return file_fwp_proto_rawDescData
 }
 
-var file_fwp_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_fwp_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_fwp_proto_goTypes = []any{
-	(*Provider)(nil),           // 0: fwp.v1.Provider
-	(*ProviderContext)(nil),    // 1: fwp.v1.ProviderContext
-	(*Sublayer)(nil),           // 2: fwp.v1.Sublayer
-	(*Callout)(nil),            // 3: fwp.v1.Callout
-	(*Condition)(nil),          // 4: fwp.v1.Condition
-	(*Filter)(nil),             // 5: fwp.v1.Filter
-	(*Object)(nil),             // 6: fwp.v1.Object
-	(*ObjectRef)(nil),          // 7: fwp.v1.ObjectRef
-	(*Op)(nil),                 // 8: fwp.v1.Op
-	(*ApplyRequest)(nil),       // 9: fwp.v1.ApplyRequest
-	(*ApplyResponse)(nil),      // 10: fwp.v1.ApplyResponse
-	(*ListRequest)(nil),        // 11: fwp.v1.ListRequest
-	(*ObjectList)(nil),         // 12: fwp.v1.ObjectList
-	(*Empty)(nil),              // 13: fwp.v1.Empty
-	(*OpenSessionRequest)(nil), // 14: fwp.v1.OpenSessionRequest
-	(*Session)(nil),            // 15: fwp.v1.Session
-	(*SessionList)(nil),        // 16: fwp.v1.SessionList
-	(*ExplainRequest)(nil),     // 17: fwp.v1.ExplainRequest
-	(*Step)(nil),               // 18: fwp.v1.Step
-	(*ExplainResponse)(nil),    // 19: fwp.v1.ExplainResponse
-	(*NetEventsRequest)(nil),   // 20: fwp.v1.NetEventsRequest
-	(*NetEvent)(nil),           // 21: fwp.v1.NetEvent
-	(*SubscribeRequest)(nil),   // 22: fwp.v1.SubscribeRequest
-	(*Change)(nil),             // 23: fwp.v1.Change
-	nil,                        // 24: fwp.v1.ExplainRequest.ValuesEntry
+	(*Provider)(nil),             // 0: fwp.v1.Provider
+	(*ProviderContext)(nil),      // 1: fwp.v1.ProviderContext
+	(*Sublayer)(nil),             // 2: fwp.v1.Sublayer
+	(*Callout)(nil),              // 3: fwp.v1.Callout
+	(*Condition)(nil),            // 4: fwp.v1.Condition
+	(*Filter)(nil),               // 5: fwp.v1.Filter
+	(*Object)(nil),               // 6: fwp.v1.Object
+	(*ObjectRef)(nil),            // 7: fwp.v1.ObjectRef
+	(*Op)(nil),                   // 8: fwp.v1.Op
+	(*ApplyRequest)(nil),         // 9: fwp.v1.ApplyRequest
+	(*ApplyResponse)(nil),        // 10: fwp.v1.ApplyResponse
+	(*ListRequest)(nil),          // 11: fwp.v1.ListRequest
+	(*ObjectList)(nil),           // 12: fwp.v1.ObjectList
+	(*Empty)(nil),                // 13: fwp.v1.Empty
+	(*OpenSessionRequest)(nil),   // 14: fwp.v1.OpenSessionRequest
+	(*Session)(nil),              // 15: fwp.v1.Session
+	(*SessionList)(nil),          // 16: fwp.v1.SessionList
+	(*ExplainRequest)(nil),       // 17: fwp.v1.ExplainRequest
+	(*Step)(nil),                 // 18: fwp.v1.Step
+	(*ExplainResponse)(nil),      // 19: fwp.v1.ExplainResponse
+	(*NetEventsRequest)(nil),     // 20: fwp.v1.NetEventsRequest
+	(*NetEvent)(nil),             // 21: fwp.v1.NetEvent
+	(*QueryRedirectRequest)(nil), // 22: fwp.v1.QueryRedirectRequest
+	(*RedirectInfo)(nil),         // 23: fwp.v1.RedirectInfo
+	(*SubscribeRequest)(nil),     // 24: fwp.v1.SubscribeRequest
+	(*Change)(nil),               // 25: fwp.v1.Change
+	nil,                          // 26: fwp.v1.ExplainRequest.ValuesEntry
 }
 var file_fwp_proto_depIdxs = []int32{
 	4,  // 0: fwp.v1.Filter.conditions:type_name -> fwp.v1.Condition
@@ -2220,7 +2370,7 @@ var file_fwp_proto_depIdxs = []int32{
 	7,  // 10: fwp.v1.ApplyResponse.deleted:type_name -> fwp.v1.ObjectRef
 	6,  // 11: fwp.v1.ObjectList.objects:type_name -> fwp.v1.Object
 	15, // 12: fwp.v1.SessionList.sessions:type_name -> fwp.v1.Session
-	24, // 13: fwp.v1.ExplainRequest.values:type_name -> fwp.v1.ExplainRequest.ValuesEntry
+	26, // 13: fwp.v1.ExplainRequest.values:type_name -> fwp.v1.ExplainRequest.ValuesEntry
 	18, // 14: fwp.v1.ExplainResponse.steps:type_name -> fwp.v1.Step
 	14, // 15: fwp.v1.Management.OpenSession:input_type -> fwp.v1.OpenSessionRequest
 	13, // 16: fwp.v1.Management.CloseSession:input_type -> fwp.v1.Empty
@@ -2233,21 +2383,23 @@ var file_fwp_proto_depIdxs = []int32{
 	11, // 23: fwp.v1.Management.List:input_type -> fwp.v1.ListRequest
 	17, // 24: fwp.v1.Management.Explain:input_type -> fwp.v1.ExplainRequest
 	20, // 25: fwp.v1.Management.NetEvents:input_type -> fwp.v1.NetEventsRequest
-	22, // 26: fwp.v1.Management.Subscribe:input_type -> fwp.v1.SubscribeRequest
-	15, // 27: fwp.v1.Management.OpenSession:output_type -> fwp.v1.Session
-	13, // 28: fwp.v1.Management.CloseSession:output_type -> fwp.v1.Empty
-	16, // 29: fwp.v1.Management.Sessions:output_type -> fwp.v1.SessionList
-	13, // 30: fwp.v1.Management.Begin:output_type -> fwp.v1.Empty
-	13, // 31: fwp.v1.Management.Commit:output_type -> fwp.v1.Empty
-	13, // 32: fwp.v1.Management.Abort:output_type -> fwp.v1.Empty
-	10, // 33: fwp.v1.Management.Apply:output_type -> fwp.v1.ApplyResponse
-	6,  // 34: fwp.v1.Management.Get:output_type -> fwp.v1.Object
-	12, // 35: fwp.v1.Management.List:output_type -> fwp.v1.ObjectList
-	19, // 36: fwp.v1.Management.Explain:output_type -> fwp.v1.ExplainResponse
-	21, // 37: fwp.v1.Management.NetEvents:output_type -> fwp.v1.NetEvent
-	23, // 38: fwp.v1.Management.Subscribe:output_type -> fwp.v1.Change
-	27, // [27:39] is the sub-list for method output_type
-	15, // [15:27] is the sub-list for method input_type
+	24, // 26: fwp.v1.Management.Subscribe:input_type -> fwp.v1.SubscribeRequest
+	22, // 27: fwp.v1.Management.QueryRedirect:input_type -> fwp.v1.QueryRedirectRequest
+	15, // 28: fwp.v1.Management.OpenSession:output_type -> fwp.v1.Session
+	13, // 29: fwp.v1.Management.CloseSession:output_type -> fwp.v1.Empty
+	16, // 30: fwp.v1.Management.Sessions:output_type -> fwp.v1.SessionList
+	13, // 31: fwp.v1.Management.Begin:output_type -> fwp.v1.Empty
+	13, // 32: fwp.v1.Management.Commit:output_type -> fwp.v1.Empty
+	13, // 33: fwp.v1.Management.Abort:output_type -> fwp.v1.Empty
+	10, // 34: fwp.v1.Management.Apply:output_type -> fwp.v1.ApplyResponse
+	6,  // 35: fwp.v1.Management.Get:output_type -> fwp.v1.Object
+	12, // 36: fwp.v1.Management.List:output_type -> fwp.v1.ObjectList
+	19, // 37: fwp.v1.Management.Explain:output_type -> fwp.v1.ExplainResponse
+	21, // 38: fwp.v1.Management.NetEvents:output_type -> fwp.v1.NetEvent
+	25, // 39: fwp.v1.Management.Subscribe:output_type -> fwp.v1.Change
+	23, // 40: fwp.v1.Management.QueryRedirect:output_type -> fwp.v1.RedirectInfo
+	28, // [28:41] is the sub-list for method output_type
+	15, // [15:28] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name
@@ -2275,7 +2427,7 @@ func file_fwp_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fwp_proto_rawDesc), len(file_fwp_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   25,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,18 +22,19 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Management_OpenSession_FullMethodName  = "/fwp.v1.Management/OpenSession"
-	Management_CloseSession_FullMethodName = "/fwp.v1.Management/CloseSession"
-	Management_Sessions_FullMethodName     = "/fwp.v1.Management/Sessions"
-	Management_Begin_FullMethodName        = "/fwp.v1.Management/Begin"
-	Management_Commit_FullMethodName       = "/fwp.v1.Management/Commit"
-	Management_Abort_FullMethodName        = "/fwp.v1.Management/Abort"
-	Management_Apply_FullMethodName        = "/fwp.v1.Management/Apply"
-	Management_Get_FullMethodName          = "/fwp.v1.Management/Get"
-	Management_List_FullMethodName         = "/fwp.v1.Management/List"
-	Management_Explain_FullMethodName      = "/fwp.v1.Management/Explain"
-	Management_NetEvents_FullMethodName    = "/fwp.v1.Management/NetEvents"
-	Management_Subscribe_FullMethodName    = "/fwp.v1.Management/Subscribe"
+	Management_OpenSession_FullMethodName   = "/fwp.v1.Management/OpenSession"
+	Management_CloseSession_FullMethodName  = "/fwp.v1.Management/CloseSession"
+	Management_Sessions_FullMethodName      = "/fwp.v1.Management/Sessions"
+	Management_Begin_FullMethodName         = "/fwp.v1.Management/Begin"
+	Management_Commit_FullMethodName        = "/fwp.v1.Management/Commit"
+	Management_Abort_FullMethodName         = "/fwp.v1.Management/Abort"
+	Management_Apply_FullMethodName         = "/fwp.v1.Management/Apply"
+	Management_Get_FullMethodName           = "/fwp.v1.Management/Get"
+	Management_List_FullMethodName          = "/fwp.v1.Management/List"
+	Management_Explain_FullMethodName       = "/fwp.v1.Management/Explain"
+	Management_NetEvents_FullMethodName     = "/fwp.v1.Management/NetEvents"
+	Management_Subscribe_FullMethodName     = "/fwp.v1.Management/Subscribe"
+	Management_QueryRedirect_FullMethodName = "/fwp.v1.Management/QueryRedirect"
 )
 
 // ManagementClient is the client API for Management service.
@@ -58,6 +59,11 @@ type ManagementClient interface {
 	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
 	NetEvents(ctx context.Context, in *NetEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[NetEvent], error)
 	Subscribe(ctx context.Context, in *SubscribeRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Change], error)
+	// QueryRedirect answers the proxy package's queries for a proxy that
+	// cannot read the kernel datapath's maps itself: the redirect of a TCP
+	// connection it accepted, by 4-tuple. Only the redirect's target process
+	// (SO_PEERCRED pid) or root is answered.
+	QueryRedirect(ctx context.Context, in *QueryRedirectRequest, opts ...grpc.CallOption) (*RedirectInfo, error)
 }
 
 type managementClient struct {
@@ -215,6 +221,16 @@ func (c *managementClient) Subscribe(ctx context.Context, in *SubscribeRequest, 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Management_SubscribeClient = grpc.ServerStreamingClient[Change]
 
+func (c *managementClient) QueryRedirect(ctx context.Context, in *QueryRedirectRequest, opts ...grpc.CallOption) (*RedirectInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RedirectInfo)
+	err := c.cc.Invoke(ctx, Management_QueryRedirect_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ManagementServer is the server API for Management service.
 // All implementations must embed UnimplementedManagementServer
 // for forward compatibility.
@@ -237,6 +253,11 @@ type ManagementServer interface {
 	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
 	NetEvents(*NetEventsRequest, grpc.ServerStreamingServer[NetEvent]) error
 	Subscribe(*SubscribeRequest, grpc.ServerStreamingServer[Change]) error
+	// QueryRedirect answers the proxy package's queries for a proxy that
+	// cannot read the kernel datapath's maps itself: the redirect of a TCP
+	// connection it accepted, by 4-tuple. Only the redirect's target process
+	// (SO_PEERCRED pid) or root is answered.
+	QueryRedirect(context.Context, *QueryRedirectRequest) (*RedirectInfo, error)
 	mustEmbedUnimplementedManagementServer()
 }
 
@@ -282,6 +303,9 @@ func (UnimplementedManagementServer) NetEvents(*NetEventsRequest, grpc.ServerStr
 }
 func (UnimplementedManagementServer) Subscribe(*SubscribeRequest, grpc.ServerStreamingServer[Change]) error {
 	return status.Error(codes.Unimplemented, "method Subscribe not implemented")
+}
+func (UnimplementedManagementServer) QueryRedirect(context.Context, *QueryRedirectRequest) (*RedirectInfo, error) {
+	return nil, status.Error(codes.Unimplemented, "method QueryRedirect not implemented")
 }
 func (UnimplementedManagementServer) mustEmbedUnimplementedManagementServer() {}
 func (UnimplementedManagementServer) testEmbeddedByValue()                    {}
@@ -499,6 +523,24 @@ func _Management_Subscribe_Handler(srv interface{}, stream grpc.ServerStream) er
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Management_SubscribeServer = grpc.ServerStreamingServer[Change]
 
+func _Management_QueryRedirect_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(QueryRedirectRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ManagementServer).QueryRedirect(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Management_QueryRedirect_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ManagementServer).QueryRedirect(ctx, req.(*QueryRedirectRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Management_ServiceDesc is the grpc.ServiceDesc for Management service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -541,6 +583,10 @@ var Management_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Explain",
 			Handler:    _Management_Explain_Handler,
+		},
+		{
+			MethodName: "QueryRedirect",
+			Handler:    _Management_QueryRedirect_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

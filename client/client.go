@@ -306,13 +306,15 @@ type NetEvent struct {
 	Remote    string    `json:"remote,omitempty"`
 	AppID     string    `json:"app_id,omitempty"`
 	UserID    uint32    `json:"user_id"`
+	GroupID   uint32    `json:"group_id"`
+	CgroupID  uint64    `json:"cgroup_id,omitempty"`
 	ProcessID uint32    `json:"process_id,omitempty"`
 }
 
 func toEvent(e *api.NetEvent) NetEvent {
 	return NetEvent{Seq: e.Seq, Time: time.Unix(0, e.TimeUnixNano), Type: e.Type, Layer: e.Layer, FilterID: e.FilterId,
 		Callout: e.Callout, Reason: e.Reason, Protocol: e.Protocol, Local: e.Local, Remote: e.Remote, AppID: e.AppId,
-		UserID: e.UserId, ProcessID: e.ProcessId}
+		UserID: e.UserId, GroupID: e.GroupId, CgroupID: e.CgroupId, ProcessID: e.ProcessId}
 }
 
 // NetEvents returns the recorded net events with Seq ≥ since.

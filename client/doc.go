@@ -4,5 +4,8 @@
 //
 // Errors from the daemon match the typed errors of packages engine and
 // mgmt with errors.Is (engine.ErrNotFound, mgmt.ErrAccessDenied,
-// mgmt.ErrTimeout, ...).
+// mgmt.ErrTimeout, ...) and, for QueryRedirect, the proxy package's.
+//
+// ProxyBackend, registered with proxy.Register, lets a proxy without root
+// read its accepted connections' redirect records and context through fwpd.
 package client

@@ -45,6 +45,8 @@ type NetEvent struct {
 	Remote    netip.AddrPort
 	AppID     string
 	UserID    uint32
+	GroupID   uint32
+	CgroupID  uint64 // cgroup v2 id; 0 when unknown
 	ProcessID uint32 // 0 when unknown
 }
 
@@ -156,6 +158,12 @@ func (e *Engine) recordEvent(cs *classifyState, res *Result) {
 	}
 	if a := vs.v[FieldIPRemoteAddress]; a.t == TypeAddr {
 		ev.Remote = netip.AddrPortFrom(a.ip, uint16(vs.v[FieldIPRemotePort].n))
+	}
+	if g := vs.v[FieldALEGroupID]; g.t == TypeUint32 {
+		ev.GroupID = uint32(g.n)
+	}
+	if c := vs.v[FieldCgroupID]; c.t == TypeUint64 {
+		ev.CgroupID = c.n
 	}
 	if cs.meta.Has(MetaProcessID) {
 		ev.ProcessID = cs.meta.ProcessID

@@ -242,3 +242,19 @@ func TestNetEventConcurrent(t *testing.T) {
 		t.Fatalf("received %d distinct events, lost %d; want %d, 0", len(seen), sub.Lost(), n)
 	}
 }
+
+// TestNetEventGroupAndCgroup: the gid and cgroup id of the classified
+// values reach the event (TestNetEventDrop covers their absence: zero).
+func TestNetEventGroupAndCgroup(t *testing.T) {
+	w := newEvWorld(t, engine.Options{})
+	var vs engine.Values
+	vs.SetTuple(6, netip.MustParseAddrPort("192.0.2.7:41000"), netip.MustParseAddrPort("198.51.100.1:80"))
+	vs.Set(engine.FieldALEUserID, u32(1000)).Set(engine.FieldALEGroupID, u32(1001)).Set(engine.FieldCgroupID, engine.Uint64(1<<40+7))
+	if r := w.e.Classify(v4, &vs, nil); r.Action != engine.ActionBlock {
+		t.Fatalf("classify: %s", r)
+	}
+	evs := w.e.NetEvents(0)
+	if len(evs) != 1 || evs[0].UserID != 1000 || evs[0].GroupID != 1001 || evs[0].CgroupID != 1<<40+7 {
+		t.Fatalf("events %+v; want uid 1000, gid 1001, cgroup id %d", evs, uint64(1<<40+7))
+	}
+}

@@ -175,8 +175,8 @@ func events(ctx context.Context, args []string) error {
 	}
 	defer cl.Close()
 	row := func(e client.NetEvent) {
-		fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\t#%d\t%d\t%s\t%s\t%s\t%d\t%s\n", e.Seq, e.Time.Format(time.RFC3339Nano), e.Type, e.Layer, e.FilterID,
-			e.Protocol, dash(e.Local), dash(e.Remote), dash(e.AppID), e.UserID, e.Reason)
+		fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\t#%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", e.Seq, e.Time.Format(time.RFC3339Nano), e.Type, e.Layer, e.FilterID,
+			e.Protocol, dash(e.Local), dash(e.Remote), dash(e.AppID), e.UserID, e.GroupID, e.CgroupID, e.Reason)
 	}
 	if !follow {
 		evs, err := cl.NetEvents(ctx, since)
@@ -189,14 +189,14 @@ func events(ctx context.Context, args []string) error {
 			}
 			return printJSON(evs)
 		}
-		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tREASON")
+		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tGID\tCGROUP\tREASON")
 		for _, e := range evs {
 			row(e)
 		}
 		return nil
 	}
 	if !c.json() {
-		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tREASON")
+		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tGID\tCGROUP\tREASON")
 	}
 	return cl.FollowNetEvents(ctx, since, func(e client.NetEvent) error {
 		if c.json() {

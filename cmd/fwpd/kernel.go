@@ -150,7 +150,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 				t = engine.EventClassifyRedirect
 			}
 			eng.RecordNetEvent(engine.NetEvent{Type: t, Layer: e.Layer, Filter: e.Filter, Protocol: e.Protocol,
-				Local: e.Local, Remote: e.Remote, AppID: paths.Path(e.PID, e.Comm), UserID: e.UID, ProcessID: e.PID})
+				Local: e.Local, Remote: e.Remote, AppID: paths.Path(e.PID, e.Comm), UserID: e.UID, GroupID: e.GID, CgroupID: e.CgroupID, ProcessID: e.PID})
 		})
 		if err != nil {
 			k.log.Error("kernel events stopped", "err", err)

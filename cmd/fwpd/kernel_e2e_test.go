@@ -45,6 +45,7 @@ import (
 
 func init() {
 	testutil.RegisterHelper("kscenario", kscenarioHelper)
+	testutil.RegisterHelper("kqproxy", kqproxyHelper)
 	testutil.HelperMain()
 }
 
@@ -283,10 +284,15 @@ func TestE2EKernelRedirectAndBlock(t *testing.T) {
 				if e.AppID != curlPath && e.AppID != "[curl]" || e.ProcessID == 0 {
 					continue
 				}
+				// curl runs as root in the test cgroup: the hook's gid and
+				// cgroup id reach the event.
+				if e.CgroupID != cg.ID || e.GroupID == nil || *e.GroupID != 0 {
+					continue
+				}
 				drop = drop || e.Type == "classify_drop" && e.Remote == "127.0.0.3:9090" && e.Layer == "ALE_AUTH_CONNECT_V4" && e.FilterID != 0
 				redirect = redirect || e.Type == "classify_redirect" && e.Remote == "127.0.0.1:8080" && e.Layer == "ALE_CONNECT_REDIRECT_V4"
 			case <-deadline:
-				t.Fatalf("fwpctl events --follow: drop seen %v, redirect seen %v (app %s)", drop, redirect, curlPath)
+				t.Fatalf("fwpctl events --follow: drop seen %v, redirect seen %v (app %s, cgroup id %d, gid 0)", drop, redirect, curlPath, cg.ID)
 			}
 		}
 		m := d.metrics(t)
@@ -761,9 +767,11 @@ func (d *kdaemon) followEvents(t *testing.T) <-chan eventLine {
 
 type eventLine struct {
 	Type, Layer, Remote string
-	FilterID            uint64 `json:"filter_id"`
-	AppID               string `json:"app_id"`
-	ProcessID           uint32 `json:"process_id"`
+	FilterID            uint64  `json:"filter_id"`
+	AppID               string  `json:"app_id"`
+	ProcessID           uint32  `json:"process_id"`
+	GroupID             *uint32 `json:"group_id"` // nil: missing from the JSON
+	CgroupID            uint64  `json:"cgroup_id"`
 }
 
 // metrics fetches /metrics from the address fwpd logged.

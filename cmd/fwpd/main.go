@@ -123,8 +123,12 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	srv := server.New(server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids,
-		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes})
+	cfg := server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids,
+		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes}
+	if kern != nil {
+		cfg.Redirects = kern.d // proxies without root query the redirect maps through fwpd
+	}
+	srv := server.New(cfg)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -42,6 +42,9 @@ type Config struct {
 	NoRootAdmin bool
 	// MaxMsgBytes bounds a request; larger ones fail with ErrTooLarge.
 	MaxMsgBytes int
+	// Redirects answers QueryRedirect (the kernel datapath); nil: the
+	// call fails with proxy.ErrNotSupported.
+	Redirects RedirectSource
 }
 
 // Server is fwpd's service.

@@ -86,7 +86,10 @@
 // redirect's), so a proxy chain never loops. The context is the filter's
 // context bytes or, when it set none, the original destination as text;
 // the proxy package gives it only to the redirect target pid (the maps
-// themselves are readable by whoever may open the pins: root).
+// themselves are readable by whoever may open the pins: root). A proxy
+// without root registers client.ProxyBackend instead: fwpd answers its
+// queries from Datapath.QueryProxyRedirect, only to the redirect target pid
+// (SO_PEERCRED) or root; it cannot set records.
 //
 // # Lifetime
 //

@@ -165,9 +165,17 @@ func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 	if !ok1 || !ok2 {
 		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
 	}
-	st, err := b.R.QueryRedirect(la.AddrPort(), ra.AddrPort())
+	r, _, err := b.QueryTuple(la.AddrPort(), ra.AddrPort())
+	return r, err
+}
+
+// QueryTuple is QueryAccepted by the accepted socket's local and remote
+// addresses, with the original destination: what fwpd answers for a proxy
+// that cannot open the maps itself.
+func (b ProxyBackend) QueryTuple(local, remote netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	st, err := b.R.QueryRedirect(local, remote)
 	if err != nil {
-		return proxy.Redirect{}, fmt.Errorf("%w: %w", proxy.ErrNotFound, err)
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: %w", proxy.ErrNotFound, err)
 	}
 	ctx := st.Context
 	if len(ctx) == 0 {
@@ -177,7 +185,7 @@ func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 	if len(chain) > maxRecords {
 		chain = chain[len(chain)-maxRecords:]
 	}
-	return proxy.Redirect{Records: EncodeRecords(chain), Context: ctx, TargetPID: st.TargetPID}, nil
+	return proxy.Redirect{Records: EncodeRecords(chain), Context: ctx, TargetPID: st.TargetPID}, st.Original, nil
 }
 
 // SetRecords implements proxy.Backend.
@@ -195,4 +203,15 @@ func (b ProxyBackend) SetRecords(network, address string, c syscall.RawConn, rec
 		return cerr
 	}
 	return b.R.SetRedirectRecords(cookie, hs...)
+}
+
+// QueryProxyRedirect is ProxyBackend.QueryTuple on this datapath's maps,
+// for fwpd answering proxies that cannot open the maps themselves.
+func (d *Datapath) QueryProxyRedirect(local, remote netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return proxy.Redirect{}, netip.AddrPort{}, ErrClosed
+	}
+	return ProxyBackend{R: d.redirects()}.QueryTuple(local, remote)
 }

@@ -46,6 +46,7 @@ type Client struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 	once    sync.Once
+	socket  string // for the redirect records side channel
 }
 
 // Dial connects to the daemon's unix socket and opens a session.
@@ -64,7 +65,7 @@ func Dial(ctx context.Context, socket string, opts Options) (*Client, error) {
 	}
 	// The session stream lives as long as the client, not as ctx.
 	sctx, cancel := context.WithCancel(context.Background())
-	c := &Client{conn: conn, rpc: api.NewManagementClient(conn), cancel: cancel, done: make(chan struct{})}
+	c := &Client{conn: conn, rpc: api.NewManagementClient(conn), cancel: cancel, done: make(chan struct{}), socket: socket}
 	st, err := c.rpc.OpenSession(sctx, &api.OpenSessionRequest{Name: opts.Name, Dynamic: opts.Dynamic})
 	var first *api.Session
 	if err == nil {

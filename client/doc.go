@@ -7,5 +7,13 @@
 // mgmt.ErrTimeout, ...) and, for QueryRedirect, the proxy package's.
 //
 // ProxyBackend, registered with proxy.Register, lets a proxy without root
-// read its accepted connections' redirect records and context through fwpd.
+// read its accepted connections' redirect records and context through fwpd,
+// and put records on its outbound sockets so they are not redirected again:
+// proxy.SetRedirectRecords on a *net.Dialer makes its Control hook pass the
+// socket (SCM_RIGHTS) with the records to fwpd on RecordsSocket, a second
+// unix socket beside the main one, since gRPC cannot carry a descriptor.
+// Holding the socket proves it is the caller's; fwpd checks that it is an
+// unconnected TCP or UDP socket and that the caller (SO_PEERCRED) is root or
+// the target process of the redirect the records end with, then marks it by
+// its SO_COOKIE as ebpf.ProxyBackend would.
 package client

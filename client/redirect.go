@@ -1,14 +1,19 @@
 package client
 
 import (
+	"bufio"
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"time"
 
 	"fwp/api"
+	"fwp/engine"
 	"fwp/proxy"
 )
 
@@ -34,7 +39,8 @@ func (c *Client) QueryRedirect(ctx context.Context, local, remote netip.AddrPort
 // ProxyBackend is a proxy.Backend that asks fwpd, for a proxy that cannot
 // open the kernel datapath's maps itself (no root): after
 // proxy.Register(client.ProxyBackend{C: c}), proxy.QueryRedirectRecords and
-// proxy.QueryRedirectContext work on its accepted TCP connections.
+// proxy.QueryRedirectContext work on its accepted TCP connections, and
+// proxy.SetRedirectRecords on a *net.Dialer through fwpd's RecordsSocket.
 type ProxyBackend struct {
 	C *Client
 	// Timeout bounds each query; 0 means 5 seconds.
@@ -58,8 +64,57 @@ func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 	return r, err
 }
 
-// SetRecords implements proxy.Backend: writing the kernel's maps through
-// fwpd is not offered, so records on a net.Dialer need another backend.
-func (ProxyBackend) SetRecords(string, string, syscall.RawConn, []byte) error {
-	return fmt.Errorf("%w: fwpd does not set redirect records for other processes", proxy.ErrNotSupported)
+// MaxRecordsRequest bounds the records of one request on RecordsSocket.
+const MaxRecordsRequest = engine.MaxRedirectRecordsSize
+
+// RecordsSocket is the unix socket, next to fwpd's main socket, on which
+// fwpd takes a socket passed with SCM_RIGHTS and the redirect records to put
+// on it (gRPC cannot carry a file descriptor).
+func RecordsSocket(socket string) string { return socket + ".fd" }
+
+// SetRecords implements proxy.Backend: it passes the socket about to
+// connect to fwpd, which puts the records on it by its SO_COOKIE when the
+// caller is the target of the redirect the records end with (or root).
+// Errors: proxy.ErrAccessDenied, proxy.ErrInvalidArgument, and
+// proxy.ErrNotSupported from a daemon without a kernel datapath.
+func (b ProxyBackend) SetRecords(network, address string, c syscall.RawConn, records []byte) error {
+	if len(records) == 0 || len(records) > MaxRecordsRequest {
+		return fmt.Errorf("%w: %d bytes of redirect records", proxy.ErrInvalidArgument, len(records))
+	}
+	d := b.Timeout
+	if d <= 0 {
+		d = 5 * time.Second
+	}
+	conn, err := net.DialTimeout("unix", RecordsSocket(b.C.socket), d)
+	if err != nil {
+		return fmt.Errorf("%w: fwpd's redirect records socket: %v", proxy.ErrNotSupported, err)
+	}
+	defer conn.Close()
+	uc := conn.(*net.UnixConn)
+	_ = uc.SetDeadline(time.Now().Add(d))
+	req := binary.BigEndian.AppendUint16(nil, uint16(len(records)))
+	req = append(req, records...)
+	var werr error
+	if err := c.Control(func(fd uintptr) { _, _, werr = uc.WriteMsgUnix(req, syscall.UnixRights(int(fd)), nil) }); err != nil {
+		return err
+	}
+	if werr != nil {
+		return fmt.Errorf("fwp: passing the socket to fwpd: %w", werr)
+	}
+	line, err := bufio.NewReader(io.LimitReader(uc, 4096)).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("fwp: reading fwpd's answer: %w", err)
+	}
+	code, msg, _ := strings.Cut(strings.TrimSuffix(line, "\n"), " ")
+	switch code {
+	case "ok":
+		return nil
+	case "access_denied":
+		return fmt.Errorf("%w: %s", proxy.ErrAccessDenied, msg)
+	case "invalid_argument":
+		return fmt.Errorf("%w: %s", proxy.ErrInvalidArgument, msg)
+	case "not_supported":
+		return fmt.Errorf("%w: %s", proxy.ErrNotSupported, msg)
+	}
+	return fmt.Errorf("fwp: fwpd could not set the redirect records: %s", msg)
 }

@@ -129,6 +129,20 @@ func run(args []string) error {
 		cfg.Redirects = kern.d // proxies without root query the redirect maps through fwpd
 	}
 	srv := server.New(cfg)
+	// The records side channel, answering "not supported" without a kernel
+	// datapath so proxies get a typed error rather than a missing socket.
+	rl, err := listen(client.RecordsSocket(c.socket))
+	if err != nil {
+		l.Close()
+		return err
+	}
+	defer os.Remove(client.RecordsSocket(c.socket))
+	defer rl.Close()
+	rs := recordsServer{log: log}
+	if kern != nil {
+		rs.d = kern.d
+	}
+	go rs.serve(rl)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -138,3 +138,16 @@ func FindCgroup2() (string, error) {
 	}
 	return "", errors.New("no cgroup2 file system in /proc/mounts")
 }
+
+// SocketState describes a socket for fwpd checking one a proxy passed:
+// its address family and type, and whether it is already connected.
+func SocketState(fd int) (family, sotype int, connected bool, err error) {
+	if family, err = xunix.GetsockoptInt(fd, xunix.SOL_SOCKET, xunix.SO_DOMAIN); err != nil {
+		return 0, 0, false, fmt.Errorf("getsockopt SO_DOMAIN: %w", err)
+	}
+	if sotype, err = xunix.GetsockoptInt(fd, xunix.SOL_SOCKET, xunix.SO_TYPE); err != nil {
+		return 0, 0, false, fmt.Errorf("getsockopt SO_TYPE: %w", err)
+	}
+	_, perr := xunix.Getpeername(fd)
+	return family, sotype, perr == nil, nil
+}

@@ -46,6 +46,9 @@ type Datapath struct {
 	written [2]genKeys
 	closed  bool
 	opts    Options
+	// targets are the redirect target pids of each redirect handle in the
+	// active policy, for checking who may put records on a socket.
+	targets map[uint32][]uint32
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -183,6 +186,12 @@ func (d *Datapath) Apply(p *Policy) error {
 	}
 	d.gen = next
 	d.pruneHits(p)
+	d.targets = make(map[uint32][]uint32)
+	for _, r := range p.redirects {
+		if r.Pid != 0 {
+			d.targets[r.Handle] = append(d.targets[r.Handle], r.Pid)
+		}
+	}
 	return nil
 }
 

@@ -215,3 +215,12 @@ func (d *Datapath) QueryProxyRedirect(local, remote netip.AddrPort) (proxy.Redir
 	}
 	return ProxyBackend{R: d.redirects()}.QueryTuple(local, remote)
 }
+
+// IsRedirectTarget reports whether pid is the target process of a redirect
+// by handle in the active policy: the process fwpd lets put records naming
+// that redirect on its outbound sockets.
+func (d *Datapath) IsRedirectTarget(handle, pid uint32) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return pid != 0 && slices.Contains(d.targets[handle], pid)
+}

@@ -1,4 +1,3 @@
-// Command fwpctl is fwp's command-line client.
 package main
 
 import (

@@ -497,7 +497,7 @@ func kscenarioHelper(args []string) error {
 			return err
 		}
 	}
-	if err := dnsServers(counts[5354]); err != nil {
+	if err := dnsServers(counts[5354], ebpf.ProxyBackend{R: r}); err != nil {
 		return err
 	}
 	if err := bulkServers(); err != nil {
@@ -625,10 +625,13 @@ func relayHTTP(c, out net.Conn, mark string) error {
 }
 
 // dnsServers runs the original DNS server on 127.0.0.1:53 (answers any A
-// query with 10.1.2.3) and a UDP proxy on 127.0.0.1:5354 that forwards to
-// it from a socket carrying the redirect records (so it is not redirected
-// back to itself).
-func dnsServers(relayed *atomic.Int64) error {
+// query with 10.1.2.3) and a UDP proxy on 127.0.0.1:5354 that finds each
+// datagram's redirect by its 4-tuple (the datagram's source, its own
+// address) and forwards it to the original destination from a socket
+// carrying the redirect records (so it is not redirected back to itself).
+// A datagram without a redirect, or whose context is not its original
+// destination, is dropped, so dig fails.
+func dnsServers(relayed *atomic.Int64, b ebpf.ProxyBackend) error {
 	srv, err := net.ListenPacket("udp4", "127.0.0.1:53")
 	if err != nil {
 		return err
@@ -649,6 +652,7 @@ func dnsServers(relayed *atomic.Int64) error {
 	if err != nil {
 		return err
 	}
+	local := p.LocalAddr().(*net.UDPAddr).AddrPort()
 	go func() {
 		buf := make([]byte, 512)
 		for {
@@ -656,17 +660,20 @@ func dnsServers(relayed *atomic.Int64) error {
 			if err != nil {
 				return
 			}
+			rd, orig, err := b.QueryTuple(local, from.(*net.UDPAddr).AddrPort())
+			if err != nil || string(rd.Context) != orig.String() {
+				fmt.Fprintf(os.Stderr, "udp proxy: datagram from %s: context %q, original %s: %v\n", from, rd.Context, orig, err)
+				continue
+			}
 			relayed.Add(1)
 			q := append([]byte(nil), buf[:n]...)
 			go func() {
 				d := &net.Dialer{Timeout: 2 * time.Second}
-				// The handle of the acme4 redirect: every built-in
-				// redirect's records name it; reuse the kernel's encoding.
-				if err := proxy.SetRedirectRecords(d, ebpf.EncodeRecords(udpHandles())); err != nil {
+				if err := proxy.SetRedirectRecords(d, rd.Records); err != nil {
 					fmt.Fprintln(os.Stderr, "udp proxy:", err)
 					return
 				}
-				up, err := d.Dial("udp4", "127.0.0.1:53")
+				up, err := d.Dial("udp4", orig.String())
 				if err != nil {
 					fmt.Fprintln(os.Stderr, "udp proxy:", err)
 					return
@@ -686,11 +693,6 @@ func dnsServers(relayed *atomic.Int64) error {
 	}()
 	return nil
 }
-
-// udpHandles are the redirect handles the UDP proxy's upstream socket
-// carries: a UDP proxy cannot query records by 4-tuple, so it names every
-// handle that could send it back (callout IDs are small integers).
-func udpHandles() []uint32 { return []uint32{1, 2, 3, 4, 5, 6, 7, 8} }
 
 // dnsAnswer answers one A question with 10.1.2.3.
 func dnsAnswer(q []byte) []byte {

@@ -16,6 +16,7 @@
 //	sockops (TCP_CONNECT_CB)    indexes a redirect by the client 4-tuple once the source port exists
 //	cgroup/getsockopt           answers SO_ORIGINAL_DST (SOL_IP and SOL_IPV6) on the proxy's accepted socket
 //	cgroup/sock_release         drops the per-socket state
+//	cgroup_skb/egress           indexes a redirected UDP socket by the client 4-tuple (a lookup per packet)
 //
 // A v4-mapped destination of a dual-stack socket is classified at the v4
 // layers with the v4 address, as the engine's Addr does. A block returns
@@ -63,9 +64,15 @@
 // v4-mapped; a v4-only socket is not sent to a v6 proxy), and records the
 // original destination, the proxy, the redirect handle (the callout's ID),
 // the target pid, the context bytes and the connecting process (pid, uid,
-// gid, cgroup id, comm, captured in the hook) by socket cookie; sockops maps
-// the client 4-tuple to the same record for QueryRedirect and
-// SO_ORIGINAL_DST. A socket marked with SetRedirectRecords(cookie, handle)
+// gid, cgroup id, comm, captured in the hook) by socket cookie; sockops (TCP)
+// and the egress hook (UDP) map the client 4-tuple to the same record for
+// QueryRedirect and SO_ORIGINAL_DST. UDP is indexed at egress because no
+// socket hook sees every UDP socket with its source port: the connect hook
+// runs before the kernel binds an unbound socket, and a connected send runs
+// none. A UDP client on a wildcard address (an unconnected socket) is
+// indexed with a zero client address, which QueryRedirect falls back to, so
+// a UDP proxy finds a datagram's redirect from its source and the proxy's
+// own address. A socket marked with SetRedirectRecords(cookie, handle)
 // before its connect is not redirected by that handle's filters again — the
 // proxy's outbound connection — so chained proxies never loop. For the
 // arbitration the redirect counts as the callout's permit (soft unless the

@@ -145,6 +145,7 @@ const (
 	fwpProgFwpBind6        = "fwp_bind6"
 	fwpProgFwpConnect4     = "fwp_connect4"
 	fwpProgFwpConnect6     = "fwp_connect6"
+	fwpProgFwpEgress       = "fwp_egress"
 	fwpProgFwpGetpeername4 = "fwp_getpeername4"
 	fwpProgFwpGetpeername6 = "fwp_getpeername6"
 	fwpProgFwpGetsockopt   = "fwp_getsockopt"
@@ -202,6 +203,7 @@ type fwpProgramSpecs struct {
 	FwpBind6        *ebpf.ProgramSpec `ebpf:"fwp_bind6"`
 	FwpConnect4     *ebpf.ProgramSpec `ebpf:"fwp_connect4"`
 	FwpConnect6     *ebpf.ProgramSpec `ebpf:"fwp_connect6"`
+	FwpEgress       *ebpf.ProgramSpec `ebpf:"fwp_egress"`
 	FwpGetpeername4 *ebpf.ProgramSpec `ebpf:"fwp_getpeername4"`
 	FwpGetpeername6 *ebpf.ProgramSpec `ebpf:"fwp_getpeername6"`
 	FwpGetsockopt   *ebpf.ProgramSpec `ebpf:"fwp_getsockopt"`
@@ -308,6 +310,7 @@ type fwpPrograms struct {
 	FwpBind6        *ebpf.Program `ebpf:"fwp_bind6"`
 	FwpConnect4     *ebpf.Program `ebpf:"fwp_connect4"`
 	FwpConnect6     *ebpf.Program `ebpf:"fwp_connect6"`
+	FwpEgress       *ebpf.Program `ebpf:"fwp_egress"`
 	FwpGetpeername4 *ebpf.Program `ebpf:"fwp_getpeername4"`
 	FwpGetpeername6 *ebpf.Program `ebpf:"fwp_getpeername6"`
 	FwpGetsockopt   *ebpf.Program `ebpf:"fwp_getsockopt"`
@@ -325,6 +328,7 @@ func (p *fwpPrograms) Close() error {
 		p.FwpBind6,
 		p.FwpConnect4,
 		p.FwpConnect6,
+		p.FwpEgress,
 		p.FwpGetpeername4,
 		p.FwpGetpeername6,
 		p.FwpGetsockopt,

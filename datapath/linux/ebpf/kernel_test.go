@@ -22,6 +22,7 @@ import (
 	"fwp/engine"
 	"fwp/internal/testutil"
 	"fwp/internal/unix"
+	"fwp/proxy"
 )
 
 func TestMain(m *testing.M) {
@@ -514,6 +515,9 @@ type udpResult struct {
 	UnconnectedReply string `json:"unconnected_reply"`
 	ConnectedPeer    string `json:"connected_peer"`
 	ConnectedReply   string `json:"connected_reply"`
+	// The client sources the proxy saw, for QueryRedirect by 4-tuple.
+	UnconnectedSource string `json:"unconnected_source"`
+	ConnectedSource   string `json:"connected_source"`
 }
 
 // udpRedirectHelper sends datagrams to origin (args[0]); the policy sends
@@ -525,6 +529,8 @@ func udpRedirectHelper(args []string) error {
 		return err
 	}
 	defer pc.Close()
+	var res udpResult
+	sources := make(chan string, 2)
 	go func() {
 		buf := make([]byte, 512)
 		for {
@@ -532,10 +538,10 @@ func udpRedirectHelper(args []string) error {
 			if err != nil {
 				return
 			}
+			sources <- netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()
 			pc.WriteToUDPAddrPort(append([]byte("proxy:"), buf[:n]...), from)
 		}
 	}()
-	var res udpResult
 	network := "udp4"
 	if origin.Addr().Is6() {
 		network = "udp6"
@@ -570,6 +576,7 @@ func udpRedirectHelper(args []string) error {
 		return fmt.Errorf("connected read: %w", err)
 	}
 	res.ConnectedReply = string(buf[:n])
+	res.UnconnectedSource, res.ConnectedSource = <-sources, <-sources
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 
@@ -577,19 +584,56 @@ func TestKernelRedirectUDP(t *testing.T) {
 	d, cg := kernelSetup(t)
 	for _, c := range redirectCases("127.0.0.53:53", "[::1]:53", 15353) {
 		t.Run(c.name, func(t *testing.T) {
-			e, _ := redirectPolicy(t, c.name == "v6", c.origin.Port(), c.proxy, nil)
+			e, co := redirectPolicy(t, c.name == "v6", c.origin.Port(), c.proxy, []byte("udp-ctx"))
 			apply(t, d, e)
 			var res udpResult
 			if err := json.Unmarshal(testutil.RunHelper(t, cg, "udpredirect", nil, c.origin.String(), c.proxy.String()), &res); err != nil {
 				t.Fatal(err)
 			}
-			want := udpResult{UnconnectedFrom: c.origin.String(), UnconnectedReply: "proxy:a", ConnectedPeer: c.origin.String(), ConnectedReply: "proxy:b"}
+			want := udpResult{UnconnectedFrom: c.origin.String(), UnconnectedReply: "proxy:a", ConnectedPeer: c.origin.String(), ConnectedReply: "proxy:b",
+				UnconnectedSource: res.UnconnectedSource, ConnectedSource: res.ConnectedSource}
 			if res != want {
 				t.Fatalf("got %+v, want %+v", res, want)
+			}
+			// The proxy's view of each flow (its own address, the
+			// datagram's source) finds the redirect: an unconnected
+			// socket on a wildcard address and a connected one the
+			// kernel bound after the connect hook.
+			for _, src := range []string{res.UnconnectedSource, res.ConnectedSource} {
+				r, orig, err := d.QueryProxyRedirect(c.proxy, netip.MustParseAddrPort(src))
+				if err != nil {
+					t.Fatalf("QueryProxyRedirect(%s, %s): %v", c.proxy, src, err)
+				}
+				hs, err := DecodeRecords(r.Records)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if orig != c.origin || string(r.Context) != "udp-ctx" || r.TargetPID != 77 || len(hs) == 0 || hs[len(hs)-1] != uint32(co) {
+					t.Fatalf("UDP redirect of %s: original %s, context %q, target %d, records %v; want %s, %q, 77, [... %d]",
+						src, orig, r.Context, r.TargetPID, hs, c.origin, "udp-ctx", co)
+				}
+			}
+			// A UDP socket the proxy connected to the client.
+			conn := addrConn{local: net.UDPAddrFromAddrPort(c.proxy), remote: net.UDPAddrFromAddrPort(netip.MustParseAddrPort(res.ConnectedSource))}
+			if r, err := (ProxyBackend{R: d.redirects()}).QueryAccepted(conn); err != nil || string(r.Context) != "udp-ctx" {
+				t.Fatalf("QueryAccepted of a connected UDP socket: %q, %v", r.Context, err)
+			}
+			if _, _, err := d.QueryProxyRedirect(c.proxy, netip.AddrPortFrom(c.proxy.Addr(), 1)); !errors.Is(err, proxy.ErrNotFound) {
+				t.Fatalf("QueryProxyRedirect of an unknown source: %v, want ErrNotFound", err)
 			}
 		})
 	}
 }
+
+// addrConn is a net.Conn with only its addresses, for QueryAccepted on the
+// addresses a socket in another namespace had.
+type addrConn struct {
+	net.Conn
+	local, remote net.Addr
+}
+
+func (c addrConn) LocalAddr() net.Addr  { return c.local }
+func (c addrConn) RemoteAddr() net.Addr { return c.remote }
 
 // connectBenchHelper measures TCP connect+close to a listener in its own
 // namespace with testing.Benchmark and prints ns per connect.

@@ -38,6 +38,7 @@ func (d *Datapath) hooks() []hook {
 		{"sockops", p.FwpSockops, ebpf.AttachCGroupSockOps},
 		{"getsockopt", p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt},
 		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease},
+		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress},
 	}
 }
 

@@ -83,9 +83,11 @@ func (r *Redirects) Records(cookie uint64) []uint32 {
 	return slices.Clone(rec.Handles[:min(int(rec.N), maxRecords)])
 }
 
-// QueryRedirect finds the redirect of a TCP connection a proxy accepted:
-// local is the accepted socket's local address (the proxy's), remote its
-// peer (the client). Without a record the error wraps ErrNoRedirect.
+// QueryRedirect finds the redirect of a TCP connection a proxy accepted, or
+// of a UDP flow it receives: local is the proxy's address (the accepted
+// socket's local address, or the address the datagram came to), remote the
+// client's (the peer, or the datagram's source). Without a record the error
+// wraps ErrNoRedirect.
 func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, error) {
 	var k fwpTupleKey
 	c, p := remote.Addr().Unmap(), local.Addr().Unmap()
@@ -100,7 +102,12 @@ func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, 
 	k.ClientPort, k.ProxyPort = remote.Port(), local.Port()
 	var s fwpRedirectState
 	if err := r.tuple.Lookup(k, &s); err != nil {
-		return RedirectState{}, fmt.Errorf("%w: %s -> %s", ErrNoRedirect, remote, local)
+		// A UDP client on a wildcard address is indexed with a zero
+		// client address (the kernel picks the source per datagram).
+		k.Client = [16]byte{}
+		if err := r.tuple.Lookup(k, &s); err != nil || s.Proto != syscall.IPPROTO_UDP {
+			return RedirectState{}, fmt.Errorf("%w: %s -> %s", ErrNoRedirect, remote, local)
+		}
 	}
 	return s.export(), nil
 }
@@ -148,8 +155,9 @@ func DecodeRecords(b []byte) ([]uint32, error) {
 // ProxyBackend answers the proxy package's functions for plain sockets of
 // the kernel datapath (register it with proxy.Register):
 //
-//   - QueryRedirectRecords of an accepted TCP connection: found by its
-//     4-tuple; the records are the chain of redirect handles the client
+//   - QueryRedirectRecords of an accepted TCP connection (or a UDP socket
+//     connected to the client; QueryTuple for a datagram's source): found
+//     by its 4-tuple; the records are the chain of redirect handles the client
 //     socket carried (a proxy's outbound connection) plus this redirect's;
 //   - QueryRedirectContext: the filter's context bytes or, when it set
 //     none, the original destination in text form ("10.0.0.1:80"); the
@@ -160,12 +168,21 @@ type ProxyBackend struct{ R *Redirects }
 
 // QueryAccepted implements proxy.Backend.
 func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
-	la, ok1 := conn.LocalAddr().(*net.TCPAddr)
-	ra, ok2 := conn.RemoteAddr().(*net.TCPAddr)
-	if !ok1 || !ok2 {
-		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	var local, remote netip.AddrPort
+	switch la := conn.LocalAddr().(type) {
+	case *net.TCPAddr:
+		if ra, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
+			local, remote = la.AddrPort(), ra.AddrPort()
+		}
+	case *net.UDPAddr: // a UDP socket the proxy connected to the client
+		if ra, ok := conn.RemoteAddr().(*net.UDPAddr); ok {
+			local, remote = la.AddrPort(), ra.AddrPort()
+		}
 	}
-	r, _, err := b.QueryTuple(la.AddrPort(), ra.AddrPort())
+	if !local.IsValid() || !remote.IsValid() {
+		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP or UDP connection", proxy.ErrNotFound)
+	}
+	r, _, err := b.QueryTuple(local, remote)
 	return r, err
 }
 

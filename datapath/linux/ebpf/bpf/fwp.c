@@ -907,7 +907,8 @@ SEC("cgroup/bind6")
 int fwp_bind6(struct bpf_sock_addr *ctx) { return do_bind(ctx, 1); }
 
 // sockops: once a redirected TCP client has its source port, index its
-// redirect by the 4-tuple the proxy will see on the accepted connection.
+// redirect by the 4-tuple the proxy will see on the accepted connection
+// (egress does it for UDP).
 SEC("sockops")
 int fwp_sockops(struct bpf_sock_ops *skops)
 {
@@ -931,6 +932,63 @@ int fwp_sockops(struct bpf_sock_ops *skops)
 	k.proxy_port = st->proxy_port;
 	if (k.v6 != st->proxy_v6)
 		return 1;
+	bpf_map_update_elem(&fwp_tuple_redirect, &k, st, BPF_ANY);
+	return 1;
+}
+
+// egress indexes a redirected UDP socket by the 4-tuple the proxy sees on
+// its datagrams (client address and port -> proxy), as sockops does for
+// TCP. It runs per packet because no socket hook sees every UDP socket
+// with its source port: a connect of an unbound socket runs before the
+// kernel binds it, and a connected send runs no hook. A wildcard source
+// (an unconnected socket on 0.0.0.0 or ::) is stored as zero, which
+// QueryRedirect falls back to. Lookups only on the common path; the index
+// is written when the socket's record changed.
+SEC("cgroup_skb/egress")
+int fwp_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_UDP)
+		return 1;
+	__u32 port = sk->src_port;
+	if (!port)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
+	if (!st)
+		return 1;
+	struct tuple_key k = {};
+	k.v6 = st->proxy_v6;
+	if (sk->family == AF_INET) {
+		__u32 a = sk->src_ip4;
+		__builtin_memcpy(k.client, &a, 4);
+	} else {
+		__u32 a[4];
+		LOAD_IP6(a, sk->src_ip6);
+		if (is_v4mapped(a)) {
+			if (k.v6)
+				return 1;
+			__builtin_memcpy(k.client, &a[3], 4);
+		} else if (k.v6) {
+			__builtin_memcpy(k.client, a, 16);
+		} else if (a[0] | a[1] | a[2] | a[3]) {
+			return 1;
+		}
+	}
+	__builtin_memcpy(k.proxy, st->proxy_addr, 16);
+	k.client_port = port;
+	k.proxy_port = st->proxy_port;
+	struct redirect_state *old = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
+	if (old && old->cookie == cookie && old->handle == st->handle && old->orig_port == st->orig_port) {
+		__u32 a[4], b[4];
+		__builtin_memcpy(a, old->orig_addr, 16);
+		__builtin_memcpy(b, st->orig_addr, 16);
+		if (!((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])))
+			return 1;
+	}
 	bpf_map_update_elem(&fwp_tuple_redirect, &k, st, BPF_ANY);
 	return 1;
 }

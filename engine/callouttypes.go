@@ -176,27 +176,7 @@ func (c *ConnectRedirect) classify(req *ClassifyRequest, out *ClassifyOut) {
 		w.LocalRedirectContext = t.Context
 		return e.ApplyConnectRequest(h, w, 0) == nil
 	}
-	if !c.Async {
-		if redirect() {
-			out.Action = ActionPermit
-		}
-		e.ReleaseClassifyHandle(h)
-		return
-	}
-	p, err := e.PendClassify(h, out)
-	if err != nil {
-		e.ReleaseClassifyHandle(h)
-		return
-	}
-	_ = p
-	go func() {
-		final := ClassifyOut{Action: ActionContinue, Rights: RightActionWrite}
-		if redirect() {
-			final.Action = ActionPermit
-		}
-		_ = e.CompleteClassify(h, final)
-		e.ReleaseClassifyHandle(h)
-	}()
+	modify(e, h, out, c.Async, redirect)
 }
 
 // BindRedirect is the bind-redirect recipe: it moves a socket's local
@@ -232,7 +212,15 @@ func (b *BindRedirect) classify(req *ClassifyRequest, out *ClassifyOut) {
 		w.LocalAddressAndPort = to
 		return e.ApplyBindRequest(h, w, 0) == nil
 	}
-	if !b.Async {
+	modify(e, h, out, b.Async, apply)
+}
+
+// modify runs apply, which modifies the layer data of h, either inline
+// (permit when it applied) or asynchronously as seed 001's second recipe:
+// pend the classify, apply on another goroutine, complete with permit when
+// it applied (continue otherwise), release the handle.
+func modify(e *Engine, h ClassifyHandle, out *ClassifyOut, async bool, apply func() bool) {
+	if !async {
 		if apply() {
 			out.Action = ActionPermit
 		}

@@ -294,6 +294,10 @@ type redirectResult struct {
 	AcceptedRemote string `json:"accepted_remote"` // the client's address as the proxy sees it
 	Response       string `json:"response"`
 	ProxyAccepts   int    `json:"proxy_accepts"`
+	// The 4-tuple record, read while the accepted connection was open
+	// (with the tuple map as fd 4).
+	State    *RedirectState `json:"state,omitempty"`
+	StateErr string         `json:"state_err,omitempty"`
 }
 
 // redirectHelper runs origin server, proxy and client in the test cgroup.
@@ -310,6 +314,7 @@ func redirectHelper(args []string) error {
 	if err != nil {
 		return err
 	}
+	tuples, _ := ebpf.NewMapFromFD(4) // optional
 	ol, err := net.Listen("tcp", origin)
 	if err != nil {
 		return err
@@ -352,6 +357,14 @@ func redirectHelper(args []string) error {
 			return
 		}
 		res.OriginalDst = odst.String()
+		if tuples != nil {
+			st, err := (&Redirects{tuple: tuples}).QueryRedirect(c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort())
+			if err != nil {
+				res.StateErr = err.Error()
+			} else {
+				res.State = &st
+			}
+		}
 		dialer := net.Dialer{Control: func(network, address string, rc syscall.RawConn) error {
 			var cerr error
 			rc.Control(func(fd uintptr) {
@@ -459,8 +472,8 @@ func TestKernelRedirect(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e, co := redirectPolicy(t, c.name == "v6", c.origin.Port(), c.proxy, []byte("secret"))
 			apply(t, d, e)
-			file := mapFile(t, d.objs.FwpSockRecords)
-			out, err := testutil.RunHelperFiles(cg, "redirect", nil, []*os.File{file}, c.origin.String(), c.proxy.String(), fmt.Sprint(uint32(co)))
+			files := []*os.File{mapFile(t, d.objs.FwpSockRecords), mapFile(t, d.objs.FwpTupleRedirect)}
+			out, err := testutil.RunHelperFiles(cg, "redirect", nil, files, c.origin.String(), c.proxy.String(), fmt.Sprint(uint32(co)))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -480,13 +493,17 @@ func TestKernelRedirect(t *testing.T) {
 			if res.ProxyAccepts != 1 {
 				t.Errorf("proxy accepted %d connections, want 1 (no loop)", res.ProxyAccepts)
 			}
-			st, err := d.QueryRedirect(netip.MustParseAddrPort(res.AcceptedLocal), netip.MustParseAddrPort(res.AcceptedRemote))
-			if err != nil {
-				t.Fatal(err)
+			if res.State == nil {
+				t.Fatalf("QueryRedirect while the proxy held the connection: %s", res.StateErr)
 			}
+			st := *res.State
 			if st.Original != c.origin || st.Proxy != c.proxy || st.Handle != uint32(co) || st.TargetPID != 77 ||
 				string(st.Context) != "secret" || st.Protocol != 6 || st.CgroupID != cg.ID || st.PID == 0 {
 				t.Errorf("QueryRedirect: %+v", st)
+			}
+			// The proxy's accepted socket is closed: its record went with it.
+			if _, err := d.QueryRedirect(netip.MustParseAddrPort(res.AcceptedLocal), netip.MustParseAddrPort(res.AcceptedRemote)); !errors.Is(err, ErrNoRedirect) {
+				t.Errorf("QueryRedirect after the proxy closed the connection: %v (want the record removed at socket release)", err)
 			}
 			if _, err := d.QueryRedirect(c.proxy, netip.AddrPortFrom(c.origin.Addr(), 1)); !errors.Is(err, ErrNoRedirect) {
 				t.Errorf("QueryRedirect of an unknown tuple: %v", err)

@@ -906,12 +906,47 @@ int fwp_bind4(struct bpf_sock_addr *ctx) { return do_bind(ctx, 0); }
 SEC("cgroup/bind6")
 int fwp_bind6(struct bpf_sock_addr *ctx) { return do_bind(ctx, 1); }
 
+// accepted_sockops ends a redirected connection's 4-tuple record with the
+// proxy's accepted socket: the proxy queries it while the connection is
+// open, and the client may have closed first. The socket asks for state
+// callbacks only when it has a record; the record goes when it closes.
+// (Records of connections never accepted age out of the LRU.)
+static __always_inline int accepted_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != BPF_TCP_CLOSE)
+		return 1;
+	struct tuple_key k = {};
+	if (skops->family == AF_INET) {
+		__u32 a = skops->remote_ip4;
+		__builtin_memcpy(k.client, &a, 4);
+		a = skops->local_ip4;
+		__builtin_memcpy(k.proxy, &a, 4);
+	} else {
+		__u32 c[4], p[4];
+		LOAD_IP6(c, skops->remote_ip6);
+		LOAD_IP6(p, skops->local_ip6);
+		k.v6 = store_addr(k.client, c);
+		store_addr(k.proxy, p);
+	}
+	k.client_port = bpf_ntohl(skops->remote_port);
+	k.proxy_port = skops->local_port;
+	if (!bpf_map_lookup_elem(&fwp_tuple_redirect, &k))
+		return 1;
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	else
+		bpf_map_delete_elem(&fwp_tuple_redirect, &k);
+	return 1;
+}
+
 // sockops: once a redirected TCP client has its source port, index its
 // redirect by the 4-tuple the proxy will see on the accepted connection
 // (egress does it for UDP).
 SEC("sockops")
 int fwp_sockops(struct bpf_sock_ops *skops)
 {
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_STATE_CB)
+		return accepted_sockops(skops);
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);
@@ -993,6 +1028,26 @@ int fwp_egress(struct __sk_buff *skb)
 	return 1;
 }
 
+// accepted_tuple builds the redirect index key of a proxy's accepted
+// socket: its peer is the client, its local address the proxy.
+static __always_inline void accepted_tuple(struct bpf_sock *sk, struct tuple_key *k)
+{
+	if (sk->family == AF_INET) {
+		__u32 a = sk->dst_ip4;
+		__builtin_memcpy(k->client, &a, 4);
+		a = sk->src_ip4;
+		__builtin_memcpy(k->proxy, &a, 4);
+	} else {
+		__u32 c[4], p[4];
+		LOAD_IP6(c, sk->dst_ip6);
+		LOAD_IP6(p, sk->src_ip6);
+		k->v6 = store_addr(k->client, c);
+		store_addr(k->proxy, p);
+	}
+	k->client_port = bpf_ntohs(sk->dst_port);
+	k->proxy_port = sk->src_port;
+}
+
 // getsockopt answers SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST) on the
 // proxy's accepted socket, as iptables REDIRECT does.
 SEC("cgroup/getsockopt")
@@ -1004,20 +1059,7 @@ int fwp_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 1;
 	struct tuple_key k = {};
-	if (sk->family == AF_INET) {
-		__u32 a = sk->dst_ip4;
-		__builtin_memcpy(k.client, &a, 4);
-		a = sk->src_ip4;
-		__builtin_memcpy(k.proxy, &a, 4);
-	} else {
-		__u32 c[4], p[4];
-		LOAD_IP6(c, sk->dst_ip6);
-		LOAD_IP6(p, sk->src_ip6);
-		k.v6 = store_addr(k.client, c);
-		store_addr(k.proxy, p);
-	}
-	k.client_port = bpf_ntohs(sk->dst_port);
-	k.proxy_port = sk->src_port;
+	accepted_tuple(sk, &k);
 	struct redirect_state *st = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
 	if (!st)
 		return 1;

@@ -18,7 +18,8 @@ import (
 )
 
 // QueryRedirect returns the redirect of a TCP connection a proxy accepted
-// (local: its local address, remote: the client's) and the destination the
+// or of a UDP client's datagrams (local: the proxy's address, remote: the
+// client's) and the destination the
 // client asked for, as fwpd's kernel datapath recorded them. fwpd answers
 // only the redirect's target process or root (errors.Is
 // proxy.ErrAccessDenied otherwise); an unknown connection gives
@@ -39,7 +40,8 @@ func (c *Client) QueryRedirect(ctx context.Context, local, remote netip.AddrPort
 // ProxyBackend is a proxy.Backend that asks fwpd, for a proxy that cannot
 // open the kernel datapath's maps itself (no root): after
 // proxy.Register(client.ProxyBackend{C: c}), proxy.QueryRedirectRecords and
-// proxy.QueryRedirectContext work on its accepted TCP connections, and
+// proxy.QueryRedirectContext work on its accepted TCP connections (and on
+// UDP sockets it connected to a client), and
 // proxy.SetRedirectRecords on a *net.Dialer through fwpd's RecordsSocket.
 type ProxyBackend struct {
 	C *Client
@@ -49,10 +51,9 @@ type ProxyBackend struct {
 
 // QueryAccepted implements proxy.Backend.
 func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
-	la, ok1 := conn.LocalAddr().(*net.TCPAddr)
-	ra, ok2 := conn.RemoteAddr().(*net.TCPAddr)
-	if !ok1 || !ok2 {
-		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	local, remote, ok := proxy.ConnTuple(conn)
+	if !ok {
+		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP or UDP connection", proxy.ErrNotFound)
 	}
 	d := b.Timeout
 	if d <= 0 {
@@ -60,7 +61,7 @@ func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
-	r, _, err := b.C.QueryRedirect(ctx, la.AddrPort(), ra.AddrPort())
+	r, _, err := b.C.QueryRedirect(ctx, local, remote)
 	return r, err
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -118,6 +119,24 @@ func lookup(conn net.Conn) (Redirect, uint32, error) {
 		}
 	}
 	return Redirect{}, 0, fmt.Errorf("%w: %s -> %s", ErrNotFound, conn.RemoteAddr(), conn.LocalAddr())
+}
+
+// ConnTuple returns a connection's local and remote addresses when it is a
+// TCP connection or a UDP socket connected to its peer (a UDP proxy
+// connects a socket to each client): what a kernel backend looks a
+// redirect up by.
+func ConnTuple(conn net.Conn) (local, remote netip.AddrPort, ok bool) {
+	switch la := conn.LocalAddr().(type) {
+	case *net.TCPAddr:
+		if ra, isTCP := conn.RemoteAddr().(*net.TCPAddr); isTCP {
+			local, remote = la.AddrPort(), ra.AddrPort()
+		}
+	case *net.UDPAddr:
+		if ra, isUDP := conn.RemoteAddr().(*net.UDPAddr); isUDP {
+			local, remote = la.AddrPort(), ra.AddrPort()
+		}
+	}
+	return local, remote, local.IsValid() && remote.IsValid()
 }
 
 // QueryRedirectRecords returns the redirect records of an accepted

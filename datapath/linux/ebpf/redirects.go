@@ -168,18 +168,8 @@ type ProxyBackend struct{ R *Redirects }
 
 // QueryAccepted implements proxy.Backend.
 func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
-	var local, remote netip.AddrPort
-	switch la := conn.LocalAddr().(type) {
-	case *net.TCPAddr:
-		if ra, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
-			local, remote = la.AddrPort(), ra.AddrPort()
-		}
-	case *net.UDPAddr: // a UDP socket the proxy connected to the client
-		if ra, ok := conn.RemoteAddr().(*net.UDPAddr); ok {
-			local, remote = la.AddrPort(), ra.AddrPort()
-		}
-	}
-	if !local.IsValid() || !remote.IsValid() {
+	local, remote, ok := proxy.ConnTuple(conn)
+	if !ok {
 		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP or UDP connection", proxy.ErrNotFound)
 	}
 	r, _, err := b.QueryTuple(local, remote)

@@ -41,8 +41,10 @@ func (c *Client) QueryRedirect(ctx context.Context, local, remote netip.AddrPort
 // open the kernel datapath's maps itself (no root): after
 // proxy.Register(client.ProxyBackend{C: c}), proxy.QueryRedirectRecords and
 // proxy.QueryRedirectContext work on its accepted TCP connections (and on
-// UDP sockets it connected to a client), and
-// proxy.SetRedirectRecords on a *net.Dialer through fwpd's RecordsSocket.
+// UDP sockets it connected to a client), proxy.QueryDatagramRedirectRecords
+// and proxy.QueryDatagramRedirectContext on its unconnected UDP socket and a
+// datagram's source, and proxy.SetRedirectRecords on a *net.Dialer through
+// fwpd's RecordsSocket.
 type ProxyBackend struct {
 	C *Client
 	// Timeout bounds each query; 0 means 5 seconds.
@@ -55,6 +57,22 @@ func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 	if !ok {
 		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP or UDP connection", proxy.ErrNotFound)
 	}
+	return b.query(local, remote)
+}
+
+// QueryDatagram implements proxy.DatagramBackend: fwpd looks the flow up
+// by the socket's local address and the datagram's source. A socket bound
+// to a wildcard address is sent as such; fwpd's kernel datapath then finds
+// the flow by port (see ebpf.Redirects.QueryRedirect).
+func (b ProxyBackend) QueryDatagram(pc net.PacketConn, from netip.AddrPort) (proxy.Redirect, error) {
+	local, ok := pc.LocalAddr().(*net.UDPAddr)
+	if !ok || local == nil {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T is not a UDP socket", proxy.ErrNotFound, pc)
+	}
+	return b.query(local.AddrPort(), from)
+}
+
+func (b ProxyBackend) query(local, remote netip.AddrPort) (proxy.Redirect, error) {
 	d := b.Timeout
 	if d <= 0 {
 		d = 5 * time.Second

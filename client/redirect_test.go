@@ -52,3 +52,33 @@ func TestProxyBackendQueriesConnectedUDP(t *testing.T) {
 		t.Fatalf("QueryAccepted(unconnected UDP): %v; want proxy.ErrNotFound", err)
 	}
 }
+
+// A UDP proxy's unconnected socket: ProxyBackend asks fwpd by the socket's
+// local address and the datagram's source, through the proxy package's
+// datagram queries; a socket bound to a wildcard address is asked about as
+// such (fwpd's datapath finds the flow by port).
+func TestProxyBackendQueriesDatagrams(t *testing.T) {
+	for _, bind := range []string{"127.0.0.1:0", "0.0.0.0:0"} {
+		pc, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(bind)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		from := netip.MustParseAddrPort("127.0.0.1:40000")
+		want := proxy.Redirect{Records: []byte("rec"), Context: []byte("ctx"), TargetPID: uint32(os.Getpid())}
+		sock, _ := startServer(t, server.Config{Redirects: oneRedirect{pc.LocalAddr().(*net.UDPAddr).AddrPort(), from, want}})
+		unregister := proxy.Register(client.ProxyBackend{C: dial(t, sock, true)})
+		recs, err := proxy.QueryDatagramRedirectRecords(pc, net.UDPAddrFromAddrPort(from))
+		if err != nil || string(recs) != "rec" {
+			t.Fatalf("%s: records %q, %v", bind, recs, err)
+		}
+		if c, err := proxy.QueryDatagramRedirectContext(pc, net.UDPAddrFromAddrPort(from)); err != nil || string(c) != "ctx" {
+			t.Fatalf("%s: context %q, %v", bind, c, err)
+		}
+		other := net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:40001"))
+		if _, err := proxy.QueryDatagramRedirectRecords(pc, other); !errors.Is(err, proxy.ErrNotFound) {
+			t.Fatalf("%s: unknown sender: %v; want proxy.ErrNotFound", bind, err)
+		}
+		unregister()
+	}
+}

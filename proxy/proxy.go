@@ -42,6 +42,28 @@ type Accepted interface {
 	ProxyRedirect() (r Redirect, acceptorPID uint32, err error)
 }
 
+// AcceptedDatagrams is implemented by unconnected packet sockets whose
+// datapath knows how the datagrams they receive were redirected (fwp's
+// in-process PacketConn): a UDP proxy keeps one socket for many clients,
+// so the redirect is found by the datagram's source.
+type AcceptedDatagrams interface {
+	// ProxyDatagramRedirect returns the redirect of the datagrams from
+	// (unmapped) and the process id of the process that receives them, or
+	// an error wrapping ErrNotFound.
+	ProxyDatagramRedirect(from netip.AddrPort) (r Redirect, receiverPID uint32, err error)
+}
+
+// DatagramBackend is a Backend that also answers for datagrams a plain
+// net.PacketConn received (a kernel datapath, by the socket's local address
+// and the datagram's source). Backends without it give ErrNotSupported for
+// datagrams.
+type DatagramBackend interface {
+	Backend
+	// QueryDatagram returns the redirect of the datagrams from (unmapped)
+	// that pc receives, or an error wrapping ErrNotFound.
+	QueryDatagram(pc net.PacketConn, from netip.AddrPort) (Redirect, error)
+}
+
 // RecordsSetter is implemented by dialers that carry redirect records on
 // the connections they make (fwp's in-process Dialer).
 type RecordsSetter interface {
@@ -147,6 +169,10 @@ func QueryRedirectRecords(conn net.Conn) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	return recordsOf(r)
+}
+
+func recordsOf(r Redirect) ([]byte, error) {
 	if len(r.Records) == 0 {
 		return nil, fmt.Errorf("%w: the connection carries no redirect records", ErrNotFound)
 	}
@@ -162,6 +188,11 @@ func QueryRedirectContext(conn net.Conn) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	return redirectContext(r, pid)
+}
+
+// redirectContext gives the context only to the redirect target pid.
+func redirectContext(r Redirect, pid uint32) ([]byte, error) {
 	if r.TargetPID == 0 || r.TargetPID != pid {
 		return nil, fmt.Errorf("%w: redirect target pid %d, caller pid %d", ErrAccessDenied, r.TargetPID, pid)
 	}
@@ -169,6 +200,69 @@ func QueryRedirectContext(conn net.Conn) ([]byte, error) {
 		return nil, fmt.Errorf("%w: the callout set no redirect context", ErrNotFound)
 	}
 	return slices.Clone(r.Context), nil
+}
+
+// lookupDatagram finds the redirect of the datagrams from that pc
+// receives, and the pid of the process that holds pc.
+func lookupDatagram(pc net.PacketConn, from net.Addr) (Redirect, uint32, error) {
+	if pc == nil {
+		return Redirect{}, 0, fmt.Errorf("%w: nil packet connection", ErrInvalidArgument)
+	}
+	ua, ok := from.(*net.UDPAddr)
+	if !ok || ua == nil {
+		return Redirect{}, 0, fmt.Errorf("%w: datagram source %T is not a UDP address", ErrInvalidArgument, from)
+	}
+	src := ua.AddrPort()
+	if !src.IsValid() || src.Port() == 0 {
+		return Redirect{}, 0, fmt.Errorf("%w: datagram source %v", ErrInvalidArgument, from)
+	}
+	// A dual-stack socket reports IPv4 sources as v4-mapped; datapaths
+	// index them as IPv4.
+	src = netip.AddrPortFrom(src.Addr().Unmap().WithZone(""), src.Port())
+	if a, ok := pc.(AcceptedDatagrams); ok {
+		return a.ProxyDatagramRedirect(src)
+	}
+	var asked bool
+	for _, b := range registered() {
+		db, ok := b.(DatagramBackend)
+		if !ok {
+			continue
+		}
+		asked = true
+		r, err := db.QueryDatagram(pc, src)
+		if err == nil {
+			return r, uint32(os.Getpid()), nil
+		}
+		if !errors.Is(err, ErrNotFound) {
+			return Redirect{}, 0, err
+		}
+	}
+	if !asked {
+		return Redirect{}, 0, fmt.Errorf("%w: no datapath knows the datagrams of %T sockets", ErrNotSupported, pc)
+	}
+	return Redirect{}, 0, fmt.Errorf("%w: datagrams from %s", ErrNotFound, src)
+}
+
+// QueryDatagramRedirectRecords is QueryRedirectRecords for a UDP proxy's
+// unconnected socket: the records of the flow whose datagram pc received
+// from the source from (as ReadFrom returned it). Same errors.
+func QueryDatagramRedirectRecords(pc net.PacketConn, from net.Addr) ([]byte, error) {
+	r, _, err := lookupDatagram(pc, from)
+	if err != nil {
+		return nil, err
+	}
+	return recordsOf(r)
+}
+
+// QueryDatagramRedirectContext is QueryRedirectContext for a UDP proxy's
+// unconnected socket and a datagram's source, with the same access rule:
+// only the redirect target process reads the context.
+func QueryDatagramRedirectContext(pc net.PacketConn, from net.Addr) ([]byte, error) {
+	r, pid, err := lookupDatagram(pc, from)
+	if err != nil {
+		return nil, err
+	}
+	return redirectContext(r, pid)
 }
 
 // SetRedirectRecords makes the connections a dialer makes carry records

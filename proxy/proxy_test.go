@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
+	"os"
 	"sync"
 	"syscall"
 	"testing"
@@ -209,4 +211,110 @@ func TestSplice(t *testing.T) {
 	if r := <-done; r.up != int64(len(msg)) || r.down != int64(len(msg)) {
 		t.Fatalf("spliced %d up, %d down; want %d", r.up, r.down, len(msg))
 	}
+}
+
+// fakeDatagrams is an unconnected socket whose datapath knows the
+// redirects of the datagrams it receives.
+type fakeDatagrams struct {
+	net.PacketConn
+	known netip.AddrPort
+	r     proxy.Redirect
+	pid   uint32
+}
+
+func (f *fakeDatagrams) ProxyDatagramRedirect(from netip.AddrPort) (proxy.Redirect, uint32, error) {
+	if from != f.known {
+		return proxy.Redirect{}, 0, proxy.ErrNotFound
+	}
+	return f.r, f.pid, nil
+}
+
+// datagramBackend is a registered backend that also answers for the
+// datagrams of plain sockets.
+type datagramBackend struct {
+	backend
+	known netip.AddrPort
+	r     proxy.Redirect
+}
+
+func (b *datagramBackend) QueryDatagram(pc net.PacketConn, from netip.AddrPort) (proxy.Redirect, error) {
+	if from != b.known {
+		return proxy.Redirect{}, proxy.ErrNotFound
+	}
+	return b.r, nil
+}
+
+func TestDatagramQueries(t *testing.T) {
+	client := netip.MustParseAddrPort("127.0.0.1:4000")
+	src := net.UDPAddrFromAddrPort(client)
+	mapped := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1).To16(), Port: 4000} // a dual-stack socket's view
+	recs := []byte("opaque-records")
+	ok := &fakeDatagrams{known: client, r: proxy.Redirect{Records: recs, Context: []byte("ctx"), TargetPID: 42}, pid: 42}
+	got, err := proxy.QueryDatagramRedirectRecords(ok, mapped)
+	if err != nil || !bytes.Equal(got, recs) {
+		t.Fatalf("records: %q %v", got, err)
+	}
+	got[0] = 'X'
+	if ok.r.Records[0] != 'o' {
+		t.Fatal("QueryDatagramRedirectRecords returned the datapath's own slice")
+	}
+	if c, err := proxy.QueryDatagramRedirectContext(ok, src); err != nil || string(c) != "ctx" {
+		t.Fatalf("context: %q %v", c, err)
+	}
+	other := net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:4001"))
+	cases := []struct {
+		name string
+		pc   net.PacketConn
+		from net.Addr
+		fn   func(net.PacketConn, net.Addr) ([]byte, error)
+		want error
+	}{
+		{"nil socket", nil, src, proxy.QueryDatagramRedirectRecords, proxy.ErrInvalidArgument},
+		{"nil source", ok, nil, proxy.QueryDatagramRedirectRecords, proxy.ErrInvalidArgument},
+		{"typed nil source", ok, (*net.UDPAddr)(nil), proxy.QueryDatagramRedirectContext, proxy.ErrInvalidArgument},
+		{"TCP source", ok, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4000}, proxy.QueryDatagramRedirectRecords, proxy.ErrInvalidArgument},
+		{"no port", ok, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, proxy.QueryDatagramRedirectRecords, proxy.ErrInvalidArgument},
+		{"other sender", ok, other, proxy.QueryDatagramRedirectRecords, proxy.ErrNotFound},
+		{"other pid", &fakeDatagrams{known: client, r: ok.r, pid: 7}, src, proxy.QueryDatagramRedirectContext, proxy.ErrAccessDenied},
+		{"no target pid", &fakeDatagrams{known: client, r: proxy.Redirect{Records: recs, Context: []byte("c")}, pid: 7}, src, proxy.QueryDatagramRedirectContext, proxy.ErrAccessDenied},
+		{"no context", &fakeDatagrams{known: client, r: proxy.Redirect{Records: recs, TargetPID: 7}, pid: 7}, src, proxy.QueryDatagramRedirectContext, proxy.ErrNotFound},
+		{"no records", &fakeDatagrams{known: client, r: proxy.Redirect{TargetPID: 7}, pid: 7}, src, proxy.QueryDatagramRedirectRecords, proxy.ErrNotFound},
+		{"plain socket, no backend", plainPacketConn(t), src, proxy.QueryDatagramRedirectRecords, proxy.ErrNotSupported},
+	}
+	for _, c := range cases {
+		if _, err := c.fn(c.pc, c.from); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", c.name, err, c.want)
+		}
+	}
+
+	// A backend without datagram support leaves plain sockets unsupported;
+	// one with it answers as this process.
+	unregister := proxy.Register(&backend{})
+	defer unregister()
+	plain := plainPacketConn(t)
+	if _, err := proxy.QueryDatagramRedirectRecords(plain, src); !errors.Is(err, proxy.ErrNotSupported) {
+		t.Fatalf("connection-only backend: %v, want ErrNotSupported", err)
+	}
+	db := &datagramBackend{known: client, r: proxy.Redirect{Records: recs, Context: []byte("dctx"), TargetPID: uint32(os.Getpid())}}
+	unregisterDB := proxy.Register(db)
+	defer unregisterDB()
+	if c, err := proxy.QueryDatagramRedirectContext(plain, mapped); err != nil || string(c) != "dctx" {
+		t.Fatalf("datagram backend: %q %v", c, err)
+	}
+	if _, err := proxy.QueryDatagramRedirectRecords(plain, other); !errors.Is(err, proxy.ErrNotFound) {
+		t.Fatalf("datagram backend, unknown sender: %v", err)
+	}
+	db.r.TargetPID = uint32(os.Getpid()) + 1
+	if _, err := proxy.QueryDatagramRedirectContext(plain, src); !errors.Is(err, proxy.ErrAccessDenied) {
+		t.Fatalf("datagram backend, other target: %v", err)
+	}
+}
+
+func plainPacketConn(t *testing.T) net.PacketConn {
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	return pc
 }

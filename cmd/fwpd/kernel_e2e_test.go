@@ -514,14 +514,17 @@ func kscenarioHelper(args []string) error {
 			fmt.Println(counts[port].Load())
 		case "bulk":
 			// bulk ADDR BYTES: send BYTES to the sink at ADDR, wait for
-			// its count; answers the nanoseconds it took.
+			// its count; answers the nanoseconds it took and the CPU
+			// time (user+system) this process — client, proxy and sink —
+			// used meanwhile.
 			addr, n, _ := strings.Cut(arg, " ")
 			size, _ := strconv.ParseInt(n, 10, 64)
+			cpu0 := cpuTime()
 			took, err := bulkSend(addr, size)
 			if err != nil {
 				return err
 			}
-			fmt.Println(took.Nanoseconds())
+			fmt.Println(took.Nanoseconds(), (cpuTime() - cpu0).Nanoseconds())
 		case "run":
 			var argv []string
 			if err := json.Unmarshal([]byte(arg), &argv); err != nil {
@@ -850,6 +853,15 @@ func serveTCP(addr string, handle func(net.Conn)) error {
 	return nil
 }
 
+// cpuTime is the user+system CPU time this process has used.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 func bulkSend(addr string, size int64) (time.Duration, error) {
 	start := time.Now()
 	c, err := net.Dial("tcp", addr)
@@ -928,26 +940,34 @@ filters:
 		b.Fatalf("fwpctl apply: %v: %s", err, out)
 	}
 	const size = 64 << 20
-	send := func(addr string) time.Duration {
+	send := func(addr string) (took, cpu time.Duration) {
 		out, err := h.Call([]byte(fmt.Sprintf("bulk %s %d", addr, size)))
 		if err != nil {
 			b.Fatal(err)
 		}
-		ns, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64)
-		if err != nil {
+		var ns, cpuNs int64
+		if _, err := fmt.Sscan(string(out), &ns, &cpuNs); err != nil {
 			b.Fatalf("bulk: %q", out)
 		}
-		return time.Duration(ns)
+		return time.Duration(ns), time.Duration(cpuNs)
 	}
-	var direct, redirected time.Duration
+	var direct, redirected, directCPU, redirectedCPU time.Duration
 	b.ReportAllocs()
 	b.SetBytes(2 * size)
 	for b.Loop() {
-		direct += send("127.0.0.1:7072")
-		redirected += send("127.0.0.1:7071")
+		t, c := send("127.0.0.1:7072")
+		direct, directCPU = direct+t, directCPU+c
+		t, c = send("127.0.0.1:7071")
+		redirected, redirectedCPU = redirected+t, redirectedCPU+c
 	}
 	mbps := func(d time.Duration) float64 { return float64(b.N) * size / d.Seconds() / 1e6 }
 	b.ReportMetric(mbps(direct), "direct-MB/s")
 	b.ReportMetric(mbps(redirected), "redirected-MB/s")
 	b.ReportMetric(direct.Seconds()/redirected.Seconds(), "ratio")
+	// CPUs busy during each transfer (CPU time / wall time) and CPU time
+	// per byte: when the redirected path keeps both CPUs busy, its rate
+	// is bounded by its CPU cost per byte, whatever the relay.
+	b.ReportMetric(directCPU.Seconds()/direct.Seconds(), "direct-cpus")
+	b.ReportMetric(redirectedCPU.Seconds()/redirected.Seconds(), "redirected-cpus")
+	b.ReportMetric(redirectedCPU.Seconds()/directCPU.Seconds(), "cpu-per-byte-ratio")
 }

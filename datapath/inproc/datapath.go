@@ -61,9 +61,18 @@ type Options struct {
 	// classification, on top of the engine's own pend timeout (0: only the
 	// engine's). When it passes first the operation is canceled and blocked.
 	PendTimeout time.Duration
+	// UDPIdleTimeout ends a PacketConn's association with a remote after
+	// this long without a datagram either way, as conntrack does for UDP:
+	// its flow is deleted (flow-delete, once) and the next datagram is
+	// classified again. 0 means DefaultUDPIdleTimeout; negative, never.
+	UDPIdleTimeout time.Duration
 	// Logger receives debug records of decisions (nil: discard).
 	Logger *slog.Logger
 }
+
+// DefaultUDPIdleTimeout is Options.UDPIdleTimeout's default: the idle
+// time after which Linux conntrack forgets a UDP flow that saw replies.
+const DefaultUDPIdleTimeout = 60 * time.Second
 
 // Datapath runs a process's sockets through an engine. It is safe for
 // concurrent use.
@@ -291,6 +300,90 @@ func (dp *Datapath) forget(k connKey) {
 	dp.mu.Unlock()
 }
 
+// newRedirectEntry is what a flow redirected from original carries for
+// its proxy.
+func (dp *Datapath) newRedirectEntry(original netip.AddrPort, rd *engine.Redirect) *redirectEntry {
+	ent := &redirectEntry{original: original, context: rd.Connect.LocalRedirectContext, targetPID: rd.Connect.LocalRedirectTargetPID}
+	if rd.Records != nil {
+		ent.records = dp.e.MarshalRedirectRecords(rd.Records)
+	}
+	return ent
+}
+
+// registerDatagrams records the redirect of a UDP association (its
+// datagrams go from k.local to k.remote), for the proxy's datagram queries.
+// Two associations of one socket redirected to one proxy share a key: the
+// later one is what the proxy sees, as in the kernel's tuple index.
+func (dp *Datapath) registerDatagrams(k connKey, ent *redirectEntry) {
+	dp.mu.Lock()
+	if _, dup := dp.redirs[k]; !dup {
+		dp.nredirs.Add(1)
+	}
+	dp.redirs[k] = ent
+	dp.mu.Unlock()
+}
+
+// forgetEntry removes k's registration if it is still ent's.
+func (dp *Datapath) forgetEntry(k connKey, ent *redirectEntry) {
+	dp.mu.Lock()
+	if dp.redirs[k] == ent {
+		delete(dp.redirs, k)
+		dp.nredirs.Add(-1)
+	}
+	dp.mu.Unlock()
+}
+
+// lookupDatagrams finds the redirect of the UDP datagrams from that a
+// socket bound to local receives. A sender bound to a wildcard address is
+// registered with it (the kernel picks the source per datagram), so its
+// datagrams are also looked up by the wildcard of from's port. A receiver
+// bound to a wildcard address does not know which of its addresses the
+// datagram came to: every redirect of from to local's port matches, and
+// when those disagree (one sender redirected to two addresses of this
+// host on one port) the answer is none rather than a guess.
+func (dp *Datapath) lookupDatagrams(local, from netip.AddrPort) *redirectEntry {
+	if dp.nredirs.Load() == 0 || !local.IsValid() || !from.IsValid() {
+		return nil
+	}
+	senders := [...]netip.AddrPort{from, netip.AddrPortFrom(netip.IPv4Unspecified(), from.Port()), netip.AddrPortFrom(netip.IPv6Unspecified(), from.Port())}
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	if !local.Addr().IsUnspecified() {
+		for _, s := range senders {
+			if ent := dp.redirs[connKey{17, s, local}]; ent != nil {
+				return ent
+			}
+		}
+		return nil
+	}
+	var found [2]*redirectEntry // by the sender's specificity: exact, wildcard
+	var ambiguous [2]bool
+	for k, ent := range dp.redirs {
+		if k.proto != 17 || k.remote.Port() != local.Port() || k.remote.Addr().Is4() != from.Addr().Is4() {
+			continue
+		}
+		for i, s := range senders {
+			if k.local != s {
+				continue
+			}
+			j := min(i, 1)
+			if found[j] != nil && found[j] != ent {
+				ambiguous[j] = true
+			}
+			found[j] = ent
+		}
+	}
+	for j := range found {
+		if found[j] != nil {
+			if ambiguous[j] {
+				return nil
+			}
+			return found[j]
+		}
+	}
+	return nil
+}
+
 // acceptWait bounds how long an accept waits for its racing dial to
 // register. The wait is normally microseconds (the dialer's goroutine
 // returning from connect); the bound only matters when a scheduler is
@@ -371,6 +464,21 @@ func (dp *Datapath) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 	ent := dp.lookupAccepted(context.Background(), proto, local, remote)
 	if ent == nil {
 		return proxy.Redirect{}, fmt.Errorf("%w: %s -> %s", proxy.ErrNotFound, remote, local)
+	}
+	return ent.proxyRedirect(), nil
+}
+
+// QueryDatagram implements proxy.DatagramBackend for a plain
+// net.PacketConn: the redirect of the datagrams from that the socket
+// receives, by its local address (see PacketConn.ProxyDatagramRedirect).
+func (dp *Datapath) QueryDatagram(pc net.PacketConn, from netip.AddrPort) (proxy.Redirect, error) {
+	local, ok := addrPortOf(pc.LocalAddr())
+	if !ok || protoOf(pc.LocalAddr()) != 17 {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T is not a UDP socket", proxy.ErrNotFound, pc)
+	}
+	ent := dp.lookupDatagrams(local, unmap(from))
+	if ent == nil {
+		return proxy.Redirect{}, fmt.Errorf("%w: datagrams %s -> %s", proxy.ErrNotFound, from, local)
 	}
 	return ent.proxyRedirect(), nil
 }

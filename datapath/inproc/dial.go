@@ -107,10 +107,7 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 	if rd.Redirected() && rd.Connect != nil {
 		target = unmap(rd.Remote())
 		c.via = target
-		ent = &redirectEntry{original: remote, context: rd.Connect.LocalRedirectContext, targetPID: rd.Connect.LocalRedirectTargetPID}
-		if rd.Records != nil {
-			ent.records = dp.e.MarshalRedirectRecords(rd.Records)
-		}
+		ent = dp.newRedirectEntry(remote, rd)
 	}
 
 	vs.Reset()

@@ -8,6 +8,7 @@
 //	Accept:  accept() ─► AUTH_RECV_ACCEPT ─► FLOW_ESTABLISHED
 //	UDP:     first datagram to a remote: CONNECT_REDIRECT ─► AUTH_CONNECT
 //	         first datagram from a remote: AUTH_RECV_ACCEPT
+//	         (an association idle for Options.UDPIdleTimeout ends: flow-delete)
 //	Close:   ENDPOINT_CLOSURE ─► flow-delete of the flow's contexts (once)
 //
 // A block is an error wrapping *BlockedError (and ErrBlocked); a pend holds

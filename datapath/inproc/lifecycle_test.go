@@ -262,14 +262,7 @@ func runCanceledDial(t *testing.T, e *engine.Engine, srv *echoServer, held, unbl
 // pend and the association's flow are gone.
 func TestPacketConnCloseEndsPend(t *testing.T) {
 	leak := goroutines(t)
-	a, _, asked := asyncAuth()
-	e, _ := newEngine(t, engine.Options{PendTimeout: time.Hour}, callout{key: "in", layer: engine.LayerALEAuthRecvAcceptV4, sublayer: 1,
-		action: engine.ActionCalloutTerminating, reg: a.Registration()})
-	dp := inproc.New(e, inproc.Options{})
-	pc, err := (&inproc.ListenConfig{Datapath: dp}).ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, pc, _, asked := pendedRecvAccept(t)
 	sender, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -2,13 +2,18 @@ package inproc
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"fwp/engine"
+	"fwp/proxy"
 )
 
 // ListenPacket opens a UDP socket through BIND_REDIRECT and
@@ -27,8 +32,14 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	p := &PacketConn{PacketConn: pc, udp: pc.(*net.UDPConn), lc: lc, c: c, local: local,
+	p := &PacketConn{PacketConn: pc, udp: pc.(*net.UDPConn), lc: lc, c: c, local: local, epoch: time.Now(),
 		peers: map[netip.AddrPort]*peer{}, replies: map[netip.AddrPort]netip.AddrPort{}}
+	switch idle := lc.Datapath.opts.UDPIdleTimeout; {
+	case idle == 0:
+		p.idle = DefaultUDPIdleTimeout
+	case idle > 0:
+		p.idle = idle
+	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	return p, nil
 }
@@ -38,14 +49,19 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 // AUTH_CONNECT (a redirect sends it and the rest to the new address, and
 // replies from there are reported as coming from the original remote, as
 // Linux's recvmsg hook does); the first datagram from a new remote runs
-// AUTH_RECV_ACCEPT (a blocked remote's datagrams are dropped). Close runs
-// ENDPOINT_CLOSURE and deletes every association's flow.
+// AUTH_RECV_ACCEPT (a blocked remote's datagrams are dropped). An
+// association idle for Options.UDPIdleTimeout ends: its flow is deleted
+// and the remote's next datagram is classified again. Close runs
+// ENDPOINT_CLOSURE for the socket and deletes every association's flow.
 //
-// Limits: associations live until Close; a pended inbound classification
-// holds ReadFrom until it resolves (Close ends it); when two remotes are
-// redirected to one address (or one is redirected to an address the
-// application also sends to), a reply from it is reported as from the
-// remote the application sent to last, so exchanges must take turns.
+// A pended AUTH_RECV_ACCEPT holds the datagram, and ReadFrom waits for it
+// (datagrams behind it wait too) until the read deadline, which then
+// returns a timeout and keeps the datagram for a later ReadFrom; Close ends
+// the pend. A pended AUTH_CONNECT holds WriteTo until it resolves or Close.
+// When two remotes are redirected to one address (or one is redirected to
+// an address the application also sends to), a reply from it is reported
+// as from the remote the application sent to last, so exchanges must take
+// turns.
 type PacketConn struct {
 	net.PacketConn
 	udp    *net.UDPConn
@@ -54,11 +70,18 @@ type PacketConn struct {
 	local  netip.AddrPort
 	ctx    context.Context // canceled by Close: pended classifications end
 	cancel context.CancelFunc
+	idle   time.Duration // associations expire after it; 0: never
+	epoch  time.Time     // peer.last counts from it (monotonic)
+	rdl    readDeadline
 
-	mu      sync.Mutex
-	peers   map[netip.AddrPort]*peer          // by the remote the application sees
-	replies map[netip.AddrPort]netip.AddrPort // redirect target -> remote its replies are reported from
-	closed  bool
+	mu         sync.Mutex
+	peers      map[netip.AddrPort]*peer          // by the remote the application sees
+	replies    map[netip.AddrPort]netip.AddrPort // redirect target -> remote its replies are reported from
+	held       []*heldDatagram                   // read while their remote was classified, in order
+	closed     bool
+	sweep      *time.Timer // expires idle associations
+	sweepArmed bool
+	sweeps     sync.WaitGroup // expiries deleting flows, for Close to wait on
 
 	nreplies atomic.Int32 // len(replies), read without the lock
 
@@ -68,10 +91,77 @@ type PacketConn struct {
 
 // peer is one association: its flow and verdict.
 type peer struct {
-	c    *classifier
-	to   netip.AddrPort // where its datagrams go
-	err  error          // blocked
-	done chan struct{}  // closed once classified
+	c      *classifier
+	remote netip.AddrPort
+	to     netip.AddrPort // where its datagrams go; set under PacketConn.mu
+	err    error          // blocked
+	done   chan struct{}  // closed once classified
+	last   atomic.Int64   // time.Duration since PacketConn.epoch of its last datagram
+
+	// A redirected association's registration for the proxy's datagram
+	// queries, removed when the association ends.
+	key   connKey
+	redir *redirectEntry
+}
+
+// heldDatagram is a datagram ReadFrom gave up waiting for (its deadline
+// passed while the remote's classification was pended).
+type heldDatagram struct {
+	p    *peer
+	src  netip.AddrPort
+	data []byte
+}
+
+// maxHeld bounds the held datagrams: ReadFrom waits on the oldest before
+// reading more, so only concurrent readers add to them.
+const maxHeld = 128
+
+// readDeadline is the read deadline as the pended-datagram wait sees it.
+type readDeadline struct {
+	mu      sync.Mutex
+	t       time.Time
+	changed chan struct{} // closed when t changes
+}
+
+func (d *readDeadline) set(t time.Time) {
+	d.mu.Lock()
+	d.t = t
+	if d.changed != nil {
+		close(d.changed)
+		d.changed = nil
+	}
+	d.mu.Unlock()
+}
+
+func (d *readDeadline) get() (time.Time, <-chan struct{}) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.changed == nil {
+		d.changed = make(chan struct{})
+	}
+	return d.t, d.changed
+}
+
+// SetReadDeadline sets the socket's read deadline, which also bounds
+// ReadFrom's wait for a pended datagram.
+func (pc *PacketConn) SetReadDeadline(t time.Time) error {
+	err := pc.PacketConn.SetReadDeadline(t)
+	pc.rdl.set(t)
+	return err
+}
+
+// SetDeadline sets the read and write deadlines (see SetReadDeadline).
+func (pc *PacketConn) SetDeadline(t time.Time) error {
+	err := pc.PacketConn.SetDeadline(t)
+	pc.rdl.set(t)
+	return err
+}
+
+// touch notes a datagram of the association, for its idle expiry.
+func (pc *PacketConn) touch(p *peer) {
+	if pc.idle > 0 {
+		p.last.Store(int64(time.Since(pc.epoch)))
+	}
 }
 
 // WriteTo sends to addr through the association's verdict and redirect.
@@ -82,10 +172,11 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: syscall.EINVAL}
 	}
 	dst = unmap(dst)
-	p := pc.peer(dst, engine.DirectionOutbound, nil)
+	p := pc.peer(dst)
 	if p.err != nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: p.err}
 	}
+	pc.touch(p)
 	if pc.nreplies.Load() > 0 {
 		pc.noteSent(p.to, dst)
 	}
@@ -109,6 +200,17 @@ func (pc *PacketConn) noteSent(where, to netip.AddrPort) {
 // source the application expects (the original remote of a redirect).
 func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
+		// Datagrams held by an earlier ReadFrom's deadline come first.
+		if h := pc.heldHead(); h != nil {
+			if err := pc.waitClassified(h.p); err != nil {
+				return 0, nil, err
+			}
+			if !pc.popHeld(h) || h.p.err != nil {
+				continue // another ReadFrom took it, or blocked: dropped
+			}
+			pc.touch(h.p)
+			return copy(b, h.data), net.UDPAddrFromAddrPort(h.src), nil
+		}
 		n, src, err := pc.udp.ReadFromUDPAddrPort(b)
 		if err != nil {
 			return n, nil, err
@@ -116,20 +218,131 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		src = unmap(src)
 		pc.mu.Lock()
 		orig, isReply := pc.replies[src]
+		if isReply {
+			if p := pc.peers[orig]; p != nil {
+				pc.touch(p)
+			}
+		}
 		pc.mu.Unlock()
 		if isReply {
 			return n, net.UDPAddrFromAddrPort(orig), nil
 		}
-		if p := pc.peer(src, engine.DirectionInbound, b[:n]); p.err != nil {
+		p := pc.inbound(src, b[:n])
+		if p == nil {
+			return 0, nil, pc.readErr(net.ErrClosed)
+		}
+		if err := pc.waitClassified(p); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				pc.hold(p, src, b[:n])
+			}
+			return 0, nil, err
+		}
+		if p.err != nil {
 			continue // blocked: dropped, as the kernel would
 		}
+		pc.touch(p)
 		return n, net.UDPAddrFromAddrPort(src), nil
 	}
 }
 
-// peer returns the association with remote, classifying it first when new.
-// Concurrent first datagrams wait for one classification.
-func (pc *PacketConn) peer(remote netip.AddrPort, dir engine.Direction, datagram []byte) *peer {
+func (pc *PacketConn) readErr(err error) error {
+	return &net.OpError{Op: "read", Net: "udp", Source: pc.udp.LocalAddr(), Err: err}
+}
+
+// waitClassified waits until p is classified, the read deadline passes
+// (an error wrapping os.ErrDeadlineExceeded) or the socket is closed.
+func (pc *PacketConn) waitClassified(p *peer) error {
+	for {
+		select {
+		case <-p.done:
+			return nil
+		default:
+		}
+		dl, changed := pc.rdl.get()
+		var expired <-chan time.Time
+		var timer *time.Timer
+		if !dl.IsZero() {
+			d := time.Until(dl)
+			if d <= 0 {
+				return pc.readErr(os.ErrDeadlineExceeded)
+			}
+			timer = time.NewTimer(d)
+			expired = timer.C
+		}
+		var err error
+		select {
+		case <-p.done:
+		case <-expired:
+			err = pc.readErr(os.ErrDeadlineExceeded)
+		case <-pc.ctx.Done():
+			err = pc.readErr(net.ErrClosed)
+		case <-changed:
+			err = errDeadlineChanged
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		if err != errDeadlineChanged {
+			return err
+		}
+	}
+}
+
+var errDeadlineChanged = errors.New("read deadline changed")
+
+func (pc *PacketConn) heldHead() *heldDatagram {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if len(pc.held) == 0 {
+		return nil
+	}
+	return pc.held[0]
+}
+
+// popHeld removes h, reporting whether it was still held.
+func (pc *PacketConn) popHeld(h *heldDatagram) bool {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	for i, x := range pc.held {
+		if x == h {
+			pc.held = append(pc.held[:i], pc.held[i+1:]...)
+			return true
+		}
+	}
+	return false
+}
+
+// hold keeps a datagram whose classification outlived ReadFrom's deadline
+// for a later ReadFrom (dropped beyond maxHeld, as a full socket buffer
+// would drop it).
+func (pc *PacketConn) hold(p *peer, src netip.AddrPort, data []byte) {
+	pc.mu.Lock()
+	if !pc.closed && len(pc.held) < maxHeld {
+		pc.held = append(pc.held, &heldDatagram{p: p, src: src, data: append([]byte(nil), data...)})
+	}
+	pc.mu.Unlock()
+}
+
+// newPeer makes the association with remote; pc.mu is held.
+func (pc *PacketConn) newPeer(remote netip.AddrPort, dir engine.Direction) *peer {
+	p := &peer{c: pc.lc.Datapath.newClassifier(17, remote.Addr().Is6(), dir, pc.c.id, true), remote: remote, to: remote, done: make(chan struct{})}
+	pc.touch(p)
+	pc.peers[remote] = p
+	if pc.idle > 0 && !pc.sweepArmed {
+		pc.sweepArmed = true
+		if pc.sweep == nil {
+			pc.sweep = time.AfterFunc(pc.idle, func() { pc.expireIdle(time.Now()) })
+		} else {
+			pc.sweep.Reset(pc.idle)
+		}
+	}
+	return p
+}
+
+// peer returns the association with remote for sending, classifying it
+// first (CONNECT_REDIRECT, AUTH_CONNECT) when new. Concurrent first
+// datagrams wait for one classification.
+func (pc *PacketConn) peer(remote netip.AddrPort) *peer {
 	pc.mu.Lock()
 	if pc.closed {
 		pc.mu.Unlock()
@@ -141,16 +354,33 @@ func (pc *PacketConn) peer(remote netip.AddrPort, dir engine.Direction, datagram
 		<-p.done
 		return p
 	}
-	p = &peer{c: pc.lc.Datapath.newClassifier(17, remote.Addr().Is6(), dir, pc.c.id, true), to: remote, done: make(chan struct{})}
-	pc.peers[remote] = p
+	p = pc.newPeer(remote, engine.DirectionOutbound)
 	pc.mu.Unlock()
 	defer close(p.done)
-	ctx := pc.ctx
-	if dir == engine.DirectionInbound {
-		p.err = pc.admit(ctx, p, remote, append([]byte(nil), datagram...))
-	} else {
-		p.err = pc.connect(ctx, p, remote)
+	p.err = pc.connect(pc.ctx, p, remote)
+	return p
+}
+
+// inbound returns the association with a datagram's source, starting its
+// classification (AUTH_RECV_ACCEPT) when new: on its own goroutine, so
+// that ReadFrom can give up at its deadline and a later ReadFrom deliver
+// the datagram. nil: the socket is closed.
+func (pc *PacketConn) inbound(remote netip.AddrPort, datagram []byte) *peer {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.closed {
+		return nil
 	}
+	p := pc.peers[remote]
+	if p != nil {
+		return p
+	}
+	p = pc.newPeer(remote, engine.DirectionInbound)
+	data := append([]byte(nil), datagram...)
+	go func() {
+		defer close(p.done)
+		p.err = pc.admit(pc.ctx, p, remote, data)
+	}()
 	return p
 }
 
@@ -178,9 +408,15 @@ func (pc *PacketConn) connect(ctx context.Context, p *peer, remote netip.AddrPor
 		}
 	}
 	if rd.Redirected() && rd.Connect != nil {
-		p.to = unmap(rd.Remote())
+		dp := pc.lc.Datapath
+		to := unmap(rd.Remote())
+		// Registered before the first datagram leaves, so the proxy finds
+		// it when that datagram arrives.
+		p.key, p.redir = connKey{17, pc.local, to}, dp.newRedirectEntry(remote, rd)
+		dp.registerDatagrams(p.key, p.redir)
 		pc.mu.Lock()
-		pc.replies[p.to] = remote
+		p.to = to
+		pc.replies[to] = remote
 		pc.nreplies.Store(int32(len(pc.replies)))
 		pc.mu.Unlock()
 	}
@@ -203,6 +439,103 @@ func (pc *PacketConn) admit(ctx context.Context, p *peer, remote netip.AddrPort,
 	return err
 }
 
+// ProxyDatagramRedirect implements proxy.AcceptedDatagrams: the redirect
+// of the datagrams from a sender (an in-process UDP client whose
+// association a callout redirected to this socket's address). On a socket
+// bound to a wildcard address it is found by port (see lookupDatagrams).
+func (pc *PacketConn) ProxyDatagramRedirect(from netip.AddrPort) (proxy.Redirect, uint32, error) {
+	if pc == nil { // a typed nil comes through the proxy queries
+		return proxy.Redirect{}, 0, fmt.Errorf("%w: nil packet connection", proxy.ErrInvalidArgument)
+	}
+	ent := pc.lc.Datapath.lookupDatagrams(pc.local, unmap(from))
+	if ent == nil {
+		return proxy.Redirect{}, 0, fmt.Errorf("%w: datagrams %s -> %s", proxy.ErrNotFound, from, pc.local)
+	}
+	return ent.proxyRedirect(), pc.c.id.PID, nil
+}
+
+// expireIdle ends the associations idle since before now-idle, as if their
+// flows closed, and schedules the next expiry. It returns how many ended.
+func (pc *PacketConn) expireIdle(now time.Time) int {
+	pc.mu.Lock()
+	if pc.closed || pc.idle <= 0 {
+		pc.mu.Unlock()
+		return 0
+	}
+	at := now.Sub(pc.epoch)
+	next := time.Duration(-1)
+	var gone []*peer
+	for remote, p := range pc.peers {
+		left := pc.idle // one still being classified is not idle
+		select {
+		case <-p.done:
+			left = pc.idle - (at - time.Duration(p.last.Load()))
+		default:
+		}
+		if left <= 0 {
+			delete(pc.peers, remote)
+			gone = append(gone, p)
+		} else if next < 0 || left < next {
+			next = left
+		}
+	}
+	for _, p := range gone {
+		pc.unreply(p)
+	}
+	if next >= 0 {
+		pc.sweep.Reset(next)
+	} else {
+		pc.sweepArmed = false
+	}
+	pc.sweeps.Add(1)
+	pc.mu.Unlock()
+	defer pc.sweeps.Done()
+	for _, p := range gone {
+		pc.lc.Datapath.log.Debug("UDP association expired", "local", pc.local, "remote", p.remote)
+		pc.endAssociation(p)
+	}
+	return len(gone)
+}
+
+// unreply updates the reply sources for an association that ended, whose
+// datagrams went to where it was redirected (or which addressed a redirect
+// target directly): replies from there are reported as from another live
+// association going there, or go through classification again when none
+// is redirected there any more. pc.mu is held.
+func (pc *PacketConn) unreply(gone *peer) {
+	where := gone.to
+	cur, ok := pc.replies[where]
+	if !ok {
+		return
+	}
+	var redirected, keep bool
+	var alt netip.AddrPort
+	for _, q := range pc.peers {
+		if q.to != where {
+			continue
+		}
+		redirected = redirected || q.remote != where
+		keep = keep || q.remote == cur
+		alt = q.remote
+	}
+	switch {
+	case !redirected:
+		delete(pc.replies, where)
+	case !keep:
+		pc.replies[where] = alt
+	}
+	pc.nreplies.Store(int32(len(pc.replies)))
+}
+
+// endAssociation deletes an ended association's flow (once: it left
+// pc.peers under the lock) and its registration.
+func (pc *PacketConn) endAssociation(p *peer) {
+	pc.lc.Datapath.e.FlowDeleted(p.c.flow)
+	if p.redir != nil {
+		pc.lc.Datapath.forgetEntry(p.key, p.redir)
+	}
+}
+
 // Close closes the socket, runs RESOURCE_RELEASE and ENDPOINT_CLOSURE and
 // deletes every association's flow contexts.
 func (pc *PacketConn) Close() error {
@@ -211,11 +544,15 @@ func (pc *PacketConn) Close() error {
 		pc.closeErr = pc.PacketConn.Close()
 		pc.mu.Lock()
 		peers := pc.peers
-		pc.peers, pc.closed = nil, true
+		pc.peers, pc.held, pc.closed = nil, nil, true
+		if pc.sweep != nil {
+			pc.sweep.Stop()
+		}
 		pc.mu.Unlock()
+		pc.sweeps.Wait()
 		for _, p := range peers {
 			<-p.done
-			pc.lc.Datapath.e.FlowDeleted(p.c.flow)
+			pc.endAssociation(p)
 		}
 		pc.lc.release(pc.c, pc.local)
 	})

@@ -96,7 +96,11 @@
 // themselves are readable by whoever may open the pins: root). A proxy
 // without root registers client.ProxyBackend instead: fwpd answers its
 // queries from Datapath.QueryProxyRedirect, only to the redirect target pid
-// (SO_PEERCRED) or root; it cannot set records.
+// (SO_PEERCRED) or root, and sets records on a socket passed to it over
+// its records socket (client.RecordsSocket, SCM_RIGHTS). A UDP proxy on one
+// unconnected socket asks per datagram (proxy.QueryDatagramRedirectRecords
+// and ...Context): ProxyBackend.QueryDatagram looks the flow up by the
+// socket's local address and the datagram's source.
 //
 // # Lifetime
 //
@@ -132,10 +136,11 @@
 // # Tests
 //
 // The kernel tests need root; they skip without it, and fail instead when
-// the environment variable CI is set. They share one loaded datapath (the
-// verifier takes seconds per load: ~620k verified instructions for each
-// program that classifies, of the kernel's 1M limit — keep bpf/fwp.c's walk
-// callback lean), attach it to a child cgroup each test creates (never the
-// root cgroup) and run their traffic in helper processes started inside that
-// cgroup and a new network namespace (see internal/testutil).
+// the environment variable CI is set. They share one loaded datapath (a
+// load takes ~0.4 s: ~40k verified instructions for each program that
+// classifies, of the kernel's 1M limit; TestVerifierHeadroom keeps each
+// under 200k — see walk_step's comment), attach it to a child cgroup each
+// test creates (never the root cgroup) and run their traffic in helper
+// processes started inside that cgroup and a new network namespace (see
+// internal/testutil).
 package ebpf

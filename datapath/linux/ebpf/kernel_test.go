@@ -44,8 +44,8 @@ var shared struct {
 	err  error
 }
 
-// kernelSetup attaches the package's datapath (loaded once: verifying the
-// programs takes seconds) to a fresh child cgroup, detached when the test
+// kernelSetup attaches the package's datapath (loaded once per test
+// binary) to a fresh child cgroup, detached when the test
 // ends. Tests apply whole policies, so they do not see each other's.
 func kernelSetup(t testing.TB) (*Datapath, *testutil.Cgroup) {
 	t.Helper()
@@ -535,28 +535,73 @@ type udpResult struct {
 	// The client sources the proxy saw, for QueryRedirect by 4-tuple.
 	UnconnectedSource string `json:"unconnected_source"`
 	ConnectedSource   string `json:"connected_source"`
+	// What the proxy's datagram queries on its unconnected socket found
+	// for each (see datagramQuery).
+	UnconnectedQuery string `json:"unconnected_query"`
+	ConnectedQuery   string `json:"connected_query"`
+}
+
+// datagramQuery asks the kernel ProxyBackend, through the proxy package,
+// about a datagram pc received from from: the context (through the backend:
+// the proxy package gives it only to the redirect target, which this
+// helper is not), the last redirect handle of the records, and whether the
+// proxy package refused the context.
+func datagramQuery(b ProxyBackend, pc *net.UDPConn, from net.Addr) string {
+	recs, err := proxy.QueryDatagramRedirectRecords(pc, from)
+	if err != nil {
+		return "records: " + err.Error()
+	}
+	hs, err := DecodeRecords(recs)
+	if err != nil || len(hs) == 0 {
+		return fmt.Sprintf("records %v: %v", hs, err)
+	}
+	r, err := b.QueryDatagram(pc, from.(*net.UDPAddr).AddrPort())
+	if err != nil {
+		return "backend: " + err.Error()
+	}
+	_, err = proxy.QueryDatagramRedirectContext(pc, from)
+	return fmt.Sprintf("context=%s last=%d denied=%v", r.Context, hs[len(hs)-1], errors.Is(err, proxy.ErrAccessDenied))
 }
 
 // udpRedirectHelper sends datagrams to origin (args[0]); the policy sends
-// them to a proxy (args[1]) that answers "proxy:<data>".
+// them to a proxy (args[1]) that answers "proxy:<data>". With args[2]
+// "wildcard" the proxy binds the wildcard address on the proxy's port.
+// The redirect maps come as files 3 (records) and 4 (tuples), for the
+// proxy's datagram queries.
 func udpRedirectHelper(args []string) error {
-	origin, proxy := netip.MustParseAddrPort(args[0]), netip.MustParseAddrPort(args[1])
-	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(proxy))
+	origin, proxyAddr := netip.MustParseAddrPort(args[0]), netip.MustParseAddrPort(args[1])
+	records, err := ebpf.NewMapFromFD(3)
+	if err != nil {
+		return err
+	}
+	tuples, err := ebpf.NewMapFromFD(4)
+	if err != nil {
+		return err
+	}
+	backend := ProxyBackend{R: &Redirects{tuple: tuples, records: records}}
+	defer proxy.Register(backend)()
+	bind := net.UDPAddrFromAddrPort(proxyAddr)
+	if len(args) > 2 && args[2] == "wildcard" {
+		bind = &net.UDPAddr{Port: int(proxyAddr.Port())} // dual-stack [::]
+	}
+	pc, err := net.ListenUDP("udp", bind)
 	if err != nil {
 		return err
 	}
 	defer pc.Close()
 	var res udpResult
-	sources := make(chan string, 2)
+	sources, queries := make(chan string, 2), make(chan string, 2)
 	go func() {
 		buf := make([]byte, 512)
 		for {
-			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			n, from, err := pc.ReadFrom(buf)
 			if err != nil {
 				return
 			}
-			sources <- netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()
-			pc.WriteToUDPAddrPort(append([]byte("proxy:"), buf[:n]...), from)
+			ap := from.(*net.UDPAddr).AddrPort()
+			sources <- netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
+			queries <- datagramQuery(backend, pc, from)
+			pc.WriteTo(append([]byte("proxy:"), buf[:n]...), from)
 		}
 	}()
 	network := "udp4"
@@ -594,6 +639,7 @@ func udpRedirectHelper(args []string) error {
 	}
 	res.ConnectedReply = string(buf[:n])
 	res.UnconnectedSource, res.ConnectedSource = <-sources, <-sources
+	res.UnconnectedQuery, res.ConnectedQuery = <-queries, <-queries
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 
@@ -603,14 +649,25 @@ func TestKernelRedirectUDP(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e, co := redirectPolicy(t, c.name == "v6", c.origin.Port(), c.proxy, []byte("udp-ctx"))
 			apply(t, d, e)
+			files := []*os.File{mapFile(t, d.objs.FwpSockRecords), mapFile(t, d.objs.FwpTupleRedirect)}
+			// The proxy's datagram queries on its unconnected socket, bound
+			// to the redirect's address and to the wildcard address.
+			query := fmt.Sprintf("context=udp-ctx last=%d denied=true", uint32(co))
 			var res udpResult
-			if err := json.Unmarshal(testutil.RunHelper(t, cg, "udpredirect", nil, c.origin.String(), c.proxy.String()), &res); err != nil {
-				t.Fatal(err)
-			}
-			want := udpResult{UnconnectedFrom: c.origin.String(), UnconnectedReply: "proxy:a", ConnectedPeer: c.origin.String(), ConnectedReply: "proxy:b",
-				UnconnectedSource: res.UnconnectedSource, ConnectedSource: res.ConnectedSource}
-			if res != want {
-				t.Fatalf("got %+v, want %+v", res, want)
+			for _, bind := range []string{"specific", "wildcard"} {
+				out, err := testutil.RunHelperFiles(cg, "udpredirect", nil, files, c.origin.String(), c.proxy.String(), bind)
+				if err != nil {
+					t.Fatal(err)
+				}
+				res = udpResult{}
+				if err := json.Unmarshal(out, &res); err != nil {
+					t.Fatalf("%v: %s", err, out)
+				}
+				want := udpResult{UnconnectedFrom: c.origin.String(), UnconnectedReply: "proxy:a", ConnectedPeer: c.origin.String(), ConnectedReply: "proxy:b",
+					UnconnectedSource: res.UnconnectedSource, ConnectedSource: res.ConnectedSource, UnconnectedQuery: query, ConnectedQuery: query}
+				if res != want {
+					t.Fatalf("proxy bound %s: got %+v, want %+v", bind, res, want)
+				}
 			}
 			// The proxy's view of each flow (its own address, the
 			// datagram's source) finds the redirect: an unconnected

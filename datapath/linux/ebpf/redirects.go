@@ -88,7 +88,16 @@ func (r *Redirects) Records(cookie uint64) []uint32 {
 // socket's local address, or the address the datagram came to), remote the
 // client's (the peer, or the datagram's source). Without a record the error
 // wraps ErrNoRedirect.
+//
+// A local address that is a wildcard (a UDP proxy bound to 0.0.0.0 or ::)
+// does not say which address the datagram came to, and the index is by
+// the redirect's proxy address: the UDP records of remote to any address
+// on local's port are looked up by a walk of the index (linear in its
+// size), and when two disagree the answer is ErrNoRedirect, not a guess.
 func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, error) {
+	if local.Addr().IsUnspecified() {
+		return r.queryWildcard(local.Port(), remote)
+	}
 	var k fwpTupleKey
 	c, p := remote.Addr().Unmap(), local.Addr().Unmap()
 	if c.Is6() != p.Is6() {
@@ -110,6 +119,48 @@ func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, 
 		}
 	}
 	return s.export(), nil
+}
+
+// queryWildcard finds the UDP redirect of datagrams from remote to any
+// proxy address on port: an exact client match first, then a client
+// indexed with a zero address (an unconnected sender on a wildcard).
+func (r *Redirects) queryWildcard(port uint16, remote netip.AddrPort) (RedirectState, error) {
+	c := remote.Addr().Unmap()
+	client := c.AsSlice()
+	var k fwpTupleKey
+	var s fwpRedirectState
+	var found [2]*fwpRedirectState // exact client, zero client
+	var ambiguous [2]bool
+	it := r.tuple.Iterate()
+	for it.Next(&k, &s) {
+		if k.ProxyPort != port || k.ClientPort != remote.Port() || (k.V6 == 1) != c.Is6() || s.Proto != syscall.IPPROTO_UDP {
+			continue
+		}
+		j := 1
+		if string(k.Client[:len(client)]) == string(client) {
+			j = 0
+		} else if k.Client != ([16]byte{}) {
+			continue
+		}
+		if found[j] != nil && *found[j] != s {
+			ambiguous[j] = true
+		}
+		st := s
+		found[j] = &st
+	}
+	if err := it.Err(); err != nil {
+		return RedirectState{}, fmt.Errorf("%w: %s -> *:%d: walking the redirect index: %v", ErrNoRedirect, remote, port, err)
+	}
+	for j, st := range found {
+		if st == nil {
+			continue
+		}
+		if ambiguous[j] {
+			return RedirectState{}, fmt.Errorf("%w: %s -> *:%d: redirected to several addresses on the port; bind the proxy to one", ErrNoRedirect, remote, port)
+		}
+		return st.export(), nil
+	}
+	return RedirectState{}, fmt.Errorf("%w: %s -> *:%d", ErrNoRedirect, remote, port)
 }
 
 // RedirectByCookie returns the redirect recorded for a client socket.
@@ -162,6 +213,10 @@ func DecodeRecords(b []byte) ([]uint32, error) {
 //   - QueryRedirectContext: the filter's context bytes or, when it set
 //     none, the original destination in text form ("10.0.0.1:80"); the
 //     proxy package gives it only to the redirect's target pid;
+//   - QueryDatagramRedirectRecords / QueryDatagramRedirectContext on a UDP
+//     proxy's unconnected socket: found by the socket's local address and
+//     the datagram's source (a wildcard-bound socket: by its port, see
+//     Redirects.QueryRedirect);
 //   - SetRedirectRecords on a *net.Dialer: the records are put on the
 //     socket by its SO_COOKIE in the dialer's Control hook, before connect.
 type ProxyBackend struct{ R *Redirects }
@@ -173,6 +228,17 @@ func (b ProxyBackend) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 		return proxy.Redirect{}, fmt.Errorf("%w: not a TCP or UDP connection", proxy.ErrNotFound)
 	}
 	r, _, err := b.QueryTuple(local, remote)
+	return r, err
+}
+
+// QueryDatagram implements proxy.DatagramBackend: the redirect of the
+// datagrams from that pc, a UDP socket, receives.
+func (b ProxyBackend) QueryDatagram(pc net.PacketConn, from netip.AddrPort) (proxy.Redirect, error) {
+	local, ok := pc.LocalAddr().(*net.UDPAddr)
+	if !ok || local == nil {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T is not a UDP socket", proxy.ErrNotFound, pc)
+	}
+	r, _, err := b.QueryTuple(local.AddrPort(), from)
 	return r, err
 }
 

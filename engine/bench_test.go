@@ -20,8 +20,15 @@ import (
 
 const benchLayer = engine.LayerALEAuthConnectV4
 
+// benchLayer6 carries the v6 variant of the policy (newBenchPolicy6): the
+// same shape with v6 addresses, whose blocklist is mostly exact hosts and
+// /64s, with some /48–/56 networks and /72–/120 prefixes, a third of
+// them with a remote port.
+const benchLayer6 = engine.LayerALEAuthConnectV6
+
 // benchPolicy is a generated policy and the tuples to classify against it.
 type benchPolicy struct {
+	layer   engine.LayerID
 	filters []engine.Filter // Sublayer holds an index into the four sublayers
 	tuples  []engine.Values
 }
@@ -46,36 +53,45 @@ func randAddr4(r *rand.Rand) netip.Addr {
 	return netip.AddrFrom4([4]byte{a, byte(r.IntN(256)), byte(r.IntN(256)), byte(r.IntN(256))})
 }
 
-func newBenchPolicy(n int, seed uint64) *benchPolicy {
+// randAddr6 draws a global unicast address (2000::/4) with random bits
+// throughout, as hosts under SLAAC or privacy addresses have.
+func randAddr6(r *rand.Rand) netip.Addr {
+	var b [16]byte
+	for i := range b {
+		b[i] = byte(r.IntN(256))
+	}
+	b[0] = 0x20 | b[0]&0x0f
+	return netip.AddrFrom16(b)
+}
+
+func newBenchPolicy(n int, seed uint64) *benchPolicy { return newBenchPolicyFamily(n, seed, false) }
+
+func newBenchPolicy6(n int, seed uint64) *benchPolicy { return newBenchPolicyFamily(n, seed, true) }
+
+// newBenchPolicyFamily generates the policy on benchLayer, or on
+// benchLayer6 with v6 addresses. The v4 policy draws exactly the random
+// numbers it drew before the v6 variant existed, so its figures compare
+// across versions.
+func newBenchPolicyFamily(n int, seed uint64, v6 bool) *benchPolicy {
 	r := rand.New(rand.NewPCG(seed, 0xbe7c4))
 	apps := benchApps()
-	p := &benchPolicy{}
+	p := &benchPolicy{layer: benchLayer}
+	if v6 {
+		p.layer = benchLayer6
+	}
 	var known []netip.Addr // addresses inside filters, for hitting tuples
 	proto := func() engine.Condition {
 		return engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8([]uint8{6, 6, 6, 17}[r.IntN(4)])}
 	}
 	remotePrefix := func() engine.Condition {
+		if v6 {
+			a := randAddr6(r)
+			known = append(known, a)
+			return blockEntry(r, a, blockShares6)
+		}
 		a := randAddr4(r)
 		known = append(known, a)
-		// Blocklists are mostly single hosts and /24s; short prefixes are
-		// rare (there are only ~220 /8s to block at all).
-		bits := 32
-		switch k := r.IntN(1000); {
-		case k < 3:
-			bits = 8
-		case k < 10:
-			bits = 12
-		case k < 50:
-			bits = 16
-		case k < 80:
-			bits = 20
-		case k < 300:
-			bits = 24
-		}
-		if bits == 32 {
-			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}
-		}
-		return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Prefix(netip.PrefixFrom(a, bits).Masked())}
+		return blockEntry(r, a, blockShares4)
 	}
 	remotePort := func() engine.Condition {
 		if r.IntN(3) > 0 {
@@ -107,6 +123,9 @@ func newBenchPolicy(n int, seed uint64) *benchPolicy {
 			if r.IntN(4) == 0 {
 				conds = append(conds, proto())
 			}
+			if v6 && r.IntN(3) == 0 {
+				conds = append(conds, remotePort())
+			}
 		case k < 80: // application rules
 			act = engine.ActionPermit
 			conds = []engine.Condition{app()}
@@ -132,12 +151,17 @@ func newBenchPolicy(n int, seed uint64) *benchPolicy {
 		if r.IntN(5) == 0 {
 			w = engine.WeightIndex(uint8(r.IntN(16)))
 		}
-		p.filters = append(p.filters, engine.Filter{Layer: benchLayer, Sublayer: engine.SublayerID(r.IntN(4)),
+		p.filters = append(p.filters, engine.Filter{Layer: p.layer, Sublayer: engine.SublayerID(r.IntN(4)),
 			Weight: w, Conditions: conds, Action: engine.Action{Type: act}})
 	}
 	p.tuples = make([]engine.Values, 4096)
 	for i := range p.tuples {
-		remote := randAddr4(r)
+		var remote netip.Addr
+		if v6 {
+			remote = randAddr6(r)
+		} else {
+			remote = randAddr4(r)
+		}
 		if r.IntN(4) == 0 && len(known) > 0 { // a quarter go where some filter points
 			remote = known[r.IntN(len(known))]
 		}
@@ -145,7 +169,11 @@ func newBenchPolicy(n int, seed uint64) *benchPolicy {
 		if r.IntN(5) == 0 {
 			rport = uint16(1024 + r.IntN(64000))
 		}
-		local := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(r.IntN(4)), byte(2 + r.IntN(200))}), uint16(32768+r.IntN(28000)))
+		laddr := netip.AddrFrom4([4]byte{10, 0, byte(r.IntN(4)), byte(2 + r.IntN(200))})
+		if v6 { // a ULA host
+			laddr = netip.AddrFrom16([16]byte{0xfd, 0, 0, 0, 0, 0, 0, byte(r.IntN(4)), 15: byte(2 + r.IntN(200))})
+		}
+		local := netip.AddrPortFrom(laddr, uint16(32768+r.IntN(28000)))
 		vs := &p.tuples[i]
 		vs.SetTuple([]uint8{6, 6, 6, 17}[r.IntN(4)], local, netip.AddrPortFrom(remote, rport))
 		a := apps[r.IntN(len(apps))]
@@ -157,6 +185,33 @@ func newBenchPolicy(n int, seed uint64) *benchPolicy {
 		vs.Set(engine.FieldFlags, engine.Uint32(0))
 	}
 	return p
+}
+
+// prefixShare says that draws below k (of 1000) block a prefix of bits.
+type prefixShare struct{ k, bits int }
+
+// Blocklists are mostly single hosts (70 %), then v4 /24s or v6 /64s;
+// short prefixes are rare (there are only ~220 v4 /8s to block at all).
+var (
+	blockShares4 = []prefixShare{{3, 8}, {10, 12}, {50, 16}, {80, 20}, {300, 24}}
+	blockShares6 = []prefixShare{{20, 48}, {40, 56}, {200, 64}, {215, 72}, {230, 80}, {245, 88},
+		{260, 96}, {275, 104}, {290, 112}, {300, 120}}
+)
+
+// blockEntry returns a blocklist condition on a or on a prefix of it.
+func blockEntry(r *rand.Rand, a netip.Addr, shares []prefixShare) engine.Condition {
+	bits := a.BitLen()
+	k := r.IntN(1000)
+	for _, s := range shares {
+		if k < s.k {
+			bits = s.bits
+			break
+		}
+	}
+	if bits == a.BitLen() {
+		return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}
+	}
+	return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Prefix(netip.PrefixFrom(a, bits).Masked())}
 }
 
 // install adds the policy's filters to a new engine in one transaction.
@@ -185,15 +240,20 @@ func (p *benchPolicy) install(tb testing.TB) *engine.Engine {
 	return e
 }
 
-func BenchmarkClassify(b *testing.B) {
+func BenchmarkClassify(b *testing.B) { benchClassify(b, newBenchPolicy) }
+
+// BenchmarkClassifyV6 is BenchmarkClassify on the v6 policy.
+func BenchmarkClassifyV6(b *testing.B) { benchClassify(b, newBenchPolicy6) }
+
+func benchClassify(b *testing.B, gen func(n int, seed uint64) *benchPolicy) {
 	for _, n := range []int{100, 10000, 100000} {
 		b.Run(fmt.Sprintf("filters=%d", n), func(b *testing.B) {
-			p := newBenchPolicy(n, uint64(n))
+			p := gen(n, uint64(n))
 			e := p.install(b)
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
-				e.Classify(benchLayer, &p.tuples[i&4095], nil)
+				e.Classify(p.layer, &p.tuples[i&4095], nil)
 				i++
 			}
 		})
@@ -204,8 +264,13 @@ func BenchmarkClassify(b *testing.B) {
 // 100-filter and the 100k-filter policy in one loop and reports their ratio:
 // other load on the machine then slows both alike, so the ratio is steadier
 // than one computed from BenchmarkClassify's separate sub-benchmarks.
-func BenchmarkClassifyScaling(b *testing.B) {
-	small, large := newBenchPolicy(100, 100), newBenchPolicy(100000, 100000)
+func BenchmarkClassifyScaling(b *testing.B) { benchScaling(b, newBenchPolicy) }
+
+// BenchmarkClassifyScalingV6 is BenchmarkClassifyScaling on the v6 policy.
+func BenchmarkClassifyScalingV6(b *testing.B) { benchScaling(b, newBenchPolicy6) }
+
+func benchScaling(b *testing.B, gen func(n int, seed uint64) *benchPolicy) {
+	small, large := gen(100, 100), gen(100000, 100000)
 	es, el := small.install(b), large.install(b)
 	const batch = 256
 	var ts, tl time.Duration
@@ -214,11 +279,11 @@ func BenchmarkClassifyScaling(b *testing.B) {
 	for b.Loop() {
 		t0 := time.Now()
 		for j := range batch {
-			es.Classify(benchLayer, &small.tuples[(i+j)&4095], nil)
+			es.Classify(small.layer, &small.tuples[(i+j)&4095], nil)
 		}
 		t1 := time.Now()
 		for j := range batch {
-			el.Classify(benchLayer, &large.tuples[(i+j)&4095], nil)
+			el.Classify(large.layer, &large.tuples[(i+j)&4095], nil)
 		}
 		tl += time.Since(t1)
 		ts += t1.Sub(t0)
@@ -243,21 +308,23 @@ func BenchmarkCommit(b *testing.B) {
 // TestClassifyZeroAllocs: the plain filter path (no callouts) allocates
 // nothing, whether a tuple is permitted, blocked or matches nothing.
 func TestClassifyZeroAllocs(t *testing.T) {
-	p := newBenchPolicy(2000, 3)
-	e := p.install(t)
-	kinds := map[string]int{}
-	for i := range 256 {
-		vs := &p.tuples[i]
-		r := e.Classify(benchLayer, vs, nil)
-		kinds[r.Action.String()+map[bool]string{true: " by a filter", false: " by no filter"}[r.Filter != 0]]++
-		if allocs := testing.AllocsPerRun(20, func() { e.Classify(benchLayer, vs, nil) }); allocs != 0 {
-			t.Fatalf("Classify of %s allocates %.1f times per call (%s)", vs, allocs, r)
+	for _, gen := range []func(int, uint64) *benchPolicy{newBenchPolicy, newBenchPolicy6} {
+		p := gen(2000, 3)
+		e := p.install(t)
+		kinds := map[string]int{}
+		for i := range 256 {
+			vs := &p.tuples[i]
+			r := e.Classify(p.layer, vs, nil)
+			kinds[r.Action.String()+map[bool]string{true: " by a filter", false: " by no filter"}[r.Filter != 0]]++
+			if allocs := testing.AllocsPerRun(20, func() { e.Classify(p.layer, vs, nil) }); allocs != 0 {
+				t.Fatalf("Classify of %s allocates %.1f times per call (%s)", vs, allocs, r)
+			}
 		}
-	}
-	t.Logf("tuples: %v", kinds)
-	for _, k := range []string{"permit by a filter", "block by a filter", "permit by no filter"} {
-		if kinds[k] == 0 {
-			t.Errorf("no tuple was %q: the test does not cover that path", k)
+		t.Logf("%s tuples: %v", engine.LayerByID(p.layer).Name, kinds)
+		for _, k := range []string{"permit by a filter", "block by a filter", "permit by no filter"} {
+			if kinds[k] == 0 {
+				t.Errorf("%s: no tuple was %q: the test does not cover that path", engine.LayerByID(p.layer).Name, k)
+			}
 		}
 	}
 }

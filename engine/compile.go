@@ -74,15 +74,23 @@ func (cf *cfilter) matchExcept(vs *Values, skip FieldID) bool {
 
 // quickCheck is a necessary condition of a filter's match, kept in a dense
 // array by rank: the bounds of its single-condition protocol and port
-// groups, and its single v4 remote address or prefix. Most candidates of a
+// groups, and its single remote address or prefix. Most candidates of a
 // large set fail it, and are then rejected
 // without touching their conditions, whose cache misses otherwise make up
 // most of a classification.
+//
+// A v6 address is checked on its top 64 bits only, so that the check stays
+// 20 bytes as it was for v4 alone: those bits are the routing prefix,
+// which tells apart the filters keyed on another field (a longer v6 prefix
+// or an exact address is nearly always the filter's index key itself).
 type quickCheck struct {
 	rport, lport [2]uint16
-	raddr, rmask uint32
-	proto        uint8
-	has          uint8
+	// raddr is, for v4, the masked address and the mask; for v6, the
+	// masked top 64 bits, high word first, masked by r6bits.
+	raddr  [2]uint32
+	r6bits uint8
+	proto  uint8
+	has    uint8
 }
 
 const (
@@ -90,7 +98,12 @@ const (
 	quickLPort
 	quickProto
 	quickRAddr4
+	quickRAddr6
 )
+
+// mask64 masks the top bits of a word; a shift by the full width yields
+// 0, so 0 bits masks everything out.
+func mask64(bits uint8) uint64 { return ^uint64(0) << (64 - bits) }
 
 func newQuickCheck(cf *cfilter) quickCheck {
 	var q quickCheck
@@ -99,11 +112,11 @@ func newQuickCheck(cf *cfilter) quickCheck {
 			continue // ORed conditions: left to the full match
 		}
 		c := &cf.conds[g.from]
-		if g.field == FieldIPRemoteAddress && (c.Match == MatchEqual || c.Match == MatchPrefix) && c.Value.ip.Is4() {
-			bits := 32
+		if g.field == FieldIPRemoteAddress && (c.Match == MatchEqual || c.Match == MatchPrefix) {
+			bits := uint8(c.Value.ip.BitLen())
 			switch c.Value.t {
 			case TypePrefix:
-				bits = int(c.Value.n)
+				bits = uint8(c.Value.n)
 			case TypeAddr:
 				if c.Match != MatchEqual {
 					continue
@@ -111,8 +124,15 @@ func newQuickCheck(cf *cfilter) quickCheck {
 			default:
 				continue
 			}
-			q.rmask = newPrefixLen(bits).mask4
-			q.raddr, q.has = addrKey4(c.Value.ip)&q.rmask, q.has|quickRAddr4
+			if c.Value.ip.Is4() {
+				mask := newPrefixLen(int(bits)).mask4
+				q.raddr, q.has = [2]uint32{addrKey4(c.Value.ip) & mask, mask}, q.has|quickRAddr4
+				continue
+			}
+			hi, _ := addrKey6(c.Value.ip)
+			q.r6bits, q.has = min(bits, 64), q.has|quickRAddr6
+			hi &= mask64(q.r6bits)
+			q.raddr = [2]uint32{uint32(hi >> 32), uint32(hi)}
 			continue
 		}
 		var lo, hi uint64
@@ -160,8 +180,15 @@ func (q *quickCheck) pass(vs *Values) bool {
 		}
 	}
 	if q.has&quickRAddr4 != 0 {
-		if v := &vs.v[FieldIPRemoteAddress]; v.t == TypeAddr && v.ip.Is4() && addrKey4(v.ip)&q.rmask != q.raddr {
+		if v := &vs.v[FieldIPRemoteAddress]; v.t == TypeAddr && v.ip.Is4() && addrKey4(v.ip)&q.raddr[1] != q.raddr[0] {
 			return false
+		}
+	} else if q.has&quickRAddr6 != 0 {
+		if v := &vs.v[FieldIPRemoteAddress]; v.t == TypeAddr && v.ip.Is6() {
+			hi, _ := addrKey6(v.ip)
+			if hi&mask64(q.r6bits) != uint64(q.raddr[0])<<32|uint64(q.raddr[1]) {
+				return false
+			}
 		}
 	}
 	return true
@@ -244,18 +271,28 @@ type prefixIndex struct {
 
 type prefixLen struct {
 	bits     uint8
+	pshift   uint8 // beside bits, so that the struct stays one 64-byte cache line
 	mask4    uint32
 	mhi, mlo uint64
 	m4       map[uint32][]int32
 	m6       map[[2]uint64][]int32
 	// present has a bit per /20 that holds an m4 key, for large maps only:
 	// most lookups in a large blocklist miss, and the bitmap answers them
-	// without the map's cache misses.
+	// without the map's cache misses. For m6 (of any size) it has a bit per
+	// value of present6's hash of a key, shifted right by pshift.
 	present []uint64
 }
 
-// presentMin is the map size from which a v4 prefix length gets a bitmap.
+// presentMin is the map size from which a v4 prefix length or a port map
+// gets a bitmap.
 const presentMin = 1024
+
+// present6 hashes a masked v6 key for the bitmap: the top bits of a
+// multiplicative hash. v6 keys have no dense top bits to index by as v4
+// /20s do (a blocklist's v6 networks share their first bits).
+func present6(hi, lo uint64) uint64 {
+	return (hi ^ bits.RotateLeft64(lo, 32)) * 0x9e3779b97f4a7c15
+}
 
 func newPrefixLen(bits int) prefixLen {
 	// A shift by the full width yields 0, so bits 0 masks everything out.
@@ -313,6 +350,20 @@ func (p *prefixIndex) sortLens() {
 		l.present = make([]uint64, (1<<20)/64)
 		for k := range l.m4 {
 			l.present[k>>18] |= 1 << (k >> 12 & 63)
+		}
+	}
+	for i := range p.v6 {
+		// Every v6 length gets a bitmap, small ones too: hashing a 16-byte
+		// map key costs more than a multiplication and one bit. About 16
+		// bits per key (a few % false hits), from one cache line to 2^20
+		// bits as for v4: a smaller bitmap stays in cache.
+		l := &p.v6[i]
+		n := max(9, min(bits.Len(uint(16*len(l.m6))), 20))
+		l.pshift = uint8(64 - n)
+		l.present = make([]uint64, (1<<n)/64)
+		for k := range l.m6 {
+			h := present6(k[0], k[1]) >> l.pshift
+			l.present[h>>6] |= 1 << (h & 63)
 		}
 	}
 }
@@ -407,15 +458,7 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 		condBuf = append(condBuf, f.Conditions...)
 		conds := condBuf[start:len(condBuf):len(condBuf)]
 		slices.SortStableFunc(conds, func(a, b Condition) int { return cmp.Compare(a.Field, b.Field) })
-		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds}
-		for j := 0; j < len(conds); {
-			k := j
-			for k < len(conds) && conds[k].Field == conds[j].Field {
-				k++
-			}
-			cf.groups = append(cf.groups, cgroup{field: conds[j].Field, from: int32(j), to: int32(k)})
-			j = k
-		}
+		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds, groups: condGroups(conds)}
 		if f.Action.Type.IsCallout() {
 			c.hasCallouts = true
 			cf.callout = f.Action.Callout
@@ -439,6 +482,20 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 	}
 	c.buildIndex()
 	return c
+}
+
+// condGroups returns the runs of field-sorted conditions on one field.
+func condGroups(conds []Condition) []cgroup {
+	var gs []cgroup
+	for j := 0; j < len(conds); {
+		k := j
+		for k < len(conds) && conds[k].Field == conds[j].Field {
+			k++
+		}
+		gs = append(gs, cgroup{field: conds[j].Field, from: int32(j), to: int32(k)})
+		j = k
+	}
+	return gs
 }
 
 type rangeEntry struct {
@@ -575,9 +632,12 @@ func chooseKey(cf *cfilter) (keyKind, cgroup) {
 				case c.Match == MatchEqual && c.Value.t == TypeAddr:
 					s = 128
 				case (c.Match == MatchEqual || c.Match == MatchPrefix) && c.Value.t == TypePrefix:
-					s = int(c.Value.n)
+					// On one scale for both families: a v4 /24 and a
+					// v6 /48 (a site) score 96, a v6 /64 (a subnet)
+					// ranks with a host and above a port.
+					s = min(int(c.Value.n)*2, 128)
 					if c.Value.ip.Is4() {
-						s *= 4
+						s = int(c.Value.n) * 4
 					}
 				}
 				score = min(score, s)
@@ -710,7 +770,13 @@ func (p *prefixIndex) lookup(v Value, add func([]int32) bool) bool {
 	hi, lo := addrKey6(v.ip)
 	for i := range p.v6 {
 		l := &p.v6[i]
-		if !add(l.m6[[2]uint64{hi & l.mhi, lo & l.mlo}]) {
+		khi, klo := hi&l.mhi, lo&l.mlo
+		if l.present != nil {
+			if h := present6(khi, klo) >> l.pshift; l.present[h>>6]&(1<<(h&63)) == 0 {
+				continue
+			}
+		}
+		if !add(l.m6[[2]uint64{khi, klo}]) {
 			return false
 		}
 	}

@@ -651,11 +651,12 @@ func TestDifferentialSmallSets(t *testing.T) {
 
 // TestDifferentialLargeSets uses sets big enough that every index (port
 // segments, prefix lengths, app buckets, the wildcard list) holds many
-// filters.
+// filters: on random layers, then on v6 layers (where selective sets'
+// remote prefixes are /64 to /128).
 func TestDifferentialLargeSets(t *testing.T) {
-	for i := range 3 {
+	for i, layer := range []engine.LayerID{0, 0, 0, engine.LayerALEAuthConnectV6, engine.LayerALEAuthRecvAcceptV6, engine.LayerALEFlowEstablishedV6} {
 		g := newDgen(nil, 1000+uint64(i))
-		dc := buildDiffCase(t, g, caseSize{filters: 3000, minFilter: 2000, sublayers: 5, callouts: 6, scale: 20, selective: true})
+		dc := buildDiffCase(t, g, caseSize{filters: 3000, minFilter: 2000, sublayers: 5, callouts: 6, scale: 20, selective: true, layer: layer})
 		if n := len(dc.ref.filters); n < 1800 {
 			t.Fatalf("case %d has only %d enabled filters", i, n)
 		}
@@ -767,6 +768,97 @@ func TestDifferentialBigBuckets(t *testing.T) {
 	dc.stats.require(t, "permit soft", "permit hard", "block hard")
 }
 
+// TestDifferentialBigBucketsV6 is TestDifferentialBigBuckets for v6:
+// thousands of exact hosts and of prefixes from /8 to /120 (maps of every
+// size, each with a presence bitmap), and filters keyed on an app or a
+// port whose short v6 remote prefix only the quick check tests. Tuples hit
+// those, miss them by the last bit inside a prefix, hit them with the
+// first bit past it flipped, or carry a v4(-mapped) address.
+func TestDifferentialBigBucketsV6(t *testing.T) {
+	g := newDgen(nil, 3100)
+	dc := buildDiffCase(t, g, caseSize{filters: 30, sublayers: 3, callouts: 3, layer: engine.LayerALEAuthConnectV6, selective: true})
+	addr6 := func() netip.Addr {
+		var b [16]byte
+		for i := range b {
+			b[i] = byte(g.intn(256))
+		}
+		b[0], b[1] = 0x20, byte(g.intn(4)) // shared top bits, as a region's networks have
+		return netip.AddrFrom16(b)
+	}
+	var hosts []netip.Addr
+	var nets []netip.Prefix
+	for range 1500 {
+		hosts = append(hosts, addr6())
+		bits := pick(g, []int{8, 16, 24, 32, 33, 40, 48, 56, 63, 64, 64, 64, 65, 72, 96, 120})
+		nets = append(nets, netip.PrefixFrom(addr6(), bits).Masked())
+	}
+	var ports []uint16
+	for range 40 {
+		ports = append(ports, uint16(g.intn(65536)))
+	}
+	netCond := func(n netip.Prefix) engine.Condition {
+		return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: pick(g, []engine.MatchType{engine.MatchEqual, engine.MatchPrefix}), Value: engine.Prefix(n)}
+	}
+	dc.addPlain(t, g, 6000, func(i int) []engine.Condition {
+		h, n := hosts[i/4], nets[i/4]
+		switch i % 4 {
+		case 0:
+			return []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(h)}}
+		case 1:
+			return []engine.Condition{netCond(n)}
+		case 2: // keyed on the app up to /49, the quick check tests the prefix
+			return []engine.Condition{netCond(n), {Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String(pick(g, dc.pools.apps))}}
+		}
+		// keyed on the port up to /34
+		return []engine.Condition{netCond(n), {Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(pick(g, ports))}}
+	})
+	// flip returns a with bit i (from the top) inverted.
+	flip := func(a netip.Addr, i int) netip.Addr {
+		b := a.As16()
+		b[i/8] ^= 0x80 >> (i % 8)
+		return netip.AddrFrom16(b)
+	}
+	for range 1500 {
+		vs := dc.pools.tuple(g, dc.layer)
+		n := pick(g, nets)
+		inside := n.Addr().As16() // n's address with random bits past the prefix
+		for i := n.Bits(); i < 128; i++ {
+			if g.chance(50) {
+				inside[i/8] |= 0x80 >> (i % 8)
+			}
+		}
+		var a netip.Addr
+		switch g.intn(7) {
+		case 0:
+			a = pick(g, hosts)
+		case 1:
+			a = flip(pick(g, hosts), 127-g.intn(8))
+		case 2:
+			a = netip.AddrFrom16(inside)
+		case 3:
+			a = flip(netip.AddrFrom16(inside), max(0, n.Bits()-1)) // just outside
+		case 4:
+			a = flip(n.Addr(), min(127, n.Bits())) // just past the prefix: inside
+		case 5:
+			a = netip.AddrFrom4([4]byte{byte(g.intn(256)), byte(g.intn(256)), 0, 1})
+			if g.chance(50) {
+				a = netip.AddrFrom16(a.As16()) // v4-mapped; Addr unmaps it
+			}
+		default:
+			a = addr6()
+		}
+		vs.Set(engine.FieldIPRemoteAddress, engine.Addr(a))
+		if g.chance(60) {
+			vs.Set(engine.FieldIPRemotePort, engine.Uint16(pick(g, ports)))
+		}
+		if g.chance(60) {
+			vs.Set(engine.FieldALEAppID, engine.String(pick(g, dc.pools.apps)))
+		}
+		dc.check(t, vs)
+	}
+	dc.stats.require(t, "no match", "permit soft", "permit hard", "block soft", "block hard")
+}
+
 // FuzzClassify: the input seeds a generated filter set and tuples; the
 // engine and the reference must agree on every one.
 func FuzzClassify(f *testing.F) {
@@ -775,6 +867,12 @@ func FuzzClassify(f *testing.F) {
 	f.Add([]byte("fwp differential seed: callouts and sublayers"))
 	f.Add([]byte{1, 9, 9, 9, 1, 0, 0, 255, 255, 3, 3, 3, 3, 70, 70, 70, 70, 70, 70})
 	f.Add([]byte{5, 200, 4, 4, 2, 2, 2, 2, 99, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})
+	// The first byte picks the layer (diffLayers): v6 ones at 1, 3 and 5,
+	// with pools of one /24 so that prefixes and addresses collide.
+	f.Add([]byte{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
+	f.Add([]byte{3, 8, 0, 255, 1, 255, 0, 7, 64, 64, 128, 120, 96, 48, 1, 2, 3})
+	f.Add([]byte("\x01v6 AUTH_CONNECT: prefixes, ports and apps"))
+	f.Add([]byte("\x05v6 FLOW_ESTABLISHED with callouts and sublayers"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) > 4096 { // bounds one input's work; the PCG carries on after the bytes
 			return

@@ -3,13 +3,22 @@
 // datapath that enforces the policy on the system's own sockets.
 //
 //	fwpd [--socket PATH] [--state-dir DIR] [--admin-group G] [--metrics-addr ADDR]
-//	     [--datapath kernel|none] [--cgroup PATH] [--keep-hooks-on-exit] [--bpffs-dir DIR]
+//	     [--max-connections N] [--datapath kernel|none] [--cgroup PATH]
+//	     [--keep-hooks-on-exit] [--bpffs-dir DIR]
 //
 // Root and members of --admin-group may change policy; everyone who can
-// open the socket may read it. With --datapath kernel (the default) every
-// commit is compiled into the eBPF maps before it takes effect, and a
-// policy the kernel cannot enforce is refused. Proxies query redirects
-// through the API and mark their outbound sockets through the side socket
-// PATH.fd (SCM_RIGHTS). SIGTERM or SIGINT shut it down gracefully; the
-// hooks go with it unless --keep-hooks-on-exit.
+// open the socket may read it. Both are decided on the credentials the
+// kernel recorded when the peer connected (SO_PEERCRED, SO_PEERGROUPS;
+// Linux 4.13 or later). With --datapath kernel (the default) every commit
+// is compiled into the eBPF maps before it takes effect, and a policy the
+// kernel cannot enforce is refused. Proxies query redirects through the
+// API and mark their outbound sockets through the side socket PATH.fd
+// (SCM_RIGHTS). SIGTERM or SIGINT shut it down gracefully; the hooks go
+// with it unless --keep-hooks-on-exit.
+//
+// Each of the two sockets serves at most --max-connections connections at
+// once (default 1024). More are closed as soon as they are accepted, so a
+// client fails at once rather than hanging in the backlog, and logged (at
+// debug level, plus a warning at most once a minute). A peer on PATH.fd
+// must send its request within 5 seconds or is dropped.
 package main

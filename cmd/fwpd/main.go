@@ -35,7 +35,7 @@ type config struct {
 	adminGroups, adminUsers                            string
 	noRootAdmin                                        bool
 	txnTimeout                                         time.Duration
-	maxMsgBytes                                        int
+	maxMsgBytes, maxConns                              int
 	allowEvents                                        bool
 	kernel                                             kernelConfig
 }
@@ -51,6 +51,8 @@ func run(args []string) error {
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9465); off when empty")
 	fs.DurationVar(&c.txnTimeout, "txn-timeout", mgmt.DefaultTxnTimeout, "how long a write waits for another session's transaction")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 64<<20, "largest request accepted")
+	fs.IntVar(&c.maxConns, "max-connections", server.DefaultMaxConnections,
+		"connections served at once on the socket, and again on its records side socket; more are closed at once")
 	fs.BoolVar(&c.allowEvents, "allow-events", false, "record classify-allow net events too (drops are always recorded)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
@@ -71,6 +73,9 @@ func run(args []string) error {
 	log, err := newLogger(c.logLevel, c.logFormat)
 	if err != nil {
 		return err
+	}
+	if c.maxConns < 1 {
+		return fmt.Errorf("--max-connections: %d is not a positive number", c.maxConns)
 	}
 	gids, err := ids(c.adminGroups, func(s string) (string, error) {
 		g, err := user.LookupGroup(s)
@@ -124,7 +129,7 @@ func run(args []string) error {
 		return err
 	}
 	cfg := server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids,
-		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes}
+		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes, MaxConnections: c.maxConns}
 	if kern != nil {
 		cfg.Redirects = kern.d // proxies without root query the redirect maps through fwpd
 	}
@@ -142,7 +147,7 @@ func run(args []string) error {
 	if kern != nil {
 		rs.d = kern.d
 	}
-	go rs.serve(rl)
+	go rs.serve(server.LimitListener(rl, c.maxConns, log))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

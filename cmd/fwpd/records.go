@@ -27,21 +27,47 @@ import (
 type recordsServer struct {
 	d   *ebpf.Datapath // nil with --datapath none
 	log *slog.Logger
+	// timeout bounds reading a request (0: recordsTimeout): a peer that
+	// connects and sends nothing must not hold a connection slot (see
+	// --max-connections).
+	timeout time.Duration
 }
 
+// recordsTimeout is fwpd's records request timeout: a request is one
+// small write, so this is generous.
+const recordsTimeout = 5 * time.Second
+
+// recordsReplyTimeout bounds writing the reply, from after the request.
+const recordsReplyTimeout = time.Second
+
+// serve accepts until l is closed. Other accept errors (EMFILE when the
+// process is out of descriptors) pass, so they must not end the channel:
+// it backs off and goes on.
 func (s recordsServer) serve(l net.Listener) {
+	var backoff time.Duration
 	for {
 		c, err := l.Accept()
-		if err != nil {
+		if errors.Is(err, net.ErrClosed) {
 			return
 		}
-		go s.handle(c.(*net.UnixConn))
+		if err != nil {
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("records socket: accept failed", "err", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		go s.handle(c)
 	}
 }
 
-func (s recordsServer) handle(c *net.UnixConn) {
+func (s recordsServer) handle(c net.Conn) {
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	timeout := s.timeout
+	if timeout <= 0 {
+		timeout = recordsTimeout
+	}
+	_ = c.SetReadDeadline(time.Now().Add(timeout))
 	err := s.set(c)
 	reply := "ok"
 	if err != nil {
@@ -58,15 +84,21 @@ func (s recordsServer) handle(c *net.UnixConn) {
 		reply = code + " " + strings.ReplaceAll(err.Error(), "\n", " ")
 		s.log.Debug("redirect records refused", "err", err)
 	}
+	// A fresh bound, so a peer that timed out still learns why.
+	_ = c.SetWriteDeadline(time.Now().Add(recordsReplyTimeout))
 	_, _ = c.Write([]byte(reply + "\n"))
 }
 
-func (s recordsServer) set(c *net.UnixConn) error {
-	cred, err := peercred.FromConn(c)
+func (s recordsServer) set(c net.Conn) error {
+	uc, err := peercred.UnixConn(c)
 	if err != nil {
 		return fmt.Errorf("%w: %v", proxy.ErrAccessDenied, err)
 	}
-	recs, fd, err := readRecordsRequest(c)
+	cred, err := peercred.FromConn(uc)
+	if err != nil {
+		return fmt.Errorf("%w: %v", proxy.ErrAccessDenied, err)
+	}
+	recs, fd, err := readRecordsRequest(uc)
 	if fd >= 0 {
 		defer syscall.Close(fd)
 	}
@@ -112,7 +144,9 @@ func readRecordsRequest(c *net.UnixConn) (recs []byte, fd int, err error) {
 	oob := make([]byte, syscall.CmsgSpace(4*4))
 	for len(buf) < 2 || len(buf) < 2+int(binary.BigEndian.Uint16(buf)) {
 		n, oobn, _, _, rerr := c.ReadMsgUnix(buf[len(buf):cap(buf)], oob)
-		buf = buf[:len(buf)+n]
+		// n is -1 on an error such as the read deadline: slicing with it
+		// would panic and take the daemon down.
+		buf = buf[:len(buf)+max(n, 0)]
 		if oobn > 0 {
 			msgs, perr := syscall.ParseSocketControlMessage(oob[:oobn])
 			if perr == nil {
@@ -132,7 +166,7 @@ func readRecordsRequest(c *net.UnixConn) (recs []byte, fd int, err error) {
 			return nil, fd, fmt.Errorf("%w: records of %d bytes, at most %d", proxy.ErrInvalidArgument, binary.BigEndian.Uint16(buf), client.MaxRecordsRequest)
 		}
 		if rerr != nil {
-			return nil, fd, fmt.Errorf("%w: short request: %v", proxy.ErrInvalidArgument, rerr)
+			return nil, fd, fmt.Errorf("%w: short request: %w", proxy.ErrInvalidArgument, rerr)
 		}
 	}
 	if fd < 0 {

@@ -1,4 +1,4 @@
 // Package peercred gives a gRPC server the kernel's credentials of each
-// unix-socket peer (SO_PEERCRED), for authorization, and reads a process's
-// supplementary groups.
+// unix-socket peer (SO_PEERCRED, and its supplementary groups from
+// SO_PEERGROUPS), as they were at connect(), for authorization.
 package peercred

@@ -1,23 +1,26 @@
 package peercred
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"strconv"
-	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 )
 
-// Cred is a peer's process, user and group at connect time.
+// Cred is a peer's process, user, group and supplementary groups at
+// connect time.
 type Cred struct {
 	PID, UID, GID uint32
+	// Groups are the supplementary groups (SO_PEERGROUPS), fixed by the
+	// kernel at connect() like the rest: reading them later from
+	// /proc/PID/status would race with the peer changing them or exiting
+	// and its pid being reused.
+	Groups []uint32
 }
 
 // AuthInfo carries the peer's Cred through gRPC.
@@ -32,27 +35,83 @@ func (AuthInfo) AuthType() string { return "peercred" }
 // ErrNoCred means a connection carried no peer credentials.
 var ErrNoCred = errors.New("peercred: no peer credentials")
 
-// FromConn reads SO_PEERCRED from a unix connection.
+// FromConn reads SO_PEERCRED and SO_PEERGROUPS (Linux 4.13 or later) from
+// a unix connection or a wrapper of one (see UnixConn).
 func FromConn(c net.Conn) (Cred, error) {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return Cred{}, fmt.Errorf("%w: %T is not a unix connection", ErrNoCred, c)
+	uc, err := UnixConn(c)
+	if err != nil {
+		return Cred{}, err
 	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
 		return Cred{}, err
 	}
-	var uc2 *unix.Ucred
+	var cr Cred
 	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		uc2, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
+	if err := raw.Control(func(fd uintptr) { cr, serr = fromFD(int(fd)) }); err != nil {
 		return Cred{}, err
 	}
-	if serr != nil {
-		return Cred{}, fmt.Errorf("%w: %w", ErrNoCred, serr)
+	return cr, serr
+}
+
+// UnixConn returns the unix connection c is, or the one it wraps: a
+// wrapper (such as a connection-limiting listener's) exposes it with a
+// NetConn method, as tls.Conn does.
+func UnixConn(c net.Conn) (*net.UnixConn, error) {
+	// Bounded, so a wrapper that returns itself cannot loop forever.
+	for range 8 {
+		switch v := c.(type) {
+		case *net.UnixConn:
+			return v, nil
+		case interface{ NetConn() net.Conn }:
+			c = v.NetConn()
+		default:
+			return nil, fmt.Errorf("%w: %T is not a unix connection", ErrNoCred, c)
+		}
 	}
-	return Cred{PID: uint32(uc2.Pid), UID: uc2.Uid, GID: uc2.Gid}, nil
+	return nil, fmt.Errorf("%w: %T wraps too deeply", ErrNoCred, c)
+}
+
+func fromFD(fd int) (Cred, error) {
+	uc, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
+	if err != nil {
+		return Cred{}, fmt.Errorf("%w: SO_PEERCRED: %w", ErrNoCred, err)
+	}
+	gs, err := peerGroups(fd, initialGroups)
+	if err != nil {
+		return Cred{}, fmt.Errorf("%w: SO_PEERGROUPS: %w", ErrNoCred, err)
+	}
+	return Cred{PID: uint32(uc.Pid), UID: uc.Uid, GID: uc.Gid, Groups: gs}, nil
+}
+
+// initialGroups is the first buffer's size, in groups: most peers have
+// fewer, and more cost one retry.
+const initialGroups = 32
+
+// maxGroups is the kernel's NGROUPS_MAX: it never reports more.
+const maxGroups = 65536
+
+// peerGroups reads SO_PEERGROUPS with room for n groups first. A buffer
+// too small fails with ERANGE and the kernel reports the size it needs;
+// the peer's credentials are fixed, so one retry suffices, but the loop
+// stays bounded whatever the kernel says.
+func peerGroups(fd, n int) ([]uint32, error) {
+	for {
+		buf := make([]uint32, n)
+		l := uint32(4 * n)
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(unsafe.SliceData(buf))), uintptr(unsafe.Pointer(&l)), 0)
+		switch {
+		case e == 0 && int(l) <= 4*n:
+			return buf[:l/4], nil
+		case e == unix.ERANGE && int(l) > 4*n && l/4 <= maxGroups:
+			n = int(l / 4)
+		case e != 0:
+			return nil, e
+		default:
+			return nil, fmt.Errorf("kernel answered %d bytes for a %d-byte buffer", l, 4*n)
+		}
+	}
 }
 
 // FromContext returns the credentials of the peer of a gRPC call.
@@ -95,30 +154,3 @@ func (creds) Info() credentials.ProtocolInfo {
 func (c creds) Clone() credentials.TransportCredentials { return c }
 
 func (creds) OverrideServerName(string) error { return nil }
-
-// Groups returns the supplementary groups of a process, from
-// /proc/PID/status. SO_PEERCRED gives only the primary group.
-func Groups(pid uint32) ([]uint32, error) {
-	f, err := os.Open("/proc/" + strconv.FormatUint(uint64(pid), 10) + "/status")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), "Groups:")
-		if !ok {
-			continue
-		}
-		var out []uint32
-		for _, g := range strings.Fields(rest) {
-			n, err := strconv.ParseUint(g, 10, 32)
-			if err != nil {
-				return nil, fmt.Errorf("peercred: bad group %q in /proc/%d/status", g, pid)
-			}
-			out = append(out, uint32(n))
-		}
-		return out, nil
-	}
-	return nil, sc.Err()
-}

@@ -1,4 +1,5 @@
 // Package server implements fwpd's gRPC service over a mgmt.Manager:
-// sessions held by a stream, authorization from SO_PEERCRED, typed errors
-// as statuses.
+// sessions held by a stream, authorization from the peer's connect-time
+// credentials (SO_PEERCRED, SO_PEERGROUPS), typed errors as statuses, and
+// a bound on the connections served at once (LimitListener).
 package server

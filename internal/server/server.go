@@ -45,6 +45,9 @@ type Config struct {
 	// Redirects answers QueryRedirect (the kernel datapath); nil: the
 	// call fails with proxy.ErrNotSupported.
 	Redirects RedirectSource
+	// MaxConnections bounds the connections served at once (see
+	// LimitListener); 0 means DefaultMaxConnections.
+	MaxConnections int
 }
 
 // Server is fwpd's service.
@@ -68,6 +71,9 @@ func New(cfg Config) *Server {
 	if cfg.MaxMsgBytes <= 0 {
 		cfg.MaxMsgBytes = DefaultMaxMsgBytes
 	}
+	if cfg.MaxConnections <= 0 {
+		cfg.MaxConnections = DefaultMaxConnections
+	}
 	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Logger, quit: make(chan struct{})}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peercred.Credentials()),
@@ -80,8 +86,11 @@ func New(cfg Config) *Server {
 	return s
 }
 
-// Serve serves on l until Stop.
-func (s *Server) Serve(l net.Listener) error { return s.grpc.Serve(l) }
+// Serve serves on l until Stop, at most Config.MaxConnections
+// connections at once.
+func (s *Server) Serve(l net.Listener) error {
+	return s.grpc.Serve(LimitListener(l, s.cfg.MaxConnections, s.log))
+}
 
 // Stop ends every call and closes the listeners.
 func (s *Server) Stop() {
@@ -133,15 +142,9 @@ func (s *Server) isAdmin(c peercred.Cred) bool {
 	if slices.Contains(s.cfg.AdminUIDs, c.UID) || slices.Contains(s.cfg.AdminGIDs, c.GID) {
 		return true
 	}
-	if len(s.cfg.AdminGIDs) == 0 {
-		return false
-	}
-	groups, err := peercred.Groups(c.PID)
-	if err != nil {
-		s.log.Warn("cannot read the peer's groups", "pid", c.PID, "err", err)
-		return false
-	}
-	for _, g := range groups {
+	// The connect-time groups (SO_PEERGROUPS), not the process's current
+	// ones: the pid may be gone or reused by now.
+	for _, g := range c.Groups {
 		if slices.Contains(s.cfg.AdminGIDs, g) {
 			return true
 		}

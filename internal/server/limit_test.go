@@ -1,0 +1,197 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"fwp/api"
+	"fwp/internal/peercred"
+)
+
+// lockedBuffer is a log sink read while the listener writes it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func unixListener(t *testing.T) (net.Listener, string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fwplim") // t.TempDir can exceed a socket path's limit
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "s")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l, path
+}
+
+// dial connects and bounds every later read, so a wrong answer fails the
+// test instead of hanging it.
+func dial(t *testing.T, path string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// With room for two, the third connection is closed at once while the
+// first two work; closing one frees its slot for the next.
+func TestLimitListener(t *testing.T) {
+	raw, path := unixListener(t)
+	var logs lockedBuffer
+	l := LimitListener(raw, 2, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	accepted := make(chan net.Conn)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- c
+		}
+	}()
+	echo := func(client, server net.Conn) error {
+		if _, err := server.Write([]byte("x")); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(client, make([]byte, 1))
+		return err
+	}
+	c1, c2 := dial(t, path), dial(t, path)
+	s1, s2 := <-accepted, <-accepted
+	c3, c4 := dial(t, path), dial(t, path)
+	for i, c := range []net.Conn{c3, c4} {
+		if n, err := c.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
+			t.Fatalf("connection %d beyond the limit: read %d, %v; want EOF", i+3, n, err)
+		}
+	}
+	if err := echo(c1, s1); err != nil {
+		t.Fatal(err)
+	}
+	if err := echo(c2, s2); err != nil {
+		t.Fatal(err)
+	}
+	// peercred sees through the wrapper.
+	if cr, err := peercred.FromConn(s1); err != nil || cr.PID != uint32(os.Getpid()) {
+		t.Fatalf("peercred through the wrapper: %+v %v", cr, err)
+	}
+	s1.Close()
+	s1.Close() // a second close frees nothing more
+	c5 := dial(t, path)
+	s5 := <-accepted
+	if err := echo(c5, s5); err != nil {
+		t.Fatal(err)
+	}
+	c6 := dial(t, path)
+	if n, err := c6.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("full again: read %d, %v; want EOF", n, err)
+	}
+	log := logs.String()
+	if n := strings.Count(log, "connection refused: too many connections"); n != 3 {
+		t.Errorf("%d debug lines for 3 refusals:\n%s", n, log)
+	}
+	// One warning per minute at most, however many are refused.
+	if n := strings.Count(log, "level=WARN"); n != 1 || !strings.Contains(log, "max_connections=2 refused=1") {
+		t.Errorf("want one warning:\n%s", log)
+	}
+	raw.Close()
+	if _, ok := <-accepted; ok {
+		t.Fatal("accept after close")
+	}
+}
+
+// The gRPC server holds its bound: with MaxConnections 2, two clients are
+// served, a third is refused with Unavailable, and once a client goes away
+// a new one is served again.
+func TestMaxConnections(t *testing.T) {
+	f := start(t, Config{MaxConnections: 2})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c1, cc1 := f.conn(t)
+	c2, _ := f.conn(t)
+	for i, c := range []api.ManagementClient{c1, c2} {
+		if _, err := c.Sessions(ctx, &api.Empty{}); err != nil {
+			t.Fatalf("client %d: %v", i+1, err)
+		}
+	}
+	c3, cc3 := f.conn(t)
+	if _, err := c3.Sessions(ctx, &api.Empty{}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("third client: want Unavailable, got %v", err)
+	}
+	cc3.Close()
+	cc1.Close()
+	// The server notices the close when it reads EOF: retry until it has,
+	// failing only if the slot never frees.
+	for {
+		c4, cc4 := f.conn(t)
+		_, err := c4.Sessions(ctx, &api.Empty{})
+		if err == nil {
+			break
+		}
+		cc4.Close()
+		if ctx.Err() != nil {
+			t.Fatalf("no slot freed after a client closed: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := c2.Sessions(ctx, &api.Empty{}); err != nil {
+		t.Fatalf("a served client lost its connection: %v", err)
+	}
+}
+
+// Supplementary groups are taken from the connection's credentials, not
+// from /proc: a peer whose process is gone (pid 0 has no /proc entry) is
+// still an administrator by a group it had at connect time.
+func TestAdminBySupplementaryGroup(t *testing.T) {
+	s := New(Config{NoRootAdmin: true, AdminGIDs: []uint32{4242}, AdminUIDs: []uint32{1001}})
+	for _, tc := range []struct {
+		c    peercred.Cred
+		want bool
+	}{
+		{peercred.Cred{UID: 1000, GID: 1000, Groups: []uint32{10, 4242}}, true},
+		{peercred.Cred{UID: 1000, GID: 4242}, true},
+		{peercred.Cred{UID: 1001, GID: 1001}, true},
+		{peercred.Cred{UID: 1000, GID: 1000, Groups: []uint32{10, 4243}}, false},
+		{peercred.Cred{UID: 0, GID: 0}, false},
+		{peercred.Cred{PID: uint32(os.Getpid()), UID: 1000, GID: 1000}, false},
+	} {
+		if got := s.isAdmin(tc.c); got != tc.want {
+			t.Errorf("%+v: admin %v, want %v", tc.c, got, tc.want)
+		}
+	}
+}

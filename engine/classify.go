@@ -207,7 +207,9 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 	}
 	c := e.state.Load().compiled[layer]
 	cs := csPool.Get().(*classifyState)
+	more := cs.keep()
 	*cs = classifyState{e: e, layer: layer, vs: vs, meta: meta, layerData: data}
+	cs.called.more = more
 	if c.hasCallouts {
 		cs.seq = e.rt.nextSeq.Add(1)
 		if meta != nil && layers[layer].CanPendOperation {
@@ -223,7 +225,7 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 		vs2 := *vs
 		vs2.Set(FieldFlags, Uint32(uint32(vs2.Uint(FieldFlags))|FlagIsReauthorize))
 		cs.vs = &vs2
-		cs.called = resumeMemo{}
+		cs.called = resumeMemo{more: cs.keep()}
 		res = c.classify(cs)
 		cs.vs = vs
 	}
@@ -233,7 +235,7 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 		meta.CompletionHandle = CompletionHandle{}
 		meta.Present &^= MetaCompletionHandle
 	}
-	*cs = classifyState{}
+	cs.reset()
 	csPool.Put(cs)
 	return res
 }

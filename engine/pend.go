@@ -275,17 +275,32 @@ func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) 
 }
 
 // resumeMemo keeps the outputs of the callouts called before a pend, so a
-// resumed classify does not call them twice.
+// resumed classify does not call them twice: the first memoInline in
+// place, the rest in more (whose buffer a pooled classifyState keeps, so
+// that classifies calling many callouts allocate only when they pend).
 type resumeMemo struct {
-	n   int
-	ids [16]FilterID
-	out [16]ClassifyOut
+	n    int
+	ids  [memoInline]FilterID
+	out  [memoInline]ClassifyOut
+	more []memoEntry
+}
+
+const memoInline = 16
+
+type memoEntry struct {
+	id  FilterID
+	out ClassifyOut
 }
 
 func (m *resumeMemo) lookup(id FilterID) (ClassifyOut, bool) {
 	for i := 0; i < m.n; i++ {
 		if m.ids[i] == id {
 			return m.out[i], true
+		}
+	}
+	for i := range m.more {
+		if m.more[i].id == id {
+			return m.more[i].out, true
 		}
 	}
 	return ClassifyOut{}, false
@@ -295,13 +310,40 @@ func (m *resumeMemo) add(id FilterID, out ClassifyOut) {
 	if m.n < len(m.ids) {
 		m.ids[m.n], m.out[m.n] = id, out
 		m.n++
+		return
 	}
+	m.more = append(m.more, memoEntry{id, out})
+}
+
+// keep returns cs's memo buffer emptied, to put back after cs is cleared
+// (in place: cheaper than a literal that reads cs).
+func (cs *classifyState) keep() []memoEntry { return cs.called.more[:0] }
+
+// clone is m with more of its own, for a pend to keep once the pooled
+// classifyState that shares m's buffer is reused.
+func (m *resumeMemo) clone() resumeMemo {
+	c := *m
+	c.more = nil
+	if len(m.more) > 0 {
+		c.more = append([]memoEntry(nil), m.more...)
+	}
+	return c
 }
 
 func (cs *classifyState) remember(id FilterID, out ClassifyOut) {
-	if cs.memo == nil { // not a resume: keep, in case a later callout pends
+	switch {
+	case cs.memo != nil: // a resume: a later callout may pend again
+		cs.memo.add(id, out)
+	case layers[cs.layer].CanPendClassify: // a later callout may pend
 		cs.called.add(id, out)
 	}
+}
+
+// reset clears cs for the pool, keeping the buffer of its memo.
+func (cs *classifyState) reset() {
+	more := cs.keep()
+	*cs = classifyState{}
+	cs.called.more = more
 }
 
 // ClassifyHandle is a handle on one classification for the asynchronous
@@ -374,7 +416,11 @@ func (e *Engine) PendClassify(h ClassifyHandle, out *ClassifyOut) (*Pend, error)
 	out.Action = ActionBlock
 	out.Rights &^= RightActionWrite
 	p.pendedOut = *out
-	p.resume = &pendResume{vs: *cs.vs, memo: cs.called}
+	memo := &cs.called
+	if cs.memo != nil { // pended again after a resume
+		memo = cs.memo
+	}
+	p.resume = &pendResume{vs: *cs.vs, memo: memo.clone()}
 	if cs.meta != nil {
 		p.resume.meta = *cs.meta
 		p.resume.meta.CompletionHandle = CompletionHandle{}
@@ -417,10 +463,12 @@ func (e *Engine) resume(p *Pend) Result {
 	r.memo.add(p.filter, out)
 	c := e.state.Load().compiled[p.layer]
 	cs := csPool.Get().(*classifyState)
+	more := cs.keep()
 	*cs = classifyState{e: e, layer: p.layer, vs: &r.vs, meta: &r.meta, memo: &r.memo, rd: p.rd, seq: e.rt.nextSeq.Add(1)}
+	cs.called.more = more
 	res := c.classify(cs)
 	e.afterClassify(cs, &res)
-	*cs = classifyState{}
+	cs.reset()
 	csPool.Put(cs)
 	return res
 }

@@ -57,7 +57,10 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 // A pended AUTH_RECV_ACCEPT holds the datagram, and ReadFrom waits for it
 // (datagrams behind it wait too) until the read deadline, which then
 // returns a timeout and keeps the datagram for a later ReadFrom; Close ends
-// the pend. A pended AUTH_CONNECT holds WriteTo until it resolves or Close.
+// the pend. A pended AUTH_CONNECT holds WriteTo (and the remote's other
+// first datagrams) until it resolves, the write deadline (a timeout, the
+// datagram not sent; the classification goes on, and a later WriteTo sends
+// per its verdict) or Close.
 // When two remotes are redirected to one address (or one is redirected to
 // an address the application also sends to), a reply from it is reported
 // as from the remote the application sent to last, so exchanges must take
@@ -72,7 +75,8 @@ type PacketConn struct {
 	cancel context.CancelFunc
 	idle   time.Duration // associations expire after it; 0: never
 	epoch  time.Time     // peer.last counts from it (monotonic)
-	rdl    readDeadline
+	rdl    pendDeadline  // bounds ReadFrom's wait on a pended classification
+	wdl    pendDeadline  // bounds WriteTo's
 
 	mu         sync.Mutex
 	peers      map[netip.AddrPort]*peer          // by the remote the application sees
@@ -116,14 +120,15 @@ type heldDatagram struct {
 // reading more, so only concurrent readers add to them.
 const maxHeld = 128
 
-// readDeadline is the read deadline as the pended-datagram wait sees it.
-type readDeadline struct {
+// pendDeadline is a read or write deadline as the wait on a pended
+// classification sees it.
+type pendDeadline struct {
 	mu      sync.Mutex
 	t       time.Time
 	changed chan struct{} // closed when t changes
 }
 
-func (d *readDeadline) set(t time.Time) {
+func (d *pendDeadline) set(t time.Time) {
 	d.mu.Lock()
 	d.t = t
 	if d.changed != nil {
@@ -133,7 +138,7 @@ func (d *readDeadline) set(t time.Time) {
 	d.mu.Unlock()
 }
 
-func (d *readDeadline) get() (time.Time, <-chan struct{}) {
+func (d *pendDeadline) get() (time.Time, <-chan struct{}) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.changed == nil {
@@ -150,10 +155,20 @@ func (pc *PacketConn) SetReadDeadline(t time.Time) error {
 	return err
 }
 
-// SetDeadline sets the read and write deadlines (see SetReadDeadline).
+// SetWriteDeadline sets the socket's write deadline, which also bounds
+// WriteTo's wait for a remote's pended classification.
+func (pc *PacketConn) SetWriteDeadline(t time.Time) error {
+	err := pc.PacketConn.SetWriteDeadline(t)
+	pc.wdl.set(t)
+	return err
+}
+
+// SetDeadline sets the read and write deadlines (see SetReadDeadline and
+// SetWriteDeadline).
 func (pc *PacketConn) SetDeadline(t time.Time) error {
 	err := pc.PacketConn.SetDeadline(t)
 	pc.rdl.set(t)
+	pc.wdl.set(t)
 	return err
 }
 
@@ -172,9 +187,18 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: syscall.EINVAL}
 	}
 	dst = unmap(dst)
-	p := pc.peer(dst)
+	p := pc.outbound(dst)
+	if p == nil {
+		return 0, pc.opErr("write", addr, net.ErrClosed)
+	}
+	if err := pc.waitClassified(p, &pc.wdl, "write", addr); err != nil {
+		return 0, err // a timeout sends nothing; the classification goes on
+	}
 	if p.err != nil {
-		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: p.err}
+		if pc.ctx.Err() != nil { // ended by Close rather than a verdict
+			return 0, pc.opErr("write", addr, net.ErrClosed)
+		}
+		return 0, pc.opErr("write", addr, p.err)
 	}
 	pc.touch(p)
 	if pc.nreplies.Load() > 0 {
@@ -202,7 +226,7 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
 		// Datagrams held by an earlier ReadFrom's deadline come first.
 		if h := pc.heldHead(); h != nil {
-			if err := pc.waitClassified(h.p); err != nil {
+			if err := pc.waitClassified(h.p, &pc.rdl, "read", nil); err != nil {
 				return 0, nil, err
 			}
 			if !pc.popHeld(h) || h.p.err != nil {
@@ -229,9 +253,9 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		}
 		p := pc.inbound(src, b[:n])
 		if p == nil {
-			return 0, nil, pc.readErr(net.ErrClosed)
+			return 0, nil, pc.opErr("read", nil, net.ErrClosed)
 		}
-		if err := pc.waitClassified(p); err != nil {
+		if err := pc.waitClassified(p, &pc.rdl, "read", nil); err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				pc.hold(p, src, b[:n])
 			}
@@ -245,26 +269,28 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	}
 }
 
-func (pc *PacketConn) readErr(err error) error {
-	return &net.OpError{Op: "read", Net: "udp", Source: pc.udp.LocalAddr(), Err: err}
+// opErr is err as the socket's read or write (to addr) returns it.
+func (pc *PacketConn) opErr(op string, addr net.Addr, err error) error {
+	return &net.OpError{Op: op, Net: "udp", Source: pc.udp.LocalAddr(), Addr: addr, Err: err}
 }
 
-// waitClassified waits until p is classified, the read deadline passes
-// (an error wrapping os.ErrDeadlineExceeded) or the socket is closed.
-func (pc *PacketConn) waitClassified(p *peer) error {
+// waitClassified waits until p is classified, the deadline pd passes (an
+// error wrapping os.ErrDeadlineExceeded) or the socket is closed; op and
+// addr describe the read or write waiting, for the error.
+func (pc *PacketConn) waitClassified(p *peer, pd *pendDeadline, op string, addr net.Addr) error {
 	for {
 		select {
 		case <-p.done:
 			return nil
 		default:
 		}
-		dl, changed := pc.rdl.get()
+		dl, changed := pd.get()
 		var expired <-chan time.Time
 		var timer *time.Timer
 		if !dl.IsZero() {
 			d := time.Until(dl)
 			if d <= 0 {
-				return pc.readErr(os.ErrDeadlineExceeded)
+				return pc.opErr(op, addr, os.ErrDeadlineExceeded)
 			}
 			timer = time.NewTimer(d)
 			expired = timer.C
@@ -273,9 +299,9 @@ func (pc *PacketConn) waitClassified(p *peer) error {
 		select {
 		case <-p.done:
 		case <-expired:
-			err = pc.readErr(os.ErrDeadlineExceeded)
+			err = pc.opErr(op, addr, os.ErrDeadlineExceeded)
 		case <-pc.ctx.Done():
-			err = pc.readErr(net.ErrClosed)
+			err = pc.opErr(op, addr, net.ErrClosed)
 		case <-changed:
 			err = errDeadlineChanged
 		}
@@ -288,7 +314,7 @@ func (pc *PacketConn) waitClassified(p *peer) error {
 	}
 }
 
-var errDeadlineChanged = errors.New("read deadline changed")
+var errDeadlineChanged = errors.New("deadline changed")
 
 func (pc *PacketConn) heldHead() *heldDatagram {
 	pc.mu.Lock()
@@ -339,25 +365,26 @@ func (pc *PacketConn) newPeer(remote netip.AddrPort, dir engine.Direction) *peer
 	return p
 }
 
-// peer returns the association with remote for sending, classifying it
-// first (CONNECT_REDIRECT, AUTH_CONNECT) when new. Concurrent first
-// datagrams wait for one classification.
-func (pc *PacketConn) peer(remote netip.AddrPort) *peer {
+// outbound returns the association with remote for sending, starting its
+// classification (CONNECT_REDIRECT, AUTH_CONNECT) when new: on its own
+// goroutine, so that WriteTo can give up at its deadline and a later
+// WriteTo send per the verdict. Concurrent first datagrams wait for one
+// classification. nil: the socket is closed.
+func (pc *PacketConn) outbound(remote netip.AddrPort) *peer {
 	pc.mu.Lock()
+	defer pc.mu.Unlock()
 	if pc.closed {
-		pc.mu.Unlock()
-		return &peer{err: net.ErrClosed}
+		return nil
 	}
 	p := pc.peers[remote]
 	if p != nil {
-		pc.mu.Unlock()
-		<-p.done
 		return p
 	}
 	p = pc.newPeer(remote, engine.DirectionOutbound)
-	pc.mu.Unlock()
-	defer close(p.done)
-	p.err = pc.connect(pc.ctx, p, remote)
+	go func() {
+		defer close(p.done)
+		p.err = pc.connect(pc.ctx, p, remote)
+	}()
 	return p
 }
 

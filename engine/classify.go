@@ -185,6 +185,7 @@ type classifyState struct {
 	rd        *redirectState
 	layerData any
 	req       ClassifyRequest
+	out       ClassifyOut // the called callout's output: a field, so it does not escape per call
 }
 
 // maxReauthPasses bounds the classifications REAUTHORIZE_IF_MODIFIED_BY_OTHERS

@@ -270,7 +270,9 @@ func (n NotifyType) String() string {
 
 // ClassifyFunc is a callout's classify function (WFP's classifyFn). It reads
 // the request and writes its decision into out, honouring out.Rights: with
-// the ACTION_WRITE right cleared it may only veto (return block).
+// the ACTION_WRITE right cleared it may only veto (return block). req and
+// out are valid only during the call, as in WFP: keep neither (a pended
+// classify is completed through its Pend, not through out).
 type ClassifyFunc func(req *ClassifyRequest, out *ClassifyOut)
 
 // NotifyFunc is called when a filter using the callout is added or deleted.

@@ -254,11 +254,13 @@ func (cs *classifyState) call(cf *cfilter, reg *CalloutRegistration, rights Righ
 		Layer: cs.layer, Values: cs.vs, Meta: cs.meta, Filter: cf.f, ProviderContext: cf.pctx,
 		FlowContext: flowCtx, LayerData: cs.layerData, e: cs.e, cs: cs, cf: cf,
 	}
-	out := ClassifyOut{Action: ActionContinue, Rights: rights}
+	cs.out = ClassifyOut{Action: ActionContinue, Rights: rights}
 	cs.inCallout = cf
-	reg.Classify(&cs.req, &out)
+	reg.Classify(&cs.req, &cs.out)
 	cs.inCallout = nil
 	cs.req = ClassifyRequest{}
+	out := cs.out
+	cs.out = ClassifyOut{}
 	if cs.pendAt == cf && cs.pend != nil && cs.pend.kind == pendClassify {
 		// The callout pended the classify: its output is the pended one.
 		out = cs.pend.pendedOut

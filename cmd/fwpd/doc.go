@@ -3,7 +3,8 @@
 // datapath that enforces the policy on the system's own sockets.
 //
 //	fwpd [--socket PATH] [--state-dir DIR] [--admin-group G] [--metrics-addr ADDR]
-//	     [--max-connections N] [--datapath kernel|none] [--cgroup PATH]
+//	     [--max-connections N] [--max-connections-per-user N]
+//	     [--datapath kernel|none] [--cgroup PATH]
 //	     [--keep-hooks-on-exit] [--bpffs-dir DIR]
 //
 // Root and members of --admin-group may change policy; everyone who can
@@ -17,8 +18,11 @@
 // with it unless --keep-hooks-on-exit.
 //
 // Each of the two sockets serves at most --max-connections connections at
-// once (default 1024). More are closed as soon as they are accepted, so a
-// client fails at once rather than hanging in the backlog, and logged (at
-// debug level, plus a warning at most once a minute). A peer on PATH.fd
+// once (default 1024), the last sixteenth of them only to root, and at
+// most --max-connections-per-user (default 64) to any one other user, so
+// that one local user cannot lock the administrators out. More are closed
+// as soon as they are accepted, so a client fails at once rather than
+// hanging in the backlog, and logged (at debug level, plus a warning at
+// most once a minute). A peer on PATH.fd
 // must send its request within 5 seconds or is dropped.
 package main

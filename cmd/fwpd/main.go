@@ -35,7 +35,7 @@ type config struct {
 	adminGroups, adminUsers                            string
 	noRootAdmin                                        bool
 	txnTimeout                                         time.Duration
-	maxMsgBytes, maxConns                              int
+	maxMsgBytes, maxConns, maxConnsPerUser             int
 	allowEvents                                        bool
 	kernel                                             kernelConfig
 }
@@ -52,7 +52,9 @@ func run(args []string) error {
 	fs.DurationVar(&c.txnTimeout, "txn-timeout", mgmt.DefaultTxnTimeout, "how long a write waits for another session's transaction")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 64<<20, "largest request accepted")
 	fs.IntVar(&c.maxConns, "max-connections", server.DefaultMaxConnections,
-		"connections served at once on the socket, and again on its records side socket; more are closed at once")
+		"connections served at once on the socket, and again on its records side socket; more are closed at once (the last 1/16 only for root)")
+	fs.IntVar(&c.maxConnsPerUser, "max-connections-per-user", server.DefaultMaxConnectionsPerUser,
+		"connections one user other than root may hold at once on each socket")
 	fs.BoolVar(&c.allowEvents, "allow-events", false, "record classify-allow net events too (drops are always recorded)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
@@ -76,6 +78,9 @@ func run(args []string) error {
 	}
 	if c.maxConns < 1 {
 		return fmt.Errorf("--max-connections: %d is not a positive number", c.maxConns)
+	}
+	if c.maxConnsPerUser < 1 {
+		return fmt.Errorf("--max-connections-per-user: %d is not a positive number", c.maxConnsPerUser)
 	}
 	gids, err := ids(c.adminGroups, func(s string) (string, error) {
 		g, err := user.LookupGroup(s)
@@ -129,7 +134,7 @@ func run(args []string) error {
 		return err
 	}
 	cfg := server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids,
-		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes, MaxConnections: c.maxConns}
+		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes, MaxConnections: c.maxConns, MaxConnectionsPerUser: c.maxConnsPerUser}
 	if kern != nil {
 		cfg.Redirects = kern.d // proxies without root query the redirect maps through fwpd
 	}
@@ -147,7 +152,7 @@ func run(args []string) error {
 	if kern != nil {
 		rs.d = kern.d
 	}
-	go rs.serve(server.LimitListener(rl, c.maxConns, log))
+	go rs.serve(server.LimitListener(rl, server.Limits{Max: c.maxConns, PerUser: c.maxConnsPerUser}, log))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

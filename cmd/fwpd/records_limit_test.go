@@ -31,7 +31,7 @@ func serveRecords(t *testing.T, n int, timeout time.Duration) string {
 	}
 	t.Cleanup(func() { l.Close() })
 	log := slog.New(slog.DiscardHandler)
-	go recordsServer{log: log, timeout: timeout}.serve(server.LimitListener(l, n, log))
+	go recordsServer{log: log, timeout: timeout}.serve(server.LimitListener(l, server.Limits{Max: n}, log))
 	return path
 }
 

@@ -73,7 +73,7 @@ func dial(t *testing.T, path string) net.Conn {
 func TestLimitListener(t *testing.T) {
 	raw, path := unixListener(t)
 	var logs lockedBuffer
-	l := LimitListener(raw, 2, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	l := LimitListener(raw, Limits{Max: 2}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	accepted := make(chan net.Conn)
 	go func() {
 		for {
@@ -126,7 +126,7 @@ func TestLimitListener(t *testing.T) {
 		t.Errorf("%d debug lines for 3 refusals:\n%s", n, log)
 	}
 	// One warning per minute at most, however many are refused.
-	if n := strings.Count(log, "level=WARN"); n != 1 || !strings.Contains(log, "max_connections=2 refused=1") {
+	if n := strings.Count(log, "level=WARN"); n != 1 || !strings.Contains(log, "max_connections=2") || !strings.Contains(log, "refused=1") {
 		t.Errorf("want one warning:\n%s", log)
 	}
 	raw.Close()
@@ -193,5 +193,63 @@ func TestAdminBySupplementaryGroup(t *testing.T) {
 		if got := s.isAdmin(tc.c); got != tc.want {
 			t.Errorf("%+v: admin %v, want %v", tc.c, got, tc.want)
 		}
+	}
+}
+
+// One user cannot take every slot, and the last sixteenth is root's: with
+// room for 32 (2 kept for root) and 3 per user, a user's fourth connection
+// is refused, other users fill up to 30, and root still gets the last two.
+func TestLimitsPerUserAndRootReserve(t *testing.T) {
+	l := LimitListener(nil, Limits{Max: 32, PerUser: 3}, nil).(*limitListener)
+	for i := range 3 {
+		if why := l.admit(1000); why != "" {
+			t.Fatalf("uid 1000 connection %d: %s", i+1, why)
+		}
+	}
+	if why := l.admit(1000); why != "too many connections of this user" {
+		t.Fatalf("uid 1000's 4th connection: %q", why)
+	}
+	for uid := uint32(1001); l.open < 30; uid++ {
+		for range 3 {
+			if l.open < 30 {
+				if why := l.admit(uid); why != "" {
+					t.Fatalf("uid %d with %d open: %s", uid, l.open, why)
+				}
+			}
+		}
+	}
+	if why := l.admit(2000); why != "too many connections" {
+		t.Fatalf("a new user with 30 open: %q", why)
+	}
+	if why := l.admit(unknownUser); why != "too many connections" {
+		t.Fatalf("an unknown peer with 30 open: %q", why)
+	}
+	for i := range 2 {
+		if why := l.admit(0); why != "" {
+			t.Fatalf("root's reserved slot %d: %s", i+1, why)
+		}
+	}
+	if why := l.admit(0); why != "too many connections" {
+		t.Fatalf("root beyond the bound: %q", why)
+	}
+	// A slot freed while root holds the reserve is still past the others'
+	// bound; once root's go, it is anyone's.
+	l.release(1000)
+	if why := l.admit(1000); why != "too many connections" {
+		t.Fatalf("uid 1000 with 31 open, 2 of them root's: %q", why)
+	}
+	l.release(0)
+	l.release(0)
+	if why := l.admit(1000); why != "" {
+		t.Fatalf("uid 1000 after root's connections closed: %s", why)
+	}
+	if l.byUser[1000] != 3 || l.open != 30 || l.byUser[0] != 0 {
+		t.Fatalf("counts: uid 1000 %d, open %d", l.byUser[1000], l.open)
+	}
+	for range 3 {
+		l.release(1000)
+	}
+	if _, ok := l.byUser[1000]; ok {
+		t.Fatal("a user with no connection left is still counted")
 	}
 }

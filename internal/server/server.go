@@ -48,6 +48,9 @@ type Config struct {
 	// MaxConnections bounds the connections served at once (see
 	// LimitListener); 0 means DefaultMaxConnections.
 	MaxConnections int
+	// MaxConnectionsPerUser bounds one user's (root excepted); 0 means
+	// DefaultMaxConnectionsPerUser, < 0 no bound of its own.
+	MaxConnectionsPerUser int
 }
 
 // Server is fwpd's service.
@@ -74,6 +77,9 @@ func New(cfg Config) *Server {
 	if cfg.MaxConnections <= 0 {
 		cfg.MaxConnections = DefaultMaxConnections
 	}
+	if cfg.MaxConnectionsPerUser == 0 {
+		cfg.MaxConnectionsPerUser = DefaultMaxConnectionsPerUser
+	}
 	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Logger, quit: make(chan struct{})}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peercred.Credentials()),
@@ -89,7 +95,7 @@ func New(cfg Config) *Server {
 // Serve serves on l until Stop, at most Config.MaxConnections
 // connections at once.
 func (s *Server) Serve(l net.Listener) error {
-	return s.grpc.Serve(LimitListener(l, s.cfg.MaxConnections, s.log))
+	return s.grpc.Serve(LimitListener(l, Limits{Max: s.cfg.MaxConnections, PerUser: s.cfg.MaxConnectionsPerUser}, s.log))
 }
 
 // Stop ends every call and closes the listeners.

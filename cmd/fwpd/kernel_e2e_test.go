@@ -819,6 +819,18 @@ func bulkServers() error {
 			return err
 		}
 	}
+	// The same proxy without fwp in the way, for comparison: reached
+	// directly on :3132, it relays to the sink on :7072.
+	if err := serveTCP("127.0.0.1:3132", func(c net.Conn) {
+		out, err := net.Dial("tcp", "127.0.0.1:7072")
+		if err != nil {
+			return
+		}
+		defer out.Close()
+		proxy.Splice(c, out)
+	}); err != nil {
+		return err
+	}
 	return serveTCP("127.0.0.1:3131", func(c net.Conn) {
 		out, err := dialOriginal(c)
 		if err != nil {
@@ -966,20 +978,26 @@ filters:
 		}
 		return time.Duration(ns), cpus
 	}
-	var direct, redirected time.Duration
+	var direct, redirected, plain time.Duration
 	var directCPU, redirectedCPU float64 // CPU-seconds
 	b.ReportAllocs()
-	b.SetBytes(2 * size)
+	b.SetBytes(3 * size)
 	for b.Loop() {
 		t, c := send("127.0.0.1:7072")
 		direct, directCPU = direct+t, directCPU+c*t.Seconds()
 		t, c = send("127.0.0.1:7071")
 		redirected, redirectedCPU = redirected+t, redirectedCPU+c*t.Seconds()
+		t, _ = send("127.0.0.1:3132")
+		plain += t
 	}
 	mbps := func(d time.Duration) float64 { return float64(b.N) * size / d.Seconds() / 1e6 }
 	b.ReportMetric(mbps(direct), "direct-MB/s")
 	b.ReportMetric(mbps(redirected), "redirected-MB/s")
 	b.ReportMetric(direct.Seconds()/redirected.Seconds(), "ratio")
+	// The same relay reached without a redirect: what the proxy hop costs
+	// by itself, and fwp's share (fwp-vs-plain-proxy = redirected / plain).
+	b.ReportMetric(mbps(plain), "plainproxy-MB/s")
+	b.ReportMetric(plain.Seconds()/redirected.Seconds(), "fwp-vs-plain-proxy")
 	// CPUs busy during each kind of transfer and the CPU time per byte:
 	// once the redirected path keeps every CPU busy, its rate is bounded
 	// by its CPU cost per byte, whatever the relay.

@@ -366,47 +366,45 @@ func (pc *PacketConn) newPeer(remote netip.AddrPort, dir engine.Direction) *peer
 }
 
 // outbound returns the association with remote for sending, starting its
-// classification (CONNECT_REDIRECT, AUTH_CONNECT) when new: on its own
-// goroutine, so that WriteTo can give up at its deadline and a later
-// WriteTo send per the verdict. Concurrent first datagrams wait for one
-// classification. nil: the socket is closed.
+// classification (CONNECT_REDIRECT, AUTH_CONNECT) when new, so that WriteTo
+// can give up at its deadline and a later WriteTo send per the verdict.
+// nil: the socket is closed.
 func (pc *PacketConn) outbound(remote netip.AddrPort) *peer {
-	pc.mu.Lock()
-	defer pc.mu.Unlock()
-	if pc.closed {
-		return nil
-	}
-	p := pc.peers[remote]
-	if p != nil {
-		return p
-	}
-	p = pc.newPeer(remote, engine.DirectionOutbound)
-	go func() {
-		defer close(p.done)
-		p.err = pc.connect(pc.ctx, p, remote)
-	}()
-	return p
+	return pc.association(remote, engine.DirectionOutbound, func() func(*peer) error {
+		return func(p *peer) error { return pc.connect(pc.ctx, p, remote) }
+	})
 }
 
 // inbound returns the association with a datagram's source, starting its
-// classification (AUTH_RECV_ACCEPT) when new: on its own goroutine, so
-// that ReadFrom can give up at its deadline and a later ReadFrom deliver
-// the datagram. nil: the socket is closed.
+// classification (AUTH_RECV_ACCEPT) when new, so that ReadFrom can give up
+// at its deadline and a later ReadFrom deliver the datagram. nil: the
+// socket is closed.
 func (pc *PacketConn) inbound(remote netip.AddrPort, datagram []byte) *peer {
+	return pc.association(remote, engine.DirectionInbound, func() func(*peer) error {
+		data := append([]byte(nil), datagram...) // the caller's buffer is reused
+		return func(p *peer) error { return pc.admit(pc.ctx, p, remote, data) }
+	})
+}
+
+// association returns the association with remote, or makes it and runs
+// the classification start gives on its own goroutine; concurrent first
+// datagrams wait for that one classification (peer.done). start is called
+// only for a new association, so a datagram to a known remote allocates
+// nothing here.
+func (pc *PacketConn) association(remote netip.AddrPort, dir engine.Direction, start func() func(*peer) error) *peer {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
 	if pc.closed {
 		return nil
 	}
-	p := pc.peers[remote]
-	if p != nil {
+	if p := pc.peers[remote]; p != nil {
 		return p
 	}
-	p = pc.newPeer(remote, engine.DirectionInbound)
-	data := append([]byte(nil), datagram...)
+	p := pc.newPeer(remote, dir)
+	classify := start()
 	go func() {
 		defer close(p.done)
-		p.err = pc.admit(pc.ctx, p, remote, data)
+		p.err = classify(p)
 	}()
 	return p
 }

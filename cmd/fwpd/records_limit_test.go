@@ -6,12 +6,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"fwp/internal/server"
+	"fwp/internal/testutil"
 	"fwp/proxy"
 )
 
@@ -19,17 +19,7 @@ import (
 // the given request timeout on a fresh socket, until the test ends.
 func serveRecords(t *testing.T, n int, timeout time.Duration) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "fwprec") // t.TempDir can exceed a socket path's limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	path := filepath.Join(dir, "s.fd")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
+	l, path := testutil.UnixListener(t)
 	log := slog.New(slog.DiscardHandler)
 	go recordsServer{log: log, timeout: timeout}.serve(server.LimitListener(l, server.Limits{Max: n}, log))
 	return path
@@ -40,7 +30,7 @@ func serveRecords(t *testing.T, n int, timeout time.Duration) string {
 // connection always gets a reply line, a refused one nothing.
 func answer(t *testing.T, path string, req []byte) string {
 	t.Helper()
-	c := hold(t, path)
+	c := testutil.DialUnix(t, path)
 	if req != nil {
 		if _, err := c.Write(req); err != nil {
 			t.Fatal(err)
@@ -51,17 +41,6 @@ func answer(t *testing.T, path string, req []byte) string {
 		t.Fatalf("no answer: %v", err) // the safety deadline of hold
 	}
 	return string(b)
-}
-
-func hold(t *testing.T, path string) net.Conn {
-	t.Helper()
-	c, err := net.Dial("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-	t.Cleanup(func() { c.Close() })
-	return c
 }
 
 // A peer that connects and sends nothing is dropped after the request
@@ -84,7 +63,7 @@ func TestRecordsIdlePeerDropped(t *testing.T) {
 // (no reply), and a slot frees when a held connection ends.
 func TestRecordsConnectionLimit(t *testing.T) {
 	path := serveRecords(t, 2, time.Minute)
-	c1, c2 := hold(t, path), hold(t, path)
+	c1, c2 := testutil.DialUnix(t, path), testutil.DialUnix(t, path)
 	// Both are accepted (in order) before the third is: each gets its reply
 	// once its peer half-closes, which proves it was served.
 	if got := answer(t, path, nil); got != "" {

@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -55,17 +54,7 @@ const changedGroup = 80000
 // to a fresh unix socket.
 func accepted(t *testing.T, dial func(path string)) (net.Conn, string) {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "pc") // t.TempDir can exceed a socket path's limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	path := filepath.Join(dir, "s")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l, path := testutil.UnixListener(t)
 	go dial(path)
 	c, err := l.Accept()
 	if err != nil {

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +18,7 @@ import (
 
 	"fwp/api"
 	"fwp/internal/peercred"
+	"fwp/internal/testutil"
 )
 
 // lockedBuffer is a log sink read while the listener writes it.
@@ -39,39 +39,10 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func unixListener(t *testing.T) (net.Listener, string) {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "fwplim") // t.TempDir can exceed a socket path's limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	path := filepath.Join(dir, "s")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	return l, path
-}
-
-// dial connects and bounds every later read, so a wrong answer fails the
-// test instead of hanging it.
-func dial(t *testing.T, path string) net.Conn {
-	t.Helper()
-	c, err := net.Dial("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // With room for two, the third connection is closed at once while the
 // first two work; closing one frees its slot for the next.
 func TestLimitListener(t *testing.T) {
-	raw, path := unixListener(t)
+	raw, path := testutil.UnixListener(t)
 	var logs lockedBuffer
 	l := LimitListener(raw, Limits{Max: 2}, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	accepted := make(chan net.Conn)
@@ -92,9 +63,9 @@ func TestLimitListener(t *testing.T) {
 		_, err := io.ReadFull(client, make([]byte, 1))
 		return err
 	}
-	c1, c2 := dial(t, path), dial(t, path)
+	c1, c2 := testutil.DialUnix(t, path), testutil.DialUnix(t, path)
 	s1, s2 := <-accepted, <-accepted
-	c3, c4 := dial(t, path), dial(t, path)
+	c3, c4 := testutil.DialUnix(t, path), testutil.DialUnix(t, path)
 	for i, c := range []net.Conn{c3, c4} {
 		if n, err := c.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
 			t.Fatalf("connection %d beyond the limit: read %d, %v; want EOF", i+3, n, err)
@@ -112,12 +83,12 @@ func TestLimitListener(t *testing.T) {
 	}
 	s1.Close()
 	s1.Close() // a second close frees nothing more
-	c5 := dial(t, path)
+	c5 := testutil.DialUnix(t, path)
 	s5 := <-accepted
 	if err := echo(c5, s5); err != nil {
 		t.Fatal(err)
 	}
-	c6 := dial(t, path)
+	c6 := testutil.DialUnix(t, path)
 	if n, err := c6.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
 		t.Fatalf("full again: read %d, %v; want EOF", n, err)
 	}

@@ -29,7 +29,7 @@ func FuzzReadRecordsRequest(f *testing.F) {
 			oob = syscall.UnixRights(int(os.Stdin.Fd()))
 		}
 		if _, _, err := a.WriteMsgUnix(req, oob, nil); err != nil && len(req) > 0 {
-			t.Skip(err) // larger than the socket buffer
+			return // larger than the socket buffer: not an input a peer can send
 		}
 		a.CloseWrite()
 		recs, fd, err := readRecordsRequest(b)

@@ -47,6 +47,7 @@ import (
 func init() {
 	testutil.RegisterHelper("kscenario", kscenarioHelper)
 	testutil.RegisterHelper("kqproxy", kqproxyHelper)
+	testutil.RegisterHelper("bulksink", bulkSinkHelper)
 	testutil.HelperMain()
 }
 
@@ -345,6 +346,57 @@ func TestE2EKernelRedirectAndBlock(t *testing.T) {
 	})
 }
 
+// oneRedirectPolicy sends TCP/IPv4 connections to port to the proxy at
+// proxyAddr, whose process is pid.
+func oneRedirectPolicy(port int, proxyAddr, pid string) string {
+	return fmt.Sprintf(`providers:
+  - {key: one, name: One}
+provider_contexts:
+  - {key: to-proxy, provider: one, data: %q}
+callouts:
+  - {key: fwp.builtin.connect_redirect/one, provider: one, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+filters:
+  - {key: redirect-one, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/one, provider_context: to-proxy, conditions: [{field: ip_remote_port, match: equal, value: %d}]}
+`, fmt.Sprintf(`{"proxy":%q,"target_pid":%s}`, proxyAddr, pid), port)
+}
+
+// TestE2EKernelExampleProxy: examples/redirectproxy, a process of its own
+// asking fwpd for each connection's redirect, relays curl's redirected
+// connection to the original server without a loop.
+func TestE2EKernelExampleProxy(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	cg := testutil.NewCgroup(t)
+	d := startKernelDaemon(t, cg, kernelDir(t))
+	s, helperPID := startScenario(t, cg, d.pins)
+	policy := func(pid string) string { return oneRedirectPolicy(8080, "127.0.0.1:3131", pid) }
+	// Redirected, nothing listening on the proxy's port yet: refused.
+	if errs, code := d.apply(t, policy(strconv.Itoa(helperPID))); code != 0 {
+		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+	}
+	if r := s.run(curl("http://127.0.0.1:8080/before")...); r.Code != 7 {
+		t.Fatalf("curl before the proxy runs: %+v, want exit 7 (redirected to a closed port)", r)
+	}
+	req, _ := json.Marshal(spawnRequest{Argv: []string{bins.redirectproxy, "-listen", "127.0.0.1:3131", "-socket", d.sock, "-v"}, Ready: "127.0.0.1:3131"})
+	pid := strings.TrimSpace(string(s.call("spawn " + string(req))))
+	if errs, code := d.apply(t, `delete:
+  - {kind: filter, key: redirect-one}
+  - {kind: provider_context, key: to-proxy}
+  - {kind: callout, key: fwp.builtin.connect_redirect/one}
+  - {kind: provider, key: one}
+`+policy(pid)); code != 0 {
+		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+	}
+	for i := range 3 {
+		// The proxy's outbound connection carries the records fwpd put on
+		// it, so the redirect lets it through: a loop would never answer.
+		r := s.run(curl(fmt.Sprintf("http://127.0.0.1:8080/through-example-%d", i))...)
+		if r.Code != 0 || !strings.Contains(r.Out, fmt.Sprintf("origin 127.0.0.1:8080  /through-example-%d", i)) {
+			t.Fatalf("curl through the example proxy: %+v", r)
+		}
+	}
+}
+
 // TestE2EKernelRefusesWhatItCannotEnforce: a Go callout (not built in),
 // a malformed redirect and a policy too big for the maps are refused at
 // commit with a clear error; nothing of the file is applied and the policy
@@ -501,9 +553,12 @@ func kscenarioHelper(args []string) error {
 	if err := dnsServers(counts[5354], ebpf.ProxyBackend{R: r}); err != nil {
 		return err
 	}
-	if err := bulkServers(); err != nil {
-		return err
-	}
+	var spawned []*exec.Cmd
+	defer func() {
+		for _, c := range spawned {
+			c.Process.Kill() // spawn's goroutine reaps it
+		}
+	}()
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		cmd, arg, _ := strings.Cut(in.Text(), " ")
@@ -523,6 +578,20 @@ func kscenarioHelper(args []string) error {
 				return err
 			}
 			fmt.Println(took.Nanoseconds())
+		case "spawn":
+			// spawn {"argv":[...],"env":[...],"ready":"ADDR"}: start a
+			// process in this helper's cgroup and network namespace, kept
+			// until the helper ends; answers its pid once ADDR accepts.
+			var req spawnRequest
+			if err := json.Unmarshal([]byte(arg), &req); err != nil {
+				return err
+			}
+			c, err := spawn(req)
+			if err != nil {
+				return err
+			}
+			spawned = append(spawned, c)
+			fmt.Println(c.Process.Pid)
 		case "run":
 			var argv []string
 			if err := json.Unmarshal([]byte(arg), &argv); err != nil {
@@ -805,10 +874,10 @@ func grepLines(s, sub string) string {
 	return strings.Join(out, "\n")
 }
 
-// bulkServers: a sink on :7071 and :7072 (counts what it reads and sends
-// the count back) and a relaying proxy on :3131 built on the proxy
-// package, as examples/proxycallout's.
-func bulkServers() error {
+// bulkSinkHelper is the sink of the throughput benchmark, a process of
+// its own (spawned by kscenario, so in its namespace): on :7071 and :7072
+// it counts what it reads and sends the count back.
+func bulkSinkHelper([]string) error {
 	for _, port := range []int{7071, 7072} {
 		if err := serveTCP(fmt.Sprintf("127.0.0.1:%d", port), func(c net.Conn) {
 			// Read as the client writes, 256 KiB at a time (io.Discard
@@ -819,26 +888,45 @@ func bulkServers() error {
 			return err
 		}
 	}
-	// The same proxy without fwp in the way, for comparison: reached
-	// directly on :3132, it relays to the sink on :7072.
-	if err := serveTCP("127.0.0.1:3132", func(c net.Conn) {
-		out, err := net.Dial("tcp", "127.0.0.1:7072")
-		if err != nil {
-			return
-		}
-		defer out.Close()
-		proxy.Splice(c, out)
-	}); err != nil {
-		return err
+	select {}
+}
+
+type spawnRequest struct {
+	Argv  []string `json:"argv"`
+	Env   []string `json:"env"`
+	Ready string   `json:"ready"`
+}
+
+// spawn starts req.Argv (its output to the helper's stderr) and waits
+// until req.Ready accepts a TCP connection.
+func spawn(req spawnRequest) (*exec.Cmd, error) {
+	if len(req.Argv) == 0 {
+		return nil, fmt.Errorf("spawn: no argv")
 	}
-	return serveTCP("127.0.0.1:3131", func(c net.Conn) {
-		out, err := dialOriginal(c)
-		if err != nil {
-			return
+	c := exec.Command(req.Argv[0], req.Argv[1:]...)
+	c.Env = append(os.Environ(), req.Env...)
+	c.Stdout, c.Stderr = os.Stderr, os.Stderr
+	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := c.Start(); err != nil {
+		return nil, err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- c.Wait() }()
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if conn, err := net.DialTimeout("tcp", req.Ready, time.Second); err == nil {
+			conn.Close()
+			return c, nil
 		}
-		defer out.Close()
-		proxy.Splice(c, out)
-	})
+		select {
+		case err := <-exited:
+			return nil, fmt.Errorf("spawn %q: exited before %s accepted: %v", req.Argv, req.Ready, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			c.Process.Kill()
+			return nil, fmt.Errorf("spawn %q: %s never accepted", req.Argv, req.Ready)
+		}
+	}
 }
 
 // serveTCP accepts connections on addr and handles each in a goroutine,
@@ -935,21 +1023,24 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// Client (this helper), sink and proxies are processes of their own,
+	// as curl, a server and the example proxy would be; all in cg and one
+	// network namespace.
 	h := testutil.StartHelper(b, cg, "kscenario", pins)
-	pidb, err := h.Call([]byte("pid"))
-	if err != nil {
-		b.Fatal(err)
+	spawn := func(req spawnRequest) string {
+		j, _ := json.Marshal(req)
+		out, err := h.Call(append([]byte("spawn "), j...))
+		if err != nil {
+			b.Fatal(err)
+		}
+		return strings.TrimSpace(string(out))
 	}
-	pid := strings.TrimSpace(string(pidb))
-	policy := fmt.Sprintf(`providers:
-  - {key: bench, name: Bench}
-provider_contexts:
-  - {key: to-proxy, provider: bench, data: %q}
-callouts:
-  - {key: fwp.builtin.connect_redirect/bench, provider: bench, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
-filters:
-  - {key: redirect-bulk, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/bench, provider_context: to-proxy, conditions: [{field: ip_remote_port, match: equal, value: 7071}]}
-`, `{"proxy":"127.0.0.1:3131","target_pid":`+pid+`}`)
+	spawn(spawnRequest{Argv: []string{os.Args[0]}, Env: testutil.HelperEnv("bulksink"), Ready: "127.0.0.1:7072"})
+	pid := spawn(spawnRequest{Argv: []string{bins.redirectproxy, "-listen", "127.0.0.1:3131", "-socket", sock}, Ready: "127.0.0.1:3131"})
+	// The same relay without fwp, for comparison: every connection to the
+	// sink's :7072.
+	spawn(spawnRequest{Argv: []string{bins.redirectproxy, "-listen", "127.0.0.1:3132", "-to", "127.0.0.1:7072"}, Ready: "127.0.0.1:3132"})
+	policy := oneRedirectPolicy(7071, "127.0.0.1:3131", pid)
 	f := filepath.Join(dir, "policy.yaml")
 	if err := os.WriteFile(f, []byte(policy), 0o644); err != nil {
 		b.Fatal(err)

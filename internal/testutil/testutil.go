@@ -236,8 +236,14 @@ func (h *Helper) Close() error {
 	return err
 }
 
+// HelperEnv is the environment that makes this test binary, started by
+// hand (by a helper, say), run the named helper.
+func HelperEnv(name string) []string {
+	return []string{helperEnv + "=" + name, "GORACE=atexit_sleep_ms=0 " + os.Getenv("GORACE")}
+}
+
 // helperEnviron names the helper and stops a race-enabled helper from
 // sleeping a second at exit (the race runtime's default).
 func helperEnviron(name string) []string {
-	return append(os.Environ(), helperEnv+"="+name, "GORACE=atexit_sleep_ms=0 "+os.Getenv("GORACE"))
+	return append(os.Environ(), HelperEnv(name)...)
 }

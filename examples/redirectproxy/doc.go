@@ -1,0 +1,34 @@
+// Command redirectproxy is a transparent TCP proxy for fwpd's kernel
+// datapath, built on the proxy package: the proxy a policy's built-in
+// connect redirect sends connections to.
+//
+//	fwpd (kernel datapath)            redirectproxy (-listen 127.0.0.1:3131)
+//	  connect(10.0.0.1:80) ──redirect──▶ accept
+//	                                      records, context, original dst ◀── fwpd (or the pinned maps)
+//	                                      dial 10.0.0.1:80 with the records set ──▶ not redirected again
+//	                                      proxy.Splice both ways
+//
+// For each accepted connection it asks for the redirect (records, context
+// and the destination the client asked for) — through fwpd's socket, which
+// answers only the redirect's target process (the provider context's
+// target_pid) or root, or with -pins straight from the datapath's pinned
+// maps (root) — dials the original destination with the records set, so
+// the redirect that sent the client here sees its own proxy and lets the
+// connection through, and splices. With -to ADDR it is the same relay
+// without fwp: every connection goes to ADDR (a baseline for benchmarks).
+//
+//	go run ./examples/redirectproxy -listen 127.0.0.1:3131
+//
+// A policy that sends TCP port 80 to it (fwpctl apply -f):
+//
+//	providers:
+//	  - {key: acme, name: ACME}
+//	provider_contexts:
+//	  - {key: to-proxy, provider: acme, data: '{"proxy":"127.0.0.1:3131","target_pid":PID}'}
+//	callouts:
+//	  - {key: fwp.builtin.connect_redirect/acme, provider: acme, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+//	filters:
+//	  - {key: web-to-proxy, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown,
+//	     callout: fwp.builtin.connect_redirect/acme, provider_context: to-proxy,
+//	     conditions: [{field: ip_remote_port, value: 80}]}
+package main

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"fwp/client"
+	"fwp/datapath/linux/ebpf"
+	"fwp/proxy"
+)
+
+func main() {
+	if err := run(os.Args[1:], os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "redirectproxy:", err)
+		os.Exit(1)
+	}
+}
+
+// finder answers the redirect of a connection the proxy accepted and the
+// destination its client asked for.
+type finder interface {
+	find(c net.Conn) (proxy.Redirect, netip.AddrPort, error)
+}
+
+// fwpdFinder asks fwpd (any user: fwpd answers the redirect's target pid).
+type fwpdFinder struct {
+	c       *client.Client
+	timeout time.Duration
+}
+
+func (f fwpdFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
+	local, remote, ok := proxy.ConnTuple(c)
+	if !ok {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), f.timeout)
+	defer cancel()
+	return f.c.QueryRedirect(ctx, local, remote)
+}
+
+// mapsFinder reads the kernel datapath's pinned maps (root).
+type mapsFinder struct{ b ebpf.ProxyBackend }
+
+func (f mapsFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
+	local, remote, ok := proxy.ConnTuple(c)
+	if !ok {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	}
+	return f.b.QueryTuple(local, remote)
+}
+
+// fixedFinder sends every connection to one address, without fwp.
+type fixedFinder struct{ to netip.AddrPort }
+
+func (f fixedFinder) find(net.Conn) (proxy.Redirect, netip.AddrPort, error) {
+	return proxy.Redirect{}, f.to, nil
+}
+
+type server struct {
+	find        finder
+	dialTimeout time.Duration
+	log         *slog.Logger
+	wg          sync.WaitGroup
+}
+
+func run(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("redirectproxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:3131", "TCP address to accept redirected connections on (the policy's proxy address)")
+	socket := fs.String("socket", client.SocketFromEnv(), "fwpd's socket, asked for each connection's redirect (env FWPD_SOCKET)")
+	pins := fs.String("pins", "", "read the kernel datapath's pinned maps in this bpffs directory instead of asking fwpd (root)")
+	to := fs.String("to", "", "relay every connection to this address, without fwp (a baseline)")
+	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "timeout of each outbound dial")
+	verbose := fs.Bool("v", false, "log every connection")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	s := &server{dialTimeout: *dialTimeout, log: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))}
+	switch {
+	case *to != "":
+		ap, err := netip.ParseAddrPort(*to)
+		if err != nil {
+			return fmt.Errorf("-to: %w", err)
+		}
+		s.find = fixedFinder{ap}
+	case *pins != "":
+		r, err := ebpf.OpenRedirects(*pins)
+		if err != nil {
+			return err
+		}
+		defer r.Close()
+		b := ebpf.ProxyBackend{R: r}
+		defer proxy.Register(b)()
+		s.find = mapsFinder{b}
+	default:
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, err := client.Dial(ctx, *socket, client.Options{})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("fwpd at %s: %w", *socket, err)
+		}
+		defer c.Close()
+		defer proxy.Register(client.ProxyBackend{C: c})()
+		s.find = fwpdFinder{c: c, timeout: 5 * time.Second}
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	s.log.Info("listening", "addr", ln.Addr().String(), "pid", os.Getpid())
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	go func() { <-sig; ln.Close() }()
+	err = s.serve(ln)
+	s.wg.Wait()
+	return err
+}
+
+// serve accepts until ln is closed (nil) or fails.
+func (s *server) serve(ln net.Listener) error {
+	for {
+		c, err := ln.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer c.Close()
+			s.handle(c)
+		}()
+	}
+}
+
+// handle relays one accepted connection to the destination its client
+// asked for, with the redirect's records on the outbound socket.
+func (s *server) handle(c net.Conn) {
+	log := s.log.With("client", c.RemoteAddr().String())
+	r, orig, err := s.find.find(c)
+	if err != nil {
+		// Not redirected here (or not ours to ask about): nothing to relay to.
+		log.Warn("no redirect for connection", "err", err)
+		return
+	}
+	d := &net.Dialer{Timeout: s.dialTimeout}
+	if len(r.Records) > 0 {
+		if err := proxy.SetRedirectRecords(d, r.Records); err != nil {
+			log.Warn("setting redirect records", "err", err)
+			return
+		}
+	}
+	out, err := d.Dial("tcp", orig.String())
+	if err != nil {
+		log.Warn("dialing original destination", "to", orig.String(), "err", err)
+		return
+	}
+	defer out.Close()
+	up, down, err := proxy.Splice(c, out)
+	log.Debug("relayed", "to", orig.String(), "up", up, "down", down, "err", err)
+}

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -29,7 +30,7 @@ func TestMain(m *testing.M) {
 	testutil.RegisterHelper("probe", probeHelper)
 	testutil.RegisterHelper("redirect", redirectHelper)
 	testutil.RegisterHelper("udpredirect", udpRedirectHelper)
-	testutil.RegisterHelper("connectbench", connectBenchHelper)
+	testutil.RegisterHelper("connectpair", connectPairHelper)
 	testutil.HelperMain()
 	code := m.Run()
 	if shared.d != nil {
@@ -709,41 +710,66 @@ type addrConn struct {
 func (c addrConn) LocalAddr() net.Addr  { return c.local }
 func (c addrConn) RemoteAddr() net.Addr { return c.remote }
 
-// connectBenchHelper measures TCP connect+close to a listener in its own
-// namespace with testing.Benchmark and prints ns per connect.
-func connectBenchHelper(args []string) error {
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return err
+// connectPairHelper measures TCP connect+close on loopback from two
+// cgroups, args[0] (no hooks) and args[1] (hooks), moving itself between
+// them: a socket belongs to the cgroup its creator was in (an accepted one
+// to its listener's), so one process in one namespace measures both sides,
+// interleaved in short rounds that share whatever else the machine does.
+// It prints the ns per connect of each side.
+func connectPairHelper(args []string) error {
+	if len(args) != 2 {
+		return fmt.Errorf("usage: connectpair BARE-CGROUP HOOKED-CGROUP")
 	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	addr := l.Addr().String()
-	var ferr error
-	r := testing.Benchmark(func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			c, err := net.Dial("tcp4", addr)
-			if err != nil {
-				ferr = err
-				b.SkipNow()
-			}
-			c.(*net.TCPConn).SetLinger(0) // no TIME_WAIT pile-up
-			c.Close()
-		}
-	})
-	if ferr != nil {
-		return ferr
+	type side struct {
+		dir  string
+		addr string
+		ns   int64
 	}
-	return json.NewEncoder(os.Stdout).Encode(r.NsPerOp())
+	sides := []*side{{dir: args[0]}, {dir: args[1]}}
+	move := func(s *side) error {
+		// "0" moves the writing process, all its threads.
+		return os.WriteFile(filepath.Join(s.dir, "cgroup.procs"), []byte("0"), 0)
+	}
+	for _, s := range sides {
+		if err := move(s); err != nil {
+			return err
+		}
+		l, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+		s.addr = l.Addr().String()
+	}
+	const rounds, perRound = 20, 1000
+	for r := range rounds {
+		for i := range sides {
+			s := sides[(r+i)%2] // each side goes first in half the rounds
+			if err := move(s); err != nil {
+				return err
+			}
+			start := time.Now()
+			for range perRound {
+				c, err := net.Dial("tcp4", s.addr)
+				if err != nil {
+					return err
+				}
+				c.(*net.TCPConn).SetLinger(0) // no TIME_WAIT pile-up
+				c.Close()
+			}
+			s.ns += time.Since(start).Nanoseconds()
+		}
+	}
+	return json.NewEncoder(os.Stdout).Encode([2]int64{sides[0].ns / (rounds * perRound), sides[1].ns / (rounds * perRound)})
 }
 
 func BenchmarkApply10k(b *testing.B) {
@@ -776,21 +802,22 @@ func BenchmarkKernelConnect(b *testing.B) {
 }
 
 func benchConnect(b *testing.B, e *engine.Engine) {
-	bare := testutil.NewCgroup(b)
+	bareCg := testutil.NewCgroup(b)
 	d, cg := kernelSetup(b)
 	apply(b, d, e)
 	var nsBare, nsHooked int64
 	runs := 0
-	measure := func(c *testutil.Cgroup) int64 {
-		var ns int64
-		if err := json.Unmarshal(testutil.RunHelper(b, c, "connectbench", nil), &ns); err != nil {
+	measure := func() (bare, hooked int64) {
+		var ns [2]int64
+		if err := json.Unmarshal(testutil.RunHelper(b, bareCg, "connectpair", nil, bareCg.Path, cg.Path), &ns); err != nil {
 			b.Fatal(err)
 		}
-		return ns
+		return ns[0], ns[1]
 	}
 	for b.Loop() {
-		nsBare += measure(bare)
-		nsHooked += measure(cg)
+		nb, nh := measure()
+		nsBare += nb
+		nsHooked += nh
 		runs++
 	}
 	b.ReportMetric(float64(nsBare)/float64(runs), "ns/connect-nohooks")
@@ -810,14 +837,12 @@ func benchConnect(b *testing.B, e *engine.Engine) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for range 3 {
-		measure(cg)
-	}
+	measure()
 	after, err := d.Stats()
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, h := range []string{"connect4", "sockops", "sock_release", "egress"} {
+	for _, h := range []string{"connect4", "sockops", "sock_release", "egress", "getpeername4", "getsockopt"} {
 		if n := after[h].Runs - before[h].Runs; n > 0 {
 			b.ReportMetric(float64(after[h].RunTime-before[h].RunTime)/float64(n), "ns/"+h+"-run")
 		}

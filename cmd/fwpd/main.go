@@ -52,7 +52,7 @@ func run(args []string) error {
 	fs.DurationVar(&c.txnTimeout, "txn-timeout", mgmt.DefaultTxnTimeout, "how long a write waits for another session's transaction")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 64<<20, "largest request accepted")
 	fs.IntVar(&c.maxConns, "max-connections", server.DefaultMaxConnections,
-		"connections served at once on the socket, and again on its records side socket; more are closed at once (the last 1/16 only for root)")
+		"connections served at once on the socket, and again on its records side socket; more are closed at once (the last 1/16 only for root and administrators; on the records socket, root)")
 	fs.IntVar(&c.maxConnsPerUser, "max-connections-per-user", server.DefaultMaxConnectionsPerUser,
 		"connections one user other than root may hold at once on each socket")
 	fs.BoolVar(&c.allowEvents, "allow-events", false, "record classify-allow net events too (drops are always recorded)")

@@ -27,6 +27,10 @@ type Limits struct {
 	// bound of its own). The user is the peer's uid (SO_PEERCRED); a peer
 	// whose credentials cannot be read counts as one unknown user.
 	PerUser int
+	// Privileged says which peers may take the reserved slots (fwpd:
+	// root and its administrators); nil means root only. It is asked once
+	// per connection, at accept, with the connect-time credentials.
+	Privileged func(peercred.Cred) bool
 }
 
 // refusalWarnEvery spaces the warnings about refused connections: a flood
@@ -35,7 +39,7 @@ const refusalWarnEvery = time.Minute
 
 // LimitListener returns l serving at most lim.Max connections at once, at
 // most lim.PerUser of them for any one user but root, and the last
-// sixteenth of them only to root. A connection beyond a bound is closed as
+// sixteenth of them only to root and lim.Privileged peers. A connection beyond a bound is closed as
 // soon as it is accepted, rather than left queued: a queued one would hang
 // its client until the client's own timeout with no sign of why, and would
 // keep filling the kernel's backlog; a closed one fails at once (EOF, or
@@ -75,11 +79,16 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		uid := unknownUser
+		uid, privileged := unknownUser, false
 		if cr, err := peercred.FromConn(c); err == nil {
 			uid = cr.UID
+			if l.lim.Privileged != nil {
+				privileged = l.lim.Privileged(cr)
+			} else {
+				privileged = uid == 0
+			}
 		}
-		if why := l.admit(uid); why != "" {
+		if why := l.admit(uid, privileged); why != "" {
 			l.refuse(uid, why) // logged before the peer can see the close
 			c.Close()
 			continue
@@ -88,12 +97,13 @@ func (l *limitListener) Accept() (net.Conn, error) {
 	}
 }
 
-// admit takes a slot for uid, or says why not.
-func (l *limitListener) admit(uid uint32) string {
+// admit takes a slot for uid, a reserved one if need be when privileged,
+// or says why not.
+func (l *limitListener) admit(uid uint32, privileged bool) string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	limit := l.lim.Max - l.reserve
-	if uid == 0 {
+	if privileged {
 		limit = l.lim.Max
 	}
 	if l.open >= limit {

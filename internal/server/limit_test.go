@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -173,45 +174,45 @@ func TestAdminBySupplementaryGroup(t *testing.T) {
 func TestLimitsPerUserAndRootReserve(t *testing.T) {
 	l := LimitListener(nil, Limits{Max: 32, PerUser: 3}, nil).(*limitListener)
 	for i := range 3 {
-		if why := l.admit(1000); why != "" {
+		if why := l.admit(1000, false); why != "" {
 			t.Fatalf("uid 1000 connection %d: %s", i+1, why)
 		}
 	}
-	if why := l.admit(1000); why != "too many connections of this user" {
+	if why := l.admit(1000, false); why != "too many connections of this user" {
 		t.Fatalf("uid 1000's 4th connection: %q", why)
 	}
 	for uid := uint32(1001); l.open < 30; uid++ {
 		for range 3 {
 			if l.open < 30 {
-				if why := l.admit(uid); why != "" {
+				if why := l.admit(uid, false); why != "" {
 					t.Fatalf("uid %d with %d open: %s", uid, l.open, why)
 				}
 			}
 		}
 	}
-	if why := l.admit(2000); why != "too many connections" {
+	if why := l.admit(2000, false); why != "too many connections" {
 		t.Fatalf("a new user with 30 open: %q", why)
 	}
-	if why := l.admit(unknownUser); why != "too many connections" {
+	if why := l.admit(unknownUser, false); why != "too many connections" {
 		t.Fatalf("an unknown peer with 30 open: %q", why)
 	}
 	for i := range 2 {
-		if why := l.admit(0); why != "" {
+		if why := l.admit(0, true); why != "" {
 			t.Fatalf("root's reserved slot %d: %s", i+1, why)
 		}
 	}
-	if why := l.admit(0); why != "too many connections" {
+	if why := l.admit(0, true); why != "too many connections" {
 		t.Fatalf("root beyond the bound: %q", why)
 	}
 	// A slot freed while root holds the reserve is still past the others'
 	// bound; once root's go, it is anyone's.
 	l.release(1000)
-	if why := l.admit(1000); why != "too many connections" {
+	if why := l.admit(1000, false); why != "too many connections" {
 		t.Fatalf("uid 1000 with 31 open, 2 of them root's: %q", why)
 	}
 	l.release(0)
 	l.release(0)
-	if why := l.admit(1000); why != "" {
+	if why := l.admit(1000, false); why != "" {
 		t.Fatalf("uid 1000 after root's connections closed: %s", why)
 	}
 	if l.byUser[1000] != 3 || l.open != 30 || l.byUser[0] != 0 {
@@ -222,5 +223,92 @@ func TestLimitsPerUserAndRootReserve(t *testing.T) {
 	}
 	if _, ok := l.byUser[1000]; ok {
 		t.Fatal("a user with no connection left is still counted")
+	}
+}
+
+// The reserved sixteenth goes to the peers Privileged names, asked with
+// the peer's credentials at accept: with room for 16 (1 reserved), 15
+// unprivileged connections fill the rest, a 16th is refused, and the same
+// peer once privileged gets the reserved slot.
+func TestPrivilegedPeersTakeTheReserve(t *testing.T) {
+	raw, path := testutil.UnixListener(t)
+	var privileged atomic.Bool
+	creds := make(chan peercred.Cred, 32)
+	l := LimitListener(raw, Limits{Max: 16, PerUser: -1, Privileged: func(c peercred.Cred) bool {
+		creds <- c
+		return privileged.Load()
+	}}, nil)
+	accepted := make(chan net.Conn, 32)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	served := func() bool {
+		c := testutil.DialUnix(t, path)
+		select {
+		case s := <-accepted:
+			t.Cleanup(func() { s.Close() })
+			return true
+		case <-time.After(5 * time.Second):
+			t.Fatal("connection neither served nor refused")
+		case <-readEOF(c):
+		}
+		return false
+	}
+	for i := range 15 {
+		if !served() {
+			t.Fatalf("unprivileged connection %d refused", i+1)
+		}
+	}
+	if served() {
+		t.Fatal("an unprivileged peer got the reserved slot")
+	}
+	privileged.Store(true)
+	if !served() {
+		t.Fatal("a privileged peer was refused the reserved slot")
+	}
+	if c := <-creds; c.UID != uint32(os.Getuid()) || c.PID != uint32(os.Getpid()) {
+		t.Fatalf("Privileged asked with %+v, want this process's credentials", c)
+	}
+}
+
+// readEOF is closed when c's peer closes it.
+func readEOF(c net.Conn) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, c)
+		close(done)
+	}()
+	return done
+}
+
+// A client that connects and never speaks gRPC is closed after the
+// handshake timeout, and its slot serves the next client.
+func TestSilentClientClosedAfterHandshakeTimeout(t *testing.T) {
+	f := start(t, Config{MaxConnections: 1, HandshakeTimeout: 200 * time.Millisecond})
+	silent, err := net.Dial("unix", f.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	start := time.Now()
+	select {
+	case <-readEOF(silent):
+	case <-time.After(10 * time.Second):
+		t.Fatal("a silent client still holds its connection after 10 s")
+	}
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Fatalf("closed after %v, before the handshake timeout", d)
+	}
+	c, _ := f.conn(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Sessions(ctx, &api.Empty{}); err != nil {
+		t.Fatalf("the slot was not freed: %v", err)
 	}
 }

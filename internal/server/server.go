@@ -51,7 +51,16 @@ type Config struct {
 	// MaxConnectionsPerUser bounds one user's (root excepted); 0 means
 	// DefaultMaxConnectionsPerUser, < 0 no bound of its own.
 	MaxConnectionsPerUser int
+	// HandshakeTimeout bounds how long a new connection may take to start
+	// speaking gRPC before it is closed (and its slot freed); 0 means
+	// DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
 }
+
+// DefaultHandshakeTimeout: a local client sends gRPC's preface at once; one
+// that connects and stays silent must not hold a connection slot for
+// gRPC's own default of two minutes.
+const DefaultHandshakeTimeout = 10 * time.Second
 
 // Server is fwpd's service.
 type Server struct {
@@ -80,11 +89,15 @@ func New(cfg Config) *Server {
 	if cfg.MaxConnectionsPerUser == 0 {
 		cfg.MaxConnectionsPerUser = DefaultMaxConnectionsPerUser
 	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
 	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Logger, quit: make(chan struct{})}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peercred.Credentials()),
 		grpc.MaxRecvMsgSize(cfg.MaxMsgBytes),
 		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
+		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.ChainUnaryInterceptor(s.unary),
 		grpc.ChainStreamInterceptor(s.stream),
 	)
@@ -93,9 +106,16 @@ func New(cfg Config) *Server {
 }
 
 // Serve serves on l until Stop, at most Config.MaxConnections
-// connections at once.
+// connections at once, the last sixteenth of them kept for root and the
+// administrators.
 func (s *Server) Serve(l net.Listener) error {
-	return s.grpc.Serve(LimitListener(l, Limits{Max: s.cfg.MaxConnections, PerUser: s.cfg.MaxConnectionsPerUser}, s.log))
+	return s.grpc.Serve(LimitListener(l, Limits{Max: s.cfg.MaxConnections, PerUser: s.cfg.MaxConnectionsPerUser, Privileged: s.mayTakeReserve}, s.log))
+}
+
+// mayTakeReserve: root (an administrator or not) and the administrators
+// get the connection slots kept in reserve.
+func (s *Server) mayTakeReserve(c peercred.Cred) bool {
+	return c.UID == 0 || s.isAdmin(c)
 }
 
 // Stop ends every call and closes the listeners.

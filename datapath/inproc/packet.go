@@ -187,6 +187,12 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: syscall.EINVAL}
 	}
 	dst = unmap(dst)
+	// A write past its deadline fails before anything happens, as the
+	// socket's own would: no classification started for a datagram that
+	// is not sent.
+	if dl, _ := pc.wdl.get(); !dl.IsZero() && !time.Now().Before(dl) {
+		return 0, pc.opErr("write", addr, os.ErrDeadlineExceeded)
+	}
 	p := pc.outbound(dst)
 	if p == nil {
 		return 0, pc.opErr("write", addr, net.ErrClosed)

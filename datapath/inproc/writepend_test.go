@@ -93,6 +93,38 @@ func TestUDPWriteDeadlineDuringPend(t *testing.T) {
 	w.end(t, leak)
 }
 
+// A WriteTo past its write deadline to a new remote fails with a timeout
+// without classifying it (no callout asked); the next one, within its
+// deadline, classifies and sends.
+func TestUDPWriteExpiredDeadlineClassifiesNothing(t *testing.T) {
+	leak := goroutines(t)
+	w := pendedConnect(t, mustPacket(t), mustPacket(t))
+	pc, remote := w.pc, mustPacket(t)
+	pc.SetWriteDeadline(time.Now().Add(-time.Second))
+	if n, err := pc.WriteTo([]byte("late"), remote.LocalAddr()); n != 0 || !isTimeout(err) {
+		t.Fatalf("WriteTo past its deadline: %d, %v; want a timeout", n, err)
+	}
+	select {
+	case <-w.asked:
+		t.Fatal("a WriteTo past its deadline started a classification")
+	case <-time.After(50 * time.Millisecond):
+	}
+	pc.SetWriteDeadline(time.Time{})
+	errc := make(chan error, 1)
+	go func() { _, err := pc.WriteTo([]byte("on time"), remote.LocalAddr()); errc <- err }()
+	within(t, w.asked, "the callout asked")
+	w.decide <- engine.ActionPermit
+	if err := within(t, errc, "WriteTo"); err != nil {
+		t.Fatal(err)
+	}
+	remote.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 64)
+	if n, _, err := remote.ReadFrom(buf); err != nil || string(buf[:n]) != "on time" {
+		t.Fatalf("remote got %q, %v", buf[:n], err)
+	}
+	w.end(t, leak)
+}
+
 // Concurrent first datagrams to one remote wait for one classification
 // and are all sent once it permits.
 func TestUDPConcurrentWritesOnePend(t *testing.T) {

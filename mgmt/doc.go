@@ -13,7 +13,8 @@
 //     WFP's boot-time filters give way when BFE starts.
 //
 // An object may not reference one that lives shorter (ErrLifetime). A
-// commit is one atomic engine swap preceded by one crash-safe store write,
-// so a daemon killed at any point comes back with the state before or after
-// a commit, never between.
+// commit is one atomic engine swap preceded by one crash-safe store write
+// (an fsynced append to a journal beside a snapshot, which is rewritten
+// only when the journal outgrows it), so a daemon killed at any point comes
+// back with the state before or after a commit, never between.
 package mgmt

@@ -3,7 +3,6 @@ package mgmt
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 	"time"
 
@@ -175,18 +174,10 @@ func (t *txn) commit() error {
 			return fmt.Errorf("%w: %w", engine.ErrTxnAborted, err)
 		}
 	}
-	var stored map[objKey]Object
 	if len(t.stored) > 0 {
-		stored = maps.Clone(m.stored)
-		for k, v := range t.stored {
-			if v == nil {
-				delete(stored, k)
-			} else {
-				stored[k] = *v
-			}
-		}
+		// m.stored changes only here, under the transaction lock t holds.
 		if m.store != nil {
-			if err := m.store.write(stored); err != nil {
+			if err := m.store.write(m.stored, t.stored); err != nil {
 				t.abort()
 				if m.opts.BeforeCommit != nil {
 					if rerr := m.opts.BeforeCommit(m.eng.View()); rerr != nil {
@@ -210,8 +201,12 @@ func (t *txn) commit() error {
 			m.meta[k] = *v
 		}
 	}
-	if stored != nil {
-		m.stored = stored
+	for k, v := range t.stored {
+		if v == nil {
+			delete(m.stored, k)
+		} else {
+			m.stored[k] = *v
+		}
 	}
 	m.publishLocked(t.changes)
 	m.mu.Unlock()

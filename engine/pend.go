@@ -215,7 +215,17 @@ func (p *Pend) Wait(ctx context.Context) PendOutcome {
 // else block); a canceled one blocks. vs and meta may be changed (the
 // reauthorize flag).
 func (e *Engine) ClassifyWait(ctx context.Context, layer LayerID, vs *Values, meta *Metadata, layerData any) (Result, error) {
+	return e.ClassifyWaitNotify(ctx, layer, vs, meta, layerData, nil)
+}
+
+// ClassifyWaitNotify is ClassifyWait calling pended (when not nil) once,
+// before it waits, if a callout pends: a datapath can then stop holding
+// other traffic behind this classification.
+func (e *Engine) ClassifyWaitNotify(ctx context.Context, layer LayerID, vs *Values, meta *Metadata, layerData any, pended func()) (Result, error) {
 	res := e.ClassifyLayerData(layer, vs, meta, layerData)
+	if res.Pend != nil && pended != nil {
+		pended()
+	}
 	// A resumed classify may meet another pending callout; each pend
 	// resolves before the next, and the number of callouts bounds the loop.
 	for res.Pend != nil {

@@ -8,18 +8,7 @@ import (
 // BenchmarkPendComplete: one classify that pends the operation, its
 // completion from the same goroutine and the reauthorization.
 func BenchmarkPendComplete(b *testing.B) {
-	reg := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
-		if uint32(req.Values.Uint(FieldFlags))&FlagIsReauthorize != 0 {
-			out.Action = ActionPermit
-			return
-		}
-		p, err := req.PendOperation()
-		if err != nil {
-			b.Fatal(err)
-		}
-		out.Action, out.Flags = ActionBlock, OutAbsorb
-		_ = req.Engine().CompleteOperation(p, nil)
-	}}
+	reg := pendingAuthorizer(b, func(req *ClassifyRequest, p *Pend) { _ = req.Engine().CompleteOperation(p, nil) })
 	e, _ := rtEngine(b, Options{}, rtCallout{key: "p", layer: LayerALEAuthConnectV4, sublayer: 1, action: ActionCalloutTerminating, reg: reg})
 	vs := tcpValues(client, server)
 	meta := &Metadata{}

@@ -599,21 +599,10 @@ func TestPendLoad(t *testing.T) {
 	const n = 10000
 	pends := make(chan *Pend, n)
 	reg := func(keep bool) CalloutRegistration {
-		return CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
-			if uint32(req.Values.Uint(FieldFlags))&FlagIsReauthorize != 0 {
-				out.Action = ActionPermit
-				return
-			}
-			p, err := req.PendOperation()
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			if keep {
-				pends <- p
-			}
-			out.Action, out.Flags = ActionBlock, OutAbsorb
-		}}
+		if !keep {
+			return pendingAuthorizer(t, nil)
+		}
+		return pendingAuthorizer(t, func(_ *ClassifyRequest, p *Pend) { pends <- p })
 	}
 	completed, _ := rtEngine(t, Options{PendTimeout: time.Minute},
 		rtCallout{key: "load", layer: LayerALEAuthConnectV4, sublayer: 1, action: ActionCalloutTerminating, reg: reg(true)})
@@ -739,4 +728,41 @@ func FuzzRedirectRecords(f *testing.F) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// ClassifyWaitNotify calls pended once when a callout pends, before the
+// wait, and not at all when none does.
+func TestClassifyWaitNotify(t *testing.T) {
+	reg := pendingAuthorizer(t, func(req *ClassifyRequest, p *Pend) { go req.Engine().CompleteOperation(p, nil) })
+	e, _ := rtEngine(t, Options{}, rtCallout{key: "p", layer: LayerALEAuthConnectV4, sublayer: 1, action: ActionCalloutTerminating, reg: reg})
+	for _, tc := range []struct {
+		layer LayerID
+		want  int
+	}{{LayerALEAuthConnectV4, 1}, {LayerALEAuthListenV4, 0}} {
+		calls := 0
+		res, err := e.ClassifyWaitNotify(context.Background(), tc.layer, tcpValues(client, server), &Metadata{}, nil, func() { calls++ })
+		if err != nil || !res.Permitted() || calls != tc.want {
+			t.Fatalf("%v: %v, %v; pended called %d times, want %d", tc.layer, res, err, calls, tc.want)
+		}
+	}
+}
+
+// pendingAuthorizer pends each operation it classifies (giving the pend
+// to pended, when not nil) and permits its reauthorization.
+func pendingAuthorizer(t testing.TB, pended func(*ClassifyRequest, *Pend)) CalloutRegistration {
+	return CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		if uint32(req.Values.Uint(FieldFlags))&FlagIsReauthorize != 0 {
+			out.Action = ActionPermit
+			return
+		}
+		p, err := req.PendOperation()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		out.Action, out.Flags = ActionBlock, OutAbsorb
+		if pended != nil {
+			pended(req, p)
+		}
+	}}
 }

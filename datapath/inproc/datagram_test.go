@@ -543,3 +543,77 @@ func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.Is(err, os.ErrDeadlineExceeded) && errors.As(err, &ne) && ne.Timeout()
 }
+
+// A remote whose AUTH_RECV_ACCEPT is pended does not hold up the others:
+// their datagrams are read meanwhile; the pended remote's datagrams, held
+// in order, reach a ReadFrom already waiting once the callout permits.
+func TestUDPPendedRemoteDoesNotBlockOthers(t *testing.T) {
+	leak := goroutines(t)
+	slow, fast := mustPacket(t), mustPacket(t)
+	a, decide, asked := asyncAuth()
+	e, _ := newEngine(t, engine.Options{PendTimeout: time.Hour}, callout{key: "in", layer: engine.LayerALEAuthRecvAcceptV4, sublayer: 1,
+		action: engine.ActionCalloutTerminating, conds: []engine.Condition{port(apOf(slow.LocalAddr()).Port())}, reg: a.Registration()})
+	pc, err := (&inproc.ListenConfig{Datapath: inproc.New(e, inproc.Options{})}).ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type readResult struct {
+		msg  string
+		from netip.AddrPort
+		err  error
+	}
+	reads := make(chan readResult, 1)
+	startRead := func() {
+		go func() {
+			buf := make([]byte, 64)
+			n, from, err := pc.ReadFrom(buf)
+			var ap netip.AddrPort
+			if from != nil {
+				ap = apOf(from)
+			}
+			reads <- readResult{string(buf[:n]), ap, err}
+		}()
+	}
+	expect := func(what, msg string, from net.PacketConn) {
+		t.Helper()
+		r := within(t, reads, what)
+		if r.err != nil || r.msg != msg || r.from != apOf(from.LocalAddr()) {
+			t.Fatalf("%s: got %q from %v (%v), want %q from %v", what, r.msg, r.from, r.err, msg, from.LocalAddr())
+		}
+	}
+	send := func(c net.PacketConn, msg string) {
+		t.Helper()
+		if _, err := c.WriteTo([]byte(msg), pc.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	send(slow, "s1")
+	startRead()
+	within(t, asked, "the callout asked about the slow remote")
+	send(fast, "f1")
+	expect("a datagram of another remote during the pend", "f1", fast)
+	send(slow, "s2") // behind s1
+	send(fast, "f2")
+	startRead()
+	expect("the next one of the other remote", "f2", fast)
+	startRead() // waits: nothing is ready
+	select {
+	case r := <-reads:
+		t.Fatalf("ReadFrom returned %+v before the verdict", r)
+	case <-time.After(50 * time.Millisecond):
+	}
+	decide <- engine.ActionPermit
+	expect("the held datagram, to the waiting ReadFrom", "s1", slow)
+	startRead()
+	expect("the second held datagram, in order", "s2", slow)
+	send(slow, "s3")
+	startRead()
+	expect("the permitted remote's next datagram", "s3", slow)
+
+	if err := pc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	noLeaks(t, e)
+	leak()
+}

@@ -219,13 +219,19 @@ func (c *classifier) layer(k engine.LayerKind) engine.LayerID { return engine.La
 // classify runs one layer, waiting for a pend within the datapath's
 // bound, and turns a block into a *BlockedError.
 func (c *classifier) classify(ctx context.Context, k engine.LayerKind, vs *engine.Values, m *engine.Metadata, data any) (engine.Result, error) {
+	return c.classifyNotify(ctx, k, vs, m, data, nil)
+}
+
+// classifyNotify is classify calling pended, if not nil, once a callout
+// pends (engine.ClassifyWaitNotify).
+func (c *classifier) classifyNotify(ctx context.Context, k engine.LayerKind, vs *engine.Values, m *engine.Metadata, data any, pended func()) (engine.Result, error) {
 	layer := c.layer(k)
 	if c.dp.opts.PendTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.dp.opts.PendTimeout)
 		defer cancel()
 	}
-	res, err := c.dp.e.ClassifyWait(ctx, layer, vs, m, data)
+	res, err := c.dp.e.ClassifyWaitNotify(ctx, layer, vs, m, data, pended)
 	if err != nil {
 		return res, err
 	}

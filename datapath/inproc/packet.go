@@ -54,10 +54,10 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 // and the remote's next datagram is classified again. Close runs
 // ENDPOINT_CLOSURE for the socket and deletes every association's flow.
 //
-// A pended AUTH_RECV_ACCEPT holds the datagram, and ReadFrom waits for it
-// (datagrams behind it wait too) until the read deadline, which then
-// returns a timeout and keeps the datagram for a later ReadFrom; Close ends
-// the pend. A pended AUTH_CONNECT holds WriteTo (and the remote's other
+// A pended AUTH_RECV_ACCEPT holds the datagram (and the remote's next
+// ones, in order) while ReadFrom goes on returning other remotes'
+// datagrams; once the callout permits, the held ones are returned first (a
+// ReadFrom waiting on the socket is woken for them); Close ends the pend. A pended AUTH_CONNECT holds WriteTo (and the remote's other
 // first datagrams) until it resolves, the write deadline (a timeout, the
 // datagram not sent; the classification goes on, and a later WriteTo sends
 // per its verdict) or Close.
@@ -89,6 +89,11 @@ type PacketConn struct {
 
 	nreplies atomic.Int32 // len(replies), read without the lock
 
+	// ReadFroms in progress, and whether a classification that ended set
+	// the socket's read deadline in the past to wake them (wakeReaders).
+	readers atomic.Int32
+	woken   atomic.Bool
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -102,22 +107,28 @@ type peer struct {
 	done   chan struct{}  // closed once classified
 	last   atomic.Int64   // time.Duration since PacketConn.epoch of its last datagram
 
+	// pended is closed when a callout pends its AUTH_RECV_ACCEPT: ReadFrom
+	// then holds the datagram and reads on.
+	pended   chan struct{}
+	pendOnce sync.Once
+	nheld    int // its datagrams in PacketConn.held; under PacketConn.mu
+
 	// A redirected association's registration for the proxy's datagram
 	// queries, removed when the association ends.
 	key   connKey
 	redir *redirectEntry
 }
 
-// heldDatagram is a datagram ReadFrom gave up waiting for (its deadline
-// passed while the remote's classification was pended).
+// heldDatagram is a datagram read while its remote's classification was
+// pended, kept until it ends.
 type heldDatagram struct {
 	p    *peer
 	src  netip.AddrPort
 	data []byte
 }
 
-// maxHeld bounds the held datagrams: ReadFrom waits on the oldest before
-// reading more, so only concurrent readers add to them.
+// maxHeld bounds the held datagrams: with that many, ReadFrom waits on the
+// oldest before reading more.
 const maxHeld = 128
 
 // pendDeadline is a read or write deadline as the wait on a pended
@@ -145,6 +156,12 @@ func (d *pendDeadline) get() (time.Time, <-chan struct{}) {
 		d.changed = make(chan struct{})
 	}
 	return d.t, d.changed
+}
+
+// passed reports whether the deadline is set and past.
+func (d *pendDeadline) passed() bool {
+	t, _ := d.get()
+	return !t.IsZero() && !time.Now().Before(t)
 }
 
 // SetReadDeadline sets the socket's read deadline, which also bounds
@@ -190,14 +207,14 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	// A write past its deadline fails before anything happens, as the
 	// socket's own would: no classification started for a datagram that
 	// is not sent.
-	if dl, _ := pc.wdl.get(); !dl.IsZero() && !time.Now().Before(dl) {
+	if pc.wdl.passed() {
 		return 0, pc.opErr("write", addr, os.ErrDeadlineExceeded)
 	}
 	p := pc.outbound(dst)
 	if p == nil {
 		return 0, pc.opErr("write", addr, net.ErrClosed)
 	}
-	if err := pc.waitClassified(p, &pc.wdl, "write", addr); err != nil {
+	if err := pc.waitClassified(p, nil, &pc.wdl, "write", addr); err != nil {
 		return 0, err // a timeout sends nothing; the classification goes on
 	}
 	if p.err != nil {
@@ -227,22 +244,39 @@ func (pc *PacketConn) noteSent(where, to netip.AddrPort) {
 }
 
 // ReadFrom returns the next datagram the ALE layers admit, with the
-// source the application expects (the original remote of a redirect).
+// source the application expects (the original remote of a redirect). A
+// datagram whose remote's AUTH_RECV_ACCEPT a callout pends is held and the
+// socket read on, so datagrams of other remotes do not wait behind it (the
+// remote's own stay in order behind it); it is returned once the callout
+// permits, dropped if it blocks.
 func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	pc.readers.Add(1)
+	defer pc.readers.Add(-1)
 	for {
-		// Datagrams held by an earlier ReadFrom's deadline come first.
-		if h := pc.heldHead(); h != nil {
-			if err := pc.waitClassified(h.p, &pc.rdl, "read", nil); err != nil {
-				return 0, nil, err
-			}
-			if !pc.popHeld(h) || h.p.err != nil {
-				continue // another ReadFrom took it, or blocked: dropped
-			}
+		// A classification that ended may have set the socket's deadline
+		// in the past to wake a read (wakeReaders): put the caller's back
+		// before looking at the held datagrams, so that a wake-up after
+		// the look still interrupts the read below.
+		if pc.woken.Swap(false) {
+			dl, _ := pc.rdl.get()
+			_ = pc.PacketConn.SetReadDeadline(dl)
+		}
+		if h := pc.takeHeld(); h != nil {
 			pc.touch(h.p)
 			return copy(b, h.data), net.UDPAddrFromAddrPort(h.src), nil
 		}
+		if h := pc.heldHeadIfFull(); h != nil {
+			// As many held as allowed: wait on the oldest, read no more.
+			if err := pc.waitClassified(h.p, nil, &pc.rdl, "read", nil); err != nil {
+				return 0, nil, err
+			}
+			continue
+		}
 		n, src, err := pc.udp.ReadFromUDPAddrPort(b)
 		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !pc.rdl.passed() {
+				continue // woken: a held datagram's classification ended
+			}
 			return n, nil, err
 		}
 		src = unmap(src)
@@ -261,11 +295,20 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		if p == nil {
 			return 0, nil, pc.opErr("read", nil, net.ErrClosed)
 		}
-		if err := pc.waitClassified(p, &pc.rdl, "read", nil); err != nil {
+		if pc.hold(p, src, b[:n], true) {
+			continue // behind the remote's held datagrams
+		}
+		if err := pc.waitClassified(p, p.pended, &pc.rdl, "read", nil); err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
-				pc.hold(p, src, b[:n])
+				pc.hold(p, src, b[:n], false)
 			}
 			return 0, nil, err
+		}
+		select {
+		case <-p.done:
+		default: // pended: delivered when it ends
+			pc.hold(p, src, b[:n], false)
+			continue
 		}
 		if p.err != nil {
 			continue // blocked: dropped, as the kernel would
@@ -275,18 +318,38 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	}
 }
 
+// wakeReaders interrupts the ReadFroms blocked on the socket when p, whose
+// classification just ended, has held datagrams for them.
+func (pc *PacketConn) wakeReaders(p *peer) {
+	if pc.readers.Load() == 0 {
+		return
+	}
+	pc.mu.Lock()
+	held := p.nheld > 0
+	pc.mu.Unlock()
+	if held {
+		// The deadline first, then the flag: a reader that sees the flag
+		// restores the deadline after this set it.
+		_ = pc.PacketConn.SetReadDeadline(time.Unix(1, 0))
+		pc.woken.Store(true)
+	}
+}
+
 // opErr is err as the socket's read or write (to addr) returns it.
 func (pc *PacketConn) opErr(op string, addr net.Addr, err error) error {
 	return &net.OpError{Op: op, Net: "udp", Source: pc.udp.LocalAddr(), Addr: addr, Err: err}
 }
 
-// waitClassified waits until p is classified, the deadline pd passes (an
-// error wrapping os.ErrDeadlineExceeded) or the socket is closed; op and
-// addr describe the read or write waiting, for the error.
-func (pc *PacketConn) waitClassified(p *peer, pd *pendDeadline, op string, addr net.Addr) error {
+// waitClassified waits until p is classified (or, when pended is not nil,
+// until it is closed), the deadline pd passes (an error wrapping
+// os.ErrDeadlineExceeded) or the socket is closed; op and addr describe the
+// read or write waiting, for the error.
+func (pc *PacketConn) waitClassified(p *peer, pended <-chan struct{}, pd *pendDeadline, op string, addr net.Addr) error {
 	for {
 		select {
 		case <-p.done:
+			return nil
+		case <-pended:
 			return nil
 		default:
 		}
@@ -304,6 +367,7 @@ func (pc *PacketConn) waitClassified(p *peer, pd *pendDeadline, op string, addr 
 		var err error
 		select {
 		case <-p.done:
+		case <-pended:
 		case <-expired:
 			err = pc.opErr(op, addr, os.ErrDeadlineExceeded)
 		case <-pc.ctx.Done():
@@ -322,42 +386,61 @@ func (pc *PacketConn) waitClassified(p *peer, pd *pendDeadline, op string, addr 
 
 var errDeadlineChanged = errors.New("deadline changed")
 
-func (pc *PacketConn) heldHead() *heldDatagram {
+// takeHeld removes and returns the oldest held datagram whose
+// classification permitted it, dropping those of blocked remotes; nil when
+// none is ready. A remote's datagrams leave in order: they all become
+// ready at once.
+func (pc *PacketConn) takeHeld() *heldDatagram {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	if len(pc.held) == 0 {
+	for i := 0; i < len(pc.held); {
+		h := pc.held[i]
+		select {
+		case <-h.p.done:
+		default:
+			i++
+			continue
+		}
+		pc.held = append(pc.held[:i], pc.held[i+1:]...)
+		h.p.nheld--
+		if h.p.err == nil {
+			return h
+		}
+	}
+	return nil
+}
+
+// heldHeadIfFull returns the oldest held datagram when no more may be held.
+func (pc *PacketConn) heldHeadIfFull() *heldDatagram {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if len(pc.held) < maxHeld {
 		return nil
 	}
 	return pc.held[0]
 }
 
-// popHeld removes h, reporting whether it was still held.
-func (pc *PacketConn) popHeld(h *heldDatagram) bool {
+// hold keeps a datagram of p until its classification ends (dropped beyond
+// maxHeld, as a full socket buffer would drop it). With onlyBehind, it is
+// held only if p already has datagrams held (it must not pass them); it
+// reports whether it was held.
+func (pc *PacketConn) hold(p *peer, src netip.AddrPort, data []byte, onlyBehind bool) bool {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	for i, x := range pc.held {
-		if x == h {
-			pc.held = append(pc.held[:i], pc.held[i+1:]...)
-			return true
-		}
+	if onlyBehind && p.nheld == 0 {
+		return false
 	}
-	return false
-}
-
-// hold keeps a datagram whose classification outlived ReadFrom's deadline
-// for a later ReadFrom (dropped beyond maxHeld, as a full socket buffer
-// would drop it).
-func (pc *PacketConn) hold(p *peer, src netip.AddrPort, data []byte) {
-	pc.mu.Lock()
 	if !pc.closed && len(pc.held) < maxHeld {
 		pc.held = append(pc.held, &heldDatagram{p: p, src: src, data: append([]byte(nil), data...)})
+		p.nheld++
 	}
-	pc.mu.Unlock()
+	return true
 }
 
 // newPeer makes the association with remote; pc.mu is held.
 func (pc *PacketConn) newPeer(remote netip.AddrPort, dir engine.Direction) *peer {
-	p := &peer{c: pc.lc.Datapath.newClassifier(17, remote.Addr().Is6(), dir, pc.c.id, true), remote: remote, to: remote, done: make(chan struct{})}
+	p := &peer{c: pc.lc.Datapath.newClassifier(17, remote.Addr().Is6(), dir, pc.c.id, true), remote: remote, to: remote,
+		done: make(chan struct{}), pended: make(chan struct{})}
 	pc.touch(p)
 	pc.peers[remote] = p
 	if pc.idle > 0 && !pc.sweepArmed {
@@ -409,8 +492,9 @@ func (pc *PacketConn) association(remote netip.AddrPort, dir engine.Direction, s
 	p := pc.newPeer(remote, dir)
 	classify := start()
 	go func() {
-		defer close(p.done)
 		p.err = classify(p)
+		close(p.done)
+		pc.wakeReaders(p)
 	}()
 	return p
 }
@@ -460,13 +544,14 @@ func (pc *PacketConn) admit(ctx context.Context, p *peer, remote netip.AddrPort,
 	var m engine.Metadata
 	c.values(&vs, pc.local, remote)
 	c.meta(&m)
-	if _, err := c.classify(ctx, engine.KindAuthRecvAccept, &vs, &m, datagram); err != nil {
+	pended := func() { p.pendOnce.Do(func() { close(p.pended) }) }
+	if _, err := c.classifyNotify(ctx, engine.KindAuthRecvAccept, &vs, &m, datagram, pended); err != nil {
 		return err
 	}
 	vs.Reset()
 	c.values(&vs, pc.local, remote)
 	c.meta(&m)
-	_, err := c.classify(ctx, engine.KindFlowEstablished, &vs, &m, nil)
+	_, err := c.classifyNotify(ctx, engine.KindFlowEstablished, &vs, &m, nil, pended)
 	return err
 }
 

@@ -240,6 +240,13 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 		if err := d.objs.FwpRedirects.Put(uint32(int(gen)*MaxRedirects+i), rc); err != nil {
 			return mapErr("redirects", err)
 		}
+		// Before the switch to this generation: a socket redirected to the
+		// port must find it marked at its first getpeername.
+		if rc.Port != 0 {
+			if err := d.objs.FwpProxyPorts.Put(uint32(rc.Port), uint8(1)); err != nil {
+				return mapErr("proxy ports", err)
+			}
+		}
 	}
 	for slot, lp := range p.layers {
 		if lp == nil {

@@ -136,6 +136,7 @@ const (
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
 	fwpMapFwpPorts         = "fwp_ports"
+	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
 	fwpMapFwpRedirects     = "fwp_redirects"
 	fwpMapFwpScratch       = "fwp_scratch"
 	fwpMapFwpSockRecords   = "fwp_sock_records"
@@ -228,6 +229,7 @@ type fwpMapSpecs struct {
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
+	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
 	FwpScratch       *ebpf.MapSpec `ebpf:"fwp_scratch"`
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
@@ -270,6 +272,7 @@ type fwpMaps struct {
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
+	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
 	FwpScratch       *ebpf.Map `ebpf:"fwp_scratch"`
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
@@ -288,6 +291,7 @@ func (m *fwpMaps) Close() error {
 		m.FwpInts,
 		m.FwpLayers,
 		m.FwpPorts,
+		m.FwpProxyPorts,
 		m.FwpRedirects,
 		m.FwpScratch,
 		m.FwpSockRecords,

@@ -232,6 +232,17 @@ struct {
 	__type(value, struct records);
 } fwp_sock_records SEC(".maps");
 
+// The ports redirects send traffic to (a proxy's, a bind redirect's),
+// set by user space before a policy naming them takes effect and never
+// cleared while loaded: getpeername and recvmsg look for a socket's
+// redirect only when its peer is on one of them.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} fwp_proxy_ports SEC(".maps");
+
 // Scratch for the redirect state being built (too big for the stack): a
 // ring buffer reservation is private to this run of the program, where a
 // per-CPU array slot would be shared with a run that preempts it on the
@@ -831,6 +842,10 @@ int fwp_sendmsg6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1); }
 // destination (getpeername, and the source of UDP replies).
 static __always_inline int restore_peer(struct bpf_sock_addr *ctx, int v6sock)
 {
+	__u32 port = bpf_ntohs((__u16)ctx->user_port);
+	__u8 *used = bpf_map_lookup_elem(&fwp_proxy_ports, &port);
+	if (!used || !*used)
+		return 1; // not a proxy's port: the common case, one array read
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
 	if (!st)

@@ -57,8 +57,9 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 // A pended AUTH_RECV_ACCEPT holds the datagram (and the remote's next
 // ones, in order) while ReadFrom goes on returning other remotes'
 // datagrams; once the callout permits, the held ones are returned first (a
-// ReadFrom waiting on the socket is woken for them); Close ends the pend. A pended AUTH_CONNECT holds WriteTo (and the remote's other
-// first datagrams) until it resolves, the write deadline (a timeout, the
+// ReadFrom waiting on the socket is woken for them); Close ends the pend.
+// A pended AUTH_CONNECT holds WriteTo (and the remote's other first
+// datagrams) until it resolves, the write deadline (a timeout, the
 // datagram not sent; the classification goes on, and a later WriteTo sends
 // per its verdict) or Close.
 // When two remotes are redirected to one address (or one is redirected to

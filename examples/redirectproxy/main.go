@@ -126,25 +126,36 @@ func run(args []string, stderr io.Writer) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	go func() { <-sig; ln.Close() }()
-	err = s.serve(ln)
-	s.wg.Wait()
-	return err
+	s.serve(ln)
+	// Relays in progress get a moment to finish; the rest end with the
+	// process.
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		s.log.Info("exiting with relays in progress")
+	}
+	return nil
 }
 
-// serve accepts until ln is closed (nil) or fails.
-func (s *server) serve(ln net.Listener) error {
+// serve accepts until ln is closed. Other accept errors (out of file
+// descriptors, say) are logged and retried after a pause that grows up to
+// a second, as net/http does, rather than ending the proxy.
+func (s *server) serve(ln net.Listener) {
+	var pause time.Duration
 	for {
 		c, err := ln.Accept()
 		if errors.Is(err, net.ErrClosed) {
-			return nil
+			return
 		}
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return err
+			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed; retrying", "err", err, "in", pause)
+			time.Sleep(pause)
+			continue
 		}
+		pause = 0
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()

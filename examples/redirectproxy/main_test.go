@@ -49,13 +49,11 @@ func startServer(t *testing.T, f finder) (addr string, logs *lockedWriter) {
 	}
 	logs = &lockedWriter{}
 	s := &server{find: f, dialTimeout: 5 * time.Second, log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
-	done := make(chan error, 1)
-	go func() { done <- s.serve(ln) }()
+	done := make(chan struct{})
+	go func() { s.serve(ln); close(done) }()
 	t.Cleanup(func() {
 		ln.Close()
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
-		}
+		<-done
 		s.wg.Wait()
 	})
 	return ln.Addr().String(), logs

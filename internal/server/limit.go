@@ -39,8 +39,9 @@ const refusalWarnEvery = time.Minute
 
 // LimitListener returns l serving at most lim.Max connections at once, at
 // most lim.PerUser of them for any one user but root, and the last
-// sixteenth of them only to root and lim.Privileged peers. A connection beyond a bound is closed as
-// soon as it is accepted, rather than left queued: a queued one would hang
+// sixteenth of them only to root (or the lim.Privileged peers). A
+// connection beyond a bound is closed as soon as it is accepted, rather
+// than left queued: a queued one would hang
 // its client until the client's own timeout with no sign of why, and would
 // keep filling the kernel's backlog; a closed one fails at once (EOF, or
 // Unavailable from gRPC) and the refusal is logged — each at debug level,

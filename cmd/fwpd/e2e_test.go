@@ -288,6 +288,13 @@ func TestE2EKillDuringCommit(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		// The store's journal before this commit: it grows when the commit
+		// is appended (or a compaction's temporary snapshot appears).
+		journal := filepath.Join(d.state, "policy.journal")
+		var before int64
+		if fi, err := os.Stat(journal); err == nil {
+			before = fi.Size()
+		}
 		done := make(chan error, 1)
 		start := time.Now()
 		go func() { _, err := c.Apply(context.Background(), ops); done <- err }()
@@ -299,10 +306,13 @@ func TestE2EKillDuringCommit(t *testing.T) {
 			full = time.Since(start)
 			done <- applyErr
 		case frac == -1:
-			// Kill the moment the store's temporary file appears: in the
-			// middle of the commit's write.
+			// Kill the moment the store's write shows: in the middle of
+			// the commit's append (or its compaction).
 			tmp := filepath.Join(d.state, "policy.json.tmp")
-			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Microsecond) {
+				if fi, err := os.Stat(journal); err == nil && fi.Size() != before {
+					break
+				}
 				if _, err := os.Stat(tmp); err == nil {
 					break
 				}

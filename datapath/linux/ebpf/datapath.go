@@ -49,6 +49,9 @@ type Datapath struct {
 	// targets are the redirect target pids of each redirect handle in the
 	// active policy, for checking who may put records on a socket.
 	targets map[uint32][]uint32
+	// redirectHooks: the redirect hooks are attached (or are to be, to
+	// each cgroup attached), since a policy redirected connections.
+	redirectHooks bool
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -100,29 +103,78 @@ func Load(opts Options) (*Datapath, error) {
 	return d, nil
 }
 
-// Attach attaches every hook to the cgroup v2 directory path as bpf_links:
+// Attach attaches the hooks to the cgroup v2 directory path as bpf_links:
 // sockets created by processes in that cgroup (and below) are classified.
+// The redirect hooks join once a policy redirects connections (Apply), or
+// at once when they already did (a policy in force, or pinned by an
+// earlier datapath with KeepHooks).
 func (d *Datapath) Attach(cgroupPath string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return ErrClosed
 	}
-	var links []link.Link
-	for _, h := range d.hooks() {
-		l, err := d.attachHook(cgroupPath, h)
-		if err != nil {
-			for _, l := range links {
-				l.Close()
-			}
+	if !d.redirectHooks && d.pinnedRedirectHooks(cgroupPath) {
+		// Adopt them here, and have every cgroup attached so far get them.
+		if err := d.attachRedirectHooks(); err != nil {
 			return err
 		}
-		links = append(links, l)
+	}
+	links, err := d.attachHooks(cgroupPath, func(h hook) bool { return !h.redirect || d.redirectHooks })
+	if err != nil {
+		return err
 	}
 	if d.links == nil {
 		d.links = map[string][]link.Link{}
 	}
 	d.links[cgroupPath] = append(d.links[cgroupPath], links...)
+	return nil
+}
+
+// attachHooks attaches the hooks want picks to one cgroup: all or none.
+func (d *Datapath) attachHooks(cgroupPath string, want func(hook) bool) ([]link.Link, error) {
+	var links []link.Link
+	for _, h := range d.hooks() {
+		if !want(h) {
+			continue
+		}
+		l, err := d.attachHook(cgroupPath, h)
+		if err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return nil, err
+		}
+		links = append(links, l)
+	}
+	return links, nil
+}
+
+// attachRedirectHooks attaches the redirect hooks to every cgroup the
+// datapath is attached to, all or none; they stay until Detach or Close
+// (a redirected socket outlives the policy that redirected it). d.mu is
+// held.
+func (d *Datapath) attachRedirectHooks() error {
+	if d.redirectHooks {
+		return nil
+	}
+	added := map[string][]link.Link{}
+	for path := range d.links {
+		links, err := d.attachHooks(path, func(h hook) bool { return h.redirect })
+		if err != nil {
+			for _, ls := range added {
+				for _, l := range ls {
+					l.Close()
+				}
+			}
+			return err
+		}
+		added[path] = links
+	}
+	for path, links := range added {
+		d.links[path] = append(d.links[path], links...)
+	}
+	d.redirectHooks = true
 	return nil
 }
 
@@ -173,6 +225,13 @@ func (d *Datapath) Apply(p *Policy) error {
 	defer d.mu.Unlock()
 	if d.closed {
 		return ErrClosed
+	}
+	// Before the policy takes effect: its first redirected connection
+	// needs them.
+	if p.connectRedirects {
+		if err := d.attachRedirectHooks(); err != nil {
+			return err
+		}
 	}
 	next := 1 - d.gen
 	if err := d.clearGen(next); err != nil {

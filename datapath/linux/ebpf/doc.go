@@ -18,6 +18,12 @@
 //	cgroup/sock_release         drops the per-socket state
 //	cgroup_skb/egress           indexes a redirected UDP socket by the client 4-tuple (a lookup per packet)
 //
+// connect, sendmsg and bind classify and are always attached. The others
+// serve redirected sockets only: they are attached with the first policy
+// that redirects connections (before it takes effect) and stay until
+// Detach or Close, as the sockets it redirected outlive it; a policy
+// without redirects costs a connection the three classifying hooks alone.
+//
 // A v4-mapped destination of a dual-stack socket is classified at the v4
 // layers with the v4 address, as the engine's Addr does. A block returns
 // EPERM from connect/sendmsg/bind at once (curl: "couldn't connect").

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"fwp/engine"
 	"fwp/internal/testutil"
@@ -432,25 +433,77 @@ func redirectHelper(args []string) error {
 func redirectPolicy(t testing.TB, v6 bool, originPort uint16, proxy netip.AddrPort, ctxBytes []byte) (*engine.Engine, engine.CalloutID) {
 	var co engine.CalloutID
 	e := buildEngine(t, func(tx *engine.Txn) error {
-		layer := engine.LayerFor(engine.KindConnectRedirect, v6)
 		var err error
-		co, err = tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey + "/test", Layer: layer})
-		if err != nil {
-			return err
-		}
-		data, err := RedirectConfig{Proxy: proxy, TargetPID: 77, Context: ctxBytes}.Marshal()
-		if err != nil {
-			return err
-		}
-		pc, err := tx.AddProviderContext(engine.ProviderContext{Data: data})
-		if err != nil {
-			return err
-		}
-		_, err = tx.AddFilter(engine.Filter{Layer: layer, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}, ProviderContext: pc,
-			Conditions: []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(originPort)}}})
+		co, err = addRedirect(tx, v6, originPort, proxy, ctxBytes)
 		return err
 	})
 	return e, co
+}
+
+// addRedirect adds a built-in connect redirect filter sending connects to
+// originPort to the proxy.
+func addRedirect(tx *engine.Txn, v6 bool, originPort uint16, proxy netip.AddrPort, ctxBytes []byte) (engine.CalloutID, error) {
+	layer := engine.LayerFor(engine.KindConnectRedirect, v6)
+	co, err := tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey + "/test", Layer: layer})
+	if err != nil {
+		return 0, err
+	}
+	data, err := RedirectConfig{Proxy: proxy, TargetPID: 77, Context: ctxBytes}.Marshal()
+	if err != nil {
+		return 0, err
+	}
+	pc, err := tx.AddProviderContext(engine.ProviderContext{Data: data})
+	if err != nil {
+		return 0, err
+	}
+	_, err = tx.AddFilter(engine.Filter{Layer: layer, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}, ProviderContext: pc,
+		Conditions: []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(originPort)}}})
+	return co, err
+}
+
+// A policy without connect redirects attaches the classifying hooks only;
+// the first that redirects attaches the redirect hooks before it takes
+// effect, to every cgroup, and they stay (and join cgroups attached later).
+func TestRedirectHooksAttachWithFirstRedirect(t *testing.T) {
+	testutil.RequireRoot(t)
+	d, err := Load(Options{})
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	t.Cleanup(func() { d.Close() })
+	ids := programIDs(t, d)
+	attached := func(cg *testutil.Cgroup) (int, int) { return attachedHooks(t, d, cg, ids) }
+	cg := testutil.NewCgroup(t)
+	if err := d.Attach(cg.Path); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	apply(t, d, tenThousand(t))
+	if c, r := attached(cg); c != 6 || r != 0 {
+		t.Fatalf("policy without redirects: %d classifying and %d redirect hooks attached, want 6 and 0", c, r)
+	}
+	e, _ := redirectPolicy(t, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
+	apply(t, d, e)
+	if c, r := attached(cg); c != 6 || r != 8 {
+		t.Fatalf("policy with a redirect: %d and %d hooks attached, want 6 and 8", c, r)
+	}
+	apply(t, d, tenThousand(t))
+	later := testutil.NewCgroup(t)
+	if err := d.Attach(later.Path); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range []*testutil.Cgroup{cg, later} {
+		if c, r := attached(g); c != 6 || r != 8 {
+			t.Fatalf("after the redirect went: %d and %d hooks attached, want 6 and 8", c, r)
+		}
+	}
+	for _, g := range []*testutil.Cgroup{cg, later} {
+		if err := d.Detach(g.Path); err != nil {
+			t.Fatal(err)
+		}
+		if c, r := attached(g); c != 0 || r != 0 {
+			t.Fatalf("after Detach: %d and %d hooks attached", c, r)
+		}
+	}
 }
 
 type redirectCase struct {
@@ -796,14 +849,36 @@ func BenchmarkKernelConnect(b *testing.B) {
 	}{
 		{"filters=0", func(testing.TB) *engine.Engine { return engine.New(engine.Options{}) }},
 		{"filters=10k", tenThousand},
+		// A connect redirect too (to a port the benchmark never dials):
+		// the redirect hooks are attached.
+		{"filters=10k+redirect", func(t testing.TB) *engine.Engine {
+			e := tenThousand(t)
+			if err := e.Update(func(tx *engine.Txn) error {
+				_, err := addRedirect(tx, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			return e
+		}},
 	} {
 		b.Run(c.name, func(b *testing.B) { benchConnect(b, c.policy(b)) })
 	}
 }
 
 func benchConnect(b *testing.B, e *engine.Engine) {
-	bareCg := testutil.NewCgroup(b)
-	d, cg := kernelSetup(b)
+	testutil.RequireRoot(b)
+	bareCg, cg := testutil.NewCgroup(b), testutil.NewCgroup(b)
+	// A datapath of its own: the redirect hooks another test's policy
+	// attached to a shared one would be measured too.
+	d, err := Load(Options{})
+	if err != nil {
+		testutil.Unavailable(b, err)
+	}
+	b.Cleanup(func() { d.Close() })
+	if err := d.Attach(cg.Path); err != nil {
+		testutil.Unavailable(b, err)
+	}
 	apply(b, d, e)
 	var nsBare, nsHooked int64
 	runs := 0
@@ -943,5 +1018,102 @@ func TestKernelBindRedirect(t *testing.T) {
 	want := []string{"bound:127.0.0.1:19999", "eperm", "bound:[::1]:19998", "ok"}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("got %v, want %v", got, want)
+	}
+}
+
+// programIDs are the kernel's IDs of d's hook programs, by hook name.
+func programIDs(t *testing.T, d *Datapath) map[string]ebpf.ProgramID {
+	t.Helper()
+	ids := map[string]ebpf.ProgramID{}
+	for _, h := range d.hooks() {
+		info, err := h.prog.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[h.name], _ = info.ID()
+	}
+	return ids
+}
+
+// attachedHooks counts the classifying and the redirect hooks attached to
+// cg (the programs the kernel lists per attach type), failing the test if
+// a type has more than one, or one not in ids (programIDs of the datapath
+// expected).
+func attachedHooks(t *testing.T, d *Datapath, cg *testutil.Cgroup, ids map[string]ebpf.ProgramID) (classify, redirect int) {
+	t.Helper()
+	dir, err := os.Open(cg.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	for _, h := range d.hooks() {
+		r, err := link.QueryPrograms(link.QueryOptions{Target: int(dir.Fd()), Attach: h.at})
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch n := len(r.Programs); {
+		case n > 1:
+			t.Fatalf("%s: %d programs attached", h.name, n)
+		case n == 1 && r.Programs[0].ID != ids[h.name]:
+			t.Fatalf("%s: program %d attached, want %d", h.name, r.Programs[0].ID, ids[h.name])
+		case n == 1 && h.redirect:
+			redirect++
+		case n == 1:
+			classify++
+		}
+	}
+	return classify, redirect
+}
+
+// Redirect hooks kept on exit (KeepHooks) are adopted by the next datapath
+// at Attach, with the classifying ones, not attached a second time; a
+// datapath without KeepHooks on the same pins removes them all.
+func TestKeptRedirectHooksAdopted(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := t.TempDir()
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(root, "bpf")) })
+	pins := filepath.Join(root, "bpf", "fwp")
+	cg := testutil.NewCgroup(t)
+	load := func(keep bool) *Datapath {
+		t.Helper()
+		d, err := Load(Options{PinDir: pins, KeepHooks: keep})
+		if err != nil {
+			testutil.Unavailable(t, err)
+		}
+		return d
+	}
+	d1 := load(true)
+	if err := d1.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := redirectPolicy(t, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
+	apply(t, d1, e)
+	ids1 := programIDs(t, d1)
+	if err := d1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c, r := attachedHooks(t, d1, cg, ids1); c != 6 || r != 8 {
+		t.Fatalf("after the first datapath closed with KeepHooks: %d and %d hooks attached, want 6 and 8", c, r)
+	}
+	d2 := load(true)
+	ids2 := programIDs(t, d2)
+	if err := d2.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	if c, r := attachedHooks(t, d2, cg, ids2); c != 6 || r != 8 {
+		t.Fatalf("after adoption: %d and %d hooks attached, want 6 and 8", c, r)
+	}
+	if !d2.redirectHooks {
+		t.Fatal("adopted redirect hooks not known as attached")
+	}
+	if err := d2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d3 := load(false)
+	if err := d3.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c, r := attachedHooks(t, d2, cg, ids2); c != 0 || r != 0 {
+		t.Fatalf("after a datapath without KeepHooks: %d and %d hooks still attached", c, r)
 	}
 }

@@ -15,31 +15,64 @@ import (
 	"fwp/internal/unix"
 )
 
-// hook is one program and where it attaches.
+// hook is one program and where it attaches. A redirect hook serves
+// redirected sockets only (their original destination, 4-tuple index,
+// SO_ORIGINAL_DST, cleanup): it is attached once a policy redirects
+// connections, so that a policy without redirects costs a connection the
+// classifying hooks alone.
 type hook struct {
-	name string
-	prog *ebpf.Program
-	at   ebpf.AttachType
+	name     string
+	prog     *ebpf.Program
+	at       ebpf.AttachType
+	redirect bool
 }
 
 func (d *Datapath) hooks() []hook {
 	p := &d.objs.fwpPrograms
 	return []hook{
-		{"connect4", p.FwpConnect4, ebpf.AttachCGroupInet4Connect},
-		{"connect6", p.FwpConnect6, ebpf.AttachCGroupInet6Connect},
-		{"sendmsg4", p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-		{"sendmsg6", p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
-		{"recvmsg4", p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-		{"recvmsg6", p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
-		{"getpeername4", p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername},
-		{"getpeername6", p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername},
-		{"bind4", p.FwpBind4, ebpf.AttachCGroupInet4Bind},
-		{"bind6", p.FwpBind6, ebpf.AttachCGroupInet6Bind},
-		{"sockops", p.FwpSockops, ebpf.AttachCGroupSockOps},
-		{"getsockopt", p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt},
-		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease},
-		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress},
+		{"connect4", p.FwpConnect4, ebpf.AttachCGroupInet4Connect, false},
+		{"connect6", p.FwpConnect6, ebpf.AttachCGroupInet6Connect, false},
+		{"sendmsg4", p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, false},
+		{"sendmsg6", p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, false},
+		{"bind4", p.FwpBind4, ebpf.AttachCGroupInet4Bind, false},
+		{"bind6", p.FwpBind6, ebpf.AttachCGroupInet6Bind, false},
+		{"recvmsg4", p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, true},
+		{"recvmsg6", p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, true},
+		{"getpeername4", p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername, true},
+		{"getpeername6", p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername, true},
+		{"sockops", p.FwpSockops, ebpf.AttachCGroupSockOps, true},
+		{"getsockopt", p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt, true},
+		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease, true},
+		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress, true},
 	}
+}
+
+// linkPin is where a hook's link on a cgroup is pinned with KeepHooks.
+func (d *Datapath) linkPin(cgroupPath string, h hook) (string, error) {
+	id, err := unix.CgroupID(cgroupPath)
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return filepath.Join(d.opts.PinDir, fmt.Sprintf("link_%d_%s", id, h.name)), nil
+}
+
+// pinnedRedirectHooks reports whether an earlier datapath left redirect
+// hooks pinned on the cgroup (it had redirects): they are adopted.
+func (d *Datapath) pinnedRedirectHooks(cgroupPath string) bool {
+	if d.opts.PinDir == "" || !d.opts.KeepHooks {
+		return false
+	}
+	for _, h := range d.hooks() {
+		if !h.redirect {
+			continue
+		}
+		if pin, err := d.linkPin(cgroupPath, h); err == nil {
+			if _, err := os.Stat(pin); err == nil {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (d *Datapath) mapsByName() map[string]*ebpf.Map {
@@ -205,11 +238,10 @@ func removePins(dir string) error {
 func (d *Datapath) attachHook(cgroupPath string, h hook) (link.Link, error) {
 	var pin string
 	if d.opts.PinDir != "" && d.opts.KeepHooks {
-		id, err := unix.CgroupID(cgroupPath)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		var err error
+		if pin, err = d.linkPin(cgroupPath, h); err != nil {
+			return nil, err
 		}
-		pin = filepath.Join(d.opts.PinDir, fmt.Sprintf("link_%d_%s", id, h.name))
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			if err := l.Update(h.prog); err != nil {
 				l.Close()

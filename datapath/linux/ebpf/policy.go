@@ -193,6 +193,9 @@ type layerPolicy struct {
 type Policy struct {
 	layers    [numSlots]*layerPolicy
 	redirects []fwpRedirectCfg
+	// connectRedirects: some filter redirects connections, so the hooks
+	// that serve redirected sockets are needed (Datapath.Apply).
+	connectRedirects bool
 }
 
 // Filters returns the number of filters the policy enforces in the kernel.
@@ -349,6 +352,7 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 		var kc fwpRedirectCfg
 		if kind == engine.KindConnectRedirect {
 			kc, err = connectRedirectCfg(pc.Data)
+			p.connectRedirects = true
 		} else {
 			kc, err = bindRedirectCfg(pc.Data, f.Layer.V6())
 		}

@@ -270,3 +270,52 @@ func TestConditionIndexMix(t *testing.T) {
 		}
 	}
 }
+
+// An application's rule with a remote port RANGE (indexed per application
+// by port segments) matches exactly the ports of its range, bounds
+// included, among overlapping ranges of the same application and others.
+func TestAppPortRangeBoundaries(t *testing.T) {
+	e := engine.New(engine.Options{})
+	type rule struct {
+		app    string
+		lo, hi uint16
+	}
+	rules := []rule{{"a", 100, 200}, {"a", 150, 300}, {"a", 400, 400}, {"b", 100, 200}}
+	ids := map[engine.FilterID]rule{}
+	if err := e.Update(func(tx *engine.Txn) error {
+		for _, r := range rules {
+			id, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{
+					{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String(r.app)},
+					{Field: engine.FieldIPRemotePort, Match: engine.MatchRange, Value: engine.Range(engine.Uint16(r.lo), engine.Uint16(r.hi))},
+				}})
+			if err != nil {
+				return err
+			}
+			ids[id] = r
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, app := range []string{"a", "b", "c"} {
+		for port := uint16(90); port <= 410; port++ {
+			var vs engine.Values
+			vs.SetTuple(6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(netip.MustParseAddr("10.1.1.1"), port))
+			vs.Set(engine.FieldALEAppID, engine.String(app))
+			res := e.Classify(engine.LayerALEAuthConnectV4, &vs, nil)
+			want := false
+			for _, r := range rules {
+				want = want || r.app == app && r.lo <= port && port <= r.hi
+			}
+			if got := res.Action == engine.ActionBlock; got != want {
+				t.Fatalf("app %s port %d: blocked %v, want %v (%v)", app, port, got, want, res)
+			}
+			if want {
+				if r := ids[res.Filter]; r.app != app || port < r.lo || port > r.hi {
+					t.Fatalf("app %s port %d decided by %+v", app, port, r)
+				}
+			}
+		}
+	}
+}

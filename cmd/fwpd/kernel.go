@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -134,7 +135,8 @@ func (k *kernel) close() {
 
 // serve feeds the kernel's drops and redirects to the engine's net events
 // (fwpctl events --follow) until ctx ends, and, with metrics on, exports
-// the kernel's per-filter counters.
+// the kernel's per-filter counters; it also clears closed UDP clients'
+// redirect records past their grace period.
 func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.Registry) {
 	if k == nil {
 		return
@@ -142,6 +144,22 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 	if reg != nil {
 		reg.MustRegister(kernelCollector{k.d, eng})
 	}
+	go func() {
+		t := time.NewTicker(time.Duration(ebpf.ReleasedGrace) * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if n, err := k.d.SweepReleased(); err != nil {
+					k.log.Debug("sweeping closed UDP redirect records", "err", err)
+				} else if n > 0 {
+					k.log.Debug("swept closed UDP redirect records", "n", n)
+				}
+			}
+		}
+	}()
 	var paths ebpf.ProcessPaths
 	go func() {
 		err := k.d.ReadEvents(ctx, func(e ebpf.Event) {

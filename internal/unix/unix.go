@@ -112,6 +112,16 @@ func Unmount(dir string) error {
 	return os.NewSyscallError("umount", xunix.Unmount(dir, xunix.MNT_DETACH))
 }
 
+// MonotonicSeconds is CLOCK_MONOTONIC in whole seconds, the clock of
+// bpf_ktime_get_ns.
+func MonotonicSeconds() (uint32, error) {
+	var ts xunix.Timespec
+	if err := xunix.ClockGettime(xunix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, err
+	}
+	return uint32(ts.Sec), nil
+}
+
 // Geteuid is the effective user id.
 func Geteuid() int { return xunix.Geteuid() }
 

@@ -15,7 +15,7 @@
 //	cgroup/bind4, bind6         ALE_BIND_REDIRECT, then ALE_RESOURCE_ASSIGNMENT (block: EPERM)
 //	sockops (TCP_CONNECT_CB)    indexes a redirect by the client 4-tuple once the source port exists
 //	cgroup/getsockopt           answers SO_ORIGINAL_DST (SOL_IP and SOL_IPV6) on the proxy's accepted socket
-//	cgroup/sock_release         drops the per-socket state
+//	cgroup/sock_release         drops the per-socket state; stamps a closed UDP client's 4-tuple record
 //	cgroup_skb/egress           indexes a redirected UDP socket by the client 4-tuple (a lookup per packet)
 //
 // connect, sendmsg and bind classify and are always attached. The others
@@ -78,7 +78,11 @@
 // none. A UDP client on a wildcard address (an unconnected socket) is
 // indexed with a zero client address, which QueryRedirect falls back to, so
 // a UDP proxy finds a datagram's redirect from its source and the proxy's
-// own address. A socket marked with SetRedirectRecords(cookie, handle)
+// own address. A TCP record ends when the proxy's accepted socket closes
+// (sockops state callback); a UDP one, which no accepted socket marks, is
+// stamped when the client socket closes and kept ReleasedGrace (30 s) for
+// datagrams still queued to the proxy, then skipped by queries and removed
+// by SweepReleased (fwpd runs it every ReleasedGrace). A socket marked with SetRedirectRecords(cookie, handle)
 // before its connect is not redirected by that handle's filters again — the
 // proxy's outbound connection — so chained proxies never loop. For the
 // arbitration the redirect counts as the callout's permit (soft unless the

@@ -103,7 +103,7 @@ type fwpRedirectState struct {
 	Pid       uint32
 	Uid       uint32
 	Gid       uint32
-	_         [4]byte
+	Released  uint32
 	Cookie    uint64
 	FilterId  uint64
 	CgroupId  uint64
@@ -142,6 +142,7 @@ const (
 	fwpMapFwpSockRecords   = "fwp_sock_records"
 	fwpMapFwpSockRedirect  = "fwp_sock_redirect"
 	fwpMapFwpTupleRedirect = "fwp_tuple_redirect"
+	fwpMapFwpUdpKey        = "fwp_udp_key"
 	fwpProgFwpBind4        = "fwp_bind4"
 	fwpProgFwpBind6        = "fwp_bind6"
 	fwpProgFwpConnect4     = "fwp_connect4"
@@ -235,6 +236,7 @@ type fwpMapSpecs struct {
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
 	FwpTupleRedirect *ebpf.MapSpec `ebpf:"fwp_tuple_redirect"`
+	FwpUdpKey        *ebpf.MapSpec `ebpf:"fwp_udp_key"`
 }
 
 // fwpVariableSpecs contains global variables before they are loaded into the kernel.
@@ -278,6 +280,7 @@ type fwpMaps struct {
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.Map `ebpf:"fwp_sock_redirect"`
 	FwpTupleRedirect *ebpf.Map `ebpf:"fwp_tuple_redirect"`
+	FwpUdpKey        *ebpf.Map `ebpf:"fwp_udp_key"`
 }
 
 func (m *fwpMaps) Close() error {
@@ -297,6 +300,7 @@ func (m *fwpMaps) Close() error {
 		m.FwpSockRecords,
 		m.FwpSockRedirect,
 		m.FwpTupleRedirect,
+		m.FwpUdpKey,
 	)
 }
 

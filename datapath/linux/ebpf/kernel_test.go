@@ -749,6 +749,32 @@ func TestKernelRedirectUDP(t *testing.T) {
 			if _, _, err := d.QueryProxyRedirect(c.proxy, netip.AddrPortFrom(c.proxy.Addr(), 1)); !errors.Is(err, proxy.ErrNotFound) {
 				t.Fatalf("QueryProxyRedirect of an unknown source: %v, want ErrNotFound", err)
 			}
+			// The helper's sockets are closed: their records were found
+			// above within the grace period; past it they are gone, from
+			// the index too.
+			grace := ReleasedGrace
+			ReleasedGrace = 0
+			defer func() { ReleasedGrace = grace }()
+			for _, local := range []netip.AddrPort{c.proxy, netip.AddrPortFrom(netip.IPv4Unspecified(), c.proxy.Port())} {
+				if c.name == "v6" && local.Addr().Is4() {
+					local = netip.AddrPortFrom(netip.IPv6Unspecified(), c.proxy.Port())
+				}
+				for _, src := range []string{res.UnconnectedSource, res.ConnectedSource} {
+					if _, _, err := d.QueryProxyRedirect(local, netip.MustParseAddrPort(src)); !errors.Is(err, proxy.ErrNotFound) {
+						t.Fatalf("QueryProxyRedirect(%s, %s) of a closed socket past the grace: %v, want ErrNotFound", local, src, err)
+					}
+				}
+			}
+			if _, err := d.SweepReleased(); err != nil {
+				t.Fatal(err)
+			}
+			var k fwpTupleKey
+			var st fwpRedirectState
+			for it := d.objs.FwpTupleRedirect.Iterate(); it.Next(&k, &st); {
+				if st.Proto == syscall.IPPROTO_UDP && st.Released != 0 {
+					t.Fatalf("a closed UDP socket's record is still indexed after a sweep: %+v", k)
+				}
+			}
 		})
 	}
 }

@@ -81,7 +81,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_addrs": m.FwpAddrs, "fwp_bitsets": m.FwpBitsets, "fwp_config": m.FwpConfig, "fwp_filters": m.FwpFilters,
 		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
 		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
-		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts,
+		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey,
 	}
 }
 
@@ -89,7 +89,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 // is per-invocation state).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
-	"fwp_proxy_ports"}
+	"fwp_proxy_ports", "fwp_udp_key"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"net/netip"
 	"testing"
+
+	"fwp/internal/unix"
 )
 
 func TestRedirectConfigRoundTrip(t *testing.T) {
@@ -72,4 +74,28 @@ func FuzzParseBindRedirectConfig(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fuzzRoundTrip(t, b, ParseBindRedirectConfig, BindRedirectConfig.Marshal, func(a, b BindRedirectConfig) bool { return a == b })
 	})
+}
+
+// A record expires only once its socket has closed and the grace has
+// passed: an open socket's (Released 0) never does.
+func TestReleasedGrace(t *testing.T) {
+	now, err := unix.MonotonicSeconds()
+	if err != nil {
+		t.Fatal(err)
+	}
+	grace := ReleasedGrace
+	defer func() { ReleasedGrace = grace }()
+	for _, c := range []struct {
+		released, grace uint32
+		want            bool
+	}{
+		{0, 0, false}, {0, 30, false},
+		{now, 0, true}, {now, 30, false},
+		{now - 29, 30, false}, {now - 30, 30, true}, {now - 1000, 30, true},
+	} {
+		ReleasedGrace = c.grace
+		if got := isExpired(&fwpRedirectState{Released: c.released}); got != c.want {
+			t.Errorf("released %d s ago (0: open), grace %d s: expired %v, want %v", now-c.released, c.grace, got, c.want)
+		}
+	}
 }

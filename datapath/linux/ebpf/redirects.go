@@ -110,15 +110,64 @@ func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, 
 	copy(k.Proxy[:], p.AsSlice())
 	k.ClientPort, k.ProxyPort = remote.Port(), local.Port()
 	var s fwpRedirectState
-	if err := r.tuple.Lookup(k, &s); err != nil {
+	if err := r.tuple.Lookup(k, &s); err != nil || r.expired(k, &s) {
 		// A UDP client on a wildcard address is indexed with a zero
 		// client address (the kernel picks the source per datagram).
 		k.Client = [16]byte{}
-		if err := r.tuple.Lookup(k, &s); err != nil || s.Proto != syscall.IPPROTO_UDP {
+		if err := r.tuple.Lookup(k, &s); err != nil || s.Proto != syscall.IPPROTO_UDP || r.expired(k, &s) {
 			return RedirectState{}, fmt.Errorf("%w: %s -> %s", ErrNoRedirect, remote, local)
 		}
 	}
 	return s.export(), nil
+}
+
+// ReleasedGrace is how long a UDP client's 4-tuple record outlives its
+// socket: datagrams it sent may still wait in the proxy's queue. After it
+// the record is gone, so that a later sender on the same address and port
+// is not taken for the redirected one.
+var ReleasedGrace uint32 = 30 // seconds
+
+// expired reports whether s, found under k, is the record of a UDP socket
+// closed more than ReleasedGrace ago, and then deletes it.
+func (r *Redirects) expired(k fwpTupleKey, s *fwpRedirectState) bool {
+	if !isExpired(s) {
+		return false
+	}
+	_ = r.tuple.Delete(k) // it may already have been replaced: best effort
+	return true
+}
+
+// SweepReleased deletes the 4-tuple records of UDP sockets closed more
+// than ReleasedGrace ago (queries skip them anyway; this frees the index
+// of those nobody asks about) and returns how many.
+func (r *Redirects) SweepReleased() (int, error) {
+	var k fwpTupleKey
+	var s fwpRedirectState
+	var stale []fwpTupleKey
+	it := r.tuple.Iterate()
+	for it.Next(&k, &s) {
+		if isExpired(&s) {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, k := range stale {
+		if r.tuple.Delete(k) == nil {
+			n++
+		}
+	}
+	return n, nil
+}
+
+func isExpired(s *fwpRedirectState) bool {
+	if s.Released == 0 {
+		return false
+	}
+	now, err := unix.MonotonicSeconds()
+	return err == nil && int64(now)-int64(s.Released) >= int64(ReleasedGrace)
 }
 
 // queryWildcard finds the UDP redirect of datagrams from remote to any
@@ -132,8 +181,18 @@ func (r *Redirects) queryWildcard(port uint16, remote netip.AddrPort) (RedirectS
 	var found [2]*fwpRedirectState // exact client, zero client
 	var ambiguous [2]bool
 	it := r.tuple.Iterate()
+	var stale []fwpTupleKey // deleted after the walk, which a delete could restart
+	defer func() {
+		for _, k := range stale {
+			_ = r.tuple.Delete(k)
+		}
+	}()
 	for it.Next(&k, &s) {
 		if k.ProxyPort != port || k.ClientPort != remote.Port() || (k.V6 == 1) != c.Is6() || s.Proto != syscall.IPPROTO_UDP {
+			continue
+		}
+		if isExpired(&s) {
+			stale = append(stale, k)
 			continue
 		}
 		j := 1
@@ -287,6 +346,17 @@ func (d *Datapath) QueryProxyRedirect(local, remote netip.AddrPort) (proxy.Redir
 		return proxy.Redirect{}, netip.AddrPort{}, ErrClosed
 	}
 	return ProxyBackend{R: d.redirects()}.QueryTuple(local, remote)
+}
+
+// SweepReleased is Redirects.SweepReleased on this datapath's maps; fwpd
+// runs it every ReleasedGrace.
+func (d *Datapath) SweepReleased() (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return 0, ErrClosed
+	}
+	return d.redirects().SweepReleased()
 }
 
 // IsRedirectTarget reports whether pid is the target process of a redirect

@@ -127,6 +127,10 @@ struct redirect_state {
 	__u32 pid; // tgid of the connecting process
 	__u32 uid;
 	__u32 gid;
+	// A UDP client's 4-tuple record: when (CLOCK_MONOTONIC seconds) the
+	// socket closed; kept a grace period for datagrams still queued to the
+	// proxy, then gone (Redirects.QueryRedirect). 0 while open.
+	__u32 released;
 	__u64 cookie;
 	__u64 filter_id;
 	__u64 cgroup_id;
@@ -231,6 +235,15 @@ struct {
 	__type(key, __u64);
 	__type(value, struct records);
 } fwp_sock_records SEC(".maps");
+
+// A redirected UDP socket's 4-tuple key (by its cookie), written with its
+// fwp_tuple_redirect record: sock_release cannot read a socket's source.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct tuple_key);
+} fwp_udp_key SEC(".maps");
 
 // The ports redirects send traffic to (a proxy's, a bind redirect's),
 // set by user space before a policy naming them takes effect and never
@@ -1010,6 +1023,37 @@ int fwp_sockops(struct bpf_sock_ops *skops)
 // (an unconnected socket on 0.0.0.0 or ::) is stored as zero, which
 // QueryRedirect falls back to. Lookups only on the common path; the index
 // is written when the socket's record changed.
+// udp_client_key builds the 4-tuple key a redirected UDP socket's
+// datagrams reach the proxy with; 0 when it has none (no source port yet,
+// or a source of the other family).
+static __always_inline int udp_client_key(struct bpf_sock *sk, struct redirect_state *st, struct tuple_key *k)
+{
+	__u32 port = sk->src_port;
+	if (!port)
+		return 0;
+	k->v6 = st->proxy_v6;
+	if (sk->family == AF_INET) {
+		__u32 a = sk->src_ip4;
+		__builtin_memcpy(k->client, &a, 4);
+	} else {
+		__u32 a[4];
+		LOAD_IP6(a, sk->src_ip6);
+		if (is_v4mapped(a)) {
+			if (k->v6)
+				return 0;
+			__builtin_memcpy(k->client, &a[3], 4);
+		} else if (k->v6) {
+			__builtin_memcpy(k->client, a, 16);
+		} else if (a[0] | a[1] | a[2] | a[3]) {
+			return 0;
+		}
+	}
+	__builtin_memcpy(k->proxy, st->proxy_addr, 16);
+	k->client_port = port;
+	k->proxy_port = st->proxy_port;
+	return 1;
+}
+
 SEC("cgroup_skb/egress")
 int fwp_egress(struct __sk_buff *skb)
 {
@@ -1017,36 +1061,15 @@ int fwp_egress(struct __sk_buff *skb)
 	if (!sk)
 		return 1;
 	sk = bpf_sk_fullsock(sk);
-	if (!sk || sk->protocol != IPPROTO_UDP)
-		return 1;
-	__u32 port = sk->src_port;
-	if (!port)
+	if (!sk || sk->protocol != IPPROTO_UDP || !sk->src_port)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
 	if (!st)
 		return 1;
 	struct tuple_key k = {};
-	k.v6 = st->proxy_v6;
-	if (sk->family == AF_INET) {
-		__u32 a = sk->src_ip4;
-		__builtin_memcpy(k.client, &a, 4);
-	} else {
-		__u32 a[4];
-		LOAD_IP6(a, sk->src_ip6);
-		if (is_v4mapped(a)) {
-			if (k.v6)
-				return 1;
-			__builtin_memcpy(k.client, &a[3], 4);
-		} else if (k.v6) {
-			__builtin_memcpy(k.client, a, 16);
-		} else if (a[0] | a[1] | a[2] | a[3]) {
-			return 1;
-		}
-	}
-	__builtin_memcpy(k.proxy, st->proxy_addr, 16);
-	k.client_port = port;
-	k.proxy_port = st->proxy_port;
+	if (!udp_client_key(sk, st, &k))
+		return 1;
 	struct redirect_state *old = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
 	if (old && old->cookie == cookie && old->handle == st->handle && old->orig_port == st->orig_port) {
 		__u32 a[4], b[4];
@@ -1056,6 +1079,7 @@ int fwp_egress(struct __sk_buff *skb)
 			return 1;
 	}
 	bpf_map_update_elem(&fwp_tuple_redirect, &k, st, BPF_ANY);
+	bpf_map_update_elem(&fwp_udp_key, &cookie, &k, BPF_ANY);
 	return 1;
 }
 
@@ -1126,14 +1150,27 @@ int fwp_getsockopt(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-// sock_release drops what the hooks keep per socket.
+// sock_release drops what the hooks keep per socket. A redirected UDP
+// socket's 4-tuple record is stamped with the time instead: datagrams it
+// sent may still wait in the proxy's queue.
 SEC("cgroup/sock_release")
 int fwp_sock_release(struct bpf_sock *sk)
 {
 	__u64 cookie = bpf_get_socket_cookie(sk);
 	// Lookups are lock-free; deletes of absent keys would still lock.
-	if (bpf_map_lookup_elem(&fwp_sock_redirect, &cookie))
+	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
+	if (st) {
+		struct tuple_key *k;
+		if (st->proto == IPPROTO_UDP && (k = bpf_map_lookup_elem(&fwp_udp_key, &cookie))) {
+			struct redirect_state *t = bpf_map_lookup_elem(&fwp_tuple_redirect, k);
+			if (t && t->cookie == cookie) {
+				__u32 now = bpf_ktime_get_ns() / 1000000000;
+				t->released = now ? now : 1; // 0 means open
+			}
+			bpf_map_delete_elem(&fwp_udp_key, &cookie);
+		}
 		bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
+	}
 	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
 		bpf_map_delete_elem(&fwp_sock_records, &cookie);
 	return 1;

@@ -346,9 +346,13 @@ func TestE2EKernelRedirectAndBlock(t *testing.T) {
 	})
 }
 
-// oneRedirectPolicy sends TCP/IPv4 connections to port to the proxy at
-// proxyAddr, whose process is pid.
-func oneRedirectPolicy(port int, proxyAddr, pid string) string {
+// oneRedirectPolicy sends IPv4 connections (TCP, and UDP flows) to each of
+// ports to the proxy at proxyAddr, whose process is pid.
+func oneRedirectPolicy(proxyAddr, pid string, ports ...int) string {
+	var filters strings.Builder
+	for _, port := range ports {
+		fmt.Fprintf(&filters, "  - {key: redirect-%d, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/one, provider_context: to-proxy, conditions: [{field: ip_remote_port, match: equal, value: %d}]}\n", port, port)
+	}
 	return fmt.Sprintf(`providers:
   - {key: one, name: One}
 provider_contexts:
@@ -356,8 +360,18 @@ provider_contexts:
 callouts:
   - {key: fwp.builtin.connect_redirect/one, provider: one, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
 filters:
-  - {key: redirect-one, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/one, provider_context: to-proxy, conditions: [{field: ip_remote_port, match: equal, value: %d}]}
-`, fmt.Sprintf(`{"proxy":%q,"target_pid":%s}`, proxyAddr, pid), port)
+%s`, fmt.Sprintf(`{"proxy":%q,"target_pid":%s}`, proxyAddr, pid), filters.String())
+}
+
+// deleteOneRedirectPolicy removes what oneRedirectPolicy added.
+func deleteOneRedirectPolicy(ports ...int) string {
+	var b strings.Builder
+	b.WriteString("delete:\n")
+	for _, port := range ports {
+		fmt.Fprintf(&b, "  - {kind: filter, key: redirect-%d}\n", port)
+	}
+	b.WriteString("  - {kind: provider_context, key: to-proxy}\n  - {kind: callout, key: fwp.builtin.connect_redirect/one}\n  - {kind: provider, key: one}\n")
+	return b.String()
 }
 
 // TestE2EKernelExampleProxy: examples/redirectproxy, a process of its own
@@ -366,25 +380,26 @@ filters:
 func TestE2EKernelExampleProxy(t *testing.T) {
 	testutil.RequireRoot(t)
 	requireTool(t, "curl")
+	requireTool(t, "dig")
 	cg := testutil.NewCgroup(t)
 	d := startKernelDaemon(t, cg, kernelDir(t))
 	s, helperPID := startScenario(t, cg, d.pins)
-	policy := func(pid string) string { return oneRedirectPolicy(8080, "127.0.0.1:3131", pid) }
+	// HTTP to :8080 and DNS to :53 go to the example proxy on :3131.
+	ports := []int{8080, 53}
 	// Redirected, nothing listening on the proxy's port yet: refused.
-	if errs, code := d.apply(t, policy(strconv.Itoa(helperPID))); code != 0 {
+	if errs, code := d.apply(t, oneRedirectPolicy("127.0.0.1:3131", strconv.Itoa(helperPID), ports...)); code != 0 {
 		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
 	}
 	if r := s.run(curl("http://127.0.0.1:8080/before")...); r.Code != 7 {
 		t.Fatalf("curl before the proxy runs: %+v, want exit 7 (redirected to a closed port)", r)
 	}
-	req, _ := json.Marshal(spawnRequest{Argv: []string{bins.redirectproxy, "-listen", "127.0.0.1:3131", "-socket", d.sock, "-v"}, Ready: "127.0.0.1:3131"})
+	dig := []string{"dig", "+short", "+time=2", "+tries=1", "@127.0.0.1", "-p", "53", "fwp.test", "A"}
+	if r := s.run(dig...); r.Code == 0 && strings.TrimSpace(r.Out) == "10.1.2.3" {
+		t.Fatalf("dig before the proxy runs was answered: %+v (not redirected?)", r)
+	}
+	req, _ := json.Marshal(spawnRequest{Argv: []string{bins.redirectproxy, "-listen", "127.0.0.1:3131", "-udp", "-socket", d.sock, "-v"}, Ready: "127.0.0.1:3131"})
 	pid := strings.TrimSpace(string(s.call("spawn " + string(req))))
-	if errs, code := d.apply(t, `delete:
-  - {kind: filter, key: redirect-one}
-  - {kind: provider_context, key: to-proxy}
-  - {kind: callout, key: fwp.builtin.connect_redirect/one}
-  - {kind: provider, key: one}
-`+policy(pid)); code != 0 {
+	if errs, code := d.apply(t, deleteOneRedirectPolicy(ports...)+oneRedirectPolicy("127.0.0.1:3131", pid, ports...)); code != 0 {
 		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
 	}
 	for i := range 3 {
@@ -394,6 +409,20 @@ func TestE2EKernelExampleProxy(t *testing.T) {
 		if r.Code != 0 || !strings.Contains(r.Out, fmt.Sprintf("origin 127.0.0.1:8080  /through-example-%d", i)) {
 			t.Fatalf("curl through the example proxy: %+v", r)
 		}
+	}
+	// dig's query goes to the example proxy (it failed above, redirected
+	// to nothing), which relays it (records set) to the original server;
+	// the answer comes back to dig as from 127.0.0.1:53 (the recvmsg
+	// hook), which dig checks.
+	before := s.accepted(5354)
+	for range 2 {
+		r := s.run(dig...)
+		if r.Code != 0 || strings.TrimSpace(r.Out) != "10.1.2.3" {
+			t.Fatalf("dig through the example proxy: exit %d, out %q, err %q", r.Code, r.Out, r.Err)
+		}
+	}
+	if n := s.accepted(5354) - before; n != 0 {
+		t.Fatalf("the helper's own UDP proxy relayed %d queries: not the example's", n)
 	}
 }
 
@@ -1040,7 +1069,7 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 	// The same relay without fwp, for comparison: every connection to the
 	// sink's :7072.
 	spawn(spawnRequest{Argv: []string{bins.redirectproxy, "-listen", "127.0.0.1:3132", "-to", "127.0.0.1:7072"}, Ready: "127.0.0.1:3132"})
-	policy := oneRedirectPolicy(7071, "127.0.0.1:3131", pid)
+	policy := oneRedirectPolicy("127.0.0.1:3131", pid, 7071)
 	f := filepath.Join(dir, "policy.yaml")
 	if err := os.WriteFile(f, []byte(policy), 0o644); err != nil {
 		b.Fatal(err)

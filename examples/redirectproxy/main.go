@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -27,10 +28,12 @@ func main() {
 	}
 }
 
-// finder answers the redirect of a connection the proxy accepted and the
+// finder answers the redirect of a connection the proxy accepted (or of
+// datagrams from a client to the proxy's address local) and the
 // destination its client asked for.
 type finder interface {
 	find(c net.Conn) (proxy.Redirect, netip.AddrPort, error)
+	findDatagram(local, from netip.AddrPort) (proxy.Redirect, netip.AddrPort, error)
 }
 
 // fwpdFinder asks fwpd (any user: fwpd answers the redirect's target pid).
@@ -44,9 +47,13 @@ func (f fwpdFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
 	if !ok {
 		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
 	}
+	return f.findDatagram(local, remote)
+}
+
+func (f fwpdFinder) findDatagram(local, from netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), f.timeout)
 	defer cancel()
-	return f.c.QueryRedirect(ctx, local, remote)
+	return f.c.QueryRedirect(ctx, local, from)
 }
 
 // mapsFinder reads the kernel datapath's pinned maps (root).
@@ -60,6 +67,10 @@ func (f mapsFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
 	return f.b.QueryTuple(local, remote)
 }
 
+func (f mapsFinder) findDatagram(local, from netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	return f.b.QueryTuple(local, from)
+}
+
 // fixedFinder sends every connection to one address, without fwp.
 type fixedFinder struct{ to netip.AddrPort }
 
@@ -67,9 +78,14 @@ func (f fixedFinder) find(net.Conn) (proxy.Redirect, netip.AddrPort, error) {
 	return proxy.Redirect{}, f.to, nil
 }
 
+func (f fixedFinder) findDatagram(_, _ netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	return proxy.Redirect{}, f.to, nil
+}
+
 type server struct {
 	find        finder
 	dialTimeout time.Duration
+	udpIdle     time.Duration
 	log         *slog.Logger
 	wg          sync.WaitGroup
 }
@@ -82,6 +98,8 @@ func run(args []string, stderr io.Writer) error {
 	pins := fs.String("pins", "", "read the kernel datapath's pinned maps in this bpffs directory instead of asking fwpd (root)")
 	to := fs.String("to", "", "relay every connection to this address, without fwp (a baseline)")
 	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "timeout of each outbound dial")
+	udp := fs.Bool("udp", false, "relay UDP on the -listen address too (redirected datagrams, DNS say)")
+	udpIdle := fs.Duration("udp-idle", 60*time.Second, "a UDP client's relay ends after this long without a datagram either way")
 	verbose := fs.Bool("v", false, "log every connection")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -122,10 +140,30 @@ func run(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	s.log.Info("listening", "addr", ln.Addr().String(), "pid", os.Getpid())
+	var pc *net.UDPConn
+	if *udp {
+		a, err := net.ResolveUDPAddr("udp", *listen)
+		if err == nil {
+			pc, err = net.ListenUDP("udp", a)
+		}
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		s.udpIdle = *udpIdle
+		s.wg.Add(1)
+		go func() { defer s.wg.Done(); s.serveUDP(pc) }()
+	}
+	s.log.Info("listening", "addr", ln.Addr().String(), "udp", *udp, "pid", os.Getpid())
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	go func() { <-sig; ln.Close() }()
+	go func() {
+		<-sig
+		ln.Close()
+		if pc != nil {
+			pc.Close()
+		}
+	}()
 	s.serve(ln)
 	// Relays in progress get a moment to finish; the rest end with the
 	// process.
@@ -190,4 +228,120 @@ func (s *server) handle(c net.Conn) {
 	defer out.Close()
 	up, down, err := proxy.Splice(c, out)
 	log.Debug("relayed", "to", orig.String(), "up", up, "down", down, "err", err)
+}
+
+// serveUDP relays datagrams until pc is closed: each client (source
+// address) gets an outbound socket, with its redirect's records set,
+// connected to the destination it asked for; the replies go back to the
+// client from pc (the kernel datapath shows them as from that destination).
+// A client's relay ends after udpIdle without a datagram either way.
+func (s *server) serveUDP(pc *net.UDPConn) {
+	local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	var mu sync.Mutex
+	clients := map[netip.AddrPort]*udpClient{}
+	defer func() {
+		mu.Lock()
+		for _, c := range clients {
+			c.out.Close()
+		}
+		mu.Unlock()
+	}()
+	buf := make([]byte, 64<<10)
+	for {
+		n, from, err := pc.ReadFromUDPAddrPort(buf)
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil {
+			s.log.Warn("udp read failed", "err", err)
+			continue
+		}
+		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+		mu.Lock()
+		c := clients[from]
+		mu.Unlock()
+		if c == nil {
+			if c = s.newUDPClient(local, from); c == nil {
+				continue // no redirect: dropped
+			}
+			mu.Lock()
+			clients[from] = c
+			mu.Unlock()
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				c.replies(pc, from, s.udpIdle)
+				mu.Lock()
+				if clients[from] == c {
+					delete(clients, from)
+				}
+				mu.Unlock()
+			}()
+		}
+		c.touch()
+		if _, err := c.out.Write(buf[:n]); err != nil {
+			s.log.Debug("udp relay write", "client", from.String(), "err", err)
+		}
+	}
+}
+
+// udpClient is one client's relay.
+type udpClient struct {
+	out  *net.UDPConn
+	last atomic.Int64 // unix nanoseconds of its last datagram either way
+}
+
+func (c *udpClient) touch() { c.last.Store(time.Now().UnixNano()) }
+
+// newUDPClient dials the destination from's datagrams asked for, with the
+// redirect's records set; nil when there is none.
+func (s *server) newUDPClient(local, from netip.AddrPort) *udpClient {
+	log := s.log.With("client", from.String())
+	r, orig, err := s.find.findDatagram(local, from)
+	if err != nil {
+		log.Warn("no redirect for datagrams", "err", err)
+		return nil
+	}
+	d := &net.Dialer{Timeout: s.dialTimeout}
+	if len(r.Records) > 0 {
+		if err := proxy.SetRedirectRecords(d, r.Records); err != nil {
+			log.Warn("setting redirect records", "err", err)
+			return nil
+		}
+	}
+	conn, err := d.Dial("udp", orig.String())
+	if err != nil {
+		log.Warn("dialing original destination", "to", orig.String(), "err", err)
+		return nil
+	}
+	log.Debug("udp relay", "to", orig.String())
+	c := &udpClient{out: conn.(*net.UDPConn)}
+	c.touch()
+	return c
+}
+
+// replies sends the destination's datagrams back to the client until the
+// relay has been idle for idle.
+func (c *udpClient) replies(pc *net.UDPConn, to netip.AddrPort, idle time.Duration) {
+	defer c.out.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		deadline := time.Unix(0, c.last.Load()).Add(idle)
+		if !time.Now().Before(deadline) {
+			return
+		}
+		c.out.SetReadDeadline(deadline)
+		n, err := c.out.Read(buf)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue // idle unless a datagram came meanwhile
+			}
+			return
+		}
+		c.touch()
+		if _, err := pc.WriteToUDPAddrPort(buf[:n], to); errors.Is(err, net.ErrClosed) {
+			return
+		}
+	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -132,6 +133,10 @@ type fakeFinder struct {
 
 func (f fakeFinder) find(net.Conn) (proxy.Redirect, netip.AddrPort, error) { return f.r, f.orig, f.err }
 
+func (f fakeFinder) findDatagram(_, _ netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	return f.r, f.orig, f.err
+}
+
 func TestRedirectedConnectionDialsOriginalWithRecords(t *testing.T) {
 	up := echoUpper(t)
 	b := &recordingBackend{}
@@ -198,5 +203,100 @@ func TestBadFlags(t *testing.T) {
 		if err := run(args, &out); err == nil {
 			t.Errorf("run(%q) succeeded", args)
 		}
+	}
+}
+
+// udpUpper answers each datagram upper-cased.
+func udpUpper(t *testing.T) *net.UDPConn {
+	t.Helper()
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteToUDPAddrPort(bytes.ToUpper(buf[:n]), from)
+		}
+	}()
+	return pc
+}
+
+func startUDP(t *testing.T, f finder, idle time.Duration) *net.UDPConn {
+	t.Helper()
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &server{find: f, dialTimeout: 5 * time.Second, udpIdle: idle, log: slog.New(slog.DiscardHandler)}
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); s.serveUDP(pc) }()
+	t.Cleanup(func() { pc.Close(); s.wg.Wait() })
+	return pc
+}
+
+// UDP: each client gets its relay, replies come back to it, the records
+// are set on the outbound socket, and an idle relay ends (the next
+// datagram starts a new one).
+func TestUDPRelay(t *testing.T) {
+	up := udpUpper(t)
+	b := &recordingBackend{}
+	defer proxy.Register(b)()
+	orig := up.LocalAddr().(*net.UDPAddr).AddrPort()
+	p := startUDP(t, fakeFinder{r: proxy.Redirect{Records: []byte("REC")}, orig: orig}, 200*time.Millisecond)
+	ask := func(c *net.UDPConn, msg string) string {
+		t.Helper()
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 1500)
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("%s: %v", msg, err)
+		}
+		return string(buf[:n])
+	}
+	var clients []*net.UDPConn
+	for range 2 {
+		c, err := net.DialUDP("udp4", nil, p.LocalAddr().(*net.UDPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		clients = append(clients, c)
+	}
+	for i, c := range clients {
+		for j := range 3 {
+			msg := fmt.Sprintf("client %d datagram %d", i, j)
+			if got := ask(c, msg); got != strings.ToUpper(msg) {
+				t.Fatalf("got %q for %q", got, msg)
+			}
+		}
+	}
+	setRecords := func() int {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for _, r := range b.set {
+			if r != "udp4 "+orig.String()+" REC" {
+				t.Fatalf("records set: %q", b.set)
+			}
+		}
+		return len(b.set)
+	}
+	if n := setRecords(); n != 2 {
+		t.Fatalf("%d outbound sockets for two clients", n)
+	}
+	time.Sleep(500 * time.Millisecond) // past the idle time
+	if got := ask(clients[0], "again"); got != "AGAIN" {
+		t.Fatalf("after idle: %q", got)
+	}
+	if n := setRecords(); n != 3 {
+		t.Fatalf("%d outbound sockets after an idle relay ended, want 3", n)
 	}
 }

@@ -1,6 +1,6 @@
-// Command redirectproxy is a transparent TCP proxy for fwpd's kernel
-// datapath, built on the proxy package: the proxy a policy's built-in
-// connect redirect sends connections to.
+// Command redirectproxy is a transparent TCP (and, with -udp, UDP) proxy
+// for fwpd's kernel datapath, built on the proxy package: the proxy a
+// policy's built-in connect redirect sends connections to.
 //
 //	fwpd (kernel datapath)            redirectproxy (-listen 127.0.0.1:3131)
 //	  connect(10.0.0.1:80) ──redirect──▶ accept
@@ -14,10 +14,15 @@
 // target_pid) or root, or with -pins straight from the datapath's pinned
 // maps (root) — dials the original destination with the records set, so
 // the redirect that sent the client here sees its own proxy and lets the
-// connection through, and splices. With -to ADDR it is the same relay
-// without fwp: every connection goes to ADDR (a baseline for benchmarks).
+// connection through, and splices. With -udp it relays datagrams on the
+// same address: per client (source address) an outbound socket with the
+// records set, connected to the destination the client asked for, whose
+// replies go back to the client (the kernel datapath shows them as from
+// that destination); a client's relay ends after -udp-idle. With -to ADDR
+// it is the same relay without fwp: everything goes to ADDR (a baseline
+// for benchmarks).
 //
-//	go run ./examples/redirectproxy -listen 127.0.0.1:3131
+//	go run ./examples/redirectproxy -listen 127.0.0.1:3131 [-udp]
 //
 // A policy that sends TCP port 80 to it (fwpctl apply -f):
 //

@@ -86,6 +86,7 @@ type server struct {
 	find        finder
 	dialTimeout time.Duration
 	udpIdle     time.Duration
+	udpMax      int
 	log         *slog.Logger
 	wg          sync.WaitGroup
 }
@@ -100,6 +101,7 @@ func run(args []string, stderr io.Writer) error {
 	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "timeout of each outbound dial")
 	udp := fs.Bool("udp", false, "relay UDP on the -listen address too (redirected datagrams, DNS say)")
 	udpIdle := fs.Duration("udp-idle", 60*time.Second, "a UDP client's relay ends after this long without a datagram either way")
+	udpMax := fs.Int("udp-max", 4096, "UDP clients relayed at once (each holds a socket); a new client's datagrams beyond it are dropped")
 	verbose := fs.Bool("v", false, "log every connection")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -150,7 +152,7 @@ func run(args []string, stderr io.Writer) error {
 			ln.Close()
 			return err
 		}
-		s.udpIdle = *udpIdle
+		s.udpIdle, s.udpMax = *udpIdle, *udpMax
 		s.wg.Add(1)
 		go func() { defer s.wg.Done(); s.serveUDP(pc) }()
 	}
@@ -258,9 +260,13 @@ func (s *server) serveUDP(pc *net.UDPConn) {
 		}
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		mu.Lock()
-		c := clients[from]
+		c, busy := clients[from], len(clients) >= s.udpMax
 		mu.Unlock()
 		if c == nil {
+			if busy {
+				s.log.Debug("udp client dropped: -udp-max relays in use", "client", from.String())
+				continue
+			}
 			if c = s.newUDPClient(local, from); c == nil {
 				continue // no redirect: dropped
 			}

@@ -227,13 +227,13 @@ func udpUpper(t *testing.T) *net.UDPConn {
 	return pc
 }
 
-func startUDP(t *testing.T, f finder, idle time.Duration) *net.UDPConn {
+func startUDP(t *testing.T, f finder, idle time.Duration, max int) *net.UDPConn {
 	t.Helper()
 	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &server{find: f, dialTimeout: 5 * time.Second, udpIdle: idle, log: slog.New(slog.DiscardHandler)}
+	s := &server{find: f, dialTimeout: 5 * time.Second, udpIdle: idle, udpMax: max, log: slog.New(slog.DiscardHandler)}
 	s.wg.Add(1)
 	go func() { defer s.wg.Done(); s.serveUDP(pc) }()
 	t.Cleanup(func() { pc.Close(); s.wg.Wait() })
@@ -248,7 +248,7 @@ func TestUDPRelay(t *testing.T) {
 	b := &recordingBackend{}
 	defer proxy.Register(b)()
 	orig := up.LocalAddr().(*net.UDPAddr).AddrPort()
-	p := startUDP(t, fakeFinder{r: proxy.Redirect{Records: []byte("REC")}, orig: orig}, 200*time.Millisecond)
+	p := startUDP(t, fakeFinder{r: proxy.Redirect{Records: []byte("REC")}, orig: orig}, 200*time.Millisecond, 16)
 	ask := func(c *net.UDPConn, msg string) string {
 		t.Helper()
 		if _, err := c.Write([]byte(msg)); err != nil {
@@ -298,5 +298,37 @@ func TestUDPRelay(t *testing.T) {
 	}
 	if n := setRecords(); n != 3 {
 		t.Fatalf("%d outbound sockets after an idle relay ended, want 3", n)
+	}
+}
+
+// Beyond -udp-max relays a new client's datagrams are dropped; the relayed
+// client goes on.
+func TestUDPRelayMax(t *testing.T) {
+	up := udpUpper(t)
+	p := startUDP(t, fixedFinder{up.LocalAddr().(*net.UDPAddr).AddrPort()}, time.Minute, 1)
+	var cs []*net.UDPConn
+	for range 2 {
+		c, err := net.DialUDP("udp4", nil, p.LocalAddr().(*net.UDPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		cs = append(cs, c)
+	}
+	buf := make([]byte, 64)
+	cs[0].Write([]byte("first"))
+	cs[0].SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := cs[0].Read(buf); err != nil || string(buf[:n]) != "FIRST" {
+		t.Fatalf("the first client: %q, %v", buf[:n], err)
+	}
+	cs[1].Write([]byte("second"))
+	cs[1].SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if n, err := cs[1].Read(buf); err == nil {
+		t.Fatalf("a client beyond -udp-max was relayed: %q", buf[:n])
+	}
+	cs[0].Write([]byte("again"))
+	cs[0].SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := cs[0].Read(buf); err != nil || string(buf[:n]) != "AGAIN" {
+		t.Fatalf("the first client after the refusal: %q, %v", buf[:n], err)
 	}
 }

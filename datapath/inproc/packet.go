@@ -94,6 +94,7 @@ type PacketConn struct {
 	// the socket's read deadline in the past to wake them (wakeReaders).
 	readers atomic.Int32
 	woken   atomic.Bool
+	nheld   atomic.Int32 // len(held), read without the lock on ReadFrom's path
 
 	closeOnce sync.Once
 	closeErr  error
@@ -262,16 +263,18 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 			dl, _ := pc.rdl.get()
 			_ = pc.PacketConn.SetReadDeadline(dl)
 		}
-		if h := pc.takeHeld(); h != nil {
-			pc.touch(h.p)
-			return copy(b, h.data), net.UDPAddrFromAddrPort(h.src), nil
-		}
-		if h := pc.heldHeadIfFull(); h != nil {
-			// As many held as allowed: wait on the oldest, read no more.
-			if err := pc.waitClassified(h.p, nil, &pc.rdl, "read", nil); err != nil {
-				return 0, nil, err
+		if pc.nheld.Load() > 0 {
+			if h := pc.takeHeld(); h != nil {
+				pc.touch(h.p)
+				return copy(b, h.data), net.UDPAddrFromAddrPort(h.src), nil
 			}
-			continue
+			if h := pc.heldHeadIfFull(); h != nil {
+				// As many held as allowed: wait on the oldest, read no more.
+				if err := pc.waitClassified(h.p, nil, &pc.rdl, "read", nil); err != nil {
+					return 0, nil, err
+				}
+				continue
+			}
 		}
 		n, src, err := pc.udp.ReadFromUDPAddrPort(b)
 		if err != nil {
@@ -296,7 +299,7 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		if p == nil {
 			return 0, nil, pc.opErr("read", nil, net.ErrClosed)
 		}
-		if pc.hold(p, src, b[:n], true) {
+		if pc.nheld.Load() > 0 && pc.hold(p, src, b[:n], true) {
 			continue // behind the remote's held datagrams
 		}
 		if err := pc.waitClassified(p, p.pended, &pc.rdl, "read", nil); err != nil {
@@ -403,6 +406,7 @@ func (pc *PacketConn) takeHeld() *heldDatagram {
 			continue
 		}
 		pc.held = append(pc.held[:i], pc.held[i+1:]...)
+		pc.nheld.Add(-1)
 		h.p.nheld--
 		if h.p.err == nil {
 			return h
@@ -433,6 +437,7 @@ func (pc *PacketConn) hold(p *peer, src netip.AddrPort, data []byte, onlyBehind 
 	}
 	if !pc.closed && len(pc.held) < maxHeld {
 		pc.held = append(pc.held, &heldDatagram{p: p, src: src, data: append([]byte(nil), data...)})
+		pc.nheld.Add(1)
 		p.nheld++
 	}
 	return true

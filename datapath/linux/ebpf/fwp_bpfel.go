@@ -138,11 +138,11 @@ const (
 	fwpMapFwpPorts         = "fwp_ports"
 	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
 	fwpMapFwpRedirects     = "fwp_redirects"
-	fwpMapFwpScratch       = "fwp_scratch"
 	fwpMapFwpSockRecords   = "fwp_sock_records"
 	fwpMapFwpSockRedirect  = "fwp_sock_redirect"
 	fwpMapFwpTupleRedirect = "fwp_tuple_redirect"
 	fwpMapFwpUdpKey        = "fwp_udp_key"
+	fwpMapFwpZeroState     = "fwp_zero_state"
 	fwpProgFwpBind4        = "fwp_bind4"
 	fwpProgFwpBind6        = "fwp_bind6"
 	fwpProgFwpConnect4     = "fwp_connect4"
@@ -232,11 +232,11 @@ type fwpMapSpecs struct {
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
-	FwpScratch       *ebpf.MapSpec `ebpf:"fwp_scratch"`
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
 	FwpTupleRedirect *ebpf.MapSpec `ebpf:"fwp_tuple_redirect"`
 	FwpUdpKey        *ebpf.MapSpec `ebpf:"fwp_udp_key"`
+	FwpZeroState     *ebpf.MapSpec `ebpf:"fwp_zero_state"`
 }
 
 // fwpVariableSpecs contains global variables before they are loaded into the kernel.
@@ -276,11 +276,11 @@ type fwpMaps struct {
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
-	FwpScratch       *ebpf.Map `ebpf:"fwp_scratch"`
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.Map `ebpf:"fwp_sock_redirect"`
 	FwpTupleRedirect *ebpf.Map `ebpf:"fwp_tuple_redirect"`
 	FwpUdpKey        *ebpf.Map `ebpf:"fwp_udp_key"`
+	FwpZeroState     *ebpf.Map `ebpf:"fwp_zero_state"`
 }
 
 func (m *fwpMaps) Close() error {
@@ -296,11 +296,11 @@ func (m *fwpMaps) Close() error {
 		m.FwpPorts,
 		m.FwpProxyPorts,
 		m.FwpRedirects,
-		m.FwpScratch,
 		m.FwpSockRecords,
 		m.FwpSockRedirect,
 		m.FwpTupleRedirect,
 		m.FwpUdpKey,
+		m.FwpZeroState,
 	)
 }
 

@@ -85,8 +85,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 	}
 }
 
-// pinnedMaps are the maps worth keeping across a restart (the scratch map
-// is per-invocation state).
+// pinnedMaps are the maps worth keeping across a restart (fwp_zero_state
+// is constant: a new load has its own).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
 	"fwp_proxy_ports", "fwp_udp_key"}

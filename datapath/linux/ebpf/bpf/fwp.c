@@ -256,14 +256,19 @@ struct {
 	__type(value, __u8);
 } fwp_proxy_ports SEC(".maps");
 
-// Scratch for the redirect state being built (too big for the stack): a
-// ring buffer reservation is private to this run of the program, where a
-// per-CPU array slot would be shared with a run that preempts it on the
-// same CPU. Reservations are discarded at once, so it never fills.
+// fwp_zero_state is one all-zero redirect_state, read-only to the
+// programs: the connect hook inserts it for a socket's cookie and fills
+// the map's own copy in place, so every field starts initialised and no
+// scratch memory is needed (the value is too big for the stack, a per-CPU
+// slot could be reused by a run that preempts this one on the same CPU,
+// and a ring buffer nothing consumes never frees its space).
 struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 << 10);
-} fwp_scratch SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_RDONLY_PROG);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct redirect_state);
+} fwp_zero_state SEC(".maps");
 
 #define EV_DROP 1
 #define EV_REDIRECT 2
@@ -787,7 +792,11 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 		struct redirect_cfg *rc = bpf_map_lookup_elem(&fwp_redirects, &ri);
 		// A v4 socket cannot reach a v6 proxy: the redirect is skipped.
 		if (rc && (v6sock || !rc->v6)) {
-			struct redirect_state *st = bpf_ringbuf_reserve(&fwp_scratch, sizeof(*st), 0);
+			__u32 zero = 0;
+			struct redirect_state *z = bpf_map_lookup_elem(&fwp_zero_state, &zero);
+			struct redirect_state *st = 0;
+			if (z && bpf_map_update_elem(&fwp_sock_redirect, &cookie, z, BPF_ANY) == 0)
+				st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
 			if (!st) {
 				// Never silently unproxied: refused, reported as a drop.
 				fwp_emit(&t, 0, redirect_filter, EV_DROP, SLOT_CONNECT_REDIRECT + t.v6);
@@ -808,7 +817,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 			st->uid = (__u32)ug;
 			st->gid = ug >> 32;
 			st->cookie = cookie;
-			st->filter_id = 0;
+			st->filter_id = redirect_filter;
 			st->cgroup_id = t.cgid;
 			bpf_get_current_comm(st->comm, sizeof(st->comm));
 			__u32 n = rc->ctx_len;
@@ -816,8 +825,6 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 				n = CTXMAX;
 			st->ctx_len = n;
 			__builtin_memcpy(st->ctx, rc->ctx, CTXMAX);
-			bpf_map_update_elem(&fwp_sock_redirect, &cookie, st, BPF_ANY);
-			bpf_ringbuf_discard(st, BPF_RB_NO_WAKEUP);
 			set_user_addr(ctx, v6sock, rc->addr, rc->v6, rc->port);
 			// Reported with the original destination; a block at
 			// AUTH_CONNECT of the proxy's address follows as a drop.

@@ -621,6 +621,11 @@ func kscenarioHelper(args []string) error {
 			}
 			spawned = append(spawned, c)
 			fmt.Println(c.Process.Pid)
+		case "soak":
+			// soak SOCKET OPS: see kernelSoak; answers a soakResult.
+			if err := json.NewEncoder(os.Stdout).Encode(kernelSoak(arg)); err != nil {
+				return err
+			}
 		case "run":
 			var argv []string
 			if err := json.Unmarshal([]byte(arg), &argv); err != nil {

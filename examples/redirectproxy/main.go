@@ -259,8 +259,13 @@ func (s *server) serveUDP(pc *net.UDPConn) {
 			continue
 		}
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+		// Touched under the lock its relay ends under: a relay found
+		// here is not ended as idle before the write below.
 		mu.Lock()
 		c, busy := clients[from], len(clients) >= s.udpMax
+		if c != nil {
+			c.touch()
+		}
 		mu.Unlock()
 		if c == nil {
 			if busy {
@@ -276,15 +281,19 @@ func (s *server) serveUDP(pc *net.UDPConn) {
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
-				c.replies(pc, from, s.udpIdle)
-				mu.Lock()
-				if clients[from] == c {
-					delete(clients, from)
-				}
-				mu.Unlock()
+				c.replies(pc, from, s.udpIdle, func(force bool) bool {
+					mu.Lock()
+					defer mu.Unlock()
+					if force || c.idle(s.udpIdle) {
+						if clients[from] == c {
+							delete(clients, from)
+						}
+						return true
+					}
+					return false
+				})
 			}()
 		}
-		c.touch()
 		if _, err := c.out.Write(buf[:n]); err != nil {
 			s.log.Debug("udp relay write", "client", from.String(), "err", err)
 		}
@@ -298,6 +307,10 @@ type udpClient struct {
 }
 
 func (c *udpClient) touch() { c.last.Store(time.Now().UnixNano()) }
+
+func (c *udpClient) idle(d time.Duration) bool {
+	return !time.Now().Before(time.Unix(0, c.last.Load()).Add(d))
+}
 
 // newUDPClient dials the destination from's datagrams asked for, with the
 // redirect's records set; nil when there is none.
@@ -327,26 +340,29 @@ func (s *server) newUDPClient(local, from netip.AddrPort) *udpClient {
 }
 
 // replies sends the destination's datagrams back to the client until the
-// relay has been idle for idle.
-func (c *udpClient) replies(pc *net.UDPConn, to netip.AddrPort, idle time.Duration) {
+// relay has been idle for idle and end agrees (it checks again under the
+// lock datagrams from the client touch the relay under, and forgets the
+// relay), or the relay fails (end(true)).
+func (c *udpClient) replies(pc *net.UDPConn, to netip.AddrPort, idle time.Duration, end func(force bool) bool) {
 	defer c.out.Close()
 	buf := make([]byte, 64<<10)
 	for {
-		deadline := time.Unix(0, c.last.Load()).Add(idle)
-		if !time.Now().Before(deadline) {
+		if c.idle(idle) && end(false) {
 			return
 		}
-		c.out.SetReadDeadline(deadline)
+		c.out.SetReadDeadline(time.Unix(0, c.last.Load()).Add(idle))
 		n, err := c.out.Read(buf)
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
 				continue // idle unless a datagram came meanwhile
 			}
+			end(true)
 			return
 		}
 		c.touch()
 		if _, err := pc.WriteToUDPAddrPort(buf[:n], to); errors.Is(err, net.ErrClosed) {
+			end(true)
 			return
 		}
 	}

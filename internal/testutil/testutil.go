@@ -220,6 +220,10 @@ func (h *Helper) Call(req []byte) ([]byte, error) {
 	return line, nil
 }
 
+// Stderr is what the helper (and processes it started on its stderr)
+// wrote so far, for a failing test's message.
+func (h *Helper) Stderr() string { return h.stderr.String() }
+
 // Close ends the helper (closing its stdin) and waits for it.
 func (h *Helper) Close() error {
 	h.in.Close()

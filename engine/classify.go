@@ -378,8 +378,9 @@ func (c *compiledLayer) eval(cs *classifyState, a *arbiter, cf *cfilter) bool {
 		if cf.slot != nil {
 			reg = cf.slot.reg.Load()
 		}
+		callable := reg != nil && reg.Classify != nil && (!cs.dry || reg.Flags&CalloutExplainable != 0)
 		switch {
-		case reg == nil || reg.Classify == nil || (cs.dry && cf.action != ActionCalloutInspection):
+		case reg == nil || reg.Classify == nil || (!callable && cf.action != ActionCalloutInspection):
 			if cs.dry && reg != nil {
 				note = "callout registered, not called by explain"
 			} else {
@@ -396,7 +397,7 @@ func (c *compiledLayer) eval(cs *classifyState, a *arbiter, cf *cfilter) bool {
 				ret = ClassifyOut{Action: ActionBlock}
 				reason = ReasonCalloutUnregisteredBlock
 			}
-		case cs.dry:
+		case !callable:
 			ret.Action, note = ActionContinue, "inspection callout, not called by explain"
 		default:
 			var ok bool

@@ -237,6 +237,11 @@ const (
 	CalloutConditionalOnFlow CalloutFlags = 1 << 0
 	// CalloutUsesProviderContext: filters using it should name a provider context.
 	CalloutUsesProviderContext CalloutFlags = 1 << 1
+	// CalloutExplainable, in a registration: the classify function only
+	// computes its answer from the request (no pend, no flow context, no
+	// state of its own), so Explain calls it instead of taking the
+	// callout for unregistered. A datapath's built-in callouts are such.
+	CalloutExplainable CalloutFlags = 1 << 2
 )
 
 // Callout is the management object of a callout (WFP's FWPM_CALLOUT0): its

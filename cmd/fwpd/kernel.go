@@ -167,7 +167,8 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 			if e.Type == ebpf.EventRedirect {
 				t = engine.EventClassifyRedirect
 			}
-			eng.RecordNetEvent(engine.NetEvent{Type: t, Layer: e.Layer, Filter: e.Filter, Protocol: e.Protocol,
+			reason, callout := e.Explain(eng.View())
+			eng.RecordNetEvent(engine.NetEvent{Type: t, Layer: e.Layer, Filter: e.Filter, Callout: callout, Reason: reason, Protocol: e.Protocol,
 				Local: e.Local, Remote: e.Remote, AppID: paths.Path(e.PID, e.Comm), UserID: e.UID, GroupID: e.GID, CgroupID: e.CgroupID, ProcessID: e.PID})
 		})
 		if err != nil {

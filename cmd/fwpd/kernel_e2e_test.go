@@ -291,8 +291,9 @@ func TestE2EKernelRedirectAndBlock(t *testing.T) {
 				if e.CgroupID != cg.ID || e.GroupID == nil || *e.GroupID != 0 {
 					continue
 				}
-				drop = drop || e.Type == "classify_drop" && e.Remote == "127.0.0.3:9090" && e.Layer == "ALE_AUTH_CONNECT_V4" && e.FilterID != 0
-				redirect = redirect || e.Type == "classify_redirect" && e.Remote == "127.0.0.1:8080" && e.Layer == "ALE_CONNECT_REDIRECT_V4"
+				// The reason is the engine's for the deciding filter.
+				drop = drop || e.Type == "classify_drop" && e.Remote == "127.0.0.3:9090" && e.Layer == "ALE_AUTH_CONNECT_V4" && e.FilterID != 0 && e.Reason == "block filter"
+				redirect = redirect || e.Type == "classify_redirect" && e.Remote == "127.0.0.1:8080" && e.Layer == "ALE_CONNECT_REDIRECT_V4" && e.Reason == "callout permitted"
 			case <-deadline:
 				t.Fatalf("fwpctl events --follow: drop seen %v, redirect seen %v (app %s, cgroup id %d, gid 0)", drop, redirect, curlPath, cg.ID)
 			}
@@ -302,6 +303,18 @@ func TestE2EKernelRedirectAndBlock(t *testing.T) {
 			if !regexp.MustCompile(`fwp_kernel_filter_decisions_total\{filter_id="\d+",filter_key="` + key + `"\} [1-9]`).MatchString(m) {
 				t.Errorf("no kernel counter for %s in /metrics:\n%s", key, grepLines(m, "fwp_kernel"))
 			}
+		}
+		// The hooks' decisions count in fwp_classifications_total.
+		for _, la := range [][2]string{{"ALE_AUTH_CONNECT_V4", "block"}, {"ALE_AUTH_CONNECT_V4", "permit"}, {"ALE_CONNECT_REDIRECT_V4", "permit"}, {"ALE_AUTH_CONNECT_V6", "block"}} {
+			if !regexp.MustCompile(`fwp_classifications_total\{action="` + la[1] + `",layer="` + la[0] + `"\} [1-9]`).MatchString(m) {
+				t.Errorf("no %s %s classifications counted in /metrics:\n%s", la[0], la[1], grepLines(m, "fwp_classifications_total"))
+			}
+		}
+		// explain gives the kernel's decision for a redirected tuple: the
+		// built-in callout is registered with fwpd's engine.
+		out := d.mustCtl("explain", "--layer", "ALE_CONNECT_REDIRECT_V4", "--remote", "127.0.0.1:8080", "--proto", "tcp")
+		if !strings.Contains(out, "decision: permit") || !strings.Contains(out, "redirect-http4") || strings.Contains(out, "not registered") {
+			t.Errorf("fwpctl explain of a redirected tuple:\n%s", out)
 		}
 	})
 
@@ -872,12 +885,12 @@ func (d *kdaemon) followEvents(t *testing.T) <-chan eventLine {
 }
 
 type eventLine struct {
-	Type, Layer, Remote string
-	FilterID            uint64  `json:"filter_id"`
-	AppID               string  `json:"app_id"`
-	ProcessID           uint32  `json:"process_id"`
-	GroupID             *uint32 `json:"group_id"` // nil: missing from the JSON
-	CgroupID            uint64  `json:"cgroup_id"`
+	Type, Layer, Remote, Reason string
+	FilterID                    uint64  `json:"filter_id"`
+	AppID                       string  `json:"app_id"`
+	ProcessID                   uint32  `json:"process_id"`
+	GroupID                     *uint32 `json:"group_id"` // nil: missing from the JSON
+	CgroupID                    uint64  `json:"cgroup_id"`
 }
 
 // metrics fetches /metrics from the address fwpd logged.

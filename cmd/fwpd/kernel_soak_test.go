@@ -47,7 +47,9 @@ type soakResult struct {
 // a listener of the scenario that holds the connection (for fwpd's
 // queries); 127.0.0.3 is blocked.
 func soakPolicy(examplePID, helperPID string) string {
-	cfg := func(proxy, pid string) string { return strconv.Quote(fmt.Sprintf(`{"proxy":%q,"target_pid":%s}`, proxy, pid)) }
+	cfg := func(proxy, pid string) string {
+		return strconv.Quote(fmt.Sprintf(`{"proxy":%q,"target_pid":%s}`, proxy, pid))
+	}
 	return fmt.Sprintf(`providers:
   - {key: soak, name: Soak}
 provider_contexts:

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"fwp/client"
+	"fwp/datapath/linux/ebpf"
 	"fwp/engine"
 	"fwp/internal/metrics"
 	"fwp/internal/server"
@@ -115,8 +116,16 @@ func run(args []string) error {
 		return err
 	}
 	defer kern.close()
-	if kern != nil {
-		opts.BeforeCommit = kern.beforeCommit
+	// The built-in callouts are registered with the engine whatever the
+	// datapath, so explain, counters and events agree with the hooks.
+	opts.BeforeCommit = func(v engine.View) error {
+		if err := ebpf.RegisterBuiltinCallouts(eng, v); err != nil {
+			return err
+		}
+		if kern != nil {
+			return kern.beforeCommit(v)
+		}
+		return nil
 	}
 	m, err := mgmt.New(eng, opts)
 	if err != nil {
@@ -158,6 +167,9 @@ func run(args []string) error {
 	defer stop()
 	if met != nil {
 		kern.serve(ctx, eng, met.Registry())
+		if kern != nil {
+			met.AddClassifyCounts(kern.d.ClassifyCounts)
+		}
 	} else {
 		kern.serve(ctx, eng, nil)
 	}

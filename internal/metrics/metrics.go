@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,6 +19,9 @@ type Metrics struct {
 	eng    *engine.Engine
 	reg    *prometheus.Registry
 	commit prometheus.Histogram
+
+	mu     sync.Mutex
+	counts []func() ([]engine.ClassifyCount, error)
 }
 
 // New registers the metrics of eng.
@@ -28,9 +32,49 @@ func New(eng *engine.Engine) *Metrics {
 		Help:    "Duration of committed transactions (store write and engine swap).",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 	})
-	m.reg.MustRegister(m.commit, collector{eng},
+	m.reg.MustRegister(m.commit, collector{m},
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
+}
+
+// AddClassifyCounts adds a datapath's own classification counts (the
+// kernel's, decided in its hooks without the engine) to
+// fwp_classifications_total.
+func (m *Metrics) AddClassifyCounts(f func() ([]engine.ClassifyCount, error)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.counts = append(m.counts, f)
+}
+
+// classifyCounts sums the engine's counts and every datapath's by layer.
+func (m *Metrics) classifyCounts() []engine.ClassifyCount {
+	all := m.eng.ClassifyCounts()
+	at := make(map[engine.LayerID]int, len(all))
+	for i, n := range all {
+		at[n.Layer] = i
+	}
+	m.mu.Lock()
+	sources := m.counts
+	m.mu.Unlock()
+	for _, f := range sources {
+		more, err := f()
+		if err != nil {
+			continue // a closed datapath: what it counted is gone with it
+		}
+		for _, n := range more {
+			i, ok := at[n.Layer]
+			if !ok {
+				at[n.Layer] = len(all)
+				all = append(all, n)
+				continue
+			}
+			all[i].Permit += n.Permit
+			all[i].Block += n.Block
+			all[i].Veto += n.Veto
+			all[i].Pend += n.Pend
+		}
+	}
+	return all
 }
 
 // ObserveCommit records a commit's duration (mgmt.Options.OnCommit).
@@ -64,13 +108,13 @@ func (m *Metrics) Serve(ctx context.Context, addr string) (string, error) {
 }
 
 // collector reads the engine's gauges at scrape time.
-type collector struct{ eng *engine.Engine }
+type collector struct{ m *Metrics }
 
 var (
 	filtersDesc = prometheus.NewDesc("fwp_filters", "Filters per layer.", []string{"layer"}, nil)
 	pendsDesc   = prometheus.NewDesc("fwp_pends_outstanding", "Pended operations and classifies not yet completed.", nil, nil)
 	flowsDesc   = prometheus.NewDesc("fwp_flow_contexts", "Flow contexts associated by callouts.", nil, nil)
-	classDesc   = prometheus.NewDesc("fwp_classifications_total", "Classifications by layer and outcome (permit, block, veto, pend), counted by the engine.", []string{"layer", "action"}, nil)
+	classDesc   = prometheus.NewDesc("fwp_classifications_total", "Classifications by layer and outcome (permit, block, veto, pend): the engine's and the kernel datapath's hooks'.", []string{"layer", "action"}, nil)
 )
 
 func (collector) Describe(ch chan<- *prometheus.Desc) {
@@ -81,14 +125,14 @@ func (collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
-	v := c.eng.View()
+	v := c.m.eng.View()
 	for _, l := range engine.Layers() {
 		ch <- prometheus.MustNewConstMetric(filtersDesc, prometheus.GaugeValue, float64(v.FilterCount(l.ID)), l.Name)
 	}
-	o := c.eng.Outstanding()
+	o := c.m.eng.Outstanding()
 	ch <- prometheus.MustNewConstMetric(pendsDesc, prometheus.GaugeValue, float64(o.Pends))
 	ch <- prometheus.MustNewConstMetric(flowsDesc, prometheus.GaugeValue, float64(o.FlowContexts))
-	for _, n := range c.eng.ClassifyCounts() {
+	for _, n := range c.m.classifyCounts() {
 		for _, kv := range []struct {
 			action string
 			n      uint64

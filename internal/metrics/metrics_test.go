@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"errors"
 	"net/netip"
 	"strings"
 	"testing"
@@ -29,7 +30,7 @@ func TestMetrics(t *testing.T) {
 	}
 	eng.Classify(engine.LayerALEAuthConnectV6, &engine.Values{}, nil)
 	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(`
-# HELP fwp_classifications_total Classifications by layer and outcome (permit, block, veto, pend), counted by the engine.
+# HELP fwp_classifications_total Classifications by layer and outcome (permit, block, veto, pend): the engine's and the kernel datapath's hooks'.
 # TYPE fwp_classifications_total counter
 `+classificationsWant()), "fwp_classifications_total"); err != nil {
 		t.Fatal(err)
@@ -75,4 +76,38 @@ func classificationsWant() string {
 		}
 	}
 	return b.String()
+}
+
+// A datapath's own counts add to the engine's, per layer and outcome; a
+// source that fails (a closed datapath) is left out.
+func TestAddClassifyCounts(t *testing.T) {
+	eng := engine.New(engine.Options{})
+	m := New(eng)
+	eng.Classify(engine.LayerALEAuthConnectV4, &engine.Values{}, nil) // one engine permit
+	m.AddClassifyCounts(func() ([]engine.ClassifyCount, error) {
+		return []engine.ClassifyCount{{Layer: engine.LayerALEAuthConnectV4, Permit: 5, Block: 2}}, nil
+	})
+	m.AddClassifyCounts(func() ([]engine.ClassifyCount, error) { return nil, errors.New("closed") })
+	fams, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range fams {
+		if f.GetName() != "fwp_classifications_total" {
+			continue
+		}
+		for _, mt := range f.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range mt.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			if l["layer"] == "ALE_AUTH_CONNECT_V4" {
+				got[l["action"]] = mt.GetCounter().GetValue()
+			}
+		}
+	}
+	if got["permit"] != 6 || got["block"] != 2 || got["veto"] != 0 {
+		t.Fatalf("ALE_AUTH_CONNECT_V4 counts %v, want permit 6, block 2", got)
+	}
 }

@@ -43,6 +43,27 @@ type Event struct {
 	Comm     string
 }
 
+// Explain gives the engine's reason for what the hooks did, and the
+// callout involved, from the deciding filter in the policy v (the one in
+// force when the event is read; a filter deleted since is taken for a
+// block filter).
+func (e Event) Explain(v engine.View) (engine.Reason, engine.CalloutID) {
+	f, err := v.Filter(e.Filter)
+	switch {
+	case e.Type == EventRedirect:
+		if err == nil {
+			return engine.ReasonCalloutPermit, f.Action.Callout
+		}
+		return engine.ReasonCalloutPermit, 0
+	case err == nil && f.Action.Callout != 0:
+		// A built-in redirect that could not record its state refuses
+		// the connection rather than let it through unproxied.
+		return engine.ReasonCalloutBlock, f.Action.Callout
+	default:
+		return engine.ReasonFilterBlock, 0
+	}
+}
+
 // rawEvent is bpf/fwp.c's struct event, little-endian and without padding.
 type rawEvent struct {
 	FilterID  uint64
@@ -157,6 +178,41 @@ func (d *Datapath) FilterHits() (map[engine.FilterID]uint64, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read filter counters: %w", err)
+	}
+	return out, nil
+}
+
+// ClassifyCounts returns the hooks' classifications by layer and outcome
+// (summed over CPUs) since the datapath was loaded, or since the pinned
+// datapath it adopted was: fwpd adds them to the engine's own counts.
+func (d *Datapath) ClassifyCounts() ([]engine.ClassifyCount, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	out := make([]engine.ClassifyCount, 0, len(kernelKinds)*2)
+	var perCPU []uint64
+	sum := func(k uint32) (uint64, error) {
+		if err := d.objs.FwpCounts.Lookup(k, &perCPU); err != nil {
+			return 0, fmt.Errorf("read classification counters: %w", err)
+		}
+		var n uint64
+		for _, c := range perCPU {
+			n += c
+		}
+		return n, nil
+	}
+	for slot := range uint32(len(kernelKinds) * 2) {
+		permit, err := sum(slot * 2)
+		if err != nil {
+			return nil, err
+		}
+		block, err := sum(slot*2 + 1)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, engine.ClassifyCount{Layer: engine.LayerFor(kernelKinds[slot/2], slot%2 == 1), Permit: permit, Block: block})
 	}
 	return out, nil
 }

@@ -130,6 +130,7 @@ const (
 	fwpMapFwpAddrs         = "fwp_addrs"
 	fwpMapFwpBitsets       = "fwp_bitsets"
 	fwpMapFwpConfig        = "fwp_config"
+	fwpMapFwpCounts        = "fwp_counts"
 	fwpMapFwpEvents        = "fwp_events"
 	fwpMapFwpFilters       = "fwp_filters"
 	fwpMapFwpHits          = "fwp_hits"
@@ -224,6 +225,7 @@ type fwpMapSpecs struct {
 	FwpAddrs         *ebpf.MapSpec `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.MapSpec `ebpf:"fwp_bitsets"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
+	FwpCounts        *ebpf.MapSpec `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.MapSpec `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
@@ -268,6 +270,7 @@ type fwpMaps struct {
 	FwpAddrs         *ebpf.Map `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.Map `ebpf:"fwp_bitsets"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
+	FwpCounts        *ebpf.Map `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.Map `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
@@ -288,6 +291,7 @@ func (m *fwpMaps) Close() error {
 		m.FwpAddrs,
 		m.FwpBitsets,
 		m.FwpConfig,
+		m.FwpCounts,
 		m.FwpEvents,
 		m.FwpFilters,
 		m.FwpHits,

@@ -82,6 +82,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
 		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
 		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey,
+		"fwp_counts": m.FwpCounts,
 	}
 }
 
@@ -89,7 +90,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 // is constant: a new load has its own).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
-	"fwp_proxy_ports", "fwp_udp_key"}
+	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

@@ -148,7 +148,12 @@ type gen struct {
 	r      *rand.Rand
 	cgroup uint64
 	v6     bool
+	// redirects: some CONNECT_REDIRECT filters are built-in redirects to
+	// genProxy (nothing listens there).
+	redirects bool
 }
+
+var genProxy = map[bool]netip.AddrPort{false: netip.MustParseAddrPort("127.0.0.1:9"), true: netip.MustParseAddrPort("[::1]:9")}
 
 var (
 	v4Pool = []string{"127.0.0.1", "127.0.0.2", "127.0.1.1", "127.0.1.200", "127.1.0.9", "127.0.0.77"}
@@ -232,10 +237,27 @@ func (g *gen) policy(t testing.TB, nfilters int) *engine.Engine {
 			}
 			subs = append(subs, id)
 		}
+		var redirect engine.CalloutID
+		var redirectCtx engine.ProviderContextID
+		if g.redirects {
+			var err error
+			layer := engine.LayerFor(engine.KindConnectRedirect, g.v6)
+			if redirect, err = tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey + "/gen", Layer: layer}); err != nil {
+				return err
+			}
+			data, _ := RedirectConfig{Proxy: genProxy[g.v6], TargetPID: 1}.Marshal()
+			if redirectCtx, err = tx.AddProviderContext(engine.ProviderContext{Data: data}); err != nil {
+				return err
+			}
+		}
 		for range nfilters {
 			kind := []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect}[g.r.IntN(2)]
 			f := engine.Filter{Layer: engine.LayerFor(kind, g.v6), Sublayer: subs[g.r.IntN(len(subs))],
 				Action: engine.Action{Type: []engine.ActionType{engine.ActionPermit, engine.ActionPermit, engine.ActionBlock}[g.r.IntN(3)]}}
+			if redirect != 0 && kind == engine.KindConnectRedirect && g.r.IntN(3) == 0 {
+				f.Action = engine.Action{Type: engine.ActionCalloutUnknown, Callout: redirect}
+				f.ProviderContext = redirectCtx
+			}
 			switch g.r.IntN(3) {
 			case 0:
 				f.Weight = engine.WeightExact(uint64(g.r.IntN(4)))

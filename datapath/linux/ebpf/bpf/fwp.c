@@ -309,6 +309,23 @@ struct {
 	__type(value, __u64);
 } fwp_hits SEC(".maps");
 
+// fwp_counts counts, per CPU, the kernel's classifications by layer slot
+// and outcome: index slot * 2 + (1 for block, 0 for permit).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NSLOTS * 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} fwp_counts SEC(".maps");
+
+static __always_inline void fwp_count(__u32 slot, __u32 action)
+{
+	__u32 k = (slot % NSLOTS) * 2 + (action == ACT_BLOCK);
+	__u64 *c = bpf_map_lookup_elem(&fwp_counts, &k);
+	if (c)
+		*c += 1;
+}
+
 struct tuple {
 	__u8 raddr[16];
 	__u8 laddr[16];
@@ -780,6 +797,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	t.cookie = cookie;
 	struct verdict v = {};
 	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
+	fwp_count(SLOT_CONNECT_REDIRECT + t.v6, v.action);
 	if (v.action == ACT_BLOCK) {
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_CONNECT_REDIRECT + t.v6);
 		return 0;
@@ -837,6 +855,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	}
 	__u8 slot = SLOT_AUTH_CONNECT + t.v6;
 	fwp_classify(gen, slot, &t, &v);
+	fwp_count(slot, v.action);
 	if (v.action == ACT_BLOCK) {
 		if (redirected)
 			bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
@@ -921,6 +940,7 @@ static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
 	__u32 gen = current_gen();
 	struct verdict v = {};
 	fwp_classify(gen, SLOT_BIND_REDIRECT + t.v6, &t, &v);
+	fwp_count(SLOT_BIND_REDIRECT + t.v6, v.action);
 	if (v.action == ACT_BLOCK) {
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_BIND_REDIRECT + t.v6);
 		return 0;
@@ -944,6 +964,7 @@ static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
 	}
 	__u8 rslot = SLOT_RESOURCE_ASSIGNMENT + t.v6;
 	fwp_classify(gen, rslot, &t, &v);
+	fwp_count(rslot, v.action);
 	if (v.action == ACT_BLOCK) {
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, rslot);
 		return 0;

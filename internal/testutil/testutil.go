@@ -144,13 +144,19 @@ func RunHelper(t testing.TB, cg *Cgroup, name string, stdin []byte, args ...stri
 // RunHelperFiles is RunHelper with extra files, which the helper finds as
 // file descriptors 3, 4, ...; it returns an error rather than failing.
 func RunHelperFiles(cg *Cgroup, name string, stdin []byte, files []*os.File, args ...string) ([]byte, error) {
+	// A helper that hangs must not hang the test binary until its timeout.
+	return RunHelperFilesTimeout(cg, name, stdin, files, time.Minute, args...)
+}
+
+// RunHelperFilesTimeout is RunHelperFiles with a longer (or shorter) bound
+// than a minute on the helper's run, for a soak.
+func RunHelperFilesTimeout(cg *Cgroup, name string, stdin []byte, files []*os.File, timeout time.Duration, args ...string) ([]byte, error) {
 	dir, err := os.Open(cg.Path)
 	if err != nil {
 		return nil, err
 	}
 	defer dir.Close()
-	// A helper that hangs must not hang the test binary until its timeout.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, os.Args[0], args...)
 	cmd.Env = helperEnviron(name)

@@ -344,7 +344,7 @@ func TestKernelSoak(t *testing.T) {
 	fds := countFDs()
 	files := []*os.File{mapFile(t, d.objs.FwpSockRecords), mapFile(t, d.objs.FwpTupleRedirect)}
 	start := time.Now()
-	out, err := testutil.RunHelperFiles(cg, "soak", nil, files, strconv.Itoa(soakOps))
+	out, err := testutil.RunHelperFilesTimeout(cg, "soak", nil, files, 8*time.Minute, strconv.Itoa(soakOps))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -52,7 +52,7 @@ func TestUntrusted(t *testing.T) {
 
 	bad := []struct {
 		name, what, path, blame, mode string
-		dir                            bool
+		dir                           bool
 	}{
 		{"dir owned by another user", "state directory", mk("theirs", 0o700, u.UID), "theirs", "drwx------", true},
 		{"dir mode 0777 (the issue's attack)", "state directory", mk("open", 0o777, u.UID), "open", "drwxrwxrwx", true},
@@ -69,20 +69,20 @@ func TestUntrusted(t *testing.T) {
 	os.Chown(theirs, int(u.UID), -1)
 	bad = append(bad, struct {
 		name, what, path, blame, mode string
-		dir                            bool
+		dir                           bool
 	}{"file owned by another user", "store file", theirs, "ok/policy.json", "-rw-------", false})
 	gw := filepath.Join(base, "ok", "lock")
 	os.WriteFile(gw, nil, 0o600)
 	os.Chmod(gw, 0o666)
 	bad = append(bad, struct {
 		name, what, path, blame, mode string
-		dir                            bool
+		dir                           bool
 	}{"file writable by all", "store file", gw, "ok/lock", "-rw-rw-rw-", false})
 	link := filepath.Join(base, "ok", "link")
 	os.Symlink(filepath.Join(base, "theirs"), link)
 	bad = append(bad, struct {
 		name, what, path, blame, mode string
-		dir                            bool
+		dir                           bool
 	}{"symlink to another user's dir", "state directory", link, "theirs", "drwx------", true})
 
 	for _, c := range bad {

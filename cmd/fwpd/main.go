@@ -20,6 +20,7 @@ import (
 	"fwp/engine"
 	"fwp/internal/metrics"
 	"fwp/internal/server"
+	"fwp/internal/trust"
 	"fwp/mgmt"
 )
 
@@ -223,6 +224,11 @@ func ids(list string, lookup func(string) (string, error)) ([]uint32, error) {
 // replaced; a live one is an error, so two daemons never share a state.
 func listen(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	// In a directory others can write, another user could take the
+	// socket's name first and impersonate fwpd to its clients.
+	if err := trust.Dir("socket directory", filepath.Dir(path)); err != nil {
 		return nil, err
 	}
 	if _, err := os.Stat(path); err == nil {

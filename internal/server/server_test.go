@@ -214,11 +214,11 @@ func TestZeroValueAndPartialRequests(t *testing.T) {
 	}
 }
 
-// A peer that is not an administrator cannot change anything through any
-// RPC, in any session kind, and is told so with ErrAccessDenied; reads and
-// subscriptions are allowed.
+// A reader cannot change anything through any RPC, in any session kind,
+// and is told so with ErrAccessDenied; reads and subscriptions are
+// allowed. (TestAccessMatrix checks every role against every RPC.)
 func TestReadOnlyPeerCannotMutate(t *testing.T) {
-	f := start(t, Config{NoRootAdmin: true, AdminGIDs: []uint32{uint32(os.Getgid()) + 4242}})
+	f := start(t, Config{NoRootAdmin: true, AdminGIDs: []uint32{uint32(os.Getgid()) + 4242}, ReaderGIDs: []uint32{uint32(os.Getgid())}})
 	c, _ := f.conn(t)
 	add := &api.Op{Op: &api.Op_Add{Add: &api.Object{Kind: &api.Object_Provider{Provider: &api.Provider{Key: "p"}}}}}
 	del := &api.Op{Op: &api.Op_Delete{Delete: &api.ObjectRef{Kind: "sublayer", Key: "FWPM_SUBLAYER_UNIVERSAL"}}}

@@ -140,7 +140,7 @@ type ProviderContext struct {
 	// and DataSHA256 describe it. Such a copy cannot be added back.
 	DataRedacted bool   `json:"data_redacted,omitempty"`
 	DataLength   int    `json:"data_length,omitempty"`
-	DataSHA256   []byte `json:"data_sha256,omitempty"`
+	DataSHA256   string `json:"data_sha256,omitempty"` // hex
 }
 
 // Sublayer is a sublayer (FWPM_SUBLAYER0).

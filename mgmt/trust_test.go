@@ -1,6 +1,7 @@
 package mgmt
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -74,5 +75,19 @@ func TestStoreRefusesUntrusted(t *testing.T) {
 	err = newStore(own)
 	if pe := (*trust.PathError)(nil); !errors.As(err, &pe) || pe.Path != j || pe.Mode.String() != "-rw-r--rw-" {
 		t.Fatalf("journal writable by others: %v", err)
+	}
+}
+
+// A reader's copy of a provider context (data withheld) applied back by
+// an administrator must not blank the data: it is refused, by key.
+func TestRedactedContextNotAdded(t *testing.T) {
+	m := newManager(t, "")
+	s := open(m, "a", false)
+	_, err := m.Add(context.Background(), s, Object{ProviderContext: &ProviderContext{Key: "creds", DataRedacted: true, DataLength: 19}})
+	if !errors.Is(err, ErrInvalidPolicy) || !strings.Contains(err.Error(), `"creds"`) || !strings.Contains(err.Error(), "redacted") {
+		t.Fatalf("adding a redacted copy: %v", err)
+	}
+	if has(m, KindProviderContext, "creds") {
+		t.Fatal("the redacted copy was added")
 	}
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"slices"
 
@@ -135,7 +136,7 @@ func redact(role Role, o mgmt.Object) mgmt.Object {
 	}
 	c := *o.ProviderContext
 	sum := sha256.Sum256(c.Data)
-	c.DataRedacted, c.DataLength, c.DataSHA256, c.Data = true, len(c.Data), sum[:], nil
+	c.DataRedacted, c.DataLength, c.DataSHA256, c.Data = true, len(c.Data), hex.EncodeToString(sum[:]), nil
 	o.ProviderContext = &c
 	return o
 }

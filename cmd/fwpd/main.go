@@ -184,12 +184,18 @@ func run(args []string) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	log.Info("fwpd listening", "socket", c.socket, "state_dir", c.stateDir, "pid", os.Getpid())
+	// The socket listens (clients' connections queue until Serve accepts
+	// them) and the datapath is attached: ready, for a Type=notify unit.
+	if err := sdNotify(fmt.Sprintf("READY=1\nMAINPID=%d\nSTATUS=serving on %s", os.Getpid(), c.socket)); err != nil {
+		log.Warn("telling the service manager fwpd is ready", "err", err)
+	}
 	select {
 	case err := <-errc:
 		return err
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
+	_ = sdNotify("STOPPING=1")
 	srv.GracefulStop(5 * time.Second)
 	os.Remove(c.socket)
 	return nil

@@ -93,7 +93,6 @@ func TestE2ESystemdNotify(t *testing.T) {
 	}
 }
 
-
 // TestSystemdUnit checks packaging/fwpd.service: a Type=notify unit with
 // the state and runtime directories systemd makes root's, whose ExecStart
 // flags fwpd knows, and that systemd-analyze accepts.

@@ -6,7 +6,9 @@ import (
 	"encoding/hex"
 	"fmt"
 	"slices"
+	"strings"
 
+	"fwp/api"
 	"fwp/internal/peercred"
 	"fwp/mgmt"
 )
@@ -139,4 +141,35 @@ func redact(role Role, o mgmt.Object) mgmt.Object {
 	c.DataRedacted, c.DataLength, c.DataSHA256, c.Data = true, len(c.Data), hex.EncodeToString(sum[:]), nil
 	o.ProviderContext = &c
 	return o
+}
+
+// methodRights is the least each RPC needs, checked before its handler
+// runs (which checks more where the request says more: Apply's ops, Get
+// and List's data). An RPC missing here is refused to everyone, so a new
+// one cannot be open by default: decide its right, add it here and to
+// docs/security.md's matrix.
+var methodRights = map[string]Right{
+	api.Management_OpenSession_FullMethodName:   RightOpen,
+	api.Management_CloseSession_FullMethodName:  RightOpen,
+	api.Management_QueryRedirect_FullMethodName: RightOpen, // answered to the redirect's target only
+	api.Management_Sessions_FullMethodName:      RightEnum,
+	api.Management_List_FullMethodName:          RightEnum | RightRead,
+	api.Management_Get_FullMethodName:           RightRead,
+	api.Management_Explain_FullMethodName:       RightRead,
+	api.Management_NetEvents_FullMethodName:     RightReadEvents,
+	api.Management_Subscribe_FullMethodName:     RightSubscribe,
+	api.Management_Begin_FullMethodName:         RightWriteTxn,
+	api.Management_Commit_FullMethodName:        RightWriteTxn,
+	api.Management_Abort_FullMethodName:         RightWriteTxn,
+	api.Management_Apply_FullMethodName:         RightWriteTxn,
+}
+
+// authorize is the interceptors' check of methodRights.
+func (s *Server) authorize(ctx context.Context, method string) error {
+	r, ok := methodRights[method]
+	if !ok {
+		return fmt.Errorf("%w: %s has no access rule (internal/server methodRights)", mgmt.ErrAccessDenied, method)
+	}
+	_, err := s.need(ctx, r, "call "+method[strings.LastIndexByte(method, '/')+1:])
+	return err
 }

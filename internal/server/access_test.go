@@ -21,9 +21,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
 	"fwp/api"
 	"fwp/engine"
+	"fwp/internal/peercred"
 	"fwp/internal/testutil"
 	"fwp/mgmt"
 	"fwp/proxy"
@@ -277,3 +279,47 @@ func merge(a, b map[string]string) map[string]bool {
 	}
 	return m
 }
+
+// Every RPC of the service has an access rule: a new one is refused to
+// everyone until someone decides its right (and this test says so).
+func TestEveryMethodHasARule(t *testing.T) {
+	svc := api.Management_ServiceDesc.ServiceName
+	var n int
+	for _, m := range api.Management_ServiceDesc.Methods {
+		n++
+		if _, ok := methodRights["/"+svc+"/"+m.MethodName]; !ok {
+			t.Errorf("%s has no entry in methodRights", m.MethodName)
+		}
+	}
+	for _, st := range api.Management_ServiceDesc.Streams {
+		n++
+		if _, ok := methodRights["/"+svc+"/"+st.StreamName]; !ok {
+			t.Errorf("%s has no entry in methodRights", st.StreamName)
+		}
+	}
+	if n != len(methodRights) {
+		t.Errorf("methodRights has %d entries for %d RPCs", len(methodRights), n)
+	}
+	// An RPC without a rule is refused, to root too.
+	s := New(Config{})
+	ctx := peerContext(0)
+	if err := s.authorize(ctx, "/"+svc+"/NotYetDecided"); !errors.Is(err, mgmt.ErrAccessDenied) {
+		t.Errorf("an RPC without a rule: %v", err)
+	}
+	if err := s.authorize(ctx, api.Management_Apply_FullMethodName); err != nil {
+		t.Errorf("root's Apply: %v", err)
+	}
+}
+
+// peerContext is a call's context as the peercred credentials make it.
+func peerContext(uid uint32) context.Context {
+	return peer.NewContext(context.Background(), &peer.Peer{AuthInfo: peercred.AuthInfo{Cred: peercred.Cred{UID: uid, GID: uid, PID: 1}}})
+}
+
+// ctxStream is a server stream that has only a context.
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (c ctxStream) Context() context.Context { return c.ctx }

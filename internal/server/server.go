@@ -142,6 +142,9 @@ func (s *Server) GracefulStop(d time.Duration) {
 
 func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
 	defer s.recoverCall(info.FullMethod, &err)
+	if err := s.authorize(ctx, info.FullMethod); err != nil {
+		return nil, api.Status(err)
+	}
 	start := time.Now()
 	resp, err = h(ctx, req)
 	if err != nil {
@@ -152,6 +155,9 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 
 func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
 	defer s.recoverCall(info.FullMethod, &err)
+	if err := s.authorize(ss.Context(), info.FullMethod); err != nil {
+		return api.Status(err)
+	}
 	return api.Status(h(srv, ss))
 }
 

@@ -309,12 +309,12 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 // A handler's panic becomes a typed error for that call only.
 func TestPanicRecovered(t *testing.T) {
 	s := New(Config{})
-	_, err := s.unary(context.Background(), nil, &grpc.UnaryServerInfo{FullMethod: "/x/Unary"},
+	_, err := s.unary(peerContext(0), nil, &grpc.UnaryServerInfo{FullMethod: api.Management_Sessions_FullMethodName},
 		func(context.Context, any) (any, error) { var m map[string]int; m["x"] = 1; return nil, nil })
-	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "/x/Unary") {
+	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), api.Management_Sessions_FullMethodName) {
 		t.Fatalf("unary: %v", e)
 	}
-	err = s.stream(nil, nil, &grpc.StreamServerInfo{FullMethod: "/x/Stream"}, func(any, grpc.ServerStream) error { panic("boom") })
+	err = s.stream(nil, ctxStream{ctx: peerContext(0)}, &grpc.StreamServerInfo{FullMethod: api.Management_Subscribe_FullMethodName}, func(any, grpc.ServerStream) error { panic("boom") })
 	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "boom") {
 		t.Fatalf("stream: %v", e)
 	}

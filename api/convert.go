@@ -1,6 +1,7 @@
 package api
 
 import (
+	"encoding/hex"
 	"fmt"
 	"time"
 
@@ -22,7 +23,8 @@ func ToObject(o *Object) (mgmt.Object, error) {
 	case *Object_ProviderContext:
 		c := k.ProviderContext
 		l, err := lifetime(c.GetLifetime())
-		return mgmt.Object{ProviderContext: &mgmt.ProviderContext{Key: c.GetKey(), Name: c.GetName(), Provider: c.GetProvider(), Data: c.GetData(), Lifetime: l, ID: c.GetId(), Session: c.GetSession()}}, err
+		return mgmt.Object{ProviderContext: &mgmt.ProviderContext{Key: c.GetKey(), Name: c.GetName(), Provider: c.GetProvider(), Data: c.GetData(), Lifetime: l, ID: c.GetId(), Session: c.GetSession(),
+			DataRedacted: c.GetDataRedacted(), DataLength: int(c.GetDataLength()), DataSHA256: hex.EncodeToString(c.GetDataSha256())}}, err
 	case *Object_Sublayer:
 		s := k.Sublayer
 		l, err := lifetime(s.GetLifetime())
@@ -56,7 +58,8 @@ func FromObject(o mgmt.Object) *Object {
 		return &Object{Kind: &Object_Provider{Provider: &Provider{Key: p.Key, Name: p.Name, Description: p.Description, Lifetime: p.Lifetime.String(), Id: p.ID, Session: p.Session}}}
 	case mgmt.KindProviderContext:
 		c := o.ProviderContext
-		return &Object{Kind: &Object_ProviderContext{ProviderContext: &ProviderContext{Key: c.Key, Name: c.Name, Provider: c.Provider, Data: c.Data, Lifetime: c.Lifetime.String(), Id: c.ID, Session: c.Session}}}
+		return &Object{Kind: &Object_ProviderContext{ProviderContext: &ProviderContext{Key: c.Key, Name: c.Name, Provider: c.Provider, Data: c.Data, Lifetime: c.Lifetime.String(), Id: c.ID, Session: c.Session,
+			DataRedacted: c.DataRedacted, DataLength: uint32(c.DataLength), DataSha256: unhex(c.DataSHA256)}}}
 	case mgmt.KindSublayer:
 		s := o.Sublayer
 		return &Object{Kind: &Object_Sublayer{Sublayer: &Sublayer{Key: s.Key, Name: s.Name, Provider: s.Provider, Weight: uint32(s.Weight), Lifetime: s.Lifetime.String(), Id: s.ID, Session: s.Session}}}
@@ -179,4 +182,14 @@ func ToChange(c *Change) mgmt.Change {
 		t = mgmt.ChangeAdd
 	}
 	return mgmt.Change{Kind: k, Type: t, Key: c.GetKey(), ID: c.GetId(), Session: c.GetSession()}
+}
+
+// unhex decodes a hex digest; what does not decode is dropped (it only
+// describes data withheld from the caller).
+func unhex(s string) []byte {
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		return nil
+	}
+	return b
 }

@@ -109,14 +109,19 @@ func (x *Provider) GetSession() uint64 {
 }
 
 type ProviderContext struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	Provider      string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
-	Data          []byte                 `protobuf:"bytes,4,opt,name=data,proto3" json:"data,omitempty"`
-	Lifetime      string                 `protobuf:"bytes,5,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
-	Id            uint64                 `protobuf:"varint,10,opt,name=id,proto3" json:"id,omitempty"`
-	Session       uint64                 `protobuf:"varint,11,opt,name=session,proto3" json:"session,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Key      string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Name     string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Provider string                 `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
+	Data     []byte                 `protobuf:"bytes,4,opt,name=data,proto3" json:"data,omitempty"`
+	Lifetime string                 `protobuf:"bytes,5,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
+	Id       uint64                 `protobuf:"varint,10,opt,name=id,proto3" json:"id,omitempty"`
+	Session  uint64                 `protobuf:"varint,11,opt,name=session,proto3" json:"session,omitempty"`
+	// Set when the caller may not read the data (a reader): data is empty
+	// and these describe it.
+	DataRedacted  bool   `protobuf:"varint,12,opt,name=data_redacted,json=dataRedacted,proto3" json:"data_redacted,omitempty"`
+	DataLength    uint32 `protobuf:"varint,13,opt,name=data_length,json=dataLength,proto3" json:"data_length,omitempty"`
+	DataSha256    []byte `protobuf:"bytes,14,opt,name=data_sha256,json=dataSha256,proto3" json:"data_sha256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -198,6 +203,27 @@ func (x *ProviderContext) GetSession() uint64 {
 		return x.Session
 	}
 	return 0
+}
+
+func (x *ProviderContext) GetDataRedacted() bool {
+	if x != nil {
+		return x.DataRedacted
+	}
+	return false
+}
+
+func (x *ProviderContext) GetDataLength() uint32 {
+	if x != nil {
+		return x.DataLength
+	}
+	return 0
+}
+
+func (x *ProviderContext) GetDataSha256() []byte {
+	if x != nil {
+		return x.DataSha256
+	}
+	return nil
 }
 
 type Sublayer struct {
@@ -2123,7 +2149,7 @@ const file_fwp_proto_rawDesc = "" +
 	"\blifetime\x18\x04 \x01(\tR\blifetime\x12\x0e\n" +
 	"\x02id\x18\n" +
 	" \x01(\rR\x02id\x12\x18\n" +
-	"\asession\x18\v \x01(\x04R\asession\"\xad\x01\n" +
+	"\asession\x18\v \x01(\x04R\asession\"\x94\x02\n" +
 	"\x0fProviderContext\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +
@@ -2132,7 +2158,12 @@ const file_fwp_proto_rawDesc = "" +
 	"\blifetime\x18\x05 \x01(\tR\blifetime\x12\x0e\n" +
 	"\x02id\x18\n" +
 	" \x01(\x04R\x02id\x12\x18\n" +
-	"\asession\x18\v \x01(\x04R\asession\"\xaa\x01\n" +
+	"\asession\x18\v \x01(\x04R\asession\x12#\n" +
+	"\rdata_redacted\x18\f \x01(\bR\fdataRedacted\x12\x1f\n" +
+	"\vdata_length\x18\r \x01(\rR\n" +
+	"dataLength\x12\x1f\n" +
+	"\vdata_sha256\x18\x0e \x01(\fR\n" +
+	"dataSha256\"\xaa\x01\n" +
 	"\bSublayer\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +

@@ -184,10 +184,11 @@ filters:
 
 func TestPermissionFromPeerCred(t *testing.T) {
 	// The test's own uid and gid are not administrators here (root too,
-	// with NoRootAdmin): the daemon must refuse writes and allow reads,
-	// deciding from the kernel's SO_PEERCRED of the real connection.
+	// with NoRootAdmin) but its gid is a reader group: the daemon must
+	// refuse writes and allow reads, deciding from the kernel's
+	// SO_PEERCRED of the real connection.
 	other := uint32(os.Getgid()) + 4242
-	sock, _ := startServer(t, server.Config{NoRootAdmin: true, AdminGIDs: []uint32{other}})
+	sock, _ := startServer(t, server.Config{NoRootAdmin: true, AdminGIDs: []uint32{other}, ReaderGIDs: []uint32{uint32(os.Getgid())}})
 	ctx := context.Background()
 	c := dial(t, sock, false)
 	if c.Session().Admin {
@@ -202,6 +203,11 @@ func TestPermissionFromPeerCred(t *testing.T) {
 	}
 	if _, err := c.List(ctx, mgmt.KindFilter, mgmt.Template{}); err != nil {
 		t.Fatalf("read: %v", err)
+	}
+	// Without the reader role, not even that.
+	sock0, _ := startServer(t, server.Config{NoRootAdmin: true, AdminGIDs: []uint32{other}})
+	if _, err := dial(t, sock0, false).List(ctx, mgmt.KindFilter, mgmt.Template{}); !errors.Is(err, mgmt.ErrAccessDenied) {
+		t.Fatalf("read without a role: want ErrAccessDenied, got %v", err)
 	}
 	// Membership of the configured group is what grants the right.
 	sock2, _ := startServer(t, server.Config{NoRootAdmin: true, AdminGIDs: []uint32{uint32(os.Getgid())}})

@@ -135,6 +135,12 @@ type ProviderContext struct {
 	Lifetime Lifetime `json:"lifetime,omitempty"`
 	ID       uint64   `json:"id,omitempty"`
 	Session  uint64   `json:"session,omitempty"`
+	// DataRedacted: Data was withheld from a caller who may list the
+	// policy but not read its secrets (fwpd's reader role); DataLength
+	// and DataSHA256 describe it. Such a copy cannot be added back.
+	DataRedacted bool   `json:"data_redacted,omitempty"`
+	DataLength   int    `json:"data_length,omitempty"`
+	DataSHA256   string `json:"data_sha256,omitempty"` // hex
 }
 
 // Sublayer is a sublayer (FWPM_SUBLAYER0).

@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"fwp/internal/trust"
 )
 
 // store keeps the persistent and boot-time objects on disk in two files:
@@ -102,7 +104,22 @@ func openStore(dir string) (*store, map[objKey]Object, error) {
 			return nil, nil, fmt.Errorf("%w: %w", ErrStore, err)
 		}
 	}
+	// A directory or file another user can write would let them replace
+	// the policy the next start loads (a permit-all at the top weight):
+	// refuse to start instead, naming it.
+	if err := trust.Dir("state directory", dir); err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", ErrStore, err)
+	}
 	s := &store{dir: dir, path: filepath.Join(dir, "policy.json"), jpath: filepath.Join(dir, "policy.journal")}
+	for _, name := range []string{"lock", "policy.json", "policy.journal"} {
+		p := filepath.Join(dir, name)
+		if _, err := os.Lstat(p); errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err := trust.File("store file", p); err != nil {
+			return nil, nil, fmt.Errorf("%w: %w", ErrStore, err)
+		}
+	}
 	// One process per store: a second daemon on the same directory would
 	// overwrite the first's commits. The kernel drops the lock on exit,
 	// even on SIGKILL.

@@ -280,6 +280,10 @@ func (t *txn) add(o Object) (Ref, error) {
 		id, key = uint64(pid), got.Key
 	case KindProviderContext:
 		c := o.ProviderContext
+		if c.DataRedacted {
+			// A reader's listing, applied back, would blank the data.
+			return Ref{}, fmt.Errorf("%w: provider context %q: its data was redacted (a reader's copy: %d bytes withheld); add it with the data itself", ErrInvalidPolicy, c.Key, c.DataLength)
+		}
 		prov, err := t.provider(c.Provider, l)
 		if err != nil {
 			return Ref{}, err

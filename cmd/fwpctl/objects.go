@@ -291,7 +291,7 @@ func printTable(kind mgmt.Kind, objs []mgmt.Object) {
 		table("ID\tKEY\tNAME\tPROVIDER\tLIFETIME\tSESSION\tDATA", func(w io.Writer) {
 			for _, o := range objs {
 				c := o.ProviderContext
-				fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%d\t%s\n", c.ID, c.Key, dash(c.Name), dash(c.Provider), lifetimeOr(c.Lifetime), c.Session, dash(strconv.Quote(string(c.Data))))
+				fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%d\t%s\n", c.ID, c.Key, dash(c.Name), dash(c.Provider), lifetimeOr(c.Lifetime), c.Session, contextData(c))
 			}
 		})
 	case mgmt.KindSublayer:

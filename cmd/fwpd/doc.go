@@ -2,15 +2,24 @@
 // one filter engine, served as gRPC on a unix socket, and the kernel
 // datapath that enforces the policy on the system's own sockets.
 //
-//	fwpd [--socket PATH] [--state-dir DIR] [--admin-group G] [--metrics-addr ADDR]
-//	     [--max-connections N] [--max-connections-per-user N]
+//	fwpd [--socket PATH] [--state-dir DIR] [--admin-group G] [--reader-group G]
+//	     [--metrics-addr ADDR] [--max-connections N] [--max-connections-per-user N]
 //	     [--datapath kernel|none] [--cgroup PATH]
-//	     [--keep-hooks-on-exit] [--bpffs-dir DIR]
+//	     [--keep-hooks-on-exit] [--bpffs-dir DIR] [--bpffs-lock-wait D]
 //
-// Root and members of --admin-group may change policy; everyone who can
-// open the socket may read it. Both are decided on the credentials the
-// kernel recorded when the peer connected (SO_PEERCRED, SO_PEERGROUPS;
-// Linux 4.13 or later). With --datapath kernel (the default) every commit
+// Root and members of --admin-group may change policy; members of
+// --reader-group may list and explain it, read net events and subscribe,
+// but see provider-context data only as its length and SHA-256; any other
+// user may only open a session and query the redirects whose target it is
+// (docs/security.md has the matrix). Roles are decided on the credentials
+// the kernel recorded when the peer connected (SO_PEERCRED,
+// SO_PEERGROUPS; Linux 4.13 or later). fwpd refuses to start when its
+// state directory, a store file, the socket's directory or a pin it would
+// adopt can be written or replaced by another user.
+//
+// With Type=notify (packaging/fwpd.service) it tells systemd READY=1 once
+// the socket listens and the datapath is attached, and STOPPING=1 on
+// SIGTERM ($NOTIFY_SOCKET). With --datapath kernel (the default) every commit
 // is compiled into the eBPF maps before it takes effect, and a policy the
 // kernel cannot enforce is refused. Proxies query redirects through the
 // API and mark their outbound sockets through the side socket PATH.fd

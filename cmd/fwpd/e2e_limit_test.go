@@ -90,11 +90,12 @@ func TestE2EMaxConnectionsFlag(t *testing.T) {
 // Administration by supplementary group, on the groups the kernel
 // recorded at connect (SO_PEERGROUPS): fwpctl runs with root's uid and
 // gid but root is not an administrator (--no-root-admin), so only its
-// supplementary group can make it one.
+// supplementary group can make it one. (Its primary group, 0, is made a
+// reader group so that the test can read back.)
 func TestE2EAdminBySupplementaryGroup(t *testing.T) {
 	testutil.RequireRoot(t)
 	dir := shortDir(t)
-	d := startDaemon(t, dir, "--no-root-admin", "--admin-group", "4242")
+	d := startDaemon(t, dir, "--no-root-admin", "--admin-group", "4242", "--reader-group", "0")
 	ctlAs := func(groups []uint32, args ...string) (string, int) {
 		var errb bytes.Buffer
 		cmd := exec.Command(bins.fwpctl, args...)

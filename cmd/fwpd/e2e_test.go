@@ -348,7 +348,8 @@ func TestE2EPermissionDenied(t *testing.T) {
 	dir := shortDir(t)
 	// Root is not an administrator here and the admin group is one the
 	// test does not belong to: fwpd must refuse writes on SO_PEERCRED.
-	d := startDaemon(t, dir, "--no-root-admin", "--admin-group", fmt.Sprint(os.Getgid()+4242))
+	// The test's group is a reader group: reads pass.
+	d := startDaemon(t, dir, "--no-root-admin", "--admin-group", fmt.Sprint(os.Getgid()+4242), "--reader-group", fmt.Sprint(os.Getgid()))
 	_, errs, code := d.ctl("provider", "add", "--key", "p")
 	if code != 3 || !strings.Contains(errs, "access denied") {
 		t.Fatalf("write: exit %d %s", code, errs)

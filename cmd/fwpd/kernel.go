@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 
 	"fwp/datapath/linux/ebpf"
 	"fwp/engine"
+	"fwp/internal/trust"
 	"fwp/internal/unix"
 )
 
@@ -27,6 +29,7 @@ type kernelConfig struct {
 	bpffsDir  string
 	keepHooks bool
 	classes   uint
+	lockWait  time.Duration
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -34,6 +37,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&k.cgroup, "cgroup", "", "cgroup v2 directory whose processes the kernel datapath filters (default: the cgroup2 root from /proc/mounts)")
 	fs.StringVar(&k.bpffsDir, "bpffs-dir", "/sys/fs/bpf/fwp", "bpffs directory for the datapath's pins (redirect maps for proxies; hooks with --keep-hooks-on-exit); a bpffs is mounted on its parent if absent")
 	fs.UintVar(&k.classes, "kernel-max-classes", 0, "bound the kernel datapath's class bitsets (about 2 KiB of kernel memory each; 0: 65536)")
+	fs.DurationVar(&k.lockWait, "bpffs-lock-wait", pinsLockWait, "how long to wait for another fwpd (one exiting, say) to let go of --bpffs-dir")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 }
 
@@ -65,8 +69,13 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		}
 		c.cgroup = root
 	}
-	lock, err := lockPins(c.bpffsDir)
+	lock, err := lockPins(c.bpffsDir, c.lockWait, log)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkPins(c.bpffsDir, c.keepHooks); err != nil {
+		os.Remove(lock.Name())
+		lock.Close()
 		return nil, err
 	}
 	d, err := ebpf.Load(ebpf.Options{PinDir: c.bpffsDir, KeepHooks: c.keepHooks, MaxClasses: uint32(min(c.classes, 1<<32-1))})
@@ -78,25 +87,79 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock}, nil
 }
 
+// pinsLockWait bounds how long a new fwpd waits for the previous one to
+// let go of --bpffs-dir: a process killed with SIGKILL holds its lock
+// until the kernel has torn down its maps (more than a second with tens of
+// thousands of filters), and a restart (systemd's Restart=) comes sooner.
+const pinsLockWait = 10 * time.Second
+
 // lockPins makes sure no other fwpd uses the same pin directory (a new
-// one would take its maps for stale and remove them). bpffs holds no
-// regular files, so the lock is a file in the temporary directory named
-// after the pin directory; the kernel drops it when fwpd dies.
-func lockPins(dir string) (*os.File, error) {
+// one would take its maps for stale and remove them), waiting up to wait
+// for one that is exiting. bpffs holds no regular files, so the lock is a
+// file in the temporary directory named after the pin directory; the
+// kernel drops it when fwpd dies. As /tmp is shared, the file must be
+// fwpd's own: one another user made could be held by them forever.
+func lockPins(dir string, wait time.Duration, log *slog.Logger) (*os.File, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, err
 	}
 	sum := sha256.Sum256([]byte(abs))
-	f, err := os.OpenFile(filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	name := filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock")
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_RDWR|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("kernel datapath: lock %s: %w", dir, err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := trust.File("--bpffs-dir lock file", name); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("kernel datapath: another fwpd uses --bpffs-dir %s (%v)", dir, err)
+		return nil, fmt.Errorf("kernel datapath: %w (remove it)", err)
 	}
-	return f, nil
+	deadline := time.Now().Add(wait)
+	for waited := false; ; waited = true {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			if waited {
+				log.Info("the previous fwpd let go of --bpffs-dir", "dir", dir)
+			}
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			f.Close()
+			if waited {
+				return nil, fmt.Errorf("kernel datapath: another fwpd uses --bpffs-dir %s, still after %s (%v)", dir, wait, err)
+			}
+			return nil, fmt.Errorf("kernel datapath: another fwpd uses --bpffs-dir %s (%v)", dir, err)
+		}
+		if !waited {
+			log.Warn("another fwpd uses --bpffs-dir, waiting for it to exit", "dir", dir, "lock", name, "up_to", wait)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// checkPins refuses a pin directory another user can write: its pins are
+// what proxies read redirects from and, with --keep-hooks-on-exit, the
+// hooks and policy maps fwpd adopts, so each pin is checked too.
+func checkPins(dir string, keepHooks bool) error {
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil // ebpf.Load makes it, mode 0700
+	}
+	if err := trust.Dir("--bpffs-dir", dir); err != nil {
+		return fmt.Errorf("kernel datapath: %w", err)
+	}
+	if !keepHooks {
+		return nil // stale pins are removed, not adopted
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("kernel datapath: %w", err)
+	}
+	for _, e := range ents {
+		if err := trust.File("pin adopted with --keep-hooks-on-exit", filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("kernel datapath: %w", err)
+		}
+	}
+	return nil
 }
 
 // beforeCommit is mgmt's BeforeCommit: a policy the kernel cannot enforce

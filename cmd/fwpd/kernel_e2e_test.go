@@ -548,7 +548,7 @@ func TestE2EKernelLifetime(t *testing.T) {
 		// A fwpd without the flag starts afresh and leaves nothing.
 		// Only one fwpd may use a pin directory.
 		cmd := exec.Command(bins.fwpd, "--socket", filepath.Join(dir, "other.sock"), "--state-dir", filepath.Join(dir, "other"),
-			"--cgroup", cg.Path, "--bpffs-dir", d.pins)
+			"--cgroup", cg.Path, "--bpffs-dir", d.pins, "--bpffs-lock-wait", "0")
 		if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "another fwpd uses --bpffs-dir") {
 			t.Fatalf("second fwpd on the same pins: %v\n%s", err, out)
 		}

@@ -21,6 +21,7 @@ import (
 	"fwp/engine"
 	"fwp/internal/metrics"
 	"fwp/internal/server"
+	"fwp/internal/trust"
 	"fwp/mgmt"
 )
 
@@ -33,7 +34,7 @@ func main() {
 
 type config struct {
 	socket, stateDir, metricsAddr, logLevel, logFormat string
-	adminGroups, adminUsers                            string
+	adminGroups, adminUsers, readerGroups, readerUsers string
 	noRootAdmin                                        bool
 	txnTimeout                                         time.Duration
 	maxMsgBytes, maxConns, maxConnsPerUser             int
@@ -48,6 +49,8 @@ func run(args []string) error {
 	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/fwp", "directory of the persistent store")
 	fs.StringVar(&c.adminGroups, "admin-group", "", "comma-separated groups (names or gids) whose members may change policy")
 	fs.StringVar(&c.adminUsers, "admin-user", "", "comma-separated users (names or uids) who may change policy")
+	fs.StringVar(&c.readerGroups, "reader-group", "", "comma-separated groups (names or gids) whose members may list and explain the policy, read net events and subscribe (provider-context data shown as length and sha256 only)")
+	fs.StringVar(&c.readerUsers, "reader-user", "", "comma-separated users (names or uids) with the reader role")
 	fs.BoolVar(&c.noRootAdmin, "no-root-admin", false, "do not make root an administrator by default (root then needs --admin-user/--admin-group)")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9465); off when empty")
 	fs.DurationVar(&c.txnTimeout, "txn-timeout", mgmt.DefaultTxnTimeout, "how long a write waits for another session's transaction")
@@ -83,25 +86,35 @@ func run(args []string) error {
 	if c.maxConnsPerUser < 1 {
 		return fmt.Errorf("--max-connections-per-user: %d is not a positive number", c.maxConnsPerUser)
 	}
-	gids, err := ids(c.adminGroups, func(s string) (string, error) {
+	groupID := func(s string) (string, error) {
 		g, err := user.LookupGroup(s)
 		if err != nil {
 			return "", err
 		}
 		return g.Gid, nil
-	})
-	if err != nil {
-		return fmt.Errorf("--admin-group: %w", err)
 	}
-	uids, err := ids(c.adminUsers, func(s string) (string, error) {
+	userID := func(s string) (string, error) {
 		u, err := user.Lookup(s)
 		if err != nil {
 			return "", err
 		}
 		return u.Uid, nil
-	})
+	}
+	gids, err := ids(c.adminGroups, groupID)
+	if err != nil {
+		return fmt.Errorf("--admin-group: %w", err)
+	}
+	uids, err := ids(c.adminUsers, userID)
 	if err != nil {
 		return fmt.Errorf("--admin-user: %w", err)
+	}
+	readerGIDs, err := ids(c.readerGroups, groupID)
+	if err != nil {
+		return fmt.Errorf("--reader-group: %w", err)
+	}
+	readerUIDs, err := ids(c.readerUsers, userID)
+	if err != nil {
+		return fmt.Errorf("--reader-user: %w", err)
 	}
 
 	eng := engine.New(engine.Options{AllowEvents: c.allowEvents})
@@ -142,7 +155,7 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	cfg := server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids,
+	cfg := server.Config{Manager: m, Logger: log, AdminUIDs: uids, AdminGIDs: gids, ReaderUIDs: readerUIDs, ReaderGIDs: readerGIDs,
 		NoRootAdmin: c.noRootAdmin, MaxMsgBytes: c.maxMsgBytes, MaxConnections: c.maxConns, MaxConnectionsPerUser: c.maxConnsPerUser}
 	if kern != nil {
 		cfg.Redirects = kern.d // proxies without root query the redirect maps through fwpd
@@ -183,12 +196,18 @@ func run(args []string) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	log.Info("fwpd listening", "socket", c.socket, "state_dir", c.stateDir, "pid", os.Getpid())
+	// The socket listens (clients' connections queue until Serve accepts
+	// them) and the datapath is attached: ready, for a Type=notify unit.
+	if err := sdNotify(fmt.Sprintf("READY=1\nMAINPID=%d\nSTATUS=serving on %s", os.Getpid(), c.socket)); err != nil {
+		log.Warn("telling the service manager fwpd is ready", "err", err)
+	}
 	select {
 	case err := <-errc:
 		return err
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
+	_ = sdNotify("STOPPING=1")
 	srv.GracefulStop(5 * time.Second)
 	os.Remove(c.socket)
 	return nil
@@ -237,6 +256,11 @@ func listen(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
+	// In a directory others can write, another user could take the
+	// socket's name first and impersonate fwpd to its clients.
+	if err := trust.Dir("socket directory", filepath.Dir(path)); err != nil {
+		return nil, err
+	}
 	if _, err := os.Stat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 			c.Close()
@@ -248,8 +272,9 @@ func listen(path string) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Anyone may connect; what they may do is decided per call from
-	// SO_PEERCRED.
+	// Anyone may connect: a proxy running as any user must reach
+	// QueryRedirect and the records socket. What a caller may do is
+	// decided per call from SO_PEERCRED (see docs/security.md).
 	if err := os.Chmod(path, 0o666); err != nil {
 		l.Close()
 		return nil, err

@@ -26,6 +26,9 @@ func (s *Server) QueryRedirect(ctx context.Context, req *api.QueryRedirectReques
 	if s.cfg.Redirects == nil {
 		return nil, fmt.Errorf("%w: fwpd runs without a kernel datapath", proxy.ErrNotSupported)
 	}
+	if _, err := s.need(ctx, RightOpen, "query redirects"); err != nil {
+		return nil, err
+	}
 	cred, err := peercred.FromContext(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", mgmt.ErrAccessDenied, err)

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"runtime/debug"
-	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -40,6 +39,10 @@ type Config struct {
 	AdminUIDs   []uint32
 	AdminGIDs   []uint32
 	NoRootAdmin bool
+	// Who may read the policy, explain, read net events and subscribe
+	// (see Role): the listed users and members of the listed groups.
+	ReaderUIDs []uint32
+	ReaderGIDs []uint32
 	// MaxMsgBytes bounds a request; larger ones fail with ErrTooLarge.
 	MaxMsgBytes int
 	// Redirects answers QueryRedirect (the kernel datapath); nil: the
@@ -139,6 +142,9 @@ func (s *Server) GracefulStop(d time.Duration) {
 
 func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
 	defer s.recoverCall(info.FullMethod, &err)
+	if err := s.authorize(ctx, info.FullMethod); err != nil {
+		return nil, api.Status(err)
+	}
 	start := time.Now()
 	resp, err = h(ctx, req)
 	if err != nil {
@@ -149,6 +155,9 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 
 func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
 	defer s.recoverCall(info.FullMethod, &err)
+	if err := s.authorize(ss.Context(), info.FullMethod); err != nil {
+		return api.Status(err)
+	}
 	return api.Status(h(srv, ss))
 }
 
@@ -159,23 +168,6 @@ func (s *Server) recoverCall(method string, err *error) {
 		s.log.Error("call panicked", "method", method, "panic", r, "stack", string(debug.Stack()))
 		*err = api.Status(fmt.Errorf("%w: %s failed: %v", mgmt.ErrInternal, method, r))
 	}
-}
-
-func (s *Server) isAdmin(c peercred.Cred) bool {
-	if c.UID == 0 && !s.cfg.NoRootAdmin {
-		return true
-	}
-	if slices.Contains(s.cfg.AdminUIDs, c.UID) || slices.Contains(s.cfg.AdminGIDs, c.GID) {
-		return true
-	}
-	// The connect-time groups (SO_PEERGROUPS), not the process's current
-	// ones: the pid may be gone or reused by now.
-	for _, g := range c.Groups {
-		if slices.Contains(s.cfg.AdminGIDs, g) {
-			return true
-		}
-	}
-	return false
 }
 
 // session returns the call's session ID (0 when it names none), checking
@@ -204,14 +196,15 @@ func (s *Server) session(ctx context.Context) (uint64, mgmt.SessionInfo, error) 
 	return id, info, nil
 }
 
-// writer returns the session of a call that changes policy.
-func (s *Server) writer(ctx context.Context) (uint64, error) {
-	id, info, err := s.session(ctx)
-	if err != nil {
+// writer returns the session of a call that changes policy, which needs
+// the rights r.
+func (s *Server) writer(ctx context.Context, r Right, what string) (uint64, error) {
+	if _, err := s.need(ctx, r, what); err != nil {
 		return 0, err
 	}
-	if !info.Admin {
-		return 0, fmt.Errorf("%w: uid %d may only read (see fwpd --admin-group)", mgmt.ErrAccessDenied, info.UID)
+	id, _, err := s.session(ctx)
+	if err != nil {
+		return 0, err
 	}
 	if id == 0 {
 		return 0, fmt.Errorf("%w: this call needs a session", mgmt.ErrSessionNotFound)
@@ -220,6 +213,9 @@ func (s *Server) writer(ctx context.Context) (uint64, error) {
 }
 
 func (s *Server) OpenSession(req *api.OpenSessionRequest, st grpc.ServerStreamingServer[api.Session]) error {
+	if _, err := s.need(st.Context(), RightOpen, "open a session"); err != nil {
+		return err
+	}
 	cred, err := peercred.FromContext(st.Context())
 	if err != nil {
 		return fmt.Errorf("%w: %w", mgmt.ErrAccessDenied, err)
@@ -251,6 +247,9 @@ func (s *Server) CloseSession(ctx context.Context, _ *api.Empty) (*api.Empty, er
 }
 
 func (s *Server) Sessions(ctx context.Context, _ *api.Empty) (*api.SessionList, error) {
+	if _, err := s.need(ctx, RightEnum, "list sessions"); err != nil {
+		return nil, err
+	}
 	if _, _, err := s.session(ctx); err != nil {
 		return nil, err
 	}
@@ -262,7 +261,7 @@ func (s *Server) Sessions(ctx context.Context, _ *api.Empty) (*api.SessionList, 
 }
 
 func (s *Server) Begin(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
-	id, err := s.writer(ctx)
+	id, err := s.writer(ctx, RightWriteTxn, "begin a transaction")
 	if err != nil {
 		return nil, err
 	}
@@ -270,7 +269,7 @@ func (s *Server) Begin(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
 }
 
 func (s *Server) Commit(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
-	id, err := s.writer(ctx)
+	id, err := s.writer(ctx, RightWriteTxn, "commit a transaction")
 	if err != nil {
 		return nil, err
 	}
@@ -278,7 +277,7 @@ func (s *Server) Commit(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
 }
 
 func (s *Server) Abort(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
-	id, err := s.writer(ctx)
+	id, err := s.writer(ctx, RightWriteTxn, "abort a transaction")
 	if err != nil {
 		return nil, err
 	}
@@ -286,7 +285,23 @@ func (s *Server) Abort(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
 }
 
 func (s *Server) Apply(ctx context.Context, req *api.ApplyRequest) (*api.ApplyResponse, error) {
-	id, err := s.writer(ctx)
+	// Each op needs its own right (a policy file adds), checked before
+	// anything is parsed.
+	need := Right(0)
+	if len(req.GetPolicy()) > 0 {
+		need |= RightAdd
+	}
+	for _, op := range req.GetOps() {
+		if op.GetDelete() != nil {
+			need |= RightDelete
+		} else {
+			need |= RightAdd
+		}
+	}
+	if need == 0 {
+		need = RightAdd // nothing to do, but still a write
+	}
+	id, err := s.writer(ctx, need, "change the policy")
 	if err != nil {
 		return nil, err
 	}
@@ -320,6 +335,10 @@ func (s *Server) Apply(ctx context.Context, req *api.ApplyRequest) (*api.ApplyRe
 }
 
 func (s *Server) Get(ctx context.Context, req *api.ObjectRef) (*api.Object, error) {
+	role, err := s.need(ctx, RightRead, "read objects")
+	if err != nil {
+		return nil, err
+	}
 	id, _, err := s.session(ctx)
 	if err != nil {
 		return nil, err
@@ -332,10 +351,14 @@ func (s *Server) Get(ctx context.Context, req *api.ObjectRef) (*api.Object, erro
 	if err != nil {
 		return nil, err
 	}
-	return api.FromObject(o), nil
+	return api.FromObject(redact(role, o)), nil
 }
 
 func (s *Server) List(ctx context.Context, req *api.ListRequest) (*api.ObjectList, error) {
+	role, err := s.need(ctx, RightEnum|RightRead, "list objects")
+	if err != nil {
+		return nil, err
+	}
 	id, _, err := s.session(ctx)
 	if err != nil {
 		return nil, err
@@ -351,12 +374,15 @@ func (s *Server) List(ctx context.Context, req *api.ListRequest) (*api.ObjectLis
 	}
 	out := &api.ObjectList{Objects: make([]*api.Object, 0, len(objs))}
 	for _, o := range objs {
-		out.Objects = append(out.Objects, api.FromObject(o))
+		out.Objects = append(out.Objects, api.FromObject(redact(role, o)))
 	}
 	return out, nil
 }
 
 func (s *Server) Explain(ctx context.Context, req *api.ExplainRequest) (*api.ExplainResponse, error) {
+	if _, err := s.need(ctx, RightRead, "explain decisions"); err != nil {
+		return nil, err
+	}
 	if _, _, err := s.session(ctx); err != nil {
 		return nil, err
 	}
@@ -370,6 +396,9 @@ func (s *Server) Explain(ctx context.Context, req *api.ExplainRequest) (*api.Exp
 }
 
 func (s *Server) NetEvents(req *api.NetEventsRequest, st grpc.ServerStreamingServer[api.NetEvent]) error {
+	if _, err := s.need(st.Context(), RightReadEvents, "read net events"); err != nil {
+		return err
+	}
 	if _, _, err := s.session(st.Context()); err != nil {
 		return err
 	}
@@ -426,6 +455,9 @@ func follow[T any](ctx context.Context, quit <-chan struct{}, c <-chan T, send f
 }
 
 func (s *Server) Subscribe(req *api.SubscribeRequest, st grpc.ServerStreamingServer[api.Change]) error {
+	if _, err := s.need(st.Context(), RightSubscribe, "subscribe to changes"); err != nil {
+		return err
+	}
 	id, _, err := s.session(st.Context())
 	if err != nil {
 		return err

@@ -214,11 +214,11 @@ func TestZeroValueAndPartialRequests(t *testing.T) {
 	}
 }
 
-// A peer that is not an administrator cannot change anything through any
-// RPC, in any session kind, and is told so with ErrAccessDenied; reads and
-// subscriptions are allowed.
+// A reader cannot change anything through any RPC, in any session kind,
+// and is told so with ErrAccessDenied; reads and subscriptions are
+// allowed. (TestAccessMatrix checks every role against every RPC.)
 func TestReadOnlyPeerCannotMutate(t *testing.T) {
-	f := start(t, Config{NoRootAdmin: true, AdminGIDs: []uint32{uint32(os.Getgid()) + 4242}})
+	f := start(t, Config{NoRootAdmin: true, AdminGIDs: []uint32{uint32(os.Getgid()) + 4242}, ReaderGIDs: []uint32{uint32(os.Getgid())}})
 	c, _ := f.conn(t)
 	add := &api.Op{Op: &api.Op_Add{Add: &api.Object{Kind: &api.Object_Provider{Provider: &api.Provider{Key: "p"}}}}}
 	del := &api.Op{Op: &api.Op_Delete{Delete: &api.ObjectRef{Kind: "sublayer", Key: "FWPM_SUBLAYER_UNIVERSAL"}}}
@@ -309,12 +309,12 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 // A handler's panic becomes a typed error for that call only.
 func TestPanicRecovered(t *testing.T) {
 	s := New(Config{})
-	_, err := s.unary(context.Background(), nil, &grpc.UnaryServerInfo{FullMethod: "/x/Unary"},
+	_, err := s.unary(peerContext(0), nil, &grpc.UnaryServerInfo{FullMethod: api.Management_Sessions_FullMethodName},
 		func(context.Context, any) (any, error) { var m map[string]int; m["x"] = 1; return nil, nil })
-	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "/x/Unary") {
+	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), api.Management_Sessions_FullMethodName) {
 		t.Fatalf("unary: %v", e)
 	}
-	err = s.stream(nil, nil, &grpc.StreamServerInfo{FullMethod: "/x/Stream"}, func(any, grpc.ServerStream) error { panic("boom") })
+	err = s.stream(nil, ctxStream{ctx: peerContext(0)}, &grpc.StreamServerInfo{FullMethod: api.Management_Subscribe_FullMethodName}, func(any, grpc.ServerStream) error { panic("boom") })
 	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "boom") {
 		t.Fatalf("stream: %v", e)
 	}

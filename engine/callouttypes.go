@@ -36,8 +36,9 @@ func InlineInspection(observe func(req *ClassifyRequest)) CalloutRegistration {
 // AUTH_CONNECT, AUTH_RECV_ACCEPT, AUTH_LISTEN and RESOURCE_ASSIGNMENT: the
 // callout pends the operation, Decide runs on its own goroutine, the
 // operation is completed, and the reauthorization gets the decision. At
-// AUTH_RECV_ACCEPT there is no reauthorization: a permit completes with the
-// held layer data for reinjection, a block completes with nil.
+// AUTH_RECV_ACCEPT a permit completes with the held layer data for
+// reinjection (the reauthorization then gets the permit, and the layer's
+// other filters still decide), a block completes with nil (dropped).
 //
 // Flows are told apart by the metadata's flow handle, which the datapath
 // must set. Decide must return ActionPermit or ActionBlock.
@@ -94,12 +95,13 @@ func (a *AsyncAuthorizer) classify(req *ClassifyRequest, out *ClassifyOut) {
 			}
 		}()
 		act := a.Decide(ctx, layer, vs, meta)
+		var reinject any
 		if layer.Kind() == KindAuthRecvAccept {
 			if act != ActionPermit {
-				held = nil
+				_ = e.CompleteOperation(p, nil) // dropped: no reauthorization
+				return
 			}
-			_ = e.CompleteOperation(p, held)
-			return
+			reinject = held
 		}
 		a.mu.Lock()
 		if a.decisions == nil {
@@ -107,7 +109,7 @@ func (a *AsyncAuthorizer) classify(req *ClassifyRequest, out *ClassifyOut) {
 		}
 		a.decisions[flow] = act
 		a.mu.Unlock()
-		if e.CompleteOperation(p, nil) != nil {
+		if e.CompleteOperation(p, reinject) != nil {
 			// Timed out or canceled: nobody will reauthorize; forget it.
 			a.mu.Lock()
 			delete(a.decisions, flow)

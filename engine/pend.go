@@ -11,7 +11,10 @@ import (
 
 // Errors of the pend and classify-handle APIs.
 var (
-	ErrCannotPend        = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
+	ErrCannotPend = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
+	// ErrNoWriteRight: the callout was called without FWPS_RIGHT_ACTION_WRITE,
+	// so it may not pend (seed 003); it comes wrapped with ErrCannotPend.
+	ErrNoWriteRight      = errors.New("fwp: the callout does not hold the ACTION_WRITE right")
 	ErrPendResolved      = errors.New("fwp: pend already completed or timed out")
 	ErrHandleInvalid     = errors.New("fwp: invalid or stale handle")
 	ErrInvalidLayerData  = errors.New("fwp: invalid modified layer data")
@@ -178,9 +181,10 @@ func (r *ClassifyRequest) PendOperation() (*Pend, error) {
 // CompleteOperation completes a pended operation (FwpsCompleteOperation0).
 // The datapath then reauthorizes the flow: it classifies again with
 // FlagIsReauthorize and the callout answers with the decision it kept.
-// At AUTH_RECV_ACCEPT there is no reauthorization: reinject is the held
-// connection or packet to deliver (nil drops it), as WFP's callout
-// reinjects the packet it cloned.
+// At AUTH_RECV_ACCEPT reinject is the held connection or packet to hand
+// back, as WFP's callout reinjects the packet it cloned: nil drops it;
+// otherwise the layer is reauthorized with it as layer data, and it is
+// delivered only if the whole layer then permits.
 func (e *Engine) CompleteOperation(p *Pend, reinject any) error {
 	if p == nil || p.e != e || p.kind != pendOperation {
 		return fmt.Errorf("%w: not a pended operation of this engine", ErrHandleInvalid)
@@ -208,9 +212,9 @@ func (p *Pend) Wait(ctx context.Context) PendOutcome {
 
 // ClassifyWait classifies and, when a callout pends, waits for the pend and
 // finishes the classification the way WFP does: a completed operation is
-// reauthorized (classified again with FlagIsReauthorize); a completed
-// classify resumes with the callout's final ClassifyOut; a pend at
-// AUTH_RECV_ACCEPT delivers what the callout reinjected; a timed-out pend
+// reauthorized (classified again with FlagIsReauthorize; at
+// AUTH_RECV_ACCEPT with the data the callout reinjected, none: dropped); a
+// completed classify resumes with the callout's final ClassifyOut; a timed-out pend
 // applies the filter's default (permit with PERMIT_IF_CALLOUT_UNREGISTERED,
 // else block); a canceled one blocks. vs and meta may be changed (the
 // reauthorize flag).
@@ -265,18 +269,19 @@ func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) 
 	if p.kind == pendClassify {
 		return e.resume(p)
 	}
+	var data any
 	if p.layer.Kind() == KindAuthRecvAccept {
-		base.Reason = ReasonCalloutPermit
-		if p.Reinjected() != nil {
-			base.ClassifyOut = ClassifyOut{Action: ActionPermit, Rights: RightActionWrite}
-		} else {
+		// The callout hands back the held data to reinject (nil drops
+		// it). Reinjected data is authorized again like any other: the
+		// whole layer decides, lower sublayers included (seed 002).
+		if data = p.Reinjected(); data == nil {
 			base.Reason = ReasonCalloutBlock
 			base.ClassifyOut = ClassifyOut{Action: ActionBlock, Flags: OutAbsorb}
+			return base
 		}
-		return base
 	}
 	vs.Set(FieldFlags, Uint32(uint32(vs.Uint(FieldFlags))|FlagIsReauthorize))
-	r := e.Classify(p.layer, vs, meta)
+	r := e.ClassifyLayerData(p.layer, vs, meta, data)
 	if r.Pend != nil { // cannot happen: pends fail during reauthorization
 		r.Pend.Cancel()
 		r.Pend = nil

@@ -322,7 +322,7 @@ func TestPendOperationWrongLayer(t *testing.T) {
 }
 
 // At AUTH_RECV_ACCEPT a completion carries the held data back for
-// reinjection; there is no reauthorization.
+// reinjection; the reauthorization answers from the kept decision.
 func TestPendRecvAcceptReinject(t *testing.T) {
 	for _, permit := range []bool{true, false} {
 		var calls atomic.Int32
@@ -350,7 +350,7 @@ func TestPendRecvAcceptReinject(t *testing.T) {
 			t.Fatalf("permit=%v: reinjected %v, result %v", permit, got, res2)
 		}
 		if calls.Load() != 2 {
-			t.Fatalf("decide called %d times (no reauthorization expected)", calls.Load())
+			t.Fatalf("decide called %d times (the reauthorization must not decide again)", calls.Load())
 		}
 		noLeaks(t, e)
 	}

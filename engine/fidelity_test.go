@@ -1,0 +1,109 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+)
+
+// The probes of issue 12: departures from the seed documents found in an
+// audit, each a test that failed before its fix.
+
+// addPlain adds a plain filter in a sublayer of its own (weight sub).
+func addPlain(t *testing.T, e *Engine, layer LayerID, sub uint16, act ActionType, flags FilterFlags) FilterID {
+	t.Helper()
+	var id FilterID
+	err := e.Update(func(tx *Txn) error {
+		sl, err := tx.AddSublayer(Sublayer{Weight: sub})
+		if err != nil {
+			return err
+		}
+		id, err = tx.AddFilter(Filter{Layer: layer, Sublayer: sl, Action: Action{Type: act}, Flags: flags})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// pendThenAnswer pends the first authorization of every flow and, on the
+// reauthorization, answers act (seed 002's recipe with a fixed decision).
+// It records what the reauthorization showed it.
+type pendThenAnswer struct {
+	act     ActionType
+	pends   chan *Pend
+	mu      sync.Mutex
+	reauths int
+	pendErr error // PendOperation during the reauthorization
+	data    []any // layer data of each reauthorization
+}
+
+func newPendThenAnswer(act ActionType) *pendThenAnswer {
+	return &pendThenAnswer{act: act, pends: make(chan *Pend, 4)}
+}
+
+func (a *pendThenAnswer) reg() CalloutRegistration {
+	return CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		if !out.CanWrite() {
+			return
+		}
+		if uint32(req.Values.Uint(FieldFlags))&FlagIsReauthorize != 0 {
+			_, err := req.PendOperation()
+			a.mu.Lock()
+			a.reauths++
+			a.pendErr = err
+			a.data = append(a.data, req.LayerData)
+			a.mu.Unlock()
+			out.Action = a.act
+			return
+		}
+		p, err := req.PendOperation()
+		if err != nil {
+			out.Action = ActionBlock
+			return
+		}
+		a.pends <- p
+		out.Action, out.Flags = ActionBlock, OutAbsorb
+	}}
+}
+
+// Item 1: a pend at AUTH_RECV_ACCEPT is completed with the held data; the
+// layer is then authorized again as a whole, so a lower sublayer's block
+// still blocks, as it does when the callout answers inline.
+func TestRecvAcceptPendReauthorizesLayer(t *testing.T) {
+	for _, lowerBlock := range []bool{true, false} {
+		a := newPendThenAnswer(ActionPermit)
+		e, ids := rtEngine(t, Options{}, rtCallout{key: "acc", layer: LayerALEAuthRecvAcceptV4, sublayer: 20, reg: a.reg()})
+		var blockID FilterID
+		if lowerBlock {
+			blockID = addPlain(t, e, LayerALEAuthRecvAcceptV4, 10, ActionBlock, 0)
+		}
+		held := &struct{ conn string }{"accepted"}
+		go func() {
+			if err := e.CompleteOperation(<-a.pends, held); err != nil {
+				t.Error(err)
+			}
+		}()
+		meta := &Metadata{Present: MetaFlowHandle, FlowHandle: e.NewFlowHandle()}
+		res, err := e.ClassifyWait(context.Background(), LayerALEAuthRecvAcceptV4, tcpValues(server, client), meta, held)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.mu.Lock()
+		reauths, pendErr, data := a.reauths, a.pendErr, a.data
+		a.mu.Unlock()
+		if reauths != 1 || !errors.Is(pendErr, ErrCannotPend) || len(data) != 1 || data[0] != held {
+			t.Fatalf("lower block %v: %d reauthorizations, pend during it %v, layer data %v", lowerBlock, reauths, pendErr, data)
+		}
+		if lowerBlock {
+			if res.Permitted() || res.Filter != blockID {
+				t.Fatalf("a lower sublayer's block was bypassed by the pend: %v", res)
+			}
+		} else if !res.Permitted() || res.Filter != ids["acc"].filter {
+			t.Fatalf("no lower block: %v", res)
+		}
+		noLeaks(t, e)
+	}
+}

@@ -107,3 +107,48 @@ func TestRecvAcceptPendReauthorizesLayer(t *testing.T) {
 		noLeaks(t, e)
 	}
 }
+
+// Item 7: one callout applies with REAUTHORIZE_IF_MODIFIED_BY_OTHERS
+// inline, another pends and applies from its own goroutine at once, while
+// the classification finishes: run with -race.
+func TestReauthFlagRaceWithPendedApply(t *testing.T) {
+	var e *Engine
+	var hB RedirectHandle
+	first := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		h, _ := req.AcquireClassifyHandle()
+		defer e.ReleaseClassifyHandle(h)
+		w, _ := e.AcquireConnectRequest(h)
+		if w.PreviousVersion.ModifierFilterID == 0 {
+			_ = e.ApplyConnectRequest(h, w, ApplyReauthorizeIfModifiedByOthers)
+		}
+	}}
+	second := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		if uint32(req.Values.Uint(FieldFlags))&FlagIsReauthorize != 0 {
+			return
+		}
+		h, _ := req.AcquireClassifyHandle()
+		if _, err := e.PendClassify(h, out); err != nil {
+			e.ReleaseClassifyHandle(h)
+			return
+		}
+		go func() {
+			defer e.ReleaseClassifyHandle(h)
+			if w, err := e.AcquireConnectRequest(h); err == nil {
+				w.RemoteAddressAndPort, w.LocalRedirectHandle = proxyB, hB
+				_ = e.ApplyConnectRequest(h, w, 0)
+			}
+			_ = e.CompleteClassify(h, ClassifyOut{Action: ActionPermit, Rights: RightActionWrite})
+		}()
+	}}
+	e, _ = rtEngine(t, Options{},
+		rtCallout{key: "first", layer: redirLay, sublayer: 20, reg: first},
+		rtCallout{key: "second", layer: redirLay, sublayer: 10, reg: second})
+	hB = e.RedirectHandleCreate("B")
+	for range 50 {
+		res, err := e.ClassifyWait(context.Background(), redirLay, tcpValues(client, server), &Metadata{}, nil)
+		if err != nil || res.Redirect.Remote() != proxyB {
+			t.Fatalf("%v %v", res, err)
+		}
+	}
+	noLeaks(t, e)
+}

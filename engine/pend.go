@@ -384,7 +384,9 @@ func (r *ClassifyRequest) AcquireClassifyHandle() (ClassifyHandle, error) {
 		return ClassifyHandle{}, fmt.Errorf("%w: only inside classify", ErrHandleInvalid)
 	}
 	h := &classifyHandle{e: r.e, layer: cs.layer, filter: cs.inCallout, cs: cs, seq: cs.seq, rd: cs.redirect()}
+	h.rd.mu.Lock()
 	h.rd.handles = append(h.rd.handles, h)
+	h.rd.mu.Unlock()
 	r.e.rt.handles.Add(1)
 	return ClassifyHandle{h}, nil
 }

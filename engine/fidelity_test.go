@@ -108,6 +108,74 @@ func TestRecvAcceptPendReauthorizesLayer(t *testing.T) {
 	}
 }
 
+// Item 2: REAUTHORIZE_IF_MODIFIED_BY_OTHERS is honoured when the other
+// callout's modification is applied by a pended classify that resumes
+// (seed 001, asynchronous recipe step 9), with the same bound on passes.
+func TestReauthorizeIfModifiedByOthersAfterPendedClassify(t *testing.T) {
+	for _, fight := range []bool{false, true} {
+		var mu sync.Mutex
+		var seen []FilterID
+		var e *Engine
+		var hFirst, hSecond RedirectHandle
+		first := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+			h, _ := req.AcquireClassifyHandle()
+			defer e.ReleaseClassifyHandle(h)
+			w, _ := e.AcquireConnectRequest(h)
+			mu.Lock()
+			seen = append(seen, w.PreviousVersion.ModifierFilterID)
+			mu.Unlock()
+			if w.PreviousVersion.ModifierFilterID != 0 && !fight {
+				return // someone else has changed it: leave it
+			}
+			w.RemoteAddressAndPort, w.LocalRedirectHandle = proxyA, hFirst
+			if err := e.ApplyConnectRequest(h, w, ApplyReauthorizeIfModifiedByOthers); err != nil {
+				t.Error(err)
+			}
+		}}
+		second := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+			h, _ := req.AcquireClassifyHandle()
+			if _, err := e.PendClassify(h, out); err != nil {
+				t.Error(err)
+				e.ReleaseClassifyHandle(h)
+				return
+			}
+			go func() {
+				defer e.ReleaseClassifyHandle(h)
+				w, _ := e.AcquireConnectRequest(h)
+				final := ClassifyOut{Action: ActionContinue, Rights: RightActionWrite}
+				if w.RemoteAddressAndPort != proxyB {
+					w.RemoteAddressAndPort, w.LocalRedirectHandle = proxyB, hSecond
+					if err := e.ApplyConnectRequest(h, w, 0); err != nil {
+						t.Error(err)
+					}
+					final.Action = ActionPermit
+				}
+				_ = e.CompleteClassify(h, final)
+			}()
+		}}
+		var ids map[string]rtIDs
+		e, ids = rtEngine(t, Options{},
+			rtCallout{key: "first", layer: redirLay, sublayer: 20, reg: first},
+			rtCallout{key: "second", layer: redirLay, sublayer: 10, reg: second})
+		hFirst, hSecond = e.RedirectHandleCreate("first"), e.RedirectHandleCreate("second")
+		res, err := e.ClassifyWait(context.Background(), redirLay, tcpValues(client, server), &Metadata{}, nil)
+		if err != nil || res.Redirect.Remote() != proxyB {
+			t.Fatalf("fight=%v: %v %v remote %v", fight, res, err, res.Redirect.Remote())
+		}
+		mu.Lock()
+		got := append([]FilterID(nil), seen...)
+		mu.Unlock()
+		if !fight {
+			if len(got) != 2 || got[0] != 0 || got[1] != ids["second"].filter {
+				t.Fatalf("first callout saw modifiers %v; want [0 %v]", got, ids["second"].filter)
+			}
+		} else if len(got) != 1+maxReauthPasses {
+			t.Fatalf("two callouts undoing each other: first called %d times, want %d", len(got), 1+maxReauthPasses)
+		}
+		noLeaks(t, e)
+	}
+}
+
 // Item 7: one callout applies with REAUTHORIZE_IF_MODIFIED_BY_OTHERS
 // inline, another pends and applies from its own goroutine at once, while
 // the classification finishes: run with -race.

@@ -484,6 +484,9 @@ func (e *Engine) resume(p *Pend) Result {
 	*cs = classifyState{e: e, layer: p.layer, vs: &r.vs, meta: &r.meta, memo: &r.memo, rd: p.rd, seq: e.rt.nextSeq.Add(1)}
 	cs.called.more = more
 	res := c.classify(cs)
+	if cs.rd != nil {
+		res = c.reauthorize(cs, res) // seed 001: the flag applies after FwpsCompleteClassify too
+	}
 	e.afterClassify(cs, &res)
 	cs.reset()
 	csPool.Put(cs)

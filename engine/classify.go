@@ -180,6 +180,7 @@ type classifyState struct {
 	pend      *Pend
 	pendAt    *cfilter
 	inCallout *cfilter
+	rights    Rights      // the called callout's rights on entry
 	memo      *resumeMemo // a resumed classify: outputs of callouts already called
 	called    resumeMemo  // callouts called so far, for a later pend
 	rd        *redirectState

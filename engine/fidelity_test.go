@@ -176,6 +176,67 @@ func TestReauthorizeIfModifiedByOthersAfterPendedClassify(t *testing.T) {
 	}
 }
 
+// Item 3: without ACTION_WRITE on entry a callout may not pend (seed 003).
+// The pend is refused with a typed error and counted; a hard permit above
+// stands, where the pend's timeout used to block it.
+func TestPendWithoutWriteRightRefused(t *testing.T) {
+	type attempt struct {
+		layer LayerID
+		pend  func(req *ClassifyRequest, out *ClassifyOut) error
+	}
+	for _, at := range []attempt{
+		{LayerALEAuthConnectV4, func(req *ClassifyRequest, out *ClassifyOut) error {
+			_, err := req.PendOperation()
+			if err == nil {
+				out.Action, out.Flags = ActionBlock, OutAbsorb
+			}
+			return err
+		}},
+		{redirLay, func(req *ClassifyRequest, out *ClassifyOut) error {
+			e := req.Engine()
+			h, err := req.AcquireClassifyHandle()
+			if err != nil {
+				return err
+			}
+			defer e.ReleaseClassifyHandle(h)
+			before := *out
+			_, err = e.PendClassify(h, out)
+			if err != nil && *out != before {
+				t.Errorf("a refused PendClassify changed the output: %+v -> %+v", before, *out)
+			}
+			return err
+		}},
+	} {
+		var pendErr error
+		reg := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+			pendErr = at.pend(req, out)
+		}}
+		e, _ := rtEngine(t, Options{}, rtCallout{key: "late", layer: at.layer, sublayer: 10, reg: reg})
+		permit := addPlain(t, e, at.layer, 20, ActionPermit, FilterClearActionRight)
+		res := e.Classify(at.layer, tcpValues(client, server), &Metadata{})
+		if res.Pend != nil {
+			res.Pend.Cancel()
+			t.Fatalf("%s: a callout without the write right pended", at.layer)
+		}
+		if !errors.Is(pendErr, ErrNoWriteRight) || !errors.Is(pendErr, ErrCannotPend) {
+			t.Fatalf("%s: pend error %v", at.layer, pendErr)
+		}
+		if !res.Permitted() || !res.Hard() || res.Filter != permit {
+			t.Fatalf("%s: the hard permit did not stand: %v", at.layer, res)
+		}
+		var refused uint64
+		for _, c := range e.ClassifyCounts() {
+			if c.Layer == at.layer {
+				refused = c.PendRefused
+			}
+		}
+		if refused != 1 {
+			t.Fatalf("%s: %d refused pends counted", at.layer, refused)
+		}
+		noLeaks(t, e)
+	}
+}
+
 // Item 7: one callout applies with REAUTHORIZE_IF_MODIFIED_BY_OTHERS
 // inline, another pends and applies from its own goroutine at once, while
 // the classification finishes: run with -race.

@@ -159,6 +159,9 @@ func (e *Engine) PendOperation(h CompletionHandle) (*Pend, error) {
 	if !l.CanPendOperation {
 		return nil, fmt.Errorf("%w: layer %s does not pend operations", ErrCannotPend, l.Name)
 	}
+	if err := e.mayPend(cs, cs.inCallout); err != nil {
+		return nil, err
+	}
 	if uint32(cs.vs.v[FieldFlags].n)&FlagIsReauthorize != 0 {
 		return nil, fmt.Errorf("%w: the flow is being reauthorized", ErrCannotPend)
 	}
@@ -168,6 +171,18 @@ func (e *Engine) PendOperation(h CompletionHandle) (*Pend, error) {
 	p := e.newPend(cs, cs.inCallout, pendOperation)
 	cs.pend, cs.pendAt = p, cs.inCallout
 	return p, nil
+}
+
+// mayPend refuses, and counts, a pend by a callout called without the
+// ACTION_WRITE right: seed 003 says such a callout must not pend nor
+// change the action, and a pend would end in a block (its timeout, or the
+// callout's later answer) under a decision a higher sublayer made final.
+func (e *Engine) mayPend(cs *classifyState, cf *cfilter) error {
+	if cs.rights&RightActionWrite != 0 {
+		return nil
+	}
+	e.counters[cs.layer].pendRefused.Add(1)
+	return fmt.Errorf("%w: %w: %s was called under a final decision", ErrCannotPend, ErrNoWriteRight, cf.id)
 }
 
 // PendOperation is FwpsPendOperation0 with the request's completion handle.
@@ -425,6 +440,9 @@ func (e *Engine) PendClassify(h ClassifyHandle, out *ClassifyOut) (*Pend, error)
 	}
 	if !LayerByID(ch.layer).CanPendClassify {
 		return nil, fmt.Errorf("%w: layer %s does not pend classifies", ErrCannotPend, ch.layer)
+	}
+	if err := e.mayPend(cs, ch.filter); err != nil {
+		return nil, err
 	}
 	if cs.pend != nil {
 		return nil, fmt.Errorf("%w: the classification is already pended", ErrCannotPend)

@@ -426,6 +426,13 @@ func (c *compiledLayer) eval(cs *classifyState, a *arbiter, cf *cfilter) bool {
 				ret.Action = ActionContinue
 			case ret.Action == ActionBlock:
 				reason = ReasonCalloutBlock
+			case ret.Action == ActionPermit && before&RightActionWrite == 0:
+				// A permit the callout had no right to write is not made
+				// (seed 003): the filter passes, so a later callout of the
+				// sublayer may still veto. Not reread as a terminating
+				// callout's CONTINUE: that would turn it into a veto.
+				ret.Action = ActionContinue
+				note = "permit without the write right: not made"
 			case ret.Action == ActionPermit:
 			case cf.action == ActionCalloutTerminating:
 				ret = ClassifyOut{Action: ActionBlock, Rights: ret.Rights, Flags: ret.Flags}

@@ -237,6 +237,54 @@ func TestPendWithoutWriteRightRefused(t *testing.T) {
 	}
 }
 
+// Item 4: a permit written without the right is not made: the filter
+// passes and the next filter of the sublayer is evaluated, so a lower
+// terminating callout can still veto the hard permit.
+func TestPermitWithoutRightPasses(t *testing.T) {
+	e := New(Options{})
+	layer := LayerALEAuthConnectV4
+	var sub SublayerID
+	var rude, veto FilterID
+	err := e.Update(func(tx *Txn) error {
+		high, err := tx.AddSublayer(Sublayer{Weight: 20})
+		if err != nil {
+			return err
+		}
+		if _, err = tx.AddFilter(Filter{Layer: layer, Sublayer: high, Action: Action{Type: ActionPermit}, Flags: FilterClearActionRight}); err != nil {
+			return err
+		}
+		if sub, err = tx.AddSublayer(Sublayer{Weight: 10}); err != nil {
+			return err
+		}
+		c1, err := tx.AddCallout(Callout{Key: "rude", Layer: layer})
+		if err != nil {
+			return err
+		}
+		c2, err := tx.AddCallout(Callout{Key: "veto", Layer: layer})
+		if err != nil {
+			return err
+		}
+		if rude, err = tx.AddFilter(Filter{Layer: layer, Sublayer: sub, Weight: WeightExact(2), Action: Action{Type: ActionCalloutUnknown, Callout: c1}}); err != nil {
+			return err
+		}
+		veto, err = tx.AddFilter(Filter{Layer: layer, Sublayer: sub, Weight: WeightExact(1), Action: Action{Type: ActionCalloutTerminating, Callout: c2}})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.RegisterCallout("rude", CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		out.Action = ActionPermit // ignores that it has no right to
+	}})
+	e.RegisterCallout("veto", CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		out.Action = ActionBlock
+	}})
+	res := e.Classify(layer, tcpValues(client, server), nil)
+	if res.Permitted() || !res.Veto || res.Filter != veto {
+		t.Fatalf("a permit without the right ended its sublayer: %v (rude filter %v)", res, rude)
+	}
+}
+
 // Item 7: one callout applies with REAUTHORIZE_IF_MODIFIED_BY_OTHERS
 // inline, another pends and applies from its own goroutine at once, while
 // the classification finishes: run with -race.

@@ -285,6 +285,57 @@ func TestPermitWithoutRightPasses(t *testing.T) {
 	}
 }
 
+// Item 5: apply takes only a redirect handle RedirectHandleCreate made and
+// nobody destroyed (seed 001 step 5.4); destroying one refuses later
+// applies and leaves records issued before it verifiable.
+func TestRedirectHandleValidated(t *testing.T) {
+	var handle RedirectHandle
+	var applyErr error
+	reg := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
+		e := req.Engine()
+		h, err := req.AcquireClassifyHandle()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer e.ReleaseClassifyHandle(h)
+		w, _ := e.AcquireConnectRequest(h)
+		w.RemoteAddressAndPort, w.LocalRedirectHandle = proxyA, handle
+		if applyErr = e.ApplyConnectRequest(h, w, 0); applyErr == nil {
+			out.Action = ActionPermit
+		}
+	}}
+	e, _ := rtEngine(t, Options{}, rtCallout{key: "r", layer: redirLay, sublayer: 1, reg: reg})
+	valid := e.RedirectHandleCreate("r")
+	handle = valid
+	res := e.Classify(redirLay, tcpValues(client, server), &Metadata{})
+	if applyErr != nil || res.Redirect.Remote() != proxyA {
+		t.Fatalf("a valid handle: %v %v", applyErr, res)
+	}
+	blob := e.MarshalRedirectRecords(res.Redirect.Records)
+	if err := e.RedirectHandleDestroy(valid); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range []RedirectHandle{0, valid + 1000, valid} {
+		handle = h
+		res := e.Classify(redirLay, tcpValues(client, server), &Metadata{})
+		if !errors.Is(applyErr, ErrInvalidParameter) {
+			t.Fatalf("handle %d: apply error %v", h, applyErr)
+		}
+		if res.Redirect != nil {
+			t.Fatalf("handle %d: something was applied: %+v", h, res.Redirect)
+		}
+	}
+	recs, err := e.UnmarshalRedirectRecords(blob)
+	if err != nil || QueryConnectionRedirectState(recs, valid) != RedirectedBySelf {
+		t.Fatalf("records issued before destroy: %v %v", recs.Records(), err)
+	}
+	if err := e.RedirectHandleDestroy(valid); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("destroy twice: %v", err)
+	}
+	noLeaks(t, e)
+}
+
 // Item 7: one callout applies with REAUTHORIZE_IF_MODIFIED_BY_OTHERS
 // inline, another pends and applies from its own goroutine at once, while
 // the classification finishes: run with -race.

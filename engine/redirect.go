@@ -24,7 +24,16 @@ func (e *Engine) RedirectHandleCreate(provider string) RedirectHandle {
 	return h
 }
 
+func (e *Engine) redirectHandleLive(h RedirectHandle) bool {
+	e.rt.redirectsMu.Lock()
+	_, ok := e.rt.redirects[h]
+	e.rt.redirectsMu.Unlock()
+	return ok
+}
+
 // RedirectHandleDestroy destroys a redirect handle (FwpsRedirectHandleDestroy0).
+// Later applies that name it are refused; records issued with it stay
+// valid (they are authenticated by the engine, not by the handle).
 func (e *Engine) RedirectHandleDestroy(h RedirectHandle) error {
 	e.rt.redirectsMu.Lock()
 	defer e.rt.redirectsMu.Unlock()
@@ -159,7 +168,10 @@ func (e *Engine) AcquireBindRequest(h ClassifyHandle) (*BindRequest, error) {
 
 // ApplyConnectRequest applies a modified connect request
 // (FwpsApplyModifiedLayerData0). The local address and port may not change
-// here. A changed remote appends a redirect record to the flow's records.
+// here. A changed remote appends a redirect record to the flow's records;
+// it, or a changed LocalRedirectHandle, needs a handle from
+// RedirectHandleCreate not yet destroyed (else ErrInvalidParameter, and
+// nothing is applied).
 func (e *Engine) ApplyConnectRequest(h ClassifyHandle, w *ConnectRequest, flags ApplyFlags) error {
 	ch, err := h.check(e)
 	if err != nil {
@@ -181,6 +193,13 @@ func (e *Engine) ApplyConnectRequest(h ClassifyHandle, w *ConnectRequest, flags 
 	}
 	if len(w.LocalRedirectContext) > MaxRedirectContext {
 		return fmt.Errorf("%w: redirect context of %d bytes exceeds %d", ErrInvalidLayerData, len(w.LocalRedirectContext), MaxRedirectContext)
+	}
+	if (w.RemoteAddressAndPort != cur.RemoteAddressAndPort || w.LocalRedirectHandle != cur.LocalRedirectHandle) &&
+		!e.redirectHandleLive(w.LocalRedirectHandle) {
+		// Seed 001 step 5.4: a redirect carries the handle
+		// FwpsRedirectHandleCreate0 returned; it names the callout in the
+		// flow's records, which is what keeps chained proxies from looping.
+		return fmt.Errorf("%w: redirect handle %d was not created by RedirectHandleCreate, or was destroyed", ErrInvalidParameter, w.LocalRedirectHandle)
 	}
 	if w.RemoteAddressAndPort != cur.RemoteAddressAndPort {
 		if len(rd.records) >= MaxRedirectRecords {

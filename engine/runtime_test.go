@@ -507,6 +507,7 @@ func TestThreeProxyChainTerminates(t *testing.T) {
 // is classified again when a later callout modifies the data.
 func TestReauthorizeIfModifiedByOthers(t *testing.T) {
 	var seen []FilterID
+	var secondHandle RedirectHandle
 	first := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
 		e := req.Engine()
 		h, _ := req.AcquireClassifyHandle()
@@ -528,7 +529,7 @@ func TestReauthorizeIfModifiedByOthers(t *testing.T) {
 		if w.RemoteAddressAndPort == proxyB {
 			return
 		}
-		w.RemoteAddressAndPort = proxyB
+		w.RemoteAddressAndPort, w.LocalRedirectHandle = proxyB, secondHandle
 		if err := e.ApplyConnectRequest(h, w, 0); err != nil {
 			t.Error(err)
 		}
@@ -536,6 +537,7 @@ func TestReauthorizeIfModifiedByOthers(t *testing.T) {
 	e, ids := rtEngine(t, Options{},
 		rtCallout{key: "first", layer: redirLay, sublayer: 20, reg: first},
 		rtCallout{key: "second", layer: redirLay, sublayer: 10, reg: second})
+	secondHandle = e.RedirectHandleCreate("second")
 	res := e.Classify(redirLay, tcpValues(client, server), &Metadata{})
 	if res.Redirect.Remote() != proxyB {
 		t.Fatalf("remote %v", res.Redirect.Remote())

@@ -7,17 +7,24 @@ import (
 )
 
 // The callout types of seed 003, as helpers a callout author can use or
-// read as the contract in code. fwp's layers are ALE layers, so the
-// packet-level types map onto flows:
+// read as the contract in code. Seed 003's types are about traffic; fwp's
+// layers are ALE layers, where the inspection types map onto flows:
 //
 //	type (seed 003)             fwp helper           filter action         classify returns
 //	inline inspection           InlineInspection     CALLOUT_INSPECTION    continue, always
 //	out-of-band inspection      AsyncAuthorizer      CALLOUT_TERMINATING   block+absorb (pend), then the decision on reauthorization
-//	inline modification         ConnectRedirect      CALLOUT_UNKNOWN       permit after applying modified layer data
-//	out-of-band modification    ConnectRedirect      CALLOUT_UNKNOWN       block, write cleared (pend classify); completed later
+//	inline modification         none yet             -                     they change packet and stream data: they come
+//	out-of-band modification    none yet             -                     with the packet and stream layers
+//
+// Connect and bind redirection are seed 001's recipes, not modification
+// callouts: they change the ALE layers' writable layer data (where a flow
+// connects or binds), never the traffic.
+//
+//	recipe (seed 001)           fwp helper           filter action         classify returns
+//	connect redirect, inline    ConnectRedirect      CALLOUT_UNKNOWN       permit after applying modified layer data
+//	connect redirect, async     ConnectRedirect      CALLOUT_UNKNOWN       block, write cleared (pend classify); completed later
 //	                            with Async
 //	bind redirect               BindRedirect         CALLOUT_UNKNOWN       as connect redirect, on the local address
-//	connect redirect            ConnectRedirect      CALLOUT_UNKNOWN       see above
 //
 // Every helper checks the ACTION_WRITE right before writing an action, as
 // seed 003 requires: without it a callout may only veto.

@@ -85,7 +85,7 @@ type redirectState struct {
 	modified  bool
 	records   []RedirectRecord // the flow's records, then this classify's
 	reauthBy  []FilterID       // filters that asked to be reauthorized
-	reauth    bool // a pass is due: read and written under mu
+	reauth    bool             // a pass is due: read and written under mu
 	lastBy    FilterID
 	handles   []*classifyHandle
 	passCount int // reauthorization passes run so far

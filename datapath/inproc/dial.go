@@ -69,7 +69,9 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	}
 	c := dp.newClassifier(nw.proto, remote.Addr().Is6(), engine.DirectionOutbound, dp.id, true)
 	c.recs = d.recs
-	conn, err := d.dial(ctx, c, nw, network, remote)
+	zone := zoneOf(address)
+	c.scope = zoneIndex(zone)
+	conn, err := d.dial(ctx, c, nw, network, remote, zone)
 	if err != nil {
 		dp.e.FlowDeleted(c.flow)
 		return nil, &net.OpError{Op: "dial", Net: network, Addr: nw.addr(remote), Err: err}
@@ -87,7 +89,7 @@ func (d *Dialer) deadline() time.Time {
 	return dl
 }
 
-func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network string, remote netip.AddrPort) (*Conn, error) {
+func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network string, remote netip.AddrPort, zone string) (*Conn, error) {
 	dp := c.dp
 	var local netip.AddrPort // known before connect only when the dialer binds
 	if la, ok := addrPortOf(d.Net.LocalAddr); ok {
@@ -124,7 +126,11 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 		dl = dp.beginRedirect(nw.proto, target)
 		nd = d.netWithSocketHook(dp, dl)
 	}
-	raw, err := nd.DialContext(ctx, network, target.String())
+	dialTo := target
+	if ent == nil && zone != "" { // not redirected: the zone goes with the address
+		dialTo = netip.AddrPortFrom(target.Addr().WithZone(zone), target.Port())
+	}
+	raw, err := nd.DialContext(ctx, network, dialTo.String())
 	if err != nil {
 		if dl != nil {
 			dp.endRedirect(dl, connKey{}, nil)
@@ -133,6 +139,7 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 	}
 	conn := &Conn{Conn: raw, c: c, remote: target}
 	conn.local, _ = addrPortOf(raw.LocalAddr())
+	c.connected(raw, conn.local)
 	if dl != nil {
 		conn.redirect, conn.original = ent, remote
 		conn.key = connKey{nw.proto, conn.local, target}

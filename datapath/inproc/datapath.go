@@ -150,11 +150,31 @@ type classifier struct {
 	via   netip.AddrPort          // where a redirected flow really goes
 
 	// What the kernel told about the flow's socket (0: unknown, absent).
-	parent uint64 // an accepted connection's listening endpoint
-	ifIn   uint32 // the interface its packets arrive on (inbound flows)
-	ifOut  uint32 // the interface its packets leave by (outbound flows)
-	scope  uint32 // the remote's IPv6 scope (zone)
-	mtu    uint32 // the connected socket's path MTU
+	parent uint64         // an accepted connection's listening endpoint
+	ifIn   uint32         // the interface its packets arrive on (inbound flows)
+	ifOut  uint32         // the interface its packets leave by (outbound flows)
+	scope  uint32         // the remote's IPv6 scope (zone)
+	mtu    uint32         // the connected socket's path MTU
+	bound  netip.AddrPort // a dialer's local address, assigned at RESOURCE_ASSIGNMENT
+}
+
+// socketValues fills vs and m for a classification of the socket itself
+// (bind, resource) of a dialing flow: the local address, no flow.
+func (c *classifier) socketValues(vs *engine.Values, m *engine.Metadata, local netip.AddrPort) {
+	vs.Reset()
+	flow := c.flow
+	c.flow = 0
+	c.values(vs, local, netip.AddrPort{})
+	c.meta(m)
+	c.flow = flow
+}
+
+// resourceRelease is RESOURCE_RELEASE of a dialing socket's local address.
+func (c *classifier) resourceRelease(local netip.AddrPort) {
+	var vs engine.Values
+	var m engine.Metadata
+	c.socketValues(&vs, &m, local)
+	_, _ = c.classify(context.Background(), engine.KindResourceRelease, &vs, &m, nil)
 }
 
 // values fills the tuple, protocol, process and flag fields.
@@ -524,6 +544,9 @@ func (dp *Datapath) lookupAccepted(ctx context.Context, proto uint8, local, remo
 // QueryAccepted implements proxy.Backend for connections accepted outside
 // this package (a plain net.Listener): it finds them by 4-tuple.
 func (dp *Datapath) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
+	if !isSocket(conn) {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T", proxy.ErrNotSocket, conn)
+	}
 	local, lok := addrPortOf(conn.LocalAddr())
 	remote, rok := addrPortOf(conn.RemoteAddr())
 	proto := protoOf(conn.LocalAddr())
@@ -541,6 +564,9 @@ func (dp *Datapath) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 // net.PacketConn: the redirect of the datagrams from that the socket
 // receives, by its local address (see PacketConn.ProxyDatagramRedirect).
 func (dp *Datapath) QueryDatagram(pc net.PacketConn, from netip.AddrPort) (proxy.Redirect, error) {
+	if !isSocket(pc) {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T", proxy.ErrNotSocket, pc)
+	}
 	local, ok := addrPortOf(pc.LocalAddr())
 	if !ok || protoOf(pc.LocalAddr()) != 17 {
 		return proxy.Redirect{}, fmt.Errorf("%w: %T is not a UDP socket", proxy.ErrNotFound, pc)
@@ -560,6 +586,15 @@ func (dp *Datapath) SetRecords(network, address string, _ syscall.RawConn, _ []b
 
 func (ent *redirectEntry) proxyRedirect() proxy.Redirect {
 	return proxy.Redirect{Records: ent.records, Context: ent.context, TargetPID: ent.targetPID}
+}
+
+// isSocket: an operating-system socket, or a wrapper showing its IP
+// addresses (proxy.ErrNotSocket otherwise, WSAENOTSOCK).
+func isSocket(c interface{ LocalAddr() net.Addr }) bool {
+	if _, ok := c.(syscall.Conn); ok {
+		return true
+	}
+	return protoOf(c.LocalAddr()) != 0
 }
 
 func addrPortOf(a net.Addr) (netip.AddrPort, bool) {

@@ -151,7 +151,10 @@ func TestPerConnectionRecords(t *testing.T) {
 	other := engine.New(engine.Options{})
 	foreign := other.MarshalRedirectRecords(engine.NewRedirectRecords(engine.RedirectRecord{Handle: 1}))
 	before := srv.accepted.Load()
-	if _, err := d.DialContext(proxy.WithRedirectRecords(context.Background(), foreign), "tcp4", srv.addr().String()); !errors.Is(err, proxy.ErrInvalidArgument) {
+	if c, err := d.DialContext(proxy.WithRedirectRecords(context.Background(), foreign), "tcp4", srv.addr().String()); !errors.Is(err, proxy.ErrInvalidArgument) {
+		if c != nil {
+			c.Close() // else the echo server's cleanup waits for it
+		}
 		t.Fatalf("foreign records: %v", err)
 	}
 	if srv.accepted.Load() != before {
@@ -203,6 +206,7 @@ func TestDialerLocalAddressBindLayers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer c.Close()
 	if got := apOf(c.LocalAddr()); got != to {
 		t.Fatalf("bound to %v; the bind redirect moved it to %v", got, to)
 	}
@@ -229,7 +233,10 @@ func TestDialerLocalAddressBindLayers(t *testing.T) {
 	e2, _ := newEngine(t, engine.Options{}, callout{key: "no", layer: engine.LayerALEResourceAssignmentV4, sublayer: 1, action: engine.ActionBlock})
 	before := srv.accepted.Load()
 	d2 := &inproc.Dialer{Datapath: inproc.New(e2, inproc.Options{}), Net: net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}}
-	if _, err := d2.Dial("tcp4", srv.addr().String()); !isBlocked(err) {
+	if c, err := d2.Dial("tcp4", srv.addr().String()); !isBlocked(err) {
+		if c != nil {
+			c.Close()
+		}
 		t.Fatalf("resource assignment blocked: %v", err)
 	}
 	time.Sleep(20 * time.Millisecond)

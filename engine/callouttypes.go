@@ -7,17 +7,24 @@ import (
 )
 
 // The callout types of seed 003, as helpers a callout author can use or
-// read as the contract in code. fwp's layers are ALE layers, so the
-// packet-level types map onto flows:
+// read as the contract in code. Seed 003's types are about traffic; fwp's
+// layers are ALE layers, where the inspection types map onto flows:
 //
 //	type (seed 003)             fwp helper           filter action         classify returns
 //	inline inspection           InlineInspection     CALLOUT_INSPECTION    continue, always
 //	out-of-band inspection      AsyncAuthorizer      CALLOUT_TERMINATING   block+absorb (pend), then the decision on reauthorization
-//	inline modification         ConnectRedirect      CALLOUT_UNKNOWN       permit after applying modified layer data
-//	out-of-band modification    ConnectRedirect      CALLOUT_UNKNOWN       block, write cleared (pend classify); completed later
+//	inline modification         none yet             -                     they change packet and stream data: they come
+//	out-of-band modification    none yet             -                     with the packet and stream layers
+//
+// Connect and bind redirection are seed 001's recipes, not modification
+// callouts: they change the ALE layers' writable layer data (where a flow
+// connects or binds), never the traffic.
+//
+//	recipe (seed 001)           fwp helper           filter action         classify returns
+//	connect redirect, inline    ConnectRedirect      CALLOUT_UNKNOWN       permit after applying modified layer data
+//	connect redirect, async     ConnectRedirect      CALLOUT_UNKNOWN       block, write cleared (pend classify); completed later
 //	                            with Async
 //	bind redirect               BindRedirect         CALLOUT_UNKNOWN       as connect redirect, on the local address
-//	connect redirect            ConnectRedirect      CALLOUT_UNKNOWN       see above
 //
 // Every helper checks the ACTION_WRITE right before writing an action, as
 // seed 003 requires: without it a callout may only veto.
@@ -36,8 +43,9 @@ func InlineInspection(observe func(req *ClassifyRequest)) CalloutRegistration {
 // AUTH_CONNECT, AUTH_RECV_ACCEPT, AUTH_LISTEN and RESOURCE_ASSIGNMENT: the
 // callout pends the operation, Decide runs on its own goroutine, the
 // operation is completed, and the reauthorization gets the decision. At
-// AUTH_RECV_ACCEPT there is no reauthorization: a permit completes with the
-// held layer data for reinjection, a block completes with nil.
+// AUTH_RECV_ACCEPT a permit completes with the held layer data for
+// reinjection (the reauthorization then gets the permit, and the layer's
+// other filters still decide), a block completes with nil (dropped).
 //
 // Flows are told apart by the metadata's flow handle, which the datapath
 // must set. Decide must return ActionPermit or ActionBlock.
@@ -94,12 +102,13 @@ func (a *AsyncAuthorizer) classify(req *ClassifyRequest, out *ClassifyOut) {
 			}
 		}()
 		act := a.Decide(ctx, layer, vs, meta)
+		var reinject any
 		if layer.Kind() == KindAuthRecvAccept {
 			if act != ActionPermit {
-				held = nil
+				_ = e.CompleteOperation(p, nil) // dropped: no reauthorization
+				return
 			}
-			_ = e.CompleteOperation(p, held)
-			return
+			reinject = held
 		}
 		a.mu.Lock()
 		if a.decisions == nil {
@@ -107,7 +116,7 @@ func (a *AsyncAuthorizer) classify(req *ClassifyRequest, out *ClassifyOut) {
 		}
 		a.decisions[flow] = act
 		a.mu.Unlock()
-		if e.CompleteOperation(p, nil) != nil {
+		if e.CompleteOperation(p, reinject) != nil {
 			// Timed out or canceled: nobody will reauthorize; forget it.
 			a.mu.Lock()
 			delete(a.decisions, flow)

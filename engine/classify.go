@@ -180,6 +180,7 @@ type classifyState struct {
 	pend      *Pend
 	pendAt    *cfilter
 	inCallout *cfilter
+	rights    Rights      // the called callout's rights on entry
 	memo      *resumeMemo // a resumed classify: outputs of callouts already called
 	called    resumeMemo  // callouts called so far, for a later pend
 	rd        *redirectState
@@ -219,16 +220,8 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 		}
 	}
 	res := c.classify(cs)
-	for pass := 0; cs.rd != nil && cs.rd.reauth && cs.pend == nil && pass < maxReauthPasses; pass++ {
-		// A callout asked to be reauthorized if others modified the data
-		// after it: classify again on the latest version.
-		cs.rd.reauth = false
-		vs2 := *vs
-		vs2.Set(FieldFlags, Uint32(uint32(vs2.Uint(FieldFlags))|FlagIsReauthorize))
-		cs.vs = &vs2
-		cs.called = resumeMemo{more: cs.keep()}
-		res = c.classify(cs)
-		cs.vs = vs
+	if cs.rd != nil {
+		res = c.reauthorize(cs, res)
 	}
 	e.afterClassify(cs, &res)
 	e.count(layer, &res)
@@ -238,6 +231,26 @@ func (e *Engine) ClassifyLayerData(layer LayerID, vs *Values, meta *Metadata, da
 	}
 	cs.reset()
 	csPool.Put(cs)
+	return res
+}
+
+// reauthorize runs the passes REAUTHORIZE_IF_MODIFIED_BY_OTHERS asked
+// for: while a callout that applied with the flag saw another modify the
+// data after it, the layer is classified again (FlagIsReauthorize) on the
+// latest version, every callout called afresh. The passes of one flow's
+// classification are bounded together, those after a pended classify
+// resumed included. A pass may pend: the resume carries on from there.
+func (c *compiledLayer) reauthorize(cs *classifyState, res Result) Result {
+	for cs.pend == nil && cs.rd.takeReauth() {
+		vs := cs.vs
+		vs2 := *vs
+		vs2.Set(FieldFlags, Uint32(uint32(vs2.Uint(FieldFlags))|FlagIsReauthorize))
+		cs.vs = &vs2
+		cs.memo = nil
+		cs.called = resumeMemo{more: cs.keep()}
+		res = c.classify(cs)
+		cs.vs = vs
+	}
 	return res
 }
 
@@ -257,8 +270,8 @@ func (e *Engine) afterClassify(cs *classifyState, res *Result) {
 		}
 		return
 	}
-	if cs.rd != nil && cs.rd.modified {
-		res.Redirect = cs.rd.result()
+	if cs.rd != nil {
+		res.Redirect = cs.rd.result() // nil when nothing was applied
 	}
 	e.recordEvent(cs, res)
 }
@@ -414,6 +427,13 @@ func (c *compiledLayer) eval(cs *classifyState, a *arbiter, cf *cfilter) bool {
 				ret.Action = ActionContinue
 			case ret.Action == ActionBlock:
 				reason = ReasonCalloutBlock
+			case ret.Action == ActionPermit && before&RightActionWrite == 0:
+				// A permit the callout had no right to write is not made
+				// (seed 003): the filter passes, so a later callout of the
+				// sublayer may still veto. Not reread as a terminating
+				// callout's CONTINUE: that would turn it into a veto.
+				ret.Action = ActionContinue
+				note = "permit without the write right: not made"
 			case ret.Action == ActionPermit:
 			case cf.action == ActionCalloutTerminating:
 				ret = ClassifyOut{Action: ActionBlock, Rights: ret.Rights, Flags: ret.Flags}

@@ -50,14 +50,17 @@ type Engine struct {
 // layers' counters do not share a cache line.
 type layerCounter struct {
 	permit, block, veto, pend atomic.Uint64
-	_                         [32]byte
+	pendRefused               atomic.Uint64 // pends refused for want of the write right
+	_                         [24]byte
 }
 
 // ClassifyCount is the number of classifications of one layer by outcome.
 // A pended classification counts once as pended and again when it ends.
+// PendRefused counts pends refused to callouts without the write right.
 type ClassifyCount struct {
 	Layer                     LayerID
 	Permit, Block, Veto, Pend uint64
+	PendRefused               uint64
 }
 
 // ClassifyCounts returns every layer's classification counts.
@@ -65,7 +68,7 @@ func (e *Engine) ClassifyCounts() []ClassifyCount {
 	out := make([]ClassifyCount, 0, NumLayers)
 	for l := LayerID(1); l < numLayers; l++ {
 		c := &e.counters[l]
-		out = append(out, ClassifyCount{Layer: l, Permit: c.permit.Load(), Block: c.block.Load(), Veto: c.veto.Load(), Pend: c.pend.Load()})
+		out = append(out, ClassifyCount{Layer: l, Permit: c.permit.Load(), Block: c.block.Load(), Veto: c.veto.Load(), Pend: c.pend.Load(), PendRefused: c.pendRefused.Load()})
 	}
 	return out
 }

@@ -341,6 +341,8 @@ const (
 	MetaParentEndpointHandle
 	MetaCgroupID
 	MetaRedirectContext
+	MetaPathMTU       // WFP: FWPS_METADATA_FIELD_PATH_MTU
+	MetaRemoteScopeID // WFP: FWPS_METADATA_FIELD_REMOTE_SCOPE_ID
 )
 
 // FlowHandle identifies a flow (a connection or a UDP association).
@@ -370,6 +372,11 @@ type Metadata struct {
 	// RedirectContext is the redirecting callout's context bytes, seen at
 	// AUTH_CONNECT after a redirect (WFP keeps them for the proxy's query).
 	RedirectContext []byte
+	// PathMTU is the path MTU of a connected socket (IP_MTU).
+	PathMTU uint32
+	// RemoteScopeID is the scope (interface index) of a zoned IPv6 remote
+	// address, such as a link-local one: the zone the values drop.
+	RemoteScopeID uint32
 }
 
 // Has reports whether a metadata field is present (FWPS_IS_METADATA_FIELD_PRESENT).

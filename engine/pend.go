@@ -11,7 +11,10 @@ import (
 
 // Errors of the pend and classify-handle APIs.
 var (
-	ErrCannotPend        = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
+	ErrCannotPend = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
+	// ErrNoWriteRight: the callout was called without FWPS_RIGHT_ACTION_WRITE,
+	// so it may not pend (seed 003); it comes wrapped with ErrCannotPend.
+	ErrNoWriteRight      = errors.New("fwp: the callout does not hold the ACTION_WRITE right")
 	ErrPendResolved      = errors.New("fwp: pend already completed or timed out")
 	ErrHandleInvalid     = errors.New("fwp: invalid or stale handle")
 	ErrInvalidLayerData  = errors.New("fwp: invalid modified layer data")
@@ -156,6 +159,9 @@ func (e *Engine) PendOperation(h CompletionHandle) (*Pend, error) {
 	if !l.CanPendOperation {
 		return nil, fmt.Errorf("%w: layer %s does not pend operations", ErrCannotPend, l.Name)
 	}
+	if err := e.mayPend(cs, cs.inCallout); err != nil {
+		return nil, err
+	}
 	if uint32(cs.vs.v[FieldFlags].n)&FlagIsReauthorize != 0 {
 		return nil, fmt.Errorf("%w: the flow is being reauthorized", ErrCannotPend)
 	}
@@ -165,6 +171,18 @@ func (e *Engine) PendOperation(h CompletionHandle) (*Pend, error) {
 	p := e.newPend(cs, cs.inCallout, pendOperation)
 	cs.pend, cs.pendAt = p, cs.inCallout
 	return p, nil
+}
+
+// mayPend refuses, and counts, a pend by a callout called without the
+// ACTION_WRITE right: seed 003 says such a callout must not pend nor
+// change the action, and a pend would end in a block (its timeout, or the
+// callout's later answer) under a decision a higher sublayer made final.
+func (e *Engine) mayPend(cs *classifyState, cf *cfilter) error {
+	if cs.rights&RightActionWrite != 0 {
+		return nil
+	}
+	e.counters[cs.layer].pendRefused.Add(1)
+	return fmt.Errorf("%w: %w: %s was called under a final decision", ErrCannotPend, ErrNoWriteRight, cf.id)
 }
 
 // PendOperation is FwpsPendOperation0 with the request's completion handle.
@@ -178,9 +196,10 @@ func (r *ClassifyRequest) PendOperation() (*Pend, error) {
 // CompleteOperation completes a pended operation (FwpsCompleteOperation0).
 // The datapath then reauthorizes the flow: it classifies again with
 // FlagIsReauthorize and the callout answers with the decision it kept.
-// At AUTH_RECV_ACCEPT there is no reauthorization: reinject is the held
-// connection or packet to deliver (nil drops it), as WFP's callout
-// reinjects the packet it cloned.
+// At AUTH_RECV_ACCEPT reinject is the held connection or packet to hand
+// back, as WFP's callout reinjects the packet it cloned: nil drops it;
+// otherwise the layer is reauthorized with it as layer data, and it is
+// delivered only if the whole layer then permits.
 func (e *Engine) CompleteOperation(p *Pend, reinject any) error {
 	if p == nil || p.e != e || p.kind != pendOperation {
 		return fmt.Errorf("%w: not a pended operation of this engine", ErrHandleInvalid)
@@ -208,9 +227,9 @@ func (p *Pend) Wait(ctx context.Context) PendOutcome {
 
 // ClassifyWait classifies and, when a callout pends, waits for the pend and
 // finishes the classification the way WFP does: a completed operation is
-// reauthorized (classified again with FlagIsReauthorize); a completed
-// classify resumes with the callout's final ClassifyOut; a pend at
-// AUTH_RECV_ACCEPT delivers what the callout reinjected; a timed-out pend
+// reauthorized (classified again with FlagIsReauthorize; at
+// AUTH_RECV_ACCEPT with the data the callout reinjected, none: dropped); a
+// completed classify resumes with the callout's final ClassifyOut; a timed-out pend
 // applies the filter's default (permit with PERMIT_IF_CALLOUT_UNREGISTERED,
 // else block); a canceled one blocks. vs and meta may be changed (the
 // reauthorize flag).
@@ -265,18 +284,19 @@ func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) 
 	if p.kind == pendClassify {
 		return e.resume(p)
 	}
+	var data any
 	if p.layer.Kind() == KindAuthRecvAccept {
-		base.Reason = ReasonCalloutPermit
-		if p.Reinjected() != nil {
-			base.ClassifyOut = ClassifyOut{Action: ActionPermit, Rights: RightActionWrite}
-		} else {
+		// The callout hands back the held data to reinject (nil drops
+		// it). Reinjected data is authorized again like any other: the
+		// whole layer decides, lower sublayers included (seed 002).
+		if data = p.Reinjected(); data == nil {
 			base.Reason = ReasonCalloutBlock
 			base.ClassifyOut = ClassifyOut{Action: ActionBlock, Flags: OutAbsorb}
+			return base
 		}
-		return base
 	}
 	vs.Set(FieldFlags, Uint32(uint32(vs.Uint(FieldFlags))|FlagIsReauthorize))
-	r := e.Classify(p.layer, vs, meta)
+	r := e.ClassifyLayerData(p.layer, vs, meta, data)
 	if r.Pend != nil { // cannot happen: pends fail during reauthorization
 		r.Pend.Cancel()
 		r.Pend = nil
@@ -379,7 +399,9 @@ func (r *ClassifyRequest) AcquireClassifyHandle() (ClassifyHandle, error) {
 		return ClassifyHandle{}, fmt.Errorf("%w: only inside classify", ErrHandleInvalid)
 	}
 	h := &classifyHandle{e: r.e, layer: cs.layer, filter: cs.inCallout, cs: cs, seq: cs.seq, rd: cs.redirect()}
+	h.rd.mu.Lock()
 	h.rd.handles = append(h.rd.handles, h)
+	h.rd.mu.Unlock()
 	r.e.rt.handles.Add(1)
 	return ClassifyHandle{h}, nil
 }
@@ -418,6 +440,9 @@ func (e *Engine) PendClassify(h ClassifyHandle, out *ClassifyOut) (*Pend, error)
 	}
 	if !LayerByID(ch.layer).CanPendClassify {
 		return nil, fmt.Errorf("%w: layer %s does not pend classifies", ErrCannotPend, ch.layer)
+	}
+	if err := e.mayPend(cs, ch.filter); err != nil {
+		return nil, err
 	}
 	if cs.pend != nil {
 		return nil, fmt.Errorf("%w: the classification is already pended", ErrCannotPend)
@@ -477,6 +502,9 @@ func (e *Engine) resume(p *Pend) Result {
 	*cs = classifyState{e: e, layer: p.layer, vs: &r.vs, meta: &r.meta, memo: &r.memo, rd: p.rd, seq: e.rt.nextSeq.Add(1)}
 	cs.called.more = more
 	res := c.classify(cs)
+	if cs.rd != nil {
+		res = c.reauthorize(cs, res) // seed 001: the flag applies after FwpsCompleteClassify too
+	}
 	e.afterClassify(cs, &res)
 	cs.reset()
 	csPool.Put(cs)

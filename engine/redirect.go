@@ -24,7 +24,16 @@ func (e *Engine) RedirectHandleCreate(provider string) RedirectHandle {
 	return h
 }
 
+func (e *Engine) redirectHandleLive(h RedirectHandle) bool {
+	e.rt.redirectsMu.Lock()
+	_, ok := e.rt.redirects[h]
+	e.rt.redirectsMu.Unlock()
+	return ok
+}
+
 // RedirectHandleDestroy destroys a redirect handle (FwpsRedirectHandleDestroy0).
+// Later applies that name it are refused; records issued with it stay
+// valid (they are authenticated by the engine, not by the handle).
 func (e *Engine) RedirectHandleDestroy(h RedirectHandle) error {
 	e.rt.redirectsMu.Lock()
 	defer e.rt.redirectsMu.Unlock()
@@ -76,10 +85,10 @@ type redirectState struct {
 	modified  bool
 	records   []RedirectRecord // the flow's records, then this classify's
 	reauthBy  []FilterID       // filters that asked to be reauthorized
-	reauth    bool
+	reauth    bool             // a pass is due: read and written under mu
 	lastBy    FilterID
 	handles   []*classifyHandle
-	passCount int
+	passCount int // reauthorization passes run so far
 }
 
 func (cs *classifyState) redirect() *redirectState {
@@ -129,11 +138,11 @@ func (e *Engine) AcquireConnectRequest(h ClassifyHandle) (*ConnectRequest, error
 	if err != nil {
 		return nil, err
 	}
+	ch.rd.mu.Lock()
+	defer ch.rd.mu.Unlock()
 	if ch.rd.connect == nil {
 		return nil, fmt.Errorf("%w: layer %s has no connect request", ErrInvalidLayerData, ch.layer)
 	}
-	ch.rd.mu.Lock()
-	defer ch.rd.mu.Unlock()
 	cur := ch.rd.connect
 	w := *cur
 	w.LocalRedirectContext = slices.Clone(cur.LocalRedirectContext)
@@ -147,11 +156,11 @@ func (e *Engine) AcquireBindRequest(h ClassifyHandle) (*BindRequest, error) {
 	if err != nil {
 		return nil, err
 	}
+	ch.rd.mu.Lock()
+	defer ch.rd.mu.Unlock()
 	if ch.rd.bind == nil {
 		return nil, fmt.Errorf("%w: layer %s has no bind request", ErrInvalidLayerData, ch.layer)
 	}
-	ch.rd.mu.Lock()
-	defer ch.rd.mu.Unlock()
 	w := *ch.rd.bind
 	w.PreviousVersion = ch.rd.bind
 	return &w, nil
@@ -159,18 +168,21 @@ func (e *Engine) AcquireBindRequest(h ClassifyHandle) (*BindRequest, error) {
 
 // ApplyConnectRequest applies a modified connect request
 // (FwpsApplyModifiedLayerData0). The local address and port may not change
-// here. A changed remote appends a redirect record to the flow's records.
+// here. A changed remote appends a redirect record to the flow's records;
+// it, or a changed LocalRedirectHandle, needs a handle from
+// RedirectHandleCreate not yet destroyed (else ErrInvalidParameter, and
+// nothing is applied).
 func (e *Engine) ApplyConnectRequest(h ClassifyHandle, w *ConnectRequest, flags ApplyFlags) error {
 	ch, err := h.check(e)
 	if err != nil {
 		return err
 	}
 	rd := ch.rd
+	rd.mu.Lock()
+	defer rd.mu.Unlock()
 	if rd.connect == nil || w == nil {
 		return fmt.Errorf("%w: no connect request at %s", ErrInvalidLayerData, ch.layer)
 	}
-	rd.mu.Lock()
-	defer rd.mu.Unlock()
 	cur := rd.connect
 	w.RemoteAddressAndPort = netip.AddrPortFrom(w.RemoteAddressAndPort.Addr().Unmap(), w.RemoteAddressAndPort.Port())
 	if w.LocalAddressAndPort != cur.LocalAddressAndPort {
@@ -181,6 +193,13 @@ func (e *Engine) ApplyConnectRequest(h ClassifyHandle, w *ConnectRequest, flags 
 	}
 	if len(w.LocalRedirectContext) > MaxRedirectContext {
 		return fmt.Errorf("%w: redirect context of %d bytes exceeds %d", ErrInvalidLayerData, len(w.LocalRedirectContext), MaxRedirectContext)
+	}
+	if (w.RemoteAddressAndPort != cur.RemoteAddressAndPort || w.LocalRedirectHandle != cur.LocalRedirectHandle) &&
+		!e.redirectHandleLive(w.LocalRedirectHandle) {
+		// Seed 001 step 5.4: a redirect carries the handle
+		// FwpsRedirectHandleCreate0 returned; it names the callout in the
+		// flow's records, which is what keeps chained proxies from looping.
+		return fmt.Errorf("%w: redirect handle %d was not created by RedirectHandleCreate, or was destroyed", ErrInvalidParameter, w.LocalRedirectHandle)
 	}
 	if w.RemoteAddressAndPort != cur.RemoteAddressAndPort {
 		if len(rd.records) >= MaxRedirectRecords {
@@ -207,11 +226,11 @@ func (e *Engine) ApplyBindRequest(h ClassifyHandle, w *BindRequest, flags ApplyF
 		return err
 	}
 	rd := ch.rd
+	rd.mu.Lock()
+	defer rd.mu.Unlock()
 	if rd.bind == nil || w == nil {
 		return fmt.Errorf("%w: no bind request at %s", ErrInvalidLayerData, ch.layer)
 	}
-	rd.mu.Lock()
-	defer rd.mu.Unlock()
 	cur := rd.bind
 	if !w.LocalAddressAndPort.IsValid() || w.LocalAddressAndPort.Addr().Unmap().Is4() != cur.LocalAddressAndPort.Addr().Unmap().Is4() {
 		return fmt.Errorf("%w: local %s is not a valid address of the socket's family", ErrInvalidLayerData, w.LocalAddressAndPort)
@@ -222,6 +241,19 @@ func (e *Engine) ApplyBindRequest(h ClassifyHandle, w *BindRequest, flags ApplyF
 	rd.bind = &v
 	rd.noteApply(ch.filter.id, flags)
 	return nil
+}
+
+// takeReauth reports whether a reauthorization pass is due and within
+// the bound, and counts it.
+func (rd *redirectState) takeReauth() bool {
+	rd.mu.Lock()
+	defer rd.mu.Unlock()
+	if !rd.reauth || rd.passCount >= maxReauthPasses {
+		return false
+	}
+	rd.reauth = false
+	rd.passCount++
+	return true
 }
 
 func (rd *redirectState) noteApply(by FilterID, flags ApplyFlags) {
@@ -295,9 +327,14 @@ func (r *Redirect) ApplyTo(vs *Values, meta *Metadata) {
 	}
 }
 
+// result is what the classification applied, nil when nothing. The lock:
+// a pended callout's goroutine may apply while the classification ends.
 func (rd *redirectState) result() *Redirect {
 	rd.mu.Lock()
 	defer rd.mu.Unlock()
+	if !rd.modified {
+		return nil
+	}
 	r := &Redirect{Layer: rd.layer, Connect: rd.connect, Bind: rd.bind, Original: rd.original}
 	if len(rd.records) > 0 {
 		r.Records = &RedirectRecords{recs: slices.Clone(rd.records)}

@@ -167,6 +167,9 @@ func (m *refModel) evaluate(f *engine.Filter, vs *engine.Values, meta *engine.Me
 		return engine.ActionBlock, true, 0, false
 	}
 	out := m.call(f, reg, vs, meta, rights)
+	if out.Action == engine.ActionPermit && rights&engine.RightActionWrite == 0 {
+		return engine.ActionContinue, false, 0, true // a permit it had no right to write: not made
+	}
 	hard = out.Rights&engine.RightActionWrite == 0 || clear
 	switch out.Action {
 	case engine.ActionPermit, engine.ActionBlock:

@@ -255,6 +255,7 @@ func (cs *classifyState) call(cf *cfilter, reg *CalloutRegistration, rights Righ
 		FlowContext: flowCtx, LayerData: cs.layerData, e: cs.e, cs: cs, cf: cf,
 	}
 	cs.out = ClassifyOut{Action: ActionContinue, Rights: rights}
+	cs.rights = rights
 	cs.inCallout = cf
 	reg.Classify(&cs.req, &cs.out)
 	cs.inCallout = nil

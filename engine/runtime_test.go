@@ -322,7 +322,7 @@ func TestPendOperationWrongLayer(t *testing.T) {
 }
 
 // At AUTH_RECV_ACCEPT a completion carries the held data back for
-// reinjection; there is no reauthorization.
+// reinjection; the reauthorization answers from the kept decision.
 func TestPendRecvAcceptReinject(t *testing.T) {
 	for _, permit := range []bool{true, false} {
 		var calls atomic.Int32
@@ -350,7 +350,7 @@ func TestPendRecvAcceptReinject(t *testing.T) {
 			t.Fatalf("permit=%v: reinjected %v, result %v", permit, got, res2)
 		}
 		if calls.Load() != 2 {
-			t.Fatalf("decide called %d times (no reauthorization expected)", calls.Load())
+			t.Fatalf("decide called %d times (the reauthorization must not decide again)", calls.Load())
 		}
 		noLeaks(t, e)
 	}
@@ -507,6 +507,7 @@ func TestThreeProxyChainTerminates(t *testing.T) {
 // is classified again when a later callout modifies the data.
 func TestReauthorizeIfModifiedByOthers(t *testing.T) {
 	var seen []FilterID
+	var secondHandle RedirectHandle
 	first := CalloutRegistration{Classify: func(req *ClassifyRequest, out *ClassifyOut) {
 		e := req.Engine()
 		h, _ := req.AcquireClassifyHandle()
@@ -528,7 +529,7 @@ func TestReauthorizeIfModifiedByOthers(t *testing.T) {
 		if w.RemoteAddressAndPort == proxyB {
 			return
 		}
-		w.RemoteAddressAndPort = proxyB
+		w.RemoteAddressAndPort, w.LocalRedirectHandle = proxyB, secondHandle
 		if err := e.ApplyConnectRequest(h, w, 0); err != nil {
 			t.Error(err)
 		}
@@ -536,6 +537,7 @@ func TestReauthorizeIfModifiedByOthers(t *testing.T) {
 	e, ids := rtEngine(t, Options{},
 		rtCallout{key: "first", layer: redirLay, sublayer: 20, reg: first},
 		rtCallout{key: "second", layer: redirLay, sublayer: 10, reg: second})
+	secondHandle = e.RedirectHandleCreate("second")
 	res := e.Classify(redirLay, tcpValues(client, server), &Metadata{})
 	if res.Redirect.Remote() != proxyB {
 		t.Fatalf("remote %v", res.Redirect.Remote())

@@ -20,7 +20,22 @@ var (
 	ErrInvalidArgument = errors.New("fwp proxy: invalid argument")                  // WSAEINVAL
 	ErrNotSupported    = errors.New("fwp proxy: not supported by this datapath")    // WSAEOPNOTSUPP
 	ErrAccessDenied    = errors.New("fwp proxy: caller is not the redirect target") // WSAEACCES
+	ErrNotSocket       = errors.New("fwp proxy: not a socket")                      // WSAENOTSOCK
 )
+
+// isSocket reports whether c is an operating-system socket, or a wrapper
+// of one that shows its IP addresses (what a kernel datapath knows by
+// tuple or cookie): net.Pipe and the like are not.
+func isSocket(c interface{ LocalAddr() net.Addr }) bool {
+	if _, ok := c.(syscall.Conn); ok {
+		return true
+	}
+	switch c.LocalAddr().(type) {
+	case *net.TCPAddr, *net.UDPAddr:
+		return true
+	}
+	return false
+}
 
 // Redirect is what a datapath knows about a connection a callout redirected
 // to a local proxy.
@@ -127,6 +142,9 @@ func lookup(conn net.Conn) (Redirect, uint32, error) {
 		}
 		conn = u.NetConn()
 	}
+	if !isSocket(conn) {
+		return Redirect{}, 0, fmt.Errorf("%w: %T", ErrNotSocket, conn)
+	}
 	bs := registered()
 	if len(bs) == 0 {
 		return Redirect{}, 0, fmt.Errorf("%w: no datapath knows %T connections", ErrNotSupported, conn)
@@ -222,6 +240,9 @@ func lookupDatagram(pc net.PacketConn, from net.Addr) (Redirect, uint32, error) 
 	if a, ok := pc.(AcceptedDatagrams); ok {
 		return a.ProxyDatagramRedirect(src)
 	}
+	if !isSocket(pc) {
+		return Redirect{}, 0, fmt.Errorf("%w: %T", ErrNotSocket, pc)
+	}
 	var asked bool
 	for _, b := range registered() {
 		db, ok := b.(DatagramBackend)
@@ -301,19 +322,68 @@ func SetRedirectRecords(dialer any, records []byte) error {
 					return err
 				}
 			}
-			var firstErr error
-			for _, b := range bs {
-				err := b.SetRecords(network, address, c, recs)
-				if err == nil {
-					return nil
-				}
-				if firstErr == nil || !errors.Is(err, ErrNotSupported) {
-					firstErr = err
-				}
-			}
-			return firstErr
+			return setRecords(bs, network, address, c, recs)
 		}
 		return nil
 	}
 	return fmt.Errorf("%w: cannot set redirect records on a %T", ErrNotSupported, dialer)
+}
+
+// setRecords hands records to the first backend that takes them.
+func setRecords(bs []Backend, network, address string, c syscall.RawConn, recs []byte) error {
+	var firstErr error
+	for _, b := range bs {
+		err := b.SetRecords(network, address, c, recs)
+		if err == nil {
+			return nil
+		}
+		if firstErr == nil || !errors.Is(err, ErrNotSupported) {
+			firstErr = err
+		}
+	}
+	return firstErr
+}
+
+type recordsKey struct{}
+
+// WithRedirectRecords returns a context carrying redirect records for the
+// one dial made with it: SetRedirectRecords per connection, as WFP's
+// SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS is per socket. A proxy that
+// shares one dialer among its connections passes each outbound dial the
+// records of the connection it serves, and no dial can take another's.
+// fwp's in-process Dialer reads them from DialContext's context; a
+// net.Dialer needs ControlRedirectRecords as its ControlContext.
+func WithRedirectRecords(ctx context.Context, records []byte) context.Context {
+	return context.WithValue(ctx, recordsKey{}, slices.Clone(records))
+}
+
+// RedirectRecordsFrom returns the records ctx carries (WithRedirectRecords),
+// checked for size.
+func RedirectRecordsFrom(ctx context.Context) ([]byte, bool, error) {
+	recs, ok := ctx.Value(recordsKey{}).([]byte)
+	if !ok {
+		return nil, false, nil
+	}
+	if len(recs) == 0 || len(recs) > engine.MaxRedirectRecordsSize {
+		return nil, true, fmt.Errorf("%w: %d bytes of redirect records", ErrInvalidArgument, len(recs))
+	}
+	return recs, true, nil
+}
+
+// ControlRedirectRecords is a net.Dialer ControlContext hook for the
+// per-connection records: it hands the records of the dial's context
+// (WithRedirectRecords) to a registered kernel backend before the socket
+// connects. A dial whose context carries none is left alone; records with
+// no backend to carry them are ErrNotSupported, as a plain socket would
+// silently drop them.
+func ControlRedirectRecords(ctx context.Context, network, address string, c syscall.RawConn) error {
+	recs, ok, err := RedirectRecordsFrom(ctx)
+	if !ok || err != nil {
+		return err
+	}
+	bs := registered()
+	if len(bs) == 0 {
+		return fmt.Errorf("%w: no kernel datapath is registered to carry records on a net.Dialer", ErrNotSupported)
+	}
+	return setRecords(bs, network, address, c, recs)
 }

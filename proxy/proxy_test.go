@@ -56,13 +56,34 @@ func TestQueries(t *testing.T) {
 		{"no context", &fakeAccepted{r: proxy.Redirect{Records: recs, TargetPID: 7}, pid: 7}, proxy.QueryRedirectContext, proxy.ErrNotFound},
 		{"no records", &fakeAccepted{r: proxy.Redirect{TargetPID: 7}, pid: 7}, proxy.QueryRedirectRecords, proxy.ErrNotFound},
 		{"not redirected", &fakeAccepted{err: proxy.ErrNotFound}, proxy.QueryRedirectRecords, proxy.ErrNotFound},
-		{"plain conn, no backend", pipeConn(t), proxy.QueryRedirectRecords, proxy.ErrNotSupported},
+		{"plain conn, no backend", tcpConn(t), proxy.QueryRedirectRecords, proxy.ErrNotSupported},
+		{"not a socket", pipeConn(t), proxy.QueryRedirectRecords, proxy.ErrNotSocket},
+		{"not a socket, layered", wrapped{pipeConn(t)}, proxy.QueryRedirectContext, proxy.ErrNotSocket},
 	}
 	for _, c := range cases {
 		if _, err := c.fn(c.conn); !errors.Is(err, c.want) {
 			t.Errorf("%s: %v, want %v", c.name, err, c.want)
 		}
 	}
+}
+
+// tcpConn is one end of a loopback TCP connection: a socket.
+func tcpConn(t *testing.T) net.Conn {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); a.Close() })
+	return c
 }
 
 func pipeConn(t *testing.T) net.Conn {
@@ -145,13 +166,18 @@ func TestSetRedirectRecords(t *testing.T) {
 		t.Fatalf("backend got %q, own hook called %v", got, ownHook)
 	}
 	// The backend answers for plain connections it knows.
-	known := pipeConn(t)
+	known := tcpConn(t)
 	b.known = known
 	if r, err := proxy.QueryRedirectRecords(known); err != nil || string(r) != "k" {
 		t.Fatalf("backend query: %q %v", r, err)
 	}
-	if _, err := proxy.QueryRedirectRecords(pipeConn(t)); !errors.Is(err, proxy.ErrNotFound) {
+	if _, err := proxy.QueryRedirectRecords(tcpConn(t)); !errors.Is(err, proxy.ErrNotFound) {
 		t.Fatalf("unknown plain conn: %v", err)
+	}
+	// Something that is not a socket is told so (WSAENOTSOCK), not
+	// "not redirected".
+	if _, err := proxy.QueryRedirectRecords(pipeConn(t)); !errors.Is(err, proxy.ErrNotSocket) || errors.Is(err, proxy.ErrNotFound) {
+		t.Fatalf("not a socket: %v", err)
 	}
 	unregister()
 	if err := proxy.SetRedirectRecords(&net.Dialer{}, []byte("r")); !errors.Is(err, proxy.ErrNotSupported) {
@@ -280,6 +306,7 @@ func TestDatagramQueries(t *testing.T) {
 		{"no context", &fakeDatagrams{known: client, r: proxy.Redirect{Records: recs, TargetPID: 7}, pid: 7}, src, proxy.QueryDatagramRedirectContext, proxy.ErrNotFound},
 		{"no records", &fakeDatagrams{known: client, r: proxy.Redirect{TargetPID: 7}, pid: 7}, src, proxy.QueryDatagramRedirectRecords, proxy.ErrNotFound},
 		{"plain socket, no backend", plainPacketConn(t), src, proxy.QueryDatagramRedirectRecords, proxy.ErrNotSupported},
+		{"not a socket", notSocketPC{plainPacketConn(t)}, src, proxy.QueryDatagramRedirectRecords, proxy.ErrNotSocket},
 	}
 	for _, c := range cases {
 		if _, err := c.fn(c.pc, c.from); !errors.Is(err, c.want) {
@@ -317,4 +344,64 @@ func plainPacketConn(t *testing.T) net.PacketConn {
 	}
 	t.Cleanup(func() { pc.Close() })
 	return pc
+}
+
+// notSocketPC is a packet connection that is not an IP socket.
+type notSocketPC struct{ net.PacketConn }
+
+func (notSocketPC) LocalAddr() net.Addr { return &net.UnixAddr{Name: "@x", Net: "unixgram"} }
+
+// Per-connection records: one net.Dialer shared by a proxy's connections,
+// each dial's context carrying its own records, which reach the backend
+// for that dial's socket only.
+func TestPerConnectionRecords(t *testing.T) {
+	d := &net.Dialer{ControlContext: proxy.ControlRedirectRecords}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	dial := func(ctx context.Context) error {
+		c, err := d.DialContext(ctx, "tcp4", ln.Addr().String())
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
+	withRecs := proxy.WithRedirectRecords(context.Background(), []byte("conn-1"))
+	if err := dial(withRecs); !errors.Is(err, proxy.ErrNotSupported) {
+		t.Fatalf("records and no backend: %v", err)
+	}
+	b := &backend{}
+	defer proxy.Register(b)()
+	for _, recs := range []string{"conn-1", "conn-2"} {
+		if err := dial(proxy.WithRedirectRecords(context.Background(), []byte(recs))); err != nil {
+			t.Fatal(err)
+		}
+		b.mu.Lock()
+		got := string(b.records)
+		b.records = nil
+		b.mu.Unlock()
+		if got != recs {
+			t.Fatalf("dial with %q: the backend got %q", recs, got)
+		}
+	}
+	if err := dial(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if b.records != nil {
+		t.Fatalf("a dial without records handed %q", b.records)
+	}
+	if err := dial(proxy.WithRedirectRecords(context.Background(), nil)); !errors.Is(err, proxy.ErrInvalidArgument) {
+		t.Fatalf("empty records: %v", err)
+	}
 }

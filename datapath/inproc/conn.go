@@ -81,6 +81,9 @@ func (c *Conn) Close() error {
 		if c.redirect != nil {
 			c.c.dp.forget(c.key)
 		}
+		if c.c.bound.IsValid() {
+			c.c.resourceRelease(c.c.bound)
+		}
 		c.c.endpointClosure(c.local, c.closureRemote())
 	})
 	return c.closeErr

@@ -41,11 +41,13 @@ type Identity struct {
 	Path string // executable path (ALE app id); "" when unknown
 	UID  int    // -1 when unknown (Windows, plan9)
 	GID  int    // -1 when unknown
+	// CgroupID is the process's cgroup v2 id; 0 when unknown.
+	CgroupID uint64
 }
 
 // ProcessIdentity returns this process's identity.
 func ProcessIdentity() Identity {
-	id := Identity{PID: uint32(os.Getpid()), UID: os.Getuid(), GID: os.Getgid()}
+	id := Identity{PID: uint32(os.Getpid()), UID: os.Getuid(), GID: os.Getgid(), CgroupID: processCgroupID()}
 	if p, err := os.Executable(); err == nil {
 		id.Path = p
 	}
@@ -83,6 +85,7 @@ type Datapath struct {
 	log  *slog.Logger
 
 	nextEndpoint atomic.Uint64
+	compartment  uint64 // the network namespace's inode; 0 when unknown
 
 	// Redirected outbound connections, by (protocol, client local, remote it
 	// really connected to), for the proxy queries of the accepting side.
@@ -124,7 +127,7 @@ func New(e *engine.Engine, opts Options) *Datapath {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Datapath{e: e, id: id, opts: opts, log: log,
+	return &Datapath{e: e, id: id, opts: opts, log: log, compartment: netnsInode(),
 		redirs: map[connKey]*redirectEntry{}, dialing: map[netip.AddrPort]map[*dialing]struct{}{}}
 }
 
@@ -145,6 +148,33 @@ type classifier struct {
 	dir   engine.Direction        // of the flow; a socket without a flow has none
 	recs  *engine.RedirectRecords // records the socket carries (a proxy's outbound)
 	via   netip.AddrPort          // where a redirected flow really goes
+
+	// What the kernel told about the flow's socket (0: unknown, absent).
+	parent uint64         // an accepted connection's listening endpoint
+	ifIn   uint32         // the interface its packets arrive on (inbound flows)
+	ifOut  uint32         // the interface its packets leave by (outbound flows)
+	scope  uint32         // the remote's IPv6 scope (zone)
+	mtu    uint32         // the connected socket's path MTU
+	bound  netip.AddrPort // a dialer's local address, assigned at RESOURCE_ASSIGNMENT
+}
+
+// socketValues fills vs and m for a classification of the socket itself
+// (bind, resource) of a dialing flow: the local address, no flow.
+func (c *classifier) socketValues(vs *engine.Values, m *engine.Metadata, local netip.AddrPort) {
+	vs.Reset()
+	flow := c.flow
+	c.flow = 0
+	c.values(vs, local, netip.AddrPort{})
+	c.meta(m)
+	c.flow = flow
+}
+
+// resourceRelease is RESOURCE_RELEASE of a dialing socket's local address.
+func (c *classifier) resourceRelease(local netip.AddrPort) {
+	var vs engine.Values
+	var m engine.Metadata
+	c.socketValues(&vs, &m, local)
+	_, _ = c.classify(context.Background(), engine.KindResourceRelease, &vs, &m, nil)
 }
 
 // values fills the tuple, protocol, process and flag fields.
@@ -173,6 +203,15 @@ func (c *classifier) values(vs *engine.Values, local, remote netip.AddrPort) {
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
 	if c.flow != 0 {
 		vs.Set(engine.FieldDirection, engine.Uint32(uint32(c.dir)))
+	}
+	if c.id.CgroupID != 0 {
+		vs.Set(engine.FieldCgroupID, engine.Uint64(c.id.CgroupID))
+	}
+	if c.dp.compartment != 0 {
+		vs.Set(engine.FieldCompartment, engine.Uint64(c.dp.compartment))
+	}
+	if i := max(c.ifIn, c.ifOut); i != 0 {
+		vs.Set(engine.FieldIPLocalInterface, engine.Uint32(i))
 	}
 }
 
@@ -211,6 +250,50 @@ func (c *classifier) meta(m *engine.Metadata) {
 	if c.recs != nil {
 		m.Present |= engine.MetaRedirectRecords
 		m.RedirectRecords = c.recs
+	}
+	if c.id.CgroupID != 0 {
+		m.Present |= engine.MetaCgroupID
+		m.CgroupID = c.id.CgroupID
+	}
+	if c.dp.compartment != 0 {
+		m.Present |= engine.MetaCompartmentID
+		m.CompartmentID = c.dp.compartment
+	}
+	if c.parent != 0 {
+		m.Present |= engine.MetaParentEndpointHandle
+		m.ParentEndpointHandle = c.parent
+	}
+	if c.ifIn != 0 {
+		m.Present |= engine.MetaSourceInterfaceIndex
+		m.SourceInterfaceIndex = c.ifIn
+	}
+	if c.ifOut != 0 {
+		m.Present |= engine.MetaDestinationInterfaceIndex
+		m.DestinationInterfaceIndex = c.ifOut
+	}
+	if c.scope != 0 {
+		m.Present |= engine.MetaRemoteScopeID
+		m.RemoteScopeID = c.scope
+	}
+	if c.mtu != 0 {
+		m.Present |= engine.MetaPathMTU
+		m.PathMTU = c.mtu
+	}
+}
+
+// connected notes what the kernel tells about a connected socket: its path
+// MTU and the interface it uses (the one it is bound to, else the one
+// holding its local address).
+func (c *classifier) connected(conn any, local netip.AddrPort) {
+	mtu, ifx := connectedInfo(conn)
+	if ifx == 0 {
+		ifx = ifindexOf(local.Addr())
+	}
+	c.mtu = mtu
+	if c.dir == engine.DirectionInbound {
+		c.ifIn = ifx
+	} else {
+		c.ifOut = ifx
 	}
 }
 
@@ -461,6 +544,9 @@ func (dp *Datapath) lookupAccepted(ctx context.Context, proto uint8, local, remo
 // QueryAccepted implements proxy.Backend for connections accepted outside
 // this package (a plain net.Listener): it finds them by 4-tuple.
 func (dp *Datapath) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
+	if !isSocket(conn) {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T", proxy.ErrNotSocket, conn)
+	}
 	local, lok := addrPortOf(conn.LocalAddr())
 	remote, rok := addrPortOf(conn.RemoteAddr())
 	proto := protoOf(conn.LocalAddr())
@@ -478,6 +564,9 @@ func (dp *Datapath) QueryAccepted(conn net.Conn) (proxy.Redirect, error) {
 // net.PacketConn: the redirect of the datagrams from that the socket
 // receives, by its local address (see PacketConn.ProxyDatagramRedirect).
 func (dp *Datapath) QueryDatagram(pc net.PacketConn, from netip.AddrPort) (proxy.Redirect, error) {
+	if !isSocket(pc) {
+		return proxy.Redirect{}, fmt.Errorf("%w: %T", proxy.ErrNotSocket, pc)
+	}
 	local, ok := addrPortOf(pc.LocalAddr())
 	if !ok || protoOf(pc.LocalAddr()) != 17 {
 		return proxy.Redirect{}, fmt.Errorf("%w: %T is not a UDP socket", proxy.ErrNotFound, pc)
@@ -497,6 +586,15 @@ func (dp *Datapath) SetRecords(network, address string, _ syscall.RawConn, _ []b
 
 func (ent *redirectEntry) proxyRedirect() proxy.Redirect {
 	return proxy.Redirect{Records: ent.records, Context: ent.context, TargetPID: ent.targetPID}
+}
+
+// isSocket: an operating-system socket, or a wrapper showing its IP
+// addresses (proxy.ErrNotSocket otherwise, WSAENOTSOCK).
+func isSocket(c interface{ LocalAddr() net.Addr }) bool {
+	if _, ok := c.(syscall.Conn); ok {
+		return true
+	}
+	return protoOf(c.LocalAddr()) != 0
 }
 
 func addrPortOf(a net.Addr) (netip.AddrPort, bool) {

@@ -29,6 +29,9 @@ type Dialer struct {
 // SetRedirectRecords makes the dialer's connections carry redirect
 // records a proxy queried on its accepted connection (implements
 // proxy.RecordsSetter). The records must come from this datapath's engine.
+// They go with every later dial of the dialer: a proxy that shares one
+// dialer among connections passes each dial its own records instead, in
+// its context (proxy.WithRedirectRecords), which take precedence.
 func (d *Dialer) SetRedirectRecords(records []byte) error {
 	if d == nil || d.Datapath == nil { // a typed nil comes through proxy.SetRedirectRecords
 		return fmt.Errorf("%w: dialer has no datapath", proxy.ErrInvalidArgument)
@@ -69,7 +72,18 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	}
 	c := dp.newClassifier(nw.proto, remote.Addr().Is6(), engine.DirectionOutbound, dp.id, true)
 	c.recs = d.recs
-	conn, err := d.dial(ctx, c, nw, network, remote)
+	if b, ok, err := proxy.RedirectRecordsFrom(ctx); ok { // this dial's own records
+		if err == nil {
+			c.recs, err = dp.e.UnmarshalRedirectRecords(b)
+		}
+		if err != nil {
+			dp.e.FlowDeleted(c.flow)
+			return nil, &net.OpError{Op: "dial", Net: network, Err: fmt.Errorf("%w: %w", proxy.ErrInvalidArgument, err)}
+		}
+	}
+	zone := zoneOf(address)
+	c.scope = zoneIndex(zone)
+	conn, err := d.dial(ctx, c, nw, network, remote, zone)
 	if err != nil {
 		dp.e.FlowDeleted(c.flow)
 		return nil, &net.OpError{Op: "dial", Net: network, Addr: nw.addr(remote), Err: err}
@@ -87,7 +101,7 @@ func (d *Dialer) deadline() time.Time {
 	return dl
 }
 
-func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network string, remote netip.AddrPort) (*Conn, error) {
+func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network string, remote netip.AddrPort, zone string) (*Conn, error) {
 	dp := c.dp
 	var local netip.AddrPort // known before connect only when the dialer binds
 	if la, ok := addrPortOf(d.Net.LocalAddr); ok {
@@ -95,6 +109,24 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 	}
 	var vs engine.Values
 	var m engine.Metadata
+	nd := &d.Net
+	if local.IsValid() {
+		// The dialer binds: BIND_REDIRECT (which may move the local
+		// address) and RESOURCE_ASSIGNMENT run before the connect layers,
+		// as bind() comes before connect().
+		var err error
+		if local, err = d.bindLocal(ctx, c, local); err != nil {
+			return nil, err
+		}
+		c.bound = local
+		nd = d.netBoundTo(nd, local)
+	}
+	ok := false
+	defer func() {
+		if !ok && c.bound.IsValid() {
+			c.resourceRelease(c.bound)
+		}
+	}()
 	c.values(&vs, local, remote)
 	c.meta(&m)
 	res, err := c.classify(ctx, engine.KindConnectRedirect, &vs, &m, nil)
@@ -118,13 +150,16 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 		return nil, err
 	}
 
-	nd := &d.Net
 	var dl *dialing
 	if ent != nil {
 		dl = dp.beginRedirect(nw.proto, target)
-		nd = d.netWithSocketHook(dp, dl)
+		nd = netWithSocketHook(nd, dp, dl)
 	}
-	raw, err := nd.DialContext(ctx, network, target.String())
+	dialTo := target
+	if ent == nil && zone != "" { // not redirected: the zone goes with the address
+		dialTo = netip.AddrPortFrom(target.Addr().WithZone(zone), target.Port())
+	}
+	raw, err := nd.DialContext(ctx, network, dialTo.String())
 	if err != nil {
 		if dl != nil {
 			dp.endRedirect(dl, connKey{}, nil)
@@ -133,6 +168,7 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 	}
 	conn := &Conn{Conn: raw, c: c, remote: target}
 	conn.local, _ = addrPortOf(raw.LocalAddr())
+	c.connected(raw, conn.local)
 	if dl != nil {
 		conn.redirect, conn.original = ent, remote
 		conn.key = connKey{nw.proto, conn.local, target}
@@ -147,15 +183,53 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 		conn.abort()
 		return nil, err
 	}
+	ok = true
 	return conn, nil
 }
 
-// netWithSocketHook is the dialer's net.Dialer with a Control hook that
-// hands the new socket to the in-flight dial's record (after the caller's
-// own hook), so that an accept can tell whether the dial is its peer.
-func (d *Dialer) netWithSocketHook(dp *Datapath, dl *dialing) *net.Dialer {
-	nd := d.Net
-	ctl, ctlCtx := d.Net.Control, d.Net.ControlContext
+// bindLocal runs BIND_REDIRECT and RESOURCE_ASSIGNMENT for a dialer bound
+// to local, and returns the address to bind (a bind redirect's). These are
+// the socket's classifications, before any flow: no flow handle, no
+// direction. RESOURCE_ASSIGNMENT sees the address asked for: a port 0 is
+// only chosen by the kernel at connect.
+func (d *Dialer) bindLocal(ctx context.Context, c *classifier, local netip.AddrPort) (netip.AddrPort, error) {
+	var vs engine.Values
+	var m engine.Metadata
+	c.socketValues(&vs, &m, local)
+	res, err := c.classify(ctx, engine.KindBindRedirect, &vs, &m, nil)
+	if err != nil {
+		return local, err
+	}
+	if rd := res.Redirect; rd.Redirected() && rd.Bind != nil {
+		local = unmap(rd.Bind.LocalAddressAndPort)
+	}
+	c.socketValues(&vs, &m, local)
+	if _, err := c.classify(ctx, engine.KindResourceAssignment, &vs, &m, nil); err != nil {
+		return local, err
+	}
+	return local, nil
+}
+
+// netBoundTo is nd binding to local (a bind redirect's address).
+func (d *Dialer) netBoundTo(nd *net.Dialer, local netip.AddrPort) *net.Dialer {
+	if a, ok := addrPortOf(nd.LocalAddr); ok && a == local {
+		return nd
+	}
+	n := *nd
+	if _, isUDP := nd.LocalAddr.(*net.UDPAddr); isUDP {
+		n.LocalAddr = net.UDPAddrFromAddrPort(local)
+	} else {
+		n.LocalAddr = net.TCPAddrFromAddrPort(local)
+	}
+	return &n
+}
+
+// netWithSocketHook is base with a Control hook that hands the new socket
+// to the in-flight dial's record (after the caller's own hook), so that an
+// accept can tell whether the dial is its peer.
+func netWithSocketHook(base *net.Dialer, dp *Datapath, dl *dialing) *net.Dialer {
+	nd := *base
+	ctl, ctlCtx := base.Control, base.ControlContext
 	nd.Control = nil
 	nd.ControlContext = func(ctx context.Context, network, address string, c syscall.RawConn) error {
 		var err error

@@ -19,5 +19,9 @@
 //
 // Metadata carries what the process truly knows — pid, executable path,
 // uid/gid, flow handle, direction, original destination, redirect target
-// pid, records — and leaves the rest absent.
+// pid, records; on Linux the compartment (network namespace inode) and
+// cgroup id; an accepted connection's parent endpoint; once a socket is
+// connected, the interface it uses and its path MTU (a new UDP remote's
+// datagram: the arrival interface, IP_PKTINFO); a zoned IPv6 remote's
+// scope id — and leaves the rest absent.
 package inproc

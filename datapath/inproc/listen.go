@@ -207,6 +207,11 @@ func (l *Listener) admit(raw net.Conn) {
 	local, _ := addrPortOf(raw.LocalAddr())
 	remote, _ := addrPortOf(raw.RemoteAddr())
 	c := dp.newClassifier(6, remote.Addr().Is6(), engine.DirectionInbound, l.c.id, true)
+	c.parent = l.c.ep // seed 004: the listening socket's endpoint
+	if ra, ok := raw.RemoteAddr().(*net.TCPAddr); ok {
+		c.scope = zoneIndex(ra.Zone)
+	}
+	c.connected(raw, local)
 	var vs engine.Values
 	var m engine.Metadata
 	c.values(&vs, local, remote)

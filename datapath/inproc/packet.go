@@ -34,6 +34,7 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 	}
 	p := &PacketConn{PacketConn: pc, udp: pc.(*net.UDPConn), lc: lc, c: c, local: local, epoch: time.Now(),
 		peers: map[netip.AddrPort]*peer{}, replies: map[netip.AddrPort]netip.AddrPort{}}
+	enablePktinfo(p.udp) // a new remote's AUTH_RECV_ACCEPT reports the arrival interface
 	switch idle := lc.Datapath.opts.UDPIdleTimeout; {
 	case idle == 0:
 		p.idle = DefaultUDPIdleTimeout
@@ -205,6 +206,7 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if !ok || !dst.IsValid() {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: pc.LocalAddr(), Addr: addr, Err: syscall.EINVAL}
 	}
+	zone := dst.Addr().Zone()
 	dst = unmap(dst)
 	// A write past its deadline fails before anything happens, as the
 	// socket's own would: no classification started for a datagram that
@@ -212,7 +214,7 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if pc.wdl.passed() {
 		return 0, pc.opErr("write", addr, os.ErrDeadlineExceeded)
 	}
-	p := pc.outbound(dst)
+	p := pc.outbound(dst, zone)
 	if p == nil {
 		return 0, pc.opErr("write", addr, net.ErrClosed)
 	}
@@ -229,7 +231,11 @@ func (pc *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if pc.nreplies.Load() > 0 {
 		pc.noteSent(p.to, dst)
 	}
-	return pc.udp.WriteToUDPAddrPort(b, p.to)
+	to := p.to
+	if zone != "" && to == dst { // not redirected: the zone goes with the address
+		to = netip.AddrPortFrom(to.Addr().WithZone(zone), to.Port())
+	}
+	return pc.udp.WriteToUDPAddrPort(b, to)
 }
 
 // noteSent records that the application last addressed to when sending to
@@ -254,6 +260,7 @@ func (pc *PacketConn) noteSent(where, to netip.AddrPort) {
 func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	pc.readers.Add(1)
 	defer pc.readers.Add(-1)
+	var oob [oobSize]byte // the arrival interface (IP_PKTINFO)
 	for {
 		// A classification that ended may have set the socket's deadline
 		// in the past to wake a read (wakeReaders): put the caller's back
@@ -276,13 +283,14 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 				continue
 			}
 		}
-		n, src, err := pc.udp.ReadFromUDPAddrPort(b)
+		n, oobn, src, err := readMsg(pc.udp, b, oob[:])
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) && !pc.rdl.passed() {
 				continue // woken: a held datagram's classification ended
 			}
 			return n, nil, err
 		}
+		zone := src.Addr().Zone()
 		src = unmap(src)
 		pc.mu.Lock()
 		orig, isReply := pc.replies[src]
@@ -295,7 +303,7 @@ func (pc *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		if isReply {
 			return n, net.UDPAddrFromAddrPort(orig), nil
 		}
-		p := pc.inbound(src, b[:n])
+		p := pc.inbound(src, b[:n], oob[:oobn], zone)
 		if p == nil {
 			return 0, nil, pc.opErr("read", nil, net.ErrClosed)
 		}
@@ -464,9 +472,12 @@ func (pc *PacketConn) newPeer(remote netip.AddrPort, dir engine.Direction) *peer
 // classification (CONNECT_REDIRECT, AUTH_CONNECT) when new, so that WriteTo
 // can give up at its deadline and a later WriteTo send per the verdict.
 // nil: the socket is closed.
-func (pc *PacketConn) outbound(remote netip.AddrPort) *peer {
+func (pc *PacketConn) outbound(remote netip.AddrPort, zone string) *peer {
 	return pc.association(remote, engine.DirectionOutbound, func() func(*peer) error {
-		return func(p *peer) error { return pc.connect(pc.ctx, p, remote) }
+		return func(p *peer) error {
+			p.c.scope = zoneIndex(zone)
+			return pc.connect(pc.ctx, p, remote)
+		}
 	})
 }
 
@@ -474,10 +485,14 @@ func (pc *PacketConn) outbound(remote netip.AddrPort) *peer {
 // classification (AUTH_RECV_ACCEPT) when new, so that ReadFrom can give up
 // at its deadline and a later ReadFrom deliver the datagram. nil: the
 // socket is closed.
-func (pc *PacketConn) inbound(remote netip.AddrPort, datagram []byte) *peer {
+func (pc *PacketConn) inbound(remote netip.AddrPort, datagram, oob []byte, zone string) *peer {
 	return pc.association(remote, engine.DirectionInbound, func() func(*peer) error {
 		data := append([]byte(nil), datagram...) // the caller's buffer is reused
-		return func(p *peer) error { return pc.admit(pc.ctx, p, remote, data) }
+		ifx := pktinfoIfindex(oob)               // parsed for a new remote only
+		return func(p *peer) error {
+			p.c.ifIn, p.c.scope = ifx, zoneIndex(zone)
+			return pc.admit(pc.ctx, p, remote, data)
+		}
 	})
 }
 

@@ -125,9 +125,10 @@ func TestRedirectThroughProxy(t *testing.T) {
 			if me.UID >= 0 && (!client.Has(engine.MetaUserID) || client.UserID != uint32(me.UID)) {
 				t.Errorf("uid metadata: %+v", *client)
 			}
-			// What the datapath cannot know stays absent.
+			// What the datapath cannot know stays absent: before connect, no
+			// interface, MTU or parent endpoint.
 			for _, f := range []engine.MetaField{engine.MetaSourceInterfaceIndex, engine.MetaDestinationInterfaceIndex,
-				engine.MetaCompartmentID, engine.MetaCgroupID, engine.MetaParentEndpointHandle} {
+				engine.MetaParentEndpointHandle, engine.MetaPathMTU, engine.MetaRemoteScopeID} {
 				if client.Has(f) {
 					t.Errorf("metadata field %#x present, the datapath does not know it", f)
 				}

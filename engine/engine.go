@@ -32,14 +32,13 @@ type Engine struct {
 	// txnSem admits one writer; a channel so that waiting can time out.
 	txnSem chan struct{}
 
-	idMu          sync.Mutex
-	nextProvider  ProviderID
-	nextContext   ProviderContextID
-	nextSublayer  SublayerID
-	nextFilter    FilterID
-	nextCallout   CalloutID
-	calloutSlots  map[string]*calloutSlot
-	registrations map[CalloutID]*calloutSlot
+	idMu         sync.Mutex
+	nextProvider ProviderID
+	nextContext  ProviderContextID
+	nextSublayer SublayerID
+	nextFilter   FilterID
+	nextCallout  CalloutID
+	calloutSlots map[string]*calloutSlot
 
 	events   *eventRing
 	rt       runtime

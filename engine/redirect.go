@@ -68,18 +68,17 @@ const MaxRedirectContext = 4096
 // redirectState is the writable layer data of one flow at a redirect layer,
 // shared by the classify, its handles and its pend.
 type redirectState struct {
-	mu        sync.Mutex
-	layer     LayerID
-	connect   *ConnectRequest
-	bind      *BindRequest
-	original  netip.AddrPort
-	modified  bool
-	records   []RedirectRecord // the flow's records, then this classify's
-	reauthBy  []FilterID       // filters that asked to be reauthorized
-	reauth    bool
-	lastBy    FilterID
-	handles   []*classifyHandle
-	passCount int
+	mu       sync.Mutex
+	layer    LayerID
+	connect  *ConnectRequest
+	bind     *BindRequest
+	original netip.AddrPort
+	modified bool
+	records  []RedirectRecord // the flow's records, then this classify's
+	reauthBy []FilterID       // filters that asked to be reauthorized
+	reauth   bool
+	lastBy   FilterID
+	handles  []*classifyHandle
 }
 
 func (cs *classifyState) redirect() *redirectState {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"fwp/engine"
@@ -29,7 +30,7 @@ func New(eng *engine.Engine) *Metrics {
 		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 	})
 	m.reg.MustRegister(m.commit, collector{eng},
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

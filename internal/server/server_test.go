@@ -306,13 +306,22 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 	}
 }
 
-// A handler's panic becomes a typed error for that call only.
+// A handler's panic becomes a typed error for that call only: a runtime
+// error from a bad request (an index past what it sent) fails that call,
+// naming the method and the fault, and the next call is served.
 func TestPanicRecovered(t *testing.T) {
 	s := New(Config{})
-	_, err := s.unary(context.Background(), nil, &grpc.UnaryServerInfo{FullMethod: "/x/Unary"},
-		func(context.Context, any) (any, error) { var m map[string]int; m["x"] = 1; return nil, nil })
-	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "/x/Unary") {
+	info := &grpc.UnaryServerInfo{FullMethod: "/x/Unary"}
+	h := func(_ context.Context, req any) (any, error) {
+		b := req.([]byte)
+		return b[3], nil // out of range for a short request
+	}
+	_, err := s.unary(context.Background(), []byte("ab"), info, h)
+	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "/x/Unary") || !strings.Contains(e.Error(), "index out of range") {
 		t.Fatalf("unary: %v", e)
+	}
+	if resp, err := s.unary(context.Background(), []byte("abcd"), info, h); err != nil || resp != byte('d') {
+		t.Fatalf("the call after a panic: %v, %v", resp, err)
 	}
 	err = s.stream(nil, nil, &grpc.StreamServerInfo{FullMethod: "/x/Stream"}, func(any, grpc.ServerStream) error { panic("boom") })
 	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "boom") {

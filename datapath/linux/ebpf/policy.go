@@ -136,12 +136,6 @@ func (b bitvec) set(r int)      { b[r>>6] |= 1 << (r & 63) }
 func (b bitvec) clear(r int)    { b[r>>6] &^= 1 << (r & 63) }
 func (b bitvec) has(r int) bool { return b[r>>6]&(1<<(r&63)) != 0 }
 func (b bitvec) clone() bitvec  { return slices.Clone(b) }
-func (b bitvec) or(o bitvec) bitvec { // in place
-	for i := range b {
-		b[i] |= o[i]
-	}
-	return b
-}
 
 // classes interns the distinct bitsets of one field of one layer.
 type classes struct {
@@ -606,8 +600,7 @@ func (lp *layerPolicy) compilePorts(f int, g [][]engine.Condition, wild bitvec) 
 	slices.SortStableFunc(events, func(a, b event) int { return cmp.Compare(a.at, b.at) })
 	c := &lp.classes[f]
 	ports := make([]uint16, 65536)
-	cur := wild.clone()
-	cls := c.intern(cur)
+	cur := wild.clone() // interned by the caller, as the field's empty class
 	next := 0
 	for port := uint32(0); port < 65536; {
 		for next < len(events) && events[next].at == port {
@@ -618,7 +611,7 @@ func (lp *layerPolicy) compilePorts(f int, g [][]engine.Condition, wild bitvec) 
 			}
 			next++
 		}
-		cls = c.intern(cur)
+		cls := c.intern(cur)
 		end := uint32(65536)
 		if next < len(events) {
 			end = events[next].at

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"fwp/api"
+	"fwp/internal/version"
 	"fwp/mgmt"
 )
 
@@ -402,4 +403,13 @@ func (c *Client) Drop() {
 		c.cancel()
 		c.conn.Close()
 	})
+}
+
+// Version returns the daemon's build (module version, VCS revision).
+func (c *Client) Version(ctx context.Context) (version.Info, error) {
+	v, err := c.rpc.Version(c.ctx(ctx), &api.Empty{})
+	if err != nil {
+		return version.Info{}, api.FromStatus(err)
+	}
+	return version.Info{Version: v.GetVersion(), Revision: v.GetRevision(), Modified: v.GetModified(), GoVersion: v.GetGoVersion()}, nil
 }

@@ -24,6 +24,28 @@ func TestE2EKernelBPFFSAndCgroupV1(t *testing.T) {
 	if ok, err := unix.IsBPFFS(fs); err != nil || !ok {
 		t.Fatalf("no bpffs under the pins while fwpd runs: %v %v", ok, err)
 	}
+	// The events table names the filter by key next to its ID, in
+	// aligned columns.
+	requireTool(t, "curl")
+	sc, _ := startScenario(t, cg, d.pins)
+	if errs, code := d.apply(t, blockHost3); code != 0 {
+		t.Fatal(errs)
+	}
+	if r := sc.run(curl("http://127.0.0.3:9090/")...); r.Code != 7 {
+		t.Fatalf("not blocked: %+v", r)
+	}
+	ev := d.mustCtl("events")
+	lines := strings.Split(strings.TrimSpace(ev), "\n")
+	at := strings.Index(lines[0], "FILTER")
+	var row string
+	for _, l := range lines[1:] {
+		if strings.Contains(l, "block-host3(#") {
+			row = l
+		}
+	}
+	if at < 0 || row == "" || strings.Index(row, "block-host3(#") != at || !strings.Contains(row, " tcp ") {
+		t.Fatalf("events table: want the filter's key and ID under FILTER and the protocol by name:\n%s", ev)
+	}
 	d.stop(syscall.SIGTERM)
 	if ok, err := unix.IsBPFFS(fs); err != nil || ok {
 		t.Fatalf("the bpffs fwpd mounted is still mounted after it stopped: %v %v\n%s", ok, err, d.log)

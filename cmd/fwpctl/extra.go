@@ -76,7 +76,7 @@ func completion(args []string) error {
 		b.WriteString("    if [ \"$COMP_CWORD\" -eq 1 ]; then\n        words=\"" + strings.Join(words.commands, " ") + "\"\n")
 		b.WriteString("    else\n        case \"${COMP_WORDS[1]} ${COMP_WORDS[2]}\" in\n")
 		for _, k := range words.keys() {
-			if sub, ok := words.subs[k]; ok && strings.Contains(k, " ") == false {
+			if sub, ok := words.subs[k]; ok && !strings.Contains(k, " ") {
 				fmt.Fprintf(&b, "            \"%s \"*) if [ \"$COMP_CWORD\" -eq 2 ]; then words=\"%s\"; else\n                case ${COMP_WORDS[2]} in\n", k, strings.Join(sub, " "))
 				for _, s := range sub {
 					fmt.Fprintf(&b, "                    %s) words=\"%s\";;\n", s, strings.Join(words.flags[k+" "+s], " "))

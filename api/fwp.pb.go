@@ -978,9 +978,12 @@ func (x *ApplyRequest) GetPolicy() []byte {
 }
 
 type ApplyResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Added         []*ObjectRef           `protobuf:"bytes,1,rep,name=added,proto3" json:"added,omitempty"`
-	Deleted       []*ObjectRef           `protobuf:"bytes,2,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Added   []*ObjectRef           `protobuf:"bytes,1,rep,name=added,proto3" json:"added,omitempty"`
+	Deleted []*ObjectRef           `protobuf:"bytes,2,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	// warnings: what was applied but is likely a mistake (a condition on
+	// port 0, ...), each naming the object by key (and file:line).
+	Warnings      []string `protobuf:"bytes,3,rep,name=warnings,proto3" json:"warnings,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1025,6 +1028,13 @@ func (x *ApplyResponse) GetAdded() []*ObjectRef {
 func (x *ApplyResponse) GetDeleted() []*ObjectRef {
 	if x != nil {
 		return x.Deleted
+	}
+	return nil
+}
+
+func (x *ApplyResponse) GetWarnings() []string {
+	if x != nil {
+		return x.Warnings
 	}
 	return nil
 }
@@ -2137,6 +2147,76 @@ func (x *Change) GetSession() uint64 {
 	return 0
 }
 
+// VersionInfo is a build's module version and VCS revision (from the Go
+// build information).
+type VersionInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
+	Revision      string                 `protobuf:"bytes,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	GoVersion     string                 `protobuf:"bytes,3,opt,name=go_version,json=goVersion,proto3" json:"go_version,omitempty"`
+	Modified      bool                   `protobuf:"varint,4,opt,name=modified,proto3" json:"modified,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VersionInfo) Reset() {
+	*x = VersionInfo{}
+	mi := &file_fwp_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VersionInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VersionInfo) ProtoMessage() {}
+
+func (x *VersionInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_fwp_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VersionInfo.ProtoReflect.Descriptor instead.
+func (*VersionInfo) Descriptor() ([]byte, []int) {
+	return file_fwp_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *VersionInfo) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *VersionInfo) GetRevision() string {
+	if x != nil {
+		return x.Revision
+	}
+	return ""
+}
+
+func (x *VersionInfo) GetGoVersion() string {
+	if x != nil {
+		return x.GoVersion
+	}
+	return ""
+}
+
+func (x *VersionInfo) GetModified() bool {
+	if x != nil {
+		return x.Modified
+	}
+	return false
+}
+
 var File_fwp_proto protoreflect.FileDescriptor
 
 const file_fwp_proto_rawDesc = "" +
@@ -2227,10 +2307,11 @@ const file_fwp_proto_rawDesc = "" +
 	".fwp.v1.OpR\x03ops\x12\x1f\n" +
 	"\vpolicy_name\x18\x02 \x01(\tR\n" +
 	"policyName\x12\x16\n" +
-	"\x06policy\x18\x03 \x01(\fR\x06policy\"e\n" +
+	"\x06policy\x18\x03 \x01(\fR\x06policy\"\x81\x01\n" +
 	"\rApplyResponse\x12'\n" +
 	"\x05added\x18\x01 \x03(\v2\x11.fwp.v1.ObjectRefR\x05added\x12+\n" +
-	"\adeleted\x18\x02 \x03(\v2\x11.fwp.v1.ObjectRefR\adeleted\"\xa1\x01\n" +
+	"\adeleted\x18\x02 \x03(\v2\x11.fwp.v1.ObjectRefR\adeleted\x12\x1a\n" +
+	"\bwarnings\x18\x03 \x03(\tR\bwarnings\"\xa1\x01\n" +
 	"\vListRequest\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\tR\x05layer\x12\x1a\n" +
@@ -2328,7 +2409,13 @@ const file_fwp_proto_rawDesc = "" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x10\n" +
 	"\x03key\x18\x03 \x01(\tR\x03key\x12\x0e\n" +
 	"\x02id\x18\x04 \x01(\x04R\x02id\x12\x18\n" +
-	"\asession\x18\x05 \x01(\x04R\asession2\xa4\x05\n" +
+	"\asession\x18\x05 \x01(\x04R\asession\"~\n" +
+	"\vVersionInfo\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\tR\aversion\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\tR\brevision\x12\x1d\n" +
+	"\n" +
+	"go_version\x18\x03 \x01(\tR\tgoVersion\x12\x1a\n" +
+	"\bmodified\x18\x04 \x01(\bR\bmodified2\xd3\x05\n" +
 	"\n" +
 	"Management\x12<\n" +
 	"\vOpenSession\x12\x1a.fwp.v1.OpenSessionRequest\x1a\x0f.fwp.v1.Session0\x01\x12,\n" +
@@ -2343,7 +2430,8 @@ const file_fwp_proto_rawDesc = "" +
 	"\aExplain\x12\x16.fwp.v1.ExplainRequest\x1a\x17.fwp.v1.ExplainResponse\x129\n" +
 	"\tNetEvents\x12\x18.fwp.v1.NetEventsRequest\x1a\x10.fwp.v1.NetEvent0\x01\x127\n" +
 	"\tSubscribe\x12\x18.fwp.v1.SubscribeRequest\x1a\x0e.fwp.v1.Change0\x01\x12C\n" +
-	"\rQueryRedirect\x12\x1c.fwp.v1.QueryRedirectRequest\x1a\x14.fwp.v1.RedirectInfoB\rZ\vfwp/api;apib\x06proto3"
+	"\rQueryRedirect\x12\x1c.fwp.v1.QueryRedirectRequest\x1a\x14.fwp.v1.RedirectInfo\x12-\n" +
+	"\aVersion\x12\r.fwp.v1.Empty\x1a\x13.fwp.v1.VersionInfoB\rZ\vfwp/api;apib\x06proto3"
 
 var (
 	file_fwp_proto_rawDescOnce sync.Once
@@ -2357,7 +2445,7 @@ func file_fwp_proto_rawDescGZIP() []byte {
 	return file_fwp_proto_rawDescData
 }
 
-var file_fwp_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_fwp_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_fwp_proto_goTypes = []any{
 	(*Provider)(nil),             // 0: fwp.v1.Provider
 	(*ProviderContext)(nil),      // 1: fwp.v1.ProviderContext
@@ -2385,7 +2473,8 @@ var file_fwp_proto_goTypes = []any{
 	(*RedirectInfo)(nil),         // 23: fwp.v1.RedirectInfo
 	(*SubscribeRequest)(nil),     // 24: fwp.v1.SubscribeRequest
 	(*Change)(nil),               // 25: fwp.v1.Change
-	nil,                          // 26: fwp.v1.ExplainRequest.ValuesEntry
+	(*VersionInfo)(nil),          // 26: fwp.v1.VersionInfo
+	nil,                          // 27: fwp.v1.ExplainRequest.ValuesEntry
 }
 var file_fwp_proto_depIdxs = []int32{
 	4,  // 0: fwp.v1.Filter.conditions:type_name -> fwp.v1.Condition
@@ -2401,7 +2490,7 @@ var file_fwp_proto_depIdxs = []int32{
 	7,  // 10: fwp.v1.ApplyResponse.deleted:type_name -> fwp.v1.ObjectRef
 	6,  // 11: fwp.v1.ObjectList.objects:type_name -> fwp.v1.Object
 	15, // 12: fwp.v1.SessionList.sessions:type_name -> fwp.v1.Session
-	26, // 13: fwp.v1.ExplainRequest.values:type_name -> fwp.v1.ExplainRequest.ValuesEntry
+	27, // 13: fwp.v1.ExplainRequest.values:type_name -> fwp.v1.ExplainRequest.ValuesEntry
 	18, // 14: fwp.v1.ExplainResponse.steps:type_name -> fwp.v1.Step
 	14, // 15: fwp.v1.Management.OpenSession:input_type -> fwp.v1.OpenSessionRequest
 	13, // 16: fwp.v1.Management.CloseSession:input_type -> fwp.v1.Empty
@@ -2416,21 +2505,23 @@ var file_fwp_proto_depIdxs = []int32{
 	20, // 25: fwp.v1.Management.NetEvents:input_type -> fwp.v1.NetEventsRequest
 	24, // 26: fwp.v1.Management.Subscribe:input_type -> fwp.v1.SubscribeRequest
 	22, // 27: fwp.v1.Management.QueryRedirect:input_type -> fwp.v1.QueryRedirectRequest
-	15, // 28: fwp.v1.Management.OpenSession:output_type -> fwp.v1.Session
-	13, // 29: fwp.v1.Management.CloseSession:output_type -> fwp.v1.Empty
-	16, // 30: fwp.v1.Management.Sessions:output_type -> fwp.v1.SessionList
-	13, // 31: fwp.v1.Management.Begin:output_type -> fwp.v1.Empty
-	13, // 32: fwp.v1.Management.Commit:output_type -> fwp.v1.Empty
-	13, // 33: fwp.v1.Management.Abort:output_type -> fwp.v1.Empty
-	10, // 34: fwp.v1.Management.Apply:output_type -> fwp.v1.ApplyResponse
-	6,  // 35: fwp.v1.Management.Get:output_type -> fwp.v1.Object
-	12, // 36: fwp.v1.Management.List:output_type -> fwp.v1.ObjectList
-	19, // 37: fwp.v1.Management.Explain:output_type -> fwp.v1.ExplainResponse
-	21, // 38: fwp.v1.Management.NetEvents:output_type -> fwp.v1.NetEvent
-	25, // 39: fwp.v1.Management.Subscribe:output_type -> fwp.v1.Change
-	23, // 40: fwp.v1.Management.QueryRedirect:output_type -> fwp.v1.RedirectInfo
-	28, // [28:41] is the sub-list for method output_type
-	15, // [15:28] is the sub-list for method input_type
+	13, // 28: fwp.v1.Management.Version:input_type -> fwp.v1.Empty
+	15, // 29: fwp.v1.Management.OpenSession:output_type -> fwp.v1.Session
+	13, // 30: fwp.v1.Management.CloseSession:output_type -> fwp.v1.Empty
+	16, // 31: fwp.v1.Management.Sessions:output_type -> fwp.v1.SessionList
+	13, // 32: fwp.v1.Management.Begin:output_type -> fwp.v1.Empty
+	13, // 33: fwp.v1.Management.Commit:output_type -> fwp.v1.Empty
+	13, // 34: fwp.v1.Management.Abort:output_type -> fwp.v1.Empty
+	10, // 35: fwp.v1.Management.Apply:output_type -> fwp.v1.ApplyResponse
+	6,  // 36: fwp.v1.Management.Get:output_type -> fwp.v1.Object
+	12, // 37: fwp.v1.Management.List:output_type -> fwp.v1.ObjectList
+	19, // 38: fwp.v1.Management.Explain:output_type -> fwp.v1.ExplainResponse
+	21, // 39: fwp.v1.Management.NetEvents:output_type -> fwp.v1.NetEvent
+	25, // 40: fwp.v1.Management.Subscribe:output_type -> fwp.v1.Change
+	23, // 41: fwp.v1.Management.QueryRedirect:output_type -> fwp.v1.RedirectInfo
+	26, // 42: fwp.v1.Management.Version:output_type -> fwp.v1.VersionInfo
+	29, // [29:43] is the sub-list for method output_type
+	15, // [15:29] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name
@@ -2458,7 +2549,7 @@ func file_fwp_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fwp_proto_rawDesc), len(file_fwp_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

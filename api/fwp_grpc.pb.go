@@ -35,6 +35,7 @@ const (
 	Management_NetEvents_FullMethodName     = "/fwp.v1.Management/NetEvents"
 	Management_Subscribe_FullMethodName     = "/fwp.v1.Management/Subscribe"
 	Management_QueryRedirect_FullMethodName = "/fwp.v1.Management/QueryRedirect"
+	Management_Version_FullMethodName       = "/fwp.v1.Management/Version"
 )
 
 // ManagementClient is the client API for Management service.
@@ -64,6 +65,8 @@ type ManagementClient interface {
 	// connection it accepted, by 4-tuple. Only the redirect's target process
 	// (SO_PEERCRED pid) or root is answered.
 	QueryRedirect(ctx context.Context, in *QueryRedirectRequest, opts ...grpc.CallOption) (*RedirectInfo, error)
+	// Version is the daemon's build: any caller may ask.
+	Version(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*VersionInfo, error)
 }
 
 type managementClient struct {
@@ -231,6 +234,16 @@ func (c *managementClient) QueryRedirect(ctx context.Context, in *QueryRedirectR
 	return out, nil
 }
 
+func (c *managementClient) Version(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*VersionInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VersionInfo)
+	err := c.cc.Invoke(ctx, Management_Version_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ManagementServer is the server API for Management service.
 // All implementations must embed UnimplementedManagementServer
 // for forward compatibility.
@@ -258,6 +271,8 @@ type ManagementServer interface {
 	// connection it accepted, by 4-tuple. Only the redirect's target process
 	// (SO_PEERCRED pid) or root is answered.
 	QueryRedirect(context.Context, *QueryRedirectRequest) (*RedirectInfo, error)
+	// Version is the daemon's build: any caller may ask.
+	Version(context.Context, *Empty) (*VersionInfo, error)
 	mustEmbedUnimplementedManagementServer()
 }
 
@@ -306,6 +321,9 @@ func (UnimplementedManagementServer) Subscribe(*SubscribeRequest, grpc.ServerStr
 }
 func (UnimplementedManagementServer) QueryRedirect(context.Context, *QueryRedirectRequest) (*RedirectInfo, error) {
 	return nil, status.Error(codes.Unimplemented, "method QueryRedirect not implemented")
+}
+func (UnimplementedManagementServer) Version(context.Context, *Empty) (*VersionInfo, error) {
+	return nil, status.Error(codes.Unimplemented, "method Version not implemented")
 }
 func (UnimplementedManagementServer) mustEmbedUnimplementedManagementServer() {}
 func (UnimplementedManagementServer) testEmbeddedByValue()                    {}
@@ -541,6 +559,24 @@ func _Management_QueryRedirect_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Management_Version_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ManagementServer).Version(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Management_Version_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ManagementServer).Version(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Management_ServiceDesc is the grpc.ServiceDesc for Management service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -587,6 +623,10 @@ var Management_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "QueryRedirect",
 			Handler:    _Management_QueryRedirect_Handler,
+		},
+		{
+			MethodName: "Version",
+			Handler:    _Management_Version_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

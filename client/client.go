@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"fwp/api"
+	"fwp/internal/version"
 	"fwp/mgmt"
 )
 
@@ -86,11 +87,14 @@ func Dial(ctx context.Context, socket string, opts Options) (*Client, error) {
 		cancel()
 		conn.Close()
 		err = api.FromStatus(err)
-		hint := ""
 		if errors.Is(err, api.ErrUnavailable) {
-			hint = " (is fwpd running there? the socket is set by --socket or $FWPD_SOCKET)"
+			why, limit := diagnose(socket)
+			if limit != nil {
+				return nil, fmt.Errorf("fwp: opening a session on %s (%s): %w: %w", socket, why, limit, err)
+			}
+			return nil, fmt.Errorf("fwp: opening a session on %s (%s): %w", socket, why, err)
 		}
-		return nil, fmt.Errorf("fwp: opening a session on %s%s: %w", socket, hint, err)
+		return nil, fmt.Errorf("fwp: opening a session on %s: %w", socket, err)
 	}
 	c.session = api.ToSession(first)
 	go func() {
@@ -173,6 +177,7 @@ func (c *Client) apply(ctx context.Context, req *api.ApplyRequest) (mgmt.ApplyRe
 		ref, _ := api.ToRef(r)
 		res.Deleted = append(res.Deleted, ref)
 	}
+	res.Warnings = resp.GetWarnings()
 	return res, nil
 }
 
@@ -402,4 +407,13 @@ func (c *Client) Drop() {
 		c.cancel()
 		c.conn.Close()
 	})
+}
+
+// Version returns the daemon's build (module version, VCS revision).
+func (c *Client) Version(ctx context.Context) (version.Info, error) {
+	v, err := c.rpc.Version(c.ctx(ctx), &api.Empty{})
+	if err != nil {
+		return version.Info{}, api.FromStatus(err)
+	}
+	return version.Info{Version: v.GetVersion(), Revision: v.GetRevision(), Modified: v.GetModified(), GoVersion: v.GetGoVersion()}, nil
 }

@@ -122,12 +122,10 @@ func (r *ClassifyRequest) Engine() *Engine { return r.e }
 
 // arbiter is the running decision of one classification.
 type arbiter struct {
-	out      ClassifyOut // Action 0 until a sublayer decides
-	decider  *cfilter
-	reason   Reason
-	veto     bool
-	subOut   ClassifyOut
-	subFlags OutFlags
+	out     ClassifyOut // Action 0 until a sublayer decides
+	decider *cfilter
+	reason  Reason
+	veto    bool
 }
 
 // Step is one line of an arbitration trace.

@@ -32,14 +32,13 @@ type Engine struct {
 	// txnSem admits one writer; a channel so that waiting can time out.
 	txnSem chan struct{}
 
-	idMu          sync.Mutex
-	nextProvider  ProviderID
-	nextContext   ProviderContextID
-	nextSublayer  SublayerID
-	nextFilter    FilterID
-	nextCallout   CalloutID
-	calloutSlots  map[string]*calloutSlot
-	registrations map[CalloutID]*calloutSlot
+	idMu         sync.Mutex
+	nextProvider ProviderID
+	nextContext  ProviderContextID
+	nextSublayer SublayerID
+	nextFilter   FilterID
+	nextCallout  CalloutID
+	calloutSlots map[string]*calloutSlot
 
 	events   *eventRing
 	rt       runtime
@@ -580,7 +579,7 @@ func (s *state) refs(match func(f *Filter) bool) string {
 	for l := LayerID(1); l < numLayers; l++ {
 		for _, f := range s.filters[l].byID {
 			if match(f) {
-				return f.ID.String()
+				return f.Describe()
 			}
 		}
 	}
@@ -599,21 +598,21 @@ func (tx *Txn) DeleteProvider(id ProviderID) error {
 	by := tx.work.refs(func(f *Filter) bool { return f.Provider == id })
 	for _, s := range tx.work.sublayers.byID {
 		if s.Provider == id {
-			by = s.ID.String()
+			by = Describe("sublayer", s.Key, uint64(s.ID))
 		}
 	}
 	for _, c := range tx.work.callouts.byID {
 		if c.Provider == id {
-			by = c.ID.String()
+			by = Describe("callout", c.Key, uint64(c.ID))
 		}
 	}
 	for _, c := range tx.work.contexts.byID {
 		if c.Provider == id {
-			by = c.ID.String()
+			by = Describe("provider_context", c.Key, uint64(c.ID))
 		}
 	}
 	if by != "" {
-		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, id, by)
+		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, Describe("provider", p.Key, uint64(id)), by)
 	}
 	tx.mutProviders().del(id, p.Key)
 	return nil
@@ -629,7 +628,7 @@ func (tx *Txn) DeleteProviderContext(id ProviderContextID) error {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	if by := tx.work.refs(func(f *Filter) bool { return f.ProviderContext == id }); by != "" {
-		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, id, by)
+		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, Describe("provider_context", c.Key, uint64(id)), by)
 	}
 	tx.mutContexts().del(id, c.Key)
 	return nil
@@ -649,7 +648,7 @@ func (tx *Txn) DeleteSublayer(id SublayerID) error {
 		return fmt.Errorf("%w: the universal sublayer is built in", ErrInUse)
 	}
 	if by := tx.work.refs(func(f *Filter) bool { return f.Sublayer == id }); by != "" {
-		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, id, by)
+		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, Describe("sublayer", s.Key, uint64(id)), by)
 	}
 	tx.mutSublayers().del(id, s.Key)
 	return nil
@@ -665,7 +664,7 @@ func (tx *Txn) DeleteCallout(id CalloutID) error {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	if by := tx.work.refs(func(f *Filter) bool { return f.Action.Type.IsCallout() && f.Action.Callout == id }); by != "" {
-		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, id, by)
+		return fmt.Errorf("%w: %s is referenced by %s", ErrInUse, Describe("callout", c.Key, uint64(id)), by)
 	}
 	tx.mutCallouts().del(id, c.Key)
 	return nil

@@ -422,6 +422,8 @@ func (m *Manager) endTxn(sid uint64, end func(*txn) error) error {
 type ApplyResult struct {
 	Added   []Ref `json:"added"`
 	Deleted []Ref `json:"deleted"`
+	// Warnings: what was applied but is likely a mistake (see Warnings).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // Apply runs ops in order as one unit: in the session's transaction when
@@ -434,7 +436,11 @@ func (m *Manager) Apply(ctx context.Context, sid uint64, ops []Op) (ApplyResult,
 	}
 	defer s.mu.Unlock()
 	if s.txn != nil {
-		return s.txn.apply(ops, len(ops) > 1)
+		res, err := s.txn.apply(ops, len(ops) > 1)
+		if err == nil {
+			res.Warnings = Warnings(ops)
+		}
+		return res, err
 	}
 	t, err := m.begin(ctx, s)
 	if err != nil {
@@ -445,7 +451,11 @@ func (m *Manager) Apply(ctx context.Context, sid uint64, ops []Op) (ApplyResult,
 		t.abort()
 		return ApplyResult{}, err
 	}
-	return res, t.commit()
+	if err := t.commit(); err != nil {
+		return ApplyResult{}, err
+	}
+	res.Warnings = Warnings(ops)
+	return res, nil
 }
 
 // Add adds one object and returns its reference (with the engine's ID).

@@ -25,6 +25,9 @@ type txn struct {
 	logging bool
 	// loading: the store is being loaded; nothing to write back.
 	loading bool
+	// pos is where the transaction's added objects came from (a policy
+	// file's file:line), for errors found only at commit.
+	pos map[objKey]string
 }
 
 type journalEntry struct {
@@ -111,6 +114,12 @@ func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 		case op.Add != nil && op.Delete == nil:
 			if r, err = t.add(*op.Add); err == nil {
 				res.Added = append(res.Added, r)
+				if op.Pos != "" {
+					if t.pos == nil {
+						t.pos = map[objKey]string{}
+					}
+					t.pos[objKey{r.Kind, r.Key}] = op.Pos
+				}
 			}
 		case op.Delete != nil && op.Add == nil:
 			if r, err = t.delete(*op.Delete); err == nil {
@@ -159,6 +168,20 @@ func (t *txn) abort() {
 	t.tx.Abort()
 }
 
+// posOf is "file:line: " of the object err is about, when the
+// transaction added it from a policy file, or "".
+func (t *txn) posOf(err error) string {
+	var oe *engine.ObjectError
+	if !errors.As(err, &oe) {
+		return ""
+	}
+	k, kerr := ParseKind(oe.Kind)
+	if p, ok := t.pos[objKey{k, oe.Key}]; ok && kerr == nil {
+		return p + ": "
+	}
+	return ""
+}
+
 // release forgets t's session as the lock holder, before the engine lets
 // the lock go (and the next holder is recorded).
 func (t *txn) release() { t.m.holder.CompareAndSwap(t.s, nil) }
@@ -171,7 +194,7 @@ func (t *txn) commit() error {
 	if m.opts.BeforeCommit != nil {
 		if err := m.opts.BeforeCommit(t.tx.View()); err != nil {
 			t.abort()
-			return fmt.Errorf("%w: %w", engine.ErrTxnAborted, err)
+			return fmt.Errorf("%w: %s%w", engine.ErrTxnAborted, t.posOf(err), err)
 		}
 	}
 	if len(t.stored) > 0 {

@@ -4,24 +4,25 @@
 //
 //	lifetime: persistent          # default lifetime of the objects below
 //	providers:
-//	  - {key: acme, name: ACME}
+//	  - {key: example-vendor, name: Example Vendor}
 //	provider_contexts:
-//	  - {key: proxy-addr, provider: acme, data: "127.0.0.1:3128"}   # or data_hex: 0a0b
+//	  - {key: example-data, provider: example-vendor, data: "opaque bytes"}   # or data_hex: 0a0b
 //	sublayers:
-//	  - {key: acme-sub, provider: acme, weight: 100}
+//	  - {key: example-sub, provider: example-vendor, weight: 100}
 //	callouts:
-//	  - {key: acme-redirect, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+//	  - {key: example.inspect, layer: ALE_AUTH_CONNECT_V4, flags: [uses_provider_context]}
 //	filters:
-//	  - key: block-telnet
+//	  - key: example-block-telnet
 //	    layer: ALE_AUTH_CONNECT_V4
-//	    sublayer: acme-sub
+//	    sublayer: example-sub
 //	    weight: auto                # auto, index:N (0-15) or a number
 //	    conditions:
 //	      - {field: ip_remote_port, match: equal, value: 23}
 //	    action: block               # permit, callout_terminating, ...
 //	    flags: [clear_action_right]
-//	delete:
-//	  - {kind: filter, key: old-rule}
+//	# delete:                     # deletions run first
+//	#   - {kind: filter, key: old-rule}
 //
-// Deletions run first, then the objects in the order above.
+// Deletions run first, then the objects in the order above. docs/policy.md
+// is the reference of every attribute; examples/policies has ready files.
 package policy

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"fwp/api"
 	"fwp/client"
 	"fwp/mgmt"
 	"fwp/policy"
@@ -37,7 +39,10 @@ func apply(ctx context.Context, args []string) error {
 	defer cl.Close()
 	res, err := cl.ApplyPolicy(ctx, file, data)
 	if err != nil {
-		return err
+		return uncertain(err, "fwpctl filter list (or fwpctl KIND show KEY for an object of "+file+")")
+	}
+	for _, w := range res.Warnings {
+		fmt.Fprintln(stderr, "fwpctl: warning:", w)
 	}
 	if c.json() {
 		return printJSON(res)
@@ -164,7 +169,7 @@ func explain(ctx context.Context, args []string) error {
 }
 
 func events(ctx context.Context, args []string) error {
-	fs, c := newFlags("events [--follow] [--since SEQ]", "Lists the recorded net events; --follow then streams new ones until interrupted.\nWith -o json: an array, or one object per line when following.")
+	fs, c := newFlags("events [--follow] [--since SEQ]", "Lists the recorded net events; --follow then streams new ones until interrupted,\nand fails (exit 4) when fwpd goes away. With -o json: an array, or one object\nper line when following.")
 	var follow bool
 	var since uint64
 	fs.BoolVar(&follow, "follow", false, "keep streaming new events")
@@ -174,9 +179,12 @@ func events(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	row := func(e client.NetEvent) {
-		fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\t#%d\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", e.Seq, e.Time.Format(time.RFC3339Nano), e.Type, e.Layer, e.FilterID,
-			e.Protocol, dash(e.Local), dash(e.Remote), dash(e.AppID), e.UserID, e.GroupID, e.CgroupID, e.Reason)
+	names := filterNames{cl: cl}
+	header := []string{"SEQ", "TIME", "TYPE", "LAYER", "FILTER", "PROTO", "LOCAL", "REMOTE", "APP", "UID", "GID", "CGROUP", "REASON"}
+	cells := func(e client.NetEvent) []string {
+		return []string{strconv.FormatUint(e.Seq, 10), localTime(e.Time, true), e.Type, e.Layer, names.name(ctx, e.FilterID),
+			protoName(e.Protocol), dash(e.Local), dash(e.Remote), dash(e.AppID), strconv.FormatUint(uint64(e.UserID), 10),
+			strconv.FormatUint(uint64(e.GroupID), 10), strconv.FormatUint(e.CgroupID, 10), e.Reason}
 	}
 	if !follow {
 		evs, err := cl.NetEvents(ctx, since)
@@ -189,24 +197,134 @@ func events(ctx context.Context, args []string) error {
 			}
 			return printJSON(evs)
 		}
-		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tGID\tCGROUP\tREASON")
-		for _, e := range evs {
-			row(e)
-		}
+		table(strings.Join(header, "\t"), func(w io.Writer) {
+			for _, e := range evs {
+				fmt.Fprintln(w, strings.Join(cells(e), "\t"))
+			}
+		})
 		return nil
 	}
+	// Streaming: columns padded to widths that only grow, since a
+	// tabwriter aligns only what it holds before a flush.
+	st := streamTable{w: stdout, widths: []int{5, 23, 13, 26, 16, 5, 21, 21, 16, 5, 5, 6}}
 	if !c.json() {
-		fmt.Fprintln(stdout, "SEQ\tTIME\tTYPE\tLAYER\tFILTER\tPROTO\tLOCAL\tREMOTE\tAPP\tUID\tGID\tCGROUP\tREASON")
+		st.row(header)
 	}
-	return cl.FollowNetEvents(ctx, since, func(e client.NetEvent) error {
+	err = cl.FollowNetEvents(ctx, since, func(e client.NetEvent) error {
 		if c.json() {
 			b, _ := jsonLine(e)
 			_, err := stdout.Write(b)
 			return err
 		}
-		row(e)
+		st.row(cells(e))
 		return nil
 	})
+	if ctx.Err() != nil {
+		return nil // interrupted: the normal end of --follow
+	}
+	return goneErr(err, "the event stream")
+}
+
+// goneErr is the error of a stream that ended while fwpctl still
+// followed it: fwpd stopped, restarted or dropped the session.
+func goneErr(err error, what string) error {
+	if err == nil || errors.Is(err, api.ErrUnavailable) {
+		if err == nil {
+			err = api.ErrUnavailable
+		}
+		return fmt.Errorf("fwpd went away (stopped, restarted or closed the connection), ending %s: %w", what, err)
+	}
+	return err
+}
+
+// streamTable prints rows whose columns are padded to the widest cell
+// seen so far (at least the initial widths); the last column is not padded.
+type streamTable struct {
+	w      io.Writer
+	widths []int
+}
+
+func (t *streamTable) row(cells []string) {
+	var b strings.Builder
+	for i, c := range cells {
+		if i == len(cells)-1 || i >= len(t.widths) {
+			b.WriteString(c)
+			break
+		}
+		t.widths[i] = max(t.widths[i], len(c))
+		b.WriteString(c)
+		b.WriteString(strings.Repeat(" ", t.widths[i]-len(c)+2))
+	}
+	b.WriteByte('\n')
+	io.WriteString(t.w, b.String())
+}
+
+// filterNames names filters by key for the events table, from one listing
+// (again when an unknown ID shows up, at most once a second). A filter
+// deleted since, or one fwpctl may not list, stays #ID.
+type filterNames struct {
+	cl     *client.Client
+	keys   map[uint64]string
+	listed time.Time
+}
+
+func (n *filterNames) name(ctx context.Context, id uint64) string {
+	if id == 0 {
+		return "-"
+	}
+	if _, ok := n.keys[id]; !ok && time.Since(n.listed) > time.Second {
+		n.listed = time.Now()
+		if objs, err := n.cl.List(ctx, mgmt.KindFilter, mgmt.Template{}); err == nil {
+			n.keys = map[uint64]string{}
+			for _, o := range objs {
+				n.keys[o.Filter.ID] = o.Filter.Key
+			}
+		}
+	}
+	if k, ok := n.keys[id]; ok {
+		return fmt.Sprintf("%s(#%d)", k, id)
+	}
+	return fmt.Sprintf("#%d", id)
+}
+
+var protoNames = map[uint32]string{1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+
+func protoName(p uint32) string {
+	if n, ok := protoNames[p]; ok {
+		return n
+	}
+	if p == 0 {
+		return "-"
+	}
+	return strconv.FormatUint(uint64(p), 10)
+}
+
+// localTime is how tables show times: the local zone, no offset noise.
+func localTime(t time.Time, ms bool) string {
+	if t.IsZero() {
+		return "-"
+	}
+	if ms {
+		return t.Local().Format("2006-01-02 15:04:05.000")
+	}
+	return t.Local().Format("2006-01-02 15:04:05")
+}
+
+// processApp is a process's executable path, or its comm in brackets when
+// the path cannot be read (another user's process), as the kernel
+// datapath's events show applications.
+func processApp(pid uint32) string {
+	if pid == 0 {
+		return "-"
+	}
+	p := "/proc/" + strconv.FormatUint(uint64(pid), 10)
+	if exe, err := os.Readlink(p + "/exe"); err == nil {
+		return exe
+	}
+	if comm, err := os.ReadFile(p + "/comm"); err == nil {
+		return "[" + strings.TrimSpace(string(comm)) + "]"
+	}
+	return "-"
 }
 
 func sessions(ctx context.Context, args []string) error {
@@ -223,9 +341,9 @@ func sessions(ctx context.Context, args []string) error {
 	if c.json() {
 		return printJSON(ss)
 	}
-	table("ID\tPID\tUID\tNAME\tDYNAMIC\tADMIN\tTXN\tOPENED", func(w io.Writer) {
+	table("ID\tPID\tUID\tNAME\tAPP\tDYNAMIC\tADMIN\tTXN\tOPENED", func(w io.Writer) {
 		for _, s := range ss {
-			fmt.Fprintf(w, "%d\t%d\t%d\t%s\t%v\t%v\t%v\t%s\n", s.ID, s.PID, s.UID, s.Name, s.Dynamic, s.Admin, s.InTransaction, s.OpenedAt.Format(time.RFC3339))
+			fmt.Fprintf(w, "%d\t%d\t%d\t%s\t%s\t%v\t%v\t%v\t%s\n", s.ID, s.PID, s.UID, dash(s.Name), processApp(s.PID), s.Dynamic, s.Admin, s.InTransaction, localTime(s.OpenedAt, false))
 		}
 	})
 	return nil
@@ -259,13 +377,31 @@ func watch(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	st := streamTable{w: stdout, widths: []int{7, 16, 24, 6}}
+	if !c.json() {
+		st.row([]string{"CHANGE", "KIND", "KEY", "ID", "SESSION"})
+	}
 	for ch := range ch {
 		if c.json() {
 			b, _ := jsonLine(ch)
 			stdout.Write(b)
 			continue
 		}
-		fmt.Fprintf(stdout, "%s\t%s\t%s\tid=%d\tsession=%d\n", ch.Type, ch.Kind, ch.Key, ch.ID, ch.Session)
+		st.row([]string{ch.Type.String(), ch.Kind.String(), ch.Key, strconv.FormatUint(ch.ID, 10), strconv.FormatUint(ch.Session, 10)})
 	}
-	return nil
+	if ctx.Err() != nil {
+		return nil // interrupted
+	}
+	return goneErr(nil, "the subscription")
+}
+
+// uncertain explains an error of a write whose request was sent: when the
+// daemon went away before answering, it may have committed the write or
+// not (a commit is all or nothing), and check says how to find out.
+func uncertain(err error, check string) error {
+	if !errors.Is(err, api.ErrUnavailable) {
+		return err
+	}
+	return fmt.Errorf("%w\nfwpd went away during the change: fwpctl cannot know whether the transaction committed "+
+		"(a commit is all or nothing). Once fwpd runs again, check with: %s", err, check)
 }

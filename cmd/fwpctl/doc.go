@@ -8,7 +8,15 @@
 //	fwpctl events [--follow] [--since N]
 //	fwpctl sessions
 //	fwpctl watch [--kind K]
+//	fwpctl version
+//	fwpctl completion bash|zsh
+//	fwpctl help [COMMAND]
 //
-// Every command takes --help and -o table|json. Exit codes: 0 ok, 1 failed,
-// 2 usage, 3 access denied, 4 daemon unreachable.
+// Every command takes --help and -o table|json (tables aligned, objects by
+// key next to their IDs, times local; json stable for scripts). fwpctl
+// help is the manual. Exit codes: 0 ok, 1 failed, 2 usage (also fwpctl
+// with no arguments), 3 access denied, 4 daemon unreachable or gone during
+// the command (events --follow and watch end so when fwpd stops; a write
+// whose answer was lost says it cannot know whether it committed, and how
+// to check). At fwpd's connection limit fwpctl says so.
 package main

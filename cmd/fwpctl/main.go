@@ -40,8 +40,16 @@ func main() {
 }
 
 func run(args []string) int {
-	if len(args) < 1 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		usage(stdout)
+	if len(args) < 1 {
+		usage(stderr)
+		return exitUsage
+	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		if len(args) > 1 && args[0] == "help" {
+			// fwpctl help CMD is CMD --help.
+			return run(append(args[1:2:2], "--help"))
+		}
+		manual(stdout)
 		return 0
 	}
 	cmd, ok := commands[args[0]]
@@ -93,6 +101,10 @@ func init() {
 		"events":   events,
 		"sessions": sessions,
 		"watch":    watch,
+		"version":  versionCmd,
+		"completion": func(ctx context.Context, args []string) error {
+			return completion(args)
+		},
 	}
 }
 
@@ -111,6 +123,9 @@ commands:
   events   [--follow]               net events (classify drops, ...)
   sessions                          open sessions
   watch    [--kind K]               follow other sessions' changes
+  version                           fwpctl's and fwpd's builds
+  completion bash|zsh               a shell completion script
+  help     [COMMAND]                the manual, or a command's flags
 
 Every command takes --help, -o table|json, and --socket PATH (default
 $FWPD_SOCKET or /run/fwp/fwpd.sock).

@@ -144,10 +144,14 @@ func add(ctx context.Context, kind mgmt.Kind, name string, args []string) error 
 		return err
 	}
 	defer cl.Close()
-	ref, err := cl.Add(ctx, o)
+	res, err := cl.Apply(ctx, []mgmt.Op{{Add: &o}})
 	if err != nil {
-		return err
+		return uncertain(err, "fwpctl "+name+" show "+key)
 	}
+	for _, w := range res.Warnings {
+		fmt.Fprintln(stderr, "fwpctl: warning:", w)
+	}
+	ref := res.Added[0]
 	if c.json() {
 		return printJSON(ref)
 	}
@@ -187,7 +191,7 @@ func del(ctx context.Context, kind mgmt.Kind, name string, args []string) error 
 	defer cl.Close()
 	res, err := cl.Apply(ctx, ops)
 	if err != nil {
-		return err
+		return uncertain(err, "fwpctl "+name+" list")
 	}
 	if c.json() {
 		return printJSON(res.Deleted)
@@ -309,7 +313,7 @@ func printTable(kind mgmt.Kind, objs []mgmt.Object) {
 			}
 		})
 	case mgmt.KindFilter:
-		table("ID\tKEY\tLAYER\tSUBLAYER\tWEIGHT\tACTION\tCONDITIONS\tFLAGS\tLIFETIME\tSESSION", func(w io.Writer) {
+		table("ID\tKEY\tPROVIDER\tLAYER\tSUBLAYER\tWEIGHT\tACTION\tCONDITIONS\tFLAGS\tLIFETIME\tSESSION", func(w io.Writer) {
 			for _, o := range objs {
 				f := o.Filter
 				var cs []string
@@ -320,7 +324,7 @@ func printTable(kind mgmt.Kind, objs []mgmt.Object) {
 				if f.Callout != "" {
 					act += "(" + f.Callout + ")"
 				}
-				fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s=%#x\t%s\t%s\t%s\t%s\t%d\n", f.ID, f.Key, f.Layer, f.Sublayer, f.Weight, f.EffectiveWeight,
+				fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s=%#x\t%s\t%s\t%s\t%s\t%d\n", f.ID, f.Key, dash(f.Provider), f.Layer, dash(f.Sublayer), f.Weight, f.EffectiveWeight,
 					act, dash(strings.Join(cs, " && ")), dash(strings.Join(f.Flags, ",")), lifetimeOr(f.Lifetime), f.Session)
 			}
 		})

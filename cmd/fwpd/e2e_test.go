@@ -403,7 +403,7 @@ func TestE2EMetrics(t *testing.T) {
 
 func TestE2EHelp(t *testing.T) {
 	d := &daemon{t: t, sock: "/nonexistent"}
-	for _, args := range [][]string{{"--help"}, {"layers", "--help"}, {"apply", "--help"}, {"explain", "--help"}, {"events", "--help"},
+	for _, args := range [][]string{{"help", "apply"}, {"layers", "--help"}, {"apply", "--help"}, {"explain", "--help"}, {"events", "--help"},
 		{"sessions", "--help"}, {"watch", "--help"}, {"filter", "--help"}, {"filter", "add", "--help"}, {"provider", "list", "--help"},
 		{"sublayer", "show", "--help"}, {"callout", "delete", "--help"}, {"context", "add", "--help"}} {
 		out, errs, code := d.ctl(args...)

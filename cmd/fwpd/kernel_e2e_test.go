@@ -457,13 +457,13 @@ func TestE2EKernelRefusesWhatItCannotEnforce(t *testing.T) {
 	for p := range 40 {
 		fmt.Fprintf(&many, "  - {key: port-%d, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, match: equal, value: %d}]}\n", p, 2000+p)
 	}
-	for _, c := range []struct{ name, yaml, want string }{
+	for _, c := range []struct{ name, yaml, want, where string }{
 		{"go callout", `filters:
   - {key: ok-block, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, match: equal, value: 9090}]}
   - {key: go-callout, layer: ALE_AUTH_CONNECT_V4, action: callout_terminating, callout: my-go-callout}
 callouts:
   - {key: my-go-callout, layer: ALE_AUTH_CONNECT_V4}
-`, "not supported by the kernel datapath"},
+`, "not supported by the kernel datapath", `policy.yaml:3: |filter "go-callout" (#`},
 		{"malformed redirect", `provider_contexts:
   - {key: bad, data: "not json"}
 callouts:
@@ -471,13 +471,28 @@ callouts:
 filters:
   - {key: ok-block, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, match: equal, value: 9090}]}
   - {key: bad-redirect, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect, provider_context: bad}
-`, "invalid redirect configuration"},
-		{"map full", many.String(), "exceeds the kernel datapath's capacity"},
+`, "invalid redirect configuration", `policy.yaml:7: |filter "bad-redirect" (#`},
+		// Issue 16: a redirect off the host cannot work (the proxy must
+		// be local); it was accepted without a word.
+		{"non-local proxy", `provider_contexts:
+  - {key: far, data: '{"proxy":"8.8.8.8:3131"}'}
+callouts:
+  - {key: fwp.builtin.connect_redirect, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+filters:
+  - {key: far-redirect, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect, provider_context: far}
+`, "proxy 8.8.8.8:3131 is not a local address", `policy.yaml:6: |filter "far-redirect" (#`},
+		{"map full", many.String(), "exceeds the kernel datapath's capacity", "|"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			errs, code := d.apply(t, c.yaml)
 			if code == 0 || !strings.Contains(errs, "kernel datapath refuses the policy") || !strings.Contains(errs, c.want) {
 				t.Fatalf("fwpctl apply: exit %d, stderr %q; want a refusal saying %q", code, errs, c.want)
+			}
+			// The refusal names the filter by key and file:line, never by
+			// the ID of a transaction that was not committed.
+			pos, name, _ := strings.Cut(c.where, "|")
+			if !strings.Contains(errs, pos) || !strings.Contains(errs, name) || strings.Contains(errs, "filter#") {
+				t.Fatalf("fwpctl apply: stderr %q; want the filter named as %q", errs, c.where)
 			}
 			if keys := d.filterKeys(); fmt.Sprint(keys) != "[block-host3]" {
 				t.Fatalf("filters after a refused apply: %v", keys)

@@ -22,15 +22,22 @@ import (
 	"fwp/internal/metrics"
 	"fwp/internal/server"
 	"fwp/internal/trust"
+	"fwp/internal/version"
 	"fwp/mgmt"
 )
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "fwpd:", err)
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }
+
+// errUsage marks a bad command line (exit code 2).
+var errUsage = errors.New("usage")
 
 type config struct {
 	socket, stateDir, metricsAddr, logLevel, logFormat string
@@ -63,18 +70,24 @@ func run(args []string) error {
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
 	c.kernel.flags(fs)
+	showVersion := fs.Bool("version", false, "print the build (module version, VCS revision) and exit")
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: fwpd [flags]\n\nfwp's daemon: serves the management API on a unix socket.\n\nflags:")
 		fs.PrintDefaults()
+		fmt.Fprintln(fs.Output(), "\nexit status: 0 stopped by SIGTERM/SIGINT (or --help, --version), 1 error, 2 usage error")
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
-		return err
+		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
+		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
+	}
+	if *showVersion {
+		fmt.Println("fwpd", version.Get())
+		return nil
 	}
 	log, err := newLogger(c.logLevel, c.logFormat)
 	if err != nil {

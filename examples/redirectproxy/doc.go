@@ -27,13 +27,13 @@
 // A policy that sends TCP port 80 to it (fwpctl apply -f):
 //
 //	providers:
-//	  - {key: acme, name: ACME}
+//	  - {key: redirectproxy, name: redirectproxy}
 //	provider_contexts:
-//	  - {key: to-proxy, provider: acme, data: '{"proxy":"127.0.0.1:3131","target_pid":PID}'}
+//	  - {key: to-redirectproxy, provider: redirectproxy, data: '{"proxy":"127.0.0.1:3131","target_pid":PID}'}
 //	callouts:
-//	  - {key: fwp.builtin.connect_redirect/acme, provider: acme, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
+//	  - {key: fwp.builtin.connect_redirect/redirectproxy, provider: redirectproxy, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
 //	filters:
-//	  - {key: web-to-proxy, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown,
-//	     callout: fwp.builtin.connect_redirect/acme, provider_context: to-proxy,
+//	  - {key: web-to-redirectproxy, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown,
+//	     callout: fwp.builtin.connect_redirect/redirectproxy, provider_context: to-redirectproxy,
 //	     conditions: [{field: ip_remote_port, value: 80}]}
 package main

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"fwp/engine"
@@ -33,7 +34,7 @@ func New(eng *engine.Engine) *Metrics {
 		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 	})
 	m.reg.MustRegister(m.commit, collector{m},
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

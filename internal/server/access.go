@@ -152,6 +152,7 @@ var methodRights = map[string]Right{
 	api.Management_OpenSession_FullMethodName:   RightOpen,
 	api.Management_CloseSession_FullMethodName:  RightOpen,
 	api.Management_QueryRedirect_FullMethodName: RightOpen, // answered to the redirect's target only
+	api.Management_Version_FullMethodName:       RightOpen, // the build only
 	api.Management_Sessions_FullMethodName:      RightEnum,
 	api.Management_List_FullMethodName:          RightEnum | RightRead,
 	api.Management_Get_FullMethodName:           RightRead,

@@ -114,6 +114,8 @@ func callEveryRPC(sock string) (map[string]string, error) {
 	}
 	_, err = c.Explain(ctx, &api.ExplainRequest{Layer: "ALE_AUTH_CONNECT_V4", Values: map[string]string{"ip_remote_port": "23"}})
 	res["Explain"] = verdict(err)
+	_, err = c.Version(ctx, &api.Empty{})
+	res["Version"] = verdict(err)
 	evs, err := c.NetEvents(ctx, &api.NetEventsRequest{})
 	n := 0
 	for err == nil {
@@ -217,7 +219,7 @@ func TestAccessMatrix(t *testing.T) {
 	all := map[string]string{"OpenSession": "ok", "Sessions": "ok", "List": "ok", "List.data": "data " + secretData,
 		"Get": "ok", "Get.data": "data " + secretData, "Explain": "ok", "NetEvents": "ok", "NetEvents.n": "1", "Subscribe": "ok",
 		"Begin": "ok", "Abort": "ok", "Commit": "ok", "Apply.add": "ok", "Apply.delete": "ok", "Apply.policy": "ok",
-		"QueryRedirect.own": "ok", "QueryRedirect.other": "ok", "CloseSession": "ok"}
+		"QueryRedirect.own": "ok", "QueryRedirect.other": "ok", "CloseSession": "ok", "Version": "ok"}
 	with := func(base map[string]string, kv ...string) map[string]string {
 		m := map[string]string{}
 		for k, v := range base {

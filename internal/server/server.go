@@ -331,6 +331,7 @@ func (s *Server) Apply(ctx context.Context, req *api.ApplyRequest) (*api.ApplyRe
 	for _, r := range res.Deleted {
 		out.Deleted = append(out.Deleted, api.FromRef(r))
 	}
+	out.Warnings = res.Warnings
 	return out, nil
 }
 

@@ -306,13 +306,22 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 	}
 }
 
-// A handler's panic becomes a typed error for that call only.
+// A handler's panic becomes a typed error for that call only: a runtime
+// error from a bad request (an index past what it sent) fails that call,
+// naming the method and the fault, and the next call is served.
 func TestPanicRecovered(t *testing.T) {
 	s := New(Config{})
-	_, err := s.unary(peerContext(0), nil, &grpc.UnaryServerInfo{FullMethod: api.Management_Sessions_FullMethodName},
-		func(context.Context, any) (any, error) { var m map[string]int; m["x"] = 1; return nil, nil })
-	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), api.Management_Sessions_FullMethodName) {
+	info := &grpc.UnaryServerInfo{FullMethod: api.Management_Sessions_FullMethodName}
+	h := func(_ context.Context, req any) (any, error) {
+		b := req.([]byte)
+		return b[3], nil // out of range for a short request
+	}
+	_, err := s.unary(peerContext(0), []byte("ab"), info, h)
+	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), api.Management_Sessions_FullMethodName) || !strings.Contains(e.Error(), "index out of range") {
 		t.Fatalf("unary: %v", e)
+	}
+	if resp, err := s.unary(peerContext(0), []byte("abcd"), info, h); err != nil || resp != byte('d') {
+		t.Fatalf("the call after a panic: %v, %v", resp, err)
 	}
 	err = s.stream(nil, ctxStream{ctx: peerContext(0)}, &grpc.StreamServerInfo{FullMethod: api.Management_Subscribe_FullMethodName}, func(any, grpc.ServerStream) error { panic("boom") })
 	if e := api.FromStatus(err); !errors.Is(e, mgmt.ErrInternal) || !strings.Contains(e.Error(), "boom") {

@@ -134,6 +134,22 @@ func IsBPFFS(dir string) (bool, error) {
 	return uint32(st.Type) == xunix.BPF_FS_MAGIC, nil
 }
 
+// CgroupVersion says which cgroup hierarchy dir is on: 2, 1, or 0 when it
+// is not on a cgroup file system at all.
+func CgroupVersion(dir string) (int, error) {
+	var st xunix.Statfs_t
+	if err := xunix.Statfs(dir, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", dir, err)
+	}
+	switch uint32(st.Type) {
+	case xunix.CGROUP2_SUPER_MAGIC:
+		return 2, nil
+	case xunix.CGROUP_SUPER_MAGIC:
+		return 1, nil
+	}
+	return 0, nil
+}
+
 // FindCgroup2 returns the first cgroup2 mount point in /proc/mounts.
 func FindCgroup2() (string, error) {
 	b, err := os.ReadFile("/proc/mounts")

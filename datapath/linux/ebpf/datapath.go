@@ -52,6 +52,9 @@ type Datapath struct {
 	// redirectHooks: the redirect hooks are attached (or are to be, to
 	// each cgroup attached), since a policy redirected connections.
 	redirectHooks bool
+	// mounted is the directory Load mounted a bpffs on for PinDir (none
+	// was there): Close unmounts it, unless the hooks stay (KeepHooks).
+	mounted string
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -82,6 +85,7 @@ func Load(opts Options) (*Datapath, error) {
 	d := &Datapath{opts: opts}
 	copts, adopted, err := d.adoptMaps(spec)
 	if err != nil {
+		d.unmountBPFFS()
 		return nil, err
 	}
 	defer func() {
@@ -90,6 +94,9 @@ func Load(opts Options) (*Datapath, error) {
 		}
 	}()
 	if err := spec.LoadAndAssign(&d.objs, copts); err != nil {
+		if !opts.KeepHooks {
+			d.unmountBPFFS()
+		}
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("%w: the kernel refused the programs: %v", ErrUnavailable, ve)
@@ -98,6 +105,10 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	if err := d.afterLoad(len(adopted) > 0); err != nil {
 		d.objs.Close()
+		if !opts.KeepHooks {
+			os.RemoveAll(opts.PinDir)
+			d.unmountBPFFS()
+		}
 		return nil, err
 	}
 	return d, nil
@@ -113,6 +124,15 @@ func (d *Datapath) Attach(cgroupPath string) error {
 	defer d.mu.Unlock()
 	if d.closed {
 		return ErrClosed
+	}
+	// The kernel's own refusal of anything else is "bad file descriptor".
+	switch v, err := unix.CgroupVersion(cgroupPath); {
+	case err != nil:
+		return fmt.Errorf("%w: cgroup %v", ErrUnavailable, err)
+	case v == 1:
+		return fmt.Errorf("%w: %s is not a cgroup v2 directory (it is on a cgroup v1 hierarchy); give a directory of the cgroup2 mount (see /proc/mounts)", ErrUnavailable, cgroupPath)
+	case v != 2:
+		return fmt.Errorf("%w: %s is not a cgroup v2 directory (not on a cgroup file system); give a directory of the cgroup2 mount (see /proc/mounts)", ErrUnavailable, cgroupPath)
 	}
 	if !d.redirectHooks && d.pinnedRedirectHooks(cgroupPath) {
 		// Adopt them here, and have every cgroup attached so far get them.
@@ -210,6 +230,7 @@ func (d *Datapath) Close() error {
 	errs = append(errs, d.objs.Close())
 	if !d.opts.KeepHooks && d.opts.PinDir != "" {
 		errs = append(errs, os.RemoveAll(d.opts.PinDir))
+		errs = append(errs, d.unmountBPFFS())
 	}
 	return errors.Join(errs...)
 }

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -1141,5 +1142,83 @@ func TestKeptRedirectHooksAdopted(t *testing.T) {
 	}
 	if c, r := attachedHooks(t, d2, cg, ids2); c != 0 || r != 0 {
 		t.Fatalf("after a datapath without KeepHooks: %d and %d hooks still attached", c, r)
+	}
+}
+
+// A bpffs Load mounted for its pins (none was there) is unmounted by
+// Close, unless the hooks stay (KeepHooks: their pins must outlive the
+// process); one that was there already is left alone.
+func TestBPFFSUnmountedOnClose(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := t.TempDir()
+	fs := filepath.Join(root, "bpf")
+	t.Cleanup(func() { _ = unix.Unmount(fs) })
+	isBPFFS := func() bool {
+		t.Helper()
+		ok, err := unix.IsBPFFS(fs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	load := func(keep bool) *Datapath {
+		t.Helper()
+		d, err := Load(Options{PinDir: filepath.Join(fs, "fwp"), KeepHooks: keep})
+		if err != nil {
+			testutil.Unavailable(t, err)
+		}
+		if !isBPFFS() {
+			t.Fatal("no bpffs under the pins after Load")
+		}
+		return d
+	}
+	if err := load(false).Close(); err != nil {
+		t.Fatal(err)
+	}
+	if isBPFFS() {
+		t.Fatal("the bpffs Load mounted is still mounted after Close")
+	}
+	if err := load(true).Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !isBPFFS() {
+		t.Fatal("with KeepHooks the bpffs holding the pins was unmounted")
+	}
+	// Mounted before (by the datapath above): not this one's to unmount.
+	if err := load(false).Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !isBPFFS() {
+		t.Fatal("a bpffs that was there before Load was unmounted")
+	}
+}
+
+// Attach to a directory that is not of the cgroup v2 hierarchy says so
+// (the kernel's own answer is "bad file descriptor"), for a cgroup v1
+// hierarchy when the machine has one, and for any other directory.
+func TestAttachRefusesNonCgroup2(t *testing.T) {
+	testutil.RequireRoot(t)
+	d, err := Load(Options{})
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	defer d.Close()
+	dirs := map[string]string{t.TempDir(): "not on a cgroup file system"}
+	if b, err := os.ReadFile("/proc/mounts"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) >= 3 && f[2] == "cgroup" {
+				dirs[f[1]] = "cgroup v1"
+				break
+			}
+		}
+	}
+	for dir, why := range dirs {
+		err := d.Attach(dir)
+		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), dir+" is not a cgroup v2 directory") || !strings.Contains(err.Error(), why) {
+			t.Errorf("Attach(%s): %v, want it named as not a cgroup v2 directory (%s)", dir, err, why)
+		}
+	}
+	if len(d.links) != 0 {
+		t.Fatalf("hooks attached: %v", d.links)
 	}
 }

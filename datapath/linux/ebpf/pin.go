@@ -96,21 +96,51 @@ var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters
 // its parent is not on a bpffs, mounts one on the parent (usually
 // /sys/fs/bpf, absent on minimal systems).
 func EnsureBPFFS(dir string) error {
+	_, err := ensureBPFFS(dir)
+	return err
+}
+
+// ensureBPFFS is EnsureBPFFS; it returns the directory it mounted a bpffs
+// on, "" when there was one already.
+func ensureBPFFS(dir string) (mounted string, err error) {
 	parent := filepath.Dir(dir)
 	if err := os.MkdirAll(parent, 0o700); err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return "", fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	if ok, err := unix.IsBPFFS(parent); err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return "", fmt.Errorf("%w: %v", ErrUnavailable, err)
 	} else if !ok {
 		if err := unix.MountBPF(parent); err != nil {
-			return fmt.Errorf("%w: no bpffs at %s and mounting one failed: %v", ErrUnavailable, parent, err)
+			return "", fmt.Errorf("%w: no bpffs at %s and mounting one failed: %v", ErrUnavailable, parent, err)
 		}
+		mounted = parent
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return mounted, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	return nil
+	return mounted, nil
+}
+
+// unmountBPFFS undoes ensureBPFFS's mount, once the datapath's pins are
+// gone: only when nothing else was pinned there meanwhile (a bpffs mount
+// is its own instance, and an unmount would drop another's pins).
+func (d *Datapath) unmountBPFFS() error {
+	if d.mounted == "" {
+		return nil
+	}
+	_ = os.Remove(d.opts.PinDir) // only when empty
+	ents, err := os.ReadDir(d.mounted)
+	if err != nil {
+		return nil
+	}
+	for _, e := range ents {
+		if n := e.Name(); n != "maps.debug" && n != "progs.debug" { // the kernel's own, in every bpffs
+			return nil // in use: leave it
+		}
+	}
+	err = unix.Unmount(d.mounted)
+	d.mounted = ""
+	return err
 }
 
 // adoptMaps opens the maps an earlier datapath pinned in PinDir when
@@ -121,7 +151,9 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions
 	if dir == "" {
 		return nil, nil, nil
 	}
-	if err := EnsureBPFFS(dir); err != nil {
+	mounted, err := ensureBPFFS(dir)
+	d.mounted = mounted
+	if err != nil {
 		return nil, nil, err
 	}
 	if !d.opts.KeepHooks {

@@ -3,6 +3,7 @@ package ebpf
 import (
 	"cmp"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -94,19 +95,66 @@ func IsBuiltinBindRedirect(key string) bool {
 	return key == BuiltinBindRedirectKey || strings.HasPrefix(key, BuiltinBindRedirectKey+"/")
 }
 
-func connectRedirectCfg(data []byte) (fwpRedirectCfg, error) {
+// calloutName names a callout by key when the view has it.
+func calloutName(co engine.Callout, err error, id engine.CalloutID) string {
+	if err != nil {
+		return id.String()
+	}
+	return engine.Describe("callout", co.Key, uint64(id))
+}
+
+func (p *Policy) connectRedirectCfg(data []byte) (fwpRedirectCfg, error) {
 	rc, err := ParseRedirectConfig(data)
 	if err != nil {
 		return fwpRedirectCfg{}, err
 	}
-	kc := fwpRedirectCfg{Port: rc.Proxy.Port(), Pid: rc.TargetPID, CtxLen: uint32(len(rc.Context))}
 	a := rc.Proxy.Addr().Unmap()
+	if !p.isLocal(a) {
+		return fwpRedirectCfg{}, fmt.Errorf("%w: proxy %s is not a local address: a connect redirect reaches only a proxy on this host (loopback, or an address of its interfaces)", ErrInvalidRedirect, rc.Proxy)
+	}
+	kc := fwpRedirectCfg{Port: rc.Proxy.Port(), Pid: rc.TargetPID, CtxLen: uint32(len(rc.Context))}
 	if a.Is6() {
 		kc.V6 = 1
 	}
 	copy(kc.Addr[:], a.AsSlice())
 	copy(kc.Ctx[:], rc.Context)
 	return kc, nil
+}
+
+// hostAddrs returns the addresses of the host's interfaces (in the
+// caller's network namespace); a variable for tests.
+var hostAddrs = func() ([]netip.Addr, error) {
+	ias, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, ia := range ias {
+		if n, ok := ia.(*net.IPNet); ok {
+			if a, ok := netip.AddrFromSlice(n.IP); ok {
+				out = append(out, a.Unmap())
+			}
+		}
+	}
+	return out, nil
+}
+
+// isLocal reports whether a proxy at a is on this host: loopback always;
+// otherwise an address of its interfaces when the policy is compiled. A
+// redirect to any other address would send the connection off the host
+// to something that cannot ask for its original destination.
+func (p *Policy) isLocal(a netip.Addr) bool {
+	if a.IsLoopback() {
+		return true
+	}
+	if p.local == nil {
+		p.local = map[netip.Addr]bool{}
+		addrs, _ := hostAddrs() // none readable: only loopback is local
+		for _, h := range addrs {
+			p.local[h.WithZone("")] = true
+		}
+	}
+	return p.local[a]
 }
 
 func bindRedirectCfg(data []byte, v6 bool) (fwpRedirectCfg, error) {
@@ -136,12 +184,6 @@ func (b bitvec) set(r int)      { b[r>>6] |= 1 << (r & 63) }
 func (b bitvec) clear(r int)    { b[r>>6] &^= 1 << (r & 63) }
 func (b bitvec) has(r int) bool { return b[r>>6]&(1<<(r&63)) != 0 }
 func (b bitvec) clone() bitvec  { return slices.Clone(b) }
-func (b bitvec) or(o bitvec) bitvec { // in place
-	for i := range b {
-		b[i] |= o[i]
-	}
-	return b
-}
 
 // classes interns the distinct bitsets of one field of one layer.
 type classes struct {
@@ -196,6 +238,9 @@ type Policy struct {
 	// connectRedirects: some filter redirects connections, so the hooks
 	// that serve redirected sockets are needed (Datapath.Apply).
 	connectRedirects bool
+	// local is the host's addresses, read once per Compile for the
+	// redirects' proxies.
+	local map[netip.Addr]bool
 }
 
 // Filters returns the number of filters the policy enforces in the kernel.
@@ -225,7 +270,7 @@ func Compile(view engine.View) (*Policy, error) {
 		}
 		slot, ok := slotOf(f.Layer)
 		if !ok {
-			return nil, fmt.Errorf("%w: %s on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.ID, f.Layer)
+			return nil, engine.FilterError(&f, fmt.Errorf("%w: on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.Layer))
 		}
 		byLayer[slot] = append(byLayer[slot], f)
 	}
@@ -264,7 +309,7 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 		for _, c := range f.Conditions {
 			kf, ok := kernelField[c.Field]
 			if !ok {
-				return nil, fmt.Errorf("%w: %s: condition on %s: the kernel cannot match this field", ErrNotSupported, f.ID, c.Field)
+				return nil, engine.FilterError(&f, fmt.Errorf("%w: condition on %s: the kernel cannot match this field", ErrNotSupported, c.Field))
 			}
 			groups[kf][rank] = append(groups[kf][rank], c)
 		}
@@ -314,7 +359,9 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 		default:
 			err = lp.compileIDs(f, g, wild)
 		}
-		if err != nil {
+		if re, ok := err.(rankError); ok {
+			return nil, engine.FilterError(&fs[re.rank], fmt.Errorf("layer %s: %w", layer, re.err))
+		} else if err != nil {
 			return nil, fmt.Errorf("layer %s: %w", layer, err)
 		}
 		if len(c.sets) > 0xffff {
@@ -337,33 +384,33 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 		builtin := err == nil && (IsBuiltinConnectRedirect(co.Key) && kind == engine.KindConnectRedirect ||
 			IsBuiltinBindRedirect(co.Key) && kind == engine.KindBindRedirect)
 		if !builtin {
-			return m, fmt.Errorf("%w: %s calls a Go callout (%s); the kernel datapath runs only the built-in connect and bind redirects", ErrNotSupported, f.ID, f.Action.Callout)
+			return m, engine.FilterError(f, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath runs only the built-in connect and bind redirects", ErrNotSupported, calloutName(co, err, f.Action.Callout)))
 		}
 		if len(p.redirects) >= MaxRedirects {
-			return m, fmt.Errorf("%w: more than %d redirect filters", ErrCapacity, MaxRedirects)
+			return m, engine.FilterError(f, fmt.Errorf("%w: more than %d redirect filters", ErrCapacity, MaxRedirects))
 		}
 		if f.ProviderContext == 0 {
-			return m, fmt.Errorf("%w: %s: a built-in redirect needs a provider context naming where to", ErrInvalidRedirect, f.ID)
+			return m, engine.FilterError(f, fmt.Errorf("%w: a built-in redirect needs a provider context naming where to", ErrInvalidRedirect))
 		}
 		pc, err := view.ProviderContext(f.ProviderContext)
 		if err != nil {
-			return m, fmt.Errorf("%w: %s: %v", ErrInvalidRedirect, f.ID, err)
+			return m, engine.FilterError(f, fmt.Errorf("%w: %v", ErrInvalidRedirect, err))
 		}
 		var kc fwpRedirectCfg
 		if kind == engine.KindConnectRedirect {
-			kc, err = connectRedirectCfg(pc.Data)
+			kc, err = p.connectRedirectCfg(pc.Data)
 			p.connectRedirects = true
 		} else {
 			kc, err = bindRedirectCfg(pc.Data, f.Layer.V6())
 		}
 		if err != nil {
-			return m, fmt.Errorf("%s: %w", f.ID, err)
+			return m, engine.FilterError(f, fmt.Errorf("provider context %q: %w", pc.Key, err))
 		}
 		kc.Handle = uint32(co.ID)
 		m.Action, m.Redirect, m.Handle = actRedirect, uint32(len(p.redirects)), uint32(co.ID)
 		p.redirects = append(p.redirects, kc)
 	default:
-		return m, fmt.Errorf("%w: %s has action %s; the kernel datapath decides only permit, block and the built-in redirect", ErrNotSupported, f.ID, f.Action.Type)
+		return m, engine.FilterError(f, fmt.Errorf("%w: action %s; the kernel datapath decides only permit, block and the built-in redirect", ErrNotSupported, f.Action.Type))
 	}
 	if f.Flags&engine.FilterClearActionRight != 0 {
 		m.Hard = 1
@@ -483,7 +530,7 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 		for i, c := range cs {
 			s, err := addrCondition(c)
 			if err != nil {
-				return err
+				return rankError{r, err}
 			}
 			conds[r] = append(conds[r], s)
 			hasNeg = hasNeg || s.neg
@@ -585,7 +632,7 @@ func (lp *layerPolicy) compilePorts(f int, g [][]engine.Condition, wild bitvec) 
 		for _, c := range cs {
 			iv, err := intIntervals(c, 0xffff)
 			if err != nil {
-				return err
+				return rankError{r, err}
 			}
 			ivs = append(ivs, iv...)
 		}
@@ -606,8 +653,7 @@ func (lp *layerPolicy) compilePorts(f int, g [][]engine.Condition, wild bitvec) 
 	slices.SortStableFunc(events, func(a, b event) int { return cmp.Compare(a.at, b.at) })
 	c := &lp.classes[f]
 	ports := make([]uint16, 65536)
-	cur := wild.clone()
-	cls := c.intern(cur)
+	cur := wild.clone() // interned by the caller, as the field's empty class
 	next := 0
 	for port := uint32(0); port < 65536; {
 		for next < len(events) && events[next].at == port {
@@ -618,7 +664,7 @@ func (lp *layerPolicy) compilePorts(f int, g [][]engine.Condition, wild bitvec) 
 			}
 			next++
 		}
-		cls = c.intern(cur)
+		cls := c.intern(cur)
 		end := uint32(65536)
 		if next < len(events) {
 			end = events[next].at
@@ -659,12 +705,22 @@ func matchInt(c engine.Condition, v uint64) bool {
 	return false
 }
 
+// rankError is a field compiler's error about the filter of one rank,
+// which compileLayer names.
+type rankError struct {
+	rank int
+	err  error
+}
+
+func (e rankError) Error() string { return e.err.Error() }
+func (e rankError) Unwrap() error { return e.err }
+
 // compileProto enumerates the 256 protocol numbers: every integer match works.
 func (lp *layerPolicy) compileProto(g [][]engine.Condition, wild bitvec) error {
-	for _, cs := range g {
+	for r, cs := range g {
 		for _, c := range cs {
 			if c.Match > engine.MatchFlagsNoneSet && c.Match != engine.MatchNotEqual {
-				return fmt.Errorf("%w: %s", ErrNotSupported, c)
+				return rankError{r, fmt.Errorf("%w: %s", ErrNotSupported, c)}
 			}
 		}
 	}
@@ -703,7 +759,7 @@ func (lp *layerPolicy) compileIDs(f int, g [][]engine.Condition, wild bitvec) er
 					eq[c.Value.Uint()] = nil
 				}
 			default:
-				return fmt.Errorf("%w: %s: the kernel matches ids only with equal and not_equal", ErrNotSupported, c)
+				return rankError{r, fmt.Errorf("%w: %s: the kernel matches ids only with equal and not_equal", ErrNotSupported, c)}
 			}
 		}
 		if hasNE {

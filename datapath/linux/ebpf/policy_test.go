@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"fwp/engine"
@@ -375,7 +376,57 @@ func TestCompileRefusesWhatTheKernelCannotDecide(t *testing.T) {
 			if !errors.Is(err, c.want) {
 				t.Fatalf("Compile: %v, want %v", err, c.want)
 			}
+			// The refusal names the filter by its key, not by an ID of
+			// a transaction that is never committed.
+			var oe *engine.ObjectError
+			if !errors.As(err, &oe) || oe.Kind != "filter" || oe.Key == "" || !strings.Contains(err.Error(), fmt.Sprintf("filter %q (#", oe.Key)) {
+				t.Fatalf("Compile: %v does not name the filter by key", err)
+			}
 		})
+	}
+}
+
+// redirectTo is an engine with one built-in connect redirect to proxy.
+func redirectTo(t *testing.T, proxy string) *engine.Engine {
+	return buildEngine(t, func(tx *engine.Txn) error {
+		co, err := tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey, Layer: engine.LayerALEConnectRedirectV4})
+		if err != nil {
+			return err
+		}
+		pc, err := tx.AddProviderContext(engine.ProviderContext{Key: "to-proxy", Data: []byte(`{"proxy":"` + proxy + `"}`)})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Key: "redirect-web", Layer: engine.LayerALEConnectRedirectV4, Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}, ProviderContext: pc})
+		return err
+	})
+}
+
+// A connect redirect's proxy must be on this host: loopback always, or an
+// address of the host's interfaces when the policy is compiled. Anything
+// else is refused with a reason, naming the filter and its context.
+func TestCompileRefusesNonLocalProxy(t *testing.T) {
+	saved := hostAddrs
+	defer func() { hostAddrs = saved }()
+	hostAddrs = func() ([]netip.Addr, error) {
+		return []netip.Addr{netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")}, nil
+	}
+	for _, ok := range []string{"127.0.0.1:3128", "127.0.0.53:53", "[::1]:3128", "192.0.2.10:3128", "[2001:db8::10]:3128", "[::ffff:192.0.2.10]:3128"} {
+		if _, err := Compile(redirectTo(t, ok).View()); err != nil {
+			t.Errorf("proxy %s: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"8.8.8.8:3131", "192.0.2.11:3128", "[2001:db8::11]:3128"} {
+		_, err := Compile(redirectTo(t, bad).View())
+		if !errors.Is(err, ErrInvalidRedirect) || !strings.Contains(err.Error(), "is not a local address") ||
+			!strings.Contains(err.Error(), `filter "redirect-web"`) || !strings.Contains(err.Error(), `provider context "to-proxy"`) {
+			t.Errorf("proxy %s: %v, want a refusal naming the filter, its context and why", bad, err)
+		}
+	}
+	// The real interfaces: loopback is always local.
+	hostAddrs = saved
+	if _, err := Compile(redirectTo(t, "127.0.0.1:3128").View()); err != nil {
+		t.Fatal(err)
 	}
 }
 

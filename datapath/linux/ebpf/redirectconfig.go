@@ -12,7 +12,9 @@ import (
 //
 //	{"proxy":"127.0.0.1:8080","target_pid":1234,"context":"<base64>"}
 //
-// proxy is required (IPv4 or IPv6 with a nonzero port); target_pid is the
+// proxy is required (IPv4 or IPv6 with a nonzero port, and a local
+// address: loopback, or one of the host's interfaces when Compile runs —
+// a redirect off the host cannot work, and Compile refuses it); target_pid is the
 // process allowed to query the redirect context (WFP's local redirect target
 // PID; 0 for any); context is up to MaxContextLen opaque bytes handed to the
 // proxy with the original destination (WFP's local redirect context).

@@ -77,25 +77,54 @@ func FuzzParseBindRedirectConfig(f *testing.F) {
 }
 
 // A record expires only once its socket has closed and the grace has
-// passed: an open socket's (Released 0) never does.
+// passed: an open socket's (Released 0) never does. The clock is given,
+// not read: kernel times are small after a boot (a machine up 960 s has no
+// "1000 s ago"), so every case runs at a few uptimes, the first ones
+// shorter than what the cases subtract.
 func TestReleasedGrace(t *testing.T) {
+	for _, now := range []uint32{1, 2, 31, 999, 1000, 5000, 1 << 31, ^uint32(0)} {
+		for _, c := range []struct {
+			ago   int64 // seconds since the close; -1 open (Released 0)
+			grace uint32
+			want  bool
+		}{
+			{-1, 0, false}, {-1, 30, false},
+			{0, 0, true}, {0, 30, false},
+			{29, 30, false}, {30, 30, true}, {1000, 30, true},
+		} {
+			released := uint32(0)
+			if c.ago >= 0 {
+				if c.ago >= int64(now) {
+					continue // before the boot: the kernel cannot have stamped it
+				}
+				released = now - uint32(c.ago)
+			}
+			if got := expiredAt(released, now, c.grace); got != c.want {
+				t.Errorf("at %d s after boot, released %d s ago (-1: open), grace %d s: expired %v, want %v", now, c.ago, c.grace, got, c.want)
+			}
+		}
+	}
+	// The kernel stamps whole seconds of the same clock and 1 for a close
+	// in the first second (0 means open), so a stamp may be a second ahead
+	// of the now read here: not expired, not "136 years ago".
+	if expiredAt(1, 0, 30) || expiredAt(6, 5, 30) {
+		t.Error("a stamp a second ahead of now counts as expired")
+	}
+	// isExpired reads the real clock: a record closed at this second is
+	// young, one closed at the first second after boot is older than a
+	// grace of 0.
 	now, err := unix.MonotonicSeconds()
 	if err != nil {
 		t.Fatal(err)
 	}
 	grace := ReleasedGrace
 	defer func() { ReleasedGrace = grace }()
-	for _, c := range []struct {
-		released, grace uint32
-		want            bool
-	}{
-		{0, 0, false}, {0, 30, false},
-		{now, 0, true}, {now, 30, false},
-		{now - 29, 30, false}, {now - 30, 30, true}, {now - 1000, 30, true},
-	} {
-		ReleasedGrace = c.grace
-		if got := isExpired(&fwpRedirectState{Released: c.released}); got != c.want {
-			t.Errorf("released %d s ago (0: open), grace %d s: expired %v, want %v", now-c.released, c.grace, got, c.want)
-		}
+	ReleasedGrace = 30
+	if isExpired(&fwpRedirectState{Released: now}) || isExpired(&fwpRedirectState{}) {
+		t.Error("a record released now, or an open one, is expired")
+	}
+	ReleasedGrace = 0
+	if !isExpired(&fwpRedirectState{Released: 1}) {
+		t.Error("a record released at boot is not past a grace of 0")
 	}
 }

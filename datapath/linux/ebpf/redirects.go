@@ -167,7 +167,16 @@ func isExpired(s *fwpRedirectState) bool {
 		return false
 	}
 	now, err := unix.MonotonicSeconds()
-	return err == nil && int64(now)-int64(s.Released) >= int64(ReleasedGrace)
+	return err == nil && expiredAt(s.Released, now, ReleasedGrace)
+}
+
+// expiredAt reports whether a record the kernel stamped released (seconds
+// of CLOCK_MONOTONIC, 0 for an open socket) is past grace at now. Kernel
+// times are small after a boot: the difference is taken in int64, never
+// as uint32 (where a stamp a second ahead of now, as the kernel's rounding
+// can give, would wrap to 136 years ago).
+func expiredAt(released, now, grace uint32) bool {
+	return released != 0 && int64(now)-int64(released) >= int64(grace)
 }
 
 // queryWildcard finds the UDP redirect of datagrams from remote to any

@@ -93,6 +93,7 @@ func init() {
 		"events":   events,
 		"sessions": sessions,
 		"watch":    watch,
+		"fleet":    fleetCmd,
 	}
 }
 
@@ -111,6 +112,7 @@ commands:
   events   [--follow]               net events (classify drops, ...)
   sessions                          open sessions
   watch    [--kind K]               follow other sessions' changes
+  fleet    apply|delete|status      the fleet policy in etcd (--etcd-endpoints)
 
 Every command takes --help, -o table|json, and --socket PATH (default
 $FWPD_SOCKET or /run/fwp/fwpd.sock).

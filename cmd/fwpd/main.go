@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"fwp/client"
 	"fwp/engine"
 	"fwp/internal/metrics"
@@ -38,6 +40,7 @@ type config struct {
 	maxMsgBytes, maxConns, maxConnsPerUser             int
 	allowEvents                                        bool
 	kernel                                             kernelConfig
+	fleet                                              fleetConfig
 }
 
 func run(args []string) error {
@@ -59,6 +62,7 @@ func run(args []string) error {
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
 	c.kernel.flags(fs)
+	c.fleet.flags(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: fwpd [flags]\n\nfwp's daemon: serves the management API on a unix socket.\n\nflags:")
 		fs.PrintDefaults()
@@ -168,6 +172,15 @@ func run(args []string) error {
 		}
 		log.Info("metrics listening", "addr", ms)
 	}
+	var reg *prometheus.Registry
+	if met != nil {
+		reg = met.Registry()
+	}
+	stopFleet, err := startFleet(ctx, c.fleet, m, eng, reg, c.kernel.datapath, c.stateDir, log)
+	if err != nil {
+		return err
+	}
+	defer stopFleet()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	log.Info("fwpd listening", "socket", c.socket, "state_dir", c.stateDir, "pid", os.Getpid())

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -197,4 +200,53 @@ func (c *Cluster) WaitHealthy(t testing.TB, d time.Duration) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// Metrics scrapes every running member's /metrics and returns each
+// sample ("name{labels}") summed over the members.
+func (c *Cluster) Metrics() map[string]float64 {
+	out := map[string]float64{}
+	for _, m := range c.Members {
+		resp, err := http.Get(m.ClientURL + "/metrics")
+		if err != nil {
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, line := range strings.Split(string(b), "\n") {
+			if line == "" || line[0] == '#' {
+				continue
+			}
+			i := strings.LastIndexByte(line, ' ')
+			if i < 0 {
+				continue
+			}
+			v, err := strconv.ParseFloat(line[i+1:], 64)
+			if err == nil {
+				out[line[:i]] += v
+			}
+		}
+	}
+	return out
+}
+
+// Sum adds the samples of metric name whose labels contain every one of
+// the given "k=\"v\"" strings.
+func Sum(ms map[string]float64, name string, labels ...string) float64 {
+	var s float64
+	for k, v := range ms {
+		if k != name && !strings.HasPrefix(k, name+"{") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(k, l) {
+				ok = false
+			}
+		}
+		if ok {
+			s += v
+		}
+	}
+	return s
 }

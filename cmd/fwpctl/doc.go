@@ -8,6 +8,14 @@
 //	fwpctl events [--follow] [--since N]
 //	fwpctl sessions
 //	fwpctl watch [--kind K]
+//	fwpctl fleet apply -f doc.yaml [--name N] --etcd-endpoints URL,...
+//	fwpctl fleet delete NAME --etcd-endpoints URL,...
+//	fwpctl fleet status [--local STATE-DIR/fleet-status.json] --etcd-endpoints URL,...
+//
+// The fleet commands talk to etcd, not fwpd (--etcd-endpoints or
+// $FWP_ETCD_ENDPOINTS, --etcd-prefix, TLS with --etcd-cert, --etcd-key,
+// --etcd-cacert); fleet apply refuses a document the hosts would refuse,
+// before writing it.
 //
 // Every command takes --help and -o table|json. Exit codes: 0 ok, 1 failed,
 // 2 usage, 3 access denied, 4 daemon unreachable.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"fwp/api"
 	"fwp/fleet"
@@ -20,8 +23,9 @@ import (
 
 // fleetFlags are the flags of the fleet subcommands: where etcd is.
 type fleetFlags struct {
-	ep     fleet.Endpoint
-	prefix string
+	ep      fleet.Endpoint
+	prefix  string
+	timeout time.Duration
 }
 
 func newFleetFlags(name, help string) (*flag.FlagSet, *common, *fleetFlags) {
@@ -32,6 +36,7 @@ func newFleetFlags(name, help string) (*flag.FlagSet, *common, *fleetFlags) {
 	fs.StringVar(&ff.ep.Cert, "etcd-cert", "", "TLS client certificate for etcd (PEM)")
 	fs.StringVar(&ff.ep.Key, "etcd-key", "", "TLS client key for etcd (PEM)")
 	fs.StringVar(&ff.ep.CACert, "etcd-cacert", "", "CA bundle that signed etcd's server certificates (PEM)")
+	fs.DurationVar(&ff.timeout, "etcd-timeout", 15*time.Second, "give up on etcd after this long")
 	return fs, c, ff
 }
 
@@ -46,9 +51,18 @@ func (ff *fleetFlags) dial() (*clientv3.Client, error) {
 	return cl, nil
 }
 
-// etcdCtx bounds a fleet command: etcd unreachable is an error in seconds.
-func etcdCtx(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, 15*time.Second)
+// ctx bounds a fleet command: etcd unreachable is an error in seconds.
+func (ff *fleetFlags) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, ff.timeout)
+}
+
+// etcdErr marks a failure to reach etcd as unavailable (exit 4); a
+// refused document stays an ordinary failure.
+func etcdErr(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.Unavailable || status.Code(err) == codes.DeadlineExceeded {
+		return fmt.Errorf("%w: etcd: %w", api.ErrUnavailable, err)
+	}
+	return err
 }
 
 func fleetCmd(ctx context.Context, args []string) error {
@@ -96,11 +110,11 @@ func fleetApply(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	ctx, cancel := etcdCtx(ctx)
+	ctx, cancel := ff.ctx(ctx)
 	defer cancel()
 	rev, err := fleet.PutDocument(ctx, cl, ff.prefix, name, data)
 	if err != nil {
-		return err
+		return etcdErr(err)
 	}
 	if c.json() {
 		return printJSON(map[string]any{"document": name, "revision": rev})
@@ -123,11 +137,11 @@ func fleetDelete(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	ctx, cancel := etcdCtx(ctx)
+	ctx, cancel := ff.ctx(ctx)
 	defer cancel()
 	rev, err := fleet.PutDocument(ctx, cl, ff.prefix, pos[0], nil)
 	if err != nil {
-		return err
+		return etcdErr(err)
 	}
 	if c.json() {
 		return printJSON(map[string]any{"document": pos[0], "revision": rev})
@@ -171,7 +185,7 @@ func fleetStatus(ctx context.Context, args []string) error {
 			return err
 		}
 		defer cl.Close()
-		ctx, cancel := etcdCtx(ctx)
+		ctx, cancel := ff.ctx(ctx)
 		defer cancel()
 		docs, errs, rev, err := fleet.Documents(ctx, cl, ff.prefix)
 		if err != nil {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 )
@@ -34,6 +35,15 @@ type Cluster struct {
 	t       testing.TB
 	bin     string
 	Members []*Member
+	// TLS, when the cluster was started with it: PEM files of the CA that
+	// signed the servers' and the client's certificates, and the client's.
+	TLS *TLSFiles
+}
+
+// Options configure a cluster.
+type Options struct {
+	// TLS serves clients over TLS and requires a client certificate.
+	TLS bool
 }
 
 // Member is one etcd member.
@@ -50,7 +60,10 @@ type Member struct {
 
 // Start starts an n-member cluster and waits until it answers. A test
 // without the etcd binary is skipped (failed when CI is set).
-func Start(t testing.TB, n int) *Cluster {
+func Start(t testing.TB, n int) *Cluster { t.Helper(); return StartWith(t, n, Options{}) }
+
+// StartWith starts an n-member cluster with options.
+func StartWith(t testing.TB, n int, o Options) *Cluster {
 	t.Helper()
 	bin, err := Binary()
 	if err != nil {
@@ -70,9 +83,16 @@ func Start(t testing.TB, n int) *Cluster {
 		t.Fatal(err)
 	}
 	c := &Cluster{t: t, bin: bin}
+	scheme := "http://"
+	if o.TLS {
+		if c.TLS, err = writeTLS(filepath.Join(dir, "tls")); err != nil {
+			t.Fatal(err)
+		}
+		scheme = "https://"
+	}
 	var initial []string
 	for i := range n {
-		m := &Member{Name: fmt.Sprintf("m%d", i), ClientURL: "http://" + freeAddr(t), PeerURL: "http://" + freeAddr(t), dir: filepath.Join(dir, fmt.Sprintf("m%d", i))}
+		m := &Member{Name: fmt.Sprintf("m%d", i), ClientURL: scheme + freeAddr(t), PeerURL: "http://" + freeAddr(t), dir: filepath.Join(dir, fmt.Sprintf("m%d", i))}
 		c.Members = append(c.Members, m)
 		initial = append(initial, m.Name+"="+m.PeerURL)
 	}
@@ -87,6 +107,10 @@ func Start(t testing.TB, n int) *Cluster {
 			// in a fraction of a second.
 			"--heartbeat-interval", "50", "--election-timeout", "500",
 			"--logger", "zap", "--log-level", "error",
+		}
+		if c.TLS != nil {
+			m.args = append(m.args, "--cert-file", c.TLS.ServerCert, "--key-file", c.TLS.ServerKey,
+				"--client-cert-auth", "--trusted-ca-file", c.TLS.CA)
 		}
 		if err := c.startMember(m); err != nil {
 			t.Fatal(err)
@@ -167,7 +191,15 @@ func (c *Cluster) Endpoints() []string {
 // Client returns a client of the cluster, closed when the test ends.
 func (c *Cluster) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
-	cl, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cfg := clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
+	if c.TLS != nil {
+		tc, err := transport.TLSInfo{CertFile: c.TLS.ClientCert, KeyFile: c.TLS.ClientKey, TrustedCAFile: c.TLS.CA}.ClientConfig()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.TLS = tc
+	}
+	cl, err := clientv3.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

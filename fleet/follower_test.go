@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -334,7 +335,11 @@ func TestLoadRevisions(t *testing.T) {
 	}
 	start := time.Now()
 	var last int64
+	midGoroutines := 0
 	for g := range n {
+		if g == n/10 {
+			midGoroutines = runtime.NumGoroutine()
+		}
 		tr, err := cl.Txn(ctx).Then(clientv3.OpPut(PoliciesPrefix(pfx)+"a", doc("a", g)), clientv3.OpPut(PoliciesPrefix(pfx)+"b", doc("b", g))).Commit()
 		if err != nil {
 			t.Fatal(err)
@@ -351,6 +356,15 @@ func TestLoadRevisions(t *testing.T) {
 		return true
 	})
 	t.Logf("%d revisions written in %s; all hosts on the last after %s", n, wrote, time.Since(start))
+	// Nothing grows with the revisions: goroutines, sessions.
+	if g := runtime.NumGoroutine(); g > midGoroutines+20 {
+		t.Errorf("goroutines grew from %d to %d over the revisions", midGoroutines, g)
+	}
+	for _, h := range hosts {
+		if ss := h.m.Sessions(); len(ss) != 1 {
+			t.Errorf("%s has %d sessions, want the fleet's one", h.f.cfg.Node.Name, len(ss))
+		}
+	}
 	if m := mixed.Load(); m != nil {
 		t.Fatal(m)
 	}

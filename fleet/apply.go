@@ -75,6 +75,10 @@ func NewApplier(m *mgmt.Manager, node Node) (*Applier, error) {
 	return a, nil
 }
 
+// rewind forgets the applied revision (not the objects), so that a policy
+// at a lower revision — from a new etcd cluster — is applied.
+func (a *Applier) rewind() { a.rev = 0 }
+
 // Close ends the applier's session.
 func (a *Applier) Close() { a.m.CloseSession(a.sid) }
 

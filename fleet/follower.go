@@ -79,6 +79,7 @@ type Follower struct {
 	docs    map[string]*parsed // at seen
 	seen    int64              // revision docs are at; 0: not loaded
 	relist  bool               // compacted: list the documents afresh
+	rewound bool               // etcd's revisions restarted below the applied one
 	kick    chan struct{}
 	statMu  sync.Mutex
 	status  Status
@@ -222,6 +223,13 @@ func (f *Follower) follow(ctx context.Context) error {
 				f.relist = true
 				return f.follow(ctx)
 			}
+			if errors.Is(err, rpctypes.ErrFutureRev) {
+				// etcd is behind what this host applied: a new or restored
+				// cluster. Its documents are the policy now.
+				f.log.Warn("etcd's revision is behind the applied one (a new or restored cluster?): listing the documents", "revision", rev)
+				f.relist, f.rewound = true, true
+				return f.follow(ctx)
+			}
 			if err != nil {
 				return err
 			}
@@ -237,6 +245,10 @@ func (f *Follower) follow(ctx context.Context) error {
 			f.load(resp)
 			f.seen = resp.Header.Revision
 			f.relist = false
+			if f.rewound {
+				f.applier.rewind()
+				f.rewound = false
+			}
 			f.apply(ctx, resp.Header.Revision)
 		}
 	}

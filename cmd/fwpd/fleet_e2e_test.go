@@ -71,7 +71,7 @@ func waitNodes(t *testing.T, cl *clientv3.Client, d time.Duration, what string, 
 func allAt(names []string, rev int64) func(map[string]fleet.Status) bool {
 	return func(ns map[string]fleet.Status) bool {
 		for _, n := range names {
-			if ns[n].Revision != rev {
+			if ns[n].Revision < rev {
 				return false
 			}
 		}

@@ -43,7 +43,7 @@ func startHost(t *testing.T, c *etcdtest.Cluster, prefix string, node Node, dir 
 	}
 	h.m = newManager(t, dir)
 	h.f, err = NewFollower(Config{Client: h.cl, Prefix: prefix, Manager: h.m, Node: node, LeaseTTL: ttl, Version: "test", Datapath: "none",
-		Logger: slog.New(slog.NewTextHandler(tlog{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:   slog.New(slog.NewTextHandler(tlog{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Counters: func() map[string]uint64 { return map[string]uint64{"filters": 1} },
 		OnApply: func(r Result, err error) {
 			if r.Committed {

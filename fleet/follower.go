@@ -122,9 +122,17 @@ func NewFollower(cfg Config) (*Follower, error) {
 	return f, nil
 }
 
-// PoliciesPrefix and NodesPrefix are where documents and statuses live.
-func PoliciesPrefix(prefix string) string { return prefix + "policies/" }
-func NodesPrefix(prefix string) string    { return prefix + "nodes/" }
+// PoliciesPrefix and NodesPrefix are where documents and statuses live
+// ("/fwp" is taken as "/fwp/").
+func PoliciesPrefix(prefix string) string { return dir(prefix) + "policies/" }
+func NodesPrefix(prefix string) string    { return dir(prefix) + "nodes/" }
+
+func dir(prefix string) string {
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	return prefix
+}
 
 // Status returns the host's status now.
 func (f *Follower) Status() Status {

@@ -95,6 +95,11 @@ filters:
 	if !errors.Is(err, mgmt.ErrInvalidPolicy) || !errors.Is(err, engine.ErrInvalidLayer) || !strings.Contains(err.Error(), "bad.yaml:2") {
 		t.Fatalf("bad layer: %v", err)
 	}
+	// A fleet document's nodes section has no meaning here: refused.
+	_, err = a.ApplyPolicy(ctx, "fleet.yaml", []byte("nodes: {hosts: [h]}\nfilters:\n  - {key: f4, layer: ALE_AUTH_CONNECT_V4, action: block}\n"))
+	if !errors.Is(err, mgmt.ErrInvalidPolicy) || !strings.Contains(err.Error(), "fwpctl fleet apply") {
+		t.Fatalf("a nodes section applied locally: %v", err)
+	}
 	fs, err := b.Filters(ctx, mgmt.Template{Sublayer: "s"})
 	if err != nil || len(fs) != 1 || fs[0].Key != "f1" || fs[0].Lifetime != mgmt.LifetimeStatic {
 		t.Fatalf("filters: %+v %v", fs, err)

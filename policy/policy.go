@@ -50,6 +50,42 @@ func (e *Error) Unwrap() []error {
 // file:line position.
 type Policy struct {
 	Ops []mgmt.Op
+	// Nodes is the document's nodes section: the fleet hosts it applies
+	// to (package fleet); nil when absent. Only fleet documents have one.
+	Nodes *Selector
+}
+
+// Selector names the hosts a fleet document applies to: a host is
+// selected when it is listed in Hosts, or when Labels is not empty and the
+// host carries every one of them. An empty selector selects every host.
+//
+//	nodes:
+//	  hosts: [web-1, web-2]
+//	  labels: {role: web, zone: a}
+type Selector struct {
+	Hosts  []string          `json:"hosts,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+// Selects reports whether the selector picks the host with these labels.
+func (s *Selector) Selects(host string, labels map[string]string) bool {
+	if s == nil || (len(s.Hosts) == 0 && len(s.Labels) == 0) {
+		return true
+	}
+	for _, h := range s.Hosts {
+		if h == host {
+			return true
+		}
+	}
+	if len(s.Labels) == 0 {
+		return false
+	}
+	for k, v := range s.Labels {
+		if got, ok := labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
 }
 
 type parser struct {
@@ -89,6 +125,7 @@ func Parse(name string, data []byte) (*Policy, error) {
 		return nil, p.errf(root, nil, "the policy must be a mapping of sections (providers, sublayers, filters, ...)")
 	}
 	sections := map[string]*yaml.Node{}
+	var nodes *Selector
 	err := p.fields(root, func(k string, v *yaml.Node) error {
 		switch k {
 		case "lifetime":
@@ -101,14 +138,21 @@ func Parse(name string, data []byte) (*Policy, error) {
 			}
 		case "providers", "provider_contexts", "sublayers", "callouts", "filters", "delete":
 			sections[k] = v
+		case "nodes":
+			sel, err := p.selector(v)
+			if err != nil {
+				return err
+			}
+			nodes = sel
 		default:
-			return p.errf(v, nil, "unknown section %q (lifetime, providers, provider_contexts, sublayers, callouts, filters, delete)", k)
+			return p.errf(v, nil, "unknown section %q (lifetime, nodes, providers, provider_contexts, sublayers, callouts, filters, delete)", k)
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
+	pol.Nodes = nodes
 	type section struct {
 		name string
 		item func(*yaml.Node) (mgmt.Op, error)
@@ -521,4 +565,56 @@ func (p *parser) deleteOp(n *yaml.Node) (mgmt.Op, error) {
 		return mgmt.Op{}, p.errf(n, engine.ErrInvalidArgument, "a delete needs a kind and a key")
 	}
 	return mgmt.Op{Delete: &r}, nil
+}
+
+// selector reads a nodes section: {hosts: [names], labels: {k: v}}.
+func (p *parser) selector(n *yaml.Node) (*Selector, error) {
+	sel := &Selector{}
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
+		return sel, nil
+	}
+	if n.Kind != yaml.MappingNode {
+		return nil, p.errf(n, engine.ErrInvalidArgument, "nodes must be a mapping {hosts: [...], labels: {k: v}}")
+	}
+	err := p.fields(n, func(k string, v *yaml.Node) error {
+		switch k {
+		case "hosts":
+			hs, err := p.strs(v)
+			if err != nil {
+				return err
+			}
+			for _, h := range hs {
+				if strings.TrimSpace(h) == "" {
+					return p.errf(v, engine.ErrInvalidArgument, "an empty host name")
+				}
+			}
+			sel.Hosts = hs
+		case "labels":
+			if v.Kind == yaml.ScalarNode && v.Tag == "!!null" {
+				return nil
+			}
+			if v.Kind != yaml.MappingNode {
+				return p.errf(v, engine.ErrInvalidArgument, "labels must be a mapping {name: value}")
+			}
+			sel.Labels = map[string]string{}
+			return p.fields(v, func(lk string, lv *yaml.Node) error {
+				s, err := p.str(lv)
+				if err != nil {
+					return err
+				}
+				if strings.TrimSpace(lk) == "" {
+					return p.errf(lv, engine.ErrInvalidArgument, "an empty label name")
+				}
+				sel.Labels[lk] = s
+				return nil
+			})
+		default:
+			return p.errf(v, nil, "unknown nodes attribute %q (hosts, labels)", k)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return sel, nil
 }

@@ -199,3 +199,29 @@ func deepBlock(n int) string {
 	}
 	return b.String()
 }
+
+func TestParseNodes(t *testing.T) {
+	p, err := Parse("n.yaml", []byte("nodes:\n  hosts: [a, b]\n  labels: {role: web}\nfilters: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Nodes == nil || strings.Join(p.Nodes.Hosts, ",") != "a,b" || p.Nodes.Labels["role"] != "web" {
+		t.Fatalf("nodes: %+v", p.Nodes)
+	}
+	if !p.Nodes.Selects("b", nil) || p.Nodes.Selects("c", map[string]string{"role": "db"}) || !p.Nodes.Selects("c", map[string]string{"role": "web"}) {
+		t.Fatal("selection")
+	}
+	if p, _ := Parse("n.yaml", []byte("filters: []\n")); p.Nodes != nil || !p.Nodes.Selects("any", nil) {
+		t.Fatal("no nodes section: nil, selecting every host")
+	}
+	for _, c := range []struct{ doc, want string }{
+		{"nodes: {hosts: ['']}\n", "n.yaml:1:16: an empty host name"},
+		{"nodes: {labels: {'': x}}\n", "an empty label name"},
+		{"nodes: {hosts: [{a: b}]}\n", "want a single value"},
+		{"nodes: 3\n", "nodes must be a mapping"},
+	} {
+		if _, err := Parse("n.yaml", []byte(c.doc)); err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, mgmt.ErrInvalidPolicy) {
+			t.Errorf("Parse(%q) = %v, want %q", c.doc, err, c.want)
+		}
+	}
+}

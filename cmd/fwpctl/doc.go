@@ -11,6 +11,14 @@
 //	fwpctl version
 //	fwpctl completion bash|zsh
 //	fwpctl help [COMMAND]
+//	fwpctl fleet apply -f doc.yaml [--name N] --etcd-endpoints URL,...
+//	fwpctl fleet delete NAME --etcd-endpoints URL,...
+//	fwpctl fleet status [--local STATE-DIR/fleet-status.json] --etcd-endpoints URL,...
+//
+// The fleet commands talk to etcd, not fwpd (--etcd-endpoints or
+// $FWP_ETCD_ENDPOINTS, --etcd-prefix, TLS with --etcd-cert, --etcd-key,
+// --etcd-cacert); fleet apply refuses a document the hosts would refuse,
+// before writing it.
 //
 // Every command takes --help and -o table|json (tables aligned, objects by
 // key next to their IDs, times local; json stable for scripts). fwpctl

@@ -105,6 +105,7 @@ func init() {
 		"completion": func(ctx context.Context, args []string) error {
 			return completion(args)
 		},
+		"fleet": fleetCmd,
 	}
 }
 
@@ -126,6 +127,7 @@ commands:
   version                           fwpctl's and fwpd's builds
   completion bash|zsh               a shell completion script
   help     [COMMAND]                the manual, or a command's flags
+  fleet    apply|delete|status      the fleet policy in etcd (--etcd-endpoints)
 
 Every command takes --help, -o table|json, and --socket PATH (default
 $FWPD_SOCKET or /run/fwp/fwpd.sock).

@@ -34,4 +34,12 @@
 // hanging in the backlog, and logged (at debug level, plus a warning at
 // most once a minute). A peer on PATH.fd
 // must send its request within 5 seconds or is dropped.
+//
+// With --policy-source etcd (--etcd-endpoints URL,..., --etcd-prefix,
+// --etcd-cert/--etcd-key/--etcd-cacert, --node-name, --node-labels
+// k=v,..., --etcd-lease-ttl) fwpd also follows the fleet policy kept in
+// etcd (package fleet): each revision applied as one transaction, its
+// objects persistent and owned by the provider fwp.fleet, local objects
+// untouched; the host's status under PREFIXnodes/NAME and in
+// STATE-DIR/fleet-status.json; fwp_fleet_* metrics.
 package main

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"fwp/client"
 	"fwp/datapath/linux/ebpf"
 	"fwp/engine"
@@ -47,6 +49,7 @@ type config struct {
 	maxMsgBytes, maxConns, maxConnsPerUser             int
 	allowEvents                                        bool
 	kernel                                             kernelConfig
+	fleet                                              fleetConfig
 }
 
 func run(args []string) error {
@@ -71,6 +74,7 @@ func run(args []string) error {
 	fs.StringVar(&c.logFormat, "log-format", "text", "text or json")
 	c.kernel.flags(fs)
 	showVersion := fs.Bool("version", false, "print the build (module version, VCS revision) and exit")
+	c.fleet.flags(fs)
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: fwpd [flags]\n\nfwp's daemon: serves the management API on a unix socket.\n\nflags:")
 		fs.PrintDefaults()
@@ -206,6 +210,15 @@ func run(args []string) error {
 		}
 		log.Info("metrics listening", "addr", ms)
 	}
+	var reg *prometheus.Registry
+	if met != nil {
+		reg = met.Registry()
+	}
+	stopFleet, err := startFleet(ctx, c.fleet, m, eng, reg, c.kernel.datapath, c.stateDir, log)
+	if err != nil {
+		return err
+	}
+	defer stopFleet()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	log.Info("fwpd listening", "socket", c.socket, "state_dir", c.stateDir, "pid", os.Getpid())

@@ -318,6 +318,9 @@ func (s *Server) Apply(ctx context.Context, req *api.ApplyRequest) (*api.ApplyRe
 		if err != nil {
 			return nil, err
 		}
+		if pol.Nodes != nil { // fleet rules (persistent, no deletes) do not hold here
+			return nil, fmt.Errorf("%w: %s: a nodes section selects fleet hosts; write the document with fwpctl fleet apply", mgmt.ErrInvalidPolicy, name)
+		}
 		ops = append(ops, pol.Ops...)
 	}
 	res, err := s.m.Apply(ctx, id, ops)

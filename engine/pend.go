@@ -11,10 +11,8 @@ import (
 
 // Errors of the pend and classify-handle APIs.
 var (
-	ErrCannotPend = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
-	// ErrNoWriteRight: the callout was called without FWPS_RIGHT_ACTION_WRITE,
-	// so it may not pend (seed 003); it comes wrapped with ErrCannotPend.
-	ErrNoWriteRight      = errors.New("fwp: the callout does not hold the ACTION_WRITE right")
+	ErrCannotPend        = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
+	ErrNoWriteRight      = errors.New("fwp: the callout does not hold the ACTION_WRITE right") // no pend then (seed 003); wrapped with ErrCannotPend
 	ErrPendResolved      = errors.New("fwp: pend already completed or timed out")
 	ErrHandleInvalid     = errors.New("fwp: invalid or stale handle")
 	ErrInvalidLayerData  = errors.New("fwp: invalid modified layer data")

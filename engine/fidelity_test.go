@@ -37,7 +37,7 @@ type pendThenAnswer struct {
 	mu      sync.Mutex
 	reauths int
 	pendErr error // PendOperation during the reauthorization
-	data    []any // layer data of each reauthorization
+	data    any   // layer data of the last reauthorization
 }
 
 func newPendThenAnswer(act ActionType) *pendThenAnswer {
@@ -54,7 +54,7 @@ func (a *pendThenAnswer) reg() CalloutRegistration {
 			a.mu.Lock()
 			a.reauths++
 			a.pendErr = err
-			a.data = append(a.data, req.LayerData)
+			a.data = req.LayerData
 			a.mu.Unlock()
 			out.Action = a.act
 			return
@@ -94,7 +94,7 @@ func TestRecvAcceptPendReauthorizesLayer(t *testing.T) {
 		a.mu.Lock()
 		reauths, pendErr, data := a.reauths, a.pendErr, a.data
 		a.mu.Unlock()
-		if reauths != 1 || !errors.Is(pendErr, ErrCannotPend) || len(data) != 1 || data[0] != held {
+		if reauths != 1 || !errors.Is(pendErr, ErrCannotPend) || data != held {
 			t.Fatalf("lower block %v: %d reauthorizations, pend during it %v, layer data %v", lowerBlock, reauths, pendErr, data)
 		}
 		if lowerBlock {

@@ -11,16 +11,17 @@ import (
 
 // Errors of the pend and classify-handle APIs.
 var (
-	ErrCannotPend = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
-	// ErrNoWriteRight: the callout was called without FWPS_RIGHT_ACTION_WRITE,
-	// so it may not pend (seed 003); it comes wrapped with ErrCannotPend.
-	ErrNoWriteRight      = errors.New("fwp: the callout does not hold the ACTION_WRITE right")
+	ErrCannotPend        = errors.New("fwp: cannot pend") // STATUS_FWP_CANNOT_PEND
 	ErrPendResolved      = errors.New("fwp: pend already completed or timed out")
 	ErrHandleInvalid     = errors.New("fwp: invalid or stale handle")
 	ErrInvalidLayerData  = errors.New("fwp: invalid modified layer data")
 	ErrRedirectRecords   = errors.New("fwp: malformed redirect records")
 	ErrRecordsNotTrusted = errors.New("fwp: redirect records not issued by this engine")
 )
+
+// ErrNoWriteRight: the callout was called without FWPS_RIGHT_ACTION_WRITE,
+// so it may not pend (seed 003); it comes wrapped with ErrCannotPend.
+var ErrNoWriteRight = errors.New("fwp: the callout does not hold the ACTION_WRITE right")
 
 // CompletionHandle is the metadata's completion handle: valid only inside
 // the classify that carries it (WFP's completionHandle).

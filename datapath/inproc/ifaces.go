@@ -17,6 +17,7 @@ var ifaces struct {
 	at       time.Time
 	byAddr   map[netip.Addr]uint32
 	loopback uint32
+	reads    int // table reads, for the tests
 }
 
 const ifaceTTL = 5 * time.Second
@@ -47,6 +48,7 @@ func knownAddr(a netip.Addr) bool {
 // refreshIfaces rereads the table; ifaces.mu is held.
 func refreshIfaces() {
 	ifaces.at = time.Now()
+	ifaces.reads++
 	ifaces.byAddr = map[netip.Addr]uint32{}
 	ifaces.loopback = 0
 	list, err := net.Interfaces()

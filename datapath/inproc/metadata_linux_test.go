@@ -2,9 +2,12 @@ package inproc_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -211,4 +214,104 @@ func cgroupIDOf(t *testing.T) uint64 {
 		}
 	}
 	return 0
+}
+
+// An accepted connection from a link-local IPv6 address, and a datagram
+// from one, report the remote's scope (the zone the kernel gave the
+// address). Runs in a network namespace of its own (root), where lo gets
+// a link-local address.
+func TestMetadataLinkLocalScopeAccepted(t *testing.T) {
+	testutil.RequireRoot(t)
+	type result struct {
+		metas []engine.Metadata
+		lo    int
+		err   error
+	}
+	done := make(chan result, 1)
+	go func() {
+		// This goroutine's thread moves to a new network namespace and is
+		// never unlocked: it ends with the goroutine.
+		runtime.LockOSThread()
+		if err := syscall.Unshare(syscall.CLONE_NEWNET); err != nil {
+			done <- result{err: err}
+			return
+		}
+		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+			done <- result{err: fmt.Errorf("ip link: %v: %s", err, out)}
+			return
+		}
+		if out, err := exec.Command("ip", "-6", "addr", "add", "fe80::1/64", "dev", "lo", "nodad").CombinedOutput(); err != nil {
+			done <- result{err: fmt.Errorf("ip addr: %v: %s", err, out)}
+			return
+		}
+		lo, err := net.InterfaceByName("lo")
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		var mu sync.Mutex
+		var metas []engine.Metadata
+		e, _ := newEngine(t, engine.Options{}, callout{key: "in", layer: engine.LayerALEAuthRecvAcceptV6, sublayer: 1, action: engine.ActionCalloutInspection,
+			reg: engine.InlineInspection(func(req *engine.ClassifyRequest) {
+				mu.Lock()
+				metas = append(metas, *req.Meta)
+				mu.Unlock()
+			})})
+		dp := inproc.New(e, inproc.Options{})
+		lc := &inproc.ListenConfig{Datapath: dp}
+		ln, err := lc.Listen(context.Background(), "tcp6", "[fe80::1%lo]:0")
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer ln.Close()
+		pc, err := lc.ListenPacket(context.Background(), "udp6", "[fe80::1%lo]:0")
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer pc.Close()
+		port := ln.Addr().(*net.TCPAddr).Port
+		c, err := net.Dial("tcp6", fmt.Sprintf("[fe80::1%%lo]:%d", port))
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer c.Close()
+		ac, err := ln.Accept()
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		ac.Close()
+		src, err := net.ListenPacket("udp6", "[fe80::1%lo]:0")
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer src.Close()
+		if _, err := src.WriteTo([]byte("x"), pc.LocalAddr()); err != nil {
+			done <- result{err: err}
+			return
+		}
+		if _, _, err := pc.ReadFrom(make([]byte, 8)); err != nil {
+			done <- result{err: err}
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		done <- result{metas: append([]engine.Metadata(nil), metas...), lo: lo.Index}
+	}()
+	r := <-done
+	if r.err != nil {
+		testutil.Unavailable(t, r.err)
+	}
+	if len(r.metas) != 2 {
+		t.Fatalf("AUTH_RECV_ACCEPT_V6 classified %d times, want 2 (TCP, UDP)", len(r.metas))
+	}
+	for i, m := range r.metas {
+		if !m.Has(engine.MetaRemoteScopeID) || m.RemoteScopeID != uint32(r.lo) {
+			t.Errorf("classification %d: remote scope %v/%d, want lo's index %d", i, m.Has(engine.MetaRemoteScopeID), m.RemoteScopeID, r.lo)
+		}
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -27,6 +28,9 @@ type kernelConfig struct {
 	bpffsDir  string
 	keepHooks bool
 	classes   uint
+	// proxyCgroups: "auto", "none" or cgroup v2 directories (comma
+	// separated) where transparent proxies run (see resolveProxyCgroups).
+	proxyCgroups string
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -35,6 +39,35 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&k.bpffsDir, "bpffs-dir", "/sys/fs/bpf/fwp", "bpffs directory for the datapath's pins (redirect maps for proxies; hooks with --keep-hooks-on-exit); a bpffs is mounted on its parent if absent")
 	fs.UintVar(&k.classes, "kernel-max-classes", 0, "bound the kernel datapath's class bitsets (about 2 KiB of kernel memory each; 0: 65536)")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
+	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
+}
+
+// resolveProxyCgroups turns --proxy-cgroup into directories. The proxy
+// hooks on the cgroup2 root run for every socket of the machine, so "auto"
+// picks it only where fwpd is not confined to a cgroup of its own (then it
+// governs the machine anyway).
+func resolveProxyCgroups(flag, cgroup string) ([]string, error) {
+	switch flag {
+	case "none", "":
+		return nil, nil
+	case "auto":
+		root, err := unix.FindCgroup2()
+		if err != nil {
+			return nil, nil
+		}
+		onRoot, err := ebpf.ProcessOnCgroupRoot()
+		if err != nil || !onRoot || filepath.Clean(cgroup) == filepath.Clean(root) {
+			return nil, nil
+		}
+		return []string{root}, nil
+	}
+	var out []string
+	for _, p := range strings.Split(flag, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }
 
 // kernel is fwpd's eBPF datapath: every commit's policy is compiled and
@@ -42,8 +75,10 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 type kernel struct {
 	d      *ebpf.Datapath
 	cgroup string
-	log    *slog.Logger
-	lock   *os.File // held while the datapath is ours
+	// proxyCgroups get the proxy hooks (--proxy-cgroup).
+	proxyCgroups []string
+	log          *slog.Logger
+	lock         *os.File // held while the datapath is ours
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -75,7 +110,14 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, fmt.Errorf("kernel datapath: %w (or run with --datapath none)", err)
 	}
-	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock}, nil
+	proxies, err := resolveProxyCgroups(c.proxyCgroups, c.cgroup)
+	if err != nil {
+		d.Close()
+		os.Remove(lock.Name())
+		lock.Close()
+		return nil, err
+	}
+	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock}, nil
 }
 
 // lockPins makes sure no other fwpd uses the same pin directory (a new
@@ -117,7 +159,12 @@ func (k *kernel) attach() error {
 	if err := k.d.Attach(k.cgroup); err != nil {
 		return fmt.Errorf("kernel datapath: %w", err)
 	}
-	k.log.Info("kernel datapath attached", "cgroup", k.cgroup)
+	for _, p := range k.proxyCgroups {
+		if err := k.d.AttachProxy(p); err != nil {
+			return fmt.Errorf("kernel datapath: --proxy-cgroup: %w", err)
+		}
+	}
+	k.log.Info("kernel datapath attached", "cgroup", k.cgroup, "proxy_cgroups", k.proxyCgroups)
 	return nil
 }
 

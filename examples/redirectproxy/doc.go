@@ -27,7 +27,9 @@
 // replies go back to the client (the kernel datapath shows them as from
 // that destination); a client's relay ends after -udp-idle. With -to ADDR
 // it is the same relay without fwp: everything goes to ADDR (a baseline
-// for benchmarks).
+// for benchmarks); with -original-dst it is the same relay as a proxy
+// written for iptables REDIRECT, asking getsockopt(SO_ORIGINAL_DST) alone
+// (another baseline: behind iptables, or behind fwp, which answers it too).
 //
 //	go run ./examples/redirectproxy -listen 127.0.0.1:3131 [-udp]
 //

@@ -18,6 +18,7 @@ import (
 
 	"fwp/client"
 	"fwp/datapath/linux/ebpf"
+	"fwp/internal/unix"
 	"fwp/proxy"
 )
 
@@ -93,6 +94,36 @@ func (f kernelFinder) findDatagram(local, from netip.AddrPort) (proxy.Redirect, 
 	return f.next.findDatagram(local, from)
 }
 
+// originalDstFinder asks getsockopt(SO_ORIGINAL_DST) alone, as a proxy
+// written for iptables REDIRECT does (fwp's kernel hooks answer it too):
+// no records, no context.
+type originalDstFinder struct{}
+
+func (originalDstFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return proxy.Redirect{}, netip.AddrPort{}, err
+	}
+	v6 := tc.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Is6() && !tc.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Is4In6()
+	var orig netip.AddrPort
+	var oerr error
+	if err := raw.Control(func(fd uintptr) { orig, oerr = unix.OriginalDst(int(fd), v6) }); err != nil {
+		return proxy.Redirect{}, netip.AddrPort{}, err
+	}
+	if oerr != nil {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: %v", proxy.ErrNotFound, oerr)
+	}
+	return proxy.Redirect{}, netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port()), nil
+}
+
+func (originalDstFinder) findDatagram(_, _ netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: SO_ORIGINAL_DST answers TCP only", proxy.ErrNotSupported)
+}
+
 // fixedFinder sends every connection to one address, without fwp.
 type fixedFinder struct{ to netip.AddrPort }
 
@@ -126,6 +157,7 @@ func run(args []string, stderr io.Writer) error {
 	udpMax := fs.Int("udp-max", 4096, "UDP clients relayed at once (each holds a socket); a new client's datagrams beyond it are dropped")
 	sockopt := fs.Bool("sockopt", true, "ask the kernel datapath's socket options first (no round trip to fwpd); fwpd or -pins answer when no hook does")
 	sockoptOnly := fs.Bool("sockopt-only", false, "ask the kernel datapath's socket options only: no fwpd connection (TCP; records are set with setsockopt)")
+	origDst := fs.Bool("original-dst", false, "ask getsockopt(SO_ORIGINAL_DST) alone, as a proxy written for iptables REDIRECT does (a baseline)")
 	verbose := fs.Bool("v", false, "log every connection")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -142,6 +174,8 @@ func run(args []string, stderr io.Writer) error {
 			return fmt.Errorf("-to: %w", err)
 		}
 		s.find = fixedFinder{ap}
+	case *origDst:
+		s.find = originalDstFinder{}
 	case *sockoptOnly:
 		s.find = kernelFinder{}
 	case *pins != "":
@@ -164,7 +198,7 @@ func run(args []string, stderr io.Writer) error {
 		defer proxy.Register(client.ProxyBackend{C: c})()
 		s.find = fwpdFinder{c: c, timeout: 5 * time.Second}
 	}
-	if _, fixed := s.find.(fixedFinder); *sockopt && !fixed && !*sockoptOnly {
+	if *sockopt && *to == "" && !*origDst && !*sockoptOnly {
 		s.find = kernelFinder{next: s.find}
 	}
 	ln, err := net.Listen("tcp", *listen)

@@ -255,6 +255,19 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 	}
 	const perArm = 200
 	total := make([]time.Duration, len(arms))
+	// fwpd's own CPU time per arm: what the redirect's net events (and,
+	// for the fwpd arm, the proxy's queries) cost it.
+	fwpdCPU := func() time.Duration {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
+		if err != nil {
+			return 0
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		ut, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		return time.Duration(ut+st) * 10 * time.Millisecond // USER_HZ 100
+	}
+	daemonCPU := make([]time.Duration, len(arms))
 	for _, a := range arms { // warm up: first connections, page faults, the proxies' goroutines
 		call(fmt.Sprintf("rr %s %d", a.addr, 20))
 	}
@@ -264,11 +277,13 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		// Rotate the order so no arm always runs first.
 		for j := range arms {
 			k := (i + j) % len(arms)
+			c0 := fwpdCPU()
 			ns, err := strconv.ParseInt(call(fmt.Sprintf("rr %s %d", arms[k].addr, perArm)), 10, 64)
 			if err != nil {
 				b.Fatal(err)
 			}
 			total[k] += time.Duration(ns)
+			daemonCPU[k] += fwpdCPU() - c0
 		}
 		i++
 	}
@@ -276,6 +291,8 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 	for k, a := range arms {
 		b.ReportMetric(per(k), a.name+"-µs/conn")
 	}
+	b.ReportMetric(daemonCPU[2].Seconds()*1e6/float64(b.N*perArm), "fwp-fwpdcpu-µs/conn")
+	b.ReportMetric(daemonCPU[3].Seconds()*1e6/float64(b.N*perArm), "fwpd-fwpdcpu-µs/conn")
 	b.ReportMetric(per(2)/per(1), "fwp/plain")
 	b.ReportMetric(per(2)/per(4), "fwp/iptables")
 	b.ReportMetric(per(3)/per(1), "fwpd/plain")

@@ -1357,8 +1357,10 @@ int fwp_setsockopt(struct bpf_sockopt *ctx)
 			return sockopt_fail(FWP_EACCES) - 1;
 	}
 	struct bpf_sock *sk = ctx->sk;
-	if (!sk || !bpf_sk_storage_get(&fwp_sk_records, sk, &rec, BPF_SK_STORAGE_GET_F_CREATE))
+	struct records *r = sk ? bpf_sk_storage_get(&fwp_sk_records, sk, &rec, BPF_SK_STORAGE_GET_F_CREATE) : 0;
+	if (!r)
 		return sockopt_fail(FWP_EINVAL) - 1;
+	*r = rec; // a second setsockopt replaces the records
 	ctx->optlen = -1;
 	return 1;
 }

@@ -32,18 +32,19 @@ func init() {
 
 // sockoptResult is what the socket-option proxy helper saw.
 type sockoptResult struct {
-	OrigDst    string `json:"orig_dst"`    // SO_ORIGINAL_DST, as iptables REDIRECT proxies ask
-	Query      string `json:"query"`       // proxy.QueryKernelRedirect: "" or an error class
-	Records    string `json:"records"`     // hex
-	Context    string `json:"context"`     // the redirect's context
-	Orig       string `json:"orig"`        // FWP_SO_ORIGINAL_DST
-	SmallBuf   string `json:"small_buf"`   // getsockopt of the records into 4 bytes
-	Set        string `json:"set"`         // the outbound dial with records: "" or an error class
-	Reply      string `json:"reply"`       // what the outbound connection answered
-	Direct     string `json:"direct"`      // a connection to the proxy that no redirect sent
-	Client     string `json:"client"`      // what the client read
-	ProxyUID   int    `json:"proxy_uid"`   // the proxy's uid when it asked
-	OutboundOK bool   `json:"outbound_ok"` // the outbound connection was made
+	OrigDst    string   `json:"orig_dst"`    // SO_ORIGINAL_DST, as iptables REDIRECT proxies ask
+	Query      string   `json:"query"`       // proxy.QueryKernelRedirect: "" or an error class
+	Records    string   `json:"records"`     // hex
+	Context    string   `json:"context"`     // the redirect's context
+	Orig       string   `json:"orig"`        // FWP_SO_ORIGINAL_DST
+	SmallBuf   string   `json:"small_buf"`   // getsockopt of the records into 4 bytes
+	Set        string   `json:"set"`         // the outbound dial with records: "" or an error class
+	Reply      string   `json:"reply"`       // what the outbound connection answered
+	Direct     string   `json:"direct"`      // a connection to the proxy that no redirect sent
+	Client     string   `json:"client"`      // what the client read
+	ProxyUID   int      `json:"proxy_uid"`   // the proxy's uid when it asked
+	OutboundOK bool     `json:"outbound_ok"` // the outbound connection was made
+	BadSets    []string `json:"bad_sets"`    // setsockopt of malformed records
 }
 
 func errClass(err error) string {
@@ -168,6 +169,14 @@ func sockoptProxyHelper(args []string) error {
 		_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, proxy.SolFWP, proxy.SoFWPRedirectRecords, uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0)
 		res.SmallBuf = e.Error()
 	})
+	// Malformed records: too short, not the kernel's, too long.
+	if s, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0); err == nil {
+		for _, b := range [][]byte{make([]byte, 6), []byte("xxxx\x01\x00\x00\x00"), append([]byte("fwpk"), make([]byte, 36)...)} {
+			_, _, e := syscall.Syscall6(syscall.SYS_SETSOCKOPT, uintptr(s), proxy.SolFWP, proxy.SoFWPRedirectRecords, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), 0)
+			res.BadSets = append(res.BadSets, e.Error())
+		}
+		syscall.Close(s)
+	}
 	d := &net.Dialer{Timeout: 2 * time.Second}
 	reply := "none"
 	err = proxy.SetRedirectRecords(d, recs)
@@ -344,6 +353,14 @@ func TestKernelSockoptProxyAPI(t *testing.T) {
 			unreached := c.ownCgroup && !c.attachProxy && c.target != "self"
 			if (res.OrigDst == origin.String()) == unreached {
 				t.Errorf("SO_ORIGINAL_DST %q (hooks reach the proxy: %v), want %s", res.OrigDst, !unreached, origin)
+			}
+			for i, e := range res.BadSets {
+				if want := syscall.EINVAL.Error(); !unreached && e != want {
+					t.Errorf("malformed records #%d: %q, want %q", i, e, want)
+				}
+			}
+			if len(res.BadSets) != 3 {
+				t.Errorf("malformed records: %q", res.BadSets)
 			}
 			if w.Query == "" {
 				if want := hex.EncodeToString(EncodeRecords([]uint32{uint32(co)})); res.Records != want {

@@ -10,7 +10,7 @@ import "errors"
 //	optname                     call                         value
 //	1 FWP_SO_REDIRECT_RECORDS   getsockopt, accepted socket  records: "fwpk" + up to 8 uint32 handles (LE), at most 36 bytes
 //	                            setsockopt, outbound socket  the same bytes, before connect
-//	2 FWP_SO_REDIRECT_CONTEXT   getsockopt, accepted socket  the redirect's context bytes, at most 128
+//	2 FWP_SO_REDIRECT_CONTEXT   getsockopt, accepted socket  the redirect's context bytes, at most 128 (ENODATA: none)
 //	3 FWP_SO_ORIGINAL_DST       getsockopt, accepted socket  struct sockaddr_in or sockaddr_in6
 //
 // Errors: ENOENT (no redirect recorded for the socket), EACCES (the
@@ -28,6 +28,9 @@ const (
 	kernelRecordsMagic     = "fwpk"
 	kernelRecordsMinLength = 8
 )
+
+// errNoContext: the redirect set no context (ENODATA).
+var errNoContext = errors.New("fwp proxy: the redirect set no context")
 
 // errNoHook: no kernel hook answered the socket option for this socket;
 // the registered backends may know it.

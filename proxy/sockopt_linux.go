@@ -75,12 +75,16 @@ func queryFD(fd int) (Redirect, netip.AddrPort, error) {
 	if err != nil {
 		return Redirect{}, netip.AddrPort{}, err
 	}
-	if n, err = getsockoptBytes(fd, SoFWPRedirectContext, buf[:]); err != nil {
-		return Redirect{}, netip.AddrPort{}, err
-	}
-	r.Context = append([]byte(nil), buf[:n]...)
-	if n == 0 {
+	// ENODATA: the redirect set no context; the original destination
+	// stands for it, as the kernel backend gives it.
+	n, err = getsockoptBytes(fd, SoFWPRedirectContext, buf[:])
+	switch {
+	case errors.Is(err, errNoContext):
 		r.Context = []byte(orig.String())
+	case err != nil:
+		return Redirect{}, netip.AddrPort{}, err
+	default:
+		r.Context = append([]byte(nil), buf[:n]...)
 	}
 	return r, orig, nil
 }
@@ -98,6 +102,8 @@ func getsockoptBytes(fd, opt int, b []byte) (int, error) {
 
 func sockoptErr(call string, opt int, e syscall.Errno) error {
 	switch e {
+	case xunix.ENODATA:
+		return fmt.Errorf("%w: %s(SOL_FWP, %d): %v", errNoContext, call, opt, e)
 	case xunix.ENOENT:
 		return fmt.Errorf("%w: %s(SOL_FWP, %d): %v", ErrNotFound, call, opt, e)
 	case xunix.EACCES, xunix.EPERM:

@@ -101,7 +101,7 @@ func squidScenarioHelper(args []string) error {
 		log, _ := os.ReadFile(filepath.Join(dir, "cache.log"))
 		return fmt.Errorf("%v\n%s", err, log)
 	}
-	defer func() { sq.Process.Kill(); sq.Wait() }()
+	defer sq.Process.Kill() // spawn's goroutine reaps it
 	cgdir, err := os.Open(clientCg)
 	if err != nil {
 		return err

@@ -191,7 +191,7 @@ func fdCount(t *testing.T) int {
 func TestKernelSockoptSoak(t *testing.T) {
 	d, cg := kernelSetup(t)
 	origin, proxyAddr := netip.MustParseAddrPort("127.0.0.1:18280"), netip.MustParseAddrPort("127.0.0.1:18281")
-	e, co := sockoptPolicy(t, false, origin.Port(), proxyAddr, 77)
+	e, co := sockoptPolicy(t, false, origin.Port(), proxyAddr, 77, []byte("secret")...)
 	apply(t, d, e)
 	maps := map[string]*ebpf.Map{"fwp_sock_records": d.objs.FwpSockRecords, "fwp_sock_redirect": d.objs.FwpSockRedirect,
 		"fwp_tuple_redirect": d.objs.FwpTupleRedirect, "fwp_udp_key": d.objs.FwpUdpKey, "fwp_targets": d.objs.FwpTargets}

@@ -230,7 +230,7 @@ func sockoptClientHelper(args []string) error {
 
 // sockoptPolicy redirects connects to originPort to the proxy, naming
 // target as the redirect's target process.
-func sockoptPolicy(t testing.TB, v6 bool, originPort uint16, proxyAddr netip.AddrPort, target uint32) (*engine.Engine, engine.CalloutID) {
+func sockoptPolicy(t testing.TB, v6 bool, originPort uint16, proxyAddr netip.AddrPort, target uint32, ctxBytes ...byte) (*engine.Engine, engine.CalloutID) {
 	var co engine.CalloutID
 	e := buildEngine(t, func(tx *engine.Txn) error {
 		layer := engine.LayerFor(engine.KindConnectRedirect, v6)
@@ -238,7 +238,7 @@ func sockoptPolicy(t testing.TB, v6 bool, originPort uint16, proxyAddr netip.Add
 		if co, err = tx.AddCallout(engine.Callout{Key: BuiltinConnectRedirectKey + "/sockopt", Layer: layer}); err != nil {
 			return err
 		}
-		data, err := RedirectConfig{Proxy: proxyAddr, TargetPID: target, Context: []byte("secret")}.Marshal()
+		data, err := RedirectConfig{Proxy: proxyAddr, TargetPID: target, Context: ctxBytes}.Marshal()
 		if err != nil {
 			return err
 		}
@@ -270,10 +270,12 @@ func TestKernelSockoptProxyAPI(t *testing.T) {
 		attachProxy bool // ... which AttachProxy names
 		uid         int
 		target      string // "self", "other" or "none"
+		noContext   bool   // the redirect sets no context: the original destination stands for it
 		want        sockoptResult
 	}{
 		{name: "root", uid: 0, target: "other", want: sockoptResult{Query: "", Set: "", Reply: "origin\n", Direct: "direct:notfound\n", OutboundOK: true}},
 		{name: "target", uid: nobody, target: "self", want: sockoptResult{Query: "", Set: "", Reply: "origin\n", Direct: "direct:notfound\n", OutboundOK: true}},
+		{name: "target-no-context", uid: nobody, target: "self", noContext: true, want: sockoptResult{Query: "", Set: "", Reply: "origin\n", Direct: "direct:notfound\n", OutboundOK: true}},
 		{name: "target-v6", v6: true, uid: nobody, target: "self", want: sockoptResult{Query: "", Set: "", Reply: "origin\n", Direct: "direct:notfound\n", OutboundOK: true}},
 		// Not the target: no answer, no records, and the connection it
 		// makes is redirected back to the proxy (no escape).
@@ -303,7 +305,11 @@ func TestKernelSockoptProxyAPI(t *testing.T) {
 			// The handle a forging proxy names: the next callout ID the
 			// policy will get is not known before it is built, so build
 			// it first with a placeholder target.
-			_, co := sockoptPolicy(t, c.v6, origin.Port(), proxyAddr, 0)
+			ctxBytes := []byte("secret")
+			if c.noContext {
+				ctxBytes = nil
+			}
+			_, co := sockoptPolicy(t, c.v6, origin.Port(), proxyAddr, 0, ctxBytes...)
 			h := testutil.StartHelper(t, pcg, "sockoptproxy", origin.String(), proxyAddr.String(), cg.Path, strconv.Itoa(c.uid), fmt.Sprint(uint32(co)))
 			ans, err := h.Call([]byte("hello"))
 			if err != nil {
@@ -314,7 +320,7 @@ func TestKernelSockoptProxyAPI(t *testing.T) {
 				t.Fatalf("%v: %s", err, ans)
 			}
 			target := map[string]uint32{"self": hello.PID, "other": 77, "none": 0}[c.target]
-			e, co2 := sockoptPolicy(t, c.v6, origin.Port(), proxyAddr, target)
+			e, co2 := sockoptPolicy(t, c.v6, origin.Port(), proxyAddr, target, ctxBytes...)
 			if co2 != co {
 				t.Fatalf("callout IDs differ between builds: %d, %d", co, co2)
 			}
@@ -366,8 +372,12 @@ func TestKernelSockoptProxyAPI(t *testing.T) {
 				if want := hex.EncodeToString(EncodeRecords([]uint32{uint32(co)})); res.Records != want {
 					t.Errorf("records %s, want %s", res.Records, want)
 				}
-				if res.Context != "secret" || res.Orig != origin.String() {
-					t.Errorf("context %q original %q, want secret and %s", res.Context, res.Orig, origin)
+				wantCtx := "secret"
+				if c.noContext {
+					wantCtx = origin.String()
+				}
+				if res.Context != wantCtx || res.Orig != origin.String() {
+					t.Errorf("context %q original %q, want %q and %s", res.Context, res.Orig, wantCtx, origin)
 				}
 				if res.SmallBuf != syscall.EINVAL.Error() {
 					t.Errorf("records into 4 bytes: %q, want EINVAL", res.SmallBuf)

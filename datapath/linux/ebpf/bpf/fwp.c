@@ -1142,6 +1142,7 @@ static __always_inline void accepted_tuple(struct bpf_sock *sk, struct tuple_key
 #define FWP_RECORDS_MAGIC 0x6b707766 // "fwpk" read as a little-endian word
 #define FWP_RECORDS_MAX (4 + 4 * MAXRECORDS)
 #define FWP_ENOENT 2
+#define FWP_ENODATA 61
 #define FWP_EACCES 13
 #define FWP_EINVAL 22
 // RELEASED_GRACE is Redirects.ReleasedGrace's default: a closed UDP
@@ -1230,6 +1231,8 @@ static __always_inline int fwp_query(struct bpf_sockopt *ctx, struct redirect_st
 		__u32 n = st->ctx_len;
 		if (n > CTXMAX)
 			n = CTXMAX;
+		if (n == 0) // the kernel cannot return an empty value (optlen 0: unchanged)
+			return sockopt_fail(FWP_ENODATA);
 		if (room < n)
 			return sockopt_fail(FWP_EINVAL);
 		for (__u32 i = 0; i < CTXMAX; i++) {

@@ -86,6 +86,19 @@ func (d *Datapath) ProxyCgroups() []string {
 // caller decides (every socket of the machine would run the hooks). d.mu
 // is held.
 func (d *Datapath) attachTargets(p *Policy) error {
+	// The links of cgroups since removed serve nothing: released here, so
+	// targets coming and going in fresh cgroups do not pile them up.
+	for path, links := range d.proxyLinks {
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			for _, l := range links {
+				if d.opts.KeepHooks {
+					_ = l.Unpin()
+				}
+				_ = l.Close()
+			}
+			delete(d.proxyLinks, path)
+		}
+	}
 	var root string
 	for _, r := range p.redirects {
 		if r.Pid == 0 || r.Port == 0 {

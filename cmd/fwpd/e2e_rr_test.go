@@ -7,6 +7,7 @@ package main_test
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,12 +15,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	cebpf "github.com/cilium/ebpf"
+
+	"fwp/datapath/linux/ebpf"
 	"fwp/internal/testutil"
 	"fwp/internal/unix"
 )
@@ -253,8 +258,11 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		{"direct", "127.0.0.1:7082"}, {"plain", "127.0.0.1:3132"}, {"fwp", "127.0.0.1:7081"},
 		{"fwpd", "127.0.0.1:7084"}, {"iptables", "127.0.0.1:7083"},
 	}
-	const perArm = 200
+	// Short rounds, in rotating order: the load of a shared machine drifts
+	// within seconds, and each round compares arms measured together.
+	const perArm = 50
 	total := make([]time.Duration, len(arms))
+	var fwpPlain, fwpIptables, fwpdPlain []float64 // per round
 	// fwpd's own CPU time per arm: what the redirect's net events (and,
 	// for the fwpd arm, the proxy's queries) cost it.
 	fwpdCPU := func() time.Duration {
@@ -268,25 +276,127 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		return time.Duration(ut+st) * 10 * time.Millisecond // USER_HZ 100
 	}
 	daemonCPU := make([]time.Duration, len(arms))
+	// The CPU time of everything in the benchmark's cgroup (client,
+	// proxies, origin, and the softirq work done in their context): the
+	// cost of a connection, which the machine's load does not inflate
+	// the way it does wall time.
+	cgroupCPU := func() time.Duration {
+		b, err := os.ReadFile(filepath.Join(cg.Path, "cpu.stat"))
+		if err != nil {
+			return 0
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "usage_usec "); ok {
+				us, _ := strconv.ParseInt(v, 10, 64)
+				return time.Duration(us) * time.Microsecond
+			}
+		}
+		return 0
+	}
+	cpu := make([]time.Duration, len(arms))
+	// The hooks' own run time (bpf_stats, read from fwpd's program file
+	// descriptors' fdinfo): what fwp's kernel side costs each arm.
+	stats, err := ebpf.EnableStats()
+	if err != nil {
+		testutil.Unavailable(b, err)
+	}
+	defer stats.Close()
+	progTimes := func() map[string]time.Duration {
+		out := map[string]time.Duration{}
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fdinfo", cmd.Process.Pid))
+		for _, e := range ents {
+			info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", cmd.Process.Pid, e.Name()))
+			if err != nil || !bytes.Contains(info, []byte("prog_tag")) {
+				continue
+			}
+			var id string
+			var ns int64
+			for _, line := range strings.Split(string(info), "\n") {
+				if v, ok := strings.CutPrefix(line, "run_time_ns:"); ok {
+					ns, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				}
+				if v, ok := strings.CutPrefix(line, "prog_id:"); ok {
+					id = strings.TrimSpace(v)
+				}
+			}
+			out[id] += time.Duration(ns) // a program held by two fds counts once per fd: deltas only
+		}
+		return out
+	}
+	hookTime := func() time.Duration {
+		var sum time.Duration
+		for _, d := range progTimes() {
+			sum += d
+		}
+		return sum
+	}
+	hooks := make([]time.Duration, len(arms))
+	perProg := make([]map[string]time.Duration, len(arms))
+	for k := range perProg {
+		perProg[k] = map[string]time.Duration{}
+	}
 	for _, a := range arms { // warm up: first connections, page faults, the proxies' goroutines
 		call(fmt.Sprintf("rr %s %d", a.addr, 20))
 	}
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
+		round := make([]time.Duration, len(arms))
 		// Rotate the order so no arm always runs first.
 		for j := range arms {
 			k := (i + j) % len(arms)
-			c0 := fwpdCPU()
+			p0 := progTimes()
+			c0, g0, h0 := fwpdCPU(), cgroupCPU(), hookTime()
 			ns, err := strconv.ParseInt(call(fmt.Sprintf("rr %s %d", arms[k].addr, perArm)), 10, 64)
 			if err != nil {
 				b.Fatal(err)
 			}
 			total[k] += time.Duration(ns)
+			round[k] = time.Duration(ns)
 			daemonCPU[k] += fwpdCPU() - c0
+			cpu[k] += cgroupCPU() - g0
+			hooks[k] += hookTime() - h0
+			for id, d := range progTimes() {
+				perProg[k][id] += d - p0[id]
+			}
 		}
+		fwpPlain = append(fwpPlain, float64(round[2])/float64(round[1]))
+		fwpIptables = append(fwpIptables, float64(round[2])/float64(round[4]))
+		fwpdPlain = append(fwpdPlain, float64(round[3])/float64(round[1]))
 		i++
 	}
+	median := func(v []float64) float64 {
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	// CPU per connection: the cgroup's and fwpd's.
+	cpuPer := func(k int) float64 { return (cpu[k] + daemonCPU[k]).Seconds() * 1e6 / float64(b.N*perArm) }
+	for k, a := range arms {
+		b.ReportMetric(cpuPer(k), a.name+"-cpuµs/conn")
+	}
+	for k, a := range arms {
+		b.ReportMetric(hooks[k].Seconds()*1e6/float64(b.N*perArm), a.name+"-hooksµs/conn")
+	}
+	// Which hooks make the difference, with -v.
+	for _, k := range []int{1, 2} {
+		var parts []string
+		for id, d := range perProg[k] {
+			name := id
+			if n, err := strconv.ParseUint(id, 10, 32); err == nil {
+				if p, err := ebpfProgName(uint32(n)); err == nil {
+					name = p
+				}
+			}
+			parts = append(parts, fmt.Sprintf("%s %.2f", name, d.Seconds()*1e6/float64(b.N*perArm)))
+		}
+		slices.Sort(parts)
+		b.Logf("%s hooks, µs per connection: %s", arms[k].name, strings.Join(parts, ", "))
+	}
+	b.ReportMetric(cpuPer(2)/cpuPer(1), "fwp/plain-cpu")
+	b.ReportMetric(cpuPer(2)/cpuPer(4), "fwp/iptables-cpu")
+	b.ReportMetric(median(fwpPlain), "fwp/plain-median")
+	b.ReportMetric(median(fwpIptables), "fwp/iptables-median")
+	b.ReportMetric(median(fwpdPlain), "fwpd/plain-median")
 	per := func(k int) float64 { return total[k].Seconds() * 1e6 / float64(b.N*perArm) }
 	for k, a := range arms {
 		b.ReportMetric(per(k), a.name+"-µs/conn")
@@ -297,4 +407,18 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 	b.ReportMetric(per(2)/per(4), "fwp/iptables")
 	b.ReportMetric(per(3)/per(1), "fwpd/plain")
 	b.ReportMetric(0, "ns/op")
+}
+
+// ebpfProgName names a loaded program by its ID.
+func ebpfProgName(id uint32) (string, error) {
+	p, err := cebpf.NewProgramFromID(cebpf.ProgramID(id))
+	if err != nil {
+		return "", err
+	}
+	defer p.Close()
+	info, err := p.Info()
+	if err != nil {
+		return "", err
+	}
+	return info.Name, nil
 }

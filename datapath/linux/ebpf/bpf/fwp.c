@@ -53,7 +53,9 @@
 
 struct config {
 	__u32 gen;
-	__u32 pad;
+	// Set (and kept) once a policy has connect redirects, before it takes
+	// effect: only then may a socket carry records set with setsockopt.
+	__u32 redirects;
 };
 
 struct layer_cfg {
@@ -788,7 +790,9 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	t.cookie = cookie;
 	struct bpf_sock *sk = ctx->sk;
-	if (sk) {
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&fwp_config, &zero);
+	if (sk && cfg && cfg->redirects) {
 		// Records set with setsockopt(SOL_FWP): by cookie from now on,
 		// where the classification, the proxy's queries and
 		// sock_release look for them.

@@ -283,16 +283,7 @@ func (d *Datapath) Apply(p *Policy) error {
 	if err := d.writeGen(next, p); err != nil {
 		return err
 	}
-	var redirects uint32
-	if d.redirectHooks {
-		redirects = 1
-		// Before the switch, in its own write: the first redirecting
-		// policy's proxies find their records taken at once.
-		if err := d.objs.FwpConfig.Put(uint32(0), fwpConfig{Gen: d.gen, Redirects: 1}); err != nil {
-			return fmt.Errorf("switch generation: %w", err)
-		}
-	}
-	if err := d.objs.FwpConfig.Put(uint32(0), fwpConfig{Gen: next, Redirects: redirects}); err != nil {
+	if err := d.objs.FwpConfig.Put(uint32(0), fwpConfig{Gen: next}); err != nil {
 		return fmt.Errorf("switch generation: %w", err)
 	}
 	d.gen = next

@@ -33,9 +33,9 @@ type fwpBsKey struct {
 }
 
 type fwpConfig struct {
-	_         structs.HostLayout
-	Gen       uint32
-	Redirects uint32
+	_   structs.HostLayout
+	Gen uint32
+	Pad uint32
 }
 
 type fwpFilterMeta struct {

@@ -53,9 +53,7 @@
 
 struct config {
 	__u32 gen;
-	// Set (and kept) once a policy has connect redirects, before it takes
-	// effect: only then may a socket carry records set with setsockopt.
-	__u32 redirects;
+	__u32 pad;
 };
 
 struct layer_cfg {
@@ -529,7 +527,23 @@ struct verdict {
 	__u64 filter_id;
 	__u32 redirect; // index + 1 of the chosen redirect, 0 for none
 	__u32 action;
+	__u32 nocount; // in: the caller counts the decision (count_hit)
+	__u32 pad;
 };
+
+// count_hit counts a classification the filter id decided.
+static __always_inline void count_hit(__u64 id)
+{
+	if (!id)
+		return;
+	__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);
+	if (c) {
+		*c += 1;
+	} else {
+		__u64 one = 1;
+		bpf_map_update_elem(&fwp_hits, &id, &one, BPF_NOEXIST);
+	}
+}
 
 // fwp_classify runs one layer over the tuple and fills v with ACT_BLOCK or
 // ACT_PERMIT and, at CONNECT_REDIRECT, the chosen redirect.
@@ -613,16 +627,8 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
-	__u64 id = w.decider;
-	if (id) {
-		__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);
-		if (c) {
-			*c += 1;
-		} else {
-			__u64 one = 1;
-			bpf_map_update_elem(&fwp_hits, &id, &one, BPF_NOEXIST);
-		}
-	}
+	if (!v->nocount)
+		count_hit(w.decider);
 	return 0;
 }
 
@@ -789,21 +795,24 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	__u32 gen = current_gen();
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	t.cookie = cookie;
+	struct verdict v = {.nocount = 1};
+	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
 	struct bpf_sock *sk = ctx->sk;
-	__u32 zero = 0;
-	struct config *cfg = bpf_map_lookup_elem(&fwp_config, &zero);
-	if (sk && cfg && cfg->redirects) {
-		// Records set with setsockopt(SOL_FWP): by cookie from now on,
-		// where the classification, the proxy's queries and
-		// sock_release look for them.
+	if (v.redirect && sk) {
+		// A redirect would run: records a proxy set with
+		// setsockopt(SOL_FWP) may exempt the socket. They go by cookie
+		// from now on, where the classification, the proxy's queries
+		// and sock_release look for them, and the layer is classified
+		// again with them. (Only here: other connects never pay.)
 		struct records *r = bpf_sk_storage_get(&fwp_sk_records, sk, 0, 0);
 		if (r) {
 			bpf_map_update_elem(&fwp_sock_records, &cookie, r, BPF_ANY);
 			bpf_sk_storage_delete(&fwp_sk_records, sk);
+			fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
 		}
 	}
-	struct verdict v = {};
-	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
+	count_hit(v.filter_id); // the decision kept, once
+	v.nocount = 0;
 	if (v.action == ACT_BLOCK) {
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_CONNECT_REDIRECT + t.v6);
 		return 0;

@@ -99,7 +99,8 @@
 // redirect's target process or root, and setsockopt(SOL_FWP,
 // FWP_SO_REDIRECT_RECORDS) on the outbound socket, taken only from a target
 // of the redirect the last record names (fwp_targets) or root, kept in the
-// socket's local storage and moved to fwp_sock_records by its connect. The
+// socket's local storage and moved to fwp_sock_records by its connect when a
+// redirect would run (the layer is then classified again with them). The
 // proxy package tries them before any backend. A socket runs the hooks of
 // the cgroup it was created in, so the proxy hooks (getsockopt, setsockopt,
 // sockops, sock_release) are also attached to each redirect target's cgroup

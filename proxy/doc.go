@@ -26,6 +26,13 @@
 // cookie or 4-tuple, and, as a [DatagramBackend], for plain
 // net.PacketConns by local address and source.
 //
+// With fwp's kernel datapath the queries and SetRedirectRecords on a
+// *net.Dialer are socket options answered in the kernel (getsockopt and
+// setsockopt at level SolFWP; docs/sockopt.md), tried before any
+// registered backend: no daemon round trip per connection.
+// QueryKernelRedirect returns records, context and original destination
+// in one call.
+//
 // Errors mirror the ioctls' meaning: [ErrNotFound] (not a redirected
 // connection), [ErrInvalidArgument], [ErrNotSupported] (no datapath can do
 // it for this connection or dialer) and [ErrAccessDenied] (the caller is

@@ -145,8 +145,20 @@ func lookup(conn net.Conn) (Redirect, uint32, error) {
 	if !isSocket(conn) {
 		return Redirect{}, 0, fmt.Errorf("%w: %T", ErrNotSocket, conn)
 	}
+	// The kernel datapath's socket options first: no daemon, no maps to
+	// open. A refusal stands; without an answer the backends may know.
+	r, _, kerr := QueryKernelRedirect(conn)
+	switch {
+	case kerr == nil:
+		return r, uint32(os.Getpid()), nil
+	case errors.Is(kerr, ErrAccessDenied), errors.Is(kerr, ErrInvalidArgument):
+		return Redirect{}, 0, kerr
+	}
 	bs := registered()
 	if len(bs) == 0 {
+		if errors.Is(kerr, ErrNotFound) {
+			return Redirect{}, 0, kerr
+		}
 		return Redirect{}, 0, fmt.Errorf("%w: no datapath knows %T connections", ErrNotSupported, conn)
 	}
 	for _, b := range bs {
@@ -306,7 +318,8 @@ func SetRedirectRecords(dialer any, records []byte) error {
 			return fmt.Errorf("%w: nil dialer", ErrInvalidArgument)
 		}
 		bs := registered()
-		if len(bs) == 0 {
+		kernel := kernelRecords(records)
+		if len(bs) == 0 && !kernel {
 			return fmt.Errorf("%w: no kernel datapath is registered to carry records on a net.Dialer", ErrNotSupported)
 		}
 		recs := slices.Clone(records)
@@ -331,13 +344,25 @@ func SetRedirectRecords(dialer any, records []byte) error {
 
 // setRecords hands records to the first backend that takes them.
 func setRecords(bs []Backend, network, address string, c syscall.RawConn, recs []byte) error {
+	// The kernel's setsockopt first; the backends when no hook answers
+	// for the socket.
 	var firstErr error
+	if kernelRecords(recs) {
+		err := setKernelRecords(c, recs)
+		if err == nil || !errors.Is(err, errNoHook) || len(bs) == 0 {
+			if errors.Is(err, errNoHook) {
+				err = fmt.Errorf("%w: %w", ErrNotSupported, err)
+			}
+			return err
+		}
+		firstErr = err
+	}
 	for _, b := range bs {
 		err := b.SetRecords(network, address, c, recs)
 		if err == nil {
 			return nil
 		}
-		if firstErr == nil || !errors.Is(err, ErrNotSupported) {
+		if firstErr == nil || errors.Is(firstErr, errNoHook) || !errors.Is(err, ErrNotSupported) {
 			firstErr = err
 		}
 	}
@@ -382,7 +407,7 @@ func ControlRedirectRecords(ctx context.Context, network, address string, c sysc
 		return err
 	}
 	bs := registered()
-	if len(bs) == 0 {
+	if len(bs) == 0 && !kernelRecords(recs) {
 		return fmt.Errorf("%w: no kernel datapath is registered to carry records on a net.Dialer", ErrNotSupported)
 	}
 	return setRecords(bs, network, address, c, recs)

@@ -5,7 +5,7 @@
 //	fwpd [--socket PATH] [--state-dir DIR] [--admin-group G] [--reader-group G]
 //	     [--metrics-addr ADDR] [--max-connections N] [--max-connections-per-user N]
 //	     [--datapath kernel|none] [--cgroup PATH]
-//	     [--keep-hooks-on-exit] [--bpffs-dir DIR] [--bpffs-lock-wait D]
+//	     [--keep-hooks-on-exit] [--bpffs-dir DIR] [--bpffs-lock-wait D] [--proxy-cgroup auto|none|DIR,...]
 //
 // Root and members of --admin-group may change policy; members of
 // --reader-group may list and explain it, read net events and subscribe,
@@ -21,7 +21,10 @@
 // the socket listens and the datapath is attached, and STOPPING=1 on
 // SIGTERM ($NOTIFY_SOCKET). With --datapath kernel (the default) every commit
 // is compiled into the eBPF maps before it takes effect, and a policy the
-// kernel cannot enforce is refused. Proxies query redirects through the
+// kernel cannot enforce is refused. Proxies ask the kernel itself with
+// socket options (docs/sockopt.md), which the proxy hooks answer on the
+// sockets of --cgroup, of each redirect target's cgroup and of
+// --proxy-cgroup; where no hook answers, they query redirects through the
 // API and mark their outbound sockets through the side socket PATH.fd
 // (SCM_RIGHTS). SIGTERM or SIGINT shut it down gracefully; the hooks go
 // with it unless --keep-hooks-on-exit.

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -30,6 +31,9 @@ type kernelConfig struct {
 	keepHooks bool
 	classes   uint
 	lockWait  time.Duration
+	// proxyCgroups: "auto", "none" or cgroup v2 directories (comma
+	// separated) where transparent proxies run (see resolveProxyCgroups).
+	proxyCgroups string
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -39,6 +43,35 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.UintVar(&k.classes, "kernel-max-classes", 0, "bound the kernel datapath's class bitsets (about 2 KiB of kernel memory each; 0: 65536)")
 	fs.DurationVar(&k.lockWait, "bpffs-lock-wait", pinsLockWait, "how long to wait for another fwpd (one exiting, say) to let go of --bpffs-dir")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
+	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
+}
+
+// resolveProxyCgroups turns --proxy-cgroup into directories. The proxy
+// hooks on the cgroup2 root run for every socket of the machine, so "auto"
+// picks it only where fwpd is not confined to a cgroup of its own (then it
+// governs the machine anyway).
+func resolveProxyCgroups(flag, cgroup string) ([]string, error) {
+	switch flag {
+	case "none", "":
+		return nil, nil
+	case "auto":
+		root, err := unix.FindCgroup2()
+		if err != nil {
+			return nil, nil
+		}
+		onRoot, err := ebpf.ProcessOnCgroupRoot()
+		if err != nil || !onRoot || filepath.Clean(cgroup) == filepath.Clean(root) {
+			return nil, nil
+		}
+		return []string{root}, nil
+	}
+	var out []string
+	for _, p := range strings.Split(flag, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }
 
 // kernel is fwpd's eBPF datapath: every commit's policy is compiled and
@@ -46,8 +79,10 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 type kernel struct {
 	d      *ebpf.Datapath
 	cgroup string
-	log    *slog.Logger
-	lock   *os.File // held while the datapath is ours
+	// proxyCgroups get the proxy hooks (--proxy-cgroup).
+	proxyCgroups []string
+	log          *slog.Logger
+	lock         *os.File // held while the datapath is ours
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -84,7 +119,14 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, fmt.Errorf("kernel datapath: %w (or run with --datapath none)", err)
 	}
-	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock}, nil
+	proxies, err := resolveProxyCgroups(c.proxyCgroups, c.cgroup)
+	if err != nil {
+		d.Close()
+		os.Remove(lock.Name())
+		lock.Close()
+		return nil, err
+	}
+	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock}, nil
 }
 
 // pinsLockWait bounds how long a new fwpd waits for the previous one to
@@ -180,7 +222,12 @@ func (k *kernel) attach() error {
 	if err := k.d.Attach(k.cgroup); err != nil {
 		return fmt.Errorf("kernel datapath: %w", err)
 	}
-	k.log.Info("kernel datapath attached", "cgroup", k.cgroup)
+	for _, p := range k.proxyCgroups {
+		if err := k.d.AttachProxy(p); err != nil {
+			return fmt.Errorf("kernel datapath: --proxy-cgroup: %w", err)
+		}
+	}
+	k.log.Info("kernel datapath attached", "cgroup", k.cgroup, "proxy_cgroups", k.proxyCgroups)
 	return nil
 }
 

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -61,7 +62,13 @@ type kdaemon struct {
 func startKernelDaemon(t *testing.T, cg *testutil.Cgroup, dir string, args ...string) *kdaemon {
 	t.Helper()
 	pins := filepath.Join(dir, "bpf", "fwp")
-	d := startDaemon(t, dir, append([]string{"--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", pins}, args...)...)
+	base := []string{"--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", pins}
+	if !slices.Contains(args, "--proxy-cgroup") {
+		// The test runs on the cgroup2 root: "auto" would hook every
+		// socket of the machine.
+		base = append(base, "--proxy-cgroup", "none")
+	}
+	d := startDaemon(t, dir, append(base, args...)...)
 	// A killed fwpd leaves its pin lock file (see lockPins).
 	sum := sha256.Sum256([]byte(pins))
 	t.Cleanup(func() { os.Remove(filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock")) })
@@ -1070,7 +1077,7 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 	defer unix.Unmount(filepath.Join(dir, "bpf"))
 	pins := filepath.Join(dir, "bpf", "fwp")
 	sock := filepath.Join(dir, "fwpd.sock")
-	cmd := exec.Command(bins.fwpd, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", pins)
+	cmd := exec.Command(bins.fwpd, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", pins, "--proxy-cgroup", "none")
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 
 	"fwp/client"
 	"fwp/datapath/linux/ebpf"
+	"fwp/internal/unix"
 	"fwp/proxy"
 )
 
@@ -71,6 +72,58 @@ func (f mapsFinder) findDatagram(local, from netip.AddrPort) (proxy.Redirect, ne
 	return f.b.QueryTuple(local, from)
 }
 
+// kernelFinder asks the kernel datapath's socket options first (three
+// getsockopt calls on the accepted socket, no round trip to fwpd); when no
+// hook answers for the socket (the proxy runs where fwpd's hooks do not
+// reach, or an older datapath), next answers, if any. Datagrams on an
+// unconnected socket have no socket of their own to ask: next answers.
+type kernelFinder struct{ next finder }
+
+func (f kernelFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
+	r, orig, err := proxy.QueryKernelRedirect(c)
+	if err != nil && errors.Is(err, proxy.ErrNotSupported) && f.next != nil {
+		return f.next.find(c)
+	}
+	return r, orig, err
+}
+
+func (f kernelFinder) findDatagram(local, from netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	if f.next == nil {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: -sockopt-only answers TCP (and connected UDP) sockets", proxy.ErrNotSupported)
+	}
+	return f.next.findDatagram(local, from)
+}
+
+// originalDstFinder asks getsockopt(SO_ORIGINAL_DST) alone, as a proxy
+// written for iptables REDIRECT does (fwp's kernel hooks answer it too):
+// no records, no context.
+type originalDstFinder struct{}
+
+func (originalDstFinder) find(c net.Conn) (proxy.Redirect, netip.AddrPort, error) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: not a TCP connection", proxy.ErrNotFound)
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return proxy.Redirect{}, netip.AddrPort{}, err
+	}
+	v6 := tc.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Is6() && !tc.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Is4In6()
+	var orig netip.AddrPort
+	var oerr error
+	if err := raw.Control(func(fd uintptr) { orig, oerr = unix.OriginalDst(int(fd), v6) }); err != nil {
+		return proxy.Redirect{}, netip.AddrPort{}, err
+	}
+	if oerr != nil {
+		return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: %v", proxy.ErrNotFound, oerr)
+	}
+	return proxy.Redirect{}, netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port()), nil
+}
+
+func (originalDstFinder) findDatagram(_, _ netip.AddrPort) (proxy.Redirect, netip.AddrPort, error) {
+	return proxy.Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: SO_ORIGINAL_DST answers TCP only", proxy.ErrNotSupported)
+}
+
 // fixedFinder sends every connection to one address, without fwp.
 type fixedFinder struct{ to netip.AddrPort }
 
@@ -102,6 +155,9 @@ func run(args []string, stderr io.Writer) error {
 	udp := fs.Bool("udp", false, "relay UDP on the -listen address too (redirected datagrams, DNS say)")
 	udpIdle := fs.Duration("udp-idle", 60*time.Second, "a UDP client's relay ends after this long without a datagram either way")
 	udpMax := fs.Int("udp-max", 4096, "UDP clients relayed at once (each holds a socket); a new client's datagrams beyond it are dropped")
+	sockopt := fs.Bool("sockopt", true, "ask the kernel datapath's socket options first (no round trip to fwpd); fwpd or -pins answer when no hook does")
+	sockoptOnly := fs.Bool("sockopt-only", false, "ask the kernel datapath's socket options only: no fwpd connection (TCP; records are set with setsockopt)")
+	origDst := fs.Bool("original-dst", false, "ask getsockopt(SO_ORIGINAL_DST) alone, as a proxy written for iptables REDIRECT does (a baseline)")
 	verbose := fs.Bool("v", false, "log every connection")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -118,6 +174,10 @@ func run(args []string, stderr io.Writer) error {
 			return fmt.Errorf("-to: %w", err)
 		}
 		s.find = fixedFinder{ap}
+	case *origDst:
+		s.find = originalDstFinder{}
+	case *sockoptOnly:
+		s.find = kernelFinder{}
 	case *pins != "":
 		r, err := ebpf.OpenRedirects(*pins)
 		if err != nil {
@@ -137,6 +197,9 @@ func run(args []string, stderr io.Writer) error {
 		defer c.Close()
 		defer proxy.Register(client.ProxyBackend{C: c})()
 		s.find = fwpdFinder{c: c, timeout: 5 * time.Second}
+	}
+	if *sockopt && *to == "" && !*origDst && !*sockoptOnly {
+		s.find = kernelFinder{next: s.find}
 	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {

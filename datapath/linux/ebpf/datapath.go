@@ -55,6 +55,11 @@ type Datapath struct {
 	// mounted is the directory Load mounted a bpffs on for PinDir (none
 	// was there): Close unmounts it, unless the hooks stay (KeepHooks).
 	mounted string
+	// proxyLinks are the proxy hooks alone on cgroups where proxies run
+	// (AttachProxy, redirect targets' cgroups), by cgroup path.
+	proxyLinks map[string][]link.Link
+	// targetKeys are the (handle, target pid) pairs in fwp_targets.
+	targetKeys map[fwpTargetKey]bool
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -210,6 +215,13 @@ func (d *Datapath) Detach(cgroupPath string) error {
 		errs = append(errs, l.Close())
 	}
 	delete(d.links, cgroupPath)
+	for _, l := range d.proxyLinks[cgroupPath] {
+		if d.opts.KeepHooks {
+			_ = l.Unpin()
+		}
+		errs = append(errs, l.Close())
+	}
+	delete(d.proxyLinks, cgroupPath)
 	return errors.Join(errs...)
 }
 
@@ -222,9 +234,11 @@ func (d *Datapath) Close() error {
 	}
 	d.closed = true
 	var errs []error
-	for _, ls := range d.links {
-		for _, l := range ls {
-			errs = append(errs, l.Close())
+	for _, m := range []map[string][]link.Link{d.links, d.proxyLinks} {
+		for _, ls := range m {
+			for _, l := range ls {
+				errs = append(errs, l.Close())
+			}
 		}
 	}
 	errs = append(errs, d.objs.Close())
@@ -253,6 +267,35 @@ func (d *Datapath) Apply(p *Policy) error {
 		if err := d.attachRedirectHooks(); err != nil {
 			return err
 		}
+		if err := d.attachTargets(p); err != nil {
+			return err
+		}
+	}
+	// Who may set records naming each redirect (the setsockopt hook):
+	// the new policy's targets join before it takes effect, the old
+	// ones leave after.
+	targets := map[fwpTargetKey]bool{}
+	for _, r := range p.redirects {
+		if r.Pid != 0 {
+			targets[fwpTargetKey{Handle: r.Handle, Pid: r.Pid}] = true
+		}
+	}
+	var added []fwpTargetKey
+	committed := false
+	defer func() {
+		if !committed { // the old policy stays: so do its targets alone
+			for _, k := range added {
+				_ = d.objs.FwpTargets.Delete(k)
+			}
+		}
+	}()
+	for k := range targets {
+		if !d.targetKeys[k] {
+			if err := d.objs.FwpTargets.Put(k, uint8(1)); err != nil {
+				return mapErr("redirect targets", err)
+			}
+			added = append(added, k)
+		}
 	}
 	next := 1 - d.gen
 	if err := d.clearGen(next); err != nil {
@@ -265,6 +308,13 @@ func (d *Datapath) Apply(p *Policy) error {
 		return fmt.Errorf("switch generation: %w", err)
 	}
 	d.gen = next
+	committed = true
+	for k := range d.targetKeys {
+		if !targets[k] {
+			_ = d.objs.FwpTargets.Delete(k) // best effort: only a stale permission
+		}
+	}
+	d.targetKeys = targets
 	d.pruneHits(p)
 	d.targets = make(map[uint32][]uint32)
 	for _, r := range p.redirects {
@@ -495,8 +545,8 @@ func (d *Datapath) Stats() (map[string]HookStats, error) {
 	progs := map[string]*ebpf.Program{
 		"connect4": p.FwpConnect4, "connect6": p.FwpConnect6, "sendmsg4": p.FwpSendmsg4, "sendmsg6": p.FwpSendmsg6,
 		"recvmsg4": p.FwpRecvmsg4, "recvmsg6": p.FwpRecvmsg6, "getpeername4": p.FwpGetpeername4, "getpeername6": p.FwpGetpeername6,
-		"bind4": p.FwpBind4, "bind6": p.FwpBind6, "sockops": p.FwpSockops, "getsockopt": p.FwpGetsockopt, "sock_release": p.FwpSockRelease,
-		"egress": p.FwpEgress,
+		"bind4": p.FwpBind4, "bind6": p.FwpBind6, "sockops": p.FwpSockops, "getsockopt": p.FwpGetsockopt, "setsockopt": p.FwpSetsockopt,
+		"sock_release": p.FwpSockRelease, "egress": p.FwpEgress,
 	}
 	out := map[string]HookStats{}
 	for name, prog := range progs {

@@ -14,7 +14,8 @@
 //	cgroup/getpeername4/6       a redirected client sees the original destination as its peer
 //	cgroup/bind4, bind6         ALE_BIND_REDIRECT, then ALE_RESOURCE_ASSIGNMENT (block: EPERM)
 //	sockops (TCP_CONNECT_CB)    indexes a redirect by the client 4-tuple once the source port exists
-//	cgroup/getsockopt           answers SO_ORIGINAL_DST (SOL_IP and SOL_IPV6) on the proxy's accepted socket
+//	cgroup/getsockopt           answers SO_ORIGINAL_DST (SOL_IP and SOL_IPV6) and the SOL_FWP queries on the proxy's accepted socket
+//	cgroup/setsockopt           takes SOL_FWP records on the proxy's outbound socket (docs/sockopt.md)
 //	cgroup/sock_release         drops the per-socket state; stamps a closed UDP client's 4-tuple record
 //	cgroup_skb/egress           indexes a redirected UDP socket by the client 4-tuple (a lookup per packet)
 //
@@ -91,6 +92,22 @@
 // ConnectRedirect recipe does.
 //
 // # Proxies in other processes
+//
+// A proxy asks first with socket options the hooks answer (docs/sockopt.md):
+// getsockopt(SOL_FWP, FWP_SO_REDIRECT_RECORDS / _CONTEXT / _ORIGINAL_DST)
+// on the accepted socket, answered from fwp_tuple_redirect to the
+// redirect's target process or root, and setsockopt(SOL_FWP,
+// FWP_SO_REDIRECT_RECORDS) on the outbound socket, taken only from a target
+// of the redirect the last record names (fwp_targets) or root, kept in the
+// socket's local storage and moved to fwp_sock_records by its connect when a
+// redirect would run (the layer is then classified again with them). The
+// proxy package tries them before any backend. A socket runs the hooks of
+// the cgroup it was created in, so the proxy hooks (getsockopt, setsockopt,
+// sockops, sock_release) are also attached to each redirect target's cgroup
+// at Apply and to the cgroups given to AttachProxy (fwpd's --proxy-cgroup).
+//
+// The paths below remain for what the socket options do not cover (a UDP
+// proxy's unconnected socket, a proxy where no hook reaches):
 //
 // With Options.PinDir the maps are pinned on a bpffs while the datapath is
 // loaded. A proxy (root) opens the redirect maps with OpenRedirects and

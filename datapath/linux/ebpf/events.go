@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
 
@@ -154,8 +155,26 @@ func (d *Datapath) ReadEvents(ctx context.Context, fn func(Event)) error {
 			continue // cannot happen with our programs; never stop reading
 		}
 		fn(ev)
+		if rd.AvailableBytes() == 0 {
+			// Caught up: let events gather before waiting again. A hook
+			// wakes the reader only for the first record after it caught
+			// up, so a reader back in epoll at once is woken (a futex
+			// and two context switches) for every redirected connection:
+			// on a busy proxy host that was ~75 µs of CPU per connection.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(EventBatchDelay):
+			}
+		}
 	}
 }
+
+// EventBatchDelay is how long ReadEvents lets kernel events gather after
+// it has read them all: events reach fn up to this much later, and a host
+// redirecting thousands of connections a second costs the reader tens of
+// wakeups a second, not thousands.
+var EventBatchDelay = 20 * time.Millisecond
 
 // FilterHits returns how many classifications each filter decided in the
 // kernel (summed over CPUs) since it was installed.

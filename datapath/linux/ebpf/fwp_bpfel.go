@@ -113,6 +113,12 @@ type fwpRedirectState struct {
 	Ctx       [128]uint8
 }
 
+type fwpTargetKey struct {
+	_      structs.HostLayout
+	Handle uint32
+	Pid    uint32
+}
+
 type fwpTupleKey struct {
 	_          structs.HostLayout
 	Client     [16]uint8
@@ -139,8 +145,10 @@ const (
 	fwpMapFwpPorts         = "fwp_ports"
 	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
 	fwpMapFwpRedirects     = "fwp_redirects"
+	fwpMapFwpSkRecords     = "fwp_sk_records"
 	fwpMapFwpSockRecords   = "fwp_sock_records"
 	fwpMapFwpSockRedirect  = "fwp_sock_redirect"
+	fwpMapFwpTargets       = "fwp_targets"
 	fwpMapFwpTupleRedirect = "fwp_tuple_redirect"
 	fwpMapFwpUdpKey        = "fwp_udp_key"
 	fwpMapFwpZeroState     = "fwp_zero_state"
@@ -156,6 +164,7 @@ const (
 	fwpProgFwpRecvmsg6     = "fwp_recvmsg6"
 	fwpProgFwpSendmsg4     = "fwp_sendmsg4"
 	fwpProgFwpSendmsg6     = "fwp_sendmsg6"
+	fwpProgFwpSetsockopt   = "fwp_setsockopt"
 	fwpProgFwpSockRelease  = "fwp_sock_release"
 	fwpProgFwpSockops      = "fwp_sockops"
 )
@@ -214,6 +223,7 @@ type fwpProgramSpecs struct {
 	FwpRecvmsg6     *ebpf.ProgramSpec `ebpf:"fwp_recvmsg6"`
 	FwpSendmsg4     *ebpf.ProgramSpec `ebpf:"fwp_sendmsg4"`
 	FwpSendmsg6     *ebpf.ProgramSpec `ebpf:"fwp_sendmsg6"`
+	FwpSetsockopt   *ebpf.ProgramSpec `ebpf:"fwp_setsockopt"`
 	FwpSockRelease  *ebpf.ProgramSpec `ebpf:"fwp_sock_release"`
 	FwpSockops      *ebpf.ProgramSpec `ebpf:"fwp_sockops"`
 }
@@ -234,8 +244,10 @@ type fwpMapSpecs struct {
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
+	FwpSkRecords     *ebpf.MapSpec `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
+	FwpTargets       *ebpf.MapSpec `ebpf:"fwp_targets"`
 	FwpTupleRedirect *ebpf.MapSpec `ebpf:"fwp_tuple_redirect"`
 	FwpUdpKey        *ebpf.MapSpec `ebpf:"fwp_udp_key"`
 	FwpZeroState     *ebpf.MapSpec `ebpf:"fwp_zero_state"`
@@ -279,8 +291,10 @@ type fwpMaps struct {
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
+	FwpSkRecords     *ebpf.Map `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.Map `ebpf:"fwp_sock_redirect"`
+	FwpTargets       *ebpf.Map `ebpf:"fwp_targets"`
 	FwpTupleRedirect *ebpf.Map `ebpf:"fwp_tuple_redirect"`
 	FwpUdpKey        *ebpf.Map `ebpf:"fwp_udp_key"`
 	FwpZeroState     *ebpf.Map `ebpf:"fwp_zero_state"`
@@ -300,8 +314,10 @@ func (m *fwpMaps) Close() error {
 		m.FwpPorts,
 		m.FwpProxyPorts,
 		m.FwpRedirects,
+		m.FwpSkRecords,
 		m.FwpSockRecords,
 		m.FwpSockRedirect,
+		m.FwpTargets,
 		m.FwpTupleRedirect,
 		m.FwpUdpKey,
 		m.FwpZeroState,
@@ -330,6 +346,7 @@ type fwpPrograms struct {
 	FwpRecvmsg6     *ebpf.Program `ebpf:"fwp_recvmsg6"`
 	FwpSendmsg4     *ebpf.Program `ebpf:"fwp_sendmsg4"`
 	FwpSendmsg6     *ebpf.Program `ebpf:"fwp_sendmsg6"`
+	FwpSetsockopt   *ebpf.Program `ebpf:"fwp_setsockopt"`
 	FwpSockRelease  *ebpf.Program `ebpf:"fwp_sock_release"`
 	FwpSockops      *ebpf.Program `ebpf:"fwp_sockops"`
 }
@@ -348,6 +365,7 @@ func (p *fwpPrograms) Close() error {
 		p.FwpRecvmsg6,
 		p.FwpSendmsg4,
 		p.FwpSendmsg6,
+		p.FwpSetsockopt,
 		p.FwpSockRelease,
 		p.FwpSockops,
 	)

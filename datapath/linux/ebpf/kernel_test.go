@@ -484,8 +484,8 @@ func TestRedirectHooksAttachWithFirstRedirect(t *testing.T) {
 	}
 	e, _ := redirectPolicy(t, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
 	apply(t, d, e)
-	if c, r := attached(cg); c != 6 || r != 8 {
-		t.Fatalf("policy with a redirect: %d and %d hooks attached, want 6 and 8", c, r)
+	if c, r := attached(cg); c != 6 || r != 9 {
+		t.Fatalf("policy with a redirect: %d and %d hooks attached, want 6 and 9", c, r)
 	}
 	apply(t, d, tenThousand(t))
 	later := testutil.NewCgroup(t)
@@ -493,8 +493,8 @@ func TestRedirectHooksAttachWithFirstRedirect(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, g := range []*testutil.Cgroup{cg, later} {
-		if c, r := attached(g); c != 6 || r != 8 {
-			t.Fatalf("after the redirect went: %d and %d hooks attached, want 6 and 8", c, r)
+		if c, r := attached(g); c != 6 || r != 9 {
+			t.Fatalf("after the redirect went: %d and %d hooks attached, want 6 and 9", c, r)
 		}
 	}
 	for _, g := range []*testutil.Cgroup{cg, later} {
@@ -1119,16 +1119,16 @@ func TestKeptRedirectHooksAdopted(t *testing.T) {
 	if err := d1.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if c, r := attachedHooks(t, d1, cg, ids1); c != 6 || r != 8 {
-		t.Fatalf("after the first datapath closed with KeepHooks: %d and %d hooks attached, want 6 and 8", c, r)
+	if c, r := attachedHooks(t, d1, cg, ids1); c != 6 || r != 9 {
+		t.Fatalf("after the first datapath closed with KeepHooks: %d and %d hooks attached, want 6 and 9", c, r)
 	}
 	d2 := load(true)
 	ids2 := programIDs(t, d2)
 	if err := d2.Attach(cg.Path); err != nil {
 		t.Fatal(err)
 	}
-	if c, r := attachedHooks(t, d2, cg, ids2); c != 6 || r != 8 {
-		t.Fatalf("after adoption: %d and %d hooks attached, want 6 and 8", c, r)
+	if c, r := attachedHooks(t, d2, cg, ids2); c != 6 || r != 9 {
+		t.Fatalf("after adoption: %d and %d hooks attached, want 6 and 9", c, r)
 	}
 	if !d2.redirectHooks {
 		t.Fatal("adopted redirect hooks not known as attached")

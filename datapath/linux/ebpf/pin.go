@@ -25,25 +25,30 @@ type hook struct {
 	prog     *ebpf.Program
 	at       ebpf.AttachType
 	redirect bool
+	// proxy: the hook serves a proxy's own sockets (its accepted and
+	// outbound ones: getsockopt, setsockopt, sockops, sock_release), so it
+	// is attached where redirect targets run too (AttachProxy).
+	proxy bool
 }
 
 func (d *Datapath) hooks() []hook {
 	p := &d.objs.fwpPrograms
 	return []hook{
-		{"connect4", p.FwpConnect4, ebpf.AttachCGroupInet4Connect, false},
-		{"connect6", p.FwpConnect6, ebpf.AttachCGroupInet6Connect, false},
-		{"sendmsg4", p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, false},
-		{"sendmsg6", p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, false},
-		{"bind4", p.FwpBind4, ebpf.AttachCGroupInet4Bind, false},
-		{"bind6", p.FwpBind6, ebpf.AttachCGroupInet6Bind, false},
-		{"recvmsg4", p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, true},
-		{"recvmsg6", p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, true},
-		{"getpeername4", p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername, true},
-		{"getpeername6", p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername, true},
-		{"sockops", p.FwpSockops, ebpf.AttachCGroupSockOps, true},
-		{"getsockopt", p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt, true},
-		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease, true},
-		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress, true},
+		{"connect4", p.FwpConnect4, ebpf.AttachCGroupInet4Connect, false, false},
+		{"connect6", p.FwpConnect6, ebpf.AttachCGroupInet6Connect, false, false},
+		{"sendmsg4", p.FwpSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, false, false},
+		{"sendmsg6", p.FwpSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, false, false},
+		{"bind4", p.FwpBind4, ebpf.AttachCGroupInet4Bind, false, false},
+		{"bind6", p.FwpBind6, ebpf.AttachCGroupInet6Bind, false, false},
+		{"recvmsg4", p.FwpRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, true, false},
+		{"recvmsg6", p.FwpRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, true, false},
+		{"getpeername4", p.FwpGetpeername4, ebpf.AttachCgroupInet4GetPeername, true, false},
+		{"getpeername6", p.FwpGetpeername6, ebpf.AttachCgroupInet6GetPeername, true, false},
+		{"sockops", p.FwpSockops, ebpf.AttachCGroupSockOps, true, true},
+		{"getsockopt", p.FwpGetsockopt, ebpf.AttachCGroupGetsockopt, true, true},
+		{"setsockopt", p.FwpSetsockopt, ebpf.AttachCGroupSetsockopt, true, true},
+		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease, true, true},
+		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress, true, false},
 	}
 }
 
@@ -81,13 +86,14 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_addrs": m.FwpAddrs, "fwp_bitsets": m.FwpBitsets, "fwp_config": m.FwpConfig, "fwp_filters": m.FwpFilters,
 		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
 		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
-		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey,
+		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey, "fwp_targets": m.FwpTargets,
 		"fwp_counts": m.FwpCounts,
 	}
 }
 
 // pinnedMaps are the maps worth keeping across a restart (fwp_zero_state
-// is constant: a new load has its own).
+// is constant: a new load has its own; fwp_targets is rewritten by the
+// Apply that installs the stored policy before the hooks are attached).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
 	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts"}

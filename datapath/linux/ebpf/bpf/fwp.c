@@ -236,6 +236,15 @@ struct {
 	__type(value, struct records);
 } fwp_sock_records SEC(".maps");
 
+// Records a proxy set with setsockopt(SOL_FWP), until the socket's connect
+// moves them to fwp_sock_records (or the socket goes, and them with it).
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct records);
+} fwp_sk_records SEC(".maps");
+
 // A redirected UDP socket's 4-tuple key (by its cookie), written with its
 // fwp_tuple_redirect record: sock_release cannot read a socket's source.
 struct {
@@ -535,7 +544,23 @@ struct verdict {
 	__u64 filter_id;
 	__u32 redirect; // index + 1 of the chosen redirect, 0 for none
 	__u32 action;
+	__u32 nocount; // in: the caller counts the decision (count_hit)
+	__u32 pad;
 };
+
+// count_hit counts a classification the filter id decided.
+static __always_inline void count_hit(__u64 id)
+{
+	if (!id)
+		return;
+	__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);
+	if (c) {
+		*c += 1;
+	} else {
+		__u64 one = 1;
+		bpf_map_update_elem(&fwp_hits, &id, &one, BPF_NOEXIST);
+	}
+}
 
 // fwp_classify runs one layer over the tuple and fills v with ACT_BLOCK or
 // ACT_PERMIT and, at CONNECT_REDIRECT, the chosen redirect.
@@ -619,16 +644,8 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
-	__u64 id = w.decider;
-	if (id) {
-		__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);
-		if (c) {
-			*c += 1;
-		} else {
-			__u64 one = 1;
-			bpf_map_update_elem(&fwp_hits, &id, &one, BPF_NOEXIST);
-		}
-	}
+	if (!v->nocount)
+		count_hit(w.decider);
 	return 0;
 }
 
@@ -795,8 +812,24 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	__u32 gen = current_gen();
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	t.cookie = cookie;
-	struct verdict v = {};
+	struct verdict v = {.nocount = 1};
 	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
+	struct bpf_sock *sk = ctx->sk;
+	if (v.redirect && sk) {
+		// A redirect would run: records a proxy set with
+		// setsockopt(SOL_FWP) may exempt the socket. They go by cookie
+		// from now on, where the classification, the proxy's queries
+		// and sock_release look for them, and the layer is classified
+		// again with them. (Only here: other connects never pay.)
+		struct records *r = bpf_sk_storage_get(&fwp_sk_records, sk, 0, 0);
+		if (r) {
+			bpf_map_update_elem(&fwp_sock_records, &cookie, r, BPF_ANY);
+			bpf_sk_storage_delete(&fwp_sk_records, sk);
+			fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
+		}
+	}
+	count_hit(v.filter_id); // the decision kept, once
+	v.nocount = 0;
 	fwp_count(SLOT_CONNECT_REDIRECT + t.v6, v.action);
 	if (v.action == ACT_BLOCK) {
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_CONNECT_REDIRECT + t.v6);
@@ -1131,12 +1164,153 @@ static __always_inline void accepted_tuple(struct bpf_sock *sk, struct tuple_key
 	k->proxy_port = sk->src_port;
 }
 
+// fwp's proxy API as socket options answered in the kernel: WFP's
+// SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS / _CONTEXT and
+// SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS (seeds 000, 001). A private level
+// no kernel protocol answers; the table is in docs/sockopt.md and
+// proxy/sockopt_linux.go.
+#define SOL_FWP 0x667770 // "fwp"
+#define FWP_SO_REDIRECT_RECORDS 1 // get (accepted socket) and set (outbound, before connect)
+#define FWP_SO_REDIRECT_CONTEXT 2 // get: the redirect's context bytes
+#define FWP_SO_ORIGINAL_DST 3     // get: sockaddr_in or sockaddr_in6 of the original destination
+#define FWP_RECORDS_MAGIC 0x6b707766 // "fwpk" read as a little-endian word
+#define FWP_RECORDS_MAX (4 + 4 * MAXRECORDS)
+#define FWP_ENOENT 2
+#define FWP_ENODATA 61
+#define FWP_EACCES 13
+#define FWP_EINVAL 22
+// RELEASED_GRACE is Redirects.ReleasedGrace's default: a closed UDP
+// client's record answers no socket option after it.
+#define RELEASED_GRACE 30
+
+// target_key names one (redirect handle, target process) pair of the
+// active policy: who may put records naming that redirect on a socket.
+struct target_key {
+	__u32 handle;
+	__u32 pid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * MAXR);
+	__type(key, struct target_key);
+	__type(value, __u8);
+} fwp_targets SEC(".maps");
+
+// caller_is_root: the caller's uid (in the initial user namespace) is 0.
+// A hook cannot test capabilities; uid 0 is what can open the maps'
+// pins and detach the hooks anyway.
+static __always_inline int caller_is_root(void)
+{
+	return (__u32)bpf_get_current_uid_gid() == 0;
+}
+
+static __always_inline int sockopt_fail(int err)
+{
+	bpf_set_retval(-err);
+	return 1;
+}
+
+// fwp_query answers SOL_FWP getsockopt on a proxy's accepted socket (or a
+// UDP socket connected to the client) from the redirect recorded for its
+// 4-tuple. Only the redirect's target process (tgid) or root may ask.
+static __always_inline int fwp_query(struct bpf_sockopt *ctx, struct redirect_state *st)
+{
+	int name = ctx->optname;
+	if (name < FWP_SO_REDIRECT_RECORDS || name > FWP_SO_ORIGINAL_DST)
+		return 1; // not ours: the kernel's answer (ENOPROTOOPT) stands
+	if (!st)
+		return sockopt_fail(FWP_ENOENT);
+	if (st->released) {
+		__u32 now = bpf_ktime_get_ns() / 1000000000;
+		if (now - st->released >= RELEASED_GRACE)
+			return sockopt_fail(FWP_ENOENT);
+	}
+	if (!caller_is_root() && (!st->target_pid || st->target_pid != bpf_get_current_pid_tgid() >> 32))
+		return sockopt_fail(FWP_EACCES);
+	__u8 *p = ctx->optval, *end = ctx->optval_end;
+	long room = end - p;
+	if (name == FWP_SO_REDIRECT_RECORDS) {
+		// The chain: the client socket's own records, then this
+		// redirect's handle; the last MAXRECORDS of it.
+		__u64 cookie = st->cookie;
+		struct records *rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
+		__u32 rn = rec ? rec->n : 0;
+		if (rn > MAXRECORDS)
+			rn = MAXRECORDS;
+		__u32 start = rn + 1 > MAXRECORDS ? rn + 1 - MAXRECORDS : 0;
+		__u32 m = rn + 1 - start;
+		if (room < 4 + 4 * m)
+			return sockopt_fail(FWP_EINVAL);
+		if (p + 4 > end)
+			return sockopt_fail(FWP_EINVAL);
+		*(__u32 *)p = FWP_RECORDS_MAGIC;
+#pragma unroll
+		for (int j = 0; j < MAXRECORDS; j++) {
+			__u32 idx = start + j;
+			__u32 h;
+			if (idx < rn && rec)
+				h = rec->handles[idx & (MAXRECORDS - 1)];
+			else if (idx == rn)
+				h = st->handle;
+			else
+				break;
+			__u8 *q = p + 4 + 4 * j;
+			if (q + 4 > end)
+				return sockopt_fail(FWP_EINVAL);
+			*(__u32 *)q = h;
+		}
+		ctx->optlen = 4 + 4 * m;
+	} else if (name == FWP_SO_REDIRECT_CONTEXT) {
+		__u32 n = st->ctx_len;
+		if (n > CTXMAX)
+			n = CTXMAX;
+		if (n == 0) // the kernel cannot return an empty value (optlen 0: unchanged)
+			return sockopt_fail(FWP_ENODATA);
+		if (room < n)
+			return sockopt_fail(FWP_EINVAL);
+		for (__u32 i = 0; i < CTXMAX; i++) {
+			if (i >= n)
+				break;
+			__u8 *q = p + i;
+			if (q + 1 > end)
+				return sockopt_fail(FWP_EINVAL);
+			*q = st->ctx[i];
+		}
+		ctx->optlen = n;
+	} else {
+		if (!st->orig_v6) {
+			struct sockaddr_in sa = {};
+			sa.sin_family = AF_INET;
+			sa.sin_port = bpf_htons(st->orig_port);
+			__builtin_memcpy(&sa.sin_addr, st->orig_addr, 4);
+			if (p + sizeof(sa) > end)
+				return sockopt_fail(FWP_EINVAL);
+			__builtin_memcpy(p, &sa, sizeof(sa));
+			ctx->optlen = sizeof(sa);
+		} else {
+			struct sockaddr_in6 sa = {};
+			sa.sin6_family = AF_INET6;
+			sa.sin6_port = bpf_htons(st->orig_port);
+			__builtin_memcpy(&sa.sin6_addr, st->orig_addr, 16);
+			if (p + sizeof(sa) > end)
+				return sockopt_fail(FWP_EINVAL);
+			__builtin_memcpy(p, &sa, sizeof(sa));
+			ctx->optlen = sizeof(sa);
+		}
+	}
+	ctx->retval = 0;
+	return 1;
+}
+
 // getsockopt answers SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST) on the
-// proxy's accepted socket, as iptables REDIRECT does.
+// proxy's accepted socket, as iptables REDIRECT does (to whoever holds the
+// socket, as netfilter does), and fwp's SOL_FWP options (fwp_query).
 SEC("cgroup/getsockopt")
 int fwp_getsockopt(struct bpf_sockopt *ctx)
 {
-	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+	int fwp = ctx->level == SOL_FWP;
+	if (!fwp && (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6)))
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
@@ -1144,6 +1318,8 @@ int fwp_getsockopt(struct bpf_sockopt *ctx)
 	struct tuple_key k = {};
 	accepted_tuple(sk, &k);
 	struct redirect_state *st = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
+	if (fwp)
+		return fwp_query(ctx, st);
 	if (!st)
 		return 1;
 	__u8 *p = ctx->optval;
@@ -1175,6 +1351,54 @@ int fwp_getsockopt(struct bpf_sockopt *ctx)
 		ctx->optlen = sizeof(sa);
 	}
 	ctx->retval = 0;
+	return 1;
+}
+
+// setsockopt(SOL_FWP, FWP_SO_REDIRECT_RECORDS) on a proxy's outbound
+// socket, before connect, stores the records (as the getsockopt gave them)
+// in the socket's local storage (a sockopt program cannot read a socket's
+// cookie); its connect moves them to fwp_sock_records by cookie, and it
+// is not redirected again by those redirects. Only the target process of the redirect the last record
+// names (the one the proxy's accepted connection came through), or root,
+// may set them: anyone else could mark their own sockets to escape a
+// redirect. The kernel never sees the option (optlen -1).
+SEC("cgroup/setsockopt")
+int fwp_setsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->level != SOL_FWP || ctx->optname != FWP_SO_REDIRECT_RECORDS)
+		return 1;
+	int len = ctx->optlen;
+	if (len < 0)
+		return 1; // taken by this hook in another cgroup on the path
+	if (len < 8 || len > FWP_RECORDS_MAX || (len & 3))
+		return sockopt_fail(FWP_EINVAL) - 1;
+	__u8 *p = ctx->optval, *end = ctx->optval_end;
+	if (p + 4 > end || *(__u32 *)p != FWP_RECORDS_MAGIC)
+		return sockopt_fail(FWP_EINVAL) - 1;
+	__u32 n = ((__u32)len - 4) / 4;
+	struct records rec = {.n = n};
+	__u32 last = 0;
+#pragma unroll
+	for (int i = 0; i < MAXRECORDS; i++) {
+		if (i >= n)
+			break;
+		__u8 *q = p + 4 + 4 * i;
+		if (q + 4 > end)
+			return sockopt_fail(FWP_EINVAL) - 1;
+		last = *(__u32 *)q;
+		rec.handles[i] = last;
+	}
+	if (!caller_is_root()) {
+		struct target_key tk = {.handle = last, .pid = bpf_get_current_pid_tgid() >> 32};
+		if (!bpf_map_lookup_elem(&fwp_targets, &tk))
+			return sockopt_fail(FWP_EACCES) - 1;
+	}
+	struct bpf_sock *sk = ctx->sk;
+	struct records *r = sk ? bpf_sk_storage_get(&fwp_sk_records, sk, &rec, BPF_SK_STORAGE_GET_F_CREATE) : 0;
+	if (!r)
+		return sockopt_fail(FWP_EINVAL) - 1;
+	*r = rec; // a second setsockopt replaces the records
+	ctx->optlen = -1;
 	return 1;
 }
 

@@ -376,8 +376,9 @@ type recordsKey struct{}
 // SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS is per socket. A proxy that
 // shares one dialer among its connections passes each outbound dial the
 // records of the connection it serves, and no dial can take another's.
-// fwp's in-process Dialer reads them from DialContext's context; a
-// net.Dialer needs ControlRedirectRecords as its ControlContext.
+// fwp's in-process Dialer reads them from DialContext's context (its Net
+// needs no hook); a net.Dialer needs ControlRedirectRecords as its
+// ControlContext to hand them to a kernel backend.
 func WithRedirectRecords(ctx context.Context, records []byte) context.Context {
 	return context.WithValue(ctx, recordsKey{}, slices.Clone(records))
 }

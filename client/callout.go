@@ -359,6 +359,27 @@ func (c *Classifier) ListCallouts(ctx context.Context) ([]CalloutInfo, error) {
 	return out, nil
 }
 
+// FlowDeleted tells fwpd's engine that a flow ended: every flow context of
+// it is removed and its callout's FlowDelete called (remote ones too).
+func (c *Classifier) FlowDeleted(ctx context.Context, flow engine.FlowHandle) error {
+	_, err := c.conn.call(ctx, calloutwire.OpFlowDeleted, binary.AppendUvarint(nil, uint64(flow)))
+	return err
+}
+
+// Outstanding is fwpd's engine's Outstanding: what its callout runtime
+// holds (pends, classify handles, flow contexts, redirect handles).
+func (c *Classifier) Outstanding(ctx context.Context) (engine.Outstanding, error) {
+	rep, err := c.conn.call(ctx, calloutwire.OpOutstanding, nil)
+	if err != nil {
+		return engine.Outstanding{}, err
+	}
+	var o engine.Outstanding
+	if err := json.Unmarshal(rep, &o); err != nil {
+		return o, fmt.Errorf("%w: outstanding: %w", calloutwire.ErrMalformed, err)
+	}
+	return o, nil
+}
+
 // Close closes the connection.
 func (c *Classifier) Close() error {
 	c.conn.close(io.EOF)

@@ -47,6 +47,8 @@ const (
 	OpRedirectHandle uint8 = iota + 1 // create a redirect handle in fwpd's engine; Reply.Body: uvarint handle
 	OpList                            // the registrations; Reply.Body: JSON []Info
 	OpClassify                        // classify through fwpd's engine; Body: ClassifyArgs, Reply.Body: Result
+	OpFlowDeleted                     // a flow ended (Engine.FlowDeleted); Body: uvarint flow handle
+	OpOutstanding                     // Engine.Outstanding; Reply.Body: JSON
 )
 
 // Reply codes.
@@ -811,6 +813,9 @@ func (d *dec) addr() netip.Addr {
 
 func (d *dec) addrPort() netip.AddrPort {
 	a := d.addr()
+	if !a.IsValid() { // no port follows
+		return netip.AddrPort{}
+	}
 	p := d.take(2)
 	if p == nil || !a.IsValid() {
 		return netip.AddrPort{}

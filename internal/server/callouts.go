@@ -219,6 +219,16 @@ func (cc *calloutConn) handle(m calloutwire.Message) error {
 				_ = cc.w.Send(h.classify(m))
 			}()
 			return nil
+		case calloutwire.OpFlowDeleted:
+			flow, n := binary.Uvarint(m.Body)
+			if n <= 0 || n != len(m.Body) || flow == 0 {
+				return cc.w.Send(calloutwire.Reply{ID: m.ID, Code: calloutwire.CodeInvalidArgument, Msg: "a flow handle"})
+			}
+			h.eng.FlowDeleted(engine.FlowHandle(flow))
+			return cc.w.Send(calloutwire.Reply{ID: m.ID})
+		case calloutwire.OpOutstanding:
+			b, _ := json.Marshal(h.eng.Outstanding())
+			return cc.w.Send(calloutwire.Reply{ID: m.ID, Body: b})
 		case calloutwire.OpList:
 			b, _ := json.Marshal(h.List())
 			return cc.w.Send(calloutwire.Reply{ID: m.ID, Body: b})

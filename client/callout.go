@@ -227,10 +227,13 @@ func (rc *RemoteCallout) classify(c *calloutwire.Classify) error {
 		rc.mu.Lock()
 		rc.pends[id] = p
 		rc.mu.Unlock()
+		// The answer goes out before the watcher may send the completion:
+		// a callout may complete before Classify even returns.
+		err := rc.conn.w.Send(a)
 		go rc.watch(id, p)
-	} else {
-		a.Applied = calloutwire.Applied{Connect: inv.Connect, Bind: inv.Bind, ApplyFlags: inv.ApplyFlags}
+		return err
 	}
+	a.Applied = calloutwire.Applied{Connect: inv.Connect, Bind: inv.Bind, ApplyFlags: inv.ApplyFlags}
 	return rc.conn.w.Send(a)
 }
 

@@ -98,13 +98,21 @@ func (h *Callouts) Serve(l net.Listener) error {
 }
 
 type calloutConn struct {
-	h    *Callouts
-	c    net.Conn
-	cred peercred.Cred
-	exe  string
-	w    *calloutwire.Writer
-	reg  *remoteReg // after a Register
-	wg   sync.WaitGroup
+	h         *Callouts
+	c         net.Conn
+	cred      peercred.Cred
+	exe       string
+	w         *calloutwire.Writer
+	reg       *remoteReg // after a Register
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+// shutdown ends the connection; a read(2) in progress returns first.
+func (cc *calloutConn) shutdown() {
+	cc.closeOnce.Do(func() {
+		cc.c.Close()
+	})
 }
 
 type deadlineWriter struct{ c net.Conn }
@@ -128,7 +136,7 @@ func (h *Callouts) serveConn(c net.Conn) {
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		h.log.Warn("callout connection closed", "pid", cred.PID, "uid", cred.UID, "err", err)
 	}
-	c.Close()
+	cc.shutdown()
 	if cc.reg != nil {
 		cc.reg.close()
 	}
@@ -265,17 +273,21 @@ type remoteReg struct {
 	stats    *calloutStats
 	nextID   atomic.Uint64
 
-	mu              sync.Mutex
-	closed          bool
-	waiting         map[uint64]chan calloutwire.Answer
-	pends           map[uint64]*heldPend
+	mu      sync.Mutex
+	closed  bool
+	waiting map[uint64]chan calloutwire.Answer
+	pends   map[uint64]*heldPend
+	// A completion may overtake the pend it completes: the reader hands
+	// the answer to the classifying goroutine, which holds the pend later.
+	expect          map[uint64]struct{}             // pends answered, not yet held
+	early           map[uint64]calloutwire.Complete // their completions, come first
 	redirectHandles []engine.RedirectHandle
 
 	// Notifications of filters present at registration wait for the
 	// Registered reply, in order.
-	notifyMu sync.Mutex
-	started  bool
-	early    []calloutwire.Notify
+	notifyMu    sync.Mutex
+	started     bool
+	earlyNotify []calloutwire.Notify
 }
 
 type heldPend struct {
@@ -295,7 +307,8 @@ func (h *Callouts) register(cc *calloutConn, m calloutwire.Register) (*remoteReg
 		d = min(time.Duration(m.DeadlineMicros)*time.Microsecond, maxCalloutDeadline)
 	}
 	r := &remoteReg{h: h, key: m.Key, conn: cc, deadline: d, flags: m.Flags, since: time.Now(),
-		waiting: map[uint64]chan calloutwire.Answer{}, pends: map[uint64]*heldPend{}}
+		waiting: map[uint64]chan calloutwire.Answer{}, pends: map[uint64]*heldPend{},
+		expect: map[uint64]struct{}{}, early: map[uint64]calloutwire.Complete{}}
 	h.mu.Lock()
 	if old, ok := h.regs[m.Key]; ok {
 		h.mu.Unlock()
@@ -331,10 +344,10 @@ func (r *remoteReg) start() {
 	r.notifyMu.Lock()
 	defer r.notifyMu.Unlock()
 	r.started = true
-	for _, n := range r.early {
+	for _, n := range r.earlyNotify {
 		_ = r.conn.w.Send(n)
 	}
-	r.early = nil
+	r.earlyNotify = nil
 }
 
 func (r *remoteReg) failOut(f *engine.Filter, out *engine.ClassifyOut) {
@@ -423,7 +436,7 @@ func (r *remoteReg) classify(req *engine.ClassifyRequest, out *engine.ClassifyOu
 	r.waiting[id] = ch
 	r.mu.Unlock()
 	if err := r.conn.w.Send(msg); err != nil {
-		r.conn.c.Close() // the reader ends, and close answers every waiter
+		r.conn.shutdown() // the reader ends, and close answers every waiter
 	}
 	t := timers.Get().(*time.Timer)
 	t.Reset(r.deadline)
@@ -532,9 +545,17 @@ func (r *remoteReg) apply(e *engine.Engine, h engine.ClassifyHandle, a calloutwi
 // (timeout, cancel) or the program goes away.
 func (r *remoteReg) hold(id uint64, hp *heldPend) {
 	r.mu.Lock()
+	delete(r.expect, id)
+	c, early := r.early[id]
+	delete(r.early, id)
 	if r.closed {
 		r.mu.Unlock()
 		r.failPend(hp)
+		return
+	}
+	if early {
+		r.mu.Unlock()
+		r.completeHeld(hp, c)
 		return
 	}
 	if _, dup := r.pends[id]; dup || id == 0 {
@@ -568,6 +589,10 @@ func (r *remoteReg) hold(id uint64, hp *heldPend) {
 }
 
 func (r *remoteReg) dropPend(id uint64) {
+	r.mu.Lock()
+	delete(r.expect, id)
+	delete(r.early, id)
+	r.mu.Unlock()
 	if id != 0 {
 		_ = r.conn.w.Send(calloutwire.PendDone{PendID: id})
 	}
@@ -599,6 +624,9 @@ func (r *remoteReg) answer(a calloutwire.Answer) {
 	r.mu.Lock()
 	ch, ok := r.waiting[a.ID]
 	delete(r.waiting, a.ID)
+	if ok && a.ID != 0 && a.PendKind != calloutwire.PendNone && len(r.expect) < maxExpected {
+		r.expect[a.PendID] = struct{}{}
+	}
 	r.mu.Unlock()
 	if !ok || a.ID == 0 {
 		// Too late (the deadline passed) or never asked: a pend it took is
@@ -617,11 +645,21 @@ func (r *remoteReg) complete(c calloutwire.Complete) {
 	if ok {
 		delete(r.pends, c.PendID)
 		r.stats.held.Add(-1)
+	} else if _, exp := r.expect[c.PendID]; exp {
+		r.early[c.PendID] = c // hold completes it
 	}
 	r.mu.Unlock()
 	if !ok {
-		return // resolved by fwpd meanwhile (PendDone is on its way)
+		return // not held yet (above), or resolved by fwpd meanwhile (PendDone is on its way)
 	}
+	r.completeHeld(hp, c)
+}
+
+// maxExpected bounds the answered pends not yet held: the classifying
+// goroutines hold them within microseconds.
+const maxExpected = 1 << 20
+
+func (r *remoteReg) completeHeld(hp *heldPend, c calloutwire.Complete) {
 	e := r.h.eng
 	if hp.hasHandle {
 		if err := r.apply(e, hp.h, c.Applied); err != nil {
@@ -674,7 +712,7 @@ func (r *remoteReg) notify(t engine.NotifyType, f *engine.Filter) {
 	r.notifyMu.Lock()
 	defer r.notifyMu.Unlock()
 	if !r.started {
-		r.early = append(r.early, n)
+		r.earlyNotify = append(r.earlyNotify, n)
 		return
 	}
 	_ = r.conn.w.Send(n)

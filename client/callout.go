@@ -50,8 +50,9 @@ type CalloutOptions struct {
 // layer data, completes, associates flow contexts and creates redirect
 // handles on it exactly as it would embedded, and what it does is carried
 // to fwpd's engine. Classify runs on the connection's reading goroutine:
-// as in WFP, it must not block (pend instead); a blocked Classify misses
-// its deadline.
+// as in WFP, it must not block (pend instead), nor wait on fwpd (such as
+// RedirectHandleCreate: create handles once registered); a blocked
+// Classify misses its deadline.
 type RemoteCallout struct {
 	key    string
 	reg    engine.CalloutRegistration

@@ -89,7 +89,7 @@ func TestAddedLatency(t *testing.T) {
 		_, err := tx.AddFilter(engine.Filter{Layer: connV4, Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: id}})
 		return err
 	})
-	emb.RegisterCallout("co-permit", progCallout("permit", nil))
+	emb.RegisterCallout("co-permit", progCallout("permit"))
 	var vs engine.Values
 	vs.SetTuple(6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.1.1:80"))
 	const n = 20000

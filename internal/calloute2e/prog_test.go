@@ -64,8 +64,12 @@ func diffCallout(salt uint64, style int) engine.ClassifyFunc {
 	}
 }
 
+// afterRegister, when a callout mode sets it, runs once the callout is
+// registered.
+var afterRegister func(*client.RemoteCallout) error
+
 // progCallout returns the registration of a named behaviour.
-func progCallout(mode string, rc func() *client.RemoteCallout) engine.CalloutRegistration {
+func progCallout(mode string) engine.CalloutRegistration {
 	switch {
 	case strings.HasPrefix(mode, "diff:"): // diff:salt:style
 		p := strings.Split(mode, ":")
@@ -150,18 +154,14 @@ func progCallout(mode string, rc func() *client.RemoteCallout) engine.CalloutReg
 			port := uint16(req.Values.Uint(engine.FieldIPRemotePort))
 			return engine.RedirectTarget{To: netipAP("127.0.0.1", port+1000), TargetPID: 4242, Context: []byte(fmt.Sprintf("orig=%d", port))}, true
 		}}
-		reg := cr.Registration()
-		return engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
-			if cr.Handle == 0 {
-				h, err := rc().RedirectHandleCreate(context.Background())
-				if err != nil {
-					say("handle %v", err)
-					return
-				}
-				cr.Handle = h
-			}
-			reg.Classify(req, out)
-		}}
+		// The handle is fwpd's, created once registered (Classify runs on
+		// the connection's reader: it must not wait on fwpd itself).
+		afterRegister = func(rc *client.RemoteCallout) error {
+			h, err := rc.RedirectHandleCreate(context.Background())
+			cr.Handle = h
+			return err
+		}
+		return cr.Registration()
 	case "half": // pends half (odd ports) and completes them from another goroutine
 		return halfCallout()
 	}
@@ -225,11 +225,14 @@ func prog(args []string) error {
 	var rcs []*client.RemoteCallout
 	for _, a := range args[2:] {
 		key, mode, _ := strings.Cut(a, "=")
-		var rc *client.RemoteCallout
-		reg := progCallout(mode, func() *client.RemoteCallout { return rc })
+		afterRegister = nil
+		reg := progCallout(mode)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		rc, err = client.RegisterCallout(ctx, key, reg, client.CalloutOptions{Socket: socket, Deadline: deadline})
+		rc, err := client.RegisterCallout(ctx, key, reg, client.CalloutOptions{Socket: socket, Deadline: deadline})
 		cancel()
+		if err == nil && afterRegister != nil {
+			err = afterRegister(rc)
+		}
 		if err != nil {
 			say("error %v", err)
 			return err

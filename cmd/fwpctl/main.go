@@ -93,6 +93,7 @@ func init() {
 		"events":   events,
 		"sessions": sessions,
 		"watch":    watch,
+		"callouts": callouts, // callouts.go
 	}
 }
 
@@ -110,6 +111,7 @@ commands:
   explain  --layer L --remote A:P   which filter decides a tuple, and why
   events   [--follow]               net events (classify drops, ...)
   sessions                          open sessions
+  callouts                          callouts and the programs registered for them (remote callouts)
   watch    [--kind K]               follow other sessions' changes
 
 Every command takes --help, -o table|json, and --socket PATH (default

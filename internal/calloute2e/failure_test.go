@@ -184,8 +184,9 @@ func TestNonAdminRefused(t *testing.T) {
 	}
 	d.waitUnregistered("co-x")
 	// Classify and list through the callout socket: refused too.
-	out, err := exec.Command("setpriv", "--reuid="+user, "--regid="+user, "--clear-groups", bins.fwpctl, "--socket", d.sock, "callouts").CombinedOutput()
-	if err == nil || !strings.Contains(string(out), "access denied") {
+	cmd := exec.Command("setpriv", "--reuid="+user, "--regid="+user, "--clear-groups", bins.fwpctl, "callouts", "--socket", d.sock)
+	out, err := cmd.CombinedOutput()
+	if cmd.ProcessState.ExitCode() != 3 || !strings.Contains(string(out), "fwpctl: fwp: access denied") {
 		t.Fatalf("unprivileged fwpctl callouts: %v: %s", err, out)
 	}
 }

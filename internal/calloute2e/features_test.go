@@ -2,6 +2,8 @@ package calloute2e
 
 import (
 	"context"
+	"fmt"
+	"os/exec"
 	"net/netip"
 	"strings"
 	"testing"
@@ -159,5 +161,31 @@ func TestRemoteFlowContexts(t *testing.T) {
 	d.waitUnregistered("co-flow")
 	if o := d.outstanding(); o != (engine.Outstanding{}) {
 		t.Fatalf("fwpd holds %+v after the program's death", o)
+	}
+}
+
+// fwpctl callouts shows who registered a callout and its counters.
+func TestFwpctlCallouts(t *testing.T) {
+	d := startDaemon(t)
+	d.apply(calloutObj("co-shown", connV4), calloutObj("co-idle", connV4), filterObj("f", connV4, "callout_terminating", "co-shown", "10", nil))
+	p := startProg(t, d, "0s", "co-shown=permit")
+	d.classify(connV4, "10.1.1.1:80", nil)
+	out, err := exec.Command(bins.fwpctl, "callouts", "--socket", d.sock).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	s := string(out)
+	pid := fmt.Sprint(p.cmd.Process.Pid)
+	if !strings.Contains(s, "co-shown") || !strings.Contains(s, pid) || !strings.Contains(s, "co-idle") {
+		t.Fatalf("fwpctl callouts:\n%s", s)
+	}
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "co-shown") && !strings.Contains(l, " 1 ") {
+			t.Fatalf("no call counted: %s", l)
+		}
+	}
+	out, err = exec.Command(bins.fwpctl, "callouts", "--socket", d.sock, "-o", "json").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), `"calls": 1`) {
+		t.Fatalf("%v: %s", err, out)
 	}
 }

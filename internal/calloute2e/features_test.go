@@ -3,8 +3,8 @@ package calloute2e
 import (
 	"context"
 	"fmt"
-	"os/exec"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 

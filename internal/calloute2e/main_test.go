@@ -20,7 +20,7 @@ import (
 	"fwp/mgmt"
 )
 
-var bins struct{ dir, fwpd, fwpctl string }
+var bins struct{ dir, fwpd, fwpctl, askuser, appproxy string }
 
 func TestMain(m *testing.M) {
 	if os.Getenv(progEnv) != "" {
@@ -36,7 +36,9 @@ func TestMain(m *testing.M) {
 	}
 	bins.dir = dir
 	bins.fwpd, bins.fwpctl = filepath.Join(dir, "fwpd"), filepath.Join(dir, "fwpctl")
-	for _, b := range []struct{ out, pkg string }{{bins.fwpd, "fwp/cmd/fwpd"}, {bins.fwpctl, "fwp/cmd/fwpctl"}} {
+	bins.askuser, bins.appproxy = filepath.Join(dir, "askuser"), filepath.Join(dir, "appproxy")
+	for _, b := range []struct{ out, pkg string }{{bins.fwpd, "fwp/cmd/fwpd"}, {bins.fwpctl, "fwp/cmd/fwpctl"},
+		{bins.askuser, "fwp/examples/askuser"}, {bins.appproxy, "fwp/examples/appproxy"}} {
 		args := []string{"build", "-o", b.out}
 		if raceOn && b.out == bins.fwpd { // fwpd's side of the protocol under the race detector too
 			args = append(args, "-race")

@@ -84,8 +84,16 @@ func RegisterCallout(ctx context.Context, key string, reg engine.CalloutRegistra
 	}
 	rc.conn = fc
 	if err := fc.w.Send(calloutwire.Register{Key: key, DeadlineMicros: uint64(opts.Deadline.Microseconds()), Flags: opts.Flags}); err != nil {
+		// fwpd may have refused the connection before reading it: its
+		// reply says why.
+		_ = fc.c.SetReadDeadline(time.Now().Add(time.Second))
+		if m, rerr := fc.r.Next(); rerr == nil {
+			if rep, ok := m.(calloutwire.Reply); ok && rep.Code != calloutwire.CodeOK {
+				err = replyErr(rep)
+			}
+		}
 		fc.close(err)
-		return nil, fmt.Errorf("%w: registering callout %q: %w", ErrCalloutUnregistered, key, err)
+		return nil, fmt.Errorf("fwp: registering callout %q: %w", key, err)
 	}
 	// The reply comes before any other frame.
 	stop := context.AfterFunc(ctx, func() { fc.c.SetReadDeadline(time.Unix(1, 0)) })
@@ -483,12 +491,20 @@ func (fc *frameConn) call(ctx context.Context, op uint8, body []byte) ([]byte, e
 	fc.reqs[id] = ch
 	fc.mu.Unlock()
 	if err := fc.w.Send(calloutwire.Request{ID: id, Op: op, Body: body}); err != nil {
+		// fwpd may have refused the connection before reading it: the
+		// reader then ends with its reason.
+		select {
+		case <-fc.done:
+			return nil, fc.error()
+		case <-time.After(time.Second):
+		}
 		fc.close(err)
 		return nil, fmt.Errorf("%w: %w", ErrCalloutUnregistered, err)
 	}
 	select {
 	case rep, ok := <-ch:
-		if !ok {
+		if !ok { // closed by close, which sets err first
+			<-fc.done
 			return nil, fc.error()
 		}
 		if rep.Code != calloutwire.CodeOK {

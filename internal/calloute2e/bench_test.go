@@ -77,8 +77,8 @@ func percentile(ds []time.Duration, q float64) time.Duration {
 // alternated; the figures are in docs/benchmarks.md. It asserts nothing
 // about time.
 func TestAddedLatency(t *testing.T) {
-	if testing.Short() {
-		t.Skip("measurement")
+	if testing.Short() || raceOn {
+		t.Skip("a measurement: not under -short or the race detector")
 	}
 	h := startHost(t, connV4, "co-permit")
 	p := h.startProg(t, "co-permit=permit")
@@ -140,8 +140,8 @@ func TestAddedLatency(t *testing.T) {
 // socket's frames (a request that does almost nothing), alternated in one
 // run: the transport choice of calloutwire, measured.
 func TestTransportRTT(t *testing.T) {
-	if testing.Short() {
-		t.Skip("measurement")
+	if testing.Short() || raceOn {
+		t.Skip("a measurement: not under -short or the race detector")
 	}
 	d := startDaemon(t)
 	ctx := context.Background()

@@ -35,7 +35,12 @@ const maxCalloutDeadline = 30 * time.Second
 
 // calloutWriteTimeout: a callout program that stops reading its socket is
 // as dead as one that exited; fwpd's classifications must not wait on it.
-const calloutWriteTimeout = 2 * time.Second
+// A connection with no registration (a classifier) only delays its own
+// replies, and gets longer (clientWriteTimeout).
+const (
+	calloutWriteTimeout = 2 * time.Second
+	clientWriteTimeout  = 30 * time.Second
+)
 
 // Callouts serves the callout socket (client.CalloutSocket): a callout
 // program registers a callout key and fwpd's engine then calls it for
@@ -98,14 +103,15 @@ func (h *Callouts) Serve(l net.Listener) error {
 }
 
 type calloutConn struct {
-	h         *Callouts
-	c         net.Conn
-	cred      peercred.Cred
-	exe       string
-	w         *calloutwire.Writer
-	reg       *remoteReg // after a Register
-	wg        sync.WaitGroup
-	closeOnce sync.Once
+	h          *Callouts
+	c          net.Conn
+	cred       peercred.Cred
+	exe        string
+	w          *calloutwire.Writer
+	reg        *remoteReg // after a Register
+	wg         sync.WaitGroup
+	closeOnce  sync.Once
+	registered atomic.Bool
 }
 
 // shutdown ends the connection; a read(2) in progress returns first.
@@ -115,15 +121,23 @@ func (cc *calloutConn) shutdown() {
 	})
 }
 
-type deadlineWriter struct{ c net.Conn }
+type deadlineWriter struct {
+	c          net.Conn
+	registered *atomic.Bool
+}
 
 func (d deadlineWriter) Write(b []byte) (int, error) {
-	_ = d.c.SetWriteDeadline(time.Now().Add(calloutWriteTimeout))
+	t := clientWriteTimeout
+	if d.registered.Load() {
+		t = calloutWriteTimeout
+	}
+	_ = d.c.SetWriteDeadline(time.Now().Add(t))
 	return d.c.Write(b)
 }
 
 func (h *Callouts) serveConn(c net.Conn) {
-	cc := &calloutConn{h: h, c: c, w: calloutwire.NewWriter(deadlineWriter{c})}
+	cc := &calloutConn{h: h, c: c}
+	cc.w = calloutwire.NewWriter(deadlineWriter{c, &cc.registered})
 	cred, err := peercred.FromConn(c)
 	if err != nil {
 		h.log.Warn("callout socket: no peer credentials", "err", err)
@@ -132,6 +146,13 @@ func (h *Callouts) serveConn(c net.Conn) {
 	}
 	cc.cred = cred
 	cc.exe, _ = os.Readlink("/proc/" + strconv.FormatUint(uint64(cred.PID), 10) + "/exe")
+	// Everything on this socket is an administrator's: registering,
+	// classifying through the engine, listing who registered.
+	if !h.admin(cred) {
+		_ = cc.refuse(calloutwire.CodeAccessDenied, "the callout socket needs the admin right (uid %d)", cred.UID)
+		cc.shutdown()
+		return
+	}
 	err = cc.read()
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		h.log.Warn("callout connection closed", "pid", cred.PID, "uid", cred.UID, "err", err)
@@ -146,10 +167,18 @@ func (h *Callouts) serveConn(c net.Conn) {
 // errClosedByFwpd ends a connection fwpd refuses to go on with.
 var errClosedByFwpd = errors.New("closed by fwpd")
 
+// firstFrameTimeout: a peer that connects and says nothing must not hold
+// a connection slot.
+const firstFrameTimeout = 10 * time.Second
+
 func (cc *calloutConn) read() error {
 	r := calloutwire.NewReader(cc.c)
-	for {
+	_ = cc.c.SetReadDeadline(time.Now().Add(firstFrameTimeout))
+	for first := true; ; first = false {
 		m, err := r.Next()
+		if first && err == nil {
+			_ = cc.c.SetReadDeadline(time.Time{})
+		}
 		if err != nil {
 			if errors.Is(err, calloutwire.ErrMalformed) {
 				// Tell the program why before closing: a typed error, not a
@@ -174,9 +203,6 @@ func (cc *calloutConn) handle(m calloutwire.Message) error {
 		if cc.reg != nil {
 			return cc.refuse(calloutwire.CodeInvalidArgument, "this connection already registered %q", cc.reg.key)
 		}
-		if !h.admin(cc.cred) {
-			return cc.refuse(calloutwire.CodeAccessDenied, "registering callout %q needs the admin right (uid %d)", m.Key, cc.cred.UID)
-		}
 		r, err := h.register(cc, m)
 		if err != nil {
 			code := calloutwire.CodeInvalidArgument
@@ -187,6 +213,7 @@ func (cc *calloutConn) handle(m calloutwire.Message) error {
 			return nil // the program may try another key
 		}
 		cc.reg = r
+		cc.registered.Store(true)
 		var body []byte
 		body = binary.AppendUvarint(body, uint64(h.eng.PendTimeout().Microseconds()))
 		body = binary.AppendUvarint(body, uint64(r.deadline.Microseconds()))
@@ -214,9 +241,6 @@ func (cc *calloutConn) handle(m calloutwire.Message) error {
 		cc.reg.flowContext(m)
 		return nil
 	case calloutwire.Request:
-		if !h.admin(cc.cred) {
-			return cc.w.Send(calloutwire.Reply{ID: m.ID, Code: calloutwire.CodeAccessDenied, Msg: fmt.Sprintf("the callout socket needs the admin right (uid %d)", cc.cred.UID)})
-		}
 		switch m.Op {
 		case calloutwire.OpClassify:
 			// A classification may pend for up to the pend timeout: it

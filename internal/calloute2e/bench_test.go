@@ -2,9 +2,11 @@ package calloute2e
 
 import (
 	"context"
+	"io"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -92,28 +94,40 @@ func TestAddedLatency(t *testing.T) {
 	emb.RegisterCallout("co-permit", progCallout("permit"))
 	var vs engine.Values
 	vs.SetTuple(6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.1.1:80"))
+	// The floor: one byte to another process and back over pipes, the
+	// least a round trip between two processes costs on this machine now.
+	echo := exec.Command(os.Args[0])
+	echo.Env = append(os.Environ(), "FWP_ECHO=1")
+	ein, _ := echo.StdinPipe()
+	eout, _ := echo.StdoutPipe()
+	if err := echo.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { ein.Close(); echo.Wait() }()
 	const n = 20000
-	var re, ee []time.Duration
-	for i := range 2 * n {
-		e := h.e
-		if i%2 == 1 {
-			e = emb
-		}
+	var re, ee, fe []time.Duration
+	b := []byte{1}
+	for i := range 3 * n {
 		s := time.Now()
-		r := e.Classify(connV4, &vs, nil)
-		d := time.Since(s)
-		if r.Action != engine.ActionPermit || r.Reason != engine.ReasonCalloutPermit {
-			t.Fatalf("%+v", r)
-		}
-		if i%2 == 1 {
-			ee = append(ee, d)
-		} else {
-			re = append(re, d)
+		switch i % 3 {
+		case 0:
+			if r := h.e.Classify(connV4, &vs, nil); r.Action != engine.ActionPermit || r.Reason != engine.ReasonCalloutPermit {
+				t.Fatalf("%+v", r)
+			}
+			re = append(re, time.Since(s))
+		case 1:
+			emb.Classify(connV4, &vs, nil)
+			ee = append(ee, time.Since(s))
+		case 2:
+			ein.Write(b)
+			io.ReadFull(eout, b)
+			fe = append(fe, time.Since(s))
 		}
 	}
 	t.Logf("remote:   p50 %v p99 %v", percentile(re, .5), percentile(re, .99))
 	t.Logf("embedded: p50 %v p99 %v", percentile(ee, .5), percentile(ee, .99))
 	t.Logf("added:    p50 %v p99 %v", percentile(re, .5)-percentile(ee, .5), percentile(re, .99)-percentile(ee, .99))
+	t.Logf("floor (pipe round trip to a process): p50 %v p99 %v", percentile(fe, .5), percentile(fe, .99))
 	for _, par := range []int{1, 8, 64} {
 		var wg sync.WaitGroup
 		per := 40000 / par

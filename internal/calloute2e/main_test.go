@@ -23,6 +23,15 @@ import (
 var bins struct{ dir, fwpd, fwpctl, askuser, appproxy string }
 
 func TestMain(m *testing.M) {
+	if os.Getenv("FWP_ECHO") != "" { // the floor of a round trip between processes
+		b := make([]byte, 1)
+		for {
+			if _, err := os.Stdin.Read(b); err != nil {
+				os.Exit(0)
+			}
+			os.Stdout.Write(b)
+		}
+	}
 	if os.Getenv(progEnv) != "" {
 		if err := prog(os.Args[1:]); err != nil {
 			fmt.Fprintln(os.Stderr, "callout program:", err)

@@ -3,6 +3,9 @@ package calloute2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
+	"regexp"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -190,5 +193,32 @@ func TestFwpctlCallouts(t *testing.T) {
 	out, err = exec.Command(bins.fwpctl, "callouts", "--socket", d.sock, "-o", "json").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), `"calls": 1`) {
 		t.Fatalf("%v: %s", err, out)
+	}
+}
+
+// /metrics has the remote callouts' counters.
+func TestRemoteCalloutMetrics(t *testing.T) {
+	d := startDaemon(t, "--metrics-addr", "127.0.0.1:0")
+	var addr string
+	if m := regexp.MustCompile(`msg="metrics listening" addr=(\S+)`).FindStringSubmatch(d.log.String()); m != nil {
+		addr = m[1]
+	}
+	if addr == "" {
+		t.Fatalf("no metrics address in the log:\n%s", d.log)
+	}
+	d.apply(calloutObj("co-m", connV4), filterObj("f", connV4, "callout_terminating", "co-m", "10", nil))
+	startProg(t, d, "0s", "co-m=permit")
+	d.classify(connV4, "10.1.1.1:80", nil)
+	d.classify(connV4, "10.1.1.1:81", nil)
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{`fwp_remote_callout_calls_total{key="co-m"} 2`, `fwp_remote_callout_registered{key="co-m"} 1`, `fwp_remote_callout_timeouts_total{key="co-m"} 0`} {
+		if !strings.Contains(string(body), want) {
+			t.Fatalf("no %q in /metrics:\n%s", want, body)
+		}
 	}
 }

@@ -104,6 +104,51 @@ func TestKillMidPend(t *testing.T) {
 	p2.kill()
 }
 
+// The same with pended classifies at CONNECT_REDIRECT: each completes
+// as the flag says (fail open: permitted, not redirected; fail closed:
+// blocked) and no classify handle is left.
+func TestKillMidPendClassify(t *testing.T) {
+	redir := engine.LayerALEConnectRedirectV4
+	d := startDaemon(t)
+	d.apply(calloutObj("co-holdc", redir),
+		filterObj("f-open", redir, "callout_unknown", "co-holdc", "10", []string{"permit_if_callout_unregistered"}, portIs(90)),
+		filterObj("f-closed", redir, "callout_unknown", "co-holdc", "10", nil, portIs(91)))
+	p := startProg(t, d, "0s", "co-holdc=holdclassify")
+	results := make(chan client.ClassifyResult, 2)
+	for _, port := range []string{"90", "91"} {
+		go func() { results <- d.classify(redir, "10.1.1.1:"+port, &engine.Metadata{}) }()
+	}
+	p.expect("pended")
+	p.expect("pended")
+	for deadline := time.Now().Add(10 * time.Second); d.outstanding().Pends != 2; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("fwpd holds %+v", d.outstanding())
+		}
+	}
+	p.cmd.Process.Kill()
+	keys := map[engine.FilterID]string{}
+	fs, err := d.c.Filters(context.Background(), mgmt.Template{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fs {
+		keys[engine.FilterID(f.ID)] = f.Key
+	}
+	for range 2 {
+		r := <-results
+		if r.Connect != nil && r.Connect.RemoteAddressAndPort != r.Original {
+			t.Fatalf("redirected after the death: %+v", r)
+		}
+		want := map[string]engine.ActionType{"f-open": engine.ActionPermit, "f-closed": engine.ActionBlock}[keys[r.Filter]]
+		if r.Action != want {
+			t.Fatalf("%s: %+v, want %s", keys[r.Filter], r, want)
+		}
+	}
+	if o := d.outstanding(); o != (engine.Outstanding{}) {
+		t.Fatalf("fwpd holds %+v", o)
+	}
+}
+
 // A callout that never answers hits its answer deadline: the filter's flag
 // decides, the timeout is counted and a net event says so.
 func TestHungCalloutDeadline(t *testing.T) {

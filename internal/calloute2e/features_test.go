@@ -5,9 +5,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"regexp"
 	"net/netip"
 	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 

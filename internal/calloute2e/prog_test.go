@@ -99,6 +99,19 @@ func progCallout(mode string) engine.CalloutRegistration {
 			say("pended %d", req.Values.Uint(engine.FieldIPRemotePort))
 			out.Action, out.Flags = engine.ActionBlock, engine.OutAbsorb
 		}}
+	case "holdclassify": // pends every classify at a redirect layer and never completes
+		return engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+			h, err := req.AcquireClassifyHandle()
+			if err != nil {
+				say("handle-failed %v", err)
+				return
+			}
+			if _, err := req.Engine().PendClassify(h, out); err != nil {
+				say("pend-failed %v", err)
+				return
+			}
+			say("pended %d", req.Values.Uint(engine.FieldIPRemotePort))
+		}}
 	case "async": // the seed's out-of-band authorizer: odd remote ports pend, even answer at once
 		a := &engine.AsyncAuthorizer{Decide: func(ctx context.Context, l engine.LayerID, vs engine.Values, m engine.Metadata) engine.ActionType {
 			if vs.Uint(engine.FieldIPRemotePort)%4 == 1 {

@@ -157,7 +157,12 @@ func TestRemoteFlowContexts(t *testing.T) {
 	}
 	p.send("outstanding")
 	if l := p.expect("outstanding"); l != "outstanding co-flow 0 0 0" {
-		t.Fatalf("%s (a second flowdelete?)", l)
+		t.Fatalf("%s", l)
+	}
+	for _, l := range p.backlog {
+		if strings.HasPrefix(l, "flowdelete") {
+			t.Fatalf("a second flowdelete: %s", l)
+		}
 	}
 	// A context left when the program dies goes with it.
 	meta.FlowHandle = 6

@@ -159,11 +159,12 @@ func (d *daemon) classify(layer engine.LayerID, remote string, meta *engine.Meta
 
 // proc is a callout program.
 type proc struct {
-	t     *testing.T
-	cmd   *exec.Cmd
-	in    io.WriteCloser
-	lines chan string
-	errb  *syncBuffer
+	t       *testing.T
+	cmd     *exec.Cmd
+	in      io.WriteCloser
+	lines   chan string
+	backlog []string // lines read, not yet expected
+	errb    *syncBuffer
 }
 
 // startProg starts a callout program registering key=mode pairs.
@@ -213,9 +214,16 @@ func (p *proc) kill() {
 	p.cmd.Wait()
 }
 
-// expect waits for a line starting with prefix, skipping others.
+// expect returns the first line starting with prefix not returned yet,
+// waiting for it; the lines before it are kept for later expects.
 func (p *proc) expect(prefix string) string {
 	p.t.Helper()
+	for i, l := range p.backlog {
+		if strings.HasPrefix(l, prefix) {
+			p.backlog = append(p.backlog[:i], p.backlog[i+1:]...)
+			return l
+		}
+	}
 	timeout := time.After(20 * time.Second)
 	for {
 		select {
@@ -226,6 +234,7 @@ func (p *proc) expect(prefix string) string {
 			if strings.HasPrefix(l, prefix) {
 				return l
 			}
+			p.backlog = append(p.backlog, l)
 		case <-timeout:
 			p.t.Fatalf("no %q from the callout program; stderr:\n%s", prefix, p.errb)
 		}

@@ -112,3 +112,8 @@ func (p *Pend) Completed() (ClassifyOut, *ConnectRequest, *BindRequest, ApplyFla
 
 // PendTimeout is how long a pend of this engine waits (Options.PendTimeout).
 func (e *Engine) PendTimeout() time.Duration { return e.opts.PendTimeout }
+
+// CalloutFuncs is a callout's functions by the name the remote-callout API
+// uses (client.RegisterCallout): the same type as an embedded
+// registration, so one callout runs either way unchanged.
+type CalloutFuncs = CalloutRegistration

@@ -16,4 +16,12 @@
 // unconnected TCP or UDP socket and that the caller (SO_PEERCRED) is root or
 // the target process of the redirect the records end with, then marks it by
 // its SO_COOKIE as ebpf.ProxyBackend would.
+//
+// RegisterCallout registers a callout's functions with fwpd from this
+// process, on CalloutSocket, a third socket with a lean framing
+// (internal/calloutwire) chosen over gRPC for latency: fwpd's engine then
+// calls them for every classification it makes, exactly as an embedded
+// callout, and unregisters them when the connection ends. Classifier
+// classifies through fwpd's engine (remote callouts included) and lists
+// the registrations.
 package client

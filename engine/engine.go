@@ -22,6 +22,10 @@ type Options struct {
 	PendTimeout time.Duration
 	// Now is the clock, for tests (default time.Now).
 	Now func() time.Time
+	// FlowContextHook, when set, is told of every flow context associated
+	// (ctx, added) and removed (its ctx, !added): a callout program's
+	// engine (client.RegisterCallout) forwards them to fwpd's.
+	FlowContextHook func(flow FlowHandle, layer LayerID, callout CalloutID, ctx any, added bool)
 }
 
 // Engine is a filter engine. All methods are safe for concurrent use.

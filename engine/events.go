@@ -15,6 +15,7 @@ const (
 	EventClassifyAllow                            // a permit decided (Options.AllowEvents)
 	EventClassifyVeto                             // a callout vetoed a hard permit
 	EventClassifyRedirect                         // a connection redirected (reported by the kernel datapath)
+	EventCalloutFailure                           // a remote callout died, broke its connection or missed its answer deadline (fwpd)
 )
 
 func (t NetEventType) String() string {
@@ -27,6 +28,8 @@ func (t NetEventType) String() string {
 		return "classify_veto"
 	case EventClassifyRedirect:
 		return "classify_redirect"
+	case EventCalloutFailure:
+		return "callout_failure"
 	}
 	return "unknown"
 }

@@ -118,6 +118,9 @@ func (e *Engine) FlowAssociateContext(flow FlowHandle, layer LayerID, callout Ca
 	rt.flows[k] = ctx
 	rt.byFlow[flow] = append(rt.byFlow[flow], k)
 	rt.nflows.Add(1)
+	if hook := e.opts.FlowContextHook; hook != nil {
+		hook(flow, layer, callout, ctx, true)
+	}
 	return nil
 }
 
@@ -187,6 +190,9 @@ func (e *Engine) removeFlowContexts(match func(flowKey) bool) int {
 }
 
 func (e *Engine) callFlowDelete(k flowKey, ctx any) {
+	if hook := e.opts.FlowContextHook; hook != nil {
+		hook(k.flow, k.layer, k.callout, ctx, false)
+	}
 	c, err := e.View().Callout(k.callout)
 	if err != nil {
 		return

@@ -105,7 +105,8 @@ func init() {
 		"completion": func(ctx context.Context, args []string) error {
 			return completion(args)
 		},
-		"fleet": fleetCmd,
+		"fleet":    fleetCmd,
+		"callouts": callouts, // callouts.go
 	}
 }
 
@@ -123,6 +124,7 @@ commands:
   explain  --layer L --remote A:P   which filter decides a tuple, and why
   events   [--follow]               net events (classify drops, ...)
   sessions                          open sessions
+  callouts                          callouts and the programs registered for them (remote callouts)
   watch    [--kind K]               follow other sessions' changes
   version                           fwpctl's and fwpd's builds
   completion bash|zsh               a shell completion script

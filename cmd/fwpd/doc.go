@@ -26,7 +26,10 @@
 // sockets of --cgroup, of each redirect target's cgroup and of
 // --proxy-cgroup; where no hook answers, they query redirects through the
 // API and mark their outbound sockets through the side socket PATH.fd
-// (SCM_RIGHTS). SIGTERM or SIGINT shut it down gracefully; the hooks go
+// (SCM_RIGHTS). Callout programs register remote callouts, and clients
+// classify through the engine, on PATH.callouts (admin right; see
+// client.RegisterCallout and internal/server/callouts.go); its connection
+// limits are the same as the other sockets'. SIGTERM or SIGINT shut it down gracefully; the hooks go
 // with it unless --keep-hooks-on-exit.
 //
 // Each of the two sockets serves at most --max-connections connections at

@@ -192,6 +192,19 @@ func run(args []string) error {
 		rs.d = kern.d
 	}
 	go rs.serve(server.LimitListener(rl, server.Limits{Max: c.maxConns, PerUser: c.maxConnsPerUser}, log))
+	// The callout socket: callout programs register remote callouts, and
+	// clients classify through the engine (internal/server/callouts.go).
+	cl, err := listen(client.CalloutSocket(c.socket))
+	if err != nil {
+		l.Close()
+		return err
+	}
+	defer os.Remove(client.CalloutSocket(c.socket))
+	defer cl.Close()
+	if met != nil {
+		met.Registry().MustRegister(srv.Callouts().Collector())
+	}
+	go srv.Callouts().Serve(server.LimitListener(cl, server.Limits{Max: c.maxConns, PerUser: c.maxConnsPerUser}, log))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -76,6 +76,9 @@ type Server struct {
 	// which a graceful stop would otherwise wait for.
 	quit     chan struct{}
 	quitOnce sync.Once
+
+	calloutsOnce sync.Once
+	callouts     *Callouts // callouts.go
 }
 
 // New returns a server; call Serve with a unix listener.

@@ -1,0 +1,5 @@
+//go:build race
+
+package calloute2e
+
+const raceOn = true

@@ -150,17 +150,19 @@ func rrBenchHelper([]string) error {
 }
 
 // rrPolicy redirects two origin ports to two proxies, each its redirect's
-// target.
+// target, and a third to the plain relay.
 func rrPolicy(sockoptPID, fwpdPID string) string {
 	return fmt.Sprintf(`providers:
   - {key: rr, name: RR}
 provider_contexts:
   - {key: to-sockopt, provider: rr, data: '{"proxy":"127.0.0.1:3131","target_pid":%s}'}
+  - {key: to-plain, provider: rr, data: '{"proxy":"127.0.0.1:3132"}'}
   - {key: to-fwpd, provider: rr, data: '{"proxy":"127.0.0.1:3134","target_pid":%s}'}
 callouts:
   - {key: fwp.builtin.connect_redirect/rr, provider: rr, layer: ALE_CONNECT_REDIRECT_V4, flags: [uses_provider_context]}
 filters:
   - {key: rr-sockopt, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/rr, provider_context: to-sockopt, conditions: [{field: ip_remote_port, match: equal, value: 7081}]}
+  - {key: rr-plain, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/rr, provider_context: to-plain, conditions: [{field: ip_remote_port, match: equal, value: 7085}]}
   - {key: rr-fwpd, layer: ALE_CONNECT_REDIRECT_V4, action: callout_unknown, callout: fwp.builtin.connect_redirect/rr, provider_context: to-fwpd, conditions: [{field: ip_remote_port, match: equal, value: 7084}]}
 `, sockoptPID, fwpdPID)
 }
@@ -179,6 +181,8 @@ filters:
 //	iptables    iptables REDIRECT in the namespace (:7083 -> :3133), the
 //	            relay with -original-dst (SO_ORIGINAL_DST), as nobody so its
 //	            own connections are not redirected (-m owner)
+//	redirplain  fwp's redirect (:7085) to the plain relay (:3132), which asks
+//	            nothing: the redirect's own cost, without the proxy API
 //
 // Targets (issue 11): fwp ≤ 1.10× plain and ≤ iptables.
 func BenchmarkE2EKernelProxyRR(b *testing.B) {
@@ -256,7 +260,7 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 	}
 	arms := []struct{ name, addr string }{
 		{"direct", "127.0.0.1:7082"}, {"plain", "127.0.0.1:3132"}, {"fwp", "127.0.0.1:7081"},
-		{"fwpd", "127.0.0.1:7084"}, {"iptables", "127.0.0.1:7083"},
+		{"fwpd", "127.0.0.1:7084"}, {"iptables", "127.0.0.1:7083"}, {"redirplain", "127.0.0.1:7085"},
 	}
 	// Short rounds, in rotating order: the load of a shared machine drifts
 	// within seconds, and each round compares arms measured together.

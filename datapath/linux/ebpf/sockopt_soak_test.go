@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -226,5 +227,53 @@ func TestKernelSockoptSoak(t *testing.T) {
 	}
 	if n := runtime.NumGoroutine(); n > gs+2 {
 		t.Errorf("%d goroutines after the soak, %d before", n, gs)
+	}
+}
+
+func init() {
+	testutil.RegisterHelper("sockoptfuzz", sockoptFuzzHelper)
+}
+
+// wellFormedRecords is the setsockopt hook's rule for records, in Go.
+func wellFormedRecords(b []byte) bool {
+	return len(b) >= 8 && len(b) <= 4+4*maxRecords && len(b)%4 == 0 && string(b[:4]) == "fwpk"
+}
+
+// sockoptFuzzHelper gives the setsockopt hook args[0] random values (as
+// root: only the format decides) and reports the first disagreement with
+// wellFormedRecords.
+func sockoptFuzzHelper(args []string) error {
+	n, _ := strconv.Atoi(args[0])
+	r := rand.New(rand.NewPCG(uint64(n), 11))
+	s, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(s)
+	for i := range n {
+		b := make([]byte, r.IntN(48)+1)
+		for j := range b {
+			b[j] = byte(r.Uint32())
+		}
+		if r.IntN(2) == 0 && len(b) >= 4 {
+			copy(b, "fwpk") // half of them look like records
+		}
+		e := rawSetsockopt(uintptr(s), b)
+		if ok := e == 0; ok != wellFormedRecords(b) || (!ok && e != syscall.EINVAL) {
+			return fmt.Errorf("#%d: setsockopt of %x: %v, want accepted=%v", i, b, e, wellFormedRecords(b))
+		}
+	}
+	return nil
+}
+
+// TestKernelSetsockoptRandomRecords: the BPF setsockopt hook parses what
+// any local process hands it; random values are accepted exactly when
+// well formed, and refused with EINVAL otherwise.
+func TestKernelSetsockoptRandomRecords(t *testing.T) {
+	d, cg := kernelSetup(t)
+	e, _ := sockoptPolicy(t, false, 18380, netip.MustParseAddrPort("127.0.0.1:18381"), 77)
+	apply(t, d, e)
+	if _, err := testutil.RunHelperFiles(cg, "sockoptfuzz", nil, nil, "20000"); err != nil {
+		t.Fatal(err)
 	}
 }

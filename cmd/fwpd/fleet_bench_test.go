@@ -47,7 +47,7 @@ func BenchmarkE2EFleetPropagation(b *testing.B) {
 		if n == "k" && unix.Geteuid() == 0 {
 			cg := testutil.NewCgroup(b)
 			defer unix.Unmount(filepath.Join(dir, "bpf"))
-			args = append(args, "--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", filepath.Join(dir, "bpf", "fwp"))
+			args = append(args, "--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", filepath.Join(dir, "bpf", "fwp"), "--proxy-cgroup", "none")
 		}
 		cmd := exec.Command(bins.fwpd, args...)
 		if err := cmd.Start(); err != nil {

@@ -34,7 +34,7 @@ func TestE2ESystemdNotify(t *testing.T) {
 				testutil.RequireRoot(t)
 				cg := testutil.NewCgroup(t)
 				dir = kernelDir(t)
-				extra = []string{"--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", filepath.Join(dir, "bpf", "fwp")}
+				extra = []string{"--datapath", "kernel", "--cgroup", cg.Path, "--bpffs-dir", filepath.Join(dir, "bpf", "fwp"), "--proxy-cgroup", "none"}
 			} else {
 				dir = shortDir(t)
 				extra = []string{"--datapath", "none"}

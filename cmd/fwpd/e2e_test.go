@@ -23,7 +23,7 @@ import (
 
 // The end-to-end tests build the real fwpd and fwpctl and drive them.
 
-var bins struct{ fwpd, fwpctl, redirectproxy string }
+var bins struct{ fwpd, fwpctl, redirectproxy, soakclient string }
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "fwpbin")
@@ -31,7 +31,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	bins.fwpd, bins.fwpctl, bins.redirectproxy = filepath.Join(dir, "fwpd"), filepath.Join(dir, "fwpctl"), filepath.Join(dir, "redirectproxy")
-	for _, b := range []struct{ out, pkg string }{{bins.fwpd, "fwp/cmd/fwpd"}, {bins.fwpctl, "fwp/cmd/fwpctl"}, {bins.redirectproxy, "fwp/examples/redirectproxy"}} {
+	bins.soakclient = filepath.Join(dir, "soakclient")
+	for _, b := range []struct{ out, pkg string }{{bins.fwpd, "fwp/cmd/fwpd"}, {bins.fwpctl, "fwp/cmd/fwpctl"}, {bins.redirectproxy, "fwp/examples/redirectproxy"},
+		{bins.soakclient, "fwp/cmd/fwpd/internal/soakclient"}} {
 		if out, err := exec.Command("go", "build", "-o", b.out, b.pkg).CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", b.pkg, err, out)
 			os.RemoveAll(dir)

@@ -255,7 +255,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 		reg.MustRegister(kernelCollector{k.d, eng})
 	}
 	go func() {
-		t := time.NewTicker(time.Duration(ebpf.ReleasedGrace) * time.Second)
+		t := time.NewTicker(time.Duration(ebpf.ReleasedGrace) * time.Second / 2)
 		defer t.Stop()
 		for {
 			select {

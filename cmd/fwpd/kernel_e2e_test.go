@@ -657,7 +657,7 @@ func kscenarioHelper(args []string) error {
 			spawned = append(spawned, c)
 			fmt.Println(c.Process.Pid)
 		case "soak":
-			// soak SOCKET OPS: see kernelSoak; answers a soakResult.
+			// soak BINARY SOCKET OPS: see kernelSoak; answers a soakResult.
 			if err := json.NewEncoder(os.Stdout).Encode(kernelSoak(arg)); err != nil {
 				return err
 			}
@@ -782,7 +782,7 @@ func dnsServers(relayed *atomic.Int64, b ebpf.ProxyBackend) error {
 			if err != nil {
 				return
 			}
-			if a := dnsAnswer(buf[:n]); a != nil {
+			if a := testutil.DNSAnswer(buf[:n]); a != nil {
 				srv.WriteTo(a, from)
 			}
 		}
@@ -831,27 +831,6 @@ func dnsServers(relayed *atomic.Int64, b ebpf.ProxyBackend) error {
 		}
 	}()
 	return nil
-}
-
-// dnsAnswer answers one A question with 10.1.2.3.
-func dnsAnswer(q []byte) []byte {
-	if len(q) < 12 || binary.BigEndian.Uint16(q[4:6]) != 1 {
-		return nil
-	}
-	end := 12
-	for end < len(q) && q[end] != 0 {
-		end += int(q[end]) + 1
-	}
-	end += 5 // zero byte, type, class
-	if end > len(q) {
-		return nil
-	}
-	a := append([]byte(nil), q[:end]...)
-	binary.BigEndian.PutUint16(a[2:4], 0x8180)
-	binary.BigEndian.PutUint16(a[6:8], 1)
-	binary.BigEndian.PutUint16(a[8:10], 0)
-	binary.BigEndian.PutUint16(a[10:12], 0)
-	return append(a, 0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 1, 2, 3)
 }
 
 // TestE2EKernelNeedsRoot: without root fwpd says what is missing and exits

@@ -3,29 +3,22 @@
 package main_test
 
 import (
-	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	cebpf "github.com/cilium/ebpf"
 
-	"fwp/client"
 	"fwp/datapath/linux/ebpf"
 	"fwp/internal/testutil"
-	"fwp/internal/unix"
 )
 
 // soakOps is how many of each operation the daemon soak runs in one fwpd
@@ -65,143 +58,34 @@ filters:
 `, cfg("127.0.0.1:3131", examplePID), cfg("127.0.0.1:3132", helperPID))
 }
 
-// kernelSoak runs in the scenario helper (arg "SOCKET OPS"): OPS HTTP
-// requests and OPS DNS flows (a socket each) through the example proxy,
-// OPS connects the policy blocks, and OPS redirect queries to fwpd for a
-// held redirected connection; every one is checked.
+// kernelSoak runs the soak client (cmd/fwpd/internal/soakclient, built
+// without the race detector: the soak measures the daemon, not an
+// instrumented client) in the scenario helper's cgroup and namespace; arg
+// is "BINARY SOCKET OPS" (the helper is a process of its own: the path of
+// the client the test built comes with the request).
 func kernelSoak(arg string) (res soakResult) {
-	sock, nops, _ := strings.Cut(arg, " ")
-	n, _ := strconv.Atoi(nops)
-	var mu sync.Mutex
-	fail := func(err error) {
-		mu.Lock()
-		if res.FirstErr == "" {
-			res.FirstErr = err.Error()
-		}
-		mu.Unlock()
-	}
-	// Servers close first (TIME_WAIT stays on their side); the wide range
-	// keeps 2n loopback connections from running out of ports (this
-	// namespace only).
-	_ = os.WriteFile("/proc/sys/net/ipv4/ip_local_port_range", []byte("1024 65535"), 0)
-	_ = os.WriteFile("/proc/sys/net/ipv4/tcp_tw_reuse", []byte("1"), 0)
-	phase := 0
-	run := func(op func(i int) error) int {
-		start := time.Now()
-		defer func() { res.Took[phase] = time.Since(start); phase++ }()
-		var ok atomic.Int64
-		var wg sync.WaitGroup
-		const workers = 4
-		for w := range workers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := w; i < n; i += workers {
-					if err := op(i); err != nil {
-						fail(err)
-						continue
-					}
-					ok.Add(1)
-				}
-			}()
-		}
-		wg.Wait()
-		return int(ok.Load())
-	}
-	res.TCP = run(func(i int) error {
-		c, err := net.DialTimeout("tcp4", "127.0.0.1:8080", 5*time.Second)
-		if err != nil {
-			return fmt.Errorf("http dial: %w", err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		fmt.Fprintf(c, "GET /soak-%d HTTP/1.0\r\nHost: soak\r\n\r\n", i)
-		b, err := io.ReadAll(c)
-		if err != nil || !strings.Contains(string(b), fmt.Sprintf(" /soak-%d\n", i)) {
-			return fmt.Errorf("http answer %q: %v", b, err)
-		}
-		return nil
-	})
-	res.UDP = run(func(i int) error {
-		c, err := net.Dial("udp4", "127.0.0.1:53")
-		if err != nil {
-			return fmt.Errorf("dns dial: %w", err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		q := dnsQuery(uint16(i))
-		if _, err := c.Write(q); err != nil {
-			return fmt.Errorf("dns write: %w", err)
-		}
-		buf := make([]byte, 512)
-		m, err := c.Read(buf)
-		if err != nil || string(buf[:m]) != string(dnsAnswer(q)) {
-			return fmt.Errorf("dns answer %x: %v", buf[:m], err)
-		}
-		return nil
-	})
-	res.Blocked = run(func(int) error {
-		c, err := net.DialTimeout("tcp4", "127.0.0.3:80", 5*time.Second)
-		if err == nil {
-			c.Close()
-			return errors.New("a blocked connect went through")
-		}
-		if !errors.Is(err, unix.EPERM) {
-			return fmt.Errorf("blocked connect: %w, want EPERM", err)
-		}
-		return nil
-	})
-	// fwpd's redirect query, for a connection the helper holds open.
-	hl, err := net.Listen("tcp4", "127.0.0.1:3132")
-	if err != nil {
-		fail(err)
+	argv := strings.Fields(arg)
+	if len(argv) != 3 {
+		res.FirstErr = fmt.Sprintf("soak %q: want BINARY SOCKET OPS", arg)
 		return res
 	}
-	defer hl.Close()
-	c, err := net.Dial("tcp4", "127.0.0.1:8081")
-	if err != nil {
-		fail(fmt.Errorf("hold dial: %w", err))
-		return res
+	out, err := exec.Command(argv[0], argv[1:]...).Output()
+	if err == nil {
+		err = json.Unmarshal(out, &res)
 	}
-	defer c.Close()
-	a, err := hl.Accept()
 	if err != nil {
-		fail(err)
-		return res
-	}
-	defer a.Close()
-	local, remote := a.LocalAddr().(*net.TCPAddr).AddrPort(), a.RemoteAddr().(*net.TCPAddr).AddrPort()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	cl, err := client.Dial(ctx, sock, client.Options{})
-	if err != nil {
-		fail(err)
-		return res
-	}
-	defer cl.Close()
-	res.Queries = run(func(int) error {
-		r, orig, err := cl.QueryRedirect(ctx, local, remote)
-		if err != nil || orig.String() != "127.0.0.1:8081" || len(r.Records) == 0 {
-			return fmt.Errorf("query %s <- %s: %s %v", local, remote, orig, err)
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			err = fmt.Errorf("%w: %s", err, ee.Stderr)
 		}
-		return nil
-	})
+		res.FirstErr = "soak client: " + err.Error()
+	}
 	return res
 }
 
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
-
-// dnsQuery is an A question for fwp.test with the given id.
-func dnsQuery(id uint16) []byte {
-	q := make([]byte, 12, 32)
-	binary.BigEndian.PutUint16(q[0:2], id)
-	binary.BigEndian.PutUint16(q[2:4], 0x0100)
-	binary.BigEndian.PutUint16(q[4:6], 1)
-	q = append(q, 3, 'f', 'w', 'p', 4, 't', 'e', 's', 't', 0)
-	return append(q, 0, 1, 0, 1)
 }
 
 // procFDs counts a process's open files.
@@ -268,7 +152,7 @@ func TestE2EKernelSoak(t *testing.T) {
 	fwpdFDs, proxyFDs := procFDs(t, d.cmd.Process.Pid), procFDs(t, examplePID)
 	start := time.Now()
 	var res soakResult
-	if err := json.Unmarshal(s.call(fmt.Sprintf("soak %s %d", d.sock, soakOps)), &res); err != nil {
+	if err := json.Unmarshal(s.call(fmt.Sprintf("soak %s %s %d", bins.soakclient, d.sock, soakOps)), &res); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("in %v: %d HTTP connections (%v), %d DNS flows (%v), %d blocked connects (%v), %d fwpd queries (%v)",

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -182,7 +183,7 @@ type Helper struct {
 	cmd    *exec.Cmd
 	in     io.WriteCloser
 	out    *bufio.Reader
-	stderr bytes.Buffer
+	stderr lockedBuffer
 	dir    *os.File
 }
 
@@ -224,6 +225,25 @@ func (h *Helper) Call(req []byte) ([]byte, error) {
 		return nil, fmt.Errorf("helper: %v; stderr: %s", err, h.stderr.String())
 	}
 	return line, nil
+}
+
+// lockedBuffer is a helper's stderr, written by exec's copying goroutine
+// while a failing test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // Stderr is what the helper (and processes it started on its stderr)

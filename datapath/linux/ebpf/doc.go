@@ -81,9 +81,9 @@
 // a UDP proxy finds a datagram's redirect from its source and the proxy's
 // own address. A TCP record ends when the proxy's accepted socket closes
 // (sockops state callback); a UDP one, which no accepted socket marks, is
-// stamped when the client socket closes and kept ReleasedGrace (30 s) for
+// stamped when the client socket closes and kept ReleasedGrace (10 s) for
 // datagrams still queued to the proxy, then skipped by queries and removed
-// by SweepReleased (fwpd runs it every ReleasedGrace). A socket marked with SetRedirectRecords(cookie, handle)
+// by SweepReleased (fwpd runs it every ReleasedGrace/2). A socket marked with SetRedirectRecords(cookie, handle)
 // before its connect is not redirected by that handle's filters again — the
 // proxy's outbound connection — so chained proxies never loop. For the
 // arbitration the redirect counts as the callout's permit (soft unless the

@@ -124,8 +124,11 @@ func (r *Redirects) QueryRedirect(local, remote netip.AddrPort) (RedirectState, 
 // ReleasedGrace is how long a UDP client's 4-tuple record outlives its
 // socket: datagrams it sent may still wait in the proxy's queue. After it
 // the record is gone, so that a later sender on the same address and port
-// is not taken for the redirected one.
-var ReleasedGrace uint32 = 30 // seconds
+// is not taken for the redirected one. It also bounds the UDP flow rate
+// the index holds: released records stay until swept (fwpd sweeps every
+// ReleasedGrace/2), and past 65,536 records the kernel's LRU evicts, live
+// ones too — about 65,536 / (1.5 × ReleasedGrace) new flows a second.
+var ReleasedGrace uint32 = 10 // seconds
 
 // expired reports whether s, found under k, is the record of a UDP socket
 // closed more than ReleasedGrace ago, and then deletes it.
@@ -358,7 +361,7 @@ func (d *Datapath) QueryProxyRedirect(local, remote netip.AddrPort) (proxy.Redir
 }
 
 // SweepReleased is Redirects.SweepReleased on this datapath's maps; fwpd
-// runs it every ReleasedGrace.
+// runs it every ReleasedGrace/2.
 func (d *Datapath) SweepReleased() (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -355,6 +355,13 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 				}
 			}
 		}
+		for id, cls := range lp.apps {
+			k := fwpIntKey{Glf: glf(gen, slot, fieldApp), Dev: id.Dev, Val: id.Ino}
+			w.ints = append(w.ints, k)
+			if err := d.objs.FwpInts.Put(k, cls); err != nil {
+				return mapErr("app classes", err)
+			}
+		}
 		keys := make([]uint32, len(lp.filters))
 		for i := range keys {
 			keys[i] = uint32(li*MaxFilters + i)

@@ -32,6 +32,8 @@ func TestMain(m *testing.M) {
 	testutil.RegisterHelper("redirect", redirectHelper)
 	testutil.RegisterHelper("udpredirect", udpRedirectHelper)
 	testutil.RegisterHelper("connectpair", connectPairHelper)
+	testutil.RegisterHelper("app", appHelper)
+	testutil.RegisterHelper("dialexec", dialExecHelper)
 	testutil.HelperMain()
 	code := m.Run()
 	if shared.d != nil {

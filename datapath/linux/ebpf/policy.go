@@ -13,7 +13,7 @@ import (
 // Sizes shared with bpf/fwp.c.
 const (
 	numSlots      = 8   // (kind 0..3) * 2 + v6
-	numFields     = 8   // fieldRAddr..fieldAll
+	numFields     = 9   // fieldRAddr..fieldAll
 	bitsetWords   = 256 // NWORDS
 	MaxFilters    = bitsetWords * 64
 	MaxRedirects  = 1024
@@ -31,6 +31,7 @@ const (
 	fieldProto
 	fieldUID
 	fieldCgroup
+	fieldApp
 	fieldAll
 )
 
@@ -42,6 +43,7 @@ var kernelField = map[engine.FieldID]int{
 	engine.FieldIPProtocol:      fieldProto,
 	engine.FieldALEUserID:       fieldUID,
 	engine.FieldCgroupID:        fieldCgroup,
+	engine.FieldALEAppID:        fieldApp,
 }
 
 // Filter actions in the kernel's metadata.
@@ -186,6 +188,7 @@ type layerPolicy struct {
 	addrs   [2][]addrClass
 	ports   [2][]uint16          // 65536 classes, nil when the field is inactive
 	ints    [3]map[uint64]uint32 // proto, uid, cgroup id
+	apps    map[AppIdentity]uint32
 }
 
 // Policy is an engine policy compiled into the kernel's classification
@@ -196,6 +199,9 @@ type Policy struct {
 	// connectRedirects: some filter redirects connections, so the hooks
 	// that serve redirected sockets are needed (Datapath.Apply).
 	connectRedirects bool
+	// apps are the executables the app id conditions named, as resolved
+	// when the policy was compiled (absent: no file at the path).
+	apps map[string]appResolution
 }
 
 // Filters returns the number of filters the policy enforces in the kernel.
@@ -217,7 +223,7 @@ func (p *Policy) Filters() int {
 // fail with an error wrapping ErrNotSupported that names it: the kernel
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
-	p := &Policy{}
+	p := &Policy{apps: map[string]appResolution{}}
 	var byLayer [numSlots][]engine.Filter
 	for _, f := range view.Filters(engine.FilterTemplate{}) {
 		if f.Flags&engine.FilterDisabled != 0 {
@@ -311,6 +317,8 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			err = lp.compilePorts(f, g, wild)
 		case fieldProto:
 			err = lp.compileProto(g, wild)
+		case fieldApp:
+			err = lp.compileApps(p, g, wild)
 		default:
 			err = lp.compileIDs(f, g, wild)
 		}

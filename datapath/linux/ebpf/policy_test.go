@@ -334,9 +334,14 @@ func TestCompileRefusesWhatTheKernelCannotDecide(t *testing.T) {
 			_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co}})
 			return err
 		}, ErrNotSupported},
-		{"app id condition", func(tx *engine.Txn) error {
+		{"app id prefix", func(tx *engine.Txn) error {
 			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
-				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String("/usr/bin/curl")}}})
+				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchPrefix, Value: engine.String("/usr/bin/")}}})
+			return err
+		}, ErrNotSupported},
+		{"relative app id", func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String("curl")}}})
 			return err
 		}, ErrNotSupported},
 		{"uid range", func(tx *engine.Txn) error {

@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -44,6 +46,16 @@ type kernel struct {
 	cgroup string
 	log    *slog.Logger
 	lock   *os.File // held while the datapath is ours
+
+	// The policy in force and the view it was compiled from, so that it
+	// is compiled again when a file its app id conditions name is
+	// replaced (followApps); watch watches those files.
+	mu      sync.Mutex
+	view    engine.View
+	policy  *ebpf.Policy
+	watch   *ebpf.AppWatcher
+	watched string        // the watched paths, joined
+	kick    chan struct{} // the watcher changed, or a file did before it watched
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -75,7 +87,7 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, fmt.Errorf("kernel datapath: %w (or run with --datapath none)", err)
 	}
-	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock}, nil
+	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock, kick: make(chan struct{}, 1)}, nil
 }
 
 // lockPins makes sure no other fwpd uses the same pin directory (a new
@@ -103,6 +115,8 @@ func lockPins(dir string) (*os.File, error) {
 // (a Go callout, an unsupported condition) or that does not fit its maps
 // refuses the commit, so what fwpctl shows is what the kernel enforces.
 func (k *kernel) beforeCommit(v engine.View) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	p, err := ebpf.Compile(v)
 	if err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
@@ -110,7 +124,88 @@ func (k *kernel) beforeCommit(v engine.View) error {
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
+	k.view, k.policy = v, p
+	k.watchApps(false)
 	return nil
+}
+
+// watchApps watches the files the policy's app id conditions name (anew
+// when renew is set: a directory may have appeared), then kicks followApps
+// if one changed since the policy was compiled: watching first misses
+// nothing. k.mu is held.
+func (k *kernel) watchApps(renew bool) {
+	paths := k.policy.AppPaths()
+	key := strings.Join(paths, "\x00")
+	if renew || key != k.watched {
+		if k.watch != nil {
+			k.watch.Close()
+			k.watch = nil
+		}
+		k.watched = ""
+		if len(paths) > 0 {
+			w, err := ebpf.WatchApps(paths)
+			if err != nil {
+				k.log.Error("watching the policy's applications (a replaced file is followed only at the next commit)", "err", err)
+			} else {
+				k.watch, k.watched = w, key
+			}
+		}
+	}
+	select {
+	case k.kick <- struct{}{}: // the loop picks up the new watcher
+	default:
+	}
+}
+
+// followApps compiles the policy in force again when a file its app id
+// conditions name was replaced (a package upgrade renames a new file over
+// the old), so the rule follows the file the path names.
+func (k *kernel) followApps() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.policy == nil || !k.policy.AppsChanged() {
+		return
+	}
+	// Watch again before compiling: the new file's directory may be new.
+	old := k.policy
+	k.watchApps(true)
+	p, err := ebpf.Compile(k.view)
+	if err == nil {
+		err = k.d.Apply(p)
+	}
+	if err != nil {
+		k.log.Error("an application file was replaced; recompiling the kernel policy failed (the old one stays)", "err", err)
+		k.policy = old
+		return
+	}
+	k.policy = p
+	k.log.Info("an application file was replaced: kernel policy recompiled to follow it", "apps", p.AppPaths())
+}
+
+// appsLoop runs followApps whenever the watcher reports a change.
+func (k *kernel) appsLoop(ctx context.Context) {
+	for {
+		k.mu.Lock()
+		var changed <-chan struct{}
+		if k.watch != nil {
+			changed = k.watch.Changed()
+		}
+		k.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			k.mu.Lock()
+			if k.watch != nil {
+				k.watch.Close()
+				k.watch = nil
+			}
+			k.mu.Unlock()
+			return
+		case <-changed:
+			k.followApps()
+		case <-k.kick:
+			k.followApps()
+		}
+	}
 }
 
 func (k *kernel) attach() error {
@@ -160,6 +255,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 			}
 		}
 	}()
+	go k.appsLoop(ctx)
 	var paths ebpf.ProcessPaths
 	go func() {
 		err := k.d.ReadEvents(ctx, func(e ebpf.Event) {

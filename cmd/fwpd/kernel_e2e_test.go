@@ -1143,3 +1143,67 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 	b.ReportMetric(redirectedCPU/redirected.Seconds(), "redirected-cpus")
 	b.ReportMetric(redirectedCPU/directCPU, "cpu-per-byte-ratio")
 }
+
+// TestE2EKernelAppFollowsUpgrade: a policy blocks one application (a copy
+// of curl at a path of its own) from port 9090; a package upgrade renames
+// a new file over that path, and fwpd compiles the policy again on its own
+// so the rule follows the new file.
+func TestE2EKernelAppFollowsUpgrade(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	requireTool(t, "wget")
+	cg := testutil.NewCgroup(t)
+	d := startKernelDaemon(t, cg, kernelDir(t))
+	s, _ := startScenario(t, cg, d.pins)
+	dir, err := os.MkdirTemp("/var/tmp", "fwp-e2e-app-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	app := filepath.Join(dir, "app")
+	install := func() {
+		b, err := os.ReadFile("/usr/bin/curl")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(app+".new", b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(app+".new", app); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install()
+	if errs, code := d.apply(t, fmt.Sprintf(`filters:
+  - key: block-app
+    layer: ALE_AUTH_CONNECT_V4
+    conditions: [{field: ale_app_id, match: equal, value: %s}, {field: ip_remote_port, match: equal, value: 9090}]
+    action: block
+`, app)); code != 0 {
+		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+	}
+	appCurl := append([]string{app}, curl("http://127.0.0.1:9090/")[1:]...)
+	if r := s.run(appCurl...); r.Code != 7 {
+		t.Fatalf("the application: %+v, want exit 7", r)
+	}
+	if r := s.run("wget", "-q", "-O", "/dev/null", "-T", "5", "-t", "1", "http://127.0.0.1:9090/"); r.Code != 0 {
+		t.Fatalf("wget: %+v, want exit 0", r)
+	}
+	for i := range 3 { // upgrades, one after another
+		install()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			r := s.run(appCurl...)
+			if r.Code == 7 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("upgrade %d: the new file at %s is not blocked 5 s later: %+v\nfwpd: %s", i, app, r, d.log.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if !strings.Contains(d.log.String(), "kernel policy recompiled to follow it") {
+		t.Errorf("fwpd did not log the recompilation: %s", d.log.String())
+	}
+}

@@ -236,6 +236,7 @@ func TestKernelMatchesEngine(t *testing.T) {
 	if testing.Short() {
 		policies = 10
 	}
+	apps := genApps(t) // the probe helper is the first: the test binary
 	blocked, permitted := 0, 0
 	defer func() {
 		t.Logf("%d connects blocked, %d permitted", blocked, permitted)
@@ -244,7 +245,7 @@ func TestKernelMatchesEngine(t *testing.T) {
 		}
 	}()
 	for seed := range uint64(policies) {
-		g := &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3}
+		g := &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps}
 		e := g.policy(t, 1+g.r.IntN(30))
 		apply(t, d, e)
 		var ops []probeOp

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"os"
 	"testing"
 
 	"fwp/engine"
@@ -18,6 +19,7 @@ type tuple struct {
 	uid    uint32
 	cgroup uint64
 	v6     bool
+	app    string // the executable's path; "" for none
 }
 
 func (t tuple) values() *engine.Values {
@@ -33,6 +35,9 @@ func (t tuple) values() *engine.Values {
 	}
 	vs.Set(engine.FieldALEUserID, engine.Uint32(t.uid))
 	vs.Set(engine.FieldCgroupID, engine.Uint64(t.cgroup))
+	if t.app != "" {
+		vs.Set(engine.FieldALEAppID, engine.String(t.app))
+	}
 	return &vs
 }
 
@@ -88,6 +93,15 @@ func (p *Policy) simulate(slot int, t tuple) (block bool, redirect int) {
 				break
 			}
 			cls = uint32(lp.ports[f-fieldRPort][port])
+		case fieldApp:
+			id, err := ResolveApp(t.app)
+			if t.app == "" || err != nil {
+				cls = lp.empty[f]
+				break
+			}
+			if c, ok := lp.apps[id]; ok {
+				cls = c
+			}
 		default:
 			v := uint64(t.proto)
 			if f == fieldUID {
@@ -151,6 +165,19 @@ type gen struct {
 	// redirects: some CONNECT_REDIRECT filters are built-in redirects to
 	// genProxy (nothing listens there).
 	redirects bool
+	// apps: app id conditions name these paths; tuples run tupleApps (or
+	// the process itself when tupleApps is empty).
+	apps, tupleApps []string
+}
+
+// genApps are the app id paths of random policies: the test binary (the
+// probe helper that connects), another program, and a path with no file.
+func genApps(t testing.TB) []string {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{self, "/usr/bin/curl", "/nonexistent/fwp-app"}
 }
 
 var genProxy = map[bool]netip.AddrPort{false: netip.MustParseAddrPort("127.0.0.1:9"), true: netip.MustParseAddrPort("[::1]:9")}
@@ -173,6 +200,10 @@ func (g *gen) port() uint16 {
 
 func (g *gen) cond() engine.Condition {
 	r := g.r
+	if len(g.apps) > 0 && r.IntN(6) == 0 {
+		m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
+		return engine.Condition{Field: engine.FieldALEAppID, Match: m, Value: engine.String(g.apps[r.IntN(len(g.apps))])}
+	}
 	switch r.IntN(7) {
 	case 0, 1:
 		a := g.addr()
@@ -291,12 +322,22 @@ func buildEngine(t testing.TB, fn func(tx *engine.Txn) error) *engine.Engine {
 func (g *gen) tuple() tuple {
 	t := tuple{proto: []uint8{6, 17}[g.r.IntN(2)], uid: 0, cgroup: g.cgroup, v6: g.v6}
 	t.remote = netip.AddrPortFrom(g.addr(), g.port())
+	if len(g.tupleApps) > 0 {
+		t.app = g.tupleApps[g.r.IntN(len(g.tupleApps))]
+	} else if len(g.apps) > 0 {
+		t.app = g.apps[0]
+	}
 	switch g.r.IntN(3) {
 	case 0: // unbound
 	case 1:
 		t.local = netip.AddrPortFrom(g.addr(), 0)
 	default:
 		t.local = netip.AddrPortFrom(g.addr(), uint16(1000+g.r.IntN(6)))
+		if t.local.Port() == t.remote.Port() {
+			// A connect to itself would succeed (simultaneous open) and
+			// leave the port in TIME_WAIT for the binds of later tuples.
+			t.local = netip.AddrPortFrom(t.local.Addr(), 1002)
+		}
 	}
 	return t
 }
@@ -304,8 +345,10 @@ func (g *gen) tuple() tuple {
 // TestCompileMatchesEngine checks the compiled maps, run by a Go model of
 // the BPF walk, against engine.Classify over random policies and tuples.
 func TestCompileMatchesEngine(t *testing.T) {
+	apps := genApps(t)
 	for seed := range uint64(300) {
-		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4}
+		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4,
+			apps: apps, tupleApps: []string{apps[0], "/usr/bin/curl", "/usr/bin/wget"}}
 		e := g.policy(t, 1+g.r.IntN(25))
 		p, err := Compile(e.View())
 		if err != nil {

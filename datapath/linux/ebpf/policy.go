@@ -3,6 +3,7 @@ package ebpf
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -483,7 +484,15 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 		rank, cond int
 		neg        bool
 	}
-	byPrefix := map[netip.Prefix][]ref{}
+	type entry struct {
+		pf netip.Prefix
+		ref
+	}
+	total := 0
+	for _, cs := range g {
+		total += len(cs)
+	}
+	entries := make([]entry, 0, total)
 	conds := make([][]addrSet, len(g))
 	var negRanks []int
 	for r, cs := range g {
@@ -496,7 +505,8 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 			conds[r] = append(conds[r], s)
 			hasNeg = hasNeg || s.neg
 			for _, pf := range s.prefixes {
-				byPrefix[pf] = append(byPrefix[pf], ref{r, i, s.neg})
+				// Masked: ancestors sort first (see below).
+				entries = append(entries, entry{pf.Masked(), ref{r, i, s.neg}})
 			}
 		}
 		if hasNeg {
@@ -509,37 +519,87 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 		def.set(r) // no stored prefix contains the address: every negated condition holds
 	}
 	lp.def[f] = c.intern(def)
-	prefixes := make([]netip.Prefix, 0, len(byPrefix))
-	for pf := range byPrefix {
-		prefixes = append(prefixes, pf)
-	}
-	slices.SortFunc(prefixes, func(a, b netip.Prefix) int {
-		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	slices.SortFunc(entries, func(a, b entry) int {
+		return cmp.Or(a.pf.Addr().Compare(b.pf.Addr()), cmp.Compare(a.pf.Bits(), b.pf.Bits()))
 	})
 	which := f - fieldRAddr
-	contained := map[[2]int]bool{}
-	for _, pf := range prefixes {
-		b := wild.clone()
-		clear(contained)
-		for l := pf.Bits(); l >= 0; l-- {
-			anc, _ := pf.Addr().Prefix(l)
-			for _, e := range byPrefix[anc] {
+	// In (address, length) order a prefix's ancestors come before it: a
+	// stack of the stored prefixes containing the current one carries what
+	// they contribute, so each prefix costs its own refs, not a walk over
+	// its 32 or 128 possible ancestors (a million-address list compiles in
+	// about a second).
+	type level struct {
+		pf        netip.Prefix
+		pos       bitvec
+		contained map[[2]int]bool
+	}
+	var stack []level
+	lp.addrs[which] = make([]addrClass, 0, len(entries))
+	var last bitvec    // the bitset interned last, and its class: most
+	var lastCls uint32 // prefixes of a long list share one
+	var refs []ref
+	for i := 0; i < len(entries); {
+		pf := entries[i].pf
+		refs = refs[:0]
+		for ; i < len(entries) && entries[i].pf == pf; i++ {
+			refs = append(refs, entries[i].ref)
+		}
+		for len(stack) > 0 && !(stack[len(stack)-1].pf.Bits() <= pf.Bits() && stack[len(stack)-1].pf.Contains(pf.Addr())) {
+			stack = stack[:len(stack)-1]
+		}
+		var pos bitvec
+		var contained map[[2]int]bool
+		if len(stack) > 0 {
+			top := stack[len(stack)-1]
+			pos, contained = top.pos, top.contained
+		} else {
+			pos = wild
+		}
+		hasPos, hasNeg := false, false
+		for _, e := range refs {
+			if e.neg {
+				hasNeg = true
+			} else if !pos.has(e.rank) {
+				hasPos = true
+			}
+		}
+		if hasPos {
+			pos = pos.clone()
+			for _, e := range refs {
+				if !e.neg {
+					pos.set(e.rank)
+				}
+			}
+		}
+		if hasNeg {
+			c2 := maps.Clone(contained)
+			if c2 == nil {
+				c2 = map[[2]int]bool{}
+			}
+			for _, e := range refs {
 				if e.neg {
-					contained[[2]int{e.rank, e.cond}] = true
-				} else {
-					b.set(e.rank)
+					c2[[2]int{e.rank, e.cond}] = true
+				}
+			}
+			contained = c2
+		}
+		stack = append(stack, level{pf, pos, contained})
+		b := pos
+		if len(negRanks) > 0 {
+			b = pos.clone()
+			for _, r := range negRanks {
+				for i, s := range conds[r] {
+					if s.neg && !contained[[2]int{r, i}] {
+						b.set(r)
+						break
+					}
 				}
 			}
 		}
-		for _, r := range negRanks {
-			for i, s := range conds[r] {
-				if s.neg && !contained[[2]int{r, i}] {
-					b.set(r)
-					break
-				}
-			}
+		if last == nil || !slices.Equal(last, b) {
+			last, lastCls = b, c.intern(b)
 		}
-		lp.addrs[which] = append(lp.addrs[which], addrClass{pf, c.intern(b)})
+		lp.addrs[which] = append(lp.addrs[which], addrClass{pf, lastCls})
 	}
 	return nil
 }

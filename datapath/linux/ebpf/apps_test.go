@@ -311,3 +311,25 @@ func TestKernelAppReplaced(t *testing.T) {
 		t.Fatal("the watcher missed the removal")
 	}
 }
+
+// TestKernelGroupID: ale_group_id is the caller's gid, in the kernel.
+func TestKernelGroupID(t *testing.T) {
+	if _, err := os.Stat("/usr/bin/setpriv"); err != nil {
+		testutil.Unavailable(t, fmt.Errorf("setpriv: %w", err))
+	}
+	d, cg := kernelSetup(t)
+	apply(t, d, buildEngine(t, func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+			engine.Condition{Field: engine.FieldALEGroupID, Match: engine.MatchEqual, Value: engine.Uint32(4242)},
+			engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(appBlockedPort)}))
+		return err
+	}))
+	h := testutil.StartHelper(t, cg, "app")
+	asGroup := func(gid string, argv ...string) []string {
+		return append([]string{"/usr/bin/setpriv", "--regid", gid, "--clear-groups"}, argv...)
+	}
+	wantCode(t, "curl as gid 4242", appCall(t, h, appReq{Op: "run", Argv: asGroup("4242", curlArgs("/usr/bin/curl", appBlockedPort)...)}), 7)
+	wantCode(t, "curl as gid 4243", appCall(t, h, appReq{Op: "run", Argv: asGroup("4243", curlArgs("/usr/bin/curl", appBlockedPort)...)}), 0)
+	wantCode(t, "curl as gid 4242 to another port", appCall(t, h, appReq{Op: "run", Argv: asGroup("4242", curlArgs("/usr/bin/curl", appOKPort)...)}), 0)
+	wantCode(t, "curl as root", appCall(t, h, appReq{Op: "run", Argv: curlArgs("/usr/bin/curl", appBlockedPort)}), 0)
+}

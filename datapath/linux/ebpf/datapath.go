@@ -415,6 +415,13 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 				}
 			}
 		}
+		for v, cls := range lp.gids {
+			k := fwpIntKey{Glf: glf(gen, slot, fieldGID), Val: v}
+			w.ints = append(w.ints, k)
+			if err := d.objs.FwpInts.Put(k, cls); err != nil {
+				return mapErr("group classes", err)
+			}
+		}
 		for id, cls := range lp.apps {
 			k := fwpIntKey{Glf: glf(gen, slot, fieldApp), Dev: id.Dev, Val: id.Ino}
 			w.ints = append(w.ints, k)

@@ -61,8 +61,8 @@ type fwpLayerCfg struct {
 	Nfilters     uint32
 	Nwords       uint32
 	Active       uint32
-	DefaultClass [9]uint32
-	EmptyClass   [9]uint32
+	DefaultClass [10]uint32
+	EmptyClass   [10]uint32
 }
 
 type fwpPortBlock struct {

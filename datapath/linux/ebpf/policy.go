@@ -14,7 +14,7 @@ import (
 // Sizes shared with bpf/fwp.c.
 const (
 	numSlots      = 8   // (kind 0..3) * 2 + v6
-	numFields     = 9   // fieldRAddr..fieldAll
+	numFields     = 10  // fieldRAddr..fieldAll
 	bitsetWords   = 256 // NWORDS
 	MaxFilters    = bitsetWords * 64
 	MaxRedirects  = 1024
@@ -33,6 +33,7 @@ const (
 	fieldUID
 	fieldCgroup
 	fieldApp
+	fieldGID
 	fieldAll
 )
 
@@ -45,6 +46,7 @@ var kernelField = map[engine.FieldID]int{
 	engine.FieldALEUserID:       fieldUID,
 	engine.FieldCgroupID:        fieldCgroup,
 	engine.FieldALEAppID:        fieldApp,
+	engine.FieldALEGroupID:      fieldGID,
 }
 
 // Filter actions in the kernel's metadata.
@@ -189,6 +191,7 @@ type layerPolicy struct {
 	addrs   [2][]addrClass
 	ports   [2][]uint16          // 65536 classes, nil when the field is inactive
 	ints    [3]map[uint64]uint32 // proto, uid, cgroup id
+	gids    map[uint64]uint32
 	apps    map[AppIdentity]uint32
 }
 
@@ -754,7 +757,7 @@ func (lp *layerPolicy) compileProto(g [][]engine.Condition, wild bitvec) error {
 	return nil
 }
 
-// compileIDs handles user and cgroup ids: EQUAL and NOT_EQUAL only, each
+// compileIDs handles user, group and cgroup ids: EQUAL and NOT_EQUAL only, each
 // mentioned id with its class, every other id in the default class.
 func (lp *layerPolicy) compileIDs(f int, g [][]engine.Condition, wild bitvec) error {
 	eq := map[uint64][]int{}
@@ -800,7 +803,11 @@ func (lp *layerPolicy) compileIDs(f int, g [][]engine.Condition, wild bitvec) er
 		}
 		m[v] = c.intern(b)
 	}
-	lp.ints[f-fieldProto] = m
+	if f == fieldGID {
+		lp.gids = m
+	} else {
+		lp.ints[f-fieldProto] = m
+	}
 	return nil
 }
 

@@ -17,6 +17,7 @@ type tuple struct {
 	remote netip.AddrPort
 	local  netip.AddrPort // zero address / port: not bound yet (absent)
 	uid    uint32
+	gid    uint32
 	cgroup uint64
 	v6     bool
 	app    string // the executable's path; "" for none
@@ -34,6 +35,7 @@ func (t tuple) values() *engine.Values {
 		vs.Set(engine.FieldIPLocalPort, engine.Uint16(t.local.Port()))
 	}
 	vs.Set(engine.FieldALEUserID, engine.Uint32(t.uid))
+	vs.Set(engine.FieldALEGroupID, engine.Uint32(t.gid))
 	vs.Set(engine.FieldCgroupID, engine.Uint64(t.cgroup))
 	if t.app != "" {
 		vs.Set(engine.FieldALEAppID, engine.String(t.app))
@@ -102,6 +104,10 @@ func (p *Policy) simulate(slot int, t tuple) (block bool, redirect int) {
 			if c, ok := lp.apps[id]; ok {
 				cls = c
 			}
+		case fieldGID:
+			if c, ok := lp.gids[uint64(t.gid)]; ok {
+				cls = c
+			}
 		default:
 			v := uint64(t.proto)
 			if f == fieldUID {
@@ -168,6 +174,10 @@ type gen struct {
 	// apps: app id conditions name these paths; tuples run tupleApps (or
 	// the process itself when tupleApps is empty).
 	apps, tupleApps []string
+	// gids: conditions on the group id too (tuples run as gid 0, or
+	// tupleGIDs).
+	gids      bool
+	tupleGIDs []uint32
 }
 
 // genApps are the app id paths of random policies: the test binary (the
@@ -253,6 +263,10 @@ func (g *gen) cond() engine.Condition {
 			m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
 			return engine.Condition{Field: engine.FieldALEUserID, Match: m, Value: engine.Uint32([]uint32{0, 1000}[r.IntN(2)])}
 		}
+		if g.gids && r.IntN(3) == 0 {
+			m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
+			return engine.Condition{Field: engine.FieldALEGroupID, Match: m, Value: engine.Uint32([]uint32{0, 1000}[r.IntN(2)])}
+		}
 		return engine.Condition{Field: engine.FieldCgroupID, Match: engine.MatchEqual, Value: engine.Uint64([]uint64{g.cgroup, 12345}[r.IntN(2)])}
 	}
 }
@@ -322,6 +336,9 @@ func buildEngine(t testing.TB, fn func(tx *engine.Txn) error) *engine.Engine {
 func (g *gen) tuple() tuple {
 	t := tuple{proto: []uint8{6, 17}[g.r.IntN(2)], uid: 0, cgroup: g.cgroup, v6: g.v6}
 	t.remote = netip.AddrPortFrom(g.addr(), g.port())
+	if len(g.tupleGIDs) > 0 {
+		t.gid = g.tupleGIDs[g.r.IntN(len(g.tupleGIDs))]
+	}
 	if len(g.tupleApps) > 0 {
 		t.app = g.tupleApps[g.r.IntN(len(g.tupleApps))]
 	} else if len(g.apps) > 0 {
@@ -348,7 +365,7 @@ func TestCompileMatchesEngine(t *testing.T) {
 	apps := genApps(t)
 	for seed := range uint64(300) {
 		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4,
-			apps: apps, tupleApps: []string{apps[0], "/usr/bin/curl", "/usr/bin/wget"}}
+			apps: apps, tupleApps: []string{apps[0], "/usr/bin/curl", "/usr/bin/wget"}, gids: true, tupleGIDs: []uint32{0, 1000, 7}}
 		e := g.policy(t, 1+g.r.IntN(25))
 		p, err := Compile(e.View())
 		if err != nil {

@@ -20,7 +20,7 @@
 #include <bpf/bpf_endian.h>
 
 #define NSLOTS 8   // layers: (kind 0..3) * 2 + v6
-#define NFIELDS 9  // see FIELD_*
+#define NFIELDS 10 // see FIELD_*
 #define NWORDS 256 // bitset words: up to 16384 filters per layer
 #define NSUM 4     // summary words: one bit per nonzero bitset word
 #define MAXF (NWORDS * 64)
@@ -40,7 +40,8 @@
 #define FIELD_UID 5
 #define FIELD_CGROUP 6
 #define FIELD_APP 7 // the executable: (device, inode) of the process's exe file
-#define FIELD_ALL 8
+#define FIELD_GID 8 // the caller's gid
+#define FIELD_ALL 9
 
 #define ACT_BLOCK 1
 #define ACT_PERMIT 2
@@ -333,6 +334,7 @@ struct tuple {
 	__u64 cgid;
 	__u64 cookie;
 	__u32 uid;
+	__u32 gid;
 	__u16 rport; // host order
 	__u16 lport; // host order
 	__u8 proto;
@@ -578,6 +580,8 @@ __attribute__((noinline)) int fwp_field_class(__u32 li, __u32 f, struct tuple *t
 		return int_class(g, t->uid);
 	case FIELD_APP:
 		return app_class(g);
+	case FIELD_GID:
+		return int_class(g, t->gid);
 	}
 	return int_class(g, t->cgid);
 }
@@ -758,7 +762,9 @@ static __always_inline __u8 store_addr(__u8 *dst, const __u32 *a)
 
 static __always_inline void fill_process(struct tuple *t)
 {
-	t->uid = (__u32)bpf_get_current_uid_gid();
+	__u64 ug = bpf_get_current_uid_gid();
+	t->uid = (__u32)ug;
+	t->gid = ug >> 32;
 	t->cgid = bpf_get_current_cgroup_id();
 }
 

@@ -29,6 +29,7 @@ type kernelConfig struct {
 	bpffsDir  string
 	keepHooks bool
 	classes   uint
+	addrs     uint
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -36,6 +37,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&k.cgroup, "cgroup", "", "cgroup v2 directory whose processes the kernel datapath filters (default: the cgroup2 root from /proc/mounts)")
 	fs.StringVar(&k.bpffsDir, "bpffs-dir", "/sys/fs/bpf/fwp", "bpffs directory for the datapath's pins (redirect maps for proxies; hooks with --keep-hooks-on-exit); a bpffs is mounted on its parent if absent")
 	fs.UintVar(&k.classes, "kernel-max-classes", 0, "bound the kernel datapath's class bitsets (about 2 KiB of kernel memory each; 0: 65536)")
+	fs.UintVar(&k.addrs, "kernel-max-addresses", 0, "bound the address prefixes of the kernel's policy, both generations (48 bytes of kernel memory each while used; 0: 4194304, two 2M-address policies)")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 }
 
@@ -81,7 +83,8 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 	if err != nil {
 		return nil, err
 	}
-	d, err := ebpf.Load(ebpf.Options{PinDir: c.bpffsDir, KeepHooks: c.keepHooks, MaxClasses: uint32(min(c.classes, 1<<32-1))})
+	d, err := ebpf.Load(ebpf.Options{PinDir: c.bpffsDir, KeepHooks: c.keepHooks, MaxClasses: uint32(min(c.classes, 1<<32-1)),
+		MaxAddresses: uint32(min(c.addrs, 1<<32-1))})
 	if err != nil {
 		os.Remove(lock.Name())
 		lock.Close()

@@ -12,7 +12,10 @@
 // kernel recorded when the peer connected (SO_PEERCRED, SO_PEERGROUPS;
 // Linux 4.13 or later). With --datapath kernel (the default) every commit
 // is compiled into the eBPF maps before it takes effect, and a policy the
-// kernel cannot enforce is refused. Proxies query redirects through the
+// kernel cannot enforce is refused. The files a policy's ale_app_id
+// conditions name are watched: when a path names another file (a package
+// upgrade renamed a new one over it) the policy is compiled again, so the
+// rule follows the path. Proxies query redirects through the
 // API and mark their outbound sockets through the side socket PATH.fd
 // (SCM_RIGHTS). SIGTERM or SIGINT shut it down gracefully; the hooks go
 // with it unless --keep-hooks-on-exit.

@@ -3,14 +3,14 @@
 package ebpf
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
-	"unsafe"
 )
 
 // AppWatcher reports when a file an app id path names may have been
@@ -23,7 +23,6 @@ type AppWatcher struct {
 	f       *os.File
 	changed chan struct{}
 	done    chan struct{}
-	once    sync.Once
 	names   map[int32]map[string]bool // watch descriptor -> names watched in its directory
 }
 
@@ -97,17 +96,17 @@ func (w *AppWatcher) read() {
 			return
 		}
 		for off := 0; off+unix.SizeofInotifyEvent <= n; {
-			ev := (*unix.InotifyEvent)(unsafePointer(&buf[off]))
-			nameBytes := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
-			off += unix.SizeofInotifyEvent + int(ev.Len)
-			name := string(nameBytes)
-			for i := 0; i < len(name); i++ {
-				if name[i] == 0 {
-					name = name[:i]
-					break
-				}
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			end := off + unix.SizeofInotifyEvent + int(ev.Len)
+			if end > n {
+				break // the kernel writes whole events; never past the read
 			}
-			if ev.Mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_Q_OVERFLOW|unix.IN_IGNORED) != 0 || w.names[ev.Wd][name] {
+			name := buf[off+unix.SizeofInotifyEvent : end]
+			if i := bytes.IndexByte(name, 0); i >= 0 {
+				name = name[:i] // NUL padded
+			}
+			off = end
+			if ev.Mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_Q_OVERFLOW|unix.IN_IGNORED) != 0 || w.names[ev.Wd][string(name)] {
 				select {
 				case w.changed <- struct{}{}:
 				default:
@@ -116,5 +115,3 @@ func (w *AppWatcher) read() {
 		}
 	}
 }
-
-func unsafePointer(b *byte) unsafe.Pointer { return unsafe.Pointer(b) }

@@ -43,7 +43,7 @@ func ToObject(o *Object) (mgmt.Object, error) {
 			Provider: f.GetProvider(), Weight: f.GetWeight(), Action: f.GetAction(), Callout: f.GetCallout(), ProviderContext: f.GetProviderContext(),
 			Flags: f.GetFlags(), Lifetime: l, ID: f.GetId(), EffectiveWeight: f.GetEffectiveWeight(), Session: f.GetSession()}
 		for _, c := range f.GetConditions() {
-			mf.Conditions = append(mf.Conditions, mgmt.Condition{Field: c.GetField(), Match: c.GetMatch(), Value: c.GetValue()})
+			mf.Conditions = append(mf.Conditions, mgmt.Condition{Field: c.GetField(), Match: c.GetMatch(), Value: c.GetValue(), Values: c.GetValues()})
 		}
 		return mgmt.Object{Filter: mf}, err
 	}
@@ -72,7 +72,7 @@ func FromObject(o mgmt.Object) *Object {
 			Provider: f.Provider, Weight: f.Weight, Action: f.Action, Callout: f.Callout, ProviderContext: f.ProviderContext,
 			Flags: f.Flags, Lifetime: f.Lifetime.String(), Id: f.ID, EffectiveWeight: f.EffectiveWeight, Session: f.Session}
 		for _, c := range f.Conditions {
-			pf.Conditions = append(pf.Conditions, &Condition{Field: c.Field, Match: c.Match, Value: c.Value})
+			pf.Conditions = append(pf.Conditions, &Condition{Field: c.Field, Match: c.Match, Value: c.Value, Values: c.Values})
 		}
 		return &Object{Kind: &Object_Filter{Filter: pf}}
 	}

@@ -418,11 +418,14 @@ func (x *Callout) GetSession() uint64 {
 	return 0
 }
 
+// Condition: value, or values — a list of values of one field and match,
+// which WFP ORs (a blocklist is one condition with many addresses).
 type Condition struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Field         string                 `protobuf:"bytes,1,opt,name=field,proto3" json:"field,omitempty"`
 	Match         string                 `protobuf:"bytes,2,opt,name=match,proto3" json:"match,omitempty"`
 	Value         string                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	Values        []string               `protobuf:"bytes,4,rep,name=values,proto3" json:"values,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -476,6 +479,13 @@ func (x *Condition) GetValue() string {
 		return x.Value
 	}
 	return ""
+}
+
+func (x *Condition) GetValues() []string {
+	if x != nil {
+		return x.Values
+	}
+	return nil
 }
 
 type Filter struct {
@@ -918,10 +928,14 @@ func (*Op_Delete) isOp_Op() {}
 // ApplyRequest runs its ops in order, and then the policy file's, as one
 // unit: all of them or none.
 type ApplyRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ops           []*Op                  `protobuf:"bytes,1,rep,name=ops,proto3" json:"ops,omitempty"`
-	PolicyName    string                 `protobuf:"bytes,2,opt,name=policy_name,json=policyName,proto3" json:"policy_name,omitempty"`
-	Policy        []byte                 `protobuf:"bytes,3,opt,name=policy,proto3" json:"policy,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Ops        []*Op                  `protobuf:"bytes,1,rep,name=ops,proto3" json:"ops,omitempty"`
+	PolicyName string                 `protobuf:"bytes,2,opt,name=policy_name,json=policyName,proto3" json:"policy_name,omitempty"`
+	Policy     []byte                 `protobuf:"bytes,3,opt,name=policy,proto3" json:"policy,omitempty"`
+	// The values files the policy names (values_file), by name as the
+	// policy writes it: the client reads them, the daemon never opens a
+	// file a request names.
+	ValuesFiles   map[string][]byte `protobuf:"bytes,4,rep,name=values_files,json=valuesFiles,proto3" json:"values_files,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -973,6 +987,13 @@ func (x *ApplyRequest) GetPolicyName() string {
 func (x *ApplyRequest) GetPolicy() []byte {
 	if x != nil {
 		return x.Policy
+	}
+	return nil
+}
+
+func (x *ApplyRequest) GetValuesFiles() map[string][]byte {
+	if x != nil {
+		return x.ValuesFiles
 	}
 	return nil
 }
@@ -2262,11 +2283,12 @@ const file_fwp_proto_rawDesc = "" +
 	"\blifetime\x18\x06 \x01(\tR\blifetime\x12\x0e\n" +
 	"\x02id\x18\n" +
 	" \x01(\rR\x02id\x12\x18\n" +
-	"\asession\x18\v \x01(\x04R\asession\"M\n" +
+	"\asession\x18\v \x01(\x04R\asession\"e\n" +
 	"\tCondition\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12\x14\n" +
 	"\x05match\x18\x02 \x01(\tR\x05match\x12\x14\n" +
-	"\x05value\x18\x03 \x01(\tR\x05value\"\xcd\x03\n" +
+	"\x05value\x18\x03 \x01(\tR\x05value\x12\x16\n" +
+	"\x06values\x18\x04 \x03(\tR\x06values\"\xcd\x03\n" +
 	"\x06Filter\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12 \n" +
@@ -2301,13 +2323,17 @@ const file_fwp_proto_rawDesc = "" +
 	"\x02Op\x12\"\n" +
 	"\x03add\x18\x01 \x01(\v2\x0e.fwp.v1.ObjectH\x00R\x03add\x12+\n" +
 	"\x06delete\x18\x02 \x01(\v2\x11.fwp.v1.ObjectRefH\x00R\x06deleteB\x04\n" +
-	"\x02op\"e\n" +
+	"\x02op\"\xef\x01\n" +
 	"\fApplyRequest\x12\x1c\n" +
 	"\x03ops\x18\x01 \x03(\v2\n" +
 	".fwp.v1.OpR\x03ops\x12\x1f\n" +
 	"\vpolicy_name\x18\x02 \x01(\tR\n" +
 	"policyName\x12\x16\n" +
-	"\x06policy\x18\x03 \x01(\fR\x06policy\"\x81\x01\n" +
+	"\x06policy\x18\x03 \x01(\fR\x06policy\x12H\n" +
+	"\fvalues_files\x18\x04 \x03(\v2%.fwp.v1.ApplyRequest.ValuesFilesEntryR\vvaluesFiles\x1a>\n" +
+	"\x10ValuesFilesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"\x81\x01\n" +
 	"\rApplyResponse\x12'\n" +
 	"\x05added\x18\x01 \x03(\v2\x11.fwp.v1.ObjectRefR\x05added\x12+\n" +
 	"\adeleted\x18\x02 \x03(\v2\x11.fwp.v1.ObjectRefR\adeleted\x12\x1a\n" +
@@ -2445,7 +2471,7 @@ func file_fwp_proto_rawDescGZIP() []byte {
 	return file_fwp_proto_rawDescData
 }
 
-var file_fwp_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_fwp_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_fwp_proto_goTypes = []any{
 	(*Provider)(nil),             // 0: fwp.v1.Provider
 	(*ProviderContext)(nil),      // 1: fwp.v1.ProviderContext
@@ -2474,7 +2500,8 @@ var file_fwp_proto_goTypes = []any{
 	(*SubscribeRequest)(nil),     // 24: fwp.v1.SubscribeRequest
 	(*Change)(nil),               // 25: fwp.v1.Change
 	(*VersionInfo)(nil),          // 26: fwp.v1.VersionInfo
-	nil,                          // 27: fwp.v1.ExplainRequest.ValuesEntry
+	nil,                          // 27: fwp.v1.ApplyRequest.ValuesFilesEntry
+	nil,                          // 28: fwp.v1.ExplainRequest.ValuesEntry
 }
 var file_fwp_proto_depIdxs = []int32{
 	4,  // 0: fwp.v1.Filter.conditions:type_name -> fwp.v1.Condition
@@ -2486,45 +2513,46 @@ var file_fwp_proto_depIdxs = []int32{
 	6,  // 6: fwp.v1.Op.add:type_name -> fwp.v1.Object
 	7,  // 7: fwp.v1.Op.delete:type_name -> fwp.v1.ObjectRef
 	8,  // 8: fwp.v1.ApplyRequest.ops:type_name -> fwp.v1.Op
-	7,  // 9: fwp.v1.ApplyResponse.added:type_name -> fwp.v1.ObjectRef
-	7,  // 10: fwp.v1.ApplyResponse.deleted:type_name -> fwp.v1.ObjectRef
-	6,  // 11: fwp.v1.ObjectList.objects:type_name -> fwp.v1.Object
-	15, // 12: fwp.v1.SessionList.sessions:type_name -> fwp.v1.Session
-	27, // 13: fwp.v1.ExplainRequest.values:type_name -> fwp.v1.ExplainRequest.ValuesEntry
-	18, // 14: fwp.v1.ExplainResponse.steps:type_name -> fwp.v1.Step
-	14, // 15: fwp.v1.Management.OpenSession:input_type -> fwp.v1.OpenSessionRequest
-	13, // 16: fwp.v1.Management.CloseSession:input_type -> fwp.v1.Empty
-	13, // 17: fwp.v1.Management.Sessions:input_type -> fwp.v1.Empty
-	13, // 18: fwp.v1.Management.Begin:input_type -> fwp.v1.Empty
-	13, // 19: fwp.v1.Management.Commit:input_type -> fwp.v1.Empty
-	13, // 20: fwp.v1.Management.Abort:input_type -> fwp.v1.Empty
-	9,  // 21: fwp.v1.Management.Apply:input_type -> fwp.v1.ApplyRequest
-	7,  // 22: fwp.v1.Management.Get:input_type -> fwp.v1.ObjectRef
-	11, // 23: fwp.v1.Management.List:input_type -> fwp.v1.ListRequest
-	17, // 24: fwp.v1.Management.Explain:input_type -> fwp.v1.ExplainRequest
-	20, // 25: fwp.v1.Management.NetEvents:input_type -> fwp.v1.NetEventsRequest
-	24, // 26: fwp.v1.Management.Subscribe:input_type -> fwp.v1.SubscribeRequest
-	22, // 27: fwp.v1.Management.QueryRedirect:input_type -> fwp.v1.QueryRedirectRequest
-	13, // 28: fwp.v1.Management.Version:input_type -> fwp.v1.Empty
-	15, // 29: fwp.v1.Management.OpenSession:output_type -> fwp.v1.Session
-	13, // 30: fwp.v1.Management.CloseSession:output_type -> fwp.v1.Empty
-	16, // 31: fwp.v1.Management.Sessions:output_type -> fwp.v1.SessionList
-	13, // 32: fwp.v1.Management.Begin:output_type -> fwp.v1.Empty
-	13, // 33: fwp.v1.Management.Commit:output_type -> fwp.v1.Empty
-	13, // 34: fwp.v1.Management.Abort:output_type -> fwp.v1.Empty
-	10, // 35: fwp.v1.Management.Apply:output_type -> fwp.v1.ApplyResponse
-	6,  // 36: fwp.v1.Management.Get:output_type -> fwp.v1.Object
-	12, // 37: fwp.v1.Management.List:output_type -> fwp.v1.ObjectList
-	19, // 38: fwp.v1.Management.Explain:output_type -> fwp.v1.ExplainResponse
-	21, // 39: fwp.v1.Management.NetEvents:output_type -> fwp.v1.NetEvent
-	25, // 40: fwp.v1.Management.Subscribe:output_type -> fwp.v1.Change
-	23, // 41: fwp.v1.Management.QueryRedirect:output_type -> fwp.v1.RedirectInfo
-	26, // 42: fwp.v1.Management.Version:output_type -> fwp.v1.VersionInfo
-	29, // [29:43] is the sub-list for method output_type
-	15, // [15:29] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	27, // 9: fwp.v1.ApplyRequest.values_files:type_name -> fwp.v1.ApplyRequest.ValuesFilesEntry
+	7,  // 10: fwp.v1.ApplyResponse.added:type_name -> fwp.v1.ObjectRef
+	7,  // 11: fwp.v1.ApplyResponse.deleted:type_name -> fwp.v1.ObjectRef
+	6,  // 12: fwp.v1.ObjectList.objects:type_name -> fwp.v1.Object
+	15, // 13: fwp.v1.SessionList.sessions:type_name -> fwp.v1.Session
+	28, // 14: fwp.v1.ExplainRequest.values:type_name -> fwp.v1.ExplainRequest.ValuesEntry
+	18, // 15: fwp.v1.ExplainResponse.steps:type_name -> fwp.v1.Step
+	14, // 16: fwp.v1.Management.OpenSession:input_type -> fwp.v1.OpenSessionRequest
+	13, // 17: fwp.v1.Management.CloseSession:input_type -> fwp.v1.Empty
+	13, // 18: fwp.v1.Management.Sessions:input_type -> fwp.v1.Empty
+	13, // 19: fwp.v1.Management.Begin:input_type -> fwp.v1.Empty
+	13, // 20: fwp.v1.Management.Commit:input_type -> fwp.v1.Empty
+	13, // 21: fwp.v1.Management.Abort:input_type -> fwp.v1.Empty
+	9,  // 22: fwp.v1.Management.Apply:input_type -> fwp.v1.ApplyRequest
+	7,  // 23: fwp.v1.Management.Get:input_type -> fwp.v1.ObjectRef
+	11, // 24: fwp.v1.Management.List:input_type -> fwp.v1.ListRequest
+	17, // 25: fwp.v1.Management.Explain:input_type -> fwp.v1.ExplainRequest
+	20, // 26: fwp.v1.Management.NetEvents:input_type -> fwp.v1.NetEventsRequest
+	24, // 27: fwp.v1.Management.Subscribe:input_type -> fwp.v1.SubscribeRequest
+	22, // 28: fwp.v1.Management.QueryRedirect:input_type -> fwp.v1.QueryRedirectRequest
+	13, // 29: fwp.v1.Management.Version:input_type -> fwp.v1.Empty
+	15, // 30: fwp.v1.Management.OpenSession:output_type -> fwp.v1.Session
+	13, // 31: fwp.v1.Management.CloseSession:output_type -> fwp.v1.Empty
+	16, // 32: fwp.v1.Management.Sessions:output_type -> fwp.v1.SessionList
+	13, // 33: fwp.v1.Management.Begin:output_type -> fwp.v1.Empty
+	13, // 34: fwp.v1.Management.Commit:output_type -> fwp.v1.Empty
+	13, // 35: fwp.v1.Management.Abort:output_type -> fwp.v1.Empty
+	10, // 36: fwp.v1.Management.Apply:output_type -> fwp.v1.ApplyResponse
+	6,  // 37: fwp.v1.Management.Get:output_type -> fwp.v1.Object
+	12, // 38: fwp.v1.Management.List:output_type -> fwp.v1.ObjectList
+	19, // 39: fwp.v1.Management.Explain:output_type -> fwp.v1.ExplainResponse
+	21, // 40: fwp.v1.Management.NetEvents:output_type -> fwp.v1.NetEvent
+	25, // 41: fwp.v1.Management.Subscribe:output_type -> fwp.v1.Change
+	23, // 42: fwp.v1.Management.QueryRedirect:output_type -> fwp.v1.RedirectInfo
+	26, // 43: fwp.v1.Management.Version:output_type -> fwp.v1.VersionInfo
+	30, // [30:44] is the sub-list for method output_type
+	16, // [16:30] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_fwp_proto_init() }
@@ -2549,7 +2577,7 @@ func file_fwp_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fwp_proto_rawDesc), len(file_fwp_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -163,6 +163,13 @@ func (c *Client) ApplyPolicy(ctx context.Context, name string, data []byte) (mgm
 	return c.apply(ctx, &api.ApplyRequest{PolicyName: name, Policy: data})
 }
 
+// ApplyPolicyFiles is ApplyPolicy with the values files the policy's list
+// conditions name (policy.ValuesFileNames), by name: the daemon reads
+// nothing from its own file system for a request.
+func (c *Client) ApplyPolicyFiles(ctx context.Context, name string, data []byte, valuesFiles map[string][]byte) (mgmt.ApplyResult, error) {
+	return c.apply(ctx, &api.ApplyRequest{PolicyName: name, Policy: data, ValuesFiles: valuesFiles})
+}
+
 func (c *Client) apply(ctx context.Context, req *api.ApplyRequest) (mgmt.ApplyResult, error) {
 	resp, err := c.rpc.Apply(c.ctx(ctx), req)
 	if err != nil {

@@ -452,7 +452,7 @@ func (tx *Txn) AddCallout(c Callout) (CalloutID, error) {
 }
 
 // MaxConditions bounds a filter's conditions.
-const MaxConditions = 256
+const MaxConditions = 1 << 21
 
 // ValidateFilter checks a filter against the engine's current objects and
 // the layer's schema without adding it.

@@ -53,7 +53,7 @@ func (e *Engine) Invoke(reg *CalloutRegistration, in *Invocation) Invoked {
 			in.Meta.CompletionHandle = CompletionHandle{cs, cs.seq}
 		}
 		if l.Writable != WritableNone && (in.Connect != nil || in.Bind != nil) {
-			rd := &redirectState{layer: in.Layer, connect: in.Connect, bind: in.Bind}
+			rd := &redirectState{layer: in.Layer, connect: in.Connect, bind: in.Bind, foreignHandles: true}
 			if in.Connect != nil {
 				rd.original = in.Connect.RemoteAddressAndPort
 			} else {

@@ -89,6 +89,10 @@ type redirectState struct {
 	lastBy    FilterID
 	handles   []*classifyHandle
 	passCount int // reauthorization passes run so far
+	// foreignHandles: the classifying engine is another (Invoke, a
+	// remote callout's process): redirect handles are its, and it
+	// validates them when it replays the apply.
+	foreignHandles bool
 }
 
 func (cs *classifyState) redirect() *redirectState {
@@ -195,7 +199,7 @@ func (e *Engine) ApplyConnectRequest(h ClassifyHandle, w *ConnectRequest, flags 
 		return fmt.Errorf("%w: redirect context of %d bytes exceeds %d", ErrInvalidLayerData, len(w.LocalRedirectContext), MaxRedirectContext)
 	}
 	if (w.RemoteAddressAndPort != cur.RemoteAddressAndPort || w.LocalRedirectHandle != cur.LocalRedirectHandle) &&
-		!e.redirectHandleLive(w.LocalRedirectHandle) {
+		!rd.foreignHandles && !e.redirectHandleLive(w.LocalRedirectHandle) {
 		// Seed 001 step 5.4: a redirect carries the handle
 		// FwpsRedirectHandleCreate0 returned; it names the callout in the
 		// flow's records, which is what keeps chained proxies from looping.

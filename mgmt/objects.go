@@ -168,11 +168,20 @@ type Callout struct {
 
 // Condition is a filter condition; Value is read by engine.ParseValue for
 // the field's type.
+//
+// Values, when set instead of Value, is a list: one engine condition per
+// value, which the engine ORs as conditions on one field (a blocklist of a
+// million addresses is one condition; MaxListValues bounds it).
 type Condition struct {
-	Field string `json:"field"`
-	Match string `json:"match"`
-	Value string `json:"value"`
+	Field  string   `json:"field"`
+	Match  string   `json:"match"`
+	Value  string   `json:"value"`
+	Values []string `json:"values,omitempty"`
 }
+
+// MaxListValues bounds the values of one list condition: the engine's
+// conditions per filter.
+const MaxListValues = engine.MaxConditions
 
 // Filter is a filter (FWPM_FILTER0).
 type Filter struct {

@@ -387,11 +387,31 @@ func (t *txn) engineFilter(f *Filter, l Lifetime) (engine.Filter, error) {
 	}
 	ef := engine.Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: layer, Weight: w, Flags: flags, Action: engine.Action{Type: act}}
 	for i, c := range f.Conditions {
-		ec, err := ParseCondition(layer, c)
-		if err != nil {
-			return engine.Filter{}, fmt.Errorf("condition %d: %w", i+1, err)
+		if len(c.Values) == 0 {
+			ec, err := ParseCondition(layer, c)
+			if err != nil {
+				return engine.Filter{}, fmt.Errorf("condition %d: %w", i+1, err)
+			}
+			ef.Conditions = append(ef.Conditions, ec)
+			continue
 		}
-		ef.Conditions = append(ef.Conditions, ec)
+		if c.Value != "" {
+			return engine.Filter{}, fmt.Errorf("condition %d: %w: value and values both set", i+1, engine.ErrInvalidCondition)
+		}
+		if len(ef.Conditions)+len(c.Values) > engine.MaxConditions {
+			return engine.Filter{}, fmt.Errorf("condition %d: %w: %d values exceed %d conditions per filter", i+1, engine.ErrInvalidCondition, len(c.Values), engine.MaxConditions)
+		}
+		ef.Conditions = slices.Grow(ef.Conditions, len(c.Values))
+		one := c
+		one.Values = nil
+		for j, v := range c.Values {
+			one.Value = v
+			ec, err := ParseCondition(layer, one)
+			if err != nil {
+				return engine.Filter{}, fmt.Errorf("condition %d value %d: %w", i+1, j+1, err)
+			}
+			ef.Conditions = append(ef.Conditions, ec)
+		}
 	}
 	v := t.tx.View()
 	if ef.Provider, err = t.provider(f.Provider, l); err != nil {

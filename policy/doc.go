@@ -19,6 +19,8 @@
 //	    weight: auto                # auto, index:N (0-15) or a number
 //	    conditions:
 //	      - {field: ip_remote_port, match: equal, value: 23}
+//	      - {field: ip_remote_address, values: [10.0.0.0/8, 192.0.2.1]}   # a list: ORed
+//	      - {field: ip_remote_address, values_file: drop.txt}             # one value a line
 //	    action: block               # permit, callout_terminating, ...
 //	    flags: [clear_action_right]
 //	# delete:                     # deletions run first
@@ -26,4 +28,11 @@
 //
 // Deletions run first, then the objects in the order above. docs/policy.md
 // is the reference of every attribute; examples/policies has ready files.
+//
+// A list condition (values, or values_file: a file of one value per line,
+// blank lines and what follows '#' or ';' ignored, as blocklists are
+// published) is the filter with one condition per value, which WFP ORs.
+// Parse never opens a file: ParseWith is given the values files' contents
+// (Options.ValuesFiles), which a client reads (ValuesFileNames) and sends
+// with the policy; an error in one names its file and line.
 package policy

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"bytes"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -91,7 +92,20 @@ func (s *Selector) Selects(host string, labels map[string]string) bool {
 type parser struct {
 	file     string
 	lifetime mgmt.Lifetime
+	opts     Options
 }
+
+// Options are what Parse is given besides the policy file.
+type Options struct {
+	// ValuesFiles holds the values files the policy names (values_file),
+	// by name as the policy writes them. The parser never opens a file: a
+	// client reads them (ValuesFileNames) and sends them with the policy,
+	// so a daemon parsing a request reads nothing the caller names.
+	ValuesFiles map[string][]byte
+}
+
+// MaxValuesFile bounds one values file: a million IPv6 prefixes fit.
+const MaxValuesFile = 48 << 20
 
 func (p *parser) errf(n *yaml.Node, err error, format string, a ...any) error {
 	line, col := 1, 1
@@ -104,8 +118,12 @@ func (p *parser) errf(n *yaml.Node, err error, format string, a ...any) error {
 func (p *parser) pos(n *yaml.Node) string { return fmt.Sprintf("%s:%d", p.file, n.Line) }
 
 // Parse reads a policy file; name is used in error positions.
-func Parse(name string, data []byte) (*Policy, error) {
-	p := &parser{file: name}
+func Parse(name string, data []byte) (*Policy, error) { return ParseWith(name, data, Options{}) }
+
+// ParseWith reads a policy file whose list conditions may name values
+// files, given in opts.
+func ParseWith(name string, data []byte, opts Options) (*Policy, error) {
+	p := &parser{file: name, opts: opts}
 	if len(data) > MaxSize {
 		return nil, &Error{File: name, Line: 1, Column: 1, Msg: fmt.Sprintf("file is %d bytes, the limit is %d", len(data), MaxSize), Err: mgmt.ErrTooLarge}
 	}
@@ -506,7 +524,7 @@ func (p *parser) conditions(n *yaml.Node, layer engine.LayerID) ([]mgmt.Conditio
 		}
 		var c mgmt.Condition
 		var haveField, haveValue bool
-		var valueNode *yaml.Node
+		var valueNode, valuesNode, fileNode *yaml.Node
 		err := p.fields(it, func(k string, v *yaml.Node) error {
 			var err error
 			switch k {
@@ -518,16 +536,27 @@ func (p *parser) conditions(n *yaml.Node, layer engine.LayerID) ([]mgmt.Conditio
 			case "value":
 				c.Value, err = p.str(v)
 				haveValue, valueNode = true, v
+			case "values":
+				valuesNode = v
+			case "values_file":
+				fileNode = v
 			default:
-				return p.errf(v, engine.ErrInvalidCondition, "unknown condition attribute %q (field, match, value)", k)
+				return p.errf(v, engine.ErrInvalidCondition, "unknown condition attribute %q (field, match, value, values, values_file)", k)
 			}
 			return err
 		})
 		if err != nil {
 			return nil, err
 		}
-		if !haveField || !haveValue {
-			return nil, p.errf(it, engine.ErrInvalidCondition, "a condition needs a field and a value")
+		if n := btoi(haveValue) + btoi(valuesNode != nil) + btoi(fileNode != nil); !haveField || n != 1 {
+			return nil, p.errf(it, engine.ErrInvalidCondition, "a condition needs a field and one of value, values or values_file")
+		}
+		if valuesNode != nil || fileNode != nil {
+			if err := p.listValues(&c, layer, valuesNode, fileNode); err != nil {
+				return nil, err
+			}
+			out = append(out, c)
+			continue
 		}
 		if _, err := mgmt.ParseCondition(layer, c); err != nil {
 			return nil, p.errf(valueNode, err, "")
@@ -617,4 +646,125 @@ func (p *parser) selector(n *yaml.Node) (*Selector, error) {
 		return nil, err
 	}
 	return sel, nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// listValues fills a list condition's values from a YAML sequence or a
+// values file, checking each against the field (errors name the file and
+// line of the value).
+func (p *parser) listValues(c *mgmt.Condition, layer engine.LayerID, seq, file *yaml.Node) error {
+	check := func(v string) error {
+		one := *c
+		one.Value, one.Values = v, nil
+		_, err := mgmt.ParseCondition(layer, one)
+		return err
+	}
+	if seq != nil {
+		if seq.Kind != yaml.SequenceNode {
+			return p.errf(seq, engine.ErrInvalidCondition, "values must be a list")
+		}
+		for _, it := range seq.Content {
+			v, err := p.str(it)
+			if err != nil {
+				return err
+			}
+			if err := check(v); err != nil {
+				return p.errf(it, err, "")
+			}
+			c.Values = append(c.Values, v)
+		}
+	} else {
+		name, err := p.str(file)
+		if err != nil {
+			return err
+		}
+		data, ok := p.opts.ValuesFiles[name]
+		if !ok {
+			return p.errf(file, mgmt.ErrInvalidPolicy, "values file %q was not sent with the policy", name)
+		}
+		if len(data) > MaxValuesFile {
+			return p.errf(file, mgmt.ErrTooLarge, "values file %q is %d bytes, the limit is %d", name, len(data), MaxValuesFile)
+		}
+		if c.Values, err = valuesOf(name, data, check); err != nil {
+			return err
+		}
+	}
+	if len(c.Values) > mgmt.MaxListValues {
+		return p.errf(firstNonNil(seq, file), engine.ErrInvalidCondition, "%d values, the limit is %d", len(c.Values), mgmt.MaxListValues)
+	}
+	if len(c.Values) == 0 {
+		// An empty list would match nothing; WFP has no such condition.
+		return p.errf(firstNonNil(seq, file), engine.ErrInvalidCondition, "the list has no values")
+	}
+	return nil
+}
+
+func firstNonNil(a, b *yaml.Node) *yaml.Node {
+	if a != nil {
+		return a
+	}
+	return b
+}
+
+// valuesOf reads a values file as blocklists are published: one value per
+// line; blank lines, and what follows a '#' or ';', are comments.
+func valuesOf(name string, data []byte, check func(string) error) ([]string, error) {
+	values := make([]string, 0, bytes.Count(data, []byte{'\n'})+1)
+	for line := 1; len(data) > 0; line++ {
+		l := data
+		if i := bytes.IndexByte(data, '\n'); i >= 0 {
+			l, data = data[:i], data[i+1:]
+		} else {
+			data = nil
+		}
+		if i := bytes.IndexAny(l, "#;"); i >= 0 {
+			l = l[:i]
+		}
+		l = bytes.TrimSpace(l)
+		if len(l) == 0 {
+			continue
+		}
+		v := string(l)
+		if err := check(v); err != nil {
+			return nil, &Error{File: name, Line: line, Column: 1, Err: err}
+		}
+		values = append(values, v)
+	}
+	return values, nil
+}
+
+// ValuesFileNames returns the values files a policy's list conditions name
+// (values_file), for a client to read and send with it (Options).
+func ValuesFileNames(name string, data []byte) ([]string, error) {
+	if len(data) > MaxSize {
+		return nil, &Error{File: name, Line: 1, Column: 1, Msg: fmt.Sprintf("file is %d bytes, the limit is %d", len(data), MaxSize), Err: mgmt.ErrTooLarge}
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, (&parser{file: name}).yamlErr(err)
+	}
+	seen := map[string]bool{}
+	var out []string
+	var walk func(n *yaml.Node)
+	walk = func(n *yaml.Node) {
+		if n.Kind == yaml.MappingNode {
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				if k, v := n.Content[i], n.Content[i+1]; k.Value == "values_file" && v.Kind == yaml.ScalarNode && !seen[v.Value] {
+					seen[v.Value] = true
+					out = append(out, v.Value)
+				}
+			}
+		}
+		for _, c := range n.Content {
+			walk(c)
+		}
+	}
+	walk(&doc)
+	return out, nil
 }

@@ -136,6 +136,7 @@ func FuzzParsePolicy(f *testing.F) {
 	f.Add("a: &x [*x]\n")
 	f.Add("providers: [{key: a}, {key: b, lifetime: boot-time}]\n")
 	f.Add("delete: [{kind: context, key: x}]\n")
+	f.Add("filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, values: [1, 2, 3]}]}\n")
 	f.Add("filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ale_app_id, match: prefix, value: /usr}]}\n")
 	f.Fuzz(func(t *testing.T, src string) {
 		p, err := Parse("fuzz.yaml", []byte(src))
@@ -159,8 +160,16 @@ func FuzzParsePolicy(f *testing.F) {
 					t.Fatalf("accepted layer %q: %v", f.Layer, err)
 				}
 				for _, c := range f.Conditions {
-					if _, err := mgmt.ParseCondition(l, c); err != nil {
-						t.Fatalf("accepted condition %+v: %v", c, err)
+					vals := c.Values
+					if len(vals) == 0 {
+						vals = []string{c.Value}
+					}
+					for _, v := range vals {
+						one := c
+						one.Value, one.Values = v, nil
+						if _, err := mgmt.ParseCondition(l, one); err != nil {
+							t.Fatalf("accepted condition %+v: %v", c, err)
+						}
 					}
 				}
 			}
@@ -224,4 +233,73 @@ func TestParseNodes(t *testing.T) {
 			t.Errorf("Parse(%q) = %v, want %q", c.doc, err, c.want)
 		}
 	}
+}
+
+const listPolicy = `filters:
+  - key: blocklist
+    layer: ALE_AUTH_CONNECT_V4
+    action: block
+    conditions:
+      - {field: ip_remote_address, match: equal, values_file: lists/drop.txt}
+      - {field: ip_remote_port, values: [80, 443]}
+`
+
+func TestParseLists(t *testing.T) {
+	names, err := ValuesFileNames("p.yaml", []byte(listPolicy))
+	if err != nil || fmt.Sprint(names) != "[lists/drop.txt]" {
+		t.Fatalf("ValuesFileNames: %v %v", names, err)
+	}
+	drop := "; Spamhaus-style comments\n10.0.0.0/8 ; SBL1\n\n  192.0.2.1  # a host\n2001:db8::/32\n"
+	p, err := ParseWith("p.yaml", []byte(listPolicy), Options{ValuesFiles: map[string][]byte{"lists/drop.txt": []byte(drop)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := p.Ops[0].Add.Filter
+	if got := fmt.Sprint(f.Conditions[0].Values, f.Conditions[1].Values); got != "[10.0.0.0/8 192.0.2.1 2001:db8::/32] [80 443]" {
+		t.Fatalf("values: %s", got)
+	}
+	for _, c := range []struct {
+		name, policy, file, want string
+	}{
+		{"file not sent", listPolicy, "", `p.yaml:6:63: values file "lists/drop.txt" was not sent with the policy`},
+		{"bad line", listPolicy, "10.0.0.1\n\nnope\n", "lists/drop.txt:3:1:"},
+		{"empty list", listPolicy, "# nothing\n", "the list has no values"},
+		{"bad inline value", "filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, values: [1, x]}]}\n", "", "p.yaml:2:"},
+		{"value and values", "filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, value: 1, values: [1]}]}\n", "", "one of value, values or values_file"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			files := map[string][]byte{}
+			if c.file != "" {
+				files["lists/drop.txt"] = []byte(c.file)
+			}
+			_, err := ParseWith("p.yaml", []byte(c.policy), Options{ValuesFiles: files})
+			var pe *Error
+			if err == nil || !errors.As(err, &pe) || !errors.Is(err, mgmt.ErrInvalidPolicy) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want a policy error containing %q", err, c.want)
+			}
+		})
+	}
+}
+
+// FuzzValuesFile: any values file ends in its values or in an error
+// naming the file and line; never a panic.
+func FuzzValuesFile(f *testing.F) {
+	f.Add([]byte("10.0.0.0/8\n192.0.2.1 # c\n"))
+	f.Add([]byte("; x\n\n::1\n"))
+	f.Add([]byte("1.2.3.4;\n\xff\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, err := ParseWith("p.yaml", []byte(listPolicy), Options{ValuesFiles: map[string][]byte{"lists/drop.txt": data}})
+		if err != nil {
+			var pe *Error
+			if !errors.As(err, &pe) || pe.Line < 1 || !errors.Is(err, mgmt.ErrInvalidPolicy) {
+				t.Fatalf("untyped or unpositioned error: %T %v", err, err)
+			}
+			return
+		}
+		for _, v := range p.Ops[0].Add.Filter.Conditions[0].Values {
+			if _, err := mgmt.ParseCondition(engine.LayerALEAuthConnectV4, mgmt.Condition{Field: "ip_remote_address", Value: v}); err != nil {
+				t.Fatalf("accepted %q: %v", v, err)
+			}
+		}
+	})
 }

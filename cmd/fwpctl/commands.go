@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -37,7 +38,11 @@ func apply(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	res, err := cl.ApplyPolicy(ctx, file, data)
+	files, err := readValuesFiles(file, data)
+	if err != nil {
+		return err
+	}
+	res, err := cl.ApplyPolicyFiles(ctx, file, data, files)
 	if err != nil {
 		return uncertain(err, "fwpctl filter list (or fwpctl KIND show KEY for an object of "+file+")")
 	}
@@ -71,6 +76,40 @@ func readPolicy(file string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %s is larger than %d MiB, the limit of a policy file; split it", mgmt.ErrTooLarge, file, policy.MaxSize>>20)
 	}
 	return data, nil
+}
+
+// readValuesFiles reads the values files a policy names (values_file),
+// relative to the policy file's directory, to send with it.
+func readValuesFiles(file string, data []byte) (map[string][]byte, error) {
+	names, err := policy.ValuesFileNames(file, data)
+	if err != nil || len(names) == 0 {
+		return nil, err
+	}
+	dir := "."
+	if file != "-" {
+		dir = filepath.Dir(file)
+	}
+	out := make(map[string][]byte, len(names))
+	for _, name := range names {
+		path := name
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(dir, name)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("values file of %s: %w", file, err)
+		}
+		b, err := io.ReadAll(io.LimitReader(f, policy.MaxValuesFile+1))
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("values file %s: %w", path, err)
+		}
+		if len(b) > policy.MaxValuesFile {
+			return nil, fmt.Errorf("%w: values file %s is larger than %d MiB", mgmt.ErrTooLarge, path, policy.MaxValuesFile>>20)
+		}
+		out[name] = b
+	}
+	return out, nil
 }
 
 var protocols = map[string]string{"tcp": "6", "udp": "17", "icmp": "1", "icmpv6": "58"}

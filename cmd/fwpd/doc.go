@@ -21,7 +21,10 @@
 // the socket listens and the datapath is attached, and STOPPING=1 on
 // SIGTERM ($NOTIFY_SOCKET). With --datapath kernel (the default) every commit
 // is compiled into the eBPF maps before it takes effect, and a policy the
-// kernel cannot enforce is refused. Proxies ask the kernel itself with
+// kernel cannot enforce is refused. The files a policy's ale_app_id
+// conditions name are watched: when a path names another file (a package
+// upgrade renamed a new one over it) the policy is compiled again, so the
+// rule follows the path. Proxies ask the kernel itself with
 // socket options (docs/sockopt.md), which the proxy hooks answer on the
 // sockets of --cgroup, of each redirect target's cgroup and of
 // --proxy-cgroup; where no hook answers, they query redirects through the

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -34,6 +35,7 @@ type kernelConfig struct {
 	// proxyCgroups: "auto", "none" or cgroup v2 directories (comma
 	// separated) where transparent proxies run (see resolveProxyCgroups).
 	proxyCgroups string
+	addrs        uint
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -42,6 +44,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&k.bpffsDir, "bpffs-dir", "/sys/fs/bpf/fwp", "bpffs directory for the datapath's pins (redirect maps for proxies; hooks with --keep-hooks-on-exit); a bpffs is mounted on its parent if absent")
 	fs.UintVar(&k.classes, "kernel-max-classes", 0, "bound the kernel datapath's class bitsets (about 2 KiB of kernel memory each; 0: 65536)")
 	fs.DurationVar(&k.lockWait, "bpffs-lock-wait", pinsLockWait, "how long to wait for another fwpd (one exiting, say) to let go of --bpffs-dir")
+	fs.UintVar(&k.addrs, "kernel-max-addresses", 0, "bound the address prefixes of the kernel's policy, both generations (48 bytes of kernel memory each while used; 0: 4194304, two 2M-address policies)")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
 }
@@ -83,6 +86,16 @@ type kernel struct {
 	proxyCgroups []string
 	log          *slog.Logger
 	lock         *os.File // held while the datapath is ours
+
+	// The policy in force and the view it was compiled from, so that it
+	// is compiled again when a file its app id conditions name is
+	// replaced (followApps); watch watches those files.
+	mu      sync.Mutex
+	view    engine.View
+	policy  *ebpf.Policy
+	watch   *ebpf.AppWatcher
+	watched string        // the watched paths, joined
+	kick    chan struct{} // the watcher changed, or a file did before it watched
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -113,7 +126,8 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, err
 	}
-	d, err := ebpf.Load(ebpf.Options{PinDir: c.bpffsDir, KeepHooks: c.keepHooks, MaxClasses: uint32(min(c.classes, 1<<32-1))})
+	d, err := ebpf.Load(ebpf.Options{PinDir: c.bpffsDir, KeepHooks: c.keepHooks, MaxClasses: uint32(min(c.classes, 1<<32-1)),
+		MaxAddresses: uint32(min(c.addrs, 1<<32-1))})
 	if err != nil {
 		os.Remove(lock.Name())
 		lock.Close()
@@ -126,7 +140,7 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock}, nil
+	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1)}, nil
 }
 
 // pinsLockWait bounds how long a new fwpd waits for the previous one to
@@ -208,6 +222,8 @@ func checkPins(dir string, keepHooks bool) error {
 // (a Go callout, an unsupported condition) or that does not fit its maps
 // refuses the commit, so what fwpctl shows is what the kernel enforces.
 func (k *kernel) beforeCommit(v engine.View) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	p, err := ebpf.Compile(v)
 	if err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
@@ -215,7 +231,88 @@ func (k *kernel) beforeCommit(v engine.View) error {
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
+	k.view, k.policy = v, p
+	k.watchApps(false)
 	return nil
+}
+
+// watchApps watches the files the policy's app id conditions name (anew
+// when renew is set: a directory may have appeared), then kicks followApps
+// if one changed since the policy was compiled: watching first misses
+// nothing. k.mu is held.
+func (k *kernel) watchApps(renew bool) {
+	paths := k.policy.AppPaths()
+	key := strings.Join(paths, "\x00")
+	if renew || key != k.watched {
+		if k.watch != nil {
+			k.watch.Close()
+			k.watch = nil
+		}
+		k.watched = ""
+		if len(paths) > 0 {
+			w, err := ebpf.WatchApps(paths)
+			if err != nil {
+				k.log.Error("watching the policy's applications (a replaced file is followed only at the next commit)", "err", err)
+			} else {
+				k.watch, k.watched = w, key
+			}
+		}
+	}
+	select {
+	case k.kick <- struct{}{}: // the loop picks up the new watcher
+	default:
+	}
+}
+
+// followApps compiles the policy in force again when a file its app id
+// conditions name was replaced (a package upgrade renames a new file over
+// the old), so the rule follows the file the path names.
+func (k *kernel) followApps() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.policy == nil || !k.policy.AppsChanged() {
+		return
+	}
+	// Watch again before compiling: the new file's directory may be new.
+	old := k.policy
+	k.watchApps(true)
+	p, err := ebpf.Compile(k.view)
+	if err == nil {
+		err = k.d.Apply(p)
+	}
+	if err != nil {
+		k.log.Error("an application file was replaced; recompiling the kernel policy failed (the old one stays)", "err", err)
+		k.policy = old
+		return
+	}
+	k.policy = p
+	k.log.Info("an application file was replaced: kernel policy recompiled to follow it", "apps", p.AppPaths())
+}
+
+// appsLoop runs followApps whenever the watcher reports a change.
+func (k *kernel) appsLoop(ctx context.Context) {
+	for {
+		k.mu.Lock()
+		var changed <-chan struct{}
+		if k.watch != nil {
+			changed = k.watch.Changed()
+		}
+		k.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			k.mu.Lock()
+			if k.watch != nil {
+				k.watch.Close()
+				k.watch = nil
+			}
+			k.mu.Unlock()
+			return
+		case <-changed:
+			k.followApps()
+		case <-k.kick:
+			k.followApps()
+		}
+	}
 }
 
 func (k *kernel) attach() error {
@@ -270,6 +367,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 			}
 		}
 	}()
+	go k.appsLoop(ctx)
 	var paths ebpf.ProcessPaths
 	go func() {
 		err := k.d.ReadEvents(ctx, func(e ebpf.Event) {

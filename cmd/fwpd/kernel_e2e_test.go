@@ -1144,3 +1144,170 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 	b.ReportMetric(redirectedCPU/redirected.Seconds(), "redirected-cpus")
 	b.ReportMetric(redirectedCPU/directCPU, "cpu-per-byte-ratio")
 }
+
+// TestE2EKernelAppFollowsUpgrade: a policy blocks one application (a copy
+// of curl at a path of its own) from port 9090; a package upgrade renames
+// a new file over that path, and fwpd compiles the policy again on its own
+// so the rule follows the new file.
+func TestE2EKernelAppFollowsUpgrade(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	requireTool(t, "wget")
+	cg := testutil.NewCgroup(t)
+	d := startKernelDaemon(t, cg, kernelDir(t))
+	s, _ := startScenario(t, cg, d.pins)
+	dir, err := os.MkdirTemp("/var/tmp", "fwp-e2e-app-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	app := filepath.Join(dir, "app")
+	install := func() {
+		b, err := os.ReadFile("/usr/bin/curl")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(app+".new", b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(app+".new", app); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install()
+	if errs, code := d.apply(t, fmt.Sprintf(`filters:
+  - key: block-app
+    layer: ALE_AUTH_CONNECT_V4
+    conditions: [{field: ale_app_id, match: equal, value: %s}, {field: ip_remote_port, match: equal, value: 9090}]
+    action: block
+`, app)); code != 0 {
+		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+	}
+	appCurl := append([]string{app}, curl("http://127.0.0.1:9090/")[1:]...)
+	if r := s.run(appCurl...); r.Code != 7 {
+		t.Fatalf("the application: %+v, want exit 7", r)
+	}
+	if r := s.run("wget", "-q", "-O", "/dev/null", "-T", "5", "-t", "1", "http://127.0.0.1:9090/"); r.Code != 0 {
+		t.Fatalf("wget: %+v, want exit 0", r)
+	}
+	for i := range 3 { // upgrades, one after another
+		install()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			r := s.run(appCurl...)
+			if r.Code == 7 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("upgrade %d: the new file at %s is not blocked 5 s later: %+v\nfwpd: %s", i, app, r, d.log.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if !strings.Contains(d.log.String(), "kernel policy recompiled to follow it") {
+		t.Errorf("fwpd did not log the recompilation: %s", d.log.String())
+	}
+}
+
+// blocklistE2ESize is the list of TestE2EKernelBlocklistFile (FWP_BLOCKLIST).
+var blocklistE2ESize = func() int {
+	if n, err := strconv.Atoi(os.Getenv("FWP_BLOCKLIST")); err == nil && n > 0 {
+		return n
+	}
+	return 1_000_000
+}()
+
+// writeBlocklist writes n even addresses from 127.1.0.0 + 2*from, one per
+// line as blocklists are published (with a comment line).
+func writeBlocklist(t *testing.T, path string, from, n int) {
+	var b bytes.Buffer
+	b.WriteString("# test blocklist\n")
+	for i := range n {
+		v := uint32(127<<24|1<<16) + 2*uint32(from+i)
+		fmt.Fprintf(&b, "%d.%d.%d.%d\n", byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
+	}
+	if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func listedAddr(i int) string {
+	v := uint32(127<<24|1<<16) + 2*uint32(i)
+	return fmt.Sprintf("%d.%d.%d.%d", byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
+}
+
+// TestE2EKernelBlocklistFile: a million-address blocklist, one filter
+// whose list is read from a file, applied with fwpctl apply in one
+// transaction and enforced by the kernel; then replaced by another list.
+func TestE2EKernelBlocklistFile(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	n := blocklistE2ESize
+	if testing.Short() {
+		n = 100_000
+	}
+	cg := testutil.NewCgroup(t)
+	d := startKernelDaemon(t, cg, kernelDir(t))
+	s, _ := startScenario(t, cg, d.pins)
+	dir := t.TempDir()
+	writeBlocklist(t, filepath.Join(dir, "list.txt"), 0, n)
+	pol := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(pol, []byte(`filters:
+  - key: blocklist
+    layer: ALE_AUTH_CONNECT_V4
+    conditions: [{field: ip_remote_address, match: equal, values_file: list.txt}]
+    action: block
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, errs, code := d.ctl("apply", "-f", pol); code != 0 {
+		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
+	}
+	t.Logf("fwpctl apply of a %d-address list: %v", n, time.Since(start))
+	check := func(addr string, want int) {
+		t.Helper()
+		if r := s.run(curl("http://" + addr + ":9090/")...); r.Code != want {
+			t.Fatalf("curl %s: exit %d, want %d (%s)", addr, r.Code, want, r.Err)
+		}
+	}
+	// 9090 serves on every loopback address: a permitted connect gets 0.
+	check(listedAddr(0), 7)
+	check(listedAddr(n-1), 7)
+	check(listedAddr(n/2), 7)
+	check("127.1.0.1", 0)
+	check(listedAddr(n), 0)
+	// Replaced by another list in one transaction (the same filter key).
+	writeBlocklist(t, filepath.Join(dir, "list.txt"), n/2, n)
+	if err := os.WriteFile(pol, []byte(`delete:
+  - {kind: filter, key: blocklist}
+filters:
+  - key: blocklist
+    layer: ALE_AUTH_CONNECT_V4
+    conditions: [{field: ip_remote_address, match: equal, values_file: list.txt}]
+    action: block
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	if _, errs, code := d.ctl("apply", "-f", pol); code != 0 {
+		t.Fatalf("fwpctl apply (replacement): exit %d: %s", code, errs)
+	}
+	t.Logf("fwpctl apply of the replacement: %v", time.Since(start))
+	check(listedAddr(0), 0)
+	check(listedAddr(n-1), 7)
+	check(listedAddr(n+n/4), 7)
+	// A bad line is refused with its file and line; the list stays.
+	if err := os.WriteFile(filepath.Join(dir, "bad.txt"), []byte("127.0.0.1\n\nnot-an-address\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pol, []byte(`filters:
+  - {key: bad, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_address, values_file: bad.txt}]}
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, errs, code := d.ctl("apply", "-f", pol); code == 0 || !strings.Contains(errs, "bad.txt:3") {
+		t.Fatalf("a bad values file: exit %d, stderr %q; want an error naming bad.txt:3", code, errs)
+	}
+	check(listedAddr(n-1), 7)
+}

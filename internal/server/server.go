@@ -317,7 +317,7 @@ func (s *Server) Apply(ctx context.Context, req *api.ApplyRequest) (*api.ApplyRe
 		if name == "" {
 			name = "policy"
 		}
-		pol, err := policy.Parse(name, req.GetPolicy())
+		pol, err := policy.ParseWith(name, req.GetPolicy(), policy.Options{ValuesFiles: req.GetValuesFiles()})
 		if err != nil {
 			return nil, err
 		}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -24,6 +25,11 @@ type Options struct {
 	// MaxClasses bounds the class bitsets (both generations together); 0
 	// keeps the default 65536. Each costs about 2 KiB of kernel memory while used.
 	MaxClasses uint32
+	// MaxAddresses bounds the address prefixes the address conditions
+	// store in the kernel's LPM trie (both generations together); 0 keeps
+	// the default DefaultMaxAddresses. Entries are allocated as they are
+	// written, not reserved (see docs/benchmarks.md for the bytes each).
+	MaxAddresses uint32
 	// PinDir, a directory on a bpffs, holds the maps' pins while the
 	// datapath is loaded, so proxies in other processes find the redirect
 	// maps (OpenRedirects). Maps already pinned there by an earlier
@@ -49,6 +55,8 @@ type Datapath struct {
 	// targets are the redirect target pids of each redirect handle in the
 	// active policy, for checking who may put records on a socket.
 	targets map[uint32][]uint32
+	// noBatch: maps whose type has no batch update (putAll).
+	noBatch map[*ebpf.Map]bool
 	// redirectHooks: the redirect hooks are attached (or are to be, to
 	// each cgroup attached), since a policy redirected connections.
 	redirectHooks bool
@@ -83,6 +91,10 @@ func Load(opts Options) (*Datapath, error) {
 	spec, err := loadFwp()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	spec.Maps["fwp_addrs"].MaxEntries = DefaultMaxAddresses
+	if opts.MaxAddresses > 0 {
+		spec.Maps["fwp_addrs"].MaxEntries = opts.MaxAddresses
 	}
 	if opts.MaxClasses > 0 {
 		spec.Maps["fwp_bitsets"].MaxEntries = opts.MaxClasses
@@ -338,9 +350,15 @@ func (d *Datapath) clearGen(gen uint32) error {
 			return err
 		}
 	}
-	for _, k := range w.addrs {
-		if err := del(d.objs.FwpAddrs, k); err != nil {
-			return err
+	// Batched where the map type allows (a million-address list); a key
+	// already gone makes the batch stop, and the loop finishes it.
+	if len(w.addrs) > 0 {
+		if _, err := d.objs.FwpAddrs.BatchDelete(w.addrs, nil); err != nil {
+			for _, k := range w.addrs {
+				if err := del(d.objs.FwpAddrs, k); err != nil {
+					return err
+				}
+			}
 		}
 	}
 	for _, k := range w.ints {
@@ -362,6 +380,39 @@ func mapErr(what string, err error) error {
 		return fmt.Errorf("%w: %s: %v", ErrCapacity, what, err)
 	}
 	return fmt.Errorf("%s: %w", what, err)
+}
+
+// DefaultMaxAddresses is the default of Options.MaxAddresses: two
+// generations of a policy with two million address prefixes.
+const DefaultMaxAddresses = 1 << 22
+
+// putAll writes many entries, in batches where the map type has them (one
+// system call per batch instead of per entry: a million-address list).
+func (d *Datapath) putAll(m *ebpf.Map, keys, vals any) error {
+	n := reflect.ValueOf(keys).Len()
+	if n == 0 {
+		return nil
+	}
+	if !d.noBatch[m] {
+		_, err := m.BatchUpdate(keys, vals, nil)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return err
+		}
+		if d.noBatch == nil {
+			d.noBatch = map[*ebpf.Map]bool{}
+		}
+		d.noBatch[m] = true
+	}
+	kv, vv := reflect.ValueOf(keys), reflect.ValueOf(vals)
+	for i := range n {
+		if err := m.Put(kv.Index(i).Addr().Interface(), vv.Index(i).Addr().Interface()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (d *Datapath) writeGen(gen uint32, p *Policy) error {
@@ -393,13 +444,22 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 			}
 		}
 		for which, entries := range lp.addrs {
-			for _, e := range entries {
-				k := fwpAddrKey{Prefixlen: uint32(32 + e.prefix.Bits()), Glf: glf(gen, slot, fieldRAddr+which)}
-				copy(k.Addr[:], e.prefix.Addr().AsSlice())
-				w.addrs = append(w.addrs, k)
-				if err := d.objs.FwpAddrs.Put(k, e.class); err != nil {
-					return mapErr("address classes", err)
+			keys := make([]fwpAddrKey, len(entries))
+			vals := make([]uint32, len(entries))
+			for i, e := range entries {
+				k := &keys[i]
+				k.Prefixlen, k.Glf = uint32(32+e.prefix.Bits()), glf(gen, slot, fieldRAddr+which)
+				a := e.prefix.Addr().As16()
+				if e.prefix.Addr().Is4() {
+					copy(k.Addr[:], a[12:])
+				} else {
+					k.Addr = a
 				}
+				vals[i] = e.class
+			}
+			w.addrs = append(w.addrs, keys...)
+			if err := d.putAll(d.objs.FwpAddrs, keys, vals); err != nil {
+				return mapErr("address classes", err)
 			}
 		}
 		for which, ports := range lp.ports {
@@ -424,6 +484,20 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 				if err := d.objs.FwpInts.Put(k, cls); err != nil {
 					return mapErr("id classes", err)
 				}
+			}
+		}
+		for v, cls := range lp.gids {
+			k := fwpIntKey{Glf: glf(gen, slot, fieldGID), Val: v}
+			w.ints = append(w.ints, k)
+			if err := d.objs.FwpInts.Put(k, cls); err != nil {
+				return mapErr("group classes", err)
+			}
+		}
+		for id, cls := range lp.apps {
+			k := fwpIntKey{Glf: glf(gen, slot, fieldApp), Dev: id.Dev, Val: id.Ino}
+			w.ints = append(w.ints, k)
+			if err := d.objs.FwpInts.Put(k, cls); err != nil {
+				return mapErr("app classes", err)
 			}
 		}
 		keys := make([]uint32, len(lp.filters))

@@ -34,11 +34,20 @@
 // Compile takes the engine's filters in evaluation order (View.Filters) and
 // gives each enabled filter of a hooked layer a rank. Per layer and
 // condition field (remote/local address, remote/local port, protocol, user
-// id, cgroup id) a lookup maps the incoming value to a class: an LPM trie for
-// addresses (prefixes, exact addresses, ranges and NOT_* matches, via
-// prefixes), an array of 65536 class ids for ports (every integer match but
-// the FLAGS_* ones), a hash with a default entry for protocol (any integer
-// match), user and cgroup ids (EQUAL and NOT_EQUAL). Each class owns a bitset
+// id, group id, cgroup id, application) a lookup maps the incoming value to
+// a class: an LPM trie for addresses (prefixes, exact addresses, ranges and
+// NOT_* matches, via prefixes; Options.MaxAddresses entries, so a filter
+// with a million-address list is a million trie entries of one class), an
+// array of 65536 class ids for ports (every integer match but the FLAGS_*
+// ones), a hash with a default entry for protocol (any integer match), user,
+// group and cgroup ids and applications (EQUAL and NOT_EQUAL).
+//
+// An application (ale_app_id) is an executable file: its device and inode.
+// The hooks read the caller's from the kernel's own record,
+// current->mm->exe_file (CO-RE loads), so no exec tracker is needed; Compile
+// resolves the policy's paths to files (ResolveApp), WatchApps reports a
+// path renamed over (an upgrade) and Policy.AppsChanged says the policy must
+// be compiled again to follow it (fwpd does). See docs/semantics.md. Each class owns a bitset
 // over ranks: the filters whose conditions on that field accept the value
 // (filters without a condition on the field are in every class, and an
 // absent value — a local address or port before bind — is in the class of
@@ -57,7 +66,7 @@
 // new policy and a failed Apply leaves the old one in force.
 //
 // Filters the kernel cannot decide alone — a Go callout, a condition on
-// another field (app id, flags...), an unsupported match, a layer no hook
+// another field (flags, interface...), an unsupported match, a layer no hook
 // classifies — make Compile fail with an error wrapping ErrNotSupported that
 // names the filter; the datapath never ignores a filter silently.
 //

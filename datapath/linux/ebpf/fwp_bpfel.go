@@ -52,7 +52,7 @@ type fwpFilterMeta struct {
 type fwpIntKey struct {
 	_   structs.HostLayout
 	Glf uint32
-	Pad uint32
+	Dev uint32
 	Val uint64
 }
 
@@ -61,8 +61,8 @@ type fwpLayerCfg struct {
 	Nfilters     uint32
 	Nwords       uint32
 	Active       uint32
-	DefaultClass [8]uint32
-	EmptyClass   [8]uint32
+	DefaultClass [10]uint32
+	EmptyClass   [10]uint32
 }
 
 type fwpPortBlock struct {

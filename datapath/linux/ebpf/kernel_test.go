@@ -33,6 +33,8 @@ func TestMain(m *testing.M) {
 	testutil.RegisterHelper("redirect", redirectHelper)
 	testutil.RegisterHelper("udpredirect", udpRedirectHelper)
 	testutil.RegisterHelper("connectpair", connectPairHelper)
+	testutil.RegisterHelper("app", appHelper)
+	testutil.RegisterHelper("dialexec", dialExecHelper)
 	testutil.HelperMain()
 	code := m.Run()
 	if shared.d != nil {
@@ -235,6 +237,7 @@ func TestKernelMatchesEngine(t *testing.T) {
 	if testing.Short() {
 		policies = 10
 	}
+	apps := genApps(t) // the probe helper is the first: the test binary
 	blocked, permitted := 0, 0
 	defer func() {
 		t.Logf("%d connects blocked, %d permitted", blocked, permitted)
@@ -243,7 +246,7 @@ func TestKernelMatchesEngine(t *testing.T) {
 		}
 	}()
 	for seed := range uint64(policies) {
-		g := &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3}
+		g := &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true}
 		e := g.policy(t, 1+g.r.IntN(30))
 		apply(t, d, e)
 		var ops []probeOp
@@ -883,6 +886,38 @@ func BenchmarkKernelConnect(b *testing.B) {
 			if err := e.Update(func(tx *engine.Txn) error {
 				_, err := addRedirect(tx, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
 				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			return e
+		}},
+		// Issue 15's real policy: a 1M-address blocklist (one filter with
+		// a list) and 1,000 per-application rules (1,000 files, each its
+		// own application, blocked from a port of its own).
+		{"blocklist=1M+apps=1k", func(t testing.TB) *engine.Engine {
+			e := blocklistPolicy(t, 0, 1_000_000)
+			dir, err := os.MkdirTemp("/var/tmp", "fwp-bench-apps-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(dir) })
+			bin, err := os.ReadFile("/usr/bin/true")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := e.Update(func(tx *engine.Txn) error {
+				for i := range 1000 {
+					app := filepath.Join(dir, fmt.Sprintf("app%d", i))
+					if err := os.WriteFile(app, bin, 0o755); err != nil {
+						return err
+					}
+					if _, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+						engine.Condition{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String(app)},
+						engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(20000 + i))})); err != nil {
+						return err
+					}
+				}
+				return nil
 			}); err != nil {
 				t.Fatal(err)
 			}

@@ -195,8 +195,9 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions
 		}
 		return nil, nil, fmt.Errorf("%w: %s holds only some of the datapath's maps; remove it to start afresh", ErrUnavailable, dir)
 	}
-	if spec.Maps["fwp_bitsets"].MaxEntries != repl["fwp_bitsets"].MaxEntries() {
-		spec.Maps["fwp_bitsets"].MaxEntries = repl["fwp_bitsets"].MaxEntries()
+	// Sizes the options set: the pinned maps keep theirs.
+	for _, name := range []string{"fwp_bitsets", "fwp_addrs"} {
+		spec.Maps[name].MaxEntries = repl[name].MaxEntries()
 	}
 	return &ebpf.CollectionOptions{MapReplacements: repl}, opened, nil
 }

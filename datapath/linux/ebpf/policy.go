@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"net"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -14,7 +15,7 @@ import (
 // Sizes shared with bpf/fwp.c.
 const (
 	numSlots      = 8   // (kind 0..3) * 2 + v6
-	numFields     = 8   // fieldRAddr..fieldAll
+	numFields     = 10  // fieldRAddr..fieldAll
 	bitsetWords   = 256 // NWORDS
 	MaxFilters    = bitsetWords * 64
 	MaxRedirects  = 1024
@@ -32,6 +33,8 @@ const (
 	fieldProto
 	fieldUID
 	fieldCgroup
+	fieldApp
+	fieldGID
 	fieldAll
 )
 
@@ -43,6 +46,8 @@ var kernelField = map[engine.FieldID]int{
 	engine.FieldIPProtocol:      fieldProto,
 	engine.FieldALEUserID:       fieldUID,
 	engine.FieldCgroupID:        fieldCgroup,
+	engine.FieldALEAppID:        fieldApp,
+	engine.FieldALEGroupID:      fieldGID,
 }
 
 // Filter actions in the kernel's metadata.
@@ -228,6 +233,8 @@ type layerPolicy struct {
 	addrs   [2][]addrClass
 	ports   [2][]uint16          // 65536 classes, nil when the field is inactive
 	ints    [3]map[uint64]uint32 // proto, uid, cgroup id
+	gids    map[uint64]uint32
+	apps    map[AppIdentity]uint32
 }
 
 // Policy is an engine policy compiled into the kernel's classification
@@ -241,6 +248,9 @@ type Policy struct {
 	// local is the host's addresses, read once per Compile for the
 	// redirects' proxies.
 	local map[netip.Addr]bool
+	// apps are the executables the app id conditions named, as resolved
+	// when the policy was compiled (absent: no file at the path).
+	apps map[string]appResolution
 }
 
 // Filters returns the number of filters the policy enforces in the kernel.
@@ -262,7 +272,7 @@ func (p *Policy) Filters() int {
 // fail with an error wrapping ErrNotSupported that names it: the kernel
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
-	p := &Policy{}
+	p := &Policy{apps: map[string]appResolution{}}
 	var byLayer [numSlots][]engine.Filter
 	for _, f := range view.Filters(engine.FilterTemplate{}) {
 		if f.Flags&engine.FilterDisabled != 0 {
@@ -356,6 +366,8 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			err = lp.compilePorts(f, g, wild)
 		case fieldProto:
 			err = lp.compileProto(g, wild)
+		case fieldApp:
+			err = lp.compileApps(p, g, wild)
 		default:
 			err = lp.compileIDs(f, g, wild)
 		}
@@ -522,7 +534,15 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 		rank, cond int
 		neg        bool
 	}
-	byPrefix := map[netip.Prefix][]ref{}
+	type entry struct {
+		pf netip.Prefix
+		ref
+	}
+	total := 0
+	for _, cs := range g {
+		total += len(cs)
+	}
+	entries := make([]entry, 0, total)
 	conds := make([][]addrSet, len(g))
 	var negRanks []int
 	for r, cs := range g {
@@ -535,7 +555,8 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 			conds[r] = append(conds[r], s)
 			hasNeg = hasNeg || s.neg
 			for _, pf := range s.prefixes {
-				byPrefix[pf] = append(byPrefix[pf], ref{r, i, s.neg})
+				// Masked: ancestors sort first (see below).
+				entries = append(entries, entry{pf.Masked(), ref{r, i, s.neg}})
 			}
 		}
 		if hasNeg {
@@ -548,37 +569,87 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 		def.set(r) // no stored prefix contains the address: every negated condition holds
 	}
 	lp.def[f] = c.intern(def)
-	prefixes := make([]netip.Prefix, 0, len(byPrefix))
-	for pf := range byPrefix {
-		prefixes = append(prefixes, pf)
-	}
-	slices.SortFunc(prefixes, func(a, b netip.Prefix) int {
-		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	slices.SortFunc(entries, func(a, b entry) int {
+		return cmp.Or(a.pf.Addr().Compare(b.pf.Addr()), cmp.Compare(a.pf.Bits(), b.pf.Bits()))
 	})
 	which := f - fieldRAddr
-	contained := map[[2]int]bool{}
-	for _, pf := range prefixes {
-		b := wild.clone()
-		clear(contained)
-		for l := pf.Bits(); l >= 0; l-- {
-			anc, _ := pf.Addr().Prefix(l)
-			for _, e := range byPrefix[anc] {
+	// In (address, length) order a prefix's ancestors come before it: a
+	// stack of the stored prefixes containing the current one carries what
+	// they contribute, so each prefix costs its own refs, not a walk over
+	// its 32 or 128 possible ancestors (a million-address list compiles in
+	// about a second).
+	type level struct {
+		pf        netip.Prefix
+		pos       bitvec
+		contained map[[2]int]bool
+	}
+	var stack []level
+	lp.addrs[which] = make([]addrClass, 0, len(entries))
+	var last bitvec    // the bitset interned last, and its class: most
+	var lastCls uint32 // prefixes of a long list share one
+	var refs []ref
+	for i := 0; i < len(entries); {
+		pf := entries[i].pf
+		refs = refs[:0]
+		for ; i < len(entries) && entries[i].pf == pf; i++ {
+			refs = append(refs, entries[i].ref)
+		}
+		for len(stack) > 0 && !(stack[len(stack)-1].pf.Bits() <= pf.Bits() && stack[len(stack)-1].pf.Contains(pf.Addr())) {
+			stack = stack[:len(stack)-1]
+		}
+		var pos bitvec
+		var contained map[[2]int]bool
+		if len(stack) > 0 {
+			top := stack[len(stack)-1]
+			pos, contained = top.pos, top.contained
+		} else {
+			pos = wild
+		}
+		hasPos, hasNeg := false, false
+		for _, e := range refs {
+			if e.neg {
+				hasNeg = true
+			} else if !pos.has(e.rank) {
+				hasPos = true
+			}
+		}
+		if hasPos {
+			pos = pos.clone()
+			for _, e := range refs {
+				if !e.neg {
+					pos.set(e.rank)
+				}
+			}
+		}
+		if hasNeg {
+			c2 := maps.Clone(contained)
+			if c2 == nil {
+				c2 = map[[2]int]bool{}
+			}
+			for _, e := range refs {
 				if e.neg {
-					contained[[2]int{e.rank, e.cond}] = true
-				} else {
-					b.set(e.rank)
+					c2[[2]int{e.rank, e.cond}] = true
+				}
+			}
+			contained = c2
+		}
+		stack = append(stack, level{pf, pos, contained})
+		b := pos
+		if len(negRanks) > 0 {
+			b = pos.clone()
+			for _, r := range negRanks {
+				for i, s := range conds[r] {
+					if s.neg && !contained[[2]int{r, i}] {
+						b.set(r)
+						break
+					}
 				}
 			}
 		}
-		for _, r := range negRanks {
-			for i, s := range conds[r] {
-				if s.neg && !contained[[2]int{r, i}] {
-					b.set(r)
-					break
-				}
-			}
+		if last == nil || !slices.Equal(last, b) {
+			last, lastCls = b, c.intern(b)
 		}
-		lp.addrs[which] = append(lp.addrs[which], addrClass{pf, c.intern(b)})
+		lp.addrs[which] = append(lp.addrs[which], addrClass{pf, lastCls})
 	}
 	return nil
 }
@@ -742,7 +813,7 @@ func (lp *layerPolicy) compileProto(g [][]engine.Condition, wild bitvec) error {
 	return nil
 }
 
-// compileIDs handles user and cgroup ids: EQUAL and NOT_EQUAL only, each
+// compileIDs handles user, group and cgroup ids: EQUAL and NOT_EQUAL only, each
 // mentioned id with its class, every other id in the default class.
 func (lp *layerPolicy) compileIDs(f int, g [][]engine.Condition, wild bitvec) error {
 	eq := map[uint64][]int{}
@@ -788,7 +859,11 @@ func (lp *layerPolicy) compileIDs(f int, g [][]engine.Condition, wild bitvec) er
 		}
 		m[v] = c.intern(b)
 	}
-	lp.ints[f-fieldProto] = m
+	if f == fieldGID {
+		lp.gids = m
+	} else {
+		lp.ints[f-fieldProto] = m
+	}
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"os"
 	"testing"
 
 	"fwp/engine"
@@ -17,8 +18,10 @@ type tuple struct {
 	remote netip.AddrPort
 	local  netip.AddrPort // zero address / port: not bound yet (absent)
 	uid    uint32
+	gid    uint32
 	cgroup uint64
 	v6     bool
+	app    string // the executable's path; "" for none
 }
 
 func (t tuple) values() *engine.Values {
@@ -33,7 +36,11 @@ func (t tuple) values() *engine.Values {
 		vs.Set(engine.FieldIPLocalPort, engine.Uint16(t.local.Port()))
 	}
 	vs.Set(engine.FieldALEUserID, engine.Uint32(t.uid))
+	vs.Set(engine.FieldALEGroupID, engine.Uint32(t.gid))
 	vs.Set(engine.FieldCgroupID, engine.Uint64(t.cgroup))
+	if t.app != "" {
+		vs.Set(engine.FieldALEAppID, engine.String(t.app))
+	}
 	return &vs
 }
 
@@ -89,6 +96,19 @@ func (p *Policy) simulate(slot int, t tuple) (block bool, redirect int) {
 				break
 			}
 			cls = uint32(lp.ports[f-fieldRPort][port])
+		case fieldApp:
+			id, err := ResolveApp(t.app)
+			if t.app == "" || err != nil {
+				cls = lp.empty[f]
+				break
+			}
+			if c, ok := lp.apps[id]; ok {
+				cls = c
+			}
+		case fieldGID:
+			if c, ok := lp.gids[uint64(t.gid)]; ok {
+				cls = c
+			}
 		default:
 			v := uint64(t.proto)
 			if f == fieldUID {
@@ -152,6 +172,23 @@ type gen struct {
 	// redirects: some CONNECT_REDIRECT filters are built-in redirects to
 	// genProxy (nothing listens there).
 	redirects bool
+	// apps: app id conditions name these paths; tuples run tupleApps (or
+	// the process itself when tupleApps is empty).
+	apps, tupleApps []string
+	// gids: conditions on the group id too (tuples run as gid 0, or
+	// tupleGIDs).
+	gids      bool
+	tupleGIDs []uint32
+}
+
+// genApps are the app id paths of random policies: the test binary (the
+// probe helper that connects), another program, and a path with no file.
+func genApps(t testing.TB) []string {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{self, "/usr/bin/curl", "/nonexistent/fwp-app"}
 }
 
 var genProxy = map[bool]netip.AddrPort{false: netip.MustParseAddrPort("127.0.0.1:9"), true: netip.MustParseAddrPort("[::1]:9")}
@@ -174,6 +211,10 @@ func (g *gen) port() uint16 {
 
 func (g *gen) cond() engine.Condition {
 	r := g.r
+	if len(g.apps) > 0 && r.IntN(6) == 0 {
+		m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
+		return engine.Condition{Field: engine.FieldALEAppID, Match: m, Value: engine.String(g.apps[r.IntN(len(g.apps))])}
+	}
 	switch r.IntN(7) {
 	case 0, 1:
 		a := g.addr()
@@ -222,6 +263,10 @@ func (g *gen) cond() engine.Condition {
 		if r.IntN(2) == 0 {
 			m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
 			return engine.Condition{Field: engine.FieldALEUserID, Match: m, Value: engine.Uint32([]uint32{0, 1000}[r.IntN(2)])}
+		}
+		if g.gids && r.IntN(3) == 0 {
+			m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
+			return engine.Condition{Field: engine.FieldALEGroupID, Match: m, Value: engine.Uint32([]uint32{0, 1000}[r.IntN(2)])}
 		}
 		return engine.Condition{Field: engine.FieldCgroupID, Match: engine.MatchEqual, Value: engine.Uint64([]uint64{g.cgroup, 12345}[r.IntN(2)])}
 	}
@@ -292,12 +337,25 @@ func buildEngine(t testing.TB, fn func(tx *engine.Txn) error) *engine.Engine {
 func (g *gen) tuple() tuple {
 	t := tuple{proto: []uint8{6, 17}[g.r.IntN(2)], uid: 0, cgroup: g.cgroup, v6: g.v6}
 	t.remote = netip.AddrPortFrom(g.addr(), g.port())
+	if len(g.tupleGIDs) > 0 {
+		t.gid = g.tupleGIDs[g.r.IntN(len(g.tupleGIDs))]
+	}
+	if len(g.tupleApps) > 0 {
+		t.app = g.tupleApps[g.r.IntN(len(g.tupleApps))]
+	} else if len(g.apps) > 0 {
+		t.app = g.apps[0]
+	}
 	switch g.r.IntN(3) {
 	case 0: // unbound
 	case 1:
 		t.local = netip.AddrPortFrom(g.addr(), 0)
 	default:
 		t.local = netip.AddrPortFrom(g.addr(), uint16(1000+g.r.IntN(6)))
+		if t.local.Port() == t.remote.Port() {
+			// A connect to itself would succeed (simultaneous open) and
+			// leave the port in TIME_WAIT for the binds of later tuples.
+			t.local = netip.AddrPortFrom(t.local.Addr(), 1002)
+		}
 	}
 	return t
 }
@@ -305,8 +363,10 @@ func (g *gen) tuple() tuple {
 // TestCompileMatchesEngine checks the compiled maps, run by a Go model of
 // the BPF walk, against engine.Classify over random policies and tuples.
 func TestCompileMatchesEngine(t *testing.T) {
+	apps := genApps(t)
 	for seed := range uint64(300) {
-		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4}
+		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4,
+			apps: apps, tupleApps: []string{apps[0], "/usr/bin/curl", "/usr/bin/wget"}, gids: true, tupleGIDs: []uint32{0, 1000, 7}}
 		e := g.policy(t, 1+g.r.IntN(25))
 		p, err := Compile(e.View())
 		if err != nil {
@@ -335,9 +395,14 @@ func TestCompileRefusesWhatTheKernelCannotDecide(t *testing.T) {
 			_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co}})
 			return err
 		}, ErrNotSupported},
-		{"app id condition", func(tx *engine.Txn) error {
+		{"app id prefix", func(tx *engine.Txn) error {
 			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
-				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String("/usr/bin/curl")}}})
+				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchPrefix, Value: engine.String("/usr/bin/")}}})
+			return err
+		}, ErrNotSupported},
+		{"relative app id", func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String("curl")}}})
 			return err
 		}, ErrNotSupported},
 		{"uid range", func(tx *engine.Txn) error {

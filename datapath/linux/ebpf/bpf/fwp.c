@@ -20,7 +20,7 @@
 #include <bpf/bpf_endian.h>
 
 #define NSLOTS 8   // layers: (kind 0..3) * 2 + v6
-#define NFIELDS 8  // see FIELD_*
+#define NFIELDS 10 // see FIELD_*
 #define NWORDS 256 // bitset words: up to 16384 filters per layer
 #define NSUM 4     // summary words: one bit per nonzero bitset word
 #define MAXF (NWORDS * 64)
@@ -39,7 +39,9 @@
 #define FIELD_PROTO 4
 #define FIELD_UID 5
 #define FIELD_CGROUP 6
-#define FIELD_ALL 7
+#define FIELD_APP 7 // the executable: (device, inode) of the process's exe file
+#define FIELD_GID 8 // the caller's gid
+#define FIELD_ALL 9
 
 #define ACT_BLOCK 1
 #define ACT_PERMIT 2
@@ -92,8 +94,8 @@ struct addr_key {
 
 struct int_key {
 	__u32 glf;
-	__u32 pad;
-	__u64 val;
+	__u32 dev; // FIELD_APP: the executable's device (kernel dev_t); 0 otherwise
+	__u64 val; // FIELD_APP: its inode number
 };
 
 struct port_block {
@@ -341,6 +343,7 @@ struct tuple {
 	__u64 cgid;
 	__u64 cookie;
 	__u32 uid;
+	__u32 gid;
 	__u16 rport; // host order
 	__u16 lport; // host order
 	__u8 proto;
@@ -514,6 +517,54 @@ static __always_inline __u32 int_class(__u32 g, __u64 v)
 	return c ? *c : CLASS_MISS;
 }
 
+// The few kernel types the app field reads, relocated against the running
+// kernel's BTF (CO-RE): only the fields named here are used.
+struct super_block {
+	__u32 s_dev;
+} __attribute__((preserve_access_index));
+struct inode {
+	unsigned long i_ino;
+	struct super_block *i_sb;
+} __attribute__((preserve_access_index));
+struct file {
+	struct inode *f_inode;
+} __attribute__((preserve_access_index));
+struct mm_struct {
+	struct file *exe_file;
+} __attribute__((preserve_access_index));
+struct task_struct {
+	struct mm_struct *mm;
+} __attribute__((preserve_access_index));
+
+// app_class classifies the calling process by its executable: the file
+// the kernel keeps as mm->exe_file (what /proc/PID/exe shows), set by
+// exec and shared by the process's threads, so no exec tracker or
+// per-process map is needed: a process that started before fwpd is known
+// as well as one that just exec'd, and identity changes the moment exec
+// replaces the mm. A file is its device and inode, so a hard link or a
+// bind mount is the same application and a copy is another. A kernel
+// thread (no mm) has no executable: the empty class.
+static __always_inline __u32 app_class(__u32 g)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = task->mm;
+	if (!mm)
+		return CLASS_EMPTY;
+	struct file *f = mm->exe_file;
+	if (!f)
+		return CLASS_EMPTY;
+	struct inode *ino = f->f_inode;
+	if (!ino)
+		return CLASS_EMPTY;
+	struct int_key k = {.glf = g};
+	k.val = ino->i_ino;
+	struct super_block *sb = ino->i_sb;
+	if (sb)
+		k.dev = sb->s_dev;
+	__u32 *c = bpf_map_lookup_elem(&fwp_ints, &k);
+	return c ? *c : CLASS_MISS;
+}
+
 // field_class maps one field of the tuple to its class at layer li, or
 // CLASS_MISS / CLASS_EMPTY. It is a global function so the verifier checks
 // it once, not once per path.
@@ -536,6 +587,10 @@ __attribute__((noinline)) int fwp_field_class(__u32 li, __u32 f, struct tuple *t
 		return int_class(g, t->proto);
 	case FIELD_UID:
 		return int_class(g, t->uid);
+	case FIELD_APP:
+		return app_class(g);
+	case FIELD_GID:
+		return int_class(g, t->gid);
 	}
 	return int_class(g, t->cgid);
 }
@@ -724,7 +779,9 @@ static __always_inline __u8 store_addr(__u8 *dst, const __u32 *a)
 
 static __always_inline void fill_process(struct tuple *t)
 {
-	t->uid = (__u32)bpf_get_current_uid_gid();
+	__u64 ug = bpf_get_current_uid_gid();
+	t->uid = (__u32)ug;
+	t->gid = ug >> 32;
 	t->cgid = bpf_get_current_cgroup_id();
 }
 

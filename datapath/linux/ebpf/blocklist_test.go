@@ -1,0 +1,158 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"fwp/engine"
+	"fwp/internal/testutil"
+	"fwp/internal/unix"
+)
+
+func init() { testutil.RegisterHelper("listprobe", listProbeHelper) }
+
+// blocklistSize is the list of TestKernelMillionBlocklist: FWP_BLOCKLIST,
+// or 200,000 (cmd/fwpd's TestE2EKernelBlocklistFile applies a million
+// through fwpd; FWP_BLOCKLIST=1000000 runs this one at that size too).
+var blocklistSize = envInt("FWP_BLOCKLIST", 200_000)
+
+// listAddr is the i-th even address from 127.1.0.0 (loopback: routed in
+// the test namespace): lists are runs of
+// them, odd addresses are on no list.
+func listAddr(i int) netip.Addr {
+	v := uint32(127<<24|1<<16) + 2*uint32(i)
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// blocklistPolicy: one AUTH_CONNECT filter blocking n addresses from the
+// from-th, one condition per address (WFP ORs conditions on one field).
+func blocklistPolicy(t testing.TB, from, n int) *engine.Engine {
+	conds := make([]engine.Condition, n)
+	for i := range conds {
+		conds[i] = engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(from + i))}
+	}
+	return buildEngine(t, func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock}, Conditions: conds})
+		return err
+	})
+}
+
+// listProbeHelper connects to each address of args (port 9, nothing
+// listens) round after round until stdin closes, and writes each
+// address's run of outcomes: "B" blocked (EPERM), "P" permitted
+// (refused), each run once ("BBBPP" is written "BP").
+func listProbeHelper(args []string) error {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	runs := make([]string, len(args))
+	rounds := 0
+	for {
+		select {
+		case <-stop:
+			return json.NewEncoder(os.Stdout).Encode(map[string]any{"runs": runs, "rounds": rounds})
+		default:
+		}
+		for i, a := range args {
+			c, err := net.Dial("tcp4", a+":9")
+			o := "?"
+			switch {
+			case err == nil:
+				c.Close()
+				o = "P"
+			case errors.Is(err, unix.EPERM):
+				o = "B"
+			case errors.Is(err, unix.ECONNREFUSED):
+				o = "P"
+			}
+			if !strings.HasSuffix(runs[i], o) {
+				runs[i] += o
+			}
+		}
+		rounds++
+	}
+}
+
+// TestKernelMillionBlocklist: a filter with a million addresses is
+// enforced (listed refused, unlisted not), and replaced by another
+// million-address list in one switch: while the new list is written, the
+// old one stays in force, and each address changes verdict at most once.
+func TestKernelMillionBlocklist(t *testing.T) {
+	d, cg := kernelSetup(t)
+	n := blocklistSize
+	if testing.Short() {
+		n = 50_000
+	}
+	start := time.Now()
+	e1 := blocklistPolicy(t, 0, n)
+	t.Logf("engine: %v", time.Since(start))
+	start = time.Now()
+	p1, err := Compile(e1.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("compile: %v", time.Since(start))
+	start = time.Now()
+	if err := d.Apply(p1); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("apply %d addresses: %v", n, time.Since(start))
+	first, last, mid, unlisted := listAddr(0), listAddr(n-1), listAddr(n/2), listAddr(7).Next()
+	h := testutil.StartHelper(t, cg, "probe")
+	ops := func(as ...netip.Addr) []probeOp {
+		var out []probeOp
+		for _, a := range as {
+			out = append(out, probeOp{Net: "tcp4", Remote: netip.AddrPortFrom(a, 9).String()})
+		}
+		return out
+	}
+	if got := probe(t, h, ops(first, mid, last, unlisted, listAddr(n))); fmt.Sprint(got) != "[eperm eperm eperm refused refused]" {
+		t.Fatalf("first, middle, last listed, unlisted, past the list: %v", got)
+	}
+
+	// The second list: the upper half of the first and as many after it.
+	e2 := blocklistPolicy(t, n/2, n)
+	p2, err := Compile(e2.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	onlyOld, both, onlyNew := listAddr(1), listAddr(n-2), listAddr(n+n/4)
+	lp := testutil.StartHelper(t, cg, "listprobe", onlyOld.String(), both.String(), onlyNew.String(), unlisted.String())
+	time.Sleep(100 * time.Millisecond)
+	start = time.Now()
+	if err := d.Apply(p2); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("replace by another %d-address list: %v", n, time.Since(start))
+	time.Sleep(100 * time.Millisecond)
+	line, err := lp.Call([]byte("stop"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res struct {
+		Runs   []string
+		Rounds int
+	}
+	if err := json.Unmarshal(line, &res); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d probe rounds during the replacement: %v", res.Rounds, res.Runs)
+	if want := []string{"BP", "B", "PB", "P"}; fmt.Sprint(res.Runs) != fmt.Sprint(want) {
+		t.Fatalf("verdicts of (old only, both, new only, none) during the replacement: %v, want %v", res.Runs, want)
+	}
+	if got := probe(t, h, ops(first, mid, last, listAddr(n+n/2-1), unlisted)); fmt.Sprint(got) != "[refused eperm eperm eperm refused]" {
+		t.Fatalf("after the replacement: %v", got)
+	}
+}

@@ -3,8 +3,8 @@ package ebpf
 import (
 	"cmp"
 	"fmt"
-	"net"
 	"maps"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"

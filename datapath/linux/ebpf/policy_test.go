@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"strings"
 	"os"
+	"strings"
 	"testing"
 
 	"fwp/engine"

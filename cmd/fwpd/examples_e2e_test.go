@@ -77,6 +77,8 @@ func TestE2EExamplePolicies(t *testing.T) {
 		}
 	}
 	dir := t.TempDir()
+	// policy/doc.go's list condition reads a values file beside the policy.
+	write(t, dir, "drop.txt", "192.0.2.0/24 # a documentation network\n198.51.100.7\n")
 	for name, pol := range map[string]string{
 		"README.md":                     readmePolicy(t),
 		"policy/doc.go":                 docPolicy(t, "policy/doc.go"),

@@ -32,6 +32,32 @@ type fwpBsKey struct {
 	Cls uint32
 }
 
+type fwpCalloutFlow struct {
+	_          structs.HostLayout
+	Raddr      [16]uint8
+	Laddr      [16]uint8
+	Cookie     uint64
+	CgroupId   uint64
+	FilterId   uint64
+	Pid        uint32
+	Tgid       uint32
+	Uid        uint32
+	Gid        uint32
+	Rport      uint16
+	Lport      uint16
+	Proto      uint8
+	V6         uint8
+	HasLaddr   uint8
+	HasLport   uint8
+	Slot       uint8
+	Redirected uint8
+	Indexed    uint8
+	FailOpen   uint8
+	Comm       [16]int8
+	Key        fwpFlowKey
+	_          [4]byte
+}
+
 type fwpConfig struct {
 	_   structs.HostLayout
 	Gen uint32
@@ -43,10 +69,20 @@ type fwpFilterMeta struct {
 	Id       uint64
 	Action   uint8
 	Hard     uint8
-	Pad      uint16
+	Flags    uint16
 	SubEnd   uint32
 	Redirect uint32
 	Handle   uint32
+}
+
+type fwpFlowKey struct {
+	_          structs.HostLayout
+	Local      [16]uint8
+	Remote     [16]uint8
+	LocalPort  uint16
+	RemotePort uint16
+	V6         uint8
+	Pad        [3]uint8
 }
 
 type fwpIntKey struct {
@@ -63,6 +99,7 @@ type fwpLayerCfg struct {
 	Active       uint32
 	DefaultClass [8]uint32
 	EmptyClass   [8]uint32
+	Callouts     uint32
 }
 
 type fwpPortBlock struct {
@@ -129,6 +166,8 @@ type fwpTupleKey struct {
 const (
 	fwpMapFwpAddrs         = "fwp_addrs"
 	fwpMapFwpBitsets       = "fwp_bitsets"
+	fwpMapFwpCalloutFlows  = "fwp_callout_flows"
+	fwpMapFwpCalloutTuples = "fwp_callout_tuples"
 	fwpMapFwpConfig        = "fwp_config"
 	fwpMapFwpCounts        = "fwp_counts"
 	fwpMapFwpEvents        = "fwp_events"
@@ -224,6 +263,8 @@ type fwpProgramSpecs struct {
 type fwpMapSpecs struct {
 	FwpAddrs         *ebpf.MapSpec `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.MapSpec `ebpf:"fwp_bitsets"`
+	FwpCalloutFlows  *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
+	FwpCalloutTuples *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.MapSpec `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
@@ -269,6 +310,8 @@ func (o *fwpObjects) Close() error {
 type fwpMaps struct {
 	FwpAddrs         *ebpf.Map `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.Map `ebpf:"fwp_bitsets"`
+	FwpCalloutFlows  *ebpf.Map `ebpf:"fwp_callout_flows"`
+	FwpCalloutTuples *ebpf.Map `ebpf:"fwp_callout_tuples"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.Map `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
@@ -290,6 +333,8 @@ func (m *fwpMaps) Close() error {
 	return _FwpClose(
 		m.FwpAddrs,
 		m.FwpBitsets,
+		m.FwpCalloutFlows,
+		m.FwpCalloutTuples,
 		m.FwpConfig,
 		m.FwpCounts,
 		m.FwpEvents,

@@ -44,6 +44,19 @@
 #define ACT_BLOCK 1
 #define ACT_PERMIT 2
 #define ACT_REDIRECT 3
+#define ACT_CALLOUT 4 // a Go callout decides: the flow goes to user space
+
+#define FM_FAIL_OPEN 1 // filter_meta.flags: PERMIT_IF_CALLOUT_UNREGISTERED
+
+// Socket and packet mark bits of the callout path (Go: ebpf.Mark*). The
+// connect hook sets one of the queue bits on a socket whose flow a Go
+// callout decides; fwp's nftables rules queue that flow's SYN to user
+// space, which answers with the permit or block bit.
+#define FWP_MARK_MASK 0x0f000000
+#define FWP_MARK_QUEUE_OPEN 0x01000000   // fail open: queue bypassed without a reader
+#define FWP_MARK_QUEUE_CLOSED 0x02000000 // fail closed
+#define SOL_SOCKET 1
+#define SO_MARK 36
 
 #define SO_ORIGINAL_DST 80
 #define SOL_IP 0
@@ -62,13 +75,14 @@ struct layer_cfg {
 	__u32 active;		     // bit per field with any condition
 	__u32 default_class[NFIELDS]; // value present, no lookup entry
 	__u32 empty_class[NFIELDS];   // value absent (e.g. local port before bind)
+	__u32 callouts;		      // some filter calls a Go callout (ACT_CALLOUT)
 };
 
 struct filter_meta {
 	__u64 id;
 	__u8 action;
 	__u8 hard;
-	__u16 pad;
+	__u16 flags; // FM_*
 	__u32 sub_end; // rank of the first filter of the next sublayer
 	__u32 redirect;
 	__u32 handle;
@@ -270,6 +284,64 @@ struct {
 	__type(value, struct redirect_state);
 } fwp_zero_state SEC(".maps");
 
+// flow_key is a TCP flow as its first packet carries it: the local
+// (source) and remote (destination) address and port, v4 addresses in the
+// first 4 bytes. User space finds a queued SYN's socket by it.
+struct flow_key {
+	__u8 local[16];
+	__u8 remote[16];
+	__u16 local_port;  // host order
+	__u16 remote_port; // host order
+	__u8 v6;
+	__u8 pad[3];
+};
+
+// callout_flow is what the connect hook captured for a flow a Go callout
+// decides (Go: CalloutFlow): the tuple it classified, at which layer the
+// walk met the callout, and the connecting process.
+struct callout_flow {
+	__u8 raddr[16];
+	__u8 laddr[16];
+	__u64 cookie;
+	__u64 cgroup_id;
+	__u64 filter_id; // the callout filter the walk stopped at
+	__u32 pid;	 // thread id
+	__u32 tgid;	 // process id
+	__u32 uid;
+	__u32 gid;
+	__u16 rport; // host order
+	__u16 lport; // host order
+	__u8 proto;
+	__u8 v6;
+	__u8 has_laddr;
+	__u8 has_lport;
+	__u8 slot;	 // SLOT_CONNECT_REDIRECT or SLOT_AUTH_CONNECT (+ v6)
+	__u8 redirected; // the kernel redirected it before AUTH_CONNECT
+	__u8 indexed;	 // key is set (sockops saw the SYN about to leave)
+	__u8 fail_open;
+	char comm[16];
+	struct flow_key key;
+};
+
+// fwp_callout_flows: the flows waiting for a Go callout, by socket cookie;
+// the entry goes with the socket (sock_release).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct callout_flow);
+} fwp_callout_flows SEC(".maps");
+
+// fwp_callout_tuples maps a waiting flow's 4-tuple to its socket cookie
+// (written by sockops when the source port exists); user space deletes it
+// once the flow is decided, sock_release when the socket goes first.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u64);
+} fwp_callout_tuples SEC(".maps");
+
 #define EV_DROP 1
 #define EV_REDIRECT 2
 
@@ -356,6 +428,9 @@ struct walk {
 	__u32 redirect; // chosen redirect index + 1
 	__u8 action;
 	__u8 write;
+	__u8 callouts; // the layer has callout filters: a hard permit may still be vetoed
+	__u8 callout_flags;
+	__u64 callout; // the callout filter the walk stopped at
 };
 
 // ctz64 counts the trailing zeros of a nonzero x without branches: a
@@ -428,6 +503,13 @@ static int walk_step(__u32 index, struct walk *w)
 		if (!m)
 			return 1;
 		__u8 act = m->action;
+		if (act == ACT_CALLOUT) {
+			// A Go callout can still change the decision (a hard
+			// block ended the walk before): user space decides.
+			w->callout = m->id;
+			w->callout_flags = m->flags;
+			return 1;
+		}
 		if (act == ACT_REDIRECT) {
 			// A socket carrying a record of this redirect is the
 			// proxy's own: the callout passes (no loop).
@@ -443,8 +525,11 @@ static int walk_step(__u32 index, struct walk *w)
 			w->decider = m->id;
 		}
 		w->skip_to = m->sub_end;
-		// A hard decision is final: no callout in the kernel can veto.
-		return w->write ? 0 : 1;
+		// A hard block is final; a hard permit too, unless a later
+		// callout filter may veto it.
+		if (w->write)
+			return 0;
+		return (w->callouts && w->action == ACT_PERMIT) ? 0 : 1;
 	}
 	if (w->sumbits) {
 #pragma unroll
@@ -535,6 +620,9 @@ struct verdict {
 	__u64 filter_id;
 	__u32 redirect; // index + 1 of the chosen redirect, 0 for none
 	__u32 action;
+	__u64 callout; // a callout filter decides: user space classifies
+	__u32 callout_flags;
+	__u32 pad;
 };
 
 // fwp_classify runs one layer over the tuple and fills v with ACT_BLOCK or
@@ -546,6 +634,8 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->action = ACT_PERMIT;
 	v->redirect = 0;
 	v->filter_id = 0;
+	v->callout = 0;
+	v->callout_flags = 0;
 	gen &= 1;
 	if (slot >= NSLOTS)
 		return 0;
@@ -560,6 +650,7 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	if (cookie && slot < SLOT_AUTH_CONNECT)
 		w.rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
 	w.base = li * MAXF;
+	w.callouts = lc->callouts != 0;
 	__u32 active = lc->active;
 	__u32 n = lc->nfilters;
 	// Only the fields with conditions are looked up. Their classes hold
@@ -619,6 +710,10 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
+	v->callout = w.callout;
+	v->callout_flags = w.callout_flags;
+	if (w.callout)
+		return 0; // decided in user space; counted there
 	__u64 id = w.decider;
 	if (id) {
 		__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);
@@ -784,6 +879,57 @@ static __always_inline void read_dest(struct bpf_sock_addr *ctx, struct tuple *t
 	t->proto = ctx->protocol;
 }
 
+// fwp_upcall hands a TCP flow whose classification reached a Go callout to
+// user space: it records what the hook knows by socket cookie and marks
+// the socket so that fwp's nftables rules queue the flow's SYN. It returns
+// 1 to let connect() proceed (the SYN waits in the queue for the verdict),
+// 0 for EPERM when the flow cannot be handed over and its filter fails
+// closed. A global function: verified once, its own stack frame.
+__attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple *t, struct verdict *v, __u32 slot, __u32 redirected)
+{
+	if (!t || !v)
+		return 0;
+	__u8 open = (v->callout_flags & FM_FAIL_OPEN) != 0;
+	// Only TCP is queued for now (Compile refuses callout filters that
+	// may match other protocols); anything else takes the filter's flag.
+	if (t->proto != IPPROTO_TCP)
+		return open;
+	struct callout_flow f = {};
+	__builtin_memcpy(f.raddr, t->raddr, 16);
+	__builtin_memcpy(f.laddr, t->laddr, 16);
+	f.cookie = t->cookie;
+	f.cgroup_id = t->cgid;
+	f.filter_id = v->callout;
+	__u64 pt = bpf_get_current_pid_tgid();
+	__u64 ug = bpf_get_current_uid_gid();
+	f.pid = (__u32)pt;
+	f.tgid = pt >> 32;
+	f.uid = (__u32)ug;
+	f.gid = ug >> 32;
+	f.rport = t->rport;
+	f.lport = t->lport;
+	f.proto = t->proto;
+	f.v6 = t->v6;
+	f.has_laddr = t->has_laddr;
+	f.has_lport = t->has_lport;
+	f.slot = slot;
+	f.redirected = redirected;
+	f.fail_open = open;
+	bpf_get_current_comm(f.comm, sizeof(f.comm));
+	__u64 cookie = t->cookie;
+	if (bpf_map_update_elem(&fwp_callout_flows, &cookie, &f, BPF_ANY))
+		return open;
+	int mark = 0;
+	if (bpf_getsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)))
+		mark = 0;
+	mark = (mark & ~FWP_MARK_MASK) | (open ? FWP_MARK_QUEUE_OPEN : FWP_MARK_QUEUE_CLOSED);
+	if (bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark))) {
+		bpf_map_delete_elem(&fwp_callout_flows, &cookie);
+		return open;
+	}
+	return 1;
+}
+
 // do_connect is ALE_CONNECT_REDIRECT then ALE_AUTH_CONNECT for a connect or
 // an unconnected sendmsg. It returns 1 to let the call proceed, 0 for EPERM.
 static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
@@ -797,6 +943,8 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	t.cookie = cookie;
 	struct verdict v = {};
 	fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
+	if (v.callout)
+		return fwp_upcall(ctx, &t, &v, SLOT_CONNECT_REDIRECT + t.v6, 0) ? 1 : 0;
 	fwp_count(SLOT_CONNECT_REDIRECT + t.v6, v.action);
 	if (v.action == ACT_BLOCK) {
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, SLOT_CONNECT_REDIRECT + t.v6);
@@ -855,6 +1003,8 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	}
 	__u8 slot = SLOT_AUTH_CONNECT + t.v6;
 	fwp_classify(gen, slot, &t, &v);
+	if (v.callout)
+		return fwp_upcall(ctx, &t, &v, slot, redirected) ? 1 : 0;
 	fwp_count(slot, v.action);
 	if (v.action == ACT_BLOCK) {
 		if (redirected)
@@ -1011,6 +1161,35 @@ static __always_inline int accepted_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+// callout_index: a flow waiting for a Go callout is about to send its SYN
+// (its source port exists now): index it by the 4-tuple user space reads
+// from the queued packet.
+static __always_inline void callout_index(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	struct callout_flow *f = bpf_map_lookup_elem(&fwp_callout_flows, &cookie);
+	if (!f)
+		return;
+	struct flow_key k = {};
+	if (skops->family == AF_INET) {
+		__u32 a = skops->local_ip4;
+		__builtin_memcpy(k.local, &a, 4);
+		a = skops->remote_ip4;
+		__builtin_memcpy(k.remote, &a, 4);
+	} else {
+		__u32 l[4], r[4];
+		LOAD_IP6(l, skops->local_ip6);
+		LOAD_IP6(r, skops->remote_ip6);
+		k.v6 = store_addr(k.local, l);
+		store_addr(k.remote, r);
+	}
+	k.local_port = skops->local_port;
+	k.remote_port = bpf_ntohl(skops->remote_port);
+	if (bpf_map_update_elem(&fwp_callout_tuples, &k, &cookie, BPF_ANY) == 0) {
+		f->key = k;
+		f->indexed = 1;
+	}
+}
+
 // sockops: once a redirected TCP client has its source port, index its
 // redirect by the 4-tuple the proxy will see on the accepted connection
 // (egress does it for UDP).
@@ -1022,6 +1201,7 @@ int fwp_sockops(struct bpf_sock_ops *skops)
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);
+	callout_index(skops, cookie);
 	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
 	if (!st)
 		return 1;
@@ -1201,6 +1381,14 @@ int fwp_sock_release(struct bpf_sock *sk)
 	}
 	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
 		bpf_map_delete_elem(&fwp_sock_records, &cookie);
+	struct callout_flow *cf = bpf_map_lookup_elem(&fwp_callout_flows, &cookie);
+	if (cf) {
+		if (cf->indexed) {
+			struct flow_key k = cf->key;
+			bpf_map_delete_elem(&fwp_callout_tuples, &k);
+		}
+		bpf_map_delete_elem(&fwp_callout_flows, &cookie);
+	}
 	return 1;
 }
 

@@ -83,7 +83,7 @@ type Path struct {
 	paths  processPaths
 
 	queued, permitted, blocked, pended, noFlow, redirects, errs atomic.Uint64
-	holding                                                      atomic.Int64
+	holding                                                     atomic.Int64
 }
 
 // Start installs fwp's nftables tables in the namespace and starts one

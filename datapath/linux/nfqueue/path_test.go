@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
@@ -35,11 +36,13 @@ const (
 	portFailClosed = 8005 // pends past the deadline; the filter fails closed
 	portHeld       = 8006 // pends until the test completes it
 	portKernel     = 8007 // no callout filter: the kernel alone permits
+	portHardPermit = 8008 // a hard permit in a higher sublayer; the callout below vetoes
+	portHardBlock  = 8009 // a hard block in a higher sublayer; the callout below cannot change it
 	pendDelay      = 300 * time.Millisecond
 	pendTimeout    = 700 * time.Millisecond
 )
 
-var helperPorts = []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portKernel}
+var helperPorts = []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portKernel, portHardPermit, portHardBlock}
 
 func init() { testutil.RegisterHelper("client", clientHelper) }
 
@@ -187,7 +190,19 @@ func newFixture(t *testing.T, pendTimeout time.Duration) *fixture {
 		if err != nil {
 			return err
 		}
-		for _, port := range []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld} {
+		hi, err := tx.AddSublayer(engine.Sublayer{Key: "test.hi", Provider: p, Weight: 20})
+		if err != nil {
+			return err
+		}
+		for port, act := range map[int]engine.ActionType{portHardPermit: engine.ActionPermit, portHardBlock: engine.ActionBlock} {
+			if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Sublayer: hi, Provider: p,
+				Flags:      engine.FilterClearActionRight,
+				Conditions: []engine.Condition{{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(port))}},
+				Action:     engine.Action{Type: act}}); err != nil {
+				return err
+			}
+		}
+		for _, port := range []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portHardPermit, portHardBlock} {
 			var flags engine.FilterFlags
 			if port == portFailOpen {
 				flags = engine.FilterPermitIfCalloutUnregistered
@@ -264,7 +279,7 @@ func (fx *fixture) classify(req *engine.ClassifyRequest, out *engine.ClassifyOut
 	switch int(req.Values.Uint(engine.FieldIPRemotePort)) {
 	case portPermit:
 		out.Action = engine.ActionPermit
-	case portBlock:
+	case portBlock, portHardPermit, portHardBlock:
 		out.Action = engine.ActionBlock
 	case portPend:
 		if reauth {
@@ -372,6 +387,34 @@ func TestCurlThroughCallout(t *testing.T) {
 	// port and the later packets never came up).
 	if st.Queued != 7 || st.Permitted != 3 || st.Blocked != 4 || st.NoFlow != 0 {
 		t.Fatalf("stats %+v: want 7 queued (3 permitted, 4 blocked), none without metadata", st)
+	}
+	fx.checkClean(t)
+}
+
+// The kernel's walk hands a flow over only while a callout can change the
+// decision: below a hard permit a callout may still veto (the flow comes
+// up and the veto refuses it); below a hard block nothing can, and the
+// kernel refuses the connect alone, never calling the callout. The engine
+// agrees on both.
+func TestCalloutBelowHardDecisions(t *testing.T) {
+	fx := newFixture(t, pendTimeout)
+	for _, c := range []struct {
+		port   int
+		queued uint64
+	}{{portHardPermit, 1}, {portHardBlock, 0}} {
+		before, calls := fx.path.Stats().Queued, fx.calls.Load()
+		r := fx.curl(t, c.port)
+		if r.exit != 7 {
+			t.Fatalf("port %d: curl %+v, want exit 7", c.port, r)
+		}
+		if q := fx.path.Stats().Queued - before; q != c.queued || uint64(fx.calls.Load()-calls) != c.queued {
+			t.Fatalf("port %d: %d SYNs queued, callout called %d times; want %d", c.port, q, fx.calls.Load()-calls, c.queued)
+		}
+		var vs engine.Values
+		vs.SetTuple(6, netip.AddrPort{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(c.port)))
+		if res := fx.eng.Classify(engine.LayerALEAuthConnectV4, &vs, &engine.Metadata{}); res.Permitted() {
+			t.Fatalf("port %d: the engine permits (%v), the kernel refused", c.port, res)
+		}
 	}
 	fx.checkClean(t)
 }

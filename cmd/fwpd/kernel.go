@@ -27,6 +27,7 @@ type kernelConfig struct {
 	bpffsDir  string
 	keepHooks bool
 	classes   uint
+	callouts  calloutConfig
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -35,6 +36,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&k.bpffsDir, "bpffs-dir", "/sys/fs/bpf/fwp", "bpffs directory for the datapath's pins (redirect maps for proxies; hooks with --keep-hooks-on-exit); a bpffs is mounted on its parent if absent")
 	fs.UintVar(&k.classes, "kernel-max-classes", 0, "bound the kernel datapath's class bitsets (about 2 KiB of kernel memory each; 0: 65536)")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
+	k.callouts.flags(fs)
 }
 
 // kernel is fwpd's eBPF datapath: every commit's policy is compiled and
@@ -44,6 +46,7 @@ type kernel struct {
 	cgroup string
 	log    *slog.Logger
 	lock   *os.File // held while the datapath is ours
+	co     calloutPath
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -75,7 +78,7 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, fmt.Errorf("kernel datapath: %w (or run with --datapath none)", err)
 	}
-	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock}, nil
+	return &kernel{d: d, cgroup: c.cgroup, log: log, lock: lock, co: calloutPath{cfg: c.callouts, log: log}}, nil
 }
 
 // lockPins makes sure no other fwpd uses the same pin directory (a new
@@ -107,6 +110,13 @@ func (k *kernel) beforeCommit(v engine.View) error {
 	if err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
+	// Flows handed to Go callouts need the callout path before the
+	// policy marks any.
+	if p.Callouts() {
+		if err := k.co.start(k.d); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
+	}
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
@@ -126,6 +136,7 @@ func (k *kernel) close() {
 	if k == nil {
 		return
 	}
+	k.co.close()
 	if err := k.d.Close(); err != nil {
 		k.log.Error("kernel datapath close", "err", err)
 	}

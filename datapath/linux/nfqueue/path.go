@@ -165,15 +165,19 @@ func (p *Path) Stats() Stats {
 // (-1: no table), for checks that nothing is left behind.
 func Rules(netns int) (int, error) { return tableRules(netns) }
 
-// readLoop reads one queue on a thread pinned to the queue's CPU. The
-// thread is never handed back to the Go runtime (no UnlockOSThread): it
-// ends with the loop, taking its CPU affinity with it.
+// readLoop reads one queue on a thread pinned to the queue's CPU; the
+// thread gets its CPUs back when the loop ends.
 func (p *Path) readLoop(q *queue) {
 	defer p.wg.Done()
 	runtime.LockOSThread()
-	var set unix.CPUSet
-	set.Set(q.cpu)
-	_ = unix.SchedSetaffinity(0, &set) // a CPU that is offline: stay where we are
+	var old, set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &old); err == nil {
+		set.Set(q.cpu)
+		if unix.SchedSetaffinity(0, &set) == nil { // a CPU that is offline: stay where we are
+			defer unix.SchedSetaffinity(0, &old)
+		}
+	}
+	defer runtime.UnlockOSThread()
 	for !q.closed.Load() {
 		err := q.read(func(pk *packet) { p.handle(q, pk) })
 		switch {

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,20 +30,21 @@ func TestMain(m *testing.M) {
 
 // Ports of the helper's servers; the test callout decides by port.
 const (
-	portPermit     = 8001 // permits at once
-	portPend       = 8002 // pends 300 ms, then permits
-	portBlock      = 8003 // blocks
-	portFailOpen   = 8004 // pends past the deadline; the filter fails open
-	portFailClosed = 8005 // pends past the deadline; the filter fails closed
-	portHeld       = 8006 // pends until the test completes it
-	portKernel     = 8007 // no callout filter: the kernel alone permits
-	portHardPermit = 8008 // a hard permit in a higher sublayer; the callout below vetoes
-	portHardBlock  = 8009 // a hard block in a higher sublayer; the callout below cannot change it
-	pendDelay      = 300 * time.Millisecond
-	pendTimeout    = 700 * time.Millisecond
+	portPermit       = 8001 // permits at once
+	portPend         = 8002 // pends 300 ms, then permits
+	portBlock        = 8003 // blocks
+	portFailOpen     = 8004 // pends past the deadline; the filter fails open
+	portFailClosed   = 8005 // pends past the deadline; the filter fails closed
+	portHeld         = 8006 // pends until the test completes it
+	portKernel       = 8007 // no callout filter: the kernel alone permits
+	portHardPermit   = 8008 // a hard permit in a higher sublayer; the callout below vetoes
+	portHardBlock    = 8009 // a hard block in a higher sublayer; the callout below cannot change it
+	portKernelPermit = 8010 // a plain permit filter: the kernel decides
+	pendDelay        = 300 * time.Millisecond
+	pendTimeout      = 700 * time.Millisecond
 )
 
-var helperPorts = []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portKernel, portHardPermit, portHardBlock}
+var helperPorts = []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portKernel, portHardPermit, portHardBlock, portKernelPermit}
 
 func init() { testutil.RegisterHelper("client", clientHelper) }
 
@@ -88,6 +90,20 @@ func helperCommand(f []string) string {
 		// n connects (conc at a time) to port; answers ok, failed, first error
 		ok, failed, first := dialMany(arg(1), arg(2), arg(3))
 		return fmt.Sprintf("%d %d %q", ok, failed, first)
+	case "lat":
+		// n connect+close to port one after another: the median and the
+		// 90th percentile in nanoseconds
+		n := arg(2)
+		ds := make([]time.Duration, 0, n)
+		for range n {
+			start := time.Now()
+			if err := dialOne(arg(1)); err != nil {
+				return "error " + err.Error()
+			}
+			ds = append(ds, time.Since(start))
+		}
+		slices.Sort(ds)
+		return fmt.Sprintf("%d %d", ds[len(ds)/2], ds[len(ds)*9/10])
 	case "hol":
 		// one connect to a held port in the background, then n connects
 		// to a permit-at-once port: are they all done while it is held?
@@ -146,7 +162,7 @@ var (
 	dpErr  error
 )
 
-func loadDatapath(t *testing.T) *ebpf.Datapath {
+func loadDatapath(t testing.TB) *ebpf.Datapath {
 	t.Helper()
 	testutil.RequireRoot(t)
 	dpOnce.Do(func() { dp, dpErr = ebpf.Load(ebpf.Options{}) })
@@ -169,7 +185,7 @@ type fixture struct {
 	calls atomic.Int64
 }
 
-func newFixture(t *testing.T, pendTimeout time.Duration) *fixture {
+func newFixture(t testing.TB, pendTimeout time.Duration) *fixture {
 	d := loadDatapath(t)
 	fx := &fixture{dp: d, held: make(chan *engine.Pend, 4096)}
 	fx.eng = engine.New(engine.Options{PendTimeout: pendTimeout})
@@ -177,7 +193,52 @@ func newFixture(t *testing.T, pendTimeout time.Duration) *fixture {
 	if err := fx.eng.RegisterCallout("test.decide", engine.CalloutRegistration{Classify: fx.classify}); err != nil {
 		t.Fatal(err)
 	}
-	err := fx.eng.Update(func(tx *engine.Txn) error {
+	if err := fx.eng.Update(func(tx *engine.Txn) error { return testPolicy(tx, true) }); err != nil {
+		t.Fatal(err)
+	}
+	pol, err := ebpf.Compile(fx.eng.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pol.Callouts() {
+		t.Fatal("the policy has callout filters, Compile says none")
+	}
+	if err := d.Apply(pol); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		d.Detach(cg.Path)
+		empty, _ := ebpf.Compile(engine.New(engine.Options{}).View())
+		d.Apply(empty)
+	})
+	fx.h = testutil.StartHelper(t, cg, "client")
+	if line, err := fx.h.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
+		t.Fatalf("helper: %q %v", line, err) // the first line is the helper's "ready" (an empty request is sent)
+	}
+	fx.netns, err = os.Open(fmt.Sprintf("/proc/%d/ns/net", fx.h.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fx.path, err = Start(fx.eng, d, Options{NetNS: int(fx.netns.Fd())})
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	t.Cleanup(func() {
+		if fx.path != nil {
+			fx.path.Close()
+		}
+		fx.netns.Close()
+	})
+	return fx
+}
+
+// testPolicy is the tests' policy; without callouts, its callout filters
+// are left out (the benchmark's kernel-only arm).
+func testPolicy(tx *engine.Txn, callouts bool) error {
+	{
 		p, err := tx.AddProvider(engine.Provider{Key: "test"})
 		if err != nil {
 			return err
@@ -202,7 +263,18 @@ func newFixture(t *testing.T, pendTimeout time.Duration) *fixture {
 				return err
 			}
 		}
+		if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Sublayer: sl, Provider: p,
+			Conditions: []engine.Condition{
+				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portKernelPermit)},
+			},
+			Action: engine.Action{Type: engine.ActionPermit}}); err != nil {
+			return err
+		}
 		for _, port := range []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portHardPermit, portHardBlock} {
+			if !callouts {
+				break
+			}
 			var flags engine.FilterFlags
 			if port == portFailOpen {
 				flags = engine.FilterPermitIfCalloutUnregistered
@@ -217,50 +289,7 @@ func newFixture(t *testing.T, pendTimeout time.Duration) *fixture {
 			}
 		}
 		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
-	pol, err := ebpf.Compile(fx.eng.View())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !pol.Callouts() {
-		t.Fatal("the policy has callout filters, Compile says none")
-	}
-	if err := d.Apply(pol); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Attach(cg.Path); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		d.Detach(cg.Path)
-		empty, _ := ebpf.Compile(engine.New(engine.Options{}).View())
-		d.Apply(empty)
-	})
-	fx.h = testutil.StartHelper(t, cg, "client")
-	if line, err := fx.h.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
-		// the first line is the helper's "ready" (an empty request is sent)
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	fx.netns, err = os.Open(fmt.Sprintf("/proc/%d/ns/net", fx.h.Pid()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	fx.path, err = Start(fx.eng, d, Options{NetNS: int(fx.netns.Fd())})
-	if err != nil {
-		testutil.Unavailable(t, err)
-	}
-	t.Cleanup(func() {
-		if fx.path != nil {
-			fx.path.Close()
-		}
-		fx.netns.Close()
-	})
-	return fx
 }
 
 // classify is the test's Go callout: its decision depends on the port.
@@ -302,7 +331,7 @@ func (fx *fixture) classify(req *engine.ClassifyRequest, out *engine.ClassifyOut
 	}
 }
 
-func (fx *fixture) call(t *testing.T, cmd string) []string {
+func (fx *fixture) call(t testing.TB, cmd string) []string {
 	t.Helper()
 	line, err := fx.h.Call([]byte(cmd))
 	if err != nil {
@@ -330,7 +359,7 @@ func (fx *fixture) curl(t *testing.T, port int) curlResult {
 }
 
 // checkClean: nothing held, pended or left in the maps.
-func (fx *fixture) checkClean(t *testing.T) {
+func (fx *fixture) checkClean(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {

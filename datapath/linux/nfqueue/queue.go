@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync/atomic"
 
@@ -127,14 +128,27 @@ func socketIn(netns int) (int, error) {
 	}
 	ch := make(chan result, 1)
 	go func() {
-		// This thread enters netns and is never reused: it ends with the
-		// goroutine (LockOSThread without Unlock).
+		// The thread enters netns for the socket call and comes back; one
+		// that cannot come back stays locked and ends with the goroutine
+		// (a thread that ends kills the children it started with
+		// Pdeathsig, so threads are not thrown away lightly).
 		runtime.LockOSThread()
+		self, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{-1, fmt.Errorf("nfqueue: %w", err)}
+			return
+		}
+		defer self.Close()
 		if err := unix.Setns(netns, unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
 			ch <- result{-1, fmt.Errorf("nfqueue: setns: %w", err)}
 			return
 		}
 		fd, err := open()
+		if unix.Setns(int(self.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
 		ch <- result{fd, err}
 	}()
 	r := <-ch

@@ -46,7 +46,19 @@ type CalloutFlow struct {
 	Comm       string
 	Redirected bool // the kernel redirected it at CONNECT_REDIRECT before AUTH_CONNECT
 	FailOpen   bool // the filter's PERMIT_IF_CALLOUT_UNREGISTERED
+	// Verdict is what user space decided for the flow already (a SYN
+	// sent again gets the same answer): 0 not yet, VerdictPermit or
+	// VerdictBlock.
+	Verdict uint8
+
+	raw fwpCalloutFlow
 }
+
+// Verdicts noted on a callout flow's record.
+const (
+	VerdictPermit = 1
+	VerdictBlock  = 2
+)
 
 func flowKeyOf(local, remote netip.AddrPort) fwpFlowKey {
 	l, r := local.Addr().Unmap(), remote.Addr().Unmap()
@@ -75,7 +87,7 @@ func (f *fwpCalloutFlow) export() CalloutFlow {
 		Cookie: f.Cookie, Layer: engine.LayerFor(kind, f.V6 != 0), Filter: engine.FilterID(f.FilterId), Protocol: f.Proto,
 		Remote: netip.AddrPortFrom(addrOf(f.Raddr, f.V6), f.Rport),
 		PID:    f.Tgid, TID: f.Pid, UID: f.Uid, GID: f.Gid, CgroupID: f.CgroupId, Comm: string(comm),
-		Redirected: f.Redirected != 0, FailOpen: f.FailOpen != 0,
+		Redirected: f.Redirected != 0, FailOpen: f.FailOpen != 0, Verdict: f.Verdict, raw: *f,
 	}
 	var la netip.Addr
 	if f.HasLaddr != 0 {
@@ -98,29 +110,28 @@ func (f *fwpCalloutFlow) export() CalloutFlow {
 // no lock: the queue readers call it per packet.
 func (d *Datapath) CalloutFlow(local, remote netip.AddrPort) (CalloutFlow, error) {
 	k := flowKeyOf(local, remote)
-	var cookie uint64
-	if err := d.objs.FwpCalloutTuples.Lookup(&k, &cookie); err != nil {
+	var f fwpCalloutFlow
+	if err := d.objs.FwpCalloutTuples.Lookup(&k, &f); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return CalloutFlow{}, fmt.Errorf("%w: %s -> %s", ErrNoCalloutFlow, local, remote)
-		}
-		return CalloutFlow{}, err
-	}
-	var f fwpCalloutFlow
-	if err := d.objs.FwpCalloutFlows.Lookup(&cookie, &f); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return CalloutFlow{}, fmt.Errorf("%w: %s -> %s (socket %d)", ErrNoCalloutFlow, local, remote, cookie)
 		}
 		return CalloutFlow{}, err
 	}
 	return f.export(), nil
 }
 
-// CalloutFlowDone forgets a flow once user space decided it (the socket's
-// close would otherwise drop it).
-func (d *Datapath) CalloutFlowDone(local, remote netip.AddrPort, cookie uint64) {
-	k := flowKeyOf(local, remote)
-	_ = d.objs.FwpCalloutTuples.Delete(&k)
-	_ = d.objs.FwpCalloutFlows.Delete(&cookie)
+// CalloutFlowDecided notes user space's verdict on the flow's record, so a
+// SYN the program sends again is answered the same without a second
+// classification; the record goes when the socket closes (sock_release).
+func (d *Datapath) CalloutFlowDecided(f CalloutFlow, verdict uint8) error {
+	raw := f.raw
+	raw.Verdict = verdict
+	k := raw.Key
+	// Only if still there: a record the socket's close removed stays gone.
+	if err := d.objs.FwpCalloutTuples.Update(&k, &raw, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	return nil
 }
 
 // CalloutFlowCounts returns how many flows wait in the callout maps (by

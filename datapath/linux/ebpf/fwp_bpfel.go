@@ -53,9 +53,10 @@ type fwpCalloutFlow struct {
 	Redirected uint8
 	Indexed    uint8
 	FailOpen   uint8
+	Verdict    uint8
+	Pad        [3]uint8
 	Comm       [16]int8
 	Key        fwpFlowKey
-	_          [4]byte
 }
 
 type fwpConfig struct {

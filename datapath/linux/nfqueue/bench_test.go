@@ -3,6 +3,7 @@
 package nfqueue
 
 import (
+	"os"
 	"slices"
 	"strconv"
 	"testing"
@@ -26,6 +27,13 @@ import (
 //	go test -run XXX -bench NewFlowLatency -benchtime 20x ./datapath/linux/nfqueue
 func BenchmarkNewFlowLatency(b *testing.B) {
 	fx := newFixture(b, pendTimeout)
+	if prio, _ := strconv.Atoi(os.Getenv("FWP_BENCH_PRIO")); prio > 0 {
+		fx.path.Close()
+		var err error
+		if fx.path, err = Start(fx.eng, fx.dp, Options{NetNS: int(fx.netns.Fd()), Priority: prio}); err != nil {
+			b.Fatal(err)
+		}
+	}
 	with, err := ebpf.Compile(fx.eng.View())
 	if err != nil {
 		b.Fatal(err)
@@ -72,4 +80,10 @@ func BenchmarkNewFlowLatency(b *testing.B) {
 	b.ReportMetric(med(noCallout), "nocallout-µs")
 	b.ReportMetric(med(base), "nocallout-base-µs")
 	b.ReportMetric(med(noCallout)/med(base), "nocallout/base")
+	if st := fx.path.Stats(); st.Inline > 0 {
+		b.ReportMetric(float64(st.InlineTime)/float64(st.Inline)/1e3, "decide-µs")
+	}
+	if st := fx.path.Stats(); st.Inline > 0 {
+		b.ReportMetric(float64(st.InlineTime)/float64(st.Inline)/1e3, "decide-µs")
+	}
 }

@@ -15,12 +15,19 @@
 // fwp's own nftables tables (ip and ip6, named "fwp", in the namespace of
 // the traffic; installed by Start, removed by Close) then run, at output:
 //
-//	ct mark & Permit        → accept             (an authorized flow's later packets)
-//	meta mark & Permit      → ct mark |= Permit, accept
-//	meta mark & Block, tcp  → reject with tcp reset (connect: ECONNREFUSED at once)
-//	meta mark & Block       → drop
-//	meta mark & QueueOpen,   ct state new → NFQUEUE fanout over the CPUs' queues, bypass
-//	meta mark & QueueClosed, ct state new → NFQUEUE fanout, no bypass
+//	meta mark & Permit              → accept
+//	meta mark & Block, tcp          → reject with tcp reset (connect: ECONNREFUSED at once)
+//	meta mark & Block               → drop
+//	meta mark & QueueOpen,   tcp SYN → NFQUEUE fanout over the CPUs' queues, bypass
+//	meta mark & QueueClosed, tcp SYN → NFQUEUE fanout, no bypass
+//
+// ("tcp SYN": SYN set, ACK, RST and FIN clear.) Only the SYN is queued:
+// later packets of the socket match nothing. A SYN the program sends again
+// before the SYN-ACK finds the verdict user space noted on the hook's
+// record and gets the same answer without a second classification. There
+// is no conntrack state: a connection mark would let a new socket that
+// reuses the 4-tuple of a permitted connection whose conntrack entry still
+// lingers pass unasked (a soak of 100,000 connects met it once).
 //
 // The queue target is xtables' NFQUEUE (revision 3) through nft's compat
 // expression (github.com/google/nftables): this kernel lacks nft's native
@@ -35,8 +42,7 @@
 // alone, from the layer the kernel stopped at) with that metadata and
 // answers in the same loop — no goroutine hop on the fast path. The
 // verdict is NF_REPEAT with the permit or block bit in the packet mark, so
-// the rules above save the permit in the conntrack mark (later packets
-// pass at once) or reset the connection. A callout that pends holds the
+// the rules above let the SYN on or reset the connection. A callout that pends holds the
 // SYN: the flow moves to a goroutine of its own (engine.FinishPended) and
 // the loop reads on, so a flow pended for minutes delays no other. The
 // engine's PendTimeout applies the filter's PERMIT_IF_CALLOUT_UNREGISTERED

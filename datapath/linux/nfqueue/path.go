@@ -25,7 +25,7 @@ import (
 // space (ebpf.Datapath implements it).
 type Flows interface {
 	CalloutFlow(local, remote netip.AddrPort) (ebpf.CalloutFlow, error)
-	CalloutFlowDone(local, remote netip.AddrPort, cookie uint64)
+	CalloutFlowDecided(f ebpf.CalloutFlow, verdict uint8) error
 }
 
 // Options configure a Path.
@@ -47,6 +47,9 @@ type Options struct {
 	// tcp_syn_retries); the engine's PendTimeout, which applies the
 	// filter's PERMIT_IF_CALLOUT_UNREGISTERED, should be shorter.
 	HoldLimit time.Duration
+	// Priority, when above 0, runs the read loops as SCHED_FIFO threads
+	// of that priority (1-99).
+	Priority int
 	// Marks are the mark bits (default: ebpf.Mark*).
 	Marks Marks
 	// Log receives errors of the read loops (default: discarded).
@@ -63,6 +66,12 @@ type Stats struct {
 	NoFlow    uint64 // packets without hook metadata: decided by their mark's fail-open/closed bit
 	Redirects uint64 // run-time redirects refused (not carried out on this path yet)
 	Errors    uint64 // verdicts that could not be sent
+	Resent    uint64 // SYNs of decided flows sent again, answered as before
+	// Inline and InlineTime: flows decided in the read loop without a
+	// pend, and the time from reading their packet to the verdict (the
+	// decision alone: sending the verdict runs the packet on).
+	Inline     uint64
+	InlineTime time.Duration
 }
 
 // Path is the kernel callout path: it holds the first packet of each flow
@@ -82,8 +91,19 @@ type Path struct {
 	mask   uint32
 	paths  processPaths
 
-	queued, permitted, blocked, pended, noFlow, redirects, errs atomic.Uint64
-	holding                                                     atomic.Int64
+	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent atomic.Uint64
+	holding                                                                                  atomic.Int64
+	// done takes decided flows to a goroutine that notes their verdict
+	// on the hook's record, off the read loop (the verdict's packet is on
+	// its way).
+	done     chan doneFlow
+	doneStop chan struct{}
+	doneWG   sync.WaitGroup
+}
+
+type doneFlow struct {
+	f       ebpf.CalloutFlow
+	verdict uint8
 }
 
 // Start installs fwp's nftables tables in the namespace and starts one
@@ -116,10 +136,14 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	m := opts.Marks
 	p := &Path{eng: eng, flows: flows, opts: opts, mask: m.QueueOpen | m.QueueClosed | m.Permit | m.Block}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.done, p.doneStop = make(chan doneFlow, 4096), make(chan struct{})
+	p.doneWG.Add(1)
+	go p.forget()
 	for i := range opts.Queues {
 		q, err := openQueue(opts.NetNS, opts.QueueBase+uint16(i), i, opts.MaxLen)
 		if err != nil {
 			p.closeQueues()
+			p.stopForget()
 			return nil, err
 		}
 		p.queues = append(p.queues, q)
@@ -128,6 +152,7 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	// fail-closed SYN never meets a queue without one.
 	if err := installTable(opts.NetNS, m, opts.QueueBase, uint16(opts.Queues)); err != nil {
 		p.closeQueues()
+		p.stopForget()
 		return nil, err
 	}
 	for _, q := range p.queues {
@@ -146,7 +171,33 @@ func (p *Path) Close() error {
 	p.held.Wait()
 	p.closeQueues()
 	p.wg.Wait()
+	p.stopForget()
 	return err
+}
+
+// forget notes decided flows' verdicts on their hook records.
+func (p *Path) forget() {
+	defer p.doneWG.Done()
+	for {
+		select {
+		case d := <-p.done:
+			p.flows.CalloutFlowDecided(d.f, d.verdict)
+		case <-p.doneStop:
+			for {
+				select {
+				case d := <-p.done:
+					p.flows.CalloutFlowDecided(d.f, d.verdict)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+func (p *Path) stopForget() {
+	close(p.doneStop)
+	p.doneWG.Wait()
 }
 
 func (p *Path) closeQueues() {
@@ -158,7 +209,8 @@ func (p *Path) closeQueues() {
 // Stats returns the path's counters.
 func (p *Path) Stats() Stats {
 	return Stats{Queued: p.queued.Load(), Permitted: p.permitted.Load(), Blocked: p.blocked.Load(), Pended: p.pended.Load(),
-		Held: p.holding.Load(), NoFlow: p.noFlow.Load(), Redirects: p.redirects.Load(), Errors: p.errs.Load()}
+		Held: p.holding.Load(), NoFlow: p.noFlow.Load(), Redirects: p.redirects.Load(), Errors: p.errs.Load(),
+		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load()}
 }
 
 // Rules reports how many rules fwp's tables hold in the path's namespace
@@ -178,6 +230,15 @@ func (p *Path) readLoop(q *queue) {
 		}
 	}
 	defer runtime.UnlockOSThread()
+	if p.opts.Priority > 0 {
+		// A woken reader runs before ordinary tasks on its CPU: on a busy
+		// machine the wake-up, not the decision, is the SYN's delay. The
+		// loop blocks between packets, and the kernel's RT throttling
+		// bounds it under a flood.
+		if unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_FIFO, Priority: uint32(p.opts.Priority)}, 0) == nil {
+			defer unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}, 0)
+		}
+	}
 	for !q.closed.Load() {
 		err := q.read(func(pk *packet) { p.handle(q, pk) })
 		switch {
@@ -205,6 +266,7 @@ type flow struct {
 }
 
 func (p *Path) handle(q *queue, pk *packet) {
+	start := time.Now()
 	p.queued.Add(1)
 	local, remote, ok := parseTCP(pk.payload)
 	if !ok {
@@ -219,6 +281,12 @@ func (p *Path) handle(q *queue, pk *packet) {
 		return
 	}
 	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f}
+	if f.Verdict != 0 {
+		// A SYN sent again (no SYN-ACK came yet): the same answer.
+		p.resent.Add(1)
+		p.verdict(fl, f.Verdict == ebpf.VerdictPermit)
+		return
+	}
 	if f.Layer.Kind() == engine.KindConnectRedirect {
 		fl.layers = [2]engine.LayerID{f.Layer, engine.LayerFor(engine.KindAuthConnect, f.Layer.V6())}
 		fl.nlayers = 2
@@ -228,6 +296,8 @@ func (p *Path) handle(q *queue, pk *packet) {
 	p.fillMeta(fl)
 	res, pended := p.run(fl)
 	if !pended {
+		p.inline.Add(1)
+		p.inlineNanos.Add(uint64(time.Since(start)))
 		p.answer(fl, res)
 		return
 	}
@@ -306,19 +376,33 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 // again with the permit mark (saved in the connection's mark: later
 // packets pass at once) or the block mark (a TCP reset to the program).
 func (p *Path) answer(fl *flow, res engine.Result) {
-	mark := fl.mark &^ p.mask
-	if res.Permitted() {
-		mark |= p.opts.Marks.Permit
+	permit := res.Permitted()
+	v := uint8(ebpf.VerdictBlock)
+	if permit {
 		p.permitted.Add(1)
+		v = ebpf.VerdictPermit
+	} else {
+		p.blocked.Add(1)
+	}
+	p.verdict(fl, permit)
+	select {
+	case p.done <- doneFlow{fl.f, v}:
+	default:
+		p.flows.CalloutFlowDecided(fl.f, v)
+	}
+}
+
+func (p *Path) verdict(fl *flow, permit bool) {
+	mark := fl.mark &^ p.mask
+	if permit {
+		mark |= p.opts.Marks.Permit
 	} else {
 		mark |= p.opts.Marks.Block
-		p.blocked.Add(1)
 	}
 	if err := fl.q.verdict(fl.id, verdictRepeat, mark, true); err != nil {
 		p.errs.Add(1)
 		p.opts.Log.Error("nfqueue verdict", "queue", fl.q.num, "err", err)
 	}
-	p.flows.CalloutFlowDone(fl.local, fl.remote, fl.f.Cookie)
 }
 
 // failByMark answers a packet the path cannot classify by the fail bit

@@ -23,7 +23,7 @@ const TableName = "fwp"
 type Marks struct {
 	QueueOpen   uint32 // socket: queue the flow's SYN, let it pass when no one reads the queue
 	QueueClosed uint32 // socket: queue the flow's SYN, drop it when no one reads the queue
-	Permit      uint32 // verdict: the flow may proceed (saved in the conntrack mark)
+	Permit      uint32 // verdict: the flow may proceed
 	Block       uint32 // verdict: refuse the flow (TCP reset: ECONNREFUSED at once)
 }
 
@@ -41,8 +41,7 @@ func (m Marks) valid() error {
 
 func le32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
 
-// markHas loads a mark (the packet's or the connection's) and compares its
-// bits m with nonzero.
+// markHas loads the packet's mark and compares its bits m with nonzero.
 func markHas(load expr.Any, m uint32) []expr.Any {
 	return []expr.Any{
 		load,
@@ -52,7 +51,6 @@ func markHas(load expr.Any, m uint32) []expr.Any {
 }
 
 func pktMark() expr.Any { return &expr.Meta{Key: expr.MetaKeyMARK, Register: 1} }
-func ctMark() expr.Any  { return &expr.Ct{Key: expr.CtKeyMARK, Register: 1} }
 
 // nfqueueTarget is xtables' NFQUEUE target (revision 3: xt_NFQ_info_v3 —
 // queue number, queue count, flags) through nft's compat expression: this
@@ -75,35 +73,34 @@ func nfqueueTarget(base, total uint16, bypass bool) *expr.Target {
 	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &u}
 }
 
-// rules is the output chain, in order: an authorized connection passes (its
-// conntrack mark); a held packet given the permit mark saves it in the
-// conntrack mark and passes; one given the block mark is refused (a TCP
-// reset); the first packet of a flow whose socket carries a queue mark
-// goes to the queues, one per CPU (fanout by the sending CPU), bypassed
-// when no one reads them only for fail-open filters.
+// rules is the output chain, in order: a held packet given the permit
+// mark passes; one given the block mark is refused (a TCP reset); a SYN
+// (no ACK, RST or FIN) whose socket carries a queue mark goes to the
+// queues, one per CPU (fanout by the sending CPU), bypassed when no one
+// reads them only for fail-open filters. Nothing else of the flow matches:
+// after the SYN the socket's packets pass, and a SYN sent again finds the
+// verdict noted on the hook's record. No conntrack: a 4-tuple reused by a
+// new socket while an old connection's entry lingers must come up again.
 func rules(m Marks, base, total uint16) [][]expr.Any {
 	var rs [][]expr.Any
-	rs = append(rs, append(markHas(ctMark(), m.Permit), &expr.Verdict{Kind: expr.VerdictAccept}))
-	rs = append(rs, append(markHas(pktMark(), m.Permit),
-		ctMark(),
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(^m.Permit), Xor: le32(m.Permit)},
-		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
-		&expr.Verdict{Kind: expr.VerdictAccept}))
-	rs = append(rs, append(markHas(pktMark(), m.Block),
+	rs = append(rs, append(markHas(pktMark(), m.Permit), &expr.Verdict{Kind: expr.VerdictAccept}))
+	tcp := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-		&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}))
-	rs = append(rs, append(markHas(pktMark(), m.Block), &expr.Verdict{Kind: expr.VerdictDrop}))
-	newFlow := []expr.Any{
-		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(expr.CtStateBitNEW), Xor: le32(0)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: le32(0)},
 	}
+	rs = append(rs, append(append(markHas(pktMark(), m.Block), tcp...), &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}))
+	rs = append(rs, append(markHas(pktMark(), m.Block), &expr.Verdict{Kind: expr.VerdictDrop}))
+	const fin, syn, rst, ack = 0x01, 0x02, 0x04, 0x10
+	synOnly := append(tcp,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{fin | syn | rst | ack}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{syn}},
+	)
 	for _, q := range []struct {
 		mark   uint32
 		bypass bool
 	}{{m.QueueOpen, true}, {m.QueueClosed, false}} {
-		r := append(markHas(pktMark(), q.mark), newFlow...)
+		r := append(markHas(pktMark(), q.mark), synOnly...)
 		rs = append(rs, append(r, nfqueueTarget(base, total, q.bypass)))
 	}
 	return rs

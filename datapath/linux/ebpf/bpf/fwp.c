@@ -319,6 +319,8 @@ struct callout_flow {
 	__u8 redirected; // the kernel redirected it before AUTH_CONNECT
 	__u8 indexed;	 // key is set (sockops saw the SYN about to leave)
 	__u8 fail_open;
+	__u8 verdict; // set by user space once decided: 1 permit, 2 block (a resent SYN gets it again)
+	__u8 pad[3];
 	char comm[16];
 	struct flow_key key;
 };
@@ -332,14 +334,15 @@ struct {
 	__type(value, struct callout_flow);
 } fwp_callout_flows SEC(".maps");
 
-// fwp_callout_tuples maps a waiting flow's 4-tuple to its socket cookie
-// (written by sockops when the source port exists); user space deletes it
-// once the flow is decided, sock_release when the socket goes first.
+// fwp_callout_tuples holds a waiting flow's record by its 4-tuple (copied
+// by sockops when the source port exists), so user space finds it with one
+// lookup, and notes its verdict there; sock_release removes it with the
+// socket.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
-	__type(value, __u64);
+	__type(value, struct callout_flow);
 } fwp_callout_tuples SEC(".maps");
 
 #define EV_DROP 1
@@ -1184,10 +1187,10 @@ static __always_inline void callout_index(struct bpf_sock_ops *skops, __u64 cook
 	}
 	k.local_port = skops->local_port;
 	k.remote_port = bpf_ntohl(skops->remote_port);
-	if (bpf_map_update_elem(&fwp_callout_tuples, &k, &cookie, BPF_ANY) == 0) {
-		f->key = k;
-		f->indexed = 1;
-	}
+	f->key = k;
+	f->indexed = 1;
+	if (bpf_map_update_elem(&fwp_callout_tuples, &k, f, BPF_ANY))
+		f->indexed = 0;
 }
 
 // sockops: once a redirected TCP client has its source port, index its

@@ -43,11 +43,11 @@ func TestSoak(t *testing.T) {
 	start := time.Now()
 	blocked := soakOps / 10
 	permitted := soakOps - blocked
-	f := fx.call(t, fmt.Sprintf("dial %d %d 4", portPermit, permitted))
+	f := fx.call(t, fmt.Sprintf("dial %d %d 16", portPermit, permitted))
 	if f[0] != strconv.Itoa(permitted) || f[1] != "0" {
 		t.Fatalf("permitted connects: %v", f)
 	}
-	f = fx.call(t, fmt.Sprintf("dial %d %d 4", portBlock, blocked))
+	f = fx.call(t, fmt.Sprintf("dial %d %d 16", portBlock, blocked))
 	if f[0] != "0" || f[1] != strconv.Itoa(blocked) || !strings.Contains(strings.Join(f, " "), "connection refused") {
 		t.Fatalf("blocked connects: %v", f)
 	}

@@ -507,8 +507,10 @@ static int walk_step(__u32 index, struct walk *w)
 			return 1;
 		__u8 act = m->action;
 		if (act == ACT_CALLOUT) {
-			// A Go callout can still change the decision (a hard
-			// block ended the walk before): user space decides.
+			// A Go callout can still change the decision unless a
+			// hard block is in force: then the walk ends here.
+			if (w->action == ACT_BLOCK && !w->write)
+				return 1;
 			w->callout = m->id;
 			w->callout_flags = m->flags;
 			return 1;
@@ -528,11 +530,10 @@ static int walk_step(__u32 index, struct walk *w)
 			w->decider = m->id;
 		}
 		w->skip_to = m->sub_end;
-		// A hard block is final; a hard permit too, unless a later
-		// callout filter may veto it.
-		if (w->write)
-			return 0;
-		return (w->callouts && w->action == ACT_PERMIT) ? 0 : 1;
+		// A hard decision is final unless the layer has callout
+		// filters: one may veto a hard permit (below a hard block the
+		// walk ends at the first callout filter).
+		return (w->write || w->callouts) ? 0 : 1;
 	}
 	if (w->sumbits) {
 #pragma unroll

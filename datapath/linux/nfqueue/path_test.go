@@ -90,6 +90,21 @@ func helperCommand(f []string) string {
 		// n connects (conc at a time) to port; answers ok, failed, first error
 		ok, failed, first := dialMany(arg(1), arg(2), arg(3))
 		return fmt.Sprintf("%d %d %q", ok, failed, first)
+	case "as":
+		// as UID GID PROG ARGS...: run a program as an unprivileged user
+		// (no supplementary groups); exit code and its stderr's last line
+		cmd := exec.Command("setpriv", append([]string{"--reuid=" + f[1], "--regid=" + f[2], "--clear-groups", "--"}, f[3:]...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			return "error " + err.Error()
+		}
+		lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+		return fmt.Sprintf("%d %q", code, lines[len(lines)-1])
 	case "lat":
 		// n connect+close to port one after another: the median and the
 		// 90th percentile in nanoseconds
@@ -183,6 +198,7 @@ type fixture struct {
 	netns *os.File
 	held  chan *engine.Pend // pends of portHeld
 	calls atomic.Int64
+	uid   atomic.Int64 // the user of the last flow the callout saw
 }
 
 func newFixture(t testing.TB, pendTimeout time.Duration) *fixture {
@@ -295,6 +311,9 @@ func testPolicy(tx *engine.Txn, callouts bool) error {
 // classify is the test's Go callout: its decision depends on the port.
 func (fx *fixture) classify(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
 	fx.calls.Add(1)
+	if req.Meta.Has(engine.MetaUserID) {
+		fx.uid.Store(int64(req.Meta.UserID))
+	}
 	reauth := uint32(req.Values.Uint(engine.FieldFlags))&engine.FlagIsReauthorize != 0
 	pend := func() *engine.Pend {
 		p, err := req.PendOperation()

@@ -154,3 +154,15 @@ func (d *Datapath) CalloutFlowCounts() (flows, tuples int, err error) {
 	tuples, err = count(d.objs.FwpCalloutTuples, &k)
 	return flows, tuples, err
 }
+
+// SetCalloutNamespace tells the hooks which network namespace (by its
+// cookie, SO_NETNS_COOKIE) a callout path serves; 0 when none does. A flow
+// handed to a Go callout in any other namespace, where nothing would read
+// its queue, is decided by its filter's PERMIT_IF_CALLOUT_UNREGISTERED flag
+// in the hook at once (a fail-closed filter's connect fails with EPERM).
+func (d *Datapath) SetCalloutNamespace(cookie uint64) error {
+	if err := d.objs.FwpCalloutCfg.Put(uint32(0), fwpCalloutCfg{Netns: cookie}); err != nil {
+		return fmt.Errorf("callout namespace: %w", err)
+	}
+	return nil
+}

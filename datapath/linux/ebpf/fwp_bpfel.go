@@ -32,6 +32,11 @@ type fwpBsKey struct {
 	Cls uint32
 }
 
+type fwpCalloutCfg struct {
+	_     structs.HostLayout
+	Netns uint64
+}
+
 type fwpCalloutFlow struct {
 	_          structs.HostLayout
 	Raddr      [16]uint8
@@ -167,6 +172,7 @@ type fwpTupleKey struct {
 const (
 	fwpMapFwpAddrs         = "fwp_addrs"
 	fwpMapFwpBitsets       = "fwp_bitsets"
+	fwpMapFwpCalloutCfg    = "fwp_callout_cfg"
 	fwpMapFwpCalloutFlows  = "fwp_callout_flows"
 	fwpMapFwpCalloutTuples = "fwp_callout_tuples"
 	fwpMapFwpConfig        = "fwp_config"
@@ -264,6 +270,7 @@ type fwpProgramSpecs struct {
 type fwpMapSpecs struct {
 	FwpAddrs         *ebpf.MapSpec `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.MapSpec `ebpf:"fwp_bitsets"`
+	FwpCalloutCfg    *ebpf.MapSpec `ebpf:"fwp_callout_cfg"`
 	FwpCalloutFlows  *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
 	FwpCalloutTuples *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
@@ -311,6 +318,7 @@ func (o *fwpObjects) Close() error {
 type fwpMaps struct {
 	FwpAddrs         *ebpf.Map `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.Map `ebpf:"fwp_bitsets"`
+	FwpCalloutCfg    *ebpf.Map `ebpf:"fwp_callout_cfg"`
 	FwpCalloutFlows  *ebpf.Map `ebpf:"fwp_callout_flows"`
 	FwpCalloutTuples *ebpf.Map `ebpf:"fwp_callout_tuples"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
@@ -334,6 +342,7 @@ func (m *fwpMaps) Close() error {
 	return _FwpClose(
 		m.FwpAddrs,
 		m.FwpBitsets,
+		m.FwpCalloutCfg,
 		m.FwpCalloutFlows,
 		m.FwpCalloutTuples,
 		m.FwpConfig,

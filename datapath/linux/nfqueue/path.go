@@ -26,6 +26,9 @@ import (
 type Flows interface {
 	CalloutFlow(local, remote netip.AddrPort) (ebpf.CalloutFlow, error)
 	CalloutFlowDecided(f ebpf.CalloutFlow, verdict uint8) error
+	// SetCalloutNamespace names the namespace (cookie) whose queues are
+	// read, 0 for none: flows elsewhere take their filter's flag at once.
+	SetCalloutNamespace(cookie uint64) error
 }
 
 // Options configure a Path.
@@ -99,6 +102,9 @@ type Path struct {
 	done     chan doneFlow
 	doneStop chan struct{}
 	doneWG   sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 type doneFlow struct {
@@ -155,6 +161,17 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 		p.stopForget()
 		return nil, err
 	}
+	// The hooks hand flows over only in the namespace served here.
+	cookie, err := unix.GetsockoptUint64(p.queues[0].fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err == nil {
+		err = flows.SetCalloutNamespace(cookie)
+	}
+	if err != nil {
+		removeTable(opts.NetNS)
+		p.closeQueues()
+		p.stopForget()
+		return nil, fmt.Errorf("nfqueue: the served namespace: %w", err)
+	}
 	for _, q := range p.queues {
 		p.wg.Add(1)
 		go p.readLoop(q)
@@ -166,7 +183,14 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 // PERMIT_IF_CALLOUT_UNREGISTERED flag (the callouts are going away with
 // the path) and closes the queues.
 func (p *Path) Close() error {
-	err := removeTable(p.opts.NetNS)
+	p.closeOnce.Do(func() { p.closeErr = p.close() })
+	return p.closeErr
+}
+
+func (p *Path) close() error {
+	// New flows take their filter's flag in the hook from now on.
+	err := p.flows.SetCalloutNamespace(0)
+	err = errors.Join(err, removeTable(p.opts.NetNS))
 	p.cancel()
 	p.held.Wait()
 	p.closeQueues()

@@ -196,6 +196,7 @@ type fixture struct {
 	h     *testutil.Helper
 	path  *Path
 	netns *os.File
+	cg    *testutil.Cgroup
 	held  chan *engine.Pend // pends of portHeld
 	calls atomic.Int64
 	uid   atomic.Int64 // the user of the last flow the callout saw
@@ -206,6 +207,7 @@ func newFixture(t testing.TB, pendTimeout time.Duration) *fixture {
 	fx := &fixture{dp: d, held: make(chan *engine.Pend, 4096)}
 	fx.eng = engine.New(engine.Options{PendTimeout: pendTimeout})
 	cg := testutil.NewCgroup(t)
+	fx.cg = cg
 	if err := fx.eng.RegisterCallout("test.decide", engine.CalloutRegistration{Classify: fx.classify}); err != nil {
 		t.Fatal(err)
 	}

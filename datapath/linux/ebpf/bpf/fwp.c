@@ -345,6 +345,19 @@ struct {
 	__type(value, struct callout_flow);
 } fwp_callout_tuples SEC(".maps");
 
+// callout_cfg: the network namespace (cookie) whose queues a callout path
+// reads; 0 while none does.
+struct callout_cfg {
+	__u64 netns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct callout_cfg);
+} fwp_callout_cfg SEC(".maps");
+
 #define EV_DROP 1
 #define EV_REDIRECT 2
 
@@ -897,6 +910,12 @@ __attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple
 	// Only TCP is queued for now (Compile refuses callout filters that
 	// may match other protocols); anything else takes the filter's flag.
 	if (t->proto != IPPROTO_TCP)
+		return open;
+	// Nothing would read the queue this flow's SYN goes to (no callout
+	// path, or one serving another namespace): the filter's flag, at once.
+	__u32 zero = 0;
+	struct callout_cfg *cc = bpf_map_lookup_elem(&fwp_callout_cfg, &zero);
+	if (!cc || !cc->netns || cc->netns != bpf_get_netns_cookie(ctx))
 		return open;
 	struct callout_flow f = {};
 	__builtin_memcpy(f.raddr, t->raddr, 16);

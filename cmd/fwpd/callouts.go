@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"fwp/datapath/linux/ebpf"
 	"fwp/datapath/linux/nfqueue"
 	"fwp/engine"
@@ -93,4 +95,34 @@ func (k *kernel) setEngine(e *engine.Engine) {
 	if k != nil {
 		k.co.eng = e
 	}
+}
+
+var calloutDesc = prometheus.NewDesc("fwp_callout_path_flows_total",
+	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirect_refused, verdict_errors).", []string{"outcome"}, nil)
+
+var calloutHeldDesc = prometheus.NewDesc("fwp_callout_path_held",
+	"Flows the kernel callout path holds for a pending Go callout right now.", nil, nil)
+
+// calloutCollector exports the callout path's counters (none until it
+// starts).
+type calloutCollector struct{ c *calloutPath }
+
+func (calloutCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- calloutDesc
+	ch <- calloutHeldDesc
+}
+
+func (cc calloutCollector) Collect(ch chan<- prometheus.Metric) {
+	cc.c.mu.Lock()
+	p := cc.c.path
+	cc.c.mu.Unlock()
+	if p == nil {
+		return
+	}
+	st := p.Stats()
+	for outcome, n := range map[string]uint64{"queued": st.Queued, "permitted": st.Permitted, "blocked": st.Blocked, "pended": st.Pended,
+		"resent": st.Resent, "no_metadata": st.NoFlow, "redirect_refused": st.Redirects, "verdict_errors": st.Errors} {
+		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(n), outcome)
+	}
+	ch <- prometheus.MustNewConstMetric(calloutHeldDesc, prometheus.GaugeValue, float64(st.Held))
 }

@@ -154,6 +154,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 	}
 	if reg != nil {
 		reg.MustRegister(kernelCollector{k.d, eng})
+		reg.MustRegister(calloutCollector{&k.co})
 	}
 	go func() {
 		t := time.NewTicker(time.Duration(ebpf.ReleasedGrace) * time.Second)

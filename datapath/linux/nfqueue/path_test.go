@@ -52,6 +52,21 @@ func init() { testutil.RegisterHelper("client", clientHelper) }
 // HTTP servers on the helper ports of 127.0.0.1, and a client answering
 // one command line at a time.
 func clientHelper(args []string) error {
+	for p := diffFirst; p <= diffLast; p++ {
+		ln, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			return err
+		}
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+	}
 	for _, p := range helperPorts {
 		ln, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(p))
 		if err != nil {
@@ -105,6 +120,17 @@ func helperCommand(f []string) string {
 		}
 		lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
 		return fmt.Sprintf("%d %q", code, lines[len(lines)-1])
+	case "probe":
+		// probe FROM TO: connect to each port, one letter each: o connected, x refused
+		var b strings.Builder
+		for port := arg(1); port <= arg(2); port++ {
+			if dialOne(port) == nil {
+				b.WriteByte('o')
+			} else {
+				b.WriteByte('x')
+			}
+		}
+		return b.String()
 	case "lat":
 		// n connect+close to port one after another: the median and the
 		// 90th percentile in nanoseconds

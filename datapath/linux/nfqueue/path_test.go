@@ -68,11 +68,13 @@ func clientHelper(args []string) error {
 		}()
 	}
 	for _, p := range helperPorts {
-		ln, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(p))
-		if err != nil {
-			return err
+		for _, addr := range []string{"127.0.0.1", "[::1]"} {
+			ln, err := net.Listen("tcp", addr+":"+strconv.Itoa(p))
+			if err != nil {
+				return err
+			}
+			go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") }))
 		}
-		go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") }))
 	}
 	fmt.Println("ready")
 	in := bufio.NewScanner(os.Stdin)
@@ -92,8 +94,12 @@ func helperCommand(f []string) string {
 	case "curl":
 		// exit code, HTTP code, curl's own time (seconds), wall time (ms)
 		start := time.Now()
-		out, err := exec.Command("curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "--max-time", "20",
-			"http://127.0.0.1:"+f[1]+"/").Output()
+		host := "127.0.0.1"
+		if len(f) > 2 {
+			host = f[2]
+		}
+		out, err := exec.Command("curl", "-g", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "--max-time", "20",
+			"http://"+host+":"+f[1]+"/").Output()
 		code := 0
 		if ee, ok := err.(*exec.ExitError); ok {
 			code = ee.ExitCode()
@@ -234,8 +240,10 @@ func newFixture(t testing.TB, pendTimeout time.Duration) *fixture {
 	fx.eng = engine.New(engine.Options{PendTimeout: pendTimeout})
 	cg := testutil.NewCgroup(t)
 	fx.cg = cg
-	if err := fx.eng.RegisterCallout("test.decide", engine.CalloutRegistration{Classify: fx.classify}); err != nil {
-		t.Fatal(err)
+	for _, key := range []string{"test.decide", "test.decide6"} {
+		if err := fx.eng.RegisterCallout(key, engine.CalloutRegistration{Classify: fx.classify}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := fx.eng.Update(func(tx *engine.Txn) error { return testPolicy(tx, true) }); err != nil {
 		t.Fatal(err)
@@ -315,6 +323,23 @@ func testPolicy(tx *engine.Txn, callouts bool) error {
 			Action: engine.Action{Type: engine.ActionPermit}}); err != nil {
 			return err
 		}
+		co6, err := tx.AddCallout(engine.Callout{Key: "test.decide6", Provider: p, Layer: engine.LayerALEAuthConnectV6})
+		if err != nil {
+			return err
+		}
+		for _, port := range []int{portPermit, portBlock} {
+			if !callouts {
+				break
+			}
+			if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV6, Sublayer: sl, Provider: p,
+				Conditions: []engine.Condition{
+					{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+					{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(port))},
+				},
+				Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co6}}); err != nil {
+				return err
+			}
+		}
 		for _, port := range []int{portPermit, portPend, portBlock, portFailOpen, portFailClosed, portHeld, portHardPermit, portHardBlock} {
 			if !callouts {
 				break
@@ -392,8 +417,8 @@ type curlResult struct {
 	took       time.Duration // curl's time_total
 }
 
-func (fx *fixture) curl(t *testing.T, port int) curlResult {
-	f := fx.call(t, "curl "+strconv.Itoa(port))
+func (fx *fixture) curl(t *testing.T, port int, host ...string) curlResult {
+	f := fx.call(t, strings.Join(append([]string{"curl", strconv.Itoa(port)}, host...), " "))
 	if len(f) != 4 {
 		t.Fatalf("curl %d: %q", port, f)
 	}
@@ -457,12 +482,19 @@ func TestCurlThroughCallout(t *testing.T) {
 	if r := fx.curl(t, portFailClosed); r.exit != 7 || r.took < pendTimeout {
 		t.Fatalf("pend past the deadline, fail-closed filter: curl %+v, want exit 7 after %v", r, pendTimeout)
 	}
+	// IPv6: the same through AUTH_CONNECT_V6.
+	if r := fx.curl(t, portPermit, "[::1]"); r.exit != 0 || r.code != 200 {
+		t.Fatalf("v6, permit at once: curl %+v, want 200", r)
+	}
+	if r := fx.curl(t, portBlock, "[::1]"); r.exit != 7 {
+		t.Fatalf("v6, block: curl %+v, want exit 7", r)
+	}
 	st := fx.path.Stats()
 	t.Logf("path stats: %+v", st)
 	// Only the callout flows were queued: one SYN each (the kernel-only
 	// port and the later packets never came up).
-	if st.Queued != 7 || st.Permitted != 3 || st.Blocked != 4 || st.NoFlow != 0 {
-		t.Fatalf("stats %+v: want 7 queued (3 permitted, 4 blocked), none without metadata", st)
+	if st.Queued != 9 || st.Permitted != 4 || st.Blocked != 5 || st.NoFlow != 0 {
+		t.Fatalf("stats %+v: want 9 queued (4 permitted, 5 blocked), none without metadata", st)
 	}
 	fx.checkClean(t)
 }

@@ -105,6 +105,8 @@ type Path struct {
 
 	closeOnce sync.Once
 	closeErr  error
+	holdMu    sync.Mutex // orders held.Add with Close's held.Wait
+	closing   bool
 }
 
 type doneFlow struct {
@@ -179,9 +181,11 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	return p, nil
 }
 
-// Close removes the tables, answers every held flow by its filter's
+// Close stops handing flows over (new ones take their filter's flag in the
+// hook), answers every held flow by its filter's
 // PERMIT_IF_CALLOUT_UNREGISTERED flag (the callouts are going away with
-// the path) and closes the queues.
+// the path; the rules are still there to carry a block out), then removes
+// the tables and closes the queues. It may be called more than once.
 func (p *Path) Close() error {
 	p.closeOnce.Do(func() { p.closeErr = p.close() })
 	return p.closeErr
@@ -190,9 +194,13 @@ func (p *Path) Close() error {
 func (p *Path) close() error {
 	// New flows take their filter's flag in the hook from now on.
 	err := p.flows.SetCalloutNamespace(0)
-	err = errors.Join(err, removeTable(p.opts.NetNS))
+	p.holdMu.Lock()
+	p.closing = true
+	p.holdMu.Unlock()
 	p.cancel()
+	// The held flows' verdicts need the rules (a block is the reset rule).
 	p.held.Wait()
+	err = errors.Join(err, removeTable(p.opts.NetNS))
 	p.closeQueues()
 	p.wg.Wait()
 	p.stopForget()
@@ -325,9 +333,17 @@ func (p *Path) handle(q *queue, pk *packet) {
 		p.answer(fl, res)
 		return
 	}
+	p.holdMu.Lock()
+	if p.closing {
+		p.holdMu.Unlock()
+		res.Pend.Cancel()
+		p.answer(fl, p.failResult(fl))
+		return
+	}
+	p.held.Add(1)
+	p.holdMu.Unlock()
 	p.pended.Add(1)
 	p.holding.Add(1)
-	p.held.Add(1)
 	go p.wait(fl, res)
 }
 
@@ -375,11 +391,7 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 		r, err := p.eng.FinishPended(ctx, res, &fl.vs, &fl.meta)
 		if err != nil {
 			if p.ctx.Err() != nil {
-				// Closing: the callouts go away with the path.
-				r = engine.Result{ClassifyOut: engine.ClassifyOut{Action: engine.ActionBlock}}
-				if fl.f.FailOpen {
-					r.Action = engine.ActionPermit
-				}
+				r = p.failResult(fl) // closing: the callouts go away with the path
 			}
 			p.answer(fl, r)
 			return
@@ -394,6 +406,15 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 			return
 		}
 	}
+}
+
+// failResult is the filter's PERMIT_IF_CALLOUT_UNREGISTERED decision.
+func (p *Path) failResult(fl *flow) engine.Result {
+	r := engine.Result{ClassifyOut: engine.ClassifyOut{Action: engine.ActionBlock}}
+	if fl.f.FailOpen {
+		r.Action = engine.ActionPermit
+	}
+	return r
 }
 
 // answer gives the held packet its verdict: it goes through the chain

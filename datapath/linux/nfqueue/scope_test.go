@@ -50,3 +50,44 @@ func TestUnservedNamespaceTakesFlag(t *testing.T) {
 		t.Fatalf("after Close: %d rules in fwp's tables (%v), want no table", n, err)
 	}
 }
+
+// Closing the path answers the flows it holds by their filter's flag:
+// the callouts go away with it. A pended flow of a fail-closed filter is
+// refused, one of a fail-open filter connects.
+func TestCloseAnswersHeldFlows(t *testing.T) {
+	fx := newFixture(t, 10*time.Second)
+	results := make(chan string, 2)
+	for _, port := range []string{"8006", "8004"} { // portHeld (fail-closed), portFailOpen
+		go func() {
+			line, err := fx.h.Call([]byte("dial " + port + " 1 1"))
+			if err != nil {
+				results <- err.Error()
+				return
+			}
+			results <- port + " " + strings.TrimSpace(string(line))
+		}()
+		deadline := time.Now().Add(5 * time.Second)
+		for fx.path.Stats().Held == 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("port %s: the flow was not held", port)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if err := fx.path.Close(); err != nil {
+			t.Fatal(err)
+		}
+		got := <-results
+		want := port + " 1 0"
+		if port == "8006" {
+			want = port + " 0 1"
+		}
+		if !strings.HasPrefix(got, want) {
+			t.Fatalf("held flow at Close: %q, want %q...", got, want)
+		}
+		var err error
+		if fx.path, err = Start(fx.eng, fx.dp, Options{NetNS: int(fx.netns.Fd())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fx.checkClean(t)
+}

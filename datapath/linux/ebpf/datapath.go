@@ -364,9 +364,6 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 		}
 		cfg := fwpLayerCfg{Nfilters: uint32(len(lp.filters)), Nwords: uint32((len(lp.filters) + 63) / 64), Active: lp.active,
 			DefaultClass: lp.def, EmptyClass: lp.empty}
-		if lp.callouts {
-			cfg.Callouts = 1
-		}
 		if err := d.objs.FwpLayers.Put(uint32(li), cfg); err != nil {
 			return mapErr("layers", err)
 		}

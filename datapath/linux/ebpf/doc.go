@@ -75,9 +75,12 @@
 // nfqueue queues that SYN, classifies the flow in the engine and answers;
 // it registers the namespace it serves (SetCalloutNamespace), and a flow
 // in any other namespace, or while none is served, takes the filter's flag
-// in the hook at once. A layer with callout filters keeps walking after a
-// hard decision (the kernel's walk otherwise stops there); below a hard
-// block it ends at the first callout filter without a hand-over. The
+// in the hook at once. A hard decision ends the walk unless a callout
+// filter follows (Compile flags such filters); below a hard block the walk
+// then ends at the first callout filter without a hand-over. A walk that
+// stops at a callout filter carries no new state from step to step (it
+// ends with the filter as the decider), so the verifier's work grows by
+// ~10k instructions per classifying program (76k for connect4). The
 // records go with the socket (sock_release).
 //
 // # Built-in connect redirect

@@ -105,7 +105,6 @@ type fwpLayerCfg struct {
 	Active       uint32
 	DefaultClass [8]uint32
 	EmptyClass   [8]uint32
-	Callouts     uint32
 }
 
 type fwpPortBlock struct {

@@ -53,7 +53,10 @@ const (
 )
 
 // filterMeta flags.
-const fmFailOpen = 1 // PERMIT_IF_CALLOUT_UNREGISTERED
+const (
+	fmFailOpen      = 1 // PERMIT_IF_CALLOUT_UNREGISTERED
+	fmCalloutsLater = 2 // a callout filter follows in the layer: a hard decision does not end the walk
+)
 
 // kernelKinds are the layers the hooks classify, in slot order.
 var kernelKinds = []engine.LayerKind{
@@ -287,6 +290,15 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			}
 			groups[kf][rank] = append(groups[kf][rank], c)
 		}
+	}
+	// A hard decision ends the kernel's walk unless a callout filter
+	// follows (it may veto a hard permit).
+	later := false
+	for i := n - 1; i >= 0; i-- {
+		if later {
+			lp.filters[i].Flags |= fmCalloutsLater
+		}
+		later = later || lp.filters[i].Action == actCallout
 	}
 	// Sublayer ends: the rank of the first filter of the next sublayer.
 	for i := n - 1; i >= 0; i-- {

@@ -46,7 +46,8 @@
 #define ACT_REDIRECT 3
 #define ACT_CALLOUT 4 // a Go callout decides: the flow goes to user space
 
-#define FM_FAIL_OPEN 1 // filter_meta.flags: PERMIT_IF_CALLOUT_UNREGISTERED
+#define FM_FAIL_OPEN 1	     // filter_meta.flags: PERMIT_IF_CALLOUT_UNREGISTERED
+#define FM_CALLOUTS_LATER 2 // a callout filter follows in the layer: a hard decision does not end the walk
 
 // Socket and packet mark bits of the callout path (Go: ebpf.Mark*). The
 // connect hook sets one of the queue bits on a socket whose flow a Go
@@ -75,7 +76,6 @@ struct layer_cfg {
 	__u32 active;		     // bit per field with any condition
 	__u32 default_class[NFIELDS]; // value present, no lookup entry
 	__u32 empty_class[NFIELDS];   // value absent (e.g. local port before bind)
-	__u32 callouts;		      // some filter calls a Go callout (ACT_CALLOUT)
 };
 
 struct filter_meta {
@@ -443,10 +443,7 @@ struct walk {
 	__u32 base;
 	__u32 redirect; // chosen redirect index + 1
 	__u8 action;
-	__u8 write;
-	__u8 callouts; // the layer has callout filters: a hard permit may still be vetoed
-	__u8 callout_flags;
-	__u64 callout; // the callout filter the walk stopped at
+	__u8 write; // at the end of a walk stopped by a callout filter: its flags
 };
 
 // ctz64 counts the trailing zeros of a nonzero x without branches: a
@@ -522,10 +519,13 @@ static int walk_step(__u32 index, struct walk *w)
 		if (act == ACT_CALLOUT) {
 			// A Go callout can still change the decision unless a
 			// hard block is in force: then the walk ends here.
+			// Otherwise it ends with the callout filter as the
+			// decider (no new state carried from step to step).
 			if (w->action == ACT_BLOCK && !w->write)
 				return 1;
-			w->callout = m->id;
-			w->callout_flags = m->flags;
+			w->action = ACT_CALLOUT;
+			w->decider = m->id;
+			w->write = m->flags;
 			return 1;
 		}
 		if (act == ACT_REDIRECT) {
@@ -543,10 +543,10 @@ static int walk_step(__u32 index, struct walk *w)
 			w->decider = m->id;
 		}
 		w->skip_to = m->sub_end;
-		// A hard decision is final unless the layer has callout
-		// filters: one may veto a hard permit (below a hard block the
-		// walk ends at the first callout filter).
-		return (w->write || w->callouts) ? 0 : 1;
+		// A hard decision is final unless a callout filter follows:
+		// one may veto a hard permit (below a hard block the walk ends
+		// at the first callout filter).
+		return (w->write || (m->flags & FM_CALLOUTS_LATER)) ? 0 : 1;
 	}
 	if (w->sumbits) {
 #pragma unroll
@@ -667,7 +667,6 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	if (cookie && slot < SLOT_AUTH_CONNECT)
 		w.rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
 	w.base = li * MAXF;
-	w.callouts = lc->callouts != 0;
 	__u32 active = lc->active;
 	__u32 n = lc->nfilters;
 	// Only the fields with conditions are looked up. Their classes hold
@@ -727,10 +726,11 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
-	v->callout = w.callout;
-	v->callout_flags = w.callout_flags;
-	if (w.callout)
+	if (w.action == ACT_CALLOUT) {
+		v->callout = w.decider;
+		v->callout_flags = w.write;
 		return 0; // decided in user space; counted there
+	}
 	__u64 id = w.decider;
 	if (id) {
 		__u64 *c = bpf_map_lookup_elem(&fwp_hits, &id);

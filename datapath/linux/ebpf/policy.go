@@ -107,14 +107,6 @@ func IsBuiltinBindRedirect(key string) bool {
 	return key == BuiltinBindRedirectKey || strings.HasPrefix(key, BuiltinBindRedirectKey+"/")
 }
 
-// calloutName names a callout by key when the view has it.
-func calloutName(co engine.Callout, err error, id engine.CalloutID) string {
-	if err != nil {
-		return id.String()
-	}
-	return engine.Describe("callout", co.Key, uint64(id))
-}
-
 func (p *Policy) connectRedirectCfg(data []byte) (fwpRedirectCfg, error) {
 	rc, err := ParseRedirectConfig(data)
 	if err != nil {

@@ -6,6 +6,7 @@
 //	     [--metrics-addr ADDR] [--max-connections N] [--max-connections-per-user N]
 //	     [--datapath kernel|none] [--cgroup PATH]
 //	     [--keep-hooks-on-exit] [--bpffs-dir DIR] [--bpffs-lock-wait D] [--proxy-cgroup auto|none|DIR,...]
+//	     [--callout-netns PATH] [--callout-queue-base N] [--callout-hold-limit D]
 //
 // Root and members of --admin-group may change policy; members of
 // --reader-group may list and explain it, read net events and subscribe,
@@ -34,6 +35,14 @@
 // client.RegisterCallout and internal/server/callouts.go); its connection
 // limits are the same as the other sockets'. SIGTERM or SIGINT shut it down gracefully; the hooks go
 // with it unless --keep-hooks-on-exit.
+//
+// A policy whose filters call Go callouts at CONNECT_REDIRECT or
+// AUTH_CONNECT (TCP) starts the kernel callout path (package nfqueue) before
+// it takes effect: fwp's nftables tables and one queue per CPU (numbers
+// from --callout-queue-base) in fwpd's network namespace, or in
+// --callout-netns; the first packet of each such flow is held there while
+// the engine runs the callout, at most --callout-hold-limit. The tables go
+// when fwpd exits. /metrics counts the path's flows by outcome.
 //
 // Each of the two sockets serves at most --max-connections connections at
 // once (default 1024), the last sixteenth of them only to root, and at

@@ -36,6 +36,7 @@ type kernelConfig struct {
 	// separated) where transparent proxies run (see resolveProxyCgroups).
 	proxyCgroups string
 	addrs        uint
+	callouts     calloutConfig
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -47,6 +48,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.UintVar(&k.addrs, "kernel-max-addresses", 0, "bound the address prefixes of the kernel's policy, both generations (48 bytes of kernel memory each while used; 0: 4194304, two 2M-address policies)")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
+	k.callouts.flags(fs)
 }
 
 // resolveProxyCgroups turns --proxy-cgroup into directories. The proxy
@@ -96,6 +98,7 @@ type kernel struct {
 	watch   *ebpf.AppWatcher
 	watched string        // the watched paths, joined
 	kick    chan struct{} // the watcher changed, or a file did before it watched
+	co      calloutPath
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -140,7 +143,7 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1)}, nil
+	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}}, nil
 }
 
 // pinsLockWait bounds how long a new fwpd waits for the previous one to
@@ -227,6 +230,13 @@ func (k *kernel) beforeCommit(v engine.View) error {
 	p, err := ebpf.Compile(v)
 	if err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+	}
+	// Flows handed to Go callouts need the callout path before the
+	// policy marks any.
+	if p.Callouts() {
+		if err := k.co.start(k.d); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
 	}
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
@@ -333,6 +343,7 @@ func (k *kernel) close() {
 	if k == nil {
 		return
 	}
+	k.co.close()
 	if err := k.d.Close(); err != nil {
 		k.log.Error("kernel datapath close", "err", err)
 	}
@@ -350,6 +361,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 	}
 	if reg != nil {
 		reg.MustRegister(kernelCollector{k.d, eng})
+		reg.MustRegister(calloutCollector{&k.co})
 	}
 	go func() {
 		t := time.NewTicker(time.Duration(ebpf.ReleasedGrace) * time.Second / 2)

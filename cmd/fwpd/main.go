@@ -146,6 +146,7 @@ func run(args []string) error {
 		return err
 	}
 	defer kern.close()
+	kern.setEngine(eng)
 	// The built-in callouts are registered with the engine whatever the
 	// datapath, so explain, counters and events agree with the hooks.
 	opts.BeforeCommit = func(v engine.View) error {

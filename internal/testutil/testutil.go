@@ -250,6 +250,10 @@ func (l *lockedBuffer) String() string {
 // wrote so far, for a failing test's message.
 func (h *Helper) Stderr() string { return h.stderr.String() }
 
+// Pid is the helper process's id (its network namespace is
+// /proc/<pid>/ns/net).
+func (h *Helper) Pid() int { return h.cmd.Process.Pid }
+
 // Close ends the helper (closing its stdin) and waits for it.
 func (h *Helper) Close() error {
 	h.in.Close()

@@ -275,7 +275,7 @@ func (d *Datapath) Apply(p *Policy) error {
 	}
 	// Before the policy takes effect: its first redirected connection
 	// needs them.
-	if p.connectRedirects {
+	if p.connectRedirects || p.callouts {
 		if err := d.attachRedirectHooks(); err != nil {
 			return err
 		}

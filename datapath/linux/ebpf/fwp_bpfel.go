@@ -32,6 +32,38 @@ type fwpBsKey struct {
 	Cls uint32
 }
 
+type fwpCalloutCfg struct {
+	_     structs.HostLayout
+	Netns uint64
+}
+
+type fwpCalloutFlow struct {
+	_          structs.HostLayout
+	Raddr      [16]uint8
+	Laddr      [16]uint8
+	Cookie     uint64
+	CgroupId   uint64
+	FilterId   uint64
+	Pid        uint32
+	Tgid       uint32
+	Uid        uint32
+	Gid        uint32
+	Rport      uint16
+	Lport      uint16
+	Proto      uint8
+	V6         uint8
+	HasLaddr   uint8
+	HasLport   uint8
+	Slot       uint8
+	Redirected uint8
+	Indexed    uint8
+	FailOpen   uint8
+	Verdict    uint8
+	Pad        [3]uint8
+	Comm       [16]int8
+	Key        fwpFlowKey
+}
+
 type fwpConfig struct {
 	_   structs.HostLayout
 	Gen uint32
@@ -43,10 +75,20 @@ type fwpFilterMeta struct {
 	Id       uint64
 	Action   uint8
 	Hard     uint8
-	Pad      uint16
+	Flags    uint16
 	SubEnd   uint32
 	Redirect uint32
 	Handle   uint32
+}
+
+type fwpFlowKey struct {
+	_          structs.HostLayout
+	Local      [16]uint8
+	Remote     [16]uint8
+	LocalPort  uint16
+	RemotePort uint16
+	V6         uint8
+	Pad        [3]uint8
 }
 
 type fwpIntKey struct {
@@ -135,6 +177,9 @@ type fwpTupleKey struct {
 const (
 	fwpMapFwpAddrs         = "fwp_addrs"
 	fwpMapFwpBitsets       = "fwp_bitsets"
+	fwpMapFwpCalloutCfg    = "fwp_callout_cfg"
+	fwpMapFwpCalloutFlows  = "fwp_callout_flows"
+	fwpMapFwpCalloutTuples = "fwp_callout_tuples"
 	fwpMapFwpConfig        = "fwp_config"
 	fwpMapFwpCounts        = "fwp_counts"
 	fwpMapFwpEvents        = "fwp_events"
@@ -234,6 +279,9 @@ type fwpProgramSpecs struct {
 type fwpMapSpecs struct {
 	FwpAddrs         *ebpf.MapSpec `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.MapSpec `ebpf:"fwp_bitsets"`
+	FwpCalloutCfg    *ebpf.MapSpec `ebpf:"fwp_callout_cfg"`
+	FwpCalloutFlows  *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
+	FwpCalloutTuples *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.MapSpec `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
@@ -281,6 +329,9 @@ func (o *fwpObjects) Close() error {
 type fwpMaps struct {
 	FwpAddrs         *ebpf.Map `ebpf:"fwp_addrs"`
 	FwpBitsets       *ebpf.Map `ebpf:"fwp_bitsets"`
+	FwpCalloutCfg    *ebpf.Map `ebpf:"fwp_callout_cfg"`
+	FwpCalloutFlows  *ebpf.Map `ebpf:"fwp_callout_flows"`
+	FwpCalloutTuples *ebpf.Map `ebpf:"fwp_callout_tuples"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.Map `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
@@ -304,6 +355,9 @@ func (m *fwpMaps) Close() error {
 	return _FwpClose(
 		m.FwpAddrs,
 		m.FwpBitsets,
+		m.FwpCalloutCfg,
+		m.FwpCalloutFlows,
+		m.FwpCalloutTuples,
 		m.FwpConfig,
 		m.FwpCounts,
 		m.FwpEvents,

@@ -55,6 +55,13 @@ const (
 	actBlock    = 1
 	actPermit   = 2
 	actRedirect = 3
+	actCallout  = 4 // a Go callout decides: the flow is handed to user space
+)
+
+// filterMeta flags.
+const (
+	fmFailOpen      = 1 // PERMIT_IF_CALLOUT_UNREGISTERED
+	fmCalloutsLater = 2 // a callout filter follows in the layer: a hard decision does not end the walk
 )
 
 // kernelKinds are the layers the hooks classify, in slot order.
@@ -98,14 +105,6 @@ const BuiltinBindRedirectKey = "fwp.builtin.bind_redirect"
 // bind redirect.
 func IsBuiltinBindRedirect(key string) bool {
 	return key == BuiltinBindRedirectKey || strings.HasPrefix(key, BuiltinBindRedirectKey+"/")
-}
-
-// calloutName names a callout by key when the view has it.
-func calloutName(co engine.Callout, err error, id engine.CalloutID) string {
-	if err != nil {
-		return id.String()
-	}
-	return engine.Describe("callout", co.Key, uint64(id))
 }
 
 func (p *Policy) connectRedirectCfg(data []byte) (fwpRedirectCfg, error) {
@@ -235,6 +234,9 @@ type layerPolicy struct {
 	ints    [3]map[uint64]uint32 // proto, uid, cgroup id
 	gids    map[uint64]uint32
 	apps    map[AppIdentity]uint32
+	// callouts: some filter calls a Go callout, so a hard permit does
+	// not end the kernel's walk (a callout may veto it).
+	callouts bool
 }
 
 // Policy is an engine policy compiled into the kernel's classification
@@ -251,7 +253,15 @@ type Policy struct {
 	// apps are the executables the app id conditions named, as resolved
 	// when the policy was compiled (absent: no file at the path).
 	apps map[string]appResolution
+	// callouts: some filter is decided by a Go callout in user space
+	// (ACT_CALLOUT): sockops indexes those flows, so the hooks that serve
+	// redirected sockets are attached too.
+	callouts bool
 }
+
+// Callouts reports whether some filter of the policy is decided by a Go
+// callout: such flows are handed to user space (package nfqueue).
+func (p *Policy) Callouts() bool { return p.callouts }
 
 // Filters returns the number of filters the policy enforces in the kernel.
 func (p *Policy) Filters() int {
@@ -316,6 +326,10 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 		}
 		lp.filters[rank] = m
 		lp.ids[rank] = f.ID
+		if m.Action == actCallout {
+			lp.callouts = true
+			p.callouts = true
+		}
 		for _, c := range f.Conditions {
 			kf, ok := kernelField[c.Field]
 			if !ok {
@@ -323,6 +337,15 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			}
 			groups[kf][rank] = append(groups[kf][rank], c)
 		}
+	}
+	// A hard decision ends the kernel's walk unless a callout filter
+	// follows (it may veto a hard permit).
+	later := false
+	for i := n - 1; i >= 0; i-- {
+		if later {
+			lp.filters[i].Flags |= fmCalloutsLater
+		}
+		later = later || lp.filters[i].Action == actCallout
 	}
 	// Sublayer ends: the rank of the first filter of the next sublayer.
 	for i := n - 1; i >= 0; i-- {
@@ -390,13 +413,18 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 		m.Action, m.Hard = actBlock, 1 // a filter's block is hard
 	case engine.ActionPermit:
 		m.Action = actPermit
-	case engine.ActionCalloutUnknown:
+	case engine.ActionCalloutUnknown, engine.ActionCalloutTerminating, engine.ActionCalloutInspection:
 		co, err := view.Callout(f.Action.Callout)
 		kind := f.Layer.Kind()
-		builtin := err == nil && (IsBuiltinConnectRedirect(co.Key) && kind == engine.KindConnectRedirect ||
-			IsBuiltinBindRedirect(co.Key) && kind == engine.KindBindRedirect)
+		builtin := err == nil && f.Action.Type == engine.ActionCalloutUnknown &&
+			(IsBuiltinConnectRedirect(co.Key) && kind == engine.KindConnectRedirect ||
+				IsBuiltinBindRedirect(co.Key) && kind == engine.KindBindRedirect)
 		if !builtin {
-			return m, engine.FilterError(f, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath runs only the built-in connect and bind redirects", ErrNotSupported, calloutName(co, err, f.Action.Callout)))
+			m, err := goCalloutMeta(m, f)
+			if err != nil {
+				return m, engine.FilterError(f, err)
+			}
+			return m, nil
 		}
 		if len(p.redirects) >= MaxRedirects {
 			return m, engine.FilterError(f, fmt.Errorf("%w: more than %d redirect filters", ErrCapacity, MaxRedirects))
@@ -428,6 +456,43 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 		m.Hard = 1
 	}
 	return m, nil
+}
+
+// goCalloutMeta compiles a filter whose Go callout decides in user space:
+// at CONNECT_REDIRECT and AUTH_CONNECT the kernel hands the flow over when
+// its walk reaches the filter and the decision can still change (see
+// docs/semantics.md, "Kernel callout path"). Only TCP flows are held (their
+// SYN waits in a queue), so the filter must match TCP alone; at the bind
+// layers there is no packet to hold and such filters stay refused.
+func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
+	kind := f.Layer.Kind()
+	if kind != engine.KindConnectRedirect && kind != engine.KindAuthConnect {
+		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (no packet to hold at the bind layers)", ErrNotSupported, f.Action.Callout, f.Layer)
+	}
+	if !tcpOnly(f.Conditions) {
+		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows for Go callouts: add the condition %s == 6", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)
+	}
+	m.Action = actCallout
+	if f.Flags&engine.FilterPermitIfCalloutUnregistered != 0 {
+		m.Flags |= fmFailOpen
+	}
+	return m, nil
+}
+
+// tcpOnly reports whether the conditions let only TCP (protocol 6) match:
+// the protocol conditions (ORed) are all EQUAL 6.
+func tcpOnly(cs []engine.Condition) bool {
+	seen := false
+	for _, c := range cs {
+		if c.Field != engine.FieldIPProtocol {
+			continue
+		}
+		if c.Match != engine.MatchEqual || c.Value.Uint() != 6 {
+			return false
+		}
+		seen = true
+	}
+	return seen
 }
 
 // addrSet is one address condition as a union of prefixes, or its complement.

@@ -46,6 +46,20 @@
 #define ACT_BLOCK 1
 #define ACT_PERMIT 2
 #define ACT_REDIRECT 3
+#define ACT_CALLOUT 4 // a Go callout decides: the flow goes to user space
+
+#define FM_FAIL_OPEN 1	     // filter_meta.flags: PERMIT_IF_CALLOUT_UNREGISTERED
+#define FM_CALLOUTS_LATER 2 // a callout filter follows in the layer: a hard decision does not end the walk
+
+// Socket and packet mark bits of the callout path (Go: ebpf.Mark*). The
+// connect hook sets one of the queue bits on a socket whose flow a Go
+// callout decides; fwp's nftables rules queue that flow's SYN to user
+// space, which answers with the permit or block bit.
+#define FWP_MARK_MASK 0x0f000000
+#define FWP_MARK_QUEUE_OPEN 0x01000000   // fail open: queue bypassed without a reader
+#define FWP_MARK_QUEUE_CLOSED 0x02000000 // fail closed
+#define SOL_SOCKET 1
+#define SO_MARK 36
 
 #define SO_ORIGINAL_DST 80
 #define SOL_IP 0
@@ -70,7 +84,7 @@ struct filter_meta {
 	__u64 id;
 	__u8 action;
 	__u8 hard;
-	__u16 pad;
+	__u16 flags; // FM_*
 	__u32 sub_end; // rank of the first filter of the next sublayer
 	__u32 redirect;
 	__u32 handle;
@@ -281,6 +295,80 @@ struct {
 	__type(value, struct redirect_state);
 } fwp_zero_state SEC(".maps");
 
+// flow_key is a TCP flow as its first packet carries it: the local
+// (source) and remote (destination) address and port, v4 addresses in the
+// first 4 bytes. User space finds a queued SYN's socket by it.
+struct flow_key {
+	__u8 local[16];
+	__u8 remote[16];
+	__u16 local_port;  // host order
+	__u16 remote_port; // host order
+	__u8 v6;
+	__u8 pad[3];
+};
+
+// callout_flow is what the connect hook captured for a flow a Go callout
+// decides (Go: CalloutFlow): the tuple it classified, at which layer the
+// walk met the callout, and the connecting process.
+struct callout_flow {
+	__u8 raddr[16];
+	__u8 laddr[16];
+	__u64 cookie;
+	__u64 cgroup_id;
+	__u64 filter_id; // the callout filter the walk stopped at
+	__u32 pid;	 // thread id
+	__u32 tgid;	 // process id
+	__u32 uid;
+	__u32 gid;
+	__u16 rport; // host order
+	__u16 lport; // host order
+	__u8 proto;
+	__u8 v6;
+	__u8 has_laddr;
+	__u8 has_lport;
+	__u8 slot;	 // SLOT_CONNECT_REDIRECT or SLOT_AUTH_CONNECT (+ v6)
+	__u8 redirected; // the kernel redirected it before AUTH_CONNECT
+	__u8 indexed;	 // key is set (sockops saw the SYN about to leave)
+	__u8 fail_open;
+	__u8 verdict; // set by user space once decided: 1 permit, 2 block (a resent SYN gets it again)
+	__u8 pad[3];
+	char comm[16];
+	struct flow_key key;
+};
+
+// fwp_callout_flows: the flows waiting for a Go callout, by socket cookie;
+// the entry goes with the socket (sock_release).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct callout_flow);
+} fwp_callout_flows SEC(".maps");
+
+// fwp_callout_tuples holds a waiting flow's record by its 4-tuple (copied
+// by sockops when the source port exists), so user space finds it with one
+// lookup, and notes its verdict there; sock_release removes it with the
+// socket.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct callout_flow);
+} fwp_callout_tuples SEC(".maps");
+
+// callout_cfg: the network namespace (cookie) whose queues a callout path
+// reads; 0 while none does.
+struct callout_cfg {
+	__u64 netns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct callout_cfg);
+} fwp_callout_cfg SEC(".maps");
+
 #define EV_DROP 1
 #define EV_REDIRECT 2
 
@@ -367,7 +455,7 @@ struct walk {
 	__u32 base;
 	__u32 redirect; // chosen redirect index + 1
 	__u8 action;
-	__u8 write;
+	__u8 write; // at the end of a walk stopped by a callout filter: its flags
 };
 
 // ctz64 counts the trailing zeros of a nonzero x without branches: a
@@ -440,6 +528,18 @@ static int walk_step(__u32 index, struct walk *w)
 		if (!m)
 			return 1;
 		__u8 act = m->action;
+		if (act == ACT_CALLOUT) {
+			// A Go callout can still change the decision unless a
+			// hard block is in force: then the walk ends here.
+			// Otherwise it ends with the callout filter as the
+			// decider (no new state carried from step to step).
+			if (w->action == ACT_BLOCK && !w->write)
+				return 1;
+			w->action = ACT_CALLOUT;
+			w->decider = m->id;
+			w->write = m->flags;
+			return 1;
+		}
 		if (act == ACT_REDIRECT) {
 			// A socket carrying a record of this redirect is the
 			// proxy's own: the callout passes (no loop).
@@ -455,8 +555,10 @@ static int walk_step(__u32 index, struct walk *w)
 			w->decider = m->id;
 		}
 		w->skip_to = m->sub_end;
-		// A hard decision is final: no callout in the kernel can veto.
-		return w->write ? 0 : 1;
+		// A hard decision is final unless a callout filter follows:
+		// one may veto a hard permit (below a hard block the walk ends
+		// at the first callout filter).
+		return (w->write || (m->flags & FM_CALLOUTS_LATER)) ? 0 : 1;
 	}
 	if (w->sumbits) {
 #pragma unroll
@@ -600,6 +702,8 @@ struct verdict {
 	__u32 redirect; // index + 1 of the chosen redirect, 0 for none
 	__u32 action;
 	__u32 nocount; // in: the caller counts the decision (count_hit)
+	__u64 callout; // a callout filter decides: user space classifies
+	__u32 callout_flags;
 	__u32 pad;
 };
 
@@ -626,6 +730,8 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->action = ACT_PERMIT;
 	v->redirect = 0;
 	v->filter_id = 0;
+	v->callout = 0;
+	v->callout_flags = 0;
 	gen &= 1;
 	if (slot >= NSLOTS)
 		return 0;
@@ -699,6 +805,11 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;
+	if (w.action == ACT_CALLOUT) {
+		v->callout = w.decider;
+		v->callout_flags = w.write;
+		return 0; // decided in user space; counted there
+	}
 	if (!v->nocount)
 		count_hit(w.decider);
 	return 0;
@@ -858,6 +969,63 @@ static __always_inline void read_dest(struct bpf_sock_addr *ctx, struct tuple *t
 	t->proto = ctx->protocol;
 }
 
+// fwp_upcall hands a TCP flow whose classification reached a Go callout to
+// user space: it records what the hook knows by socket cookie and marks
+// the socket so that fwp's nftables rules queue the flow's SYN. It returns
+// 1 to let connect() proceed (the SYN waits in the queue for the verdict),
+// 0 for EPERM when the flow cannot be handed over and its filter fails
+// closed. A global function: verified once, its own stack frame.
+__attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple *t, struct verdict *v, __u32 slot, __u32 redirected)
+{
+	if (!t || !v)
+		return 0;
+	__u8 open = (v->callout_flags & FM_FAIL_OPEN) != 0;
+	// Only TCP is queued for now (Compile refuses callout filters that
+	// may match other protocols); anything else takes the filter's flag.
+	if (t->proto != IPPROTO_TCP)
+		return open;
+	// Nothing would read the queue this flow's SYN goes to (no callout
+	// path, or one serving another namespace): the filter's flag, at once.
+	__u32 zero = 0;
+	struct callout_cfg *cc = bpf_map_lookup_elem(&fwp_callout_cfg, &zero);
+	if (!cc || !cc->netns || cc->netns != bpf_get_netns_cookie(ctx))
+		return open;
+	struct callout_flow f = {};
+	__builtin_memcpy(f.raddr, t->raddr, 16);
+	__builtin_memcpy(f.laddr, t->laddr, 16);
+	f.cookie = t->cookie;
+	f.cgroup_id = t->cgid;
+	f.filter_id = v->callout;
+	__u64 pt = bpf_get_current_pid_tgid();
+	__u64 ug = bpf_get_current_uid_gid();
+	f.pid = (__u32)pt;
+	f.tgid = pt >> 32;
+	f.uid = (__u32)ug;
+	f.gid = ug >> 32;
+	f.rport = t->rport;
+	f.lport = t->lport;
+	f.proto = t->proto;
+	f.v6 = t->v6;
+	f.has_laddr = t->has_laddr;
+	f.has_lport = t->has_lport;
+	f.slot = slot;
+	f.redirected = redirected;
+	f.fail_open = open;
+	bpf_get_current_comm(f.comm, sizeof(f.comm));
+	__u64 cookie = t->cookie;
+	if (bpf_map_update_elem(&fwp_callout_flows, &cookie, &f, BPF_ANY))
+		return open;
+	int mark = 0;
+	if (bpf_getsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)))
+		mark = 0;
+	mark = (mark & ~FWP_MARK_MASK) | (open ? FWP_MARK_QUEUE_OPEN : FWP_MARK_QUEUE_CLOSED);
+	if (bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark))) {
+		bpf_map_delete_elem(&fwp_callout_flows, &cookie);
+		return open;
+	}
+	return 1;
+}
+
 // do_connect is ALE_CONNECT_REDIRECT then ALE_AUTH_CONNECT for a connect or
 // an unconnected sendmsg. It returns 1 to let the call proceed, 0 for EPERM.
 static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
@@ -885,6 +1053,8 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 			fwp_classify(gen, SLOT_CONNECT_REDIRECT + t.v6, &t, &v);
 		}
 	}
+	if (v.callout)
+		return fwp_upcall(ctx, &t, &v, SLOT_CONNECT_REDIRECT + t.v6, 0) ? 1 : 0;
 	count_hit(v.filter_id); // the decision kept, once
 	v.nocount = 0;
 	fwp_count(SLOT_CONNECT_REDIRECT + t.v6, v.action);
@@ -945,6 +1115,8 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	}
 	__u8 slot = SLOT_AUTH_CONNECT + t.v6;
 	fwp_classify(gen, slot, &t, &v);
+	if (v.callout)
+		return fwp_upcall(ctx, &t, &v, slot, redirected) ? 1 : 0;
 	fwp_count(slot, v.action);
 	if (v.action == ACT_BLOCK) {
 		if (redirected)
@@ -1101,6 +1273,35 @@ static __always_inline int accepted_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+// callout_index: a flow waiting for a Go callout is about to send its SYN
+// (its source port exists now): index it by the 4-tuple user space reads
+// from the queued packet.
+static __always_inline void callout_index(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	struct callout_flow *f = bpf_map_lookup_elem(&fwp_callout_flows, &cookie);
+	if (!f)
+		return;
+	struct flow_key k = {};
+	if (skops->family == AF_INET) {
+		__u32 a = skops->local_ip4;
+		__builtin_memcpy(k.local, &a, 4);
+		a = skops->remote_ip4;
+		__builtin_memcpy(k.remote, &a, 4);
+	} else {
+		__u32 l[4], r[4];
+		LOAD_IP6(l, skops->local_ip6);
+		LOAD_IP6(r, skops->remote_ip6);
+		k.v6 = store_addr(k.local, l);
+		store_addr(k.remote, r);
+	}
+	k.local_port = skops->local_port;
+	k.remote_port = bpf_ntohl(skops->remote_port);
+	f->key = k;
+	f->indexed = 1;
+	if (bpf_map_update_elem(&fwp_callout_tuples, &k, f, BPF_ANY))
+		f->indexed = 0;
+}
+
 // sockops: once a redirected TCP client has its source port, index its
 // redirect by the 4-tuple the proxy will see on the accepted connection
 // (egress does it for UDP).
@@ -1112,6 +1313,7 @@ int fwp_sockops(struct bpf_sock_ops *skops)
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);
+	callout_index(skops, cookie);
 	struct redirect_state *st = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie);
 	if (!st)
 		return 1;
@@ -1482,6 +1684,14 @@ int fwp_sock_release(struct bpf_sock *sk)
 	}
 	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
 		bpf_map_delete_elem(&fwp_sock_records, &cookie);
+	struct callout_flow *cf = bpf_map_lookup_elem(&fwp_callout_flows, &cookie);
+	if (cf) {
+		if (cf->indexed) {
+			struct flow_key k = cf->key;
+			bpf_map_delete_elem(&fwp_callout_tuples, &k);
+		}
+		bpf_map_delete_elem(&fwp_callout_flows, &cookie);
+	}
 	return 1;
 }
 

@@ -1,0 +1,128 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"fwp/datapath/linux/ebpf"
+	"fwp/datapath/linux/nfqueue"
+	"fwp/engine"
+)
+
+// calloutConfig is the kernel callout path's part of the command line.
+type calloutConfig struct {
+	queueBase uint
+	holdLimit time.Duration
+	netns     string
+}
+
+func (c *calloutConfig) flags(fs *flag.FlagSet) {
+	fs.UintVar(&c.queueBase, "callout-queue-base", 7000, "first NFQUEUE number of the kernel callout path (one queue per CPU from there)")
+	fs.StringVar(&c.netns, "callout-netns", "", "network namespace (a path such as /proc/PID/ns/net or /run/netns/NAME) whose traffic the kernel callout path serves: its nftables tables and queues go there (default: fwpd's own)")
+	fs.DurationVar(&c.holdLimit, "callout-hold-limit", 15*time.Second, "longest a flow waits for a Go callout whatever it does (keep it below connect's SYN timer)")
+}
+
+// calloutPath is fwpd's kernel callout path (package nfqueue), started with
+// the first policy whose filters call Go callouts at the kernel's layers:
+// fwp's nftables tables are installed in fwpd's network namespace then,
+// never for a policy without such filters.
+type calloutPath struct {
+	cfg  calloutConfig
+	log  *slog.Logger
+	eng  *engine.Engine
+	mu   sync.Mutex
+	path *nfqueue.Path
+	ns   *os.File
+}
+
+func (c *calloutPath) start(d *ebpf.Datapath) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path != nil {
+		return nil
+	}
+	if c.eng == nil || c.cfg.queueBase > 65535 {
+		return fmt.Errorf("kernel callout path: bad configuration (--callout-queue-base %d)", c.cfg.queueBase)
+	}
+	opts := nfqueue.Options{QueueBase: uint16(c.cfg.queueBase), HoldLimit: c.cfg.holdLimit, Log: c.log}
+	if c.cfg.netns != "" {
+		ns, err := os.Open(c.cfg.netns)
+		if err != nil {
+			return fmt.Errorf("kernel callout path: --callout-netns: %w", err)
+		}
+		opts.NetNS = int(ns.Fd())
+		c.ns = ns
+	}
+	p, err := nfqueue.Start(c.eng, d, opts)
+	if err != nil {
+		if c.ns != nil {
+			c.ns.Close()
+			c.ns = nil
+		}
+		return fmt.Errorf("kernel callout path: %w", err)
+	}
+	c.path = p
+	c.log.Info("kernel callout path started", "queue_base", c.cfg.queueBase)
+	return nil
+}
+
+func (c *calloutPath) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return
+	}
+	if err := c.path.Close(); err != nil {
+		c.log.Error("kernel callout path close", "err", err)
+	}
+	st := c.path.Stats()
+	c.log.Info("kernel callout path stopped", "queued", st.Queued, "permitted", st.Permitted, "blocked", st.Blocked, "pended", st.Pended)
+	c.path = nil
+	if c.ns != nil {
+		c.ns.Close()
+		c.ns = nil
+	}
+}
+
+// setEngine gives the callout path the engine whose callouts decide.
+func (k *kernel) setEngine(e *engine.Engine) {
+	if k != nil {
+		k.co.eng = e
+	}
+}
+
+var calloutDesc = prometheus.NewDesc("fwp_callout_path_flows_total",
+	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirect_refused, verdict_errors).", []string{"outcome"}, nil)
+
+var calloutHeldDesc = prometheus.NewDesc("fwp_callout_path_held",
+	"Flows the kernel callout path holds for a pending Go callout right now.", nil, nil)
+
+// calloutCollector exports the callout path's counters (none until it
+// starts).
+type calloutCollector struct{ c *calloutPath }
+
+func (calloutCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- calloutDesc
+	ch <- calloutHeldDesc
+}
+
+func (cc calloutCollector) Collect(ch chan<- prometheus.Metric) {
+	cc.c.mu.Lock()
+	p := cc.c.path
+	cc.c.mu.Unlock()
+	if p == nil {
+		return
+	}
+	st := p.Stats()
+	for outcome, n := range map[string]uint64{"queued": st.Queued, "permitted": st.Permitted, "blocked": st.Blocked, "pended": st.Pended,
+		"resent": st.Resent, "no_metadata": st.NoFlow, "redirect_refused": st.Redirects, "verdict_errors": st.Errors} {
+		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(n), outcome)
+	}
+	ch <- prometheus.MustNewConstMetric(calloutHeldDesc, prometheus.GaugeValue, float64(st.Held))
+}

@@ -1,0 +1,70 @@
+// Package nfqueue is the kernel callout path: Go callouts decide real
+// sockets of unmodified programs. The kernel hooks (package ebpf) decide
+// every flow they can alone; a TCP flow whose arbitration reaches a filter
+// calling a Go callout, while the decision can still change, is handed
+// here, and only its first packet (the SYN) comes to user space.
+//
+// # How a flow comes up
+//
+// The connect hook, whose walk stopped at the callout filter, records what
+// it captured (the tuple it classified, pid, tid, uid, gid, cgroup id, comm,
+// socket cookie, the layer) by socket cookie and sets a queue bit in the
+// socket's mark (SO_MARK, through bpf_setsockopt; ebpf.MarkQueueOpen for a
+// filter with PERMIT_IF_CALLOUT_UNREGISTERED, else ebpf.MarkQueueClosed).
+// sockops indexes the record by the 4-tuple once the SYN is about to leave.
+// fwp's own nftables tables (ip and ip6, named "fwp", in the namespace of
+// the traffic; installed by Start, removed by Close) then run, at output:
+//
+//	meta mark & Permit              → accept
+//	meta mark & Block, tcp          → reject with tcp reset (connect: ECONNREFUSED at once)
+//	meta mark & Block               → drop
+//	meta mark & QueueOpen,   tcp SYN → NFQUEUE fanout over the CPUs' queues, bypass
+//	meta mark & QueueClosed, tcp SYN → NFQUEUE fanout, no bypass
+//
+// ("tcp SYN": SYN set, ACK, RST and FIN clear.) Only the SYN is queued:
+// later packets of the socket match nothing. A SYN the program sends again
+// before the SYN-ACK finds the verdict user space noted on the hook's
+// record and gets the same answer without a second classification. There
+// is no conntrack state: a connection mark would let a new socket that
+// reuses the 4-tuple of a permitted connection whose conntrack entry still
+// lingers pass unasked (a soak of 100,000 connects met it once).
+//
+// The queue target is xtables' NFQUEUE (revision 3) through nft's compat
+// expression (github.com/google/nftables): this kernel lacks nft's native
+// queue statement. Sockets of other cgroups never carry the bits.
+//
+// # Verdicts
+//
+// One queue per CPU, each read by a netlink loop on a locked thread pinned
+// to that CPU (the fanout queues a SYN on the CPU that sent it): the
+// reader parses the tuple, finds the hook's record, runs the engine's
+// classification (CONNECT_REDIRECT then AUTH_CONNECT, or AUTH_CONNECT
+// alone, from the layer the kernel stopped at) with that metadata and
+// answers in the same loop — no goroutine hop on the fast path. The
+// verdict is NF_REPEAT with the permit or block bit in the packet mark, so
+// the rules above let the SYN on or reset the connection. A callout that pends holds the
+// SYN: the flow moves to a goroutine of its own (engine.FinishPended) and
+// the loop reads on, so a flow pended for minutes delays no other. The
+// engine's PendTimeout applies the filter's PERMIT_IF_CALLOUT_UNREGISTERED
+// to a pend never completed; Options.HoldLimit bounds any hold below
+// connect's SYN timer. On Close, held flows get their filter's flag.
+//
+// A packet without a record (its socket closed, a full map) is answered by
+// the fail bit its mark carries. A redirect chosen by a Go callout at run
+// time is refused for now (counted in Stats.Redirects): the built-in
+// redirect (package ebpf) is the kernel's.
+//
+// The raw netlink loop is ours rather than florianl/go-nfqueue's: measured
+// on this kernel (docs/benchmarks.md, design.md §3), go-nfqueue's reader
+// goroutine and callback add a scheduler hop per packet and miss the
+// +30 µs budget per new flow that a loop writing its verdict where it read
+// the packet meets.
+//
+// # Tests
+//
+// The tests need root (they skip without it, and fail with CI set). Each
+// creates a child cgroup, attaches the eBPF datapath there, and runs its
+// programs (curl, Go clients) in a helper process with a network namespace
+// of its own; the path installs its tables and queues in that namespace,
+// so the host's firewall is never touched.
+package nfqueue

@@ -3,7 +3,7 @@
 // applied in one transaction. Every error says file:line:column and why.
 //
 //	lifetime: persistent          # default lifetime of the objects below
-//	nodes: {hosts: [web-1], labels: {role: web}}   # fleet documents only (package fleet)
+//	# nodes: {hosts: [web-1], labels: {role: web}}   # fleet documents only (package fleet)
 //	providers:
 //	  - {key: example-vendor, name: Example Vendor}
 //	provider_contexts:

@@ -14,10 +14,21 @@ func TestClusterKillAndRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Members[0].Kill()
-	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	// The killed member may have led: the two left elect a new leader
+	// first (election timeouts, slower on a loaded machine).
+	// etcd answers "request timed out, possibly due to previous leader
+	// failure" while it does; a client tries again, as fleet's do.
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if _, err := cl.Put(wctx, "k", "v2"); err != nil {
-		t.Fatalf("a write with one member of three down: %v", err)
+	for {
+		_, err := cl.Put(wctx, "k", "v2")
+		if err == nil {
+			break
+		}
+		if wctx.Err() != nil {
+			t.Fatalf("a write with one member of three down: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	c.Restart(c.Members[0])
 	c.WaitHealthy(t, 10*time.Second)

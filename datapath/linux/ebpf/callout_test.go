@@ -46,7 +46,8 @@ func TestCompileGoCallout(t *testing.T) {
 			}
 			p, err := Compile(e.View())
 			if !c.ok {
-				if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), c.reason) || !strings.Contains(err.Error(), fid.String()) {
+				var oe *engine.ObjectError
+				if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), c.reason) || !errors.As(err, &oe) || oe.ID != uint64(fid) {
 					t.Fatalf("Compile: %v; want ErrNotSupported naming %s and saying %q", err, fid, c.reason)
 				}
 				return

@@ -18,6 +18,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"fwp/internal/testutil"
 )
@@ -120,8 +121,15 @@ func squidScenarioHelper(args []string) error {
 			*c.out += "curl: " + err.Error()
 		}
 	}
-	log, _ := os.ReadFile(filepath.Join(dir, "access.log"))
-	res.AccessLog = string(log)
+	// Squid logs a transaction after it has answered it, so curl can be
+	// done before its line is written: wait (bounded) for both lines.
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		log, _ := os.ReadFile(filepath.Join(dir, "access.log"))
+		res.AccessLog = string(log)
+		if strings.Count(res.AccessLog, "ORIGINAL_DST/") >= 2 || time.Now().After(deadline) {
+			break
+		}
+	}
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 

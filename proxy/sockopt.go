@@ -12,6 +12,10 @@ import "errors"
 //	                            setsockopt, outbound socket  the same bytes, before connect
 //	2 FWP_SO_REDIRECT_CONTEXT   getsockopt, accepted socket  the redirect's context bytes, at most 128 (ENODATA: none)
 //	3 FWP_SO_ORIGINAL_DST       getsockopt, accepted socket  struct sockaddr_in or sockaddr_in6
+//	4 FWP_SO_REDIRECT_QUERY     getsockopt, accepted socket  all three at once: 196 bytes,
+//	                                                         orig[28] (sockaddr_in or _in6),
+//	                                                         u16 records_len, u16 context_len (0: none),
+//	                                                         records[36], context[128]
 //
 // Errors: ENOENT (no redirect recorded for the socket), EACCES (the
 // caller is neither the redirect's target process nor root), EINVAL (a
@@ -23,6 +27,8 @@ const (
 	SoFWPRedirectRecords   = 1
 	SoFWPRedirectContext   = 2
 	SoFWPOriginalDst       = 3
+	SoFWPRedirectQuery     = 4
+	KernelQuerySize        = 28 + 2 + 2 + KernelRecordsMax + KernelContextMax
 	KernelRecordsMax       = 4 + 4*8
 	KernelContextMax       = 128
 	kernelRecordsMagic     = "fwpk"

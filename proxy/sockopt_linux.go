@@ -61,43 +61,40 @@ func socketOf(conn net.Conn) (syscall.Conn, bool) {
 	return nil, false
 }
 
+// queryFD asks FWP_SO_REDIRECT_QUERY: one system call for the original
+// destination, the records and the context.
 func queryFD(fd int) (Redirect, netip.AddrPort, error) {
-	var buf [KernelContextMax]byte
-	n, err := getsockoptBytes(fd, SoFWPRedirectRecords, buf[:KernelRecordsMax])
+	var buf [KernelQuerySize]byte
+	l := uint32(len(buf))
+	_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, uintptr(fd), SolFWP, SoFWPRedirectQuery, uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&l)), 0)
+	if e != 0 {
+		return Redirect{}, netip.AddrPort{}, sockoptErr("getsockopt", SoFWPRedirectQuery, e)
+	}
+	if l != KernelQuerySize {
+		return Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: getsockopt(SOL_FWP, FWP_SO_REDIRECT_QUERY): %d bytes, want %d", ErrInvalidArgument, l, KernelQuerySize)
+	}
+	orig, err := parseSockaddr(buf[:28])
 	if err != nil {
 		return Redirect{}, netip.AddrPort{}, err
 	}
-	r := Redirect{Records: append([]byte(nil), buf[:n]...), TargetPID: uint32(os.Getpid())}
-	if n, err = getsockoptBytes(fd, SoFWPOriginalDst, buf[:28]); err != nil {
-		return Redirect{}, netip.AddrPort{}, err
+	rn, cn := int(binary.NativeEndian.Uint16(buf[28:])), int(binary.NativeEndian.Uint16(buf[30:]))
+	if rn > KernelRecordsMax || cn > KernelContextMax {
+		return Redirect{}, netip.AddrPort{}, fmt.Errorf("%w: getsockopt(SOL_FWP, FWP_SO_REDIRECT_QUERY): %d bytes of records, %d of context", ErrInvalidArgument, rn, cn)
 	}
-	orig, err := parseSockaddr(buf[:n])
-	if err != nil {
-		return Redirect{}, netip.AddrPort{}, err
-	}
-	// ENODATA: the redirect set no context; the original destination
-	// stands for it, as the kernel backend gives it.
-	n, err = getsockoptBytes(fd, SoFWPRedirectContext, buf[:])
-	switch {
-	case errors.Is(err, errNoContext):
-		r.Context = []byte(orig.String())
-	case err != nil:
-		return Redirect{}, netip.AddrPort{}, err
-	default:
-		r.Context = append([]byte(nil), buf[:n]...)
+	recs := buf[32 : 32+rn]
+	ctx := buf[32+KernelRecordsMax : 32+KernelRecordsMax+cn]
+	// One allocation for both.
+	out := make([]byte, 0, rn+max(cn, len("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535")))
+	out = append(out, recs...)
+	r := Redirect{Records: out[:rn:rn], TargetPID: uint32(os.Getpid())}
+	if cn == 0 {
+		// The redirect set no context; the original destination stands
+		// for it, as the kernel backend gives it.
+		r.Context = orig.AppendTo(out[rn:rn])
+	} else {
+		r.Context = append(out[rn:rn], ctx...)
 	}
 	return r, orig, nil
-}
-
-// getsockoptBytes reads one SOL_FWP option; the errno becomes the proxy
-// package's error.
-func getsockoptBytes(fd, opt int, b []byte) (int, error) {
-	l := uint32(len(b))
-	_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, uintptr(fd), SolFWP, uintptr(opt), uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0)
-	if e != 0 {
-		return 0, sockoptErr("getsockopt", opt, e)
-	}
-	return int(min(l, uint32(len(b)))), nil
 }
 
 func sockoptErr(call string, opt int, e syscall.Errno) error {

@@ -226,10 +226,10 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		j, _ := json.Marshal(rrSpawn{spawnRequest{Argv: argv, Env: env, Ready: ready}, uid})
 		return call("spawn " + string(j))
 	}
-	spawn(0, "127.0.0.1:7082", testutil.HelperEnv("rrecho"), os.Args[0], "127.0.0.1:7081", "127.0.0.1:7082", "127.0.0.1:7083", "127.0.0.1:7084")
+	originPID := spawn(0, "127.0.0.1:7082", testutil.HelperEnv("rrecho"), os.Args[0], "127.0.0.1:7081", "127.0.0.1:7082", "127.0.0.1:7083", "127.0.0.1:7084")
 	sockoptPID := spawn(0, "127.0.0.1:3131", nil, bins.redirectproxy, "-listen", "127.0.0.1:3131", "-socket", sock)
 	fwpdPID := spawn(0, "127.0.0.1:3134", nil, bins.redirectproxy, "-listen", "127.0.0.1:3134", "-socket", sock, "-sockopt=false")
-	spawn(0, "127.0.0.1:3132", nil, bins.redirectproxy, "-listen", "127.0.0.1:3132", "-to", "127.0.0.1:7082")
+	plainPID := spawn(0, "127.0.0.1:3132", nil, bins.redirectproxy, "-listen", "127.0.0.1:3132", "-to", "127.0.0.1:7082")
 	// nobody cannot reach the build directory (0700): a copy it can run.
 	pub, err := os.MkdirTemp("", "fwpbenchbin")
 	if err != nil {
@@ -247,7 +247,26 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 	if err := os.Chmod(pub, 0o755); err != nil {
 		b.Fatal(err)
 	}
-	spawn(65534, "127.0.0.1:3133", nil, pubProxy, "-listen", "127.0.0.1:3133", "-original-dst")
+	iptablesPID := spawn(65534, "127.0.0.1:3133", nil, pubProxy, "-listen", "127.0.0.1:3133", "-original-dst")
+	// Whose CPU an arm costs (with -v): the client (the helper), the
+	// origin and the arm's relay, each from its threads' schedstat run
+	// time; "rest" is the cgroup's remainder (softirq work charged to
+	// other tasks of the cgroup, the other relays).
+	procs := []struct{ name, pid string }{{"client", strconv.Itoa(h.Pid())}, {"origin", originPID}, {"relay", ""}}
+	relayOf := []string{"", plainPID, sockoptPID, fwpdPID, iptablesPID, plainPID}
+	procCPU := func(pid string) time.Duration {
+		var sum time.Duration
+		ents, _ := os.ReadDir("/proc/" + pid + "/task")
+		for _, e := range ents {
+			b, err := os.ReadFile("/proc/" + pid + "/task/" + e.Name() + "/schedstat")
+			if err != nil {
+				continue
+			}
+			ns, _ := strconv.ParseInt(strings.Fields(string(b))[0], 10, 64)
+			sum += time.Duration(ns)
+		}
+		return sum
+	}
 	call("iptables -t nat -A OUTPUT -p tcp -d 127.0.0.1 --dport 7083 -m owner ! --uid-owner 65534 -j REDIRECT --to-ports 3133")
 	f := filepath.Join(dir, "policy.yaml")
 	if err := os.WriteFile(f, []byte(rrPolicy(sockoptPID, fwpdPID)), 0o644); err != nil {
@@ -335,6 +354,7 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		return sum
 	}
 	hooks := make([]time.Duration, len(arms))
+	procTime := make([][3]time.Duration, len(arms))
 	perProg := make([]map[string]time.Duration, len(arms))
 	for k := range perProg {
 		perProg[k] = map[string]time.Duration{}
@@ -350,6 +370,15 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		for j := range arms {
 			k := (i + j) % len(arms)
 			p0 := progTimes()
+			var pt0 [3]time.Duration
+			for x, p := range procs {
+				if p.pid == "" {
+					p.pid = relayOf[k]
+				}
+				if p.pid != "" {
+					pt0[x] = procCPU(p.pid)
+				}
+			}
 			c0, g0, h0 := fwpdCPU(), cgroupCPU(), hookTime()
 			ns, err := strconv.ParseInt(call(fmt.Sprintf("rr %s %d", arms[k].addr, perArm)), 10, 64)
 			if err != nil {
@@ -360,6 +389,14 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 			daemonCPU[k] += fwpdCPU() - c0
 			cpu[k] += cgroupCPU() - g0
 			hooks[k] += hookTime() - h0
+			for x, p := range procs {
+				if p.pid == "" {
+					p.pid = relayOf[k]
+				}
+				if p.pid != "" {
+					procTime[k][x] += procCPU(p.pid) - pt0[x]
+				}
+			}
 			for id, d := range progTimes() {
 				perProg[k][id] += d - p0[id]
 			}
@@ -395,6 +432,12 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 		}
 		slices.Sort(parts)
 		b.Logf("%s hooks, µs per connection: %s", arms[k].name, strings.Join(parts, ", "))
+	}
+	for k, a := range arms {
+		us := func(d time.Duration) float64 { return d.Seconds() * 1e6 / float64(b.N*perArm) }
+		rest := cpu[k] - procTime[k][0] - procTime[k][1] - procTime[k][2]
+		b.Logf("%s CPU µs per connection: client %.1f, origin %.1f, relay %.1f, rest of cgroup %.1f, fwpd %.1f",
+			a.name, us(procTime[k][0]), us(procTime[k][1]), us(procTime[k][2]), us(rest), us(daemonCPU[k]))
 	}
 	b.ReportMetric(cpuPer(2)/cpuPer(1), "fwp/plain-cpu")
 	b.ReportMetric(cpuPer(2)/cpuPer(4), "fwp/iptables-cpu")

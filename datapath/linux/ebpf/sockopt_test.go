@@ -4,6 +4,7 @@ package ebpf
 
 import (
 	"bufio"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -38,6 +39,8 @@ type sockoptResult struct {
 	Context    string   `json:"context"`     // the redirect's context
 	Orig       string   `json:"orig"`        // FWP_SO_ORIGINAL_DST
 	SmallBuf   string   `json:"small_buf"`   // getsockopt of the records into 4 bytes
+	SmallQuery string   `json:"small_query"` // FWP_SO_REDIRECT_QUERY into one byte too few
+	Each       string   `json:"each"`        // records|context|original asked one option at a time
 	Set        string   `json:"set"`         // the outbound dial with records: "" or an error class
 	Reply      string   `json:"reply"`       // what the outbound connection answered
 	Direct     string   `json:"direct"`      // a connection to the proxy that no redirect sent
@@ -168,6 +171,34 @@ func sockoptProxyHelper(args []string) error {
 		l := uint32(len(b))
 		_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, proxy.SolFWP, proxy.SoFWPRedirectRecords, uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0)
 		res.SmallBuf = e.Error()
+		q := make([]byte, proxy.KernelQuerySize-1)
+		l = uint32(len(q))
+		_, _, e = syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, proxy.SolFWP, proxy.SoFWPRedirectQuery, uintptr(unsafe.Pointer(&q[0])), uintptr(unsafe.Pointer(&l)), 0)
+		res.SmallQuery = e.Error()
+		// The three options one by one answer what the one query did.
+		get := func(opt, size int) ([]byte, syscall.Errno) {
+			b := make([]byte, size)
+			l := uint32(size)
+			_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, proxy.SolFWP, uintptr(opt), uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0)
+			return b[:min(l, uint32(size))], e
+		}
+		recs, e1 := get(proxy.SoFWPRedirectRecords, proxy.KernelRecordsMax)
+		ctx, e2 := get(proxy.SoFWPRedirectContext, proxy.KernelContextMax)
+		sa, e3 := get(proxy.SoFWPOriginalDst, 28)
+		var o netip.AddrPort
+		if e3 == 0 && len(sa) >= 8 && binary.NativeEndian.Uint16(sa) == syscall.AF_INET {
+			o = netip.AddrPortFrom(netip.AddrFrom4([4]byte(sa[4:8])), binary.BigEndian.Uint16(sa[2:4]))
+		} else if e3 == 0 && len(sa) >= 24 {
+			o = netip.AddrPortFrom(netip.AddrFrom16([16]byte(sa[8:24])), binary.BigEndian.Uint16(sa[2:4]))
+		}
+		if e2 == syscall.ENODATA {
+			ctx, e2 = []byte(o.String()), 0
+		}
+		if e1 == 0 && e2 == 0 && e3 == 0 {
+			res.Each = hex.EncodeToString(recs) + "|" + string(ctx) + "|" + o.String()
+		} else {
+			res.Each = fmt.Sprint(e1, e2, e3)
+		}
 	})
 	// Malformed records: too short, not the kernel's, too long.
 	if s, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0); err == nil {
@@ -379,8 +410,11 @@ func TestKernelSockoptProxyAPI(t *testing.T) {
 				if res.Context != wantCtx || res.Orig != origin.String() {
 					t.Errorf("context %q original %q, want %q and %s", res.Context, res.Orig, wantCtx, origin)
 				}
-				if res.SmallBuf != syscall.EINVAL.Error() {
-					t.Errorf("records into 4 bytes: %q, want EINVAL", res.SmallBuf)
+				if res.SmallBuf != syscall.EINVAL.Error() || res.SmallQuery != syscall.EINVAL.Error() {
+					t.Errorf("records into 4 bytes: %q, the query into %d: %q; want EINVAL", res.SmallBuf, proxy.KernelQuerySize-1, res.SmallQuery)
+				}
+				if want := res.Records + "|" + res.Context + "|" + res.Orig; res.Each != want {
+					t.Errorf("one option at a time: %q; FWP_SO_REDIRECT_QUERY: %q", res.Each, want)
 				}
 			}
 		})

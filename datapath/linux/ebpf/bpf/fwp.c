@@ -1432,6 +1432,17 @@ static __always_inline void accepted_tuple(struct bpf_sock *sk, struct tuple_key
 #define FWP_SO_REDIRECT_RECORDS 1 // get (accepted socket) and set (outbound, before connect)
 #define FWP_SO_REDIRECT_CONTEXT 2 // get: the redirect's context bytes
 #define FWP_SO_ORIGINAL_DST 3     // get: sockaddr_in or sockaddr_in6 of the original destination
+#define FWP_SO_REDIRECT_QUERY 4   // get: all three in one call (struct fwp_redirect_query)
+
+// The answer to FWP_SO_REDIRECT_QUERY: what a proxy asks for every
+// accepted connection, in one system call instead of three.
+struct fwp_redirect_query {
+	__u8 orig[28];     // struct sockaddr_in or sockaddr_in6 (its family says which)
+	__u16 records_len; // bytes of records
+	__u16 context_len; // bytes of context; 0: the redirect set none
+	__u8 records[4 + 4 * 8];
+	__u8 context[CTXMAX];
+};
 #define FWP_RECORDS_MAGIC 0x6b707766 // "fwpk" read as a little-endian word
 #define FWP_RECORDS_MAX (4 + 4 * MAXRECORDS)
 #define FWP_ENOENT 2
@@ -1470,13 +1481,68 @@ static __always_inline int sockopt_fail(int err)
 	return 1;
 }
 
+// fwp_query_all answers FWP_SO_REDIRECT_QUERY (the caller is checked):
+// the original destination, the records chain and the context at once.
+static __always_inline int fwp_query_all(struct bpf_sockopt *ctx, struct redirect_state *st)
+{
+	struct fwp_redirect_query *q = ctx->optval;
+	if (!st || (void *)(q + 1) > ctx->optval_end)
+		return sockopt_fail(FWP_EINVAL);
+	__builtin_memset(q->orig, 0, sizeof(q->orig));
+	if (!st->orig_v6) {
+		struct sockaddr_in *sa = (void *)q->orig;
+		sa->sin_family = AF_INET;
+		sa->sin_port = bpf_htons(st->orig_port);
+		__builtin_memcpy(&sa->sin_addr, st->orig_addr, 4);
+	} else {
+		struct sockaddr_in6 *sa = (void *)q->orig;
+		sa->sin6_family = AF_INET6;
+		sa->sin6_port = bpf_htons(st->orig_port);
+		__builtin_memcpy(&sa->sin6_addr, st->orig_addr, 16);
+	}
+	// The chain: the client socket's own records, then this redirect's
+	// handle; the last MAXRECORDS of it (as FWP_SO_REDIRECT_RECORDS).
+	__u64 cookie = st->cookie;
+	struct records *rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
+	__u32 rn = rec ? rec->n : 0;
+	if (rn > MAXRECORDS)
+		rn = MAXRECORDS;
+	__u32 start = rn + 1 > MAXRECORDS ? rn + 1 - MAXRECORDS : 0;
+	__u32 m = rn + 1 - start;
+	*(__u32 *)q->records = FWP_RECORDS_MAGIC;
+#pragma unroll
+	for (int j = 0; j < MAXRECORDS; j++) {
+		__u32 idx = start + j;
+		__u32 h;
+		if (idx < rn && rec)
+			h = rec->handles[idx & (MAXRECORDS - 1)];
+		else if (idx == rn)
+			h = st->handle;
+		else
+			break;
+		*(__u32 *)(q->records + 4 + 4 * j) = h;
+	}
+	q->records_len = 4 + 4 * m;
+	__u32 n = st->ctx_len;
+	if (n > CTXMAX)
+		n = CTXMAX;
+	q->context_len = n;
+	__builtin_memcpy(q->context, st->ctx, CTXMAX);
+	ctx->optlen = sizeof(*q);
+	// Two stores: the compiler would merge them into one 8-byte store,
+	// which the verifier refuses on a sockopt context.
+	asm volatile("" ::: "memory");
+	ctx->retval = 0;
+	return 1;
+}
+
 // fwp_query answers SOL_FWP getsockopt on a proxy's accepted socket (or a
 // UDP socket connected to the client) from the redirect recorded for its
 // 4-tuple. Only the redirect's target process (tgid) or root may ask.
 static __always_inline int fwp_query(struct bpf_sockopt *ctx, struct redirect_state *st)
 {
 	int name = ctx->optname;
-	if (name < FWP_SO_REDIRECT_RECORDS || name > FWP_SO_ORIGINAL_DST)
+	if (name < FWP_SO_REDIRECT_RECORDS || name > FWP_SO_REDIRECT_QUERY)
 		return 1; // not ours: the kernel's answer (ENOPROTOOPT) stands
 	if (!st)
 		return sockopt_fail(FWP_ENOENT);
@@ -1489,6 +1555,8 @@ static __always_inline int fwp_query(struct bpf_sockopt *ctx, struct redirect_st
 		return sockopt_fail(FWP_EACCES);
 	__u8 *p = ctx->optval, *end = ctx->optval_end;
 	long room = end - p;
+	if (name == FWP_SO_REDIRECT_QUERY)
+		return fwp_query_all(ctx, st);
 	if (name == FWP_SO_REDIRECT_RECORDS) {
 		// The chain: the client socket's own records, then this
 		// redirect's handle; the last MAXRECORDS of it.

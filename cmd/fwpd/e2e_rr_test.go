@@ -230,23 +230,7 @@ func BenchmarkE2EKernelProxyRR(b *testing.B) {
 	sockoptPID := spawn(0, "127.0.0.1:3131", nil, bins.redirectproxy, "-listen", "127.0.0.1:3131", "-socket", sock)
 	fwpdPID := spawn(0, "127.0.0.1:3134", nil, bins.redirectproxy, "-listen", "127.0.0.1:3134", "-socket", sock, "-sockopt=false")
 	plainPID := spawn(0, "127.0.0.1:3132", nil, bins.redirectproxy, "-listen", "127.0.0.1:3132", "-to", "127.0.0.1:7082")
-	// nobody cannot reach the build directory (0700): a copy it can run.
-	pub, err := os.MkdirTemp("", "fwpbenchbin")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer os.RemoveAll(pub)
-	bin, err := os.ReadFile(bins.redirectproxy)
-	if err != nil {
-		b.Fatal(err)
-	}
-	pubProxy := filepath.Join(pub, "redirectproxy")
-	if err := os.WriteFile(pubProxy, bin, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if err := os.Chmod(pub, 0o755); err != nil {
-		b.Fatal(err)
-	}
+	pubProxy := publicCopy(b, bins.redirectproxy)
 	iptablesPID := spawn(65534, "127.0.0.1:3133", nil, pubProxy, "-listen", "127.0.0.1:3133", "-original-dst")
 	// Whose CPU an arm costs (with -v): the client (the helper), the
 	// origin and the arm's relay, each from its threads' schedstat run

@@ -1042,6 +1042,29 @@ func bulkSend(addr string, size int64) (time.Duration, error) {
 	return time.Since(start), nil
 }
 
+// publicCopy copies a binary where an unprivileged user can run it (the
+// build directory is 0700), removed with the test.
+func publicCopy(tb testing.TB, path string) string {
+	tb.Helper()
+	pub, err := os.MkdirTemp("", "fwpbin")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(pub) })
+	bin, err := os.ReadFile(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	out := filepath.Join(pub, filepath.Base(path))
+	if err := os.WriteFile(out, bin, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.Chmod(pub, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	return out
+}
+
 // BenchmarkE2EKernelRedirectThroughput sends bulk data to a sink directly,
 // through fwp's kernel redirect to a relaying proxy, to the same relay
 // without fwp, and through iptables REDIRECT to the same relay, alternating.
@@ -1093,22 +1116,7 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 	// iptables REDIRECT (nat OUTPUT, in the helper's namespace) of :7073
 	// to the same relay asking SO_ORIGINAL_DST alone, as nobody so that
 	// its own connection to :7073 is not redirected (-m owner).
-	pub, err := os.MkdirTemp("", "fwpbenchbin")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer os.RemoveAll(pub)
-	bin, err := os.ReadFile(bins.redirectproxy)
-	if err != nil {
-		b.Fatal(err)
-	}
-	pubProxy := filepath.Join(pub, "redirectproxy")
-	if err := os.WriteFile(pubProxy, bin, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if err := os.Chmod(pub, 0o755); err != nil {
-		b.Fatal(err)
-	}
+	pubProxy := publicCopy(b, bins.redirectproxy)
 	withIptables := false
 	if _, err := exec.LookPath("iptables"); err == nil {
 		spawn(spawnRequest{Argv: []string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", pubProxy, "-listen", "127.0.0.1:3133", "-original-dst"}, Ready: "127.0.0.1:3133"})

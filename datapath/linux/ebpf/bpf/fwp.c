@@ -1481,6 +1481,31 @@ static __always_inline int sockopt_fail(int err)
 	return 1;
 }
 
+// records_chain writes the records a proxy gets for a redirect: the magic
+// word, then the client socket's own records and this redirect's handle
+// (the last MAXRECORDS of that chain). Returns the words written.
+static __always_inline __u32 records_chain(struct redirect_state *st, __u32 out[1 + MAXRECORDS])
+{
+	__u64 cookie = st->cookie;
+	struct records *rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
+	__u32 rn = rec ? rec->n : 0;
+	if (rn > MAXRECORDS)
+		rn = MAXRECORDS;
+	__u32 start = rn + 1 > MAXRECORDS ? rn + 1 - MAXRECORDS : 0;
+	out[0] = FWP_RECORDS_MAGIC;
+#pragma unroll
+	for (int j = 0; j < MAXRECORDS; j++) {
+		__u32 idx = start + j;
+		if (idx < rn && rec)
+			out[1 + j] = rec->handles[idx & (MAXRECORDS - 1)];
+		else if (idx == rn)
+			out[1 + j] = st->handle;
+		else
+			break;
+	}
+	return 1 + rn + 1 - start;
+}
+
 // fwp_query_all answers FWP_SO_REDIRECT_QUERY (the caller is checked):
 // the original destination, the records chain and the context at once.
 static __always_inline int fwp_query_all(struct bpf_sockopt *ctx, struct redirect_state *st)
@@ -1500,29 +1525,10 @@ static __always_inline int fwp_query_all(struct bpf_sockopt *ctx, struct redirec
 		sa->sin6_port = bpf_htons(st->orig_port);
 		__builtin_memcpy(&sa->sin6_addr, st->orig_addr, 16);
 	}
-	// The chain: the client socket's own records, then this redirect's
-	// handle; the last MAXRECORDS of it (as FWP_SO_REDIRECT_RECORDS).
-	__u64 cookie = st->cookie;
-	struct records *rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
-	__u32 rn = rec ? rec->n : 0;
-	if (rn > MAXRECORDS)
-		rn = MAXRECORDS;
-	__u32 start = rn + 1 > MAXRECORDS ? rn + 1 - MAXRECORDS : 0;
-	__u32 m = rn + 1 - start;
-	*(__u32 *)q->records = FWP_RECORDS_MAGIC;
-#pragma unroll
-	for (int j = 0; j < MAXRECORDS; j++) {
-		__u32 idx = start + j;
-		__u32 h;
-		if (idx < rn && rec)
-			h = rec->handles[idx & (MAXRECORDS - 1)];
-		else if (idx == rn)
-			h = st->handle;
-		else
-			break;
-		*(__u32 *)(q->records + 4 + 4 * j) = h;
-	}
-	q->records_len = 4 + 4 * m;
+	__u32 words[1 + MAXRECORDS] = {};
+	__u32 m = records_chain(st, words);
+	__builtin_memcpy(q->records, words, sizeof(words));
+	q->records_len = 4 * m;
 	__u32 n = st->ctx_len;
 	if (n > CTXMAX)
 		n = CTXMAX;
@@ -1558,36 +1564,19 @@ static __always_inline int fwp_query(struct bpf_sockopt *ctx, struct redirect_st
 	if (name == FWP_SO_REDIRECT_QUERY)
 		return fwp_query_all(ctx, st);
 	if (name == FWP_SO_REDIRECT_RECORDS) {
-		// The chain: the client socket's own records, then this
-		// redirect's handle; the last MAXRECORDS of it.
-		__u64 cookie = st->cookie;
-		struct records *rec = bpf_map_lookup_elem(&fwp_sock_records, &cookie);
-		__u32 rn = rec ? rec->n : 0;
-		if (rn > MAXRECORDS)
-			rn = MAXRECORDS;
-		__u32 start = rn + 1 > MAXRECORDS ? rn + 1 - MAXRECORDS : 0;
-		__u32 m = rn + 1 - start;
-		if (room < 4 + 4 * m)
+		__u32 words[1 + MAXRECORDS] = {};
+		__u32 m = records_chain(st, words);
+		if (room < 4 * m)
 			return sockopt_fail(FWP_EINVAL);
-		if (p + 4 > end)
-			return sockopt_fail(FWP_EINVAL);
-		*(__u32 *)p = FWP_RECORDS_MAGIC;
-#pragma unroll
-		for (int j = 0; j < MAXRECORDS; j++) {
-			__u32 idx = start + j;
-			__u32 h;
-			if (idx < rn && rec)
-				h = rec->handles[idx & (MAXRECORDS - 1)];
-			else if (idx == rn)
-				h = st->handle;
-			else
+		for (int j = 0; j < 1 + MAXRECORDS; j++) {
+			if (j >= m)
 				break;
-			__u8 *q = p + 4 + 4 * j;
+			__u8 *q = p + 4 * j;
 			if (q + 4 > end)
 				return sockopt_fail(FWP_EINVAL);
-			*(__u32 *)q = h;
+			*(__u32 *)q = words[j];
 		}
-		ctx->optlen = 4 + 4 * m;
+		ctx->optlen = 4 * m;
 	} else if (name == FWP_SO_REDIRECT_CONTEXT) {
 		__u32 n = st->ctx_len;
 		if (n > CTXMAX)

@@ -1165,7 +1165,7 @@ func BenchmarkE2EKernelRedirectThroughput(b *testing.B) {
 	mbps := func(d time.Duration) float64 { return float64(b.N) * size / d.Seconds() / 1e6 }
 	var direct, redirected, plain, ipt time.Duration
 	var directCPU, redirectedCPU float64 // CPU-seconds
-	var vsPlain, vsIptables []float64   // per iteration
+	var vsPlain, vsIptables []float64    // per iteration
 	b.ReportAllocs()
 	b.SetBytes(3 * size)
 	i := 0

@@ -49,6 +49,7 @@ func (d *Datapath) hooks() []hook {
 		{"setsockopt", p.FwpSetsockopt, ebpf.AttachCGroupSetsockopt, true, true},
 		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease, true, true},
 		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress, true, false},
+		{"ingress", p.FwpIngress, ebpf.AttachCGroupInetIngress, true, false}, // inbound.go
 	}
 }
 

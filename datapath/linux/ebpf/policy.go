@@ -14,7 +14,7 @@ import (
 
 // Sizes shared with bpf/fwp.c.
 const (
-	numSlots      = 8   // (kind 0..3) * 2 + v6
+	numSlots      = 12  // (kind 0..5) * 2 + v6
 	numFields     = 10  // fieldRAddr..fieldAll
 	bitsetWords   = 256 // NWORDS
 	MaxFilters    = bitsetWords * 64
@@ -67,6 +67,7 @@ const (
 // kernelKinds are the layers the hooks classify, in slot order.
 var kernelKinds = []engine.LayerKind{
 	engine.KindConnectRedirect, engine.KindAuthConnect, engine.KindBindRedirect, engine.KindResourceAssignment,
+	engine.KindAuthRecvAccept, engine.KindAuthListen, // bpf/inbound.h
 }
 
 func slotOf(l engine.LayerID) (int, bool) {
@@ -257,6 +258,10 @@ type Policy struct {
 	// (ACT_CALLOUT): sockops indexes those flows, so the hooks that serve
 	// redirected sockets are attached too.
 	callouts bool
+	// inbound: some filter is at AUTH_RECV_ACCEPT or AUTH_LISTEN, which
+	// the ingress and sockops hooks enforce: they are attached with the
+	// redirect hooks (Datapath.Apply).
+	inbound bool
 }
 
 // Callouts reports whether some filter of the policy is decided by a Go
@@ -293,6 +298,9 @@ func Compile(view engine.View) (*Policy, error) {
 			return nil, engine.FilterError(&f, fmt.Errorf("%w: on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.Layer))
 		}
 		byLayer[slot] = append(byLayer[slot], f)
+		if k := f.Layer.Kind(); k == engine.KindAuthRecvAccept || k == engine.KindAuthListen {
+			p.inbound = true
+		}
 	}
 	for slot, fs := range byLayer {
 		if len(fs) == 0 {

@@ -30,6 +30,7 @@ func init() { testutil.RegisterHelper("inserver", inServerHelper) }
 type inListen struct {
 	Net  string `json:"net"` // tcp4, udp6...
 	Addr string `json:"addr"`
+	Sink bool   `json:"sink,omitempty"` // UDP: never answer (its sends would authorize the peer)
 }
 
 // inServerHelper is a server in the test cgroup: for each line of stdin
@@ -82,7 +83,9 @@ func inServerHelper([]string) error {
 					if err != nil {
 						return
 					}
-					pc.WriteTo(buf[:n], from)
+					if !l.Sink {
+						pc.WriteTo(buf[:n], from)
+					}
 				}
 			}()
 		}
@@ -234,7 +237,7 @@ func recvAccept(v6 bool) engine.LayerID { return engine.LayerFor(engine.KindAuth
 func TestKernelRecvAccept(t *testing.T) {
 	d, cg := kernelSetup(t)
 	h := testutil.StartHelper(t, cg, "inserver")
-	inServe(t, h, inListen{"tcp4", "0.0.0.0:7001"}, inListen{"udp4", "0.0.0.0:7001"}, inListen{"tcp6", "[::]:7002"}, inListen{"udp6", "[::]:7002"})
+	inServe(t, h, inListen{Net: "tcp4", Addr: "0.0.0.0:7001"}, inListen{Net: "udp4", Addr: "0.0.0.0:7001"}, inListen{Net: "tcp6", Addr: "[::]:7002"}, inListen{Net: "udp6", Addr: "[::]:7002"})
 	peer := func(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 	e := buildEngine(t, func(tx *engine.Txn) error {
 		for _, f := range []engine.Filter{
@@ -330,10 +333,10 @@ func TestKernelRecvAcceptMatchesEngine(t *testing.T) {
 	var ls []inListen
 	for _, p := range serverPorts {
 		for _, n := range []string{"tcp4", "udp4"} {
-			ls = append(ls, inListen{n, fmt.Sprintf("0.0.0.0:%d", p)})
+			ls = append(ls, inListen{Net: n, Addr: fmt.Sprintf("0.0.0.0:%d", p)})
 		}
 		for _, n := range []string{"tcp6", "udp6"} {
-			ls = append(ls, inListen{n, fmt.Sprintf("[::]:%d", p)})
+			ls = append(ls, inListen{Net: n, Addr: fmt.Sprintf("[::]:%d", p)})
 		}
 	}
 	inServe(t, h, ls...)
@@ -399,5 +402,209 @@ func TestKernelRecvAcceptMatchesEngine(t *testing.T) {
 				t.Fatalf("seed %d op %+v: kernel %s, engine blocks=%v\n%s\n%s", seed, ops[i], got[i], want, tr, fs)
 			}
 		}
+	}
+}
+
+// recvCounts sums the classifications counted at a layer kind.
+func recvCounts(t testing.TB, d *Datapath, k engine.LayerKind) (permit, block uint64) {
+	t.Helper()
+	counts, err := d.ClassifyCounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range counts {
+		if c.Layer.Kind() == k {
+			permit += c.Permit
+			block += c.Block
+		}
+	}
+	return permit, block
+}
+
+// TestKernelRecvAcceptUDPFirstDatagram: only a UDP flow's first datagram
+// is classified; later ones of a permitted flow pass without a walk, and a
+// new policy classifies the flow again.
+func TestKernelRecvAcceptUDPFirstDatagram(t *testing.T) {
+	d, cg := kernelSetup(t)
+	h := testutil.StartHelper(t, cg, "inserver")
+	inServe(t, h, inListen{Net: "udp4", Addr: "127.0.0.1:7003"})
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(recvAccept(false), engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(4999)}))
+		return err
+	})
+	apply(t, d, e)
+	p0, b0 := recvCounts(t, d, engine.KindAuthRecvAccept)
+	var answers int
+	err := inNetns(h.Pid(), func() error {
+		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:5000")), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:7003")))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 8)
+		for range 20 {
+			if _, err := c.Write([]byte("x")); err != nil {
+				return err
+			}
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			if _, err := c.Read(buf); err != nil {
+				return err
+			}
+			answers++
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1, b1 := recvCounts(t, d, engine.KindAuthRecvAccept)
+	if answers != 20 || p1-p0 != 1 || b1 != b0 {
+		t.Fatalf("20 datagrams of one flow: %d answered, %d classified (permit), %d blocked; want 20, 1, 0", answers, p1-p0, b1-b0)
+	}
+	// To a server that never answers (so the flow is not one its socket
+	// started): still one classification for the flow's datagrams.
+	inServe(t, h, inListen{Net: "udp4", Addr: "127.0.0.1:7003"}, inListen{Net: "udp4", Addr: "127.0.0.1:7004", Sink: true})
+	err = inNetns(h.Pid(), func() error {
+		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:5001")), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:7004")))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range 20 {
+			if _, err := c.Write([]byte("x")); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p2 uint64
+	for range 100 { // the datagrams reach the hook after Write returns
+		if p2, _ = recvCounts(t, d, engine.KindAuthRecvAccept); p2-p1 >= 1 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if p2, _ = recvCounts(t, d, engine.KindAuthRecvAccept); p2-p1 != 1 {
+		t.Fatalf("20 datagrams to a silent server: %d classifications, want 1", p2-p1)
+	}
+	p1 = p2
+	// A blocked flow: each datagram is classified and dropped (no flow).
+	if got := inProbes(t, h, []inOp{{"udp4", netip.MustParseAddrPort("127.0.0.1:4999"), netip.MustParseAddrPort("127.0.0.1:7003")}}); got[0] != "timeout" {
+		t.Fatalf("blocked flow: %s", got[0])
+	}
+	if _, b2 := recvCounts(t, d, engine.KindAuthRecvAccept); b2-b1 != 1 {
+		t.Fatalf("blocked datagram counted %d times, want 1", b2-b1)
+	}
+	if n, err := d.InboundFlows(); err != nil || n == 0 || n > InboundFlowsMax {
+		t.Fatalf("inbound flows: %d, %v", n, err)
+	}
+}
+
+// TestKernelAuthListen: a listen blocked at AUTH_LISTEN succeeds (a
+// sockops hook cannot refuse it) but every SYN to it is dropped; other
+// listeners are not affected, and a new policy frees it.
+func TestKernelAuthListen(t *testing.T) {
+	d, cg := kernelSetup(t)
+	h := testutil.StartHelper(t, cg, "inserver")
+	listen := func(v6 bool) engine.LayerID { return engine.LayerFor(engine.KindAuthListen, v6) }
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		for _, f := range []engine.Filter{
+			blockFilter(listen(false), engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(7010)}),
+			blockFilter(listen(true), engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(7011)}),
+			blockFilter(listen(false), engine.Condition{Field: engine.FieldALEUserID, Match: engine.MatchEqual, Value: engine.Uint32(4242)}),
+		} {
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	apply(t, d, e)
+	events := make(chan Event, 64)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go d.ReadEvents(ctx, func(ev Event) {
+		if ev.Layer.Kind() == engine.KindAuthListen {
+			select {
+			case events <- ev:
+			default:
+			}
+		}
+	})
+	time.Sleep(50 * time.Millisecond) // the reader is up
+	// The listens themselves succeed.
+	inServe(t, h, inListen{Net: "tcp4", Addr: "127.0.0.1:7010"}, inListen{Net: "tcp4", Addr: "127.0.0.1:7012"}, inListen{Net: "tcp6", Addr: "[::1]:7011"})
+	peer := netip.MustParseAddrPort
+	ops := []inOp{
+		{"tcp4", peer("127.0.0.1:4100"), peer("127.0.0.1:7010")},
+		{"tcp4", peer("127.0.0.1:4101"), peer("127.0.0.1:7012")},
+		{"tcp6", peer("[::1]:4102"), peer("[::1]:7011")},
+	}
+	if got, want := inProbes(t, h, ops), []string{"timeout", "ok", "timeout"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	// Reported at listen() with the listening process's metadata.
+	select {
+	case ev := <-events:
+		if ev.Type != EventDrop || ev.PID != uint32(h.Pid()) || ev.Local.Port() != 7010 && ev.Local.Port() != 7011 || ev.CgroupID != cg.ID {
+			t.Fatalf("listen event: %+v (helper pid %d, cgroup %d)", ev, h.Pid(), cg.ID)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("no AUTH_LISTEN drop event")
+	}
+	// A new policy without the block frees the listener at its next SYN.
+	apply(t, d, engine.New(engine.Options{}))
+	if got, want := inProbes(t, h, ops), []string{"ok", "ok", "ok"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after clearing: got %v, want %v", got, want)
+	}
+	// And a policy blocking a listener already open drops its SYNs from then on.
+	apply(t, d, e)
+	if got, want := inProbes(t, h, ops), []string{"timeout", "ok", "timeout"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("blocked again: got %v, want %v", got, want)
+	}
+}
+
+// TestKernelRecvAcceptEvent: a dropped inbound request is a net event
+// with the server's (the socket owner's) process metadata.
+func TestKernelRecvAcceptEvent(t *testing.T) {
+	d, cg := kernelSetup(t)
+	h := testutil.StartHelper(t, cg, "inserver")
+	inServe(t, h, inListen{Net: "tcp4", Addr: "127.0.0.1:7020"})
+	var id engine.FilterID
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		var err error
+		id, err = tx.AddFilter(blockFilter(recvAccept(false), engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(7020)}))
+		return err
+	})
+	apply(t, d, e)
+	events := make(chan Event, 64)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go d.ReadEvents(ctx, func(ev Event) {
+		if ev.Filter == id {
+			select {
+			case events <- ev:
+			default:
+			}
+		}
+	})
+	time.Sleep(50 * time.Millisecond)
+	if got := inProbes(t, h, []inOp{{"tcp4", netip.MustParseAddrPort("127.0.0.3:4200"), netip.MustParseAddrPort("127.0.0.1:7020")}}); got[0] != "timeout" {
+		t.Fatalf("blocked connect: %s", got[0])
+	}
+	select {
+	case ev := <-events:
+		want := Event{Type: EventDrop, Layer: recvAccept(false), Filter: id, Protocol: 6,
+			Local: netip.MustParseAddrPort("127.0.0.1:7020"), Remote: netip.MustParseAddrPort("127.0.0.3:4200"),
+			PID: uint32(h.Pid()), CgroupID: cg.ID, Comm: ev.Comm}
+		if ev != want || ev.Comm == "" {
+			t.Fatalf("event %+v\nwant  %+v", ev, want)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("no AUTH_RECV_ACCEPT drop event")
 	}
 }

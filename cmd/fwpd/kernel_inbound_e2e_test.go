@@ -24,7 +24,9 @@ func TestE2EKernelInbound(t *testing.T) {
 `); code != 0 {
 		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
 	}
-	short := func(args ...string) []string { return append([]string{"curl", "-sS", "--max-time", "1", "-g"}, args...) }
+	short := func(args ...string) []string {
+		return append([]string{"curl", "-sS", "--max-time", "1", "-g"}, args...)
+	}
 	if r := s.run(short("--interface", "127.0.0.5", "http://127.0.0.1:8080/")...); r.Code != 28 {
 		t.Fatalf("curl from 127.0.0.5 to the blocked server: %+v; want exit 28 (no answer)", r)
 	}

@@ -31,6 +31,9 @@ type inListen struct {
 	Net  string `json:"net"` // tcp4, udp6...
 	Addr string `json:"addr"`
 	Sink bool   `json:"sink,omitempty"` // UDP: never answer (its sends would authorize the peer)
+	// Cgroup: the helper moves itself there first (a socket belongs to
+	// its creator's cgroup), so one namespace has sockets of two cgroups.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // inServerHelper is a server in the test cgroup: for each line of stdin
@@ -51,6 +54,12 @@ func inServerHelper([]string) error {
 		}
 		answer := "ok"
 		for _, l := range ls {
+			if l.Cgroup != "" {
+				if err := os.WriteFile(l.Cgroup+"/cgroup.procs", []byte(fmt.Sprint(os.Getpid())), 0o644); err != nil {
+					answer = err.Error()
+					break
+				}
+			}
 			if l.Net[:3] == "tcp" {
 				ln, err := net.Listen(l.Net, l.Addr)
 				if err != nil {

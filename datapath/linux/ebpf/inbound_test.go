@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -615,5 +616,46 @@ func TestKernelRecvAcceptEvent(t *testing.T) {
 		}
 	case <-time.After(2 * time.Second):
 		t.Fatal("no AUTH_RECV_ACCEPT drop event")
+	}
+}
+
+// TestCompileInbound: permit and block filters at AUTH_RECV_ACCEPT and
+// AUTH_LISTEN compile (and mark the policy inbound); a Go callout there
+// is refused by name with ErrNotSupported, as an unsupported field is.
+func TestCompileInbound(t *testing.T) {
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(recvAccept(true), engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(22)}))
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(blockFilter(engine.LayerALEAuthListenV4, engine.Condition{Field: engine.FieldALEUserID, Match: engine.MatchNotEqual, Value: engine.Uint32(0)}))
+		return err
+	})
+	p, err := Compile(e.View())
+	if err != nil || !p.Inbound() || p.Filters() != 2 {
+		t.Fatalf("Compile: %v (inbound %v)", err, p != nil && p.Inbound())
+	}
+	for name, f := range map[string]engine.Filter{
+		"go callout": {Key: "in-callout", Layer: engine.LayerALEAuthRecvAcceptV4, Action: engine.Action{Type: engine.ActionCalloutTerminating}},
+		"interface":  blockFilter(engine.LayerALEAuthRecvAcceptV4, engine.Condition{Field: engine.FieldIPLocalInterface, Match: engine.MatchEqual, Value: engine.Uint32(1)}),
+		"flags":      blockFilter(engine.LayerALEAuthListenV6, engine.Condition{Field: engine.FieldFlags, Match: engine.MatchFlagsAllSet, Value: engine.Uint32(1)}),
+	} {
+		e := buildEngine(t, func(tx *engine.Txn) error {
+			if f.Action.Type == engine.ActionCalloutTerminating {
+				co, err := tx.AddCallout(engine.Callout{Key: "my-callout", Layer: f.Layer})
+				if err != nil {
+					return err
+				}
+				f.Action.Callout = co
+			}
+			_, err := tx.AddFilter(f)
+			return err
+		})
+		_, err := Compile(e.View())
+		if !errors.Is(err, ErrNotSupported) {
+			t.Errorf("%s: %v, want ErrNotSupported", name, err)
+		} else if name == "go callout" && !strings.Contains(err.Error(), "in-callout") {
+			t.Errorf("%s: %v does not name the filter", name, err)
+		}
 	}
 }

@@ -282,8 +282,9 @@ func (p *Policy) Filters() int {
 // Compile turns the filters of the view into a kernel policy. Every enabled
 // filter must be one the kernel decides alone: PERMIT or BLOCK, or the
 // built-in connect redirect, on CONNECT_REDIRECT, AUTH_CONNECT,
-// BIND_REDIRECT or RESOURCE_ASSIGNMENT, with conditions on addresses,
-// ports, protocol, user id and cgroup id. Any other filter makes Compile
+// BIND_REDIRECT, RESOURCE_ASSIGNMENT, AUTH_RECV_ACCEPT or AUTH_LISTEN, with
+// conditions on addresses, ports, protocol, user, group and cgroup id and
+// application. Any other filter makes Compile
 // fail with an error wrapping ErrNotSupported that names it: the kernel
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
@@ -475,7 +476,11 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
 	kind := f.Layer.Kind()
 	if kind != engine.KindConnectRedirect && kind != engine.KindAuthConnect {
-		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (no packet to hold at the bind layers)", ErrNotSupported, f.Action.Callout, f.Layer)
+		why := "no packet to hold at the bind and listen layers"
+		if kind == engine.KindAuthRecvAccept {
+			why = "holding an inbound request for a Go callout is not built; permit and block filters are enforced here"
+		}
+		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (%s)", ErrNotSupported, f.Action.Callout, f.Layer, why)
 	}
 	if !tcpOnly(f.Conditions) {
 		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows for Go callouts: add the condition %s == 6", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)

@@ -35,6 +35,11 @@ type inListen struct {
 	// Cgroup: the helper moves itself there first (a socket belongs to
 	// its creator's cgroup), so one namespace has sockets of two cgroups.
 	Cgroup string `json:"cgroup,omitempty"`
+	// UID, GID: the helper becomes this user first (for good).
+	UID, GID uint32 `json:",omitempty"`
+	// SendTo: a UDP socket bound by the kernel, not bind(): it sends a
+	// datagram there first (Addr is ignored), and answers with its port.
+	SendTo string `json:",omitempty"`
 }
 
 // inServerHelper is a server in the test cgroup: for each line of stdin
@@ -61,6 +66,23 @@ func inServerHelper([]string) error {
 					break
 				}
 			}
+			if l.UID != 0 {
+				if err := dropTo(l.UID, l.GID); err != nil {
+					answer = err.Error()
+					break
+				}
+			}
+			if l.SendTo != "" {
+				pc, err := autoboundUDP(l.SendTo)
+				if err != nil {
+					answer = err.Error()
+					break
+				}
+				closers = append(closers, pc)
+				answer = fmt.Sprint(pc.LocalAddr().(*net.UDPAddr).Port)
+				go echo(pc, false)
+				continue
+			}
 			if l.Net[:3] == "tcp" {
 				ln, err := net.Listen(l.Net, l.Addr)
 				if err != nil {
@@ -86,24 +108,54 @@ func inServerHelper([]string) error {
 				break
 			}
 			closers = append(closers, pc)
-			go func() {
-				buf := make([]byte, 64)
-				for {
-					n, from, err := pc.ReadFrom(buf)
-					if err != nil {
-						return
-					}
-					if !l.Sink {
-						pc.WriteTo(buf[:n], from)
-					}
-				}
-			}()
+			go echo(pc, l.Sink)
 		}
 		if _, err := fmt.Println(answer); err != nil {
 			return err
 		}
 	}
 	return in.Err()
+}
+
+// echo answers each datagram with itself (a sink does not).
+func echo(pc net.PacketConn, sink bool) {
+	buf := make([]byte, 64)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		if !sink {
+			pc.WriteTo(buf[:n], from)
+		}
+	}
+}
+
+func dropTo(uid, gid uint32) error {
+	if err := syscall.Setgroups(nil); err != nil {
+		return err
+	}
+	if err := syscall.Setgid(int(gid)); err != nil {
+		return err
+	}
+	return syscall.Setuid(int(uid))
+}
+
+// autoboundUDP is an unconnected UDP socket the kernel bound when it
+// first sent (to), as a program that never calls bind has.
+func autoboundUDP(to string) (net.PacketConn, error) {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	ap := netip.MustParseAddrPort(to)
+	if err := syscall.Sendto(fd, []byte("x"), 0, &syscall.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}); err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "udp")
+	defer f.Close()
+	return net.FilePacketConn(f)
 }
 
 func inServe(t testing.TB, h *testutil.Helper, ls ...inListen) {
@@ -657,5 +709,62 @@ func TestCompileInbound(t *testing.T) {
 		} else if name == "go callout" && !strings.Contains(err.Error(), "in-callout") {
 			t.Errorf("%s: %v does not name the filter", name, err)
 		}
+	}
+}
+
+// inServeAnswer is inServe returning the helper's answer.
+func inServeAnswer(t testing.TB, h *testutil.Helper, ls ...inListen) string {
+	t.Helper()
+	b, _ := json.Marshal(ls)
+	ans, err := h.Call(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(ans))
+}
+
+// TestKernelRecvAcceptOwner: the inbound layers match the socket's owner
+// — the process that bound it, or the one whose send bound it — not
+// whoever the packet's softirq interrupted: a server of an unprivileged
+// user (setuid, real uid and gid) is matched by its uid and gid, the same
+// server as root is not; a UDP socket that never called bind() is matched
+// by its application.
+func TestKernelRecvAcceptOwner(t *testing.T) {
+	d, cg := kernelSetup(t)
+	u := testutil.NewUser(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := testutil.StartHelper(t, cg, "inserver")
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		for _, f := range []engine.Filter{
+			blockFilter(recvAccept(false),
+				engine.Condition{Field: engine.FieldALEUserID, Match: engine.MatchEqual, Value: engine.Uint32(u.UID)},
+				engine.Condition{Field: engine.FieldALEGroupID, Match: engine.MatchEqual, Value: engine.Uint32(u.GID)}),
+			blockFilter(recvAccept(false),
+				engine.Condition{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String(self)},
+				engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(4300)}),
+		} {
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	apply(t, d, e)
+	peer := netip.MustParseAddrPort
+	// Root's autobound UDP socket: its owner was recorded by its send.
+	port := inServeAnswer(t, h, inListen{Net: "udp4", SendTo: "127.0.0.1:9"}, inListen{Net: "tcp4", Addr: "127.0.0.1:7030"})
+	to := peer("127.0.0.1:" + strings.Split(port, "\n")[0])
+	ops := []inOp{{"udp4", peer("127.0.0.1:4300"), to}, {"udp4", peer("127.0.0.1:4301"), to}, {"tcp4", peer("127.0.0.1:4302"), peer("127.0.0.1:7030")}}
+	if got, want := inProbes(t, h, ops), []string{"timeout", "ok", "ok"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("root's server: got %v, want %v (udp port %s)", got, want, port)
+	}
+	// The same server as the unprivileged user.
+	inServe(t, h, inListen{Net: "tcp4", Addr: "127.0.0.1:7030", UID: u.UID, GID: u.GID}, inListen{Net: "udp4", Addr: "127.0.0.1:7031"})
+	ops = []inOp{{"tcp4", peer("127.0.0.1:4303"), peer("127.0.0.1:7030")}, {"udp4", peer("127.0.0.1:4304"), peer("127.0.0.1:7031")}}
+	if got, want := inProbes(t, h, ops), []string{"timeout", "timeout"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("%s's server: got %v, want %v", u.Name, got, want)
 	}
 }

@@ -1139,7 +1139,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 		return 0;
 	}
 	if (t.proto == IPPROTO_UDP)
-		in_note_udp(&t, gen); // its replies are not new inbound flows
+		in_note_udp(ctx, &t, gen); // its replies are not new inbound flows
 	return 1;
 }
 

@@ -180,13 +180,17 @@ static __always_inline int in_layer_used(__u32 gen, __u32 slot)
 
 // in_note_udp: a UDP socket of the hooked cgroups sent to a peer (its
 // AUTH_CONNECT permitted it): the peer's replies are that flow, not new
-// inbound ones. Only while the policy has AUTH_RECV_ACCEPT filters. A
-// global function: its key stays off connect's stack, which is at the
-// verifier's limit with the walk's.
-__attribute__((noinline)) int in_note_udp(struct tuple *t, __u32 gen)
+// inbound ones. A socket bound implicitly (by this send) gets its owner
+// here. Only while the policy has AUTH_RECV_ACCEPT filters. A global
+// function: its key stays off connect's stack, which is at the verifier's
+// limit with the walk's.
+__attribute__((noinline)) int in_note_udp(struct bpf_sock_addr *ctx, struct tuple *t, __u32 gen)
 {
 	if (!t || !in_layer_used(gen, SLOT_AUTH_RECV_ACCEPT + t->v6))
 		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && !bpf_sk_storage_get(&fwp_sk_owner, sk, 0, 0))
+		in_note_owner(sk);
 	struct in_flow_key k = {.cookie = t->cookie, .rport = t->rport, .v6 = t->v6};
 	__builtin_memcpy(k.raddr, t->raddr, 16);
 	__u32 ep = in_epoch();

@@ -11,9 +11,11 @@
 //                       classified at AUTH_RECV_ACCEPT; a block drops them
 //                       (the peer sees no answer, as WFP drops inbound
 //                       requests).
-//   sockops LISTEN_CB   classifies AUTH_LISTEN when listen() runs; listen()
-//                       cannot be refused there, so a blocked listener is
-//                       marked and ingress drops every SYN to it.
+//   sockops LISTEN_CB   records the listening process; listen() cannot be
+//                       refused there. AUTH_LISTEN is classified at the
+//                       listener's first SYN (and again after a policy
+//                       change); a blocked listener is marked and ingress
+//                       drops every SYN to it.
 //   bind4/6             record the socket's owner (the binding process: its
 //                       uid, gid, cgroup, executable, pid, comm), which the
 //                       inbound layers match: no process runs their hook.
@@ -297,12 +299,12 @@ static __always_inline void in_listen_classify(struct sk_owner *o, struct tuple 
 	o->listen_slot = slot;
 	o->listen_blocked = v->action == ACT_BLOCK;
 	o->listen_filter = v->filter_id;
-	if (o->listen_blocked)
-		fwp_emit_in(t, o, v->filter_id, slot);
 }
 
 // in_listen: sockops at listen(): the listening process is current, so
-// it is recorded as the owner, and the listen is classified.
+// it is recorded as the owner. The listen is classified at its first SYN
+// (fwp_ingress), not here: the walk in sockops would cost the verifier
+// another ~130k instructions for a decision that acts only there.
 static __always_inline int in_listen(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -311,15 +313,8 @@ static __always_inline int in_listen(struct bpf_sock_ops *skops)
 	struct sk_owner *o = bpf_sk_storage_get(&fwp_sk_owner, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!o)
 		return 1;
-	__u32 ep = in_epoch();
 	in_owner_fill(o);
-	struct tuple t = {};
-	__u32 ip6[4];
-	LOAD_IP6(ip6, skops->local_ip6);
-	in_listen_tuple(&t, skops->family, skops->local_ip4, ip6, skops->local_port);
-	in_owner_tuple(&t, o, 0, 0);
-	struct verdict v = {};
-	in_listen_classify(o, &t, ep, &v);
+	o->listen_epoch = 0; // not classified yet
 	return 1;
 }
 
@@ -485,10 +480,10 @@ int fwp_ingress(struct __sk_buff *skb)
 			}
 		}
 		if (o && o->listen_blocked) {
-			__u32 ls = o->listen_slot;
+			// Each SYN refused is a drop event (the listen was
+			// counted once, when classified).
 			in_owner_tuple(&t, o, suid, scg);
-			fwp_count(ls, ACT_BLOCK);
-			fwp_emit_in(&t, o, o->listen_filter, ls);
+			fwp_emit_in(&t, o, o->listen_filter, o->listen_slot);
 			return 0;
 		}
 	}

@@ -768,3 +768,82 @@ func TestKernelRecvAcceptOwner(t *testing.T) {
 		t.Fatalf("%s's server: got %v, want %v", u.Name, got, want)
 	}
 }
+
+// TestKernelRecvAcceptIPv6ExtensionHeaders: a SYN carrying IPv6
+// extension headers (hop-by-hop and destination options) is classified
+// like any other — a block is not skipped by them, and a permit is not
+// lost to a parse failure (which would drop it).
+func TestKernelRecvAcceptIPv6ExtensionHeaders(t *testing.T) {
+	d, cg := kernelSetup(t)
+	h := testutil.StartHelper(t, cg, "inserver")
+	inServe(t, h, inListen{Net: "tcp6", Addr: "[::1]:7040"}, inListen{Net: "udp6", Addr: "[::1]:7040"})
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(recvAccept(true), engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(4444)}))
+		return err
+	})
+	apply(t, d, e)
+	// An 8-byte options header with one PadN option (the kernel fills
+	// in the next-header byte).
+	opts := []byte{0, 0, 1, 4, 0, 0, 0, 0}
+	withOpts := func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = errors.Join(
+				syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1),
+				syscall.SetsockoptString(int(fd), syscall.IPPROTO_IPV6, 54 /* IPV6_HOPOPTS */, string(opts)),
+				syscall.SetsockoptString(int(fd), syscall.IPPROTO_IPV6, 59 /* IPV6_DSTOPTS */, string(opts)))
+		})
+		return errors.Join(err, serr)
+	}
+	probe := func(n string, from uint16) string {
+		var out string
+		err := inNetns(h.Pid(), func() error {
+			local := netip.AddrPortFrom(netip.IPv6Loopback(), from)
+			if n == "tcp6" {
+				dl := net.Dialer{Timeout: inTimeout, LocalAddr: net.TCPAddrFromAddrPort(local), Control: withOpts}
+				c, err := dl.Dial(n, "[::1]:7040")
+				if err != nil {
+					var ne net.Error
+					if errors.As(err, &ne) && ne.Timeout() {
+						out = "timeout"
+						return nil
+					}
+					return err
+				}
+				c.(*net.TCPConn).SetLinger(0)
+				c.Close()
+				out = "ok"
+				return nil
+			}
+			lc := net.ListenConfig{Control: withOpts}
+			pc, err := lc.ListenPacket(context.Background(), n, local.String())
+			if err != nil {
+				return err
+			}
+			defer pc.Close()
+			if _, err := pc.WriteTo([]byte("x"), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("[::1]:7040"))); err != nil {
+				return err
+			}
+			pc.SetReadDeadline(time.Now().Add(inTimeout))
+			if _, _, err := pc.ReadFrom(make([]byte, 8)); err != nil {
+				out = "timeout"
+				return nil
+			}
+			out = "ok"
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	_, b0 := recvCounts(t, d, engine.KindAuthRecvAccept)
+	got := []string{probe("tcp6", 4444), probe("tcp6", 4445), probe("udp6", 4444), probe("udp6", 4445)}
+	if want := []string{"timeout", "ok", "timeout", "ok"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("with extension headers: got %v, want %v", got, want)
+	}
+	// Dropped by the filter (classified), not as unparsable.
+	if _, b1 := recvCounts(t, d, engine.KindAuthRecvAccept); b1-b0 < 2 {
+		t.Fatalf("%d blocks counted, want at least 2", b1-b0)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -22,6 +23,7 @@ import (
 
 	"fwp/engine"
 	"fwp/internal/testutil"
+	"fwp/internal/unix"
 	xunix "golang.org/x/sys/unix"
 )
 
@@ -845,5 +847,65 @@ func TestKernelRecvAcceptIPv6ExtensionHeaders(t *testing.T) {
 	// Dropped by the filter (classified), not as unparsable.
 	if _, b1 := recvCounts(t, d, engine.KindAuthRecvAccept); b1-b0 < 2 {
 		t.Fatalf("%d blocks counted, want at least 2", b1-b0)
+	}
+}
+
+// TestKeptInboundAdopted: with KeepHooks, a listener opened under the
+// first datapath keeps its recorded owner through the next one, so an
+// application rule still matches it; the new datapath's policy (a new
+// epoch) decides its SYNs.
+func TestKeptInboundAdopted(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := t.TempDir()
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(root, "bpf")) })
+	pins := filepath.Join(root, "bpf", "fwp")
+	cg := testutil.NewCgroup(t)
+	load := func() *Datapath {
+		t.Helper()
+		d, err := Load(Options{PinDir: pins, KeepHooks: true})
+		if err != nil {
+			testutil.Unavailable(t, err)
+		}
+		return d
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy := func(port uint16) *engine.Engine {
+		return buildEngine(t, func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(blockFilter(recvAccept(false),
+				engine.Condition{Field: engine.FieldALEAppID, Match: engine.MatchEqual, Value: engine.String(self)},
+				engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(port)}))
+			return err
+		})
+	}
+	d1 := load()
+	if err := d1.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, d1, policy(4400))
+	h := testutil.StartHelper(t, cg, "inserver")
+	inServe(t, h, inListen{Net: "tcp4", Addr: "127.0.0.1:7050"})
+	peer := netip.MustParseAddrPort
+	ops := []inOp{{"tcp4", peer("127.0.0.1:4400"), peer("127.0.0.1:7050")}, {"tcp4", peer("127.0.0.1:4401"), peer("127.0.0.1:7050")}}
+	if got, want := inProbes(t, h, ops), []string{"timeout", "ok"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("first datapath: got %v, want %v", got, want)
+	}
+	if err := d1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := load()
+	t.Cleanup(func() {
+		d2.opts.KeepHooks = false // nothing stays after the test
+		d2.Detach(cg.Path)
+		d2.Close()
+	})
+	if err := d2.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, d2, policy(4401))
+	if got, want := inProbes(t, h, ops), []string{"ok", "timeout"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("adopted: got %v, want %v (the listener's owner lost?)", got, want)
 	}
 }

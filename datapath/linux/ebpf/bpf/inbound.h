@@ -295,10 +295,14 @@ static __always_inline void in_listen_classify(struct sk_owner *o, struct tuple 
 	v->nocount = 0;
 	fwp_classify(gen, slot, t, v);
 	fwp_count(slot, v->action);
-	o->listen_epoch = ep + 1;
+	// The answer before its epoch (a compiler barrier; x86 keeps stores
+	// in order): a SYN on another CPU that sees the new epoch sees its
+	// answer.
 	o->listen_slot = slot;
 	o->listen_blocked = v->action == ACT_BLOCK;
 	o->listen_filter = v->filter_id;
+	asm volatile("" ::: "memory");
+	o->listen_epoch = ep + 1;
 }
 
 // in_listen: sockops at listen(): the listening process is current, so
@@ -456,9 +460,9 @@ int fwp_ingress(struct __sk_buff *skb)
 	__u32 suid = bpf_get_socket_uid(skb);
 	__u64 scg = bpf_skb_cgroup_id(skb);
 	if (proto == IPPROTO_TCP) {
-		// AUTH_LISTEN, decided at listen(); again after a policy change
-		// (or for a listener that predates the hooks). The tuple's
-		// local side is the listener's bound address for it.
+		// AUTH_LISTEN, classified at the listener's first SYN and
+		// again after a policy change, with what listen() had: the
+		// listener's bound address and its owner.
 		if (!o || o->listen_epoch != ep + 1) {
 			if (!o)
 				o = bpf_sk_storage_get(&fwp_sk_owner, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);

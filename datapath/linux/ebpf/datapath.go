@@ -275,7 +275,7 @@ func (d *Datapath) Apply(p *Policy) error {
 	}
 	// Before the policy takes effect: its first redirected connection
 	// needs them.
-	if p.connectRedirects || p.callouts {
+	if p.connectRedirects || p.callouts || p.inbound {
 		if err := d.attachRedirectHooks(); err != nil {
 			return err
 		}
@@ -321,6 +321,7 @@ func (d *Datapath) Apply(p *Policy) error {
 	}
 	d.gen = next
 	committed = true
+	d.bumpInboundEpoch()
 	for k := range d.targetKeys {
 		if !targets[k] {
 			_ = d.objs.FwpTargets.Delete(k) // best effort: only a stale permission
@@ -620,7 +621,7 @@ func (d *Datapath) Stats() (map[string]HookStats, error) {
 		"connect4": p.FwpConnect4, "connect6": p.FwpConnect6, "sendmsg4": p.FwpSendmsg4, "sendmsg6": p.FwpSendmsg6,
 		"recvmsg4": p.FwpRecvmsg4, "recvmsg6": p.FwpRecvmsg6, "getpeername4": p.FwpGetpeername4, "getpeername6": p.FwpGetpeername6,
 		"bind4": p.FwpBind4, "bind6": p.FwpBind6, "sockops": p.FwpSockops, "getsockopt": p.FwpGetsockopt, "setsockopt": p.FwpSetsockopt,
-		"sock_release": p.FwpSockRelease, "egress": p.FwpEgress,
+		"sock_release": p.FwpSockRelease, "egress": p.FwpEgress, "ingress": p.FwpIngress,
 	}
 	out := map[string]HookStats{}
 	for name, prog := range progs {

@@ -18,10 +18,14 @@
 //	cgroup/setsockopt           takes SOL_FWP records on the proxy's outbound socket (docs/sockopt.md)
 //	cgroup/sock_release         drops the per-socket state; stamps a closed UDP client's 4-tuple record
 //	cgroup_skb/egress           indexes a redirected UDP socket by the client 4-tuple (a lookup per packet)
+//	cgroup_skb/ingress          ALE_AUTH_RECV_ACCEPT: inbound SYNs to listeners, a UDP flow's first datagram (block: dropped)
+//	sockops (TCP_LISTEN_CB)     records a listener's owner; ALE_AUTH_LISTEN is classified at its first SYN, a blocked one's SYNs dropped
 //
-// connect, sendmsg and bind classify and are always attached. The others
-// serve redirected sockets only: they are attached with the first policy
-// that redirects connections (before it takes effect) and stay until
+// connect, sendmsg and bind classify and are always attached (bind also
+// records the socket's owner for the inbound layers). The others serve
+// redirected sockets and the inbound layers: they are attached with the
+// first policy that redirects connections, calls Go callouts or has
+// AUTH_RECV_ACCEPT or AUTH_LISTEN filters (before it takes effect) and stay until
 // Detach or Close, as the sockets it redirected outlive it; a policy
 // without redirects costs a connection the three classifying hooks alone.
 //

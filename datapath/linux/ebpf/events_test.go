@@ -70,7 +70,8 @@ func FuzzDecodeEvent(f *testing.F) {
 			return
 		}
 		if e.Layer.Kind() != engine.KindConnectRedirect && e.Layer.Kind() != engine.KindAuthConnect &&
-			e.Layer.Kind() != engine.KindBindRedirect && e.Layer.Kind() != engine.KindResourceAssignment {
+			e.Layer.Kind() != engine.KindBindRedirect && e.Layer.Kind() != engine.KindResourceAssignment &&
+			e.Layer.Kind() != engine.KindAuthRecvAccept && e.Layer.Kind() != engine.KindAuthListen {
 			t.Fatalf("event of layer %s, which no hook classifies", e.Layer)
 		}
 	})

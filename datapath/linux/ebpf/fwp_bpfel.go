@@ -91,6 +91,23 @@ type fwpFlowKey struct {
 	Pad        [3]uint8
 }
 
+type fwpInFlow struct {
+	_        structs.HostLayout
+	Epoch    uint32
+	Outbound uint32
+}
+
+type fwpInFlowKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Raddr  [16]uint8
+	Laddr  [16]uint8
+	Rport  uint16
+	Lport  uint16
+	V6     uint8
+	Pad    [3]uint8
+}
+
 type fwpIntKey struct {
 	_   structs.HostLayout
 	Glf uint32
@@ -155,6 +172,23 @@ type fwpRedirectState struct {
 	Ctx       [128]uint8
 }
 
+type fwpSkOwner struct {
+	_             structs.HostLayout
+	CgroupId      uint64
+	AppIno        uint64
+	ListenFilter  uint64
+	AppDev        uint32
+	Tgid          uint32
+	Uid           uint32
+	Gid           uint32
+	ListenEpoch   uint32
+	HasOwner      uint8
+	HasApp        uint8
+	ListenBlocked uint8
+	ListenSlot    uint8
+	Comm          [16]int8
+}
+
 type fwpTargetKey struct {
 	_      structs.HostLayout
 	Handle uint32
@@ -185,11 +219,14 @@ const (
 	fwpMapFwpEvents        = "fwp_events"
 	fwpMapFwpFilters       = "fwp_filters"
 	fwpMapFwpHits          = "fwp_hits"
+	fwpMapFwpInEpoch       = "fwp_in_epoch"
+	fwpMapFwpInFlows       = "fwp_in_flows"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
 	fwpMapFwpPorts         = "fwp_ports"
 	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
 	fwpMapFwpRedirects     = "fwp_redirects"
+	fwpMapFwpSkOwner       = "fwp_sk_owner"
 	fwpMapFwpSkRecords     = "fwp_sk_records"
 	fwpMapFwpSockRecords   = "fwp_sock_records"
 	fwpMapFwpSockRedirect  = "fwp_sock_redirect"
@@ -205,6 +242,7 @@ const (
 	fwpProgFwpGetpeername4 = "fwp_getpeername4"
 	fwpProgFwpGetpeername6 = "fwp_getpeername6"
 	fwpProgFwpGetsockopt   = "fwp_getsockopt"
+	fwpProgFwpIngress      = "fwp_ingress"
 	fwpProgFwpRecvmsg4     = "fwp_recvmsg4"
 	fwpProgFwpRecvmsg6     = "fwp_recvmsg6"
 	fwpProgFwpSendmsg4     = "fwp_sendmsg4"
@@ -264,6 +302,7 @@ type fwpProgramSpecs struct {
 	FwpGetpeername4 *ebpf.ProgramSpec `ebpf:"fwp_getpeername4"`
 	FwpGetpeername6 *ebpf.ProgramSpec `ebpf:"fwp_getpeername6"`
 	FwpGetsockopt   *ebpf.ProgramSpec `ebpf:"fwp_getsockopt"`
+	FwpIngress      *ebpf.ProgramSpec `ebpf:"fwp_ingress"`
 	FwpRecvmsg4     *ebpf.ProgramSpec `ebpf:"fwp_recvmsg4"`
 	FwpRecvmsg6     *ebpf.ProgramSpec `ebpf:"fwp_recvmsg6"`
 	FwpSendmsg4     *ebpf.ProgramSpec `ebpf:"fwp_sendmsg4"`
@@ -287,11 +326,14 @@ type fwpMapSpecs struct {
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.MapSpec `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
+	FwpInEpoch       *ebpf.MapSpec `ebpf:"fwp_in_epoch"`
+	FwpInFlows       *ebpf.MapSpec `ebpf:"fwp_in_flows"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
+	FwpSkOwner       *ebpf.MapSpec `ebpf:"fwp_sk_owner"`
 	FwpSkRecords     *ebpf.MapSpec `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
@@ -337,11 +379,14 @@ type fwpMaps struct {
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.Map `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
+	FwpInEpoch       *ebpf.Map `ebpf:"fwp_in_epoch"`
+	FwpInFlows       *ebpf.Map `ebpf:"fwp_in_flows"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
+	FwpSkOwner       *ebpf.Map `ebpf:"fwp_sk_owner"`
 	FwpSkRecords     *ebpf.Map `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.Map `ebpf:"fwp_sock_redirect"`
@@ -363,11 +408,14 @@ func (m *fwpMaps) Close() error {
 		m.FwpEvents,
 		m.FwpFilters,
 		m.FwpHits,
+		m.FwpInEpoch,
+		m.FwpInFlows,
 		m.FwpInts,
 		m.FwpLayers,
 		m.FwpPorts,
 		m.FwpProxyPorts,
 		m.FwpRedirects,
+		m.FwpSkOwner,
 		m.FwpSkRecords,
 		m.FwpSockRecords,
 		m.FwpSockRedirect,
@@ -396,6 +444,7 @@ type fwpPrograms struct {
 	FwpGetpeername4 *ebpf.Program `ebpf:"fwp_getpeername4"`
 	FwpGetpeername6 *ebpf.Program `ebpf:"fwp_getpeername6"`
 	FwpGetsockopt   *ebpf.Program `ebpf:"fwp_getsockopt"`
+	FwpIngress      *ebpf.Program `ebpf:"fwp_ingress"`
 	FwpRecvmsg4     *ebpf.Program `ebpf:"fwp_recvmsg4"`
 	FwpRecvmsg6     *ebpf.Program `ebpf:"fwp_recvmsg6"`
 	FwpSendmsg4     *ebpf.Program `ebpf:"fwp_sendmsg4"`
@@ -415,6 +464,7 @@ func (p *fwpPrograms) Close() error {
 		p.FwpGetpeername4,
 		p.FwpGetpeername6,
 		p.FwpGetsockopt,
+		p.FwpIngress,
 		p.FwpRecvmsg4,
 		p.FwpRecvmsg6,
 		p.FwpSendmsg4,

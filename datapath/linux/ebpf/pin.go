@@ -49,6 +49,7 @@ func (d *Datapath) hooks() []hook {
 		{"setsockopt", p.FwpSetsockopt, ebpf.AttachCGroupSetsockopt, true, true},
 		{"sock_release", p.FwpSockRelease, ebpf.AttachCgroupInetSockRelease, true, true},
 		{"egress", p.FwpEgress, ebpf.AttachCGroupInetEgress, true, false},
+		{"ingress", p.FwpIngress, ebpf.AttachCGroupInetIngress, true, false}, // inbound.go
 	}
 }
 
@@ -87,7 +88,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
 		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
 		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey, "fwp_targets": m.FwpTargets,
-		"fwp_counts": m.FwpCounts,
+		"fwp_counts":   m.FwpCounts,
+		"fwp_sk_owner": m.FwpSkOwner, "fwp_in_epoch": m.FwpInEpoch, "fwp_in_flows": m.FwpInFlows, // inbound.go
 	}
 }
 
@@ -96,7 +98,11 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 // Apply that installs the stored policy before the hooks are attached).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
-	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts"}
+	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts",
+	// The inbound layers' socket owners, epoch and UDP flows: a listener
+	// keeps its owner across a restart (the epoch with them, so a record
+	// is never taken for the new policy's).
+	"fwp_sk_owner", "fwp_in_epoch", "fwp_in_flows"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

@@ -14,7 +14,7 @@ import (
 
 // Sizes shared with bpf/fwp.c.
 const (
-	numSlots      = 8   // (kind 0..3) * 2 + v6
+	numSlots      = 12  // (kind 0..5) * 2 + v6
 	numFields     = 10  // fieldRAddr..fieldAll
 	bitsetWords   = 256 // NWORDS
 	MaxFilters    = bitsetWords * 64
@@ -67,6 +67,7 @@ const (
 // kernelKinds are the layers the hooks classify, in slot order.
 var kernelKinds = []engine.LayerKind{
 	engine.KindConnectRedirect, engine.KindAuthConnect, engine.KindBindRedirect, engine.KindResourceAssignment,
+	engine.KindAuthRecvAccept, engine.KindAuthListen, // bpf/inbound.h
 }
 
 func slotOf(l engine.LayerID) (int, bool) {
@@ -257,6 +258,10 @@ type Policy struct {
 	// (ACT_CALLOUT): sockops indexes those flows, so the hooks that serve
 	// redirected sockets are attached too.
 	callouts bool
+	// inbound: some filter is at AUTH_RECV_ACCEPT or AUTH_LISTEN, which
+	// the ingress and sockops hooks enforce: they are attached with the
+	// redirect hooks (Datapath.Apply).
+	inbound bool
 }
 
 // Callouts reports whether some filter of the policy is decided by a Go
@@ -277,8 +282,9 @@ func (p *Policy) Filters() int {
 // Compile turns the filters of the view into a kernel policy. Every enabled
 // filter must be one the kernel decides alone: PERMIT or BLOCK, or the
 // built-in connect redirect, on CONNECT_REDIRECT, AUTH_CONNECT,
-// BIND_REDIRECT or RESOURCE_ASSIGNMENT, with conditions on addresses,
-// ports, protocol, user id and cgroup id. Any other filter makes Compile
+// BIND_REDIRECT, RESOURCE_ASSIGNMENT, AUTH_RECV_ACCEPT or AUTH_LISTEN, with
+// conditions on addresses, ports, protocol, user, group and cgroup id and
+// application. Any other filter makes Compile
 // fail with an error wrapping ErrNotSupported that names it: the kernel
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
@@ -293,6 +299,9 @@ func Compile(view engine.View) (*Policy, error) {
 			return nil, engine.FilterError(&f, fmt.Errorf("%w: on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.Layer))
 		}
 		byLayer[slot] = append(byLayer[slot], f)
+		if k := f.Layer.Kind(); k == engine.KindAuthRecvAccept || k == engine.KindAuthListen {
+			p.inbound = true
+		}
 	}
 	for slot, fs := range byLayer {
 		if len(fs) == 0 {
@@ -467,7 +476,11 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
 	kind := f.Layer.Kind()
 	if kind != engine.KindConnectRedirect && kind != engine.KindAuthConnect {
-		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (no packet to hold at the bind layers)", ErrNotSupported, f.Action.Callout, f.Layer)
+		why := "no packet to hold at the bind and listen layers"
+		if kind == engine.KindAuthRecvAccept {
+			why = "holding an inbound request for a Go callout is not built; permit and block filters are enforced here"
+		}
+		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (%s)", ErrNotSupported, f.Action.Callout, f.Layer, why)
 	}
 	if !tcpOnly(f.Conditions) {
 		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows for Go callouts: add the condition %s == 6", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)

@@ -179,6 +179,9 @@ type gen struct {
 	// tupleGIDs).
 	gids      bool
 	tupleGIDs []uint32
+	// kinds: the layers filters go to (CONNECT_REDIRECT and AUTH_CONNECT
+	// when empty).
+	kinds []engine.LayerKind
 }
 
 // genApps are the app id paths of random policies: the test binary (the
@@ -297,7 +300,11 @@ func (g *gen) policy(t testing.TB, nfilters int) *engine.Engine {
 			}
 		}
 		for range nfilters {
-			kind := []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect}[g.r.IntN(2)]
+			kinds := g.kinds
+			if len(kinds) == 0 {
+				kinds = []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect}
+			}
+			kind := kinds[g.r.IntN(len(kinds))]
 			f := engine.Filter{Layer: engine.LayerFor(kind, g.v6), Sublayer: subs[g.r.IntN(len(subs))],
 				Action: engine.Action{Type: []engine.ActionType{engine.ActionPermit, engine.ActionPermit, engine.ActionBlock}[g.r.IntN(3)]}}
 			if redirect != 0 && kind == engine.KindConnectRedirect && g.r.IntN(3) == 0 {
@@ -411,7 +418,7 @@ func TestCompileRefusesWhatTheKernelCannotDecide(t *testing.T) {
 			return err
 		}, ErrNotSupported},
 		{"unhooked layer", func(tx *engine.Txn) error {
-			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthRecvAcceptV4, Action: engine.Action{Type: engine.ActionBlock}})
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEFlowEstablishedV4, Action: engine.Action{Type: engine.ActionBlock}})
 			return err
 		}, ErrNotSupported},
 		{"redirect without context", func(tx *engine.Txn) error {

@@ -19,7 +19,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define NSLOTS 8   // layers: (kind 0..3) * 2 + v6
+#define NSLOTS 12  // layers: (kind 0..5) * 2 + v6
 #define NFIELDS 10 // see FIELD_*
 #define NWORDS 256 // bitset words: up to 16384 filters per layer
 #define NSUM 4     // summary words: one bit per nonzero bitset word
@@ -31,6 +31,8 @@
 #define SLOT_AUTH_CONNECT 2
 #define SLOT_BIND_REDIRECT 4
 #define SLOT_RESOURCE_ASSIGNMENT 6
+#define SLOT_AUTH_RECV_ACCEPT 8 // cgroup_skb/ingress (bpf/inbound.h)
+#define SLOT_AUTH_LISTEN 10     // sockops TCP_LISTEN_CB, enforced at ingress
 
 #define FIELD_RADDR 0
 #define FIELD_LADDR 1
@@ -440,6 +442,12 @@ struct tuple {
 	__u8 has_laddr;
 	__u8 has_rport;
 	__u8 has_lport;
+	// owner_app: the app field's class is app_cls, the socket owner's
+	// executable looked up by the inbound layers (bpf/inbound.h), not the
+	// current task's. (In the padding: the stack of connect is at its limit.)
+	__u8 owner_app;
+	__u8 no_gid; // the group is unknown (an inbound socket without owner): empty
+	__u32 app_cls;
 };
 
 struct walk {
@@ -690,8 +698,12 @@ __attribute__((noinline)) int fwp_field_class(__u32 li, __u32 f, struct tuple *t
 	case FIELD_UID:
 		return int_class(g, t->uid);
 	case FIELD_APP:
+		if (t->owner_app)
+			return t->app_cls;
 		return app_class(g);
 	case FIELD_GID:
+		if (t->no_gid)
+			return CLASS_EMPTY;
 		return int_class(g, t->gid);
 	}
 	return int_class(g, t->cgid);
@@ -1026,6 +1038,8 @@ __attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple
 	return 1;
 }
 
+#include "inbound.h"
+
 // do_connect is ALE_CONNECT_REDIRECT then ALE_AUTH_CONNECT for a connect or
 // an unconnected sendmsg. It returns 1 to let the call proceed, 0 for EPERM.
 static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
@@ -1124,6 +1138,8 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, slot);
 		return 0;
 	}
+	if (t.proto == IPPROTO_UDP)
+		in_note_udp(ctx, &t, gen); // its replies are not new inbound flows
 	return 1;
 }
 
@@ -1231,6 +1247,7 @@ static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, rslot);
 		return 0;
 	}
+	in_note_owner(ctx->sk); // who owns the socket, for the inbound layers
 	return 1;
 }
 
@@ -1310,6 +1327,8 @@ int fwp_sockops(struct bpf_sock_ops *skops)
 {
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_STATE_CB)
 		return accepted_sockops(skops);
+	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB)
+		return in_listen(skops);
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);

@@ -88,9 +88,9 @@ func startDaemon(t *testing.T, dir string, args ...string) *daemon {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.cmd.Process.Kill(); d.cmd.Wait() })
-	// Loading the kernel datapath verifies ~700k instructions: seconds on a
+	// Loading the kernel datapath verifies ~930k instructions: seconds on a
 	// busy 2-vCPU machine.
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if _, err := os.Stat(d.sock); err == nil && strings.Contains(d.log.String(), "fwpd listening") {
 			return d

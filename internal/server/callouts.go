@@ -175,9 +175,22 @@ func (cc *calloutConn) read() error {
 	r := calloutwire.NewReader(cc.c)
 	_ = cc.c.SetReadDeadline(time.Now().Add(firstFrameTimeout))
 	for first := true; ; first = false {
-		m, err := r.Next()
+		b, err := r.Frame()
 		if first && err == nil {
 			_ = cc.c.SetReadDeadline(time.Time{})
+		}
+		var m calloutwire.Message
+		if err == nil {
+			if calloutwire.Type(b[0]) == calloutwire.TAnswer && cc.reg != nil {
+				// Every call's answer: decoded in place, no Message boxed.
+				var a calloutwire.Answer
+				if err = calloutwire.DecodeAnswer(b, &a); err == nil {
+					cc.reg.answer(a)
+					continue
+				}
+			} else {
+				m, err = calloutwire.Decode(b)
+			}
 		}
 		if err != nil {
 			if errors.Is(err, calloutwire.ErrMalformed) {
@@ -459,7 +472,7 @@ func (r *remoteReg) classify(req *engine.ClassifyRequest, out *engine.ClassifyOu
 	}
 	r.waiting[id] = ch
 	r.mu.Unlock()
-	if err := r.conn.w.Send(msg); err != nil {
+	if err := r.conn.w.SendClassify(&msg); err != nil {
 		r.conn.shutdown() // the reader ends, and close answers every waiter
 	}
 	t := timers.Get().(*time.Timer)

@@ -334,3 +334,43 @@ func TestE2EKernelRemoteCalloutKill(t *testing.T) {
 		t.Fatalf("after re-registration: curl %+v, want the callout's block", r)
 	}
 }
+
+// TestE2EKernelAskUserKilled: askuser prompting (no -auto) holds curl's
+// connect; killed (SIGKILL) before anyone answers, the held connect gets
+// its catch-all filter's flag: refused under -fail-closed, let through by
+// default — although askuser's catch-all filters live in its dynamic
+// session, which ends in the same instant.
+func TestE2EKernelAskUserKilled(t *testing.T) {
+	d, s := kernelCalloutScenario(t)
+	bin := buildAskuser(t)
+	for _, c := range []struct {
+		args []string
+		code int
+	}{{[]string{"-fail-closed"}, 7}, {nil, 0}} {
+		a := startCalloutProg(t, bin, []string{"FWPD_SOCKET=" + d.sock}, append([]string{"-remember", "dynamic"}, c.args...)...)
+		a.expect("askuser: ready")
+		done := make(chan runResult, 1)
+		go func() { done <- s.run(curl("http://127.0.0.1:8080/")...) }()
+		// The prompt has no newline: wait for fwpd to hold the pend.
+		deadline := time.Now().Add(10 * time.Second)
+		for calloutList(t, d)["askuser-"+engine.LayerALEAuthConnectV4.String()].Held != 1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("fwpd holds no pend of askuser: %+v", calloutList(t, d))
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		killed := time.Now()
+		a.cmd.Process.Kill()
+		var r runResult
+		select {
+		case r = <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("askuser %v killed: curl still held 10 s later", c.args)
+		}
+		t.Logf("askuser %v killed: curl %d after %v", c.args, r.Code, time.Since(killed))
+		if r.Code != c.code {
+			t.Fatalf("askuser %v killed mid-prompt: curl %+v, want exit %d", c.args, r, c.code)
+		}
+		a.cmd.Wait()
+	}
+}

@@ -44,11 +44,11 @@ const (
 type PendOutcome uint8
 
 const (
-	PendWaiting   PendOutcome = iota
-	PendCompleted             // CompleteOperation / CompleteClassify
-	PendTimedOut              // the deadline passed; the filter's default applies
-	PendCanceled              // the datapath gave up (the connection went away)
-	PendCalloutGone           // its callout went away under a fail-closed filter: blocked (FailPendClosed)
+	PendWaiting     PendOutcome = iota
+	PendCompleted               // CompleteOperation / CompleteClassify
+	PendTimedOut                // the deadline passed; the filter's default applies
+	PendCanceled                // the datapath gave up (the connection went away)
+	PendCalloutGone             // its callout went away under a fail-closed filter: blocked (FailPendClosed)
 )
 
 func (o PendOutcome) String() string {

@@ -30,14 +30,22 @@ func init() {
 	testutil.RegisterHelper("rcallout", rcalloutHelper)
 }
 
-// rcalloutHelper is a callout program: rcallout SOCKET KEY MODE registers
-// KEY with fwpd and prints "ready"; then, per call, mode "ports" permits
-// remote port 9090 and blocks the rest at once, mode "hold" pends the
-// connect and never completes it (printing "pended PORT"). It runs until
+// rcalloutHelper is a callout program: rcallout SOCKET KEY MODE [DEADLINE]
+// registers KEY with fwpd (with that answer deadline) and prints "ready";
+// then, per call, mode "ports" permits remote port 9090 and blocks the
+// rest at once, mode "hold" pends the connect and never completes it
+// (printing "pended PORT"), mode "hang" never returns. It runs until
 // stdin closes or it is killed.
 func rcalloutHelper(args []string) error {
-	if len(args) != 3 {
-		return fmt.Errorf("usage: rcallout SOCKET KEY MODE")
+	if len(args) < 3 {
+		return fmt.Errorf("usage: rcallout SOCKET KEY MODE [DEADLINE]")
+	}
+	var deadline time.Duration
+	if len(args) > 3 {
+		var err error
+		if deadline, err = time.ParseDuration(args[3]); err != nil {
+			return err
+		}
 	}
 	var out sync.Mutex
 	say := func(format string, a ...any) {
@@ -65,11 +73,16 @@ func rcalloutHelper(args []string) error {
 			say("pended %d", req.Values.Uint(engine.FieldIPRemotePort))
 			o.Action, o.Flags = engine.ActionBlock, engine.OutAbsorb
 		}
+	case "hang": // never answers
+		reg.Classify = func(req *engine.ClassifyRequest, o *engine.ClassifyOut) {
+			say("hanging %d", req.Values.Uint(engine.FieldIPRemotePort))
+			select {}
+		}
 	default:
 		return fmt.Errorf("mode %q", args[2])
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	rc, err := client.RegisterCallout(ctx, args[1], reg, client.CalloutOptions{Socket: args[0]})
+	rc, err := client.RegisterCallout(ctx, args[1], reg, client.CalloutOptions{Socket: args[0], Deadline: deadline})
 	cancel()
 	if err != nil {
 		return err
@@ -372,5 +385,31 @@ func TestE2EKernelAskUserKilled(t *testing.T) {
 			t.Fatalf("askuser %v killed mid-prompt: curl %+v, want exit %d", c.args, r, c.code)
 		}
 		a.cmd.Wait()
+	}
+}
+
+// TestE2EKernelRemoteCalloutHung: a callout program that never answers
+// (its Classify blocks) costs a real connect its answer deadline, then the
+// filter's flag decides (8080 refused, 9090 served); fwpd counts the
+// timeouts.
+func TestE2EKernelRemoteCalloutHung(t *testing.T) {
+	d, s := kernelCalloutScenario(t)
+	if errs, code := d.apply(t, remotePolicy); code != 0 {
+		t.Fatalf("fwpctl apply: %s", errs)
+	}
+	const deadline = 300 * time.Millisecond
+	p := startCalloutProg(t, os.Args[0], testutil.HelperEnv("rcallout"), d.sock, "remote-co", "hang", deadline.String())
+	p.expect("ready")
+	for _, c := range []struct{ port, code int }{{8080, 7}, {9090, 0}} {
+		r := s.run(curl(fmt.Sprintf("http://127.0.0.1:%d/", c.port))...)
+		if r.Code != c.code || r.Took < deadline {
+			t.Fatalf("port %d, hung callout: curl %+v, want exit %d after the %v deadline", c.port, r, c.code, deadline)
+		}
+		t.Logf("port %d: curl exit %d after %v", c.port, r.Code, r.Took)
+	}
+	// The program's one reading goroutine is stuck in the first call: the
+	// second never reached its Classify, and timed out in fwpd the same.
+	if i := calloutList(t, d)["remote-co"]; i.Timeouts != 2 || !i.Registered {
+		t.Fatalf("listing: %+v, want 2 timeouts", i)
 	}
 }

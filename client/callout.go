@@ -63,6 +63,10 @@ type RemoteCallout struct {
 	mu                        sync.Mutex
 	pends                     map[uint64]*engine.Pend
 	fwpdPendTimeout, deadline time.Duration
+
+	// The reading goroutine's: the call being answered, decoded in place.
+	call calloutwire.Classify
+	in   engine.Invocation
 }
 
 // RegisterCallout registers reg's functions with fwpd for the callout key,
@@ -182,7 +186,7 @@ type heldMarker struct{}
 
 func (rc *RemoteCallout) loop() {
 	fc := rc.conn
-	err := fc.readLoop(rc.frame)
+	err := fc.readLoop(rc.frame, rc.classifyFrame)
 	fc.close(err)
 	// Nothing will complete the pends held here any more: fwpd resolved
 	// them when the connection went.
@@ -221,10 +225,21 @@ func (rc *RemoteCallout) frame(m calloutwire.Message) error {
 	return nil
 }
 
+// classifyFrame decodes a Classify frame into the connection's one
+// Classify (the reading goroutine's: calls are answered in order, on it)
+// and answers it, allocating nothing for a plain call.
+func (rc *RemoteCallout) classifyFrame(b []byte) error {
+	if err := calloutwire.DecodeClassify(b, &rc.call); err != nil {
+		return err
+	}
+	return rc.classify(&rc.call)
+}
+
 func (rc *RemoteCallout) classify(c *calloutwire.Classify) error {
-	in := engine.Invocation{Layer: c.Layer, Values: *c.Values, Meta: *c.Meta, Filter: *c.Filter,
+	rc.in = engine.Invocation{Layer: c.Layer, Values: *c.Values, Meta: *c.Meta, Filter: *c.Filter,
 		ProviderContext: c.ProviderContext, Rights: c.Rights, Connect: c.Connect, Bind: c.Bind, LayerData: heldMarker{}}
-	inv := rc.mirror.Invoke(&rc.reg, &in)
+	inv := rc.mirror.Invoke(&rc.reg, &rc.in)
+	rc.in = engine.Invocation{}
 	a := calloutwire.Answer{ID: c.ID, Out: inv.Out}
 	if p := inv.Pend; p != nil {
 		id := rc.nextPend.Add(1)
@@ -238,12 +253,12 @@ func (rc *RemoteCallout) classify(c *calloutwire.Classify) error {
 		rc.mu.Unlock()
 		// The answer goes out before the watcher may send the completion:
 		// a callout may complete before Classify even returns.
-		err := rc.conn.w.Send(a)
+		err := rc.conn.w.SendAnswer(&a)
 		go rc.watch(id, p)
 		return err
 	}
 	a.Applied = calloutwire.Applied{Connect: inv.Connect, Bind: inv.Bind, ApplyFlags: inv.ApplyFlags}
-	return rc.conn.w.Send(a)
+	return rc.conn.w.SendAnswer(&a)
 }
 
 // watch carries a pend's completion to fwpd.
@@ -295,7 +310,7 @@ func DialClassifier(ctx context.Context, socket string) (*Classifier, error) {
 	go func() {
 		fc.close(fc.readLoop(func(m calloutwire.Message) error {
 			return fmt.Errorf("%w: fwpd sent a %s frame to a classifier", calloutwire.ErrMalformed, m.Type())
-		}))
+		}, nil))
 	}()
 	return &Classifier{conn: fc}, nil
 }
@@ -453,10 +468,21 @@ func (fc *frameConn) close(err error) {
 }
 
 // readLoop reads frames until the connection ends: replies go to their
-// callers, the rest to other.
-func (fc *frameConn) readLoop(other func(calloutwire.Message) error) error {
+// callers, Classify frames to classify undecoded (when set), the rest to
+// other.
+func (fc *frameConn) readLoop(other func(calloutwire.Message) error, classify func([]byte) error) error {
 	for {
-		m, err := fc.r.Next()
+		b, err := fc.r.Frame()
+		if err != nil {
+			return err
+		}
+		if classify != nil && calloutwire.Type(b[0]) == calloutwire.TClassify {
+			if err := classify(b); err != nil {
+				return err
+			}
+			continue
+		}
+		m, err := calloutwire.Decode(b)
 		if err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -42,15 +43,23 @@ type Invoked struct {
 // Invoke calls reg's classify function for in as this engine would for a
 // filter of its own. Flow contexts are this engine's (FlowAssociateContext
 // here); a callout conditional on flow is the classifying engine's
-// concern, so reg.Flags are not looked at.
+// concern, so reg.Flags are not looked at. A call whose callout neither
+// pends nor acquires a classify handle allocates nothing: its state comes
+// from a pool (a remote callout pays for it on every classification).
 func (e *Engine) Invoke(reg *CalloutRegistration, in *Invocation) Invoked {
-	f := in.Filter
-	cf := &cfilter{f: &f, id: f.ID, action: f.Action.Type, flags: f.Flags, callout: f.Action.Callout, pctx: in.ProviderContext}
-	cs := &classifyState{e: e, layer: in.Layer, vs: &in.Values, meta: &in.Meta, layerData: in.LayerData, seq: e.rt.nextSeq.Add(1)}
+	st := invokePool.Get().(*invokeState)
+	st.f = in.Filter
+	st.vs = in.Values
+	st.meta = in.Meta
+	st.cf = cfilter{f: &st.f, id: st.f.ID, action: st.f.Action.Type, flags: st.f.Flags, callout: st.f.Action.Callout, pctx: in.ProviderContext}
+	cs := &st.cs
+	more := cs.keep()
+	*cs = classifyState{e: e, layer: in.Layer, vs: &st.vs, meta: &st.meta, layerData: in.LayerData, seq: e.rt.nextSeq.Add(1)}
+	cs.called.more = more
 	if l := LayerByID(in.Layer); l != nil {
 		if l.CanPendOperation {
-			in.Meta.Present |= MetaCompletionHandle
-			in.Meta.CompletionHandle = CompletionHandle{cs, cs.seq}
+			st.meta.Present |= MetaCompletionHandle
+			st.meta.CompletionHandle = CompletionHandle{cs, cs.seq}
 		}
 		if l.Writable != WritableNone && (in.Connect != nil || in.Bind != nil) {
 			rd := &redirectState{layer: in.Layer, connect: in.Connect, bind: in.Bind, foreignHandles: true}
@@ -59,23 +68,45 @@ func (e *Engine) Invoke(reg *CalloutRegistration, in *Invocation) Invoked {
 			} else {
 				rd.original = in.Bind.LocalAddressAndPort
 			}
-			if in.Meta.Has(MetaRedirectRecords) && in.Meta.RedirectRecords != nil {
-				rd.records = slices.Clone(in.Meta.RedirectRecords.recs)
+			if st.meta.Has(MetaRedirectRecords) && st.meta.RedirectRecords != nil {
+				rd.records = slices.Clone(st.meta.RedirectRecords.recs)
 			}
 			cs.rd = rd
 		}
 	}
 	r := *reg
 	r.Flags = 0
-	out, _ := cs.call(cf, &r, in.Rights)
-	in.Meta.CompletionHandle = CompletionHandle{}
-	in.Meta.Present &^= MetaCompletionHandle
+	out, _ := cs.call(&st.cf, &r, in.Rights)
 	cs.seq = 0 // a handle kept past the call is stale, as in a classify
 	res := Invoked{Out: out, Pend: cs.pend}
 	if cs.rd != nil && cs.pend == nil {
-		res.Connect, res.Bind, res.ApplyFlags = cs.rd.applied(f.ID)
+		res.Connect, res.Bind, res.ApplyFlags = cs.rd.applied(st.f.ID)
+	}
+	// A classify handle keeps the state (its classification and filter):
+	// such a state is left to the collector, never reused under it.
+	if cs.rd == nil || !cs.rd.hasHandles() {
+		cs.reset()
+		st.vs, st.meta, st.f, st.cf = Values{}, Metadata{}, Filter{}, cfilter{}
+		invokePool.Put(st)
 	}
 	return res
+}
+
+// invokeState is one Invoke's classification, pooled.
+type invokeState struct {
+	cs   classifyState
+	cf   cfilter
+	f    Filter
+	vs   Values
+	meta Metadata
+}
+
+var invokePool = sync.Pool{New: func() any { return new(invokeState) }}
+
+func (rd *redirectState) hasHandles() bool {
+	rd.mu.Lock()
+	defer rd.mu.Unlock()
+	return len(rd.handles) > 0
 }
 
 // applied is the version filter by applied and its flags, if it did.

@@ -44,14 +44,33 @@ const (
 type PendOutcome uint8
 
 const (
-	PendWaiting   PendOutcome = iota
-	PendCompleted             // CompleteOperation / CompleteClassify
-	PendTimedOut              // the deadline passed; the filter's default applies
-	PendCanceled              // the datapath gave up (the connection went away)
+	PendWaiting     PendOutcome = iota
+	PendCompleted               // CompleteOperation / CompleteClassify
+	PendTimedOut                // the deadline passed; the filter's default applies
+	PendCanceled                // the datapath gave up (the connection went away)
+	PendCalloutGone             // its callout went away under a fail-closed filter: blocked (FailPendClosed)
 )
 
 func (o PendOutcome) String() string {
-	return [...]string{"waiting", "completed", "timed_out", "canceled"}[o]
+	return [...]string{"waiting", "completed", "timed_out", "canceled", "callout_gone"}[o]
+}
+
+// FailPendClosed resolves a pend whose callout went away (a remote
+// callout's program died) under a filter without
+// PERMIT_IF_CALLOUT_UNREGISTERED: the classification is blocked at once,
+// as callout_unregistered_block, without the reauthorization (or resumed
+// classify) a completion brings — by then the filter itself may be gone
+// too (a dynamic session that ends with the program), and the flag that
+// said "closed" with it. A fail-open pend is completed instead, so that
+// the rest of the policy still has its say.
+func (e *Engine) FailPendClosed(p *Pend) error {
+	if p == nil || p.e != e {
+		return fmt.Errorf("%w: not a pend of this engine", ErrHandleInvalid)
+	}
+	if !p.resolve(PendCalloutGone) {
+		return fmt.Errorf("%w: %s", ErrPendResolved, p.Outcome())
+	}
+	return nil
 }
 
 // Pend is a pended classification: the completion context of PendOperation
@@ -272,6 +291,14 @@ func (e *Engine) finishPend(p *Pend, o PendOutcome, vs *Values, meta *Metadata) 
 		} else {
 			base.ClassifyOut = ClassifyOut{Action: ActionBlock}
 		}
+		if vs != nil {
+			e.recordEvent(&classifyState{layer: p.layer, vs: vs, meta: meta}, &base)
+		}
+		e.count(p.layer, &base)
+		return base
+	case PendCalloutGone:
+		base.Reason = ReasonCalloutUnregisteredBlock
+		base.ClassifyOut = ClassifyOut{Action: ActionBlock}
 		if vs != nil {
 			e.recordEvent(&classifyState{layer: p.layer, vs: vs, meta: meta}, &base)
 		}

@@ -16,8 +16,10 @@
 // PERMIT_IF_CALLOUT_UNREGISTERED unless -fail-closed: if askuser dies, its
 // held connections are let through (or blocked) at once.
 //
-// Which connections reach it: every classification fwpd's engine makes at
-// ALE_AUTH_CONNECT — those of clients that classify through fwpd
-// (client.Classifier) today, and the kernel datapath's once its callout
-// path calls the engine.
+// Which connections reach it: every TCP classification fwpd's engine makes
+// at ALE_AUTH_CONNECT — those of clients that classify through fwpd
+// (client.Classifier), and with fwpd --datapath kernel the connects of the
+// hooked cgroup, which the kernel callout path (package nfqueue) holds
+// while askuser asks (its catch-all filters match TCP only: the kernel
+// datapath holds only TCP flows for a Go callout).
 package main

@@ -95,8 +95,11 @@ func run(ctx context.Context, c config, in io.Reader, out io.Writer) error {
 	var ops []mgmt.Op
 	for _, l := range []engine.LayerID{engine.LayerALEAuthConnectV4, engine.LayerALEAuthConnectV6} {
 		ops = append(ops, mgmt.Op{Add: &mgmt.Object{Callout: &mgmt.Callout{Key: c.Key + "-" + l.String(), Layer: l.String(), Name: "askuser"}}})
+		// TCP: the connections the kernel datapath can hold for a Go
+		// callout (it refuses a callout filter that could meet UDP).
 		f := &mgmt.Filter{Key: c.Key + "-catchall-" + l.String(), Layer: l.String(), Action: "callout_terminating",
-			Callout: c.Key + "-" + l.String(), Weight: "1", Name: "askuser: ask for new connections"}
+			Callout: c.Key + "-" + l.String(), Weight: "1", Name: "askuser: ask for new TCP connections",
+			Conditions: []mgmt.Condition{{Field: "ip_protocol", Match: "equal", Value: "6"}}}
 		if !c.FailClosed {
 			f.Flags = []string{"permit_if_callout_unregistered"}
 		}

@@ -104,12 +104,34 @@ func TestAddedLatency(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { ein.Close(); echo.Wait() }()
+	// A second floor: one byte over a unix socket to a Go process and
+	// back, Go's poller on both sides, as on the callout socket: what any
+	// protocol on it costs, frames and callouts aside.
+	ul, err := net.Listen("unix", h.sock+".echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ul.Close()
+	uecho := exec.Command(os.Args[0])
+	uecho.Env = append(os.Environ(), "FWP_ECHO_UNIX="+h.sock+".echo")
+	if err := uecho.Start(); err != nil {
+		t.Fatal(err)
+	}
+	uc, err := ul.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { uc.Close(); uecho.Wait() }()
 	const n = 20000
-	var re, ee, fe []time.Duration
+	var re, ee, fe, ue []time.Duration
 	b := []byte{1}
-	for i := range 3 * n {
+	for i := range 4 * n {
 		s := time.Now()
-		switch i % 3 {
+		switch i % 4 {
+		case 3:
+			uc.Write(b)
+			io.ReadFull(uc, b)
+			ue = append(ue, time.Since(s))
 		case 0:
 			if r := h.e.Classify(connV4, &vs, nil); r.Action != engine.ActionPermit || r.Reason != engine.ReasonCalloutPermit {
 				t.Fatalf("%+v", r)
@@ -128,6 +150,8 @@ func TestAddedLatency(t *testing.T) {
 	t.Logf("embedded: p50 %v p99 %v", percentile(ee, .5), percentile(ee, .99))
 	t.Logf("added:    p50 %v p99 %v", percentile(re, .5)-percentile(ee, .5), percentile(re, .99)-percentile(ee, .99))
 	t.Logf("floor (pipe round trip to a process): p50 %v p99 %v", percentile(fe, .5), percentile(fe, .99))
+	t.Logf("floor (unix socket round trip to a Go process): p50 %v p99 %v", percentile(ue, .5), percentile(ue, .99))
+	t.Logf("remote over the unix-socket floor: p50 %v p99 %v", percentile(re, .5)-percentile(ue, .5), percentile(re, .99)-percentile(ue, .99))
 	for _, par := range []int{1, 8, 64} {
 		var wg sync.WaitGroup
 		per := 40000 / par

@@ -126,13 +126,19 @@ func TestRemoteDifferential(t *testing.T) {
 						got.ClassifyOut, remoteKeys[got.Filter], got.Reason, want.ClassifyOut, wantKey, want.Reason, ops)
 				}
 				kinds[want.Reason.String()]++
+				if want.Flags&engine.OutAbsorb != 0 {
+					kinds["absorb"]++
+				}
 			}
 		}
 	}
 	t.Logf("outcomes: %v", kinds)
-	for _, r := range []engine.Reason{engine.ReasonCalloutPermit, engine.ReasonCalloutBlock, engine.ReasonCalloutUnregisteredBlock} {
+	for _, r := range []engine.Reason{engine.ReasonCalloutPermit, engine.ReasonCalloutBlock, engine.ReasonCalloutVeto, engine.ReasonCalloutUnregisteredBlock} {
 		if kinds[r.String()] == 0 {
 			t.Errorf("no classification ended in %q: the test is too weak", r)
 		}
+	}
+	if kinds["absorb"] == 0 {
+		t.Error("no classification was absorbed: the test is too weak")
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -23,6 +24,19 @@ import (
 var bins struct{ dir, fwpd, fwpctl, askuser, appproxy string }
 
 func TestMain(m *testing.M) {
+	if path := os.Getenv("FWP_ECHO_UNIX"); path != "" { // the same over a unix socket, Go's poller on both sides
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			os.Exit(1)
+		}
+		b := make([]byte, 1)
+		for {
+			if _, err := c.Read(b); err != nil {
+				os.Exit(0)
+			}
+			c.Write(b)
+		}
+	}
 	if os.Getenv("FWP_ECHO") != "" { // the floor of a round trip between processes
 		b := make([]byte, 1)
 		for {

@@ -201,6 +201,43 @@ func (w *Writer) Send(m Message) error {
 		return err
 	}
 	w.buf = AppendFrame(w.buf, m)
+	return w.flushLocked()
+}
+
+// SendClassify is Send for the frame of every remote callout call, without
+// boxing it in a Message (an allocation per call).
+func (w *Writer) SendClassify(m *Classify) error {
+	w.mu.Lock()
+	if w.err != nil {
+		err := w.err
+		w.mu.Unlock()
+		return err
+	}
+	at := len(w.buf)
+	w.buf = append(w.buf, 0, 0, 0, 0, byte(TClassify))
+	w.buf = m.appendTo(w.buf)
+	binary.BigEndian.PutUint32(w.buf[at:], uint32(len(w.buf)-at-4))
+	return w.flushLocked()
+}
+
+// SendAnswer is Send for the answer to a Classify, without boxing.
+func (w *Writer) SendAnswer(m *Answer) error {
+	w.mu.Lock()
+	if w.err != nil {
+		err := w.err
+		w.mu.Unlock()
+		return err
+	}
+	at := len(w.buf)
+	w.buf = append(w.buf, 0, 0, 0, 0, byte(TAnswer))
+	w.buf = m.appendTo(w.buf)
+	binary.BigEndian.PutUint32(w.buf[at:], uint32(len(w.buf)-at-4))
+	return w.flushLocked()
+}
+
+// flushLocked writes what is queued unless another sender is writing (it
+// then writes this frame too); it unlocks w.mu.
+func (w *Writer) flushLocked() error {
 	if w.flushing {
 		w.mu.Unlock()
 		return nil
@@ -268,6 +305,7 @@ func AppendFrame(b []byte, m Message) []byte {
 type Reader struct {
 	r   *bufio.Reader
 	buf []byte
+	hdr [4]byte // a field: on the stack it would escape through io.ReadFull
 }
 
 // NewReader returns a Reader on r.
@@ -276,11 +314,22 @@ func NewReader(r io.Reader) *Reader { return &Reader{r: bufio.NewReaderSize(r, 6
 // Next reads one frame and decodes it. A clean end of stream is io.EOF;
 // anything malformed wraps ErrMalformed.
 func (r *Reader) Next() (Message, error) {
-	var hdr [4]byte
-	if _, err := io.ReadFull(r.r, hdr[:]); err != nil {
+	b, err := r.Frame()
+	if err != nil {
 		return nil, err
 	}
-	n := binary.BigEndian.Uint32(hdr[:])
+	return Decode(b)
+}
+
+// Frame reads one frame and returns its type byte and body, undecoded,
+// valid until the next read: the frames of every call (Classify, Answer)
+// are decoded from it in place (DecodeClassify, DecodeAnswer), the rest
+// with Decode.
+func (r *Reader) Frame() ([]byte, error) {
+	if _, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(r.hdr[:])
 	if n == 0 || n > MaxFrame {
 		return nil, fmt.Errorf("%w: frame length %d (1..%d)", ErrMalformed, n, MaxFrame)
 	}
@@ -294,7 +343,75 @@ func (r *Reader) Next() (Message, error) {
 		}
 		return nil, err
 	}
-	return Decode(b)
+	return b, nil
+}
+
+// DecodeAnswer decodes an Answer frame (type byte and body) into a.
+func DecodeAnswer(b []byte, a *Answer) error {
+	if len(b) == 0 || Type(b[0]) != TAnswer {
+		return fmt.Errorf("%w: not an answer frame", ErrMalformed)
+	}
+	d := &dec{b: b[1:]}
+	d.answer(a)
+	return d.frameEnd(TAnswer)
+}
+
+// DecodeClassify decodes a Classify frame (type byte and body) into c,
+// reusing c's Values, Meta and Filter (allocated when nil), and the
+// strings and bytes of the previous call that are equal in this one (the
+// filter's key, the application...): a callout program that decodes every
+// call into one Classify allocates nothing for the common call. What c
+// held before is overwritten; strings and byte slices handed out earlier
+// stay valid (they are never written to).
+func DecodeClassify(b []byte, c *Classify) error {
+	if len(b) == 0 || Type(b[0]) != TClassify {
+		return fmt.Errorf("%w: not a classify frame", ErrMalformed)
+	}
+	if c.Values == nil {
+		c.Values = new(engine.Values)
+	}
+	if c.Meta == nil {
+		c.Meta = new(engine.Metadata)
+	}
+	if c.Filter == nil {
+		c.Filter = new(engine.Filter)
+	}
+	d := &dec{b: b[1:], reuse: true}
+	d.classify(c)
+	return d.frameEnd(TClassify)
+}
+
+func (d *dec) frameEnd(t Type) error {
+	if d.err == nil && len(d.b) != 0 {
+		d.fail("%d trailing bytes", len(d.b))
+	}
+	if d.err != nil {
+		return fmt.Errorf("%w: %s frame: %w", ErrMalformed, t, d.err)
+	}
+	return nil
+}
+
+func (d *dec) classify(c *Classify) {
+	c.ID = d.uv()
+	c.Layer = d.layer()
+	d.values(c.Values)
+	d.meta(c.Meta)
+	d.filter(c.Filter)
+	c.ProviderContext = d.bytesLike(c.ProviderContext)
+	c.Rights = engine.Rights(d.u32())
+	c.Connect = d.connectChain()
+	c.Bind = d.bindChain()
+}
+
+func (d *dec) answer(a *Answer) {
+	a.ID = d.uv()
+	a.Out = d.out()
+	a.PendKind = d.u8()
+	if a.PendKind > PendClassify {
+		d.fail("pend kind %d", a.PendKind)
+	}
+	a.PendID = d.uv()
+	a.Applied = d.applied()
 }
 
 // Decode decodes one frame's type byte and body.
@@ -313,27 +430,12 @@ func Decode(b []byte) (Message, error) {
 		m = d.reply()
 	case TClassify:
 		var c Classify
-		c.ID = d.uv()
-		c.Layer = d.layer()
 		c.Values, c.Meta, c.Filter = new(engine.Values), new(engine.Metadata), new(engine.Filter)
-		d.values(c.Values)
-		d.meta(c.Meta)
-		d.filter(c.Filter)
-		c.ProviderContext = d.bytes()
-		c.Rights = engine.Rights(d.u32())
-		c.Connect = d.connectChain()
-		c.Bind = d.bindChain()
+		d.classify(&c)
 		m = c
 	case TAnswer:
 		var a Answer
-		a.ID = d.uv()
-		a.Out = d.out()
-		a.PendKind = d.u8()
-		if a.PendKind > PendClassify {
-			d.fail("pend kind %d", a.PendKind)
-		}
-		a.PendID = d.uv()
-		a.Applied = d.applied()
+		d.answer(&a)
 		m = a
 	case TComplete:
 		var c Complete
@@ -702,6 +804,31 @@ func appendBindChain(b []byte, c *engine.BindRequest) []byte {
 type dec struct {
 	b   []byte
 	err error
+	// reuse: strings and bytes equal to the ones being overwritten are
+	// kept rather than allocated again (DecodeClassify).
+	reuse bool
+}
+
+// strLike is str, returning old when it has the same bytes.
+func (d *dec) strLike(old string) string {
+	b := d.take(d.uv())
+	if d.reuse && string(b) == old { // compared without a copy
+		return old
+	}
+	return string(b)
+}
+
+// bytesLike is bytes, returning old when it has the same bytes.
+func (d *dec) bytesLike(old []byte) []byte {
+	n := d.uv()
+	if n == 0 {
+		return nil
+	}
+	b := d.take(n - 1)
+	if d.reuse && old != nil && string(b) == string(old) {
+		return old
+	}
+	return append([]byte{}, b...)
 }
 
 func (d *dec) fail(format string, args ...any) {
@@ -823,6 +950,11 @@ func (d *dec) addrPort() netip.AddrPort {
 }
 
 func (d *dec) values(vs *engine.Values) {
+	var old engine.Values
+	if d.reuse {
+		old = *vs
+		*vs = engine.Values{}
+	}
 	n := int(d.u8())
 	for range n {
 		f := engine.FieldID(d.u8())
@@ -838,9 +970,16 @@ func (d *dec) values(vs *engine.Values) {
 		case engine.TypeAddr:
 			v = engine.Addr(d.addr())
 		case engine.TypeString:
-			v = engine.String(d.str())
+			v = engine.String(d.strLike(old.Get(f).Str()))
 		case engine.TypeBytes:
-			v = engine.Bytes(d.take(d.uv()))
+			if o := old.Get(f); d.reuse && o.Type() == engine.TypeBytes {
+				v = o
+				if b := d.take(d.uv()); string(b) != o.Str() {
+					v = engine.Bytes(b)
+				}
+			} else {
+				v = engine.Bytes(d.take(d.uv()))
+			}
 		default:
 			d.fail("field %s of type %s", f, t)
 			return
@@ -857,12 +996,16 @@ func (d *dec) values(vs *engine.Values) {
 }
 
 func (d *dec) meta(m *engine.Metadata) {
-	m.Present = engine.MetaField(d.u32()) &^ engine.MetaCompletionHandle
+	var old engine.Metadata
+	if d.reuse {
+		old = *m
+	}
+	*m = engine.Metadata{Present: engine.MetaField(d.u32()) &^ engine.MetaCompletionHandle}
 	if m.Present == 0 {
 		return
 	}
 	m.ProcessID = d.u32()
-	m.ProcessPath = d.str()
+	m.ProcessPath = d.strLike(old.ProcessPath)
 	m.UserID = d.u32()
 	m.GroupID = d.u32()
 	m.FlowHandle = engine.FlowHandle(d.uv())
@@ -888,13 +1031,13 @@ func (d *dec) meta(m *engine.Metadata) {
 	m.CompartmentID = d.uv()
 	m.ParentEndpointHandle = d.uv()
 	m.CgroupID = d.uv()
-	m.RedirectContext = d.bytes()
+	m.RedirectContext = d.bytesLike(old.RedirectContext)
 }
 
 func (d *dec) filter(f *engine.Filter) {
 	f.ID = engine.FilterID(d.uv())
-	f.Key = d.str()
-	f.Name = d.str()
+	f.Key = d.strLike(f.Key)
+	f.Name = d.strLike(f.Name)
 	f.Layer = d.layer()
 	f.Sublayer = engine.SublayerID(d.u32())
 	f.Provider = engine.ProviderID(d.u32())

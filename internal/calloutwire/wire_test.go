@@ -147,5 +147,79 @@ func FuzzDecode(f *testing.F) {
 			_, _ = DecodeClassifyArgs(r.Body)
 			_, _ = DecodeResult(r.Body)
 		}
+		checkInPlace(t, b, m)
 	})
+}
+
+// checkInPlace: the in-place decoders (DecodeClassify into a Classify a
+// previous call filled, DecodeAnswer) agree with Decode on a frame Decode
+// accepted.
+func checkInPlace(t *testing.T, b []byte, m Message) {
+	t.Helper()
+	switch m := m.(type) {
+	case Classify:
+		var c Classify
+		for _, s := range sampleMessages() { // dirty it with a full previous call
+			if prev, ok := s.(Classify); ok {
+				if err := DecodeClassify(AppendFrame(nil, prev)[4:], &c); err != nil {
+					t.Fatal(err)
+				}
+				break
+			}
+		}
+		if err := DecodeClassify(b, &c); err != nil {
+			t.Fatalf("DecodeClassify refused what Decode took: %v", err)
+		}
+		if a, b := AppendFrame(nil, c), AppendFrame(nil, m); !bytes.Equal(a, b) {
+			t.Fatalf("in place %+v, Decode %+v", c, m)
+		}
+	case Answer:
+		var a Answer
+		if err := DecodeAnswer(b, &a); err != nil || !bytes.Equal(AppendFrame(nil, a), AppendFrame(nil, m)) {
+			t.Fatalf("DecodeAnswer %+v %v, Decode %+v", a, err, m)
+		}
+	}
+}
+
+// The in-place decoders on every sample, each decoded into a Classify the
+// previous one filled (strings and bytes reused or not), and on every
+// truncation: the same result as Decode, the same typed errors.
+func TestDecodeInPlace(t *testing.T) {
+	var c Classify
+	for _, m := range sampleMessages() {
+		f := AppendFrame(nil, m)[4:]
+		checkInPlace(t, f, m)
+		for n := 1; n < len(f); n++ {
+			switch m.Type() {
+			case TClassify:
+				if err := DecodeClassify(f[:n], &c); !errors.Is(err, ErrMalformed) {
+					t.Fatalf("classify cut to %d bytes: %v", n, err)
+				}
+			case TAnswer:
+				var a Answer
+				if err := DecodeAnswer(f[:n], &a); !errors.Is(err, ErrMalformed) {
+					t.Fatalf("answer cut to %d bytes: %v", n, err)
+				}
+			}
+		}
+	}
+	// A decoded string stays what it was when the next call differs.
+	var vs engine.Values
+	vs.Set(engine.FieldALEAppID, engine.String("/bin/a"))
+	one := Classify{Layer: engine.LayerALEAuthConnectV4, Values: &vs, Meta: &engine.Metadata{}, Filter: &engine.Filter{Key: "k1"}}
+	if err := DecodeClassify(AppendFrame(nil, one)[4:], &c); err != nil {
+		t.Fatal(err)
+	}
+	app, key := c.Values.Get(engine.FieldALEAppID).Str(), c.Filter.Key
+	vs.Set(engine.FieldALEAppID, engine.String("/bin/b"))
+	one.Filter.Key = "k2"
+	if err := DecodeClassify(AppendFrame(nil, one)[4:], &c); err != nil {
+		t.Fatal(err)
+	}
+	if app != "/bin/a" || key != "k1" || c.Values.Get(engine.FieldALEAppID).Str() != "/bin/b" || c.Filter.Key != "k2" {
+		t.Fatalf("kept %q %q, now %q %q", app, key, c.Values.Get(engine.FieldALEAppID).Str(), c.Filter.Key)
+	}
+	if DecodeClassify([]byte{byte(TAnswer)}, &c) == nil || DecodeAnswer([]byte{byte(TClassify)}, &Answer{}) == nil {
+		t.Fatal("a frame of another type decoded")
+	}
 }

@@ -175,9 +175,22 @@ func (cc *calloutConn) read() error {
 	r := calloutwire.NewReader(cc.c)
 	_ = cc.c.SetReadDeadline(time.Now().Add(firstFrameTimeout))
 	for first := true; ; first = false {
-		m, err := r.Next()
+		b, err := r.Frame()
 		if first && err == nil {
 			_ = cc.c.SetReadDeadline(time.Time{})
+		}
+		var m calloutwire.Message
+		if err == nil {
+			if calloutwire.Type(b[0]) == calloutwire.TAnswer && cc.reg != nil {
+				// Every call's answer: decoded in place, no Message boxed.
+				var a calloutwire.Answer
+				if err = calloutwire.DecodeAnswer(b, &a); err == nil {
+					cc.reg.answer(a)
+					continue
+				}
+			} else {
+				m, err = calloutwire.Decode(b)
+			}
 		}
 		if err != nil {
 			if errors.Is(err, calloutwire.ErrMalformed) {
@@ -459,7 +472,7 @@ func (r *remoteReg) classify(req *engine.ClassifyRequest, out *engine.ClassifyOu
 	}
 	r.waiting[id] = ch
 	r.mu.Unlock()
-	if err := r.conn.w.Send(msg); err != nil {
+	if err := r.conn.w.SendClassify(&msg); err != nil {
 		r.conn.shutdown() // the reader ends, and close answers every waiter
 	}
 	t := timers.Get().(*time.Timer)
@@ -622,26 +635,30 @@ func (r *remoteReg) dropPend(id uint64) {
 	}
 }
 
-// failPend resolves a held pend as the callout's absence says.
+// failPend resolves a held pend as the callout's absence says. A
+// fail-closed one is blocked at once: a completion would be decided by
+// its reauthorization, and the filter whose flag says "closed" may be
+// gone by then (the program's dynamic session ends with it).
 func (r *remoteReg) failPend(hp *heldPend) {
 	e := r.h.eng
-	if hp.hasHandle {
-		out := engine.ClassifyOut{Action: engine.ActionBlock}
-		if hp.failOpen {
-			out = engine.ClassifyOut{Action: engine.ActionPermit, Rights: engine.RightActionWrite}
+	if !hp.failOpen {
+		_ = e.FailPendClosed(hp.p)
+		if hp.hasHandle {
+			e.ReleaseClassifyHandle(hp.h)
 		}
-		_ = e.CompleteClassify(hp.h, out)
+		return
+	}
+	// Fail open: a pended classify completes with a permit; a completed
+	// operation is reauthorized, and the reauthorization finds the callout
+	// unregistered (the flag permits) or its filter gone, while the rest
+	// of the policy still decides. At AUTH_RECV_ACCEPT the held data is
+	// reinjected and authorized again.
+	if hp.hasHandle {
+		_ = e.CompleteClassify(hp.h, engine.ClassifyOut{Action: engine.ActionPermit, Rights: engine.RightActionWrite})
 		e.ReleaseClassifyHandle(hp.h)
 		return
 	}
-	// A completed operation is reauthorized, and the reauthorization finds
-	// the callout unregistered: its filter's flag decides. At
-	// AUTH_RECV_ACCEPT there is no reauthorization: the flag decides here.
-	var reinject any
-	if hp.failOpen {
-		reinject = hp.layerData
-	}
-	_ = e.CompleteOperation(hp.p, reinject)
+	_ = e.CompleteOperation(hp.p, hp.layerData)
 }
 
 func (r *remoteReg) answer(a calloutwire.Answer) {

@@ -210,6 +210,9 @@ type compiledLayer struct {
 	quick       []quickCheck // by rank, beside filters
 	subs        []csub
 	hasCallouts bool
+	// slots are the callouts the layer's filters call, once each
+	// (LayerMayBlock looks at their registrations).
+	slots []*calloutSlot
 
 	wild         []int32
 	proto        map[uint8][]int32
@@ -464,6 +467,9 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 			cf.callout = f.Action.Callout
 			if co, ok := s.callouts.byID[f.Action.Callout]; ok && e != nil {
 				cf.slot = e.slot(co.Key)
+				if !slices.Contains(c.slots, cf.slot) {
+					c.slots = append(c.slots, cf.slot)
+				}
 			}
 		}
 		if f.ProviderContext != 0 {

@@ -43,6 +43,7 @@ type Engine struct {
 	nextFilter   FilterID
 	nextCallout  CalloutID
 	calloutSlots map[string]*calloutSlot
+	mayBlock     atomic.Int64 // registrations with CalloutMayBlock
 
 	events   *eventRing
 	rt       runtime

@@ -60,6 +60,9 @@ func (e *Engine) RegisterCallout(key string, reg CalloutRegistration) error {
 	if !s.reg.CompareAndSwap(nil, &r) {
 		return fmt.Errorf("%w: %q", ErrCalloutAlreadyRegistered, key)
 	}
+	if reg.Flags&CalloutMayBlock != 0 {
+		e.mayBlock.Add(1)
+	}
 	if reg.Notify != nil {
 		v := e.View()
 		if c, err := v.CalloutByKey(key); err == nil {
@@ -84,7 +87,9 @@ func (e *Engine) UnregisterCallout(key string) error {
 	if c, err := e.View().CalloutByKey(key); err == nil {
 		e.removeFlowContexts(func(k flowKey) bool { return k.callout == c.ID })
 	}
-	s.reg.Store(nil)
+	if old := s.reg.Swap(nil); old != nil && old.Flags&CalloutMayBlock != 0 {
+		e.mayBlock.Add(-1)
+	}
 	return nil
 }
 

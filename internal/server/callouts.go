@@ -359,7 +359,10 @@ func (h *Callouts) register(cc *calloutConn, m calloutwire.Register) (*remoteReg
 	h.regs[m.Key] = r
 	h.mu.Unlock()
 	err := h.eng.RegisterCallout(m.Key, engine.CalloutRegistration{
-		Classify: r.classify, Notify: r.notify, FlowDelete: r.flowDelete, Flags: m.Flags,
+		// A remote answer is a round trip to another process, which may
+		// be slow or hung: datapaths classify such flows off their
+		// packet-reading threads (engine.CalloutMayBlock).
+		Classify: r.classify, Notify: r.notify, FlowDelete: r.flowDelete, Flags: m.Flags | engine.CalloutMayBlock,
 	})
 	if err != nil {
 		h.mu.Lock()

@@ -57,19 +57,25 @@ type Options struct {
 	Marks Marks
 	// Log receives errors of the read loops (default: discarded).
 	Log *slog.Logger
+	// Redirects installs the DNAT chain at Start, so that redirects Go
+	// callouts choose at CONNECT_REDIRECT are carried out (redirect.go);
+	// it brings conntrack into the served namespace. Without it (and
+	// until EnableRedirects) such a redirect is refused.
+	Redirects bool
 }
 
 // Stats count what the path did since it started.
 type Stats struct {
-	Queued    uint64 // packets read from the queues
-	Permitted uint64
-	Blocked   uint64
-	Pended    uint64 // flows a callout pended (held without blocking others)
-	Held      int64  // flows held right now
-	NoFlow    uint64 // packets without hook metadata: decided by their mark's fail-open/closed bit
-	Redirects uint64 // run-time redirects refused (not carried out on this path yet)
-	Errors    uint64 // verdicts that could not be sent
-	Resent    uint64 // SYNs of decided flows sent again, answered as before
+	Queued     uint64 // packets read from the queues
+	Permitted  uint64
+	Blocked    uint64
+	Pended     uint64 // flows a callout pended (held without blocking others)
+	Held       int64  // flows held right now
+	NoFlow     uint64 // packets without hook metadata: decided by their mark's fail-open/closed bit
+	Redirects  uint64 // run-time redirects refused (not enabled, or they could not be recorded)
+	Redirected uint64 // run-time redirects carried out (the SYN went to the proxy)
+	Errors     uint64 // verdicts that could not be sent
+	Resent     uint64 // SYNs of decided flows sent again, answered as before
 	// Inline and InlineTime: flows decided in the read loop without a
 	// pend, and the time from reading their packet to the verdict (the
 	// decision alone: sending the verdict runs the packet on).
@@ -94,8 +100,8 @@ type Path struct {
 	mask   uint32
 	paths  processPaths
 
-	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent atomic.Uint64
-	holding                                                                                  atomic.Int64
+	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected atomic.Uint64
+	holding                                                                                              atomic.Int64
 	// done takes decided flows to a goroutine that notes their verdict
 	// on the hook's record, off the read loop (the verdict's packet is on
 	// its way).
@@ -107,6 +113,8 @@ type Path struct {
 	closeErr  error
 	holdMu    sync.Mutex // orders held.Add with Close's held.Wait
 	closing   bool
+
+	rd redirects // run-time redirects (redirect.go)
 }
 
 type doneFlow struct {
@@ -174,6 +182,15 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 		p.stopForget()
 		return nil, fmt.Errorf("nfqueue: the served namespace: %w", err)
 	}
+	if opts.Redirects {
+		if err := p.EnableRedirects(); err != nil {
+			flows.SetCalloutNamespace(0)
+			removeTable(opts.NetNS)
+			p.closeQueues()
+			p.stopForget()
+			return nil, err
+		}
+	}
 	for _, q := range p.queues {
 		p.wg.Add(1)
 		go p.readLoop(q)
@@ -201,6 +218,7 @@ func (p *Path) close() error {
 	// The held flows' verdicts need the rules (a block is the reset rule).
 	p.held.Wait()
 	err = errors.Join(err, removeTable(p.opts.NetNS))
+	p.closeRedirects()
 	p.closeQueues()
 	p.wg.Wait()
 	p.stopForget()
@@ -242,7 +260,7 @@ func (p *Path) closeQueues() {
 func (p *Path) Stats() Stats {
 	return Stats{Queued: p.queued.Load(), Permitted: p.permitted.Load(), Blocked: p.blocked.Load(), Pended: p.pended.Load(),
 		Held: p.holding.Load(), NoFlow: p.noFlow.Load(), Redirects: p.redirects.Load(), Errors: p.errs.Load(),
-		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load()}
+		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load(), Redirected: p.redirected.Load()}
 }
 
 // Rules reports how many rules fwp's tables hold in the path's namespace
@@ -295,6 +313,10 @@ type flow struct {
 	stage         int
 	vs            engine.Values
 	meta          engine.Metadata
+	// redirect is the run-time redirect CONNECT_REDIRECT chose (carried
+	// out if AUTH_CONNECT permits the proxy's address), by filter.
+	redirect       *engine.Redirect
+	redirectFilter engine.FilterID
 }
 
 func (p *Path) handle(q *queue, pk *packet) {
@@ -316,7 +338,12 @@ func (p *Path) handle(q *queue, pk *packet) {
 	if f.Verdict != 0 {
 		// A SYN sent again (no SYN-ACK came yet): the same answer.
 		p.resent.Add(1)
-		p.verdict(fl, f.Verdict == ebpf.VerdictPermit)
+		switch f.Verdict {
+		case ebpf.VerdictRedirect:
+			p.verdictMark(fl, p.opts.Marks.Permit|p.opts.Marks.Block)
+		default:
+			p.verdict(fl, f.Verdict == ebpf.VerdictPermit)
+		}
 		return
 	}
 	if f.Layer.Kind() == engine.KindConnectRedirect {
@@ -370,12 +397,16 @@ func (p *Path) next(fl *flow, res *engine.Result) bool {
 		return true
 	}
 	if res.Redirect.Redirected() {
-		// A redirect chosen at run time needs the connection moved after
-		// its SYN left: not on this path yet. Refused, never silently
-		// unproxied.
-		p.redirects.Add(1)
-		*res = engine.Result{ClassifyOut: engine.ClassifyOut{Action: engine.ActionBlock}, Filter: res.Filter, Callout: res.Callout}
-		return true
+		// A redirect chosen at run time: the held SYN is sent to the
+		// proxy (redirect.go) if AUTH_CONNECT permits the proxy's
+		// address. Where that cannot be done it is refused, never
+		// silently unproxied.
+		if fl.layers[fl.stage].Kind() != engine.KindConnectRedirect || fl.f.Protocol != unix.IPPROTO_TCP || !p.RedirectsEnabled() {
+			p.redirects.Add(1)
+			*res = engine.Result{ClassifyOut: engine.ClassifyOut{Action: engine.ActionBlock}, Filter: res.Filter, Callout: res.Callout}
+			return true
+		}
+		fl.redirect, fl.redirectFilter = res.Redirect, res.Filter
 	}
 	fl.stage++
 	return fl.stage >= fl.nlayers
@@ -392,6 +423,7 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 		if err != nil {
 			if p.ctx.Err() != nil {
 				r = p.failResult(fl) // closing: the callouts go away with the path
+				fl.redirect = nil
 			}
 			p.answer(fl, r)
 			return
@@ -422,14 +454,29 @@ func (p *Path) failResult(fl *flow) engine.Result {
 // packets pass at once) or the block mark (a TCP reset to the program).
 func (p *Path) answer(fl *flow, res engine.Result) {
 	permit := res.Permitted()
+	redirect := permit && fl.redirect != nil
+	if redirect {
+		if err := p.carryRedirect(fl); err != nil {
+			p.redirects.Add(1)
+			p.opts.Log.Error("nfqueue: a run-time redirect could not be carried out: the flow is refused", "local", fl.local, "remote", fl.remote, "err", err)
+			permit, redirect = false, false
+		}
+	}
 	v := uint8(ebpf.VerdictBlock)
-	if permit {
+	switch {
+	case redirect:
+		p.permitted.Add(1)
+		p.redirected.Add(1)
+		v = ebpf.VerdictRedirect
+		p.verdictMark(fl, p.opts.Marks.Permit|p.opts.Marks.Block)
+	case permit:
 		p.permitted.Add(1)
 		v = ebpf.VerdictPermit
-	} else {
+		p.verdict(fl, true)
+	default:
 		p.blocked.Add(1)
+		p.verdict(fl, false)
 	}
-	p.verdict(fl, permit)
 	select {
 	case p.done <- doneFlow{fl.f, v}:
 	default:
@@ -438,12 +485,17 @@ func (p *Path) answer(fl *flow, res engine.Result) {
 }
 
 func (p *Path) verdict(fl *flow, permit bool) {
-	mark := fl.mark &^ p.mask
 	if permit {
-		mark |= p.opts.Marks.Permit
+		p.verdictMark(fl, p.opts.Marks.Permit)
 	} else {
-		mark |= p.opts.Marks.Block
+		p.verdictMark(fl, p.opts.Marks.Block)
 	}
+}
+
+// verdictMark lets the held packet through the chain again with the
+// verdict bits bits (Permit|Block: on, to the DNAT chain).
+func (p *Path) verdictMark(fl *flow, bits uint32) {
+	mark := fl.mark&^p.mask | bits
 	if err := fl.q.verdict(fl.id, verdictRepeat, mark, true); err != nil {
 		p.errs.Add(1)
 		p.opts.Log.Error("nfqueue verdict", "queue", fl.q.num, "err", err)
@@ -496,6 +548,11 @@ func (fl *flow) values() {
 	}
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
 	vs.Set(engine.FieldDirection, engine.Uint32(uint32(engine.DirectionOutbound)))
+	if fl.redirect != nil && fl.layers[fl.stage].Kind() == engine.KindAuthConnect {
+		// AUTH_CONNECT sees the proxy's address, the original
+		// destination, the records and the context (seed 001).
+		fl.redirect.ApplyTo(vs, &fl.meta)
+	}
 }
 
 // fillMeta sets the metadata the hook captured; the socket cookie is the
@@ -511,6 +568,14 @@ func (p *Path) fillMeta(fl *flow) {
 	m.Direction = engine.DirectionOutbound
 	m.TransportEndpointHandle = f.Cookie
 	m.CgroupID = f.CgroupID
+	if rdr, ok := p.flows.(Redirector); ok && fl.layers[0].Kind() == engine.KindConnectRedirect {
+		// The records a proxy set on its socket: a callout must not
+		// redirect its own proxy's connection again.
+		if recs := ebpf.EngineRedirectRecords(rdr.CalloutRecords(f.Cookie)); recs != nil {
+			m.Present |= engine.MetaRedirectRecords
+			m.RedirectRecords = recs
+		}
+	}
 	if path := p.paths.path(f.PID, f.Comm); path != "" {
 		m.Present |= engine.MetaProcessPath
 		m.ProcessPath = path

@@ -127,8 +127,10 @@ func installTable(netns int, m Marks, base, total uint16) error {
 	}
 	for _, fam := range families {
 		t := c.AddTable(&nftables.Table{Family: fam, Name: TableName})
+		// Before NAT (-100): a SYN a Go callout redirects must still
+		// meet the DNAT chain (redirect.go) after its verdict.
 		ch := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter})
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})
 		for _, r := range rules(m, base, total) {
 			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r})
 		}

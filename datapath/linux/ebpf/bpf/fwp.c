@@ -969,6 +969,23 @@ static __always_inline void read_dest(struct bpf_sock_addr *ctx, struct tuple *t
 	t->proto = ctx->protocol;
 }
 
+// callout_records: a flow handed to a Go callout at CONNECT_REDIRECT takes
+// the records a proxy set on its socket (setsockopt(SOL_FWP)) by cookie,
+// where user space reads them for the callout's RedirectState (a chained
+// proxy's connection is not redirected again by the same callout) and the
+// proxy API finds them should the callout redirect it.
+static __always_inline void callout_records(struct bpf_sock_addr *ctx, __u64 cookie)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct records *r = bpf_sk_storage_get(&fwp_sk_records, sk, 0, 0);
+	if (!r)
+		return;
+	bpf_map_update_elem(&fwp_sock_records, &cookie, r, BPF_ANY);
+	bpf_sk_storage_delete(&fwp_sk_records, sk);
+}
+
 // fwp_upcall hands a TCP flow whose classification reached a Go callout to
 // user space: it records what the hook knows by socket cookie and marks
 // the socket so that fwp's nftables rules queue the flow's SYN. It returns
@@ -1013,6 +1030,8 @@ __attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple
 	f.fail_open = open;
 	bpf_get_current_comm(f.comm, sizeof(f.comm));
 	__u64 cookie = t->cookie;
+	if (slot < SLOT_AUTH_CONNECT)
+		callout_records(ctx, cookie);
 	if (bpf_map_update_elem(&fwp_callout_flows, &cookie, &f, BPF_ANY))
 		return open;
 	int mark = 0;

@@ -72,6 +72,24 @@ func (c *calloutPath) start(d *ebpf.Datapath) error {
 	return nil
 }
 
+// enableRedirects lets the running callout path carry out redirects Go
+// callouts choose at run time (package nfqueue, redirect.go).
+func (c *calloutPath) enableRedirects() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	if c.path.RedirectsEnabled() {
+		return nil
+	}
+	if err := c.path.EnableRedirects(); err != nil {
+		return fmt.Errorf("kernel callout path: run-time redirects: %w", err)
+	}
+	c.log.Info("kernel callout path: run-time redirects enabled (DNAT chain and conntrack in the served namespace)")
+	return nil
+}
+
 func (c *calloutPath) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -98,7 +116,7 @@ func (k *kernel) setEngine(e *engine.Engine) {
 }
 
 var calloutDesc = prometheus.NewDesc("fwp_callout_path_flows_total",
-	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirect_refused, verdict_errors).", []string{"outcome"}, nil)
+	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirected, redirect_refused, verdict_errors).", []string{"outcome"}, nil)
 
 var calloutHeldDesc = prometheus.NewDesc("fwp_callout_path_held",
 	"Flows the kernel callout path holds for a pending Go callout right now.", nil, nil)
@@ -121,7 +139,7 @@ func (cc calloutCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	st := p.Stats()
 	for outcome, n := range map[string]uint64{"queued": st.Queued, "permitted": st.Permitted, "blocked": st.Blocked, "pended": st.Pended,
-		"resent": st.Resent, "no_metadata": st.NoFlow, "redirect_refused": st.Redirects, "verdict_errors": st.Errors} {
+		"resent": st.Resent, "no_metadata": st.NoFlow, "redirected": st.Redirected, "redirect_refused": st.Redirects, "verdict_errors": st.Errors} {
 		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(n), outcome)
 	}
 	ch <- prometheus.MustNewConstMetric(calloutHeldDesc, prometheus.GaugeValue, float64(st.Held))

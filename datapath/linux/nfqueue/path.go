@@ -42,8 +42,8 @@ type Options struct {
 	Queues int
 	// QueueBase is the first queue number (default 7000).
 	QueueBase uint16
-	// MaxLen bounds each queue (default 8192 packets); beyond it the
-	// kernel drops new SYNs (TCP sends them again after a second).
+	// MaxLen bounds each queue (default 8192 packets); beyond it a new
+	// SYN is decided by its filter's flag at once (Fallbacks).
 	MaxLen uint32
 	// HoldLimit bounds how long a flow is held whatever the engine says
 	// (default 15 s, below connect's SYN timer with the default
@@ -262,6 +262,12 @@ func (p *Path) Stats() Stats {
 		Held: p.holding.Load(), NoFlow: p.noFlow.Load(), Redirects: p.redirects.Load(), Errors: p.errs.Load(),
 		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load(), Redirected: p.redirected.Load()}
 }
+
+// Fallbacks counts the SYNs the kernel decided by their filter's
+// PERMIT_IF_CALLOUT_UNREGISTERED flag without user space — no reader, or
+// a full queue — in the served namespace: fail-open ones let on, fail-closed
+// ones refused with a reset (table.go's fallback chain).
+func (p *Path) Fallbacks() (open, closed uint64, err error) { return fallbackCounts(p.opts.NetNS) }
 
 // Rules reports how many rules fwp's tables hold in the path's namespace
 // (-1: no table), for checks that nothing is left behind.

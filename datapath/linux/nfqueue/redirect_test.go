@@ -159,31 +159,25 @@ func redirectProxy(name string, c net.Conn) error {
 // own proxy's connection through (RedirectState); B defers to A's local
 // redirect (seed 001), so the chain is client → A → B → origin.
 func redirectFixture(t *testing.T, opts Options) (*fixture, []engine.RedirectHandle) {
-	d := loadDatapath(t)
-	fx := &fixture{dp: d, held: make(chan *engine.Pend, 16)}
-	fx.eng = engine.New(engine.Options{PendTimeout: 5 * time.Second})
-	fx.cg = testutil.NewCgroup(t)
-	fx.h = testutil.StartHelper(t, fx.cg, "redirect")
-	if line, err := fx.h.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
-		t.Fatalf("helper: %q %v", line, err)
-	}
-	pid := uint32(fx.h.Pid())
-	target := func(port int) func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
-		return func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
-			fx.calls.Add(1)
-			orig := netip.AddrPortFrom(req.Values.Get(engine.FieldIPRemoteAddress).Addr(), uint16(req.Values.Uint(engine.FieldIPRemotePort)))
-			return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(port)), TargetPID: pid, Context: []byte(orig.String())}, true
+	var hs []engine.RedirectHandle
+	fx := customFixture(t, "redirect", opts, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
+		pid := uint32(fx.h.Pid())
+		target := func(port int) func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+			return func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+				fx.calls.Add(1)
+				orig := netip.AddrPortFrom(req.Values.Get(engine.FieldIPRemoteAddress).Addr(), uint16(req.Values.Uint(engine.FieldIPRemotePort)))
+				return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(port)), TargetPID: pid, Context: []byte(orig.String())}, true
+			}
 		}
-	}
-	ha, hb := fx.eng.RedirectHandleCreate("a"), fx.eng.RedirectHandleCreate("b")
-	ra := &engine.ConnectRedirect{Handle: ha, Target: target(portProxyA)}
-	rb := &engine.ConnectRedirect{Handle: hb, Target: target(portProxyB), Async: true}
-	for key, reg := range map[string]engine.CalloutRegistration{"a.redirect": ra.Registration(), "b.redirect": rb.Registration()} {
-		if err := fx.eng.RegisterCallout(key, reg); err != nil {
-			t.Fatal(err)
+		ha, hb := fx.eng.RedirectHandleCreate("a"), fx.eng.RedirectHandleCreate("b")
+		hs = []engine.RedirectHandle{ha, hb}
+		ra := &engine.ConnectRedirect{Handle: ha, Target: target(portProxyA)}
+		rb := &engine.ConnectRedirect{Handle: hb, Target: target(portProxyB), Async: true}
+		for key, reg := range map[string]engine.CalloutRegistration{"a.redirect": ra.Registration(), "b.redirect": rb.Registration()} {
+			if err := fx.eng.RegisterCallout(key, reg); err != nil {
+				return err
+			}
 		}
-	}
-	err := fx.eng.Update(func(tx *engine.Txn) error {
 		for _, p := range []struct {
 			key    string
 			weight uint16
@@ -211,15 +205,27 @@ func redirectFixture(t *testing.T, opts Options) (*fixture, []engine.RedirectHan
 		}
 		return nil
 	})
-	if err != nil {
+	return fx, hs
+}
+
+// customFixture is newFixture with another helper, path options and
+// policy: policy runs in the engine's first transaction, after the helper
+// started (its pid is known), and registers its callouts itself.
+func customFixture(t *testing.T, helper string, opts Options, pendTimeout time.Duration, policy func(fx *fixture, tx *engine.Txn) error) *fixture {
+	d := loadDatapath(t)
+	fx := &fixture{dp: d, held: make(chan *engine.Pend, 4096)}
+	fx.eng = engine.New(engine.Options{PendTimeout: pendTimeout})
+	fx.cg = testutil.NewCgroup(t)
+	fx.h = testutil.StartHelper(t, fx.cg, helper)
+	if line, err := fx.h.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
+		t.Fatalf("helper: %q %v", line, err)
+	}
+	if err := fx.eng.Update(func(tx *engine.Txn) error { return policy(fx, tx) }); err != nil {
 		t.Fatal(err)
 	}
 	pol, err := ebpf.Compile(fx.eng.View())
 	if err != nil {
 		t.Fatal(err)
-	}
-	if !pol.CalloutRedirects() {
-		t.Fatal("Compile: the policy's Go callouts at CONNECT_REDIRECT not reported")
 	}
 	if err := d.Apply(pol); err != nil {
 		t.Fatal(err)
@@ -245,7 +251,7 @@ func redirectFixture(t *testing.T, opts Options) (*fixture, []engine.RedirectHan
 		fx.path.Close()
 		fx.netns.Close()
 	})
-	return fx, []engine.RedirectHandle{ha, hb}
+	return fx
 }
 
 // TestRunTimeRedirectChain: a Go callout's redirect at CONNECT_REDIRECT,
@@ -257,6 +263,10 @@ func redirectFixture(t *testing.T, opts Options) (*fixture, []engine.RedirectHan
 // the origin. Before EnableRedirects the redirect is refused.
 func TestRunTimeRedirectChain(t *testing.T) {
 	fx, handles := redirectFixture(t, Options{})
+	pol, err := ebpf.Compile(fx.eng.View())
+	if err != nil || !pol.CalloutRedirects() {
+		t.Fatalf("Compile: the policy's Go callouts at CONNECT_REDIRECT not reported (%v)", err)
+	}
 	f := fx.call(t, "get "+strconv.Itoa(portOrigin))
 	if f[0] != "error" || fx.path.Stats().Redirects == 0 {
 		t.Fatalf("redirects not enabled: got %v (stats %+v), want the connection refused and counted", f, fx.path.Stats())

@@ -90,20 +90,43 @@ func rules(m Marks, base, total uint16) [][]expr.Any {
 	}
 	rs = append(rs, append(append(markHas(pktMark(), m.Block), tcp...), &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}))
 	rs = append(rs, append(markHas(pktMark(), m.Block), &expr.Verdict{Kind: expr.VerdictDrop}))
-	const fin, syn, rst, ack = 0x01, 0x02, 0x04, 0x10
-	synOnly := append(tcp,
+	// Both bypassed when no one reads (fwpd stopped or killed): the
+	// fallback chain then decides by the filter's flag.
+	for _, mark := range []uint32{m.QueueOpen, m.QueueClosed} {
+		r := append(markHas(pktMark(), mark), synOnly()...)
+		rs = append(rs, append(r, nfqueueTarget(base, total, true)))
+	}
+	return rs
+}
+
+const fin, syn, rst, ack = 0x01, 0x02, 0x04, 0x10
+
+// synOnly matches a TCP packet with SYN set and ACK, RST and FIN clear.
+func synOnly() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{fin | syn | rst | ack}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{syn}},
-	)
-	for _, q := range []struct {
-		mark   uint32
-		bypass bool
-	}{{m.QueueOpen, true}, {m.QueueClosed, false}} {
-		r := append(markHas(pktMark(), q.mark), synOnly...)
-		rs = append(rs, append(r, nfqueueTarget(base, total, q.bypass)))
 	}
-	return rs
+}
+
+// fallbackChain is the base chain right after fwp's output chain: a SYN
+// that still carries a queue mark here was not taken by the queues — no
+// reader (fwpd stopped or killed: the queue rules bypass) or a full queue
+// (the queues fail open into this chain) — and is decided by its filter's
+// flag at once, counted: fail-closed refused with a TCP reset (connect
+// fails with ECONNREFUSED, no SYN timer), fail-open let on. A held SYN's
+// verdict clears the queue bits, so nothing user space decided comes
+// here. The counters are Path.Fallbacks.
+const fallbackChain = "fallback"
+
+func fallbackRules(m Marks) [][]expr.Any {
+	return [][]expr.Any{
+		append(append(markHas(pktMark(), m.QueueClosed), synOnly()...), &expr.Counter{}, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}),
+		append(append(markHas(pktMark(), m.QueueOpen), synOnly()...), &expr.Counter{}),
+	}
 }
 
 func conn(netns int) (*nftables.Conn, error) {
@@ -133,6 +156,11 @@ func installTable(netns int, m Marks, base, total uint16) error {
 			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})
 		for _, r := range rules(m, base, total) {
 			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r})
+		}
+		fb := c.AddChain(&nftables.Chain{Name: fallbackChain, Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityMangle + 1)})
+		for _, r := range fallbackRules(m) {
+			c.AddRule(&nftables.Rule{Table: t, Chain: fb, Exprs: r})
 		}
 	}
 	if err := c.Flush(); err != nil {
@@ -205,4 +233,32 @@ func tableRules(netns int) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// fallbackCounts reads the fallback chain's counters of both families:
+// SYNs decided by their filter's flag without user space.
+func fallbackCounts(netns int) (open, closed uint64, err error) {
+	c, err := conn(netns)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, fam := range families {
+		t := &nftables.Table{Family: fam, Name: TableName}
+		rs, err := c.GetRules(t, &nftables.Chain{Name: fallbackChain, Table: t})
+		if err != nil {
+			return 0, 0, err
+		}
+		for i, r := range rs {
+			for _, e := range r.Exprs {
+				if ctr, ok := e.(*expr.Counter); ok {
+					if i == 0 {
+						closed += ctr.Packets
+					} else {
+						open += ctr.Packets
+					}
+				}
+			}
+		}
+	}
+	return open, closed, nil
 }

@@ -90,6 +90,20 @@ func (c *calloutPath) enableRedirects() error {
 	return nil
 }
 
+// enableUDP lets the running callout path hold UDP flows' first
+// datagrams for Go callouts (package nfqueue, udp.go).
+func (c *calloutPath) enableUDP() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	if err := c.path.EnableUDP(); err != nil {
+		return fmt.Errorf("kernel callout path: UDP flows: %w", err)
+	}
+	return nil
+}
+
 func (c *calloutPath) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -116,7 +130,7 @@ func (k *kernel) setEngine(e *engine.Engine) {
 }
 
 var calloutDesc = prometheus.NewDesc("fwp_callout_path_flows_total",
-	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirected, redirect_refused, verdict_errors).", []string{"outcome"}, nil)
+	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirected, redirect_refused, verdict_errors; flag_permitted and flag_refused: SYNs the kernel decided by their filter's fail-open/closed flag because the queue was full or unread).", []string{"outcome"}, nil)
 
 var calloutHeldDesc = prometheus.NewDesc("fwp_callout_path_held",
 	"Flows the kernel callout path holds for a pending Go callout right now.", nil, nil)
@@ -143,4 +157,10 @@ func (cc calloutCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(n), outcome)
 	}
 	ch <- prometheus.MustNewConstMetric(calloutHeldDesc, prometheus.GaugeValue, float64(st.Held))
+	// SYNs the kernel decided by their filter's flag without user space
+	// (a full queue; or no reader, counted once fwpd is back).
+	if open, closed, err := p.Fallbacks(); err == nil {
+		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(open), "flag_permitted")
+		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(closed), "flag_refused")
+	}
 }

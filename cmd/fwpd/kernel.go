@@ -245,6 +245,13 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
+	// A Go callout filter matching UDP: the first datagrams are held
+	// (conntrack in the served namespace) only then.
+	if p.UDPCallouts() {
+		if err := k.co.enableUDP(); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
+	}
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}

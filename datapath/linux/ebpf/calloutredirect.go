@@ -143,3 +143,24 @@ func (p *Policy) CalloutRedirects() bool {
 // VerdictRedirect is noted on a callout flow's record when a Go callout
 // redirected it: a SYN sent again is let on towards the proxy the same way.
 const VerdictRedirect = 3
+
+// RedirectCounts returns how many redirects the maps hold by socket cookie
+// and by 4-tuple, for leak checks.
+func (d *Datapath) RedirectCounts() (sock, tuple int, err error) {
+	count := func(m *ebpf.Map, k any) (int, error) {
+		n := 0
+		var v []byte
+		it := m.Iterate()
+		for it.Next(k, &v) {
+			n++
+		}
+		return n, it.Err()
+	}
+	var c uint64
+	if sock, err = count(d.objs.FwpSockRedirect, &c); err != nil {
+		return 0, 0, err
+	}
+	var k fwpTupleKey
+	tuple, err = count(d.objs.FwpTupleRedirect, &k)
+	return sock, tuple, err
+}

@@ -180,6 +180,7 @@ const (
 	fwpMapFwpCalloutCfg    = "fwp_callout_cfg"
 	fwpMapFwpCalloutFlows  = "fwp_callout_flows"
 	fwpMapFwpCalloutTuples = "fwp_callout_tuples"
+	fwpMapFwpCalloutUdp    = "fwp_callout_udp"
 	fwpMapFwpConfig        = "fwp_config"
 	fwpMapFwpCounts        = "fwp_counts"
 	fwpMapFwpEvents        = "fwp_events"
@@ -282,6 +283,7 @@ type fwpMapSpecs struct {
 	FwpCalloutCfg    *ebpf.MapSpec `ebpf:"fwp_callout_cfg"`
 	FwpCalloutFlows  *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
 	FwpCalloutTuples *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
+	FwpCalloutUdp    *ebpf.MapSpec `ebpf:"fwp_callout_udp"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.MapSpec `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
@@ -332,6 +334,7 @@ type fwpMaps struct {
 	FwpCalloutCfg    *ebpf.Map `ebpf:"fwp_callout_cfg"`
 	FwpCalloutFlows  *ebpf.Map `ebpf:"fwp_callout_flows"`
 	FwpCalloutTuples *ebpf.Map `ebpf:"fwp_callout_tuples"`
+	FwpCalloutUdp    *ebpf.Map `ebpf:"fwp_callout_udp"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.Map `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
@@ -358,6 +361,7 @@ func (m *fwpMaps) Close() error {
 		m.FwpCalloutCfg,
 		m.FwpCalloutFlows,
 		m.FwpCalloutTuples,
+		m.FwpCalloutUdp,
 		m.FwpConfig,
 		m.FwpCounts,
 		m.FwpEvents,

@@ -62,6 +62,11 @@ type Options struct {
 	// it brings conntrack into the served namespace. Without it (and
 	// until EnableRedirects) such a redirect is refused.
 	Redirects bool
+	// UDP installs the UDP rules at Start (udp.go): the first datagram of
+	// a UDP flow is held for Go callouts. It brings conntrack into the
+	// served namespace. Without it (and until EnableUDP) a UDP flow that
+	// reaches a Go callout takes its filter's flag in the hook.
+	UDP bool
 }
 
 // Stats count what the path did since it started.
@@ -114,7 +119,8 @@ type Path struct {
 	holdMu    sync.Mutex // orders held.Add with Close's held.Wait
 	closing   bool
 
-	rd redirects // run-time redirects (redirect.go)
+	rd  redirects // run-time redirects (redirect.go)
+	udp udpState  // UDP flows (udp.go)
 }
 
 type doneFlow struct {
@@ -182,8 +188,18 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 		p.stopForget()
 		return nil, fmt.Errorf("nfqueue: the served namespace: %w", err)
 	}
+	if opts.UDP {
+		if err := p.EnableUDP(); err != nil {
+			flows.SetCalloutNamespace(0)
+			removeTable(opts.NetNS)
+			p.closeQueues()
+			p.stopForget()
+			return nil, err
+		}
+	}
 	if opts.Redirects {
 		if err := p.EnableRedirects(); err != nil {
+			p.closeUDP()
 			flows.SetCalloutNamespace(0)
 			removeTable(opts.NetNS)
 			p.closeQueues()
@@ -211,6 +227,7 @@ func (p *Path) Close() error {
 func (p *Path) close() error {
 	// New flows take their filter's flag in the hook from now on.
 	err := p.flows.SetCalloutNamespace(0)
+	err = errors.Join(err, p.closeUDP())
 	p.holdMu.Lock()
 	p.closing = true
 	p.holdMu.Unlock()
@@ -328,12 +345,18 @@ type flow struct {
 func (p *Path) handle(q *queue, pk *packet) {
 	start := time.Now()
 	p.queued.Add(1)
-	local, remote, ok := parseTCP(pk.payload)
+	local, remote, proto, ok := parseFlow(pk.payload)
 	if !ok {
 		p.failByMark(q, pk)
 		return
 	}
-	f, err := p.flows.CalloutFlow(local, remote)
+	var f ebpf.CalloutFlow
+	var err error
+	if proto == unix.IPPROTO_UDP {
+		f, err = p.udpFlow(local, remote)
+	} else {
+		f, err = p.flows.CalloutFlow(local, remote)
+	}
 	if err != nil {
 		// No metadata (the socket closed, or the map was full): the
 		// filter's fail-open/closed flag, which the mark carries.
@@ -591,6 +614,13 @@ func (p *Path) fillMeta(fl *flow) {
 // parseTCP reads the 4-tuple of an IPv4 or IPv6 TCP packet (no IPv6
 // extension headers: a SYN carries none).
 func parseTCP(b []byte) (local, remote netip.AddrPort, ok bool) {
+	local, remote, proto, ok := parseFlow(b)
+	return local, remote, ok && proto == unix.IPPROTO_TCP
+}
+
+// parseFlow reads the 4-tuple and protocol of an IPv4 or IPv6 TCP or UDP
+// packet (no IPv6 extension headers).
+func parseFlow(b []byte) (local, remote netip.AddrPort, proto uint8, ok bool) {
 	if len(b) < 20 {
 		return
 	}
@@ -599,16 +629,18 @@ func parseTCP(b []byte) (local, remote netip.AddrPort, ok bool) {
 	switch b[0] >> 4 {
 	case 4:
 		ihl := int(b[0]&0x0f) * 4
-		if ihl < 20 || len(b) < ihl+4 || b[9] != unix.IPPROTO_TCP {
+		if ihl < 20 || len(b) < ihl+4 || (b[9] != unix.IPPROTO_TCP && b[9] != unix.IPPROTO_UDP) {
 			return
 		}
+		proto = b[9]
 		src = netip.AddrFrom4([4]byte(b[12:16]))
 		dst = netip.AddrFrom4([4]byte(b[16:20]))
 		l4 = b[ihl:]
 	case 6:
-		if len(b) < 44 || b[6] != unix.IPPROTO_TCP {
+		if len(b) < 44 || (b[6] != unix.IPPROTO_TCP && b[6] != unix.IPPROTO_UDP) {
 			return
 		}
+		proto = b[6]
 		src = netip.AddrFrom16([16]byte(b[8:24])).Unmap()
 		dst = netip.AddrFrom16([16]byte(b[24:40])).Unmap()
 		l4 = b[40:]
@@ -617,7 +649,7 @@ func parseTCP(b []byte) (local, remote netip.AddrPort, ok bool) {
 	}
 	sp := uint16(l4[0])<<8 | uint16(l4[1])
 	dp := uint16(l4[2])<<8 | uint16(l4[3])
-	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), true
+	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), proto, true
 }
 
 // processPaths resolves a process's executable once (per pid and comm: a

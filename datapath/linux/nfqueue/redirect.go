@@ -37,11 +37,12 @@ import (
 const (
 	redirectMap   = "redirect"
 	redirectChain = "redirect"
-	// redirectTTL bounds a map entry's life: it is needed only until
-	// the SYN met the DNAT chain (later packets follow the connection's
-	// conntrack entry), but a held SYN the program sends again within
-	// the hold must find it too.
-	redirectTTL = 30 * time.Second
+	// redirectTTL bounds a map entry's life, and so the map's size (the
+	// redirect rate times it): the entry is needed only until the SYN
+	// met the DNAT chain, which it does while the verdict is sent; later
+	// packets, and the SYN sent again should the SYN-ACK be lost, follow
+	// the connection's conntrack entry.
+	redirectTTL = 5 * time.Second
 )
 
 func redirectSet(t *nftables.Table) *nftables.Set {
@@ -252,4 +253,24 @@ func (p *Path) closeRedirects() {
 	}
 	c.targets = nil
 	c.on = false
+}
+
+// redirectElements counts the redirect maps' elements (both families),
+// for leak checks.
+func (p *Path) redirectElements() (int, error) {
+	c := &p.rd
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.on {
+		return 0, nil
+	}
+	n := 0
+	for _, t := range c.tables {
+		els, err := c.conn.GetSetElements(redirectSet(t))
+		if err != nil {
+			return 0, err
+		}
+		n += len(els)
+	}
+	return n, nil
 }

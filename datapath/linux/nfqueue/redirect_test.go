@@ -158,7 +158,7 @@ func redirectProxy(name string, c net.Conn) error {
 // pended (to proxy B, completed from another goroutine). Each lets its
 // own proxy's connection through (RedirectState); B defers to A's local
 // redirect (seed 001), so the chain is client → A → B → origin.
-func redirectFixture(t *testing.T, opts Options) (*fixture, []engine.RedirectHandle) {
+func redirectFixture(t testing.TB, opts Options) (*fixture, []engine.RedirectHandle) {
 	var hs []engine.RedirectHandle
 	fx := customFixture(t, "redirect", opts, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
 		pid := uint32(fx.h.Pid())
@@ -211,7 +211,7 @@ func redirectFixture(t *testing.T, opts Options) (*fixture, []engine.RedirectHan
 // customFixture is newFixture with another helper, path options and
 // policy: policy runs in the engine's first transaction, after the helper
 // started (its pid is known), and registers its callouts itself.
-func customFixture(t *testing.T, helper string, opts Options, pendTimeout time.Duration, policy func(fx *fixture, tx *engine.Txn) error) *fixture {
+func customFixture(t testing.TB, helper string, opts Options, pendTimeout time.Duration, policy func(fx *fixture, tx *engine.Txn) error) *fixture {
 	d := loadDatapath(t)
 	fx := &fixture{dp: d, held: make(chan *engine.Pend, 4096)}
 	fx.eng = engine.New(engine.Options{PendTimeout: pendTimeout})

@@ -248,10 +248,13 @@ func fallbackCounts(netns int) (open, closed uint64, err error) {
 		if err != nil {
 			return 0, 0, err
 		}
+		if urs, err := c.GetRules(t, &nftables.Chain{Name: udpFallbackChain, Table: t}); err == nil {
+			rs = append(rs, urs...) // same order: closed, then open
+		}
 		for i, r := range rs {
 			for _, e := range r.Exprs {
 				if ctr, ok := e.(*expr.Counter); ok {
-					if i == 0 {
+					if i%2 == 0 {
 						closed += ctr.Packets
 					} else {
 						open += ctr.Packets

@@ -330,6 +330,7 @@ type flow struct {
 	q             *queue
 	id, mark      uint32
 	local, remote netip.AddrPort // as the packet carries them
+	seq           uint32         // a TCP packet's sequence number (the redirect map's key)
 	f             ebpf.CalloutFlow
 	layers        [2]engine.LayerID
 	nlayers       int
@@ -363,7 +364,7 @@ func (p *Path) handle(q *queue, pk *packet) {
 		p.failByMark(q, pk)
 		return
 	}
-	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f}
+	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f, seq: tcpSeq(pk.payload)}
 	if f.Verdict != 0 {
 		// A SYN sent again (no SYN-ACK came yet): the same answer.
 		p.resent.Add(1)
@@ -650,6 +651,18 @@ func parseFlow(b []byte) (local, remote netip.AddrPort, proto uint8, ok bool) {
 	sp := uint16(l4[0])<<8 | uint16(l4[1])
 	dp := uint16(l4[2])<<8 | uint16(l4[3])
 	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), proto, true
+}
+
+// tcpSeq reads a TCP packet's sequence number (0 if it has none).
+func tcpSeq(b []byte) uint32 {
+	off := 40
+	if len(b) > 0 && b[0]>>4 == 4 {
+		off = int(b[0]&0x0f) * 4
+	}
+	if len(b) < off+8 {
+		return 0
+	}
+	return uint32(b[off+4])<<24 | uint32(b[off+5])<<16 | uint32(b[off+6])<<8 | uint32(b[off+7])
 }
 
 // processPaths resolves a process's executable once (per pid and comm: a

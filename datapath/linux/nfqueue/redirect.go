@@ -3,6 +3,7 @@
 package nfqueue
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -51,7 +52,7 @@ func redirectSet(t *nftables.Table) *nftables.Set {
 		addr = nftables.TypeIP6Addr
 	}
 	return &nftables.Set{Table: t, Name: redirectMap, IsMap: true, HasTimeout: true, Timeout: redirectTTL,
-		KeyType:  nftables.MustConcatSetType(addr, nftables.TypeInetService, addr, nftables.TypeInetService),
+		KeyType:  nftables.MustConcatSetType(addr, nftables.TypeInetService, addr, nftables.TypeInetService, nftables.TypeInteger),
 		DataType: nftables.MustConcatSetType(addr, nftables.TypeInetService)}
 }
 
@@ -61,8 +62,12 @@ const reg32 = 8
 
 // addRedirectChain adds the family's redirect map and DNAT chain to table
 // t (queued on c). The rule: a packet with both verdict bits, TCP, whose
-// (saddr . sport . daddr . dport) is in the map, is DNATed to the map's
-// (address . port).
+// (saddr . sport . daddr . dport . sequence number) is in the map, is
+// DNATed to the map's (address . port). The SYN's sequence number (random
+// per connection) keeps a new connection reusing a 4-tuple from meeting
+// an older connection's element (an element added again while an expired
+// one with the same key awaits the set's garbage collection would not be
+// found).
 func addRedirectChain(c *nftables.Conn, t *nftables.Table, m Marks) error {
 	set := redirectSet(t)
 	if err := c.AddSet(set, nil); err != nil {
@@ -88,6 +93,7 @@ func addRedirectChain(c *nftables.Conn, t *nftables.Table, m Marks) error {
 		&expr.Payload{DestRegister: reg32 + areg, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
 		&expr.Payload{DestRegister: reg32 + areg + 1, Base: expr.PayloadBaseNetworkHeader, Offset: daddrOff, Len: alen},
 		&expr.Payload{DestRegister: reg32 + 2*areg + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Payload{DestRegister: reg32 + 2*areg + 2, Base: expr.PayloadBaseTransportHeader, Offset: 4, Len: 4},
 		&expr.Lookup{SourceRegister: reg32, DestRegister: reg32, IsDestRegSet: true, SetName: set.Name, SetID: set.ID},
 		&expr.NAT{Type: expr.NATTypeDestNAT, Family: nfproto, RegAddrMin: reg32, RegProtoMin: reg32 + areg, Specified: true},
 	}
@@ -99,13 +105,13 @@ func addRedirectChain(c *nftables.Conn, t *nftables.Table, m Marks) error {
 
 // redirectKey and redirectVal encode a map element: addresses as they
 // are, ports big-endian padded to 4 bytes.
-func redirectKey(local, remote netip.AddrPort) []byte {
+func redirectKey(local, remote netip.AddrPort, seq uint32) []byte {
 	var b []byte
 	for _, ap := range []netip.AddrPort{local, remote} {
 		b = append(b, ap.Addr().Unmap().AsSlice()...)
 		b = append(b, byte(ap.Port()>>8), byte(ap.Port()), 0, 0)
 	}
-	return b
+	return binary.BigEndian.AppendUint32(b, seq)
 }
 
 func redirectVal(to netip.AddrPort) []byte {
@@ -221,7 +227,7 @@ func (p *Path) carryRedirect(fl *flow) error {
 		i = 1
 	}
 	set := redirectSet(c.tables[i])
-	el := []nftables.SetElement{{Key: redirectKey(fl.local, fl.remote), Val: redirectVal(to)}}
+	el := []nftables.SetElement{{Key: redirectKey(fl.local, fl.remote, fl.seq), Val: redirectVal(to)}}
 	if err := c.conn.SetAddElements(set, el); err != nil {
 		return err
 	}

@@ -1,0 +1,92 @@
+//go:build linux
+
+package nfqueue
+
+import (
+	"fmt"
+	"net/netip"
+	"runtime"
+	"strconv"
+	"testing"
+	"time"
+
+	"fwp/engine"
+)
+
+const portRedirectSoak = 8099 // nothing listens: a connect succeeds only if redirected
+
+// TestSoakRunTimeRedirect: soakOps (100,000) connects redirected at run time by an
+// inline Go callout (to the client helper's plain server on portKernel)
+// in one lifetime: all connect, and nothing grows — the redirect maps by
+// cookie and 4-tuple empty again as the sockets close, the DNAT map's
+// elements expire, no callout flow, pend or goroutine is left.
+func TestSoakRunTimeRedirect(t *testing.T) {
+	var h engine.RedirectHandle
+	fx := customFixture(t, "client", Options{Redirects: true}, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
+		h = fx.eng.RedirectHandleCreate("soak")
+		cr := &engine.ConnectRedirect{Handle: h, Target: func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+			return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(portKernel))}, true
+		}}
+		if err := fx.eng.RegisterCallout("soak.redirect", cr.Registration()); err != nil {
+			return err
+		}
+		co, err := tx.AddCallout(engine.Callout{Key: "soak.redirect", Layer: engine.LayerALEConnectRedirectV4})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4,
+			Conditions: []engine.Condition{
+				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portRedirectSoak)},
+			},
+			Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
+		return err
+	})
+	fx.call(t, fmt.Sprintf("dial %d 100 4", portRedirectSoak)) // warm up
+	runtime.GC()
+	var ms0 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	goroutines, fd0 := runtime.NumGoroutine(), fdCount(t)
+	n := soakOps
+	start := time.Now()
+	f := fx.call(t, fmt.Sprintf("dial %d %d %d", portRedirectSoak, n, 32))
+	took := time.Since(start)
+	st := fx.path.Stats()
+	els, err := fx.path.redirectElements()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d redirected connects in %v: %v; DNAT map elements right after: %d; stats %+v", n, took, f, els, st)
+	if f[0] != strconv.Itoa(n) || st.Redirected != uint64(n)+100 {
+		t.Fatalf("%s of %d connects succeeded, %d redirected", f[0], n, st.Redirected)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		els, err := fx.path.redirectElements()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sock, tuple, err := fx.dp.RedirectCounts()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := runtime.NumGoroutine()
+		if els == 0 && sock == 0 && tuple == 0 && g <= goroutines+5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("left behind: %d DNAT map elements, %d redirects by cookie, %d by 4-tuple, goroutines %d (were %d)", els, sock, tuple, g, goroutines)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	fx.eng.RedirectHandleDestroy(h)
+	fx.checkClean(t)
+	runtime.GC()
+	var ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms1)
+	fd1 := fdCount(t)
+	t.Logf("fds %d -> %d, heap %d -> %d KiB", fd0, fd1, ms0.HeapAlloc>>10, ms1.HeapAlloc>>10)
+	if fd1 > fd0 || ms1.HeapAlloc > ms0.HeapAlloc+8<<20 {
+		t.Fatalf("grew: fds %d -> %d, heap %d -> %d", fd0, fd1, ms0.HeapAlloc, ms1.HeapAlloc)
+	}
+}

@@ -21,27 +21,7 @@ const portRedirectSoak = 8099 // nothing listens: a connect succeeds only if red
 // cookie and 4-tuple empty again as the sockets close, the DNAT map's
 // elements expire, no callout flow, pend or goroutine is left.
 func TestSoakRunTimeRedirect(t *testing.T) {
-	var h engine.RedirectHandle
-	fx := customFixture(t, "client", Options{Redirects: true}, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
-		h = fx.eng.RedirectHandleCreate("soak")
-		cr := &engine.ConnectRedirect{Handle: h, Target: func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
-			return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(portKernel))}, true
-		}}
-		if err := fx.eng.RegisterCallout("soak.redirect", cr.Registration()); err != nil {
-			return err
-		}
-		co, err := tx.AddCallout(engine.Callout{Key: "soak.redirect", Layer: engine.LayerALEConnectRedirectV4})
-		if err != nil {
-			return err
-		}
-		_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4,
-			Conditions: []engine.Condition{
-				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
-				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portRedirectSoak)},
-			},
-			Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
-		return err
-	})
+	fx, h := inlineRedirectFixture(t)
 	fx.call(t, fmt.Sprintf("dial %d 100 4", portRedirectSoak)) // warm up
 	runtime.GC()
 	var ms0 runtime.MemStats
@@ -89,4 +69,32 @@ func TestSoakRunTimeRedirect(t *testing.T) {
 	if fd1 > fd0 || ms1.HeapAlloc > ms0.HeapAlloc+8<<20 {
 		t.Fatalf("grew: fds %d -> %d, heap %d -> %d", fd0, fd1, ms0.HeapAlloc, ms1.HeapAlloc)
 	}
+}
+
+// inlineRedirectFixture: the client helper, and an inline Go callout at
+// CONNECT_REDIRECT_V4 redirecting TCP to portRedirectSoak to the helper's
+// plain server on portKernel; run-time redirects enabled.
+func inlineRedirectFixture(t testing.TB) (*fixture, engine.RedirectHandle) {
+	var h engine.RedirectHandle
+	fx := customFixture(t, "client", Options{Redirects: true}, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
+		h = fx.eng.RedirectHandleCreate("soak")
+		cr := &engine.ConnectRedirect{Handle: h, Target: func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+			return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(portKernel))}, true
+		}}
+		if err := fx.eng.RegisterCallout("soak.redirect", cr.Registration()); err != nil {
+			return err
+		}
+		co, err := tx.AddCallout(engine.Callout{Key: "soak.redirect", Layer: engine.LayerALEConnectRedirectV4})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4,
+			Conditions: []engine.Condition{
+				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portRedirectSoak)},
+			},
+			Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
+		return err
+	})
+	return fx, h
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,6 +24,7 @@ import (
 const (
 	portDNSPend  = 5300 // the callout pends pendDelay, then permits
 	portDNSBlock = 5301 // the callout blocks
+	portDNSOK    = 5302 // the callout permits at once
 )
 
 func init() { testutil.RegisterHelper("udp", udpHelper) }
@@ -30,7 +32,7 @@ func init() { testutil.RegisterHelper("udp", udpHelper) }
 // udpHelper: miekg/dns servers answering every A question with
 // 192.0.2.1, and a client answering one command line at a time.
 func udpHelper([]string) error {
-	for _, port := range []int{portDNSPend, portDNSBlock} {
+	for _, port := range []int{portDNSPend, portDNSBlock, portDNSOK} {
 		pc, err := net.ListenPacket("udp4", "127.0.0.1:"+strconv.Itoa(port))
 		if err != nil {
 			return err
@@ -68,6 +70,18 @@ func udpHelper([]string) error {
 			// many PORT N: N queries on one connected socket; answered count
 			n, _ := strconv.Atoi(f[2])
 			fmt.Println(udpMany(f[1], n))
+		case "flows":
+			// flows PORT N FROM: N connected sockets on local ports FROM,
+			// FROM+1, ... (no 4-tuple reused), one query each; answered count
+			n, _ := strconv.Atoi(f[2])
+			from, _ := strconv.Atoi(f[3])
+			ok := 0
+			for i := range n {
+				if udpManyFrom(f[1], from+i, 1) == "1" {
+					ok++
+				}
+			}
+			fmt.Println(ok)
 		case "sendto":
 			// sendto PORT: one query from an unconnected socket; "answered" or the error
 			fmt.Println(udpSendto(f[1]))
@@ -76,8 +90,11 @@ func udpHelper([]string) error {
 	return in.Err()
 }
 
-func udpMany(port string, n int) string {
-	c, err := net.Dial("udp4", "127.0.0.1:"+port)
+func udpMany(port string, n int) string { return udpManyFrom(port, 0, n) }
+
+func udpManyFrom(port string, from, n int) string {
+	raddr, _ := net.ResolveUDPAddr("udp4", "127.0.0.1:"+port)
+	c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: from}, raddr)
 	if err != nil {
 		return "error " + err.Error()
 	}
@@ -128,8 +145,12 @@ func udpSendto(port string) string {
 func udpPolicy(fx *fixture, tx *engine.Txn) error {
 	if err := fx.eng.RegisterCallout("test.udp", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
 		fx.calls.Add(1)
-		if int(req.Values.Uint(engine.FieldIPRemotePort)) == portDNSBlock {
+		switch int(req.Values.Uint(engine.FieldIPRemotePort)) {
+		case portDNSBlock:
 			out.Action = engine.ActionBlock
+			return
+		case portDNSOK:
+			out.Action = engine.ActionPermit
 			return
 		}
 		if uint32(req.Values.Uint(engine.FieldFlags))&engine.FlagIsReauthorize != 0 {
@@ -158,7 +179,7 @@ func udpPolicy(fx *fixture, tx *engine.Txn) error {
 	if err != nil {
 		return err
 	}
-	for _, port := range []int{portDNSPend, portDNSBlock} {
+	for _, port := range []int{portDNSPend, portDNSBlock, portDNSOK} {
 		if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Sublayer: sl, Provider: p,
 			Conditions: []engine.Condition{
 				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(17)},
@@ -222,4 +243,40 @@ func must(b []byte, err error) []byte {
 		panic(err)
 	}
 	return b
+}
+
+// TestSoakUDP: soakOps (100,000) queries on one authorized UDP flow bring
+// one datagram to user space; then 5,000 flows (a socket each) decided by
+// a callout one by one: each one datagram, all answered, and afterwards no
+// hook record, pend, goroutine or fd is left.
+func TestSoakUDP(t *testing.T) {
+	fx := customFixture(t, "udp", Options{UDP: true}, 5*time.Second, udpPolicy)
+	fx.call(t, fmt.Sprintf("flows %d 10 20000", portDNSOK)) // warm up
+	runtime.GC()
+	g0, fd0 := runtime.NumGoroutine(), fdCount(t)
+	q0 := fx.path.Stats().Queued
+	start := time.Now()
+	if got := strings.TrimSpace(string(must(fx.h.Call([]byte(fmt.Sprintf("many %d %d", portDNSOK, soakOps)))))); got != strconv.Itoa(soakOps) {
+		t.Fatalf("%d queries on one flow: %s answered", soakOps, got)
+	}
+	if q := fx.path.Stats().Queued - q0; q != 1 {
+		t.Fatalf("%d datagrams of one authorized flow came to user space, want 1", q)
+	}
+	// Distinct local ports: a socket reusing a 4-tuple while its conntrack
+	// entry lives is not asked again (docs/semantics.md).
+	const flows = 5000
+	if got := strings.TrimSpace(string(must(fx.h.Call([]byte(fmt.Sprintf("flows %d %d 21000", portDNSOK, flows)))))); got != strconv.Itoa(flows) {
+		t.Fatalf("%d flows: %s answered", flows, got)
+	}
+	st := fx.path.Stats()
+	t.Logf("%d queries + %d flows in %v; stats %+v", soakOps, flows, time.Since(start), st)
+	if q := st.Queued - q0; q != flows+1 || st.NoFlow != 0 || st.Errors != 0 {
+		t.Fatalf("stats %+v: want %d datagrams queued (one per flow), none without a record", st, flows+1)
+	}
+	fx.checkClean(t)
+	runtime.GC()
+	g1, fd1 := runtime.NumGoroutine(), fdCount(t)
+	if g1 > g0+2 || fd1 > fd0 {
+		t.Fatalf("grew: goroutines %d -> %d, fds %d -> %d", g0, g1, fd0, fd1)
+	}
 }

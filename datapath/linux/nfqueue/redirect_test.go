@@ -301,3 +301,31 @@ func TestRunTimeRedirectChain(t *testing.T) {
 	}
 	fx.checkClean(t)
 }
+
+// An unprivileged program in the hooked cgroup cannot claim a Go callout's
+// redirect records on its own socket (setsockopt(SOL_FWP) naming the
+// callout's handle: only the redirect's target process or root may), so
+// it cannot pass itself off as the callout's proxy to escape the redirect;
+// root can.
+func TestRunTimeRedirectRecordsNeedTarget(t *testing.T) {
+	if _, err := exec.LookPath("socat"); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	fx, handles := redirectFixture(t, Options{Redirects: true})
+	uid, gid := newUser(t)
+	h := ebpf.KernelRedirectHandle(handles[0])
+	data := fmt.Sprintf("x6677706b%02x%02x%02x%02x", byte(h), byte(h>>8), byte(h>>16), byte(h>>24))
+	arg := fmt.Sprintf("TCP4:127.0.0.1:%d,setsockopt-bin=%d:1:%s", portOrigin, 0x667770, data)
+	line := must(fx.h.Call([]byte("as " + uid + " " + gid + " socat -u OPEN:/dev/null " + arg)))
+	if !strings.Contains(string(line), "Permission denied") {
+		t.Fatalf("unprivileged setsockopt(SOL_FWP) naming a Go callout's redirect: %s; want EACCES", line)
+	}
+	line = must(fx.h.Call([]byte("as 0 0 socat -u OPEN:/dev/null " + arg)))
+	if !strings.HasPrefix(string(line), "0 ") {
+		t.Fatalf("root's setsockopt(SOL_FWP) naming a Go callout's redirect: %s; want it accepted", line)
+	}
+	for _, hd := range handles {
+		fx.eng.RedirectHandleDestroy(hd)
+	}
+	fx.checkClean(t)
+}

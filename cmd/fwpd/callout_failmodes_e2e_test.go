@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -94,6 +95,31 @@ func killScenarioHelper([]string) error {
 			b, _ := json.Marshal(ends)
 			ends = nil
 			fmt.Println(string(b))
+		case "burst":
+			// burst PORT N: N concurrent connects; how many connected and
+			// how many were refused
+			var port, n int
+			fmt.Sscan(arg, &port, &n)
+			var wg sync.WaitGroup
+			var mu sync.Mutex
+			ok, refused := 0, 0
+			for range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", port), 3*time.Second)
+					mu.Lock()
+					defer mu.Unlock()
+					if err == nil {
+						ok++
+						c.Close()
+					} else if strings.Contains(err.Error(), "refused") {
+						refused++
+					}
+				}()
+			}
+			wg.Wait()
+			fmt.Println(ok, refused)
 		case "curl":
 			var port int
 			fmt.Sscan(arg, &port)
@@ -208,6 +234,70 @@ func TestE2EKernelCalloutKill9(t *testing.T) {
 		}
 		if r.Code != c.code || r.Took > time.Second {
 			t.Errorf("fwpd down, port %d: curl exit %d in %v (%s); want exit %d at once", c.port, r.Code, r.Took, r.Out, c.code)
+		}
+	}
+}
+
+// TestE2EKernelCalloutQueueFull: fwpd's queues hold 4 packets
+// (--callout-queue-len); 200 concurrent connects toward a fail-closed
+// callout filter whose callout pends them all: the SYNs that do not fit are
+// refused at once by the filter's flag, none connects, and fwpd counts them
+// in /metrics and records a net event (a drop, "callout not registered
+// (fail closed)") for each it was told of.
+func TestE2EKernelCalloutQueueFull(t *testing.T) {
+	testutil.RequireRoot(t)
+	cg := testutil.NewCgroup(t)
+	dir := kernelDir(t)
+	link := filepath.Join(dir, "netns")
+	d := startKernelDaemon(t, cg, dir, "--callout-netns", link, "--callout-queue-len", "4", "--metrics-addr", "127.0.0.1:0")
+	h := testutil.StartHelper(t, cg, "killscen")
+	if line, err := h.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
+		t.Fatalf("helper: %q %v %s", line, err, h.Stderr())
+	}
+	if err := os.Symlink(fmt.Sprintf("/proc/%d/ns/net", h.Pid()), link); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	rc, err := client.RegisterCallout(ctx, "pend-forever", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+		if _, err := req.PendOperation(); err == nil {
+			out.Action, out.Flags = engine.ActionBlock, engine.OutAbsorb // never completed: fwpd's pend timeout blocks
+			return
+		}
+		out.Action = engine.ActionBlock
+	}}, client.CalloutOptions{Socket: d.sock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if errs, code := d.apply(t, pendPolicy); code != 0 {
+		t.Fatalf("fwpctl apply: %s", errs)
+	}
+	events := d.followEvents(t)
+	time.Sleep(200 * time.Millisecond) // the follower is subscribed
+	line, err := h.Call([]byte("burst 8080 200"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ok, refused int
+	fmt.Sscan(string(line), &ok, &refused)
+	if ok != 0 || refused == 0 {
+		t.Fatalf("200 connects toward a fail-closed filter with full queues: %d connected, %d refused; want none through, the overflow refused", ok, refused)
+	}
+	m := d.metrics(t)
+	if !regexp.MustCompile(`fwp_callout_path_flows_total\{outcome="flag_refused"\} [1-9]`).MatchString(m) {
+		t.Fatalf("/metrics:\n%s\nwant the flows refused by the flag counted", grepLines(m, "fwp_callout_path"))
+	}
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case e := <-events:
+			if e.Type == "classify_drop" && strings.Contains(e.Reason, "fail closed") && strings.HasSuffix(e.Remote, ":8080") {
+				t.Logf("net event %+v (%d connects refused)", e, refused)
+				return
+			}
+		case <-deadline:
+			t.Fatal("no net event for a flow refused by the flag")
 		}
 	}
 }

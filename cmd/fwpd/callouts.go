@@ -18,12 +18,14 @@ import (
 // calloutConfig is the kernel callout path's part of the command line.
 type calloutConfig struct {
 	queueBase uint
+	queueLen  uint
 	holdLimit time.Duration
 	netns     string
 }
 
 func (c *calloutConfig) flags(fs *flag.FlagSet) {
 	fs.UintVar(&c.queueBase, "callout-queue-base", 7000, "first NFQUEUE number of the kernel callout path (one queue per CPU from there)")
+	fs.UintVar(&c.queueLen, "callout-queue-len", 8192, "packets each queue of the kernel callout path holds; beyond it a new flow is decided by its filter's fail-open/closed flag at once (counted, with a net event)")
 	fs.StringVar(&c.netns, "callout-netns", "", "network namespace (a path such as /proc/PID/ns/net or /run/netns/NAME) whose traffic the kernel callout path serves: its nftables tables and queues go there (default: fwpd's own)")
 	fs.DurationVar(&c.holdLimit, "callout-hold-limit", 15*time.Second, "longest a flow waits for a Go callout whatever it does (keep it below connect's SYN timer)")
 }
@@ -50,7 +52,22 @@ func (c *calloutPath) start(d *ebpf.Datapath) error {
 	if c.eng == nil || c.cfg.queueBase > 65535 {
 		return fmt.Errorf("kernel callout path: bad configuration (--callout-queue-base %d)", c.cfg.queueBase)
 	}
-	opts := nfqueue.Options{QueueBase: uint16(c.cfg.queueBase), HoldLimit: c.cfg.holdLimit, Log: c.log}
+	eng := c.eng
+	opts := nfqueue.Options{QueueBase: uint16(c.cfg.queueBase), MaxLen: uint32(min(c.cfg.queueLen, 1<<31)), HoldLimit: c.cfg.holdLimit, Log: c.log,
+		// A flow the kernel decided by its filter's flag (the queue full):
+		// a net event, with the filter and process when the hook's record
+		// is still there.
+		OnFallback: func(fb nfqueue.Fallback) {
+			ev := engine.NetEvent{Type: engine.EventClassifyDrop, Reason: engine.ReasonCalloutUnregisteredBlock, Protocol: fb.Protocol,
+				Local: fb.Local, Remote: fb.Remote, UserID: fb.UID, GroupID: fb.GID}
+			if fb.FailOpen {
+				ev.Type, ev.Reason = engine.EventClassifyAllow, engine.ReasonCalloutUnregisteredPermit
+			}
+			if f, err := d.CalloutFlow(fb.Local, fb.Remote); err == nil {
+				ev.Layer, ev.Filter, ev.ProcessID, ev.CgroupID = f.Layer, f.Filter, f.PID, f.CgroupID
+			}
+			eng.RecordNetEvent(ev)
+		}}
 	if c.cfg.netns != "" {
 		ns, err := os.Open(c.cfg.netns)
 		if err != nil {

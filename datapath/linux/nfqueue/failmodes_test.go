@@ -5,6 +5,7 @@ package nfqueue
 import (
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,7 +56,13 @@ func slowPolicy(slow time.Duration) func(fx *fixture, tx *engine.Txn) error {
 // at once by the filter's flag (a reset), never let through, never left
 // to the SYN timer; those the callout sees it blocks. None connects.
 func TestFloodFailClosedLetsNoneThrough(t *testing.T) {
-	fx := customFixture(t, "client", Options{MaxLen: 64}, 5*time.Second, slowPolicy(2*time.Millisecond))
+	var events, wrong atomic.Int64
+	fx := customFixture(t, "client", Options{MaxLen: 64, OnFallback: func(fb Fallback) {
+		events.Add(1)
+		if fb.FailOpen || fb.Remote.Port() != portFailClosed || fb.Protocol != 6 || !fb.HasUID {
+			wrong.Add(1)
+		}
+	}}, 5*time.Second, slowPolicy(2*time.Millisecond))
 	const n = 20000
 	start := time.Now()
 	f := fx.call(t, fmt.Sprintf("dial %d %d %d", portFailClosed, n, 200))
@@ -71,6 +78,13 @@ func TestFloodFailClosedLetsNoneThrough(t *testing.T) {
 	}
 	if closed == 0 {
 		t.Fatalf("the queues never overflowed into the flag (fallback closed %d): the test proves nothing", closed)
+	}
+	// Net events: NFLOG copies of the refused SYNs (some may be lost
+	// under the flood; none invented).
+	time.Sleep(300 * time.Millisecond)
+	t.Logf("fallback events %d (wrong %d)", events.Load(), wrong.Load())
+	if events.Load() == 0 || uint64(events.Load()) > closed || wrong.Load() != 0 {
+		t.Fatalf("fallback events %d (%d wrong) for %d refused by the flag", events.Load(), wrong.Load(), closed)
 	}
 	// (NoFlow: a SYN whose record was gone, refused by its mark's flag.)
 	if st.Blocked+st.NoFlow+closed < n {

@@ -67,6 +67,12 @@ type Options struct {
 	// served namespace. Without it (and until EnableUDP) a UDP flow that
 	// reaches a Go callout takes its filter's flag in the hook.
 	UDP bool
+	// OnFallback, when set, is called (on a goroutine of the path) for
+	// each flow the kernel decided by its filter's flag without user
+	// space while the path ran (a full queue): for net events. The
+	// kernel's NFLOG copies may be lost under a flood; Fallbacks counts
+	// them all.
+	OnFallback func(Fallback)
 }
 
 // Stats count what the path did since it started.
@@ -114,11 +120,13 @@ type Path struct {
 	doneStop chan struct{}
 	doneWG   sync.WaitGroup
 
+	logClosed atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
 	holdMu    sync.Mutex // orders held.Add with Close's held.Wait
 	closing   bool
 
+	log *nflog    // the fallback rules' NFLOG group, with OnFallback
 	rd  redirects // run-time redirects (redirect.go)
 	udp udpState  // UDP flows (udp.go)
 }
@@ -207,6 +215,19 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 			return nil, err
 		}
 	}
+	if opts.OnFallback != nil {
+		if p.log, err = openNflog(opts.NetNS, p.fallbackGroup()); err != nil {
+			p.closeRedirects()
+			p.closeUDP()
+			flows.SetCalloutNamespace(0)
+			removeTable(opts.NetNS)
+			p.closeQueues()
+			p.stopForget()
+			return nil, fmt.Errorf("nfqueue: NFLOG group %d: %w", p.fallbackGroup(), err)
+		}
+		p.wg.Add(1)
+		go p.logLoop()
+	}
 	for _, q := range p.queues {
 		p.wg.Add(1)
 		go p.readLoop(q)
@@ -237,6 +258,9 @@ func (p *Path) close() error {
 	err = errors.Join(err, removeTable(p.opts.NetNS))
 	p.closeRedirects()
 	p.closeQueues()
+	if p.log != nil {
+		p.logClosed.Store(true)
+	}
 	p.wg.Wait()
 	p.stopForget()
 	return err
@@ -289,6 +313,21 @@ func (p *Path) Fallbacks() (open, closed uint64, err error) { return fallbackCou
 // Rules reports how many rules fwp's tables hold in the path's namespace
 // (-1: no table), for checks that nothing is left behind.
 func Rules(netns int) (int, error) { return tableRules(netns) }
+
+// logLoop reads the fallback rules' NFLOG copies until Close.
+func (p *Path) logLoop() {
+	defer p.wg.Done()
+	defer p.log.close()
+	for !p.logClosed.Load() {
+		err := p.log.read(p.opts.Marks, p.opts.OnFallback)
+		switch {
+		case err == nil, errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOBUFS):
+		default:
+			p.opts.Log.Error("nflog read", "err", err)
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
 
 // readLoop reads one queue on a thread pinned to the queue's CPU; the
 // thread gets its CPUs back when the loop ends.

@@ -122,11 +122,17 @@ func synOnly() []expr.Any {
 // here. The counters are Path.Fallbacks.
 const fallbackChain = "fallback"
 
-func fallbackRules(m Marks) [][]expr.Any {
+func fallbackRules(m Marks, group uint16) [][]expr.Any {
 	return [][]expr.Any{
-		append(append(markHas(pktMark(), m.QueueClosed), synOnly()...), &expr.Counter{}, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}),
-		append(append(markHas(pktMark(), m.QueueOpen), synOnly()...), &expr.Counter{}),
+		append(append(markHas(pktMark(), m.QueueClosed), synOnly()...), &expr.Counter{}, logTo(group), &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}),
+		append(append(markHas(pktMark(), m.QueueOpen), synOnly()...), &expr.Counter{}, logTo(group)),
 	}
+}
+
+// logTo copies the packet to the NFLOG group (Options.OnFallback's net
+// events; lost, never the packet, when no one reads).
+func logTo(group uint16) *expr.Log {
+	return &expr.Log{Key: 1 << unix.NFTA_LOG_GROUP, Group: group}
 }
 
 func conn(netns int) (*nftables.Conn, error) {
@@ -159,7 +165,7 @@ func installTable(netns int, m Marks, base, total uint16) error {
 		}
 		fb := c.AddChain(&nftables.Chain{Name: fallbackChain, Table: t, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityMangle + 1)})
-		for _, r := range fallbackRules(m) {
+		for _, r := range fallbackRules(m, base) {
 			c.AddRule(&nftables.Rule{Table: t, Chain: fb, Exprs: r})
 		}
 	}

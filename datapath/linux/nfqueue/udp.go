@@ -87,8 +87,8 @@ func addUDPChains(c *nftables.Conn, t *nftables.Table, m Marks, base, total uint
 	fb := c.AddChain(&nftables.Chain{Name: udpFallbackChain, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityMangle + 2)})
 	for _, r := range [][]expr.Any{
-		append(append(append(markHas(pktMark(), m.QueueClosed), udpMatch()...), ctNotPermitted(m)...), &expr.Counter{}, udpReject(t.Family)),
-		append(append(append(markHas(pktMark(), m.QueueOpen), udpMatch()...), ctNotPermitted(m)...), &expr.Counter{}),
+		append(append(append(markHas(pktMark(), m.QueueClosed), udpMatch()...), ctNotPermitted(m)...), &expr.Counter{}, logTo(base), udpReject(t.Family)),
+		append(append(append(markHas(pktMark(), m.QueueOpen), udpMatch()...), ctNotPermitted(m)...), &expr.Counter{}, logTo(base)),
 	} {
 		c.AddRule(&nftables.Rule{Table: t, Chain: fb, Exprs: r})
 	}

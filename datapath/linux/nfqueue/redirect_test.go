@@ -329,3 +329,42 @@ func TestRunTimeRedirectRecordsNeedTarget(t *testing.T) {
 	}
 	fx.checkClean(t)
 }
+
+// TestRunTimeRedirectV6: the same through CONNECT_REDIRECT_V6 and the ip6
+// table: curl to [::1]:portRedirectSoak (nothing listens) reaches the
+// helper's server on [::1]:portKernel only if the Go callout's redirect is
+// carried out.
+func TestRunTimeRedirectV6(t *testing.T) {
+	var h engine.RedirectHandle
+	fx := customFixture(t, "client", Options{Redirects: true}, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
+		h = fx.eng.RedirectHandleCreate("v6")
+		cr := &engine.ConnectRedirect{Handle: h, Target: func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+			return engine.RedirectTarget{To: netip.MustParseAddrPort("[::1]:" + strconv.Itoa(portKernel))}, true
+		}}
+		if err := fx.eng.RegisterCallout("v6.redirect", cr.Registration()); err != nil {
+			return err
+		}
+		co, err := tx.AddCallout(engine.Callout{Key: "v6.redirect", Layer: engine.LayerALEConnectRedirectV6})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV6,
+			Conditions: []engine.Condition{
+				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portRedirectSoak)},
+			},
+			Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
+		return err
+	})
+	start := time.Now()
+	r := fx.curl(t, portRedirectSoak, "[::1]")
+	t.Logf("curl %+v in %v", r, time.Since(start))
+	if r.exit != 0 || r.code != 200 {
+		t.Fatalf("v6 curl through a run-time redirect: %+v, want 200", r)
+	}
+	if st := fx.path.Stats(); st.Redirected != 1 {
+		t.Fatalf("stats %+v: want one redirect", st)
+	}
+	fx.eng.RedirectHandleDestroy(h)
+	fx.checkClean(t)
+}

@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -23,7 +24,32 @@ import (
 	"fwp/internal/testutil"
 )
 
-func init() { testutil.RegisterHelper("killscen", killScenarioHelper) }
+func init() {
+	testutil.RegisterHelper("killscen", killScenarioHelper)
+	testutil.RegisterHelper("pender", penderHelper)
+}
+
+// penderHelper is a callout program: it registers "pend-forever" with the
+// fwpd whose socket is args[0], pends every classification and never
+// completes one, says "ready", and runs until killed.
+func penderHelper(args []string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rc, err := client.RegisterCallout(ctx, "pend-forever", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+		if _, err := req.PendOperation(); err == nil {
+			out.Action, out.Flags = engine.ActionBlock, engine.OutAbsorb
+			fmt.Println("pended")
+			return
+		}
+		out.Action = engine.ActionBlock
+	}}, client.CalloutOptions{Socket: args[0]})
+	if err != nil {
+		return err
+	}
+	fmt.Println("ready")
+	<-rc.Done()
+	return rc.Err()
+}
 
 // pendPolicy hands TCP to 8080 (fail-closed) and 9090 (fail-open) to a
 // Go callout at AUTH_CONNECT_V4.
@@ -298,6 +324,70 @@ func TestE2EKernelCalloutQueueFull(t *testing.T) {
 			}
 		case <-deadline:
 			t.Fatal("no net event for a flow refused by the flag")
+		}
+	}
+}
+
+// TestE2EKernelCalloutProgramKilled: the callout program (a process of its
+// own) is killed with SIGKILL while it holds two flows pended: fwpd sees
+// its connection go and decides both by their filters' flags within a
+// second — fail-closed refused, fail-open connected.
+func TestE2EKernelCalloutProgramKilled(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTool(t, "curl")
+	cg, progCg := testutil.NewCgroup(t), testutil.NewCgroup(t)
+	dir := kernelDir(t)
+	link := filepath.Join(dir, "netns")
+	d := startKernelDaemon(t, cg, dir, "--callout-netns", link)
+	h := testutil.StartHelper(t, cg, "killscen")
+	if line, err := h.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
+		t.Fatalf("helper: %q %v %s", line, err, h.Stderr())
+	}
+	if err := os.Symlink(fmt.Sprintf("/proc/%d/ns/net", h.Pid()), link); err != nil {
+		t.Fatal(err)
+	}
+	prog := testutil.StartHelper(t, progCg, "pender", d.sock)
+	if line, err := prog.Call(nil); err != nil || strings.TrimSpace(string(line)) != "ready" {
+		t.Fatalf("callout program: %q %v %s", line, err, prog.Stderr())
+	}
+	if errs, code := d.apply(t, pendPolicy); code != 0 {
+		t.Fatalf("fwpctl apply: %s", errs)
+	}
+	call := func(req string) string {
+		line, err := h.Call([]byte(req))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(line))
+	}
+	call("bg")
+	for range 2 { // the program's "pended" lines
+		if line, err := prog.Call(nil); err != nil || strings.TrimSpace(string(line)) != "pended" {
+			t.Fatalf("callout program: %q %v", line, err)
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n := call("running"); n != "0" {
+		t.Fatalf("%s curls ended while their flows were pended", n)
+	}
+	killed := time.Now()
+	syscall.Kill(prog.Pid(), syscall.SIGKILL)
+	var ends []curlEnd
+	if err := json.Unmarshal([]byte(call("wait")), &ends); err != nil {
+		t.Fatal(err)
+	}
+	if len(ends) != 2 {
+		t.Fatalf("curls: %+v", ends)
+	}
+	for _, e := range ends {
+		after := e.End.Sub(killed)
+		t.Logf("port %d: curl exit %d %.0f ms after the kill (%s)", e.Port, e.Code, after.Seconds()*1000, e.Out)
+		want := 7
+		if e.Port == 9090 {
+			want = 0
+		}
+		if e.Code != want || after > time.Second {
+			t.Errorf("port %d: held when the callout program was killed: curl exit %d %v after; want exit %d within 1 s", e.Port, e.Code, after, want)
 		}
 	}
 }

@@ -129,6 +129,9 @@ type Path struct {
 	log *nflog    // the fallback rules' NFLOG group, with OnFallback
 	rd  redirects // run-time redirects (redirect.go)
 	udp udpState  // UDP flows (udp.go)
+	// udpHeld: the pended UDP flows by socket cookie, with the datagrams
+	// the program sent after the first (udp.go).
+	udpHeld sync.Map
 }
 
 type doneFlow struct {
@@ -404,6 +407,9 @@ func (p *Path) handle(q *queue, pk *packet) {
 		return
 	}
 	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f, seq: tcpSeq(pk.payload)}
+	if f.Protocol == unix.IPPROTO_UDP && f.Verdict == 0 && p.followHeld(q, pk, f.Cookie) {
+		return // a later datagram of a held UDP flow: it waits with the first
+	}
 	if f.Verdict != 0 {
 		// A SYN sent again (no SYN-ACK came yet): the same answer.
 		p.resent.Add(1)
@@ -438,6 +444,9 @@ func (p *Path) handle(q *queue, pk *packet) {
 	}
 	p.held.Add(1)
 	p.holdMu.Unlock()
+	if f.Protocol == unix.IPPROTO_UDP {
+		p.udpHeld.Store(f.Cookie, &heldUDP{})
+	}
 	p.pended.Add(1)
 	p.holding.Add(1)
 	go p.wait(fl, res)
@@ -532,6 +541,9 @@ func (p *Path) answer(fl *flow, res engine.Result) {
 		}
 	}
 	v := uint8(ebpf.VerdictBlock)
+	if fl.f.Protocol == unix.IPPROTO_UDP {
+		defer p.releaseFollowers(fl.f.Cookie, permit)
+	}
 	switch {
 	case redirect:
 		p.permitted.Add(1)

@@ -295,3 +295,72 @@ func udpCookie(fd int, local, remote netip.AddrPort) (uint64, error) {
 		}
 	}
 }
+
+// heldUDP is a pended UDP flow's later datagrams: they wait with the first
+// and get its verdict (a datagram is not sent again like a SYN, and each
+// would otherwise be classified anew).
+type heldUDP struct {
+	mu      sync.Mutex
+	done    bool
+	permit  bool
+	packets []heldPacket
+}
+
+type heldPacket struct {
+	q        *queue
+	id, mark uint32
+}
+
+// maxFollowers bounds the datagrams held behind one flow's first; more
+// are dropped (a program sending that much before an answer retries).
+const maxFollowers = 64
+
+// followHeld holds a datagram of a UDP flow whose first datagram is
+// pended (true), or answers it at once if that flow was just decided.
+func (p *Path) followHeld(q *queue, pk *packet, cookie uint64) bool {
+	v, ok := p.udpHeld.Load(cookie)
+	if !ok {
+		return false
+	}
+	h := v.(*heldUDP)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	switch {
+	case h.done:
+		p.followerVerdict(heldPacket{q, pk.id, pk.mark}, h.permit)
+	case len(h.packets) < maxFollowers:
+		h.packets = append(h.packets, heldPacket{q, pk.id, pk.mark})
+	default:
+		if err := q.verdict(pk.id, verdictDrop, 0, false); err != nil {
+			p.errs.Add(1)
+		}
+	}
+	return true
+}
+
+// releaseFollowers gives a decided UDP flow's held datagrams its verdict.
+func (p *Path) releaseFollowers(cookie uint64, permit bool) {
+	v, ok := p.udpHeld.LoadAndDelete(cookie)
+	if !ok {
+		return
+	}
+	h := v.(*heldUDP)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.done, h.permit = true, permit
+	for _, pk := range h.packets {
+		p.followerVerdict(pk, permit)
+	}
+	h.packets = nil
+}
+
+func (p *Path) followerVerdict(pk heldPacket, permit bool) {
+	bits := p.opts.Marks.Block
+	if permit {
+		bits = p.opts.Marks.Permit
+	}
+	p.resent.Add(1)
+	if err := pk.q.verdict(pk.id, verdictRepeat, pk.mark&^p.mask|bits, true); err != nil {
+		p.errs.Add(1)
+	}
+}

@@ -82,6 +82,11 @@ func udpHelper([]string) error {
 				}
 			}
 			fmt.Println(ok)
+		case "burst":
+			// burst PORT K: K queries sent at once on one connected
+			// socket, then the answers read; answered count
+			k, _ := strconv.Atoi(f[2])
+			fmt.Println(udpBurst(f[1], k))
 		case "sendto":
 			// sendto PORT: one query from an unconnected socket; "answered" or the error
 			fmt.Println(udpSendto(f[1]))
@@ -113,6 +118,32 @@ func udpManyFrom(port string, from, n int) string {
 			return fmt.Sprintf("%d error %v", ok, err)
 		}
 		if r.Id == m.Id && len(r.Answer) == 1 {
+			ok++
+		}
+	}
+	return strconv.Itoa(ok)
+}
+
+func udpBurst(port string, k int) string {
+	c, err := net.Dial("udp4", "127.0.0.1:"+port)
+	if err != nil {
+		return "error " + err.Error()
+	}
+	defer c.Close()
+	dc := &dns.Conn{Conn: c}
+	for i := range k {
+		m := new(dns.Msg)
+		m.SetQuestion(fmt.Sprintf("b%d.example.", i), dns.TypeA)
+		if err := dc.WriteMsg(m); err != nil {
+			return "error " + err.Error()
+		}
+	}
+	ok := 0
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	for range k {
+		if r, err := dc.ReadMsg(); err != nil {
+			break
+		} else if len(r.Answer) == 1 {
 			ok++
 		}
 	}
@@ -224,6 +255,16 @@ func TestDigThroughPendingCallout(t *testing.T) {
 	ms, _ = strconv.Atoi(f[1])
 	if f[0] == "0" || strings.Contains(string(line), "192.0.2.1") || ms >= 2000 {
 		t.Fatalf("dig to a blocked UDP flow: %s; want it refused at once (ICMP), not timed out", line)
+	}
+	// Five datagrams sent at once while the first is held: one
+	// classification (one pend), the four others wait with it and get
+	// its verdict.
+	st0 := fx.path.Stats()
+	if got := strings.TrimSpace(string(must(fx.h.Call([]byte(fmt.Sprintf("burst %d 5", portDNSPend)))))); got != "5" {
+		t.Fatalf("5 queries sent at once through a pending callout: %s answered", got)
+	}
+	if st := fx.path.Stats(); st.Pended-st0.Pended != 1 || st.Resent-st0.Resent != 4 {
+		t.Fatalf("stats %+v (before %+v): want one pend and 4 datagrams held behind it", st, st0)
 	}
 	// An unconnected socket's datagram took the socket's mark before the
 	// sendmsg hook ran, so it cannot be held: the hook decides it by the

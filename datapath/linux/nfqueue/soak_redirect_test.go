@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,11 +60,20 @@ func TestSoakRunTimeRedirect(t *testing.T) {
 			t.Fatal(err)
 		}
 		g := runtime.NumGoroutine()
-		if els == 0 && sock == 0 && tuple == 0 && g <= goroutines+5 {
+		// A 4-tuple record goes when the server's side of the connection
+		// closes; a connection whose last handshake packet the server's
+		// full listen queue dropped never had a server side (the client
+		// reset it first), so its record stays until the map's LRU
+		// evicts it: as many as the namespace's listen drops, no more.
+		drops := listenDrops(t, fx.h.Pid())
+		if els == 0 && sock == 0 && uint64(tuple) <= drops && g <= goroutines+5 {
+			if tuple > 0 {
+				t.Logf("%d 4-tuple records left, %d listen drops in the namespace", tuple, drops)
+			}
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("left behind: %d DNAT map elements, %d redirects by cookie, %d by 4-tuple, goroutines %d (were %d)", els, sock, tuple, g, goroutines)
+			t.Fatalf("left behind: %d DNAT map elements, %d redirects by cookie, %d by 4-tuple (listen drops %d), goroutines %d (were %d)", els, sock, tuple, drops, g, goroutines)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -105,4 +115,23 @@ func inlineRedirectFixture(t testing.TB) (*fixture, engine.RedirectHandle) {
 		return err
 	})
 	return fx, h
+}
+
+// listenDrops reads TcpExtListenDrops of the network namespace of pid.
+func listenDrops(t testing.TB, pid int) uint64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/netstat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i+1 < len(lines); i += 2 {
+		names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		for j, n := range names {
+			if n == "ListenDrops" && j < len(vals) {
+				v, _ := strconv.ParseUint(vals[j], 10, 64)
+				return v
+			}
+		}
+	}
+	return 0
 }

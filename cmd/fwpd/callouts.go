@@ -18,12 +18,14 @@ import (
 // calloutConfig is the kernel callout path's part of the command line.
 type calloutConfig struct {
 	queueBase uint
+	queueLen  uint
 	holdLimit time.Duration
 	netns     string
 }
 
 func (c *calloutConfig) flags(fs *flag.FlagSet) {
 	fs.UintVar(&c.queueBase, "callout-queue-base", 7000, "first NFQUEUE number of the kernel callout path (one queue per CPU from there)")
+	fs.UintVar(&c.queueLen, "callout-queue-len", 8192, "packets each queue of the kernel callout path holds; beyond it a new flow is decided by its filter's fail-open/closed flag at once (counted, with a net event)")
 	fs.StringVar(&c.netns, "callout-netns", "", "network namespace (a path such as /proc/PID/ns/net or /run/netns/NAME) whose traffic the kernel callout path serves: its nftables tables and queues go there (default: fwpd's own)")
 	fs.DurationVar(&c.holdLimit, "callout-hold-limit", 15*time.Second, "longest a flow waits for a Go callout whatever it does (keep it below connect's SYN timer)")
 }
@@ -50,7 +52,22 @@ func (c *calloutPath) start(d *ebpf.Datapath) error {
 	if c.eng == nil || c.cfg.queueBase > 65535 {
 		return fmt.Errorf("kernel callout path: bad configuration (--callout-queue-base %d)", c.cfg.queueBase)
 	}
-	opts := nfqueue.Options{QueueBase: uint16(c.cfg.queueBase), HoldLimit: c.cfg.holdLimit, Log: c.log}
+	eng := c.eng
+	opts := nfqueue.Options{QueueBase: uint16(c.cfg.queueBase), MaxLen: uint32(min(c.cfg.queueLen, 1<<31)), HoldLimit: c.cfg.holdLimit, Log: c.log,
+		// A flow the kernel decided by its filter's flag (the queue full):
+		// a net event, with the filter and process when the hook's record
+		// is still there.
+		OnFallback: func(fb nfqueue.Fallback) {
+			ev := engine.NetEvent{Type: engine.EventClassifyDrop, Reason: engine.ReasonCalloutUnregisteredBlock, Protocol: fb.Protocol,
+				Local: fb.Local, Remote: fb.Remote, UserID: fb.UID, GroupID: fb.GID}
+			if fb.FailOpen {
+				ev.Type, ev.Reason = engine.EventClassifyAllow, engine.ReasonCalloutUnregisteredPermit
+			}
+			if f, err := d.CalloutFlow(fb.Local, fb.Remote); err == nil {
+				ev.Layer, ev.Filter, ev.ProcessID, ev.CgroupID = f.Layer, f.Filter, f.PID, f.CgroupID
+			}
+			eng.RecordNetEvent(ev)
+		}}
 	if c.cfg.netns != "" {
 		ns, err := os.Open(c.cfg.netns)
 		if err != nil {
@@ -69,6 +86,38 @@ func (c *calloutPath) start(d *ebpf.Datapath) error {
 	}
 	c.path = p
 	c.log.Info("kernel callout path started", "queue_base", c.cfg.queueBase)
+	return nil
+}
+
+// enableRedirects lets the running callout path carry out redirects Go
+// callouts choose at run time (package nfqueue, redirect.go).
+func (c *calloutPath) enableRedirects() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	if c.path.RedirectsEnabled() {
+		return nil
+	}
+	if err := c.path.EnableRedirects(); err != nil {
+		return fmt.Errorf("kernel callout path: run-time redirects: %w", err)
+	}
+	c.log.Info("kernel callout path: run-time redirects enabled (DNAT chain and conntrack in the served namespace)")
+	return nil
+}
+
+// enableUDP lets the running callout path hold UDP flows' first
+// datagrams for Go callouts (package nfqueue, udp.go).
+func (c *calloutPath) enableUDP() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	if err := c.path.EnableUDP(); err != nil {
+		return fmt.Errorf("kernel callout path: UDP flows: %w", err)
+	}
 	return nil
 }
 
@@ -98,7 +147,7 @@ func (k *kernel) setEngine(e *engine.Engine) {
 }
 
 var calloutDesc = prometheus.NewDesc("fwp_callout_path_flows_total",
-	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirect_refused, verdict_errors).", []string{"outcome"}, nil)
+	"Flows the kernel callout path handled, by outcome (queued, permitted, blocked, pended, resent, no_metadata, redirected, redirect_refused, verdict_errors; flag_permitted and flag_refused: SYNs the kernel decided by their filter's fail-open/closed flag because the queue was full or unread).", []string{"outcome"}, nil)
 
 var calloutHeldDesc = prometheus.NewDesc("fwp_callout_path_held",
 	"Flows the kernel callout path holds for a pending Go callout right now.", nil, nil)
@@ -121,8 +170,14 @@ func (cc calloutCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	st := p.Stats()
 	for outcome, n := range map[string]uint64{"queued": st.Queued, "permitted": st.Permitted, "blocked": st.Blocked, "pended": st.Pended,
-		"resent": st.Resent, "no_metadata": st.NoFlow, "redirect_refused": st.Redirects, "verdict_errors": st.Errors} {
+		"resent": st.Resent, "no_metadata": st.NoFlow, "redirected": st.Redirected, "redirect_refused": st.Redirects, "verdict_errors": st.Errors} {
 		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(n), outcome)
 	}
 	ch <- prometheus.MustNewConstMetric(calloutHeldDesc, prometheus.GaugeValue, float64(st.Held))
+	// SYNs the kernel decided by their filter's flag without user space
+	// (a full queue; or no reader, counted once fwpd is back).
+	if open, closed, err := p.Fallbacks(); err == nil {
+		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(open), "flag_permitted")
+		ch <- prometheus.MustNewConstMetric(calloutDesc, prometheus.CounterValue, float64(closed), "flag_refused")
+	}
 }

@@ -6,7 +6,7 @@
 //	     [--metrics-addr ADDR] [--max-connections N] [--max-connections-per-user N]
 //	     [--datapath kernel|none] [--cgroup PATH]
 //	     [--keep-hooks-on-exit] [--bpffs-dir DIR] [--bpffs-lock-wait D] [--proxy-cgroup auto|none|DIR,...]
-//	     [--callout-netns PATH] [--callout-queue-base N] [--callout-hold-limit D]
+//	     [--callout-netns PATH] [--callout-queue-base N] [--callout-queue-len N] [--callout-hold-limit D]
 //
 // Root and members of --admin-group may change policy; members of
 // --reader-group may list and explain it, read net events and subscribe,
@@ -37,12 +37,19 @@
 // with it unless --keep-hooks-on-exit.
 //
 // A policy whose filters call Go callouts at CONNECT_REDIRECT or
-// AUTH_CONNECT (TCP) starts the kernel callout path (package nfqueue) before
-// it takes effect: fwp's nftables tables and one queue per CPU (numbers
-// from --callout-queue-base) in fwpd's network namespace, or in
-// --callout-netns; the first packet of each such flow is held there while
-// the engine runs the callout, at most --callout-hold-limit. The tables go
-// when fwpd exits. /metrics counts the path's flows by outcome.
+// AUTH_CONNECT (TCP or UDP) starts the kernel callout path (package nfqueue)
+// before it takes effect: fwp's nftables tables and one queue per CPU
+// (numbers from --callout-queue-base, --callout-queue-len packets each) in
+// fwpd's network namespace, or in --callout-netns; the first packet of each
+// such flow is held there while the engine runs the callout, at most
+// --callout-hold-limit. A Go callout at CONNECT_REDIRECT may redirect the
+// flow at run time (the held SYN is DNATed to its proxy); a UDP callout
+// filter holds the first datagram of connected UDP flows; both bring
+// conntrack into the namespace and are enabled only by such policies. A
+// full queue, or no fwpd at all (killed, or exited with
+// --keep-hooks-on-exit), leaves each such flow to its filter's
+// fail-open/closed flag at once. The tables go when fwpd exits. /metrics
+// counts the path's flows by outcome.
 //
 // Each of the two sockets serves at most --max-connections connections at
 // once (default 1024), the last sixteenth of them only to root, and at

@@ -238,6 +238,20 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
+	// A Go callout at CONNECT_REDIRECT may redirect at run time: the
+	// callout path's DNAT chain (and conntrack) only then.
+	if p.CalloutRedirects() {
+		if err := k.co.enableRedirects(); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
+	}
+	// A Go callout filter matching UDP: the first datagrams are held
+	// (conntrack in the served namespace) only then.
+	if p.UDPCallouts() {
+		if err := k.co.enableUDP(); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
+	}
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}

@@ -126,6 +126,13 @@ func (d *Datapath) CalloutFlow(local, remote netip.AddrPort) (CalloutFlow, error
 func (d *Datapath) CalloutFlowDecided(f CalloutFlow, verdict uint8) error {
 	raw := f.raw
 	raw.Verdict = verdict
+	if raw.Indexed == 0 {
+		// A UDP flow: its record is by cookie only.
+		if err := d.objs.FwpCalloutFlows.Update(&raw.Cookie, &raw, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+		return nil
+	}
 	k := raw.Key
 	// Only if still there: a record the socket's close removed stays gone.
 	if err := d.objs.FwpCalloutTuples.Update(&k, &raw, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

@@ -9,8 +9,9 @@ import (
 )
 
 // A filter calling a Go callout compiles to a hand-over to user space at
-// CONNECT_REDIRECT and AUTH_CONNECT when it matches TCP alone; anywhere
-// else, or for other protocols, it is refused naming the filter.
+// CONNECT_REDIRECT and AUTH_CONNECT when it matches TCP alone or UDP
+// alone; anywhere else, or for other protocols, it is refused naming the
+// filter.
 func TestCompileGoCallout(t *testing.T) {
 	tcp := engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)}
 	udp := engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(17)}
@@ -26,8 +27,9 @@ func TestCompileGoCallout(t *testing.T) {
 		{"terminating, tcp", engine.LayerALEAuthConnectV4, engine.ActionCalloutTerminating, []engine.Condition{tcp}, 0, true, ""},
 		{"unknown, tcp, v6, fail open", engine.LayerALEAuthConnectV6, engine.ActionCalloutUnknown, []engine.Condition{tcp}, engine.FilterPermitIfCalloutUnregistered, true, ""},
 		{"inspection at connect redirect", engine.LayerALEConnectRedirectV4, engine.ActionCalloutInspection, []engine.Condition{tcp}, 0, true, ""},
-		{"no protocol condition", engine.LayerALEAuthConnectV4, engine.ActionCalloutTerminating, nil, 0, false, "only TCP"},
-		{"tcp or udp", engine.LayerALEAuthConnectV4, engine.ActionCalloutTerminating, []engine.Condition{tcp, udp}, 0, false, "only TCP"},
+		{"terminating, udp", engine.LayerALEAuthConnectV4, engine.ActionCalloutTerminating, []engine.Condition{udp}, 0, true, ""},
+		{"no protocol condition", engine.LayerALEAuthConnectV4, engine.ActionCalloutTerminating, nil, 0, false, "one protocol per filter"},
+		{"tcp or udp", engine.LayerALEAuthConnectV4, engine.ActionCalloutTerminating, []engine.Condition{tcp, udp}, 0, false, "one protocol per filter"},
 		{"bind layer", engine.LayerALEResourceAssignmentV4, engine.ActionCalloutTerminating, []engine.Condition{tcp}, 0, false, "no packet to hold"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -59,6 +61,12 @@ func TestCompileGoCallout(t *testing.T) {
 			lp := p.layers[slot]
 			if !p.Callouts() || lp == nil || !lp.callouts || len(lp.filters) != 1 {
 				t.Fatalf("compiled: callouts %v, layer %+v", p.Callouts(), lp)
+			}
+			if wantUDP := len(c.conds) == 1 && c.conds[0] == udp; p.UDPCallouts() != wantUDP {
+				t.Fatalf("UDPCallouts %v, want %v", p.UDPCallouts(), wantUDP)
+			}
+			if wantRedir := c.layer.Kind() == engine.KindConnectRedirect; p.CalloutRedirects() != wantRedir {
+				t.Fatalf("CalloutRedirects %v, want %v", p.CalloutRedirects(), wantRedir)
 			}
 			m := lp.filters[0]
 			wantFlags := uint16(0)

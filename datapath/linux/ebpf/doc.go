@@ -97,6 +97,16 @@
 // ~10k instructions per classifying program (76k for connect4). The
 // records go with the socket (sock_release).
 //
+// A filter matching UDP alone is handed over the same way once the path
+// holds UDP (SetCalloutUDP): only for a connected socket (the connect hook;
+// an unconnected sendto's datagram took the socket's mark before the
+// sendmsg hook, which decides it by the flag). A UDP record is found by
+// cookie (CalloutFlowByCookie): no sockops indexes UDP. At
+// CONNECT_REDIRECT the hook moves a socket's SOL_FWP records by cookie
+// (CalloutRecords), for the callout's RedirectState; a redirect the
+// callout chooses is recorded for the proxy API by SetCalloutRedirect, its
+// handle a record word with GoRedirectHandleBit set.
+//
 // # Built-in connect redirect
 //
 // A CONNECT_REDIRECT filter with ActionCalloutUnknown whose callout key is

@@ -214,6 +214,7 @@ const (
 	fwpMapFwpCalloutCfg    = "fwp_callout_cfg"
 	fwpMapFwpCalloutFlows  = "fwp_callout_flows"
 	fwpMapFwpCalloutTuples = "fwp_callout_tuples"
+	fwpMapFwpCalloutUdp    = "fwp_callout_udp"
 	fwpMapFwpConfig        = "fwp_config"
 	fwpMapFwpCounts        = "fwp_counts"
 	fwpMapFwpEvents        = "fwp_events"
@@ -321,6 +322,7 @@ type fwpMapSpecs struct {
 	FwpCalloutCfg    *ebpf.MapSpec `ebpf:"fwp_callout_cfg"`
 	FwpCalloutFlows  *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
 	FwpCalloutTuples *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
+	FwpCalloutUdp    *ebpf.MapSpec `ebpf:"fwp_callout_udp"`
 	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.MapSpec `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
@@ -374,6 +376,7 @@ type fwpMaps struct {
 	FwpCalloutCfg    *ebpf.Map `ebpf:"fwp_callout_cfg"`
 	FwpCalloutFlows  *ebpf.Map `ebpf:"fwp_callout_flows"`
 	FwpCalloutTuples *ebpf.Map `ebpf:"fwp_callout_tuples"`
+	FwpCalloutUdp    *ebpf.Map `ebpf:"fwp_callout_udp"`
 	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
 	FwpCounts        *ebpf.Map `ebpf:"fwp_counts"`
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
@@ -403,6 +406,7 @@ func (m *fwpMaps) Close() error {
 		m.FwpCalloutCfg,
 		m.FwpCalloutFlows,
 		m.FwpCalloutTuples,
+		m.FwpCalloutUdp,
 		m.FwpConfig,
 		m.FwpCounts,
 		m.FwpEvents,

@@ -262,6 +262,8 @@ type Policy struct {
 	// the ingress and sockops hooks enforce: they are attached with the
 	// redirect hooks (Datapath.Apply).
 	inbound bool
+	// udpCallouts: some such filter matches UDP (calloutudp.go).
+	udpCallouts bool
 }
 
 // Callouts reports whether some filter of the policy is decided by a Go
@@ -433,6 +435,7 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 			if err != nil {
 				return m, engine.FilterError(f, err)
 			}
+			p.udpCallouts = p.udpCallouts || protoOnly(f.Conditions, 17)
 			return m, nil
 		}
 		if len(p.redirects) >= MaxRedirects {
@@ -482,8 +485,8 @@ func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
 		}
 		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (%s)", ErrNotSupported, f.Action.Callout, f.Layer, why)
 	}
-	if !tcpOnly(f.Conditions) {
-		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows for Go callouts: add the condition %s == 6", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)
+	if !protoOnly(f.Conditions, 6) && !protoOnly(f.Conditions, 17) {
+		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows (their SYN) and UDP flows (their first datagram) for Go callouts, one protocol per filter: add the condition %s == 6 or == 17", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)
 	}
 	m.Action = actCallout
 	if f.Flags&engine.FilterPermitIfCalloutUnregistered != 0 {
@@ -492,15 +495,15 @@ func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
 	return m, nil
 }
 
-// tcpOnly reports whether the conditions let only TCP (protocol 6) match:
-// the protocol conditions (ORed) are all EQUAL 6.
-func tcpOnly(cs []engine.Condition) bool {
+// protoOnly reports whether the conditions let only protocol proto match:
+// the protocol conditions (ORed) are all EQUAL proto.
+func protoOnly(cs []engine.Condition, proto uint64) bool {
 	seen := false
 	for _, c := range cs {
 		if c.Field != engine.FieldIPProtocol {
 			continue
 		}
-		if c.Match != engine.MatchEqual || c.Value.Uint() != 6 {
+		if c.Match != engine.MatchEqual || c.Value.Uint() != proto {
 			return false
 		}
 		seen = true

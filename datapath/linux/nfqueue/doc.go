@@ -13,13 +13,25 @@
 // filter with PERMIT_IF_CALLOUT_UNREGISTERED, else ebpf.MarkQueueClosed).
 // sockops indexes the record by the 4-tuple once the SYN is about to leave.
 // fwp's own nftables tables (ip and ip6, named "fwp", in the namespace of
-// the traffic; installed by Start, removed by Close) then run, at output:
+// the traffic; installed by Start, removed by Close) then run, at output
+// (chain "output", priority -150, before NAT):
 //
 //	meta mark & Permit              → accept
 //	meta mark & Block, tcp          → reject with tcp reset (connect: ECONNREFUSED at once)
 //	meta mark & Block               → drop
 //	meta mark & QueueOpen,   tcp SYN → NFQUEUE fanout over the CPUs' queues, bypass
-//	meta mark & QueueClosed, tcp SYN → NFQUEUE fanout, no bypass
+//	meta mark & QueueClosed, tcp SYN → NFQUEUE fanout, bypass
+//
+// and chain "fallback" (-149), which a queue-marked SYN reaches only when
+// no one reads the queues or they are full (they fail open):
+//
+//	meta mark & QueueClosed, tcp SYN → counter, reject with tcp reset
+//	meta mark & QueueOpen,   tcp SYN → counter (on)
+//
+// Run-time redirects add a "redirect" map and a nat chain (redirect.go);
+// UDP callouts add the "udp" and "udpfallback" chains (udp.go). Both bring
+// conntrack into the namespace and are installed only when a policy needs
+// them.
 //
 // ("tcp SYN": SYN set, ACK, RST and FIN clear.) Only the SYN is queued:
 // later packets of the socket match nothing. A SYN the program sends again
@@ -51,8 +63,7 @@
 //
 // A packet without a record (its socket closed, a full map) is answered by
 // the fail bit its mark carries. A redirect chosen by a Go callout at run
-// time is refused for now (counted in Stats.Redirects): the built-in
-// redirect (package ebpf) is the kernel's.
+// time is carried out on the held SYN by conntrack's DNAT (redirect.go).
 //
 // The raw netlink loop is ours rather than florianl/go-nfqueue's: measured
 // on this kernel (docs/benchmarks.md, design.md §3), go-nfqueue's reader

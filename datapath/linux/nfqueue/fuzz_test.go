@@ -52,3 +52,24 @@ func FuzzParseTCP(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseLogged: any NFLOG attribute bytes (a fallback rule's copy) and
+// any payload are read without a panic (parseFlow for TCP and UDP, and
+// tcpSeq); a fallback comes back only with a TCP or UDP tuple.
+func FuzzParseLogged(f *testing.F) {
+	v4 := make([]byte, 40)
+	v4[0], v4[9] = 0x45, 17
+	f.Add(append(cfgAttr(nflogAttrPay, v4), cfgAttr(nflogAttrMark, []byte{0x02, 0, 0, 0})...))
+	f.Add(cfgAttr(nflogAttrUID, []byte{0, 0, 3, 232}))
+	f.Add([]byte{0xff, 0xff, 9, 0, 0})
+	m := Marks{QueueOpen: 1, QueueClosed: 2, Permit: 4, Block: 8}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_ = tcpSeq(b)
+		if _, _, proto, ok := parseFlow(b); ok && proto != 6 && proto != 17 {
+			t.Fatalf("protocol %d from %x", proto, b)
+		}
+		if fb, ok := parseLogged(b, m); ok && (fb.Protocol != 6 && fb.Protocol != 17 || !fb.Local.IsValid()) {
+			t.Fatalf("fallback %+v from %x", fb, b)
+		}
+	})
+}

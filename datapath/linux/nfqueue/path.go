@@ -42,8 +42,8 @@ type Options struct {
 	Queues int
 	// QueueBase is the first queue number (default 7000).
 	QueueBase uint16
-	// MaxLen bounds each queue (default 8192 packets); beyond it the
-	// kernel drops new SYNs (TCP sends them again after a second).
+	// MaxLen bounds each queue (default 8192 packets); beyond it a new
+	// SYN is decided by its filter's flag at once (Fallbacks).
 	MaxLen uint32
 	// HoldLimit bounds how long a flow is held whatever the engine says
 	// (default 15 s, below connect's SYN timer with the default
@@ -57,19 +57,36 @@ type Options struct {
 	Marks Marks
 	// Log receives errors of the read loops (default: discarded).
 	Log *slog.Logger
+	// Redirects installs the DNAT chain at Start, so that redirects Go
+	// callouts choose at CONNECT_REDIRECT are carried out (redirect.go);
+	// it brings conntrack into the served namespace. Without it (and
+	// until EnableRedirects) such a redirect is refused.
+	Redirects bool
+	// UDP installs the UDP rules at Start (udp.go): the first datagram of
+	// a UDP flow is held for Go callouts. It brings conntrack into the
+	// served namespace. Without it (and until EnableUDP) a UDP flow that
+	// reaches a Go callout takes its filter's flag in the hook.
+	UDP bool
+	// OnFallback, when set, is called (on a goroutine of the path) for
+	// each flow the kernel decided by its filter's flag without user
+	// space while the path ran (a full queue): for net events. The
+	// kernel's NFLOG copies may be lost under a flood; Fallbacks counts
+	// them all.
+	OnFallback func(Fallback)
 }
 
 // Stats count what the path did since it started.
 type Stats struct {
-	Queued    uint64 // packets read from the queues
-	Permitted uint64
-	Blocked   uint64
-	Pended    uint64 // flows a callout pended (held without blocking others)
-	Held      int64  // flows held right now
-	NoFlow    uint64 // packets without hook metadata: decided by their mark's fail-open/closed bit
-	Redirects uint64 // run-time redirects refused (not carried out on this path yet)
-	Errors    uint64 // verdicts that could not be sent
-	Resent    uint64 // SYNs of decided flows sent again, answered as before
+	Queued     uint64 // packets read from the queues
+	Permitted  uint64
+	Blocked    uint64
+	Pended     uint64 // flows a callout pended (held without blocking others)
+	Held       int64  // flows held right now
+	NoFlow     uint64 // packets without hook metadata: decided by their mark's fail-open/closed bit
+	Redirects  uint64 // run-time redirects refused (not enabled, or they could not be recorded)
+	Redirected uint64 // run-time redirects carried out (the SYN went to the proxy)
+	Errors     uint64 // verdicts that could not be sent
+	Resent     uint64 // SYNs of decided flows sent again, answered as before
 	// Inline and InlineTime: flows decided in the read loop without a
 	// pend, and the time from reading their packet to the verdict (the
 	// decision alone: sending the verdict runs the packet on).
@@ -94,8 +111,8 @@ type Path struct {
 	mask   uint32
 	paths  processPaths
 
-	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent atomic.Uint64
-	holding                                                                                  atomic.Int64
+	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected atomic.Uint64
+	holding                                                                                              atomic.Int64
 	// done takes decided flows to a goroutine that notes their verdict
 	// on the hook's record, off the read loop (the verdict's packet is on
 	// its way).
@@ -103,10 +120,18 @@ type Path struct {
 	doneStop chan struct{}
 	doneWG   sync.WaitGroup
 
+	logClosed atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
 	holdMu    sync.Mutex // orders held.Add with Close's held.Wait
 	closing   bool
+
+	log *nflog    // the fallback rules' NFLOG group, with OnFallback
+	rd  redirects // run-time redirects (redirect.go)
+	udp udpState  // UDP flows (udp.go)
+	// udpHeld: the pended UDP flows by socket cookie, with the datagrams
+	// the program sent after the first (udp.go).
+	udpHeld sync.Map
 }
 
 type doneFlow struct {
@@ -174,6 +199,38 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 		p.stopForget()
 		return nil, fmt.Errorf("nfqueue: the served namespace: %w", err)
 	}
+	if opts.UDP {
+		if err := p.EnableUDP(); err != nil {
+			flows.SetCalloutNamespace(0)
+			removeTable(opts.NetNS)
+			p.closeQueues()
+			p.stopForget()
+			return nil, err
+		}
+	}
+	if opts.Redirects {
+		if err := p.EnableRedirects(); err != nil {
+			p.closeUDP()
+			flows.SetCalloutNamespace(0)
+			removeTable(opts.NetNS)
+			p.closeQueues()
+			p.stopForget()
+			return nil, err
+		}
+	}
+	if opts.OnFallback != nil {
+		if p.log, err = openNflog(opts.NetNS, p.fallbackGroup()); err != nil {
+			p.closeRedirects()
+			p.closeUDP()
+			flows.SetCalloutNamespace(0)
+			removeTable(opts.NetNS)
+			p.closeQueues()
+			p.stopForget()
+			return nil, fmt.Errorf("nfqueue: NFLOG group %d: %w", p.fallbackGroup(), err)
+		}
+		p.wg.Add(1)
+		go p.logLoop()
+	}
 	for _, q := range p.queues {
 		p.wg.Add(1)
 		go p.readLoop(q)
@@ -194,6 +251,7 @@ func (p *Path) Close() error {
 func (p *Path) close() error {
 	// New flows take their filter's flag in the hook from now on.
 	err := p.flows.SetCalloutNamespace(0)
+	err = errors.Join(err, p.closeUDP())
 	p.holdMu.Lock()
 	p.closing = true
 	p.holdMu.Unlock()
@@ -201,7 +259,11 @@ func (p *Path) close() error {
 	// The held flows' verdicts need the rules (a block is the reset rule).
 	p.held.Wait()
 	err = errors.Join(err, removeTable(p.opts.NetNS))
+	p.closeRedirects()
 	p.closeQueues()
+	if p.log != nil {
+		p.logClosed.Store(true)
+	}
 	p.wg.Wait()
 	p.stopForget()
 	return err
@@ -242,12 +304,33 @@ func (p *Path) closeQueues() {
 func (p *Path) Stats() Stats {
 	return Stats{Queued: p.queued.Load(), Permitted: p.permitted.Load(), Blocked: p.blocked.Load(), Pended: p.pended.Load(),
 		Held: p.holding.Load(), NoFlow: p.noFlow.Load(), Redirects: p.redirects.Load(), Errors: p.errs.Load(),
-		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load()}
+		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load(), Redirected: p.redirected.Load()}
 }
+
+// Fallbacks counts the SYNs the kernel decided by their filter's
+// PERMIT_IF_CALLOUT_UNREGISTERED flag without user space — no reader, or
+// a full queue — in the served namespace: fail-open ones let on, fail-closed
+// ones refused with a reset (table.go's fallback chain).
+func (p *Path) Fallbacks() (open, closed uint64, err error) { return fallbackCounts(p.opts.NetNS) }
 
 // Rules reports how many rules fwp's tables hold in the path's namespace
 // (-1: no table), for checks that nothing is left behind.
 func Rules(netns int) (int, error) { return tableRules(netns) }
+
+// logLoop reads the fallback rules' NFLOG copies until Close.
+func (p *Path) logLoop() {
+	defer p.wg.Done()
+	defer p.log.close()
+	for !p.logClosed.Load() {
+		err := p.log.read(p.opts.Marks, p.opts.OnFallback)
+		switch {
+		case err == nil, errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOBUFS):
+		default:
+			p.opts.Log.Error("nflog read", "err", err)
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
 
 // readLoop reads one queue on a thread pinned to the queue's CPU; the
 // thread gets its CPUs back when the loop ends.
@@ -289,34 +372,53 @@ type flow struct {
 	q             *queue
 	id, mark      uint32
 	local, remote netip.AddrPort // as the packet carries them
+	seq           uint32         // a TCP packet's sequence number (the redirect map's key)
 	f             ebpf.CalloutFlow
 	layers        [2]engine.LayerID
 	nlayers       int
 	stage         int
 	vs            engine.Values
 	meta          engine.Metadata
+	// redirect is the run-time redirect CONNECT_REDIRECT chose (carried
+	// out if AUTH_CONNECT permits the proxy's address), by filter.
+	redirect       *engine.Redirect
+	redirectFilter engine.FilterID
 }
 
 func (p *Path) handle(q *queue, pk *packet) {
 	start := time.Now()
 	p.queued.Add(1)
-	local, remote, ok := parseTCP(pk.payload)
+	local, remote, proto, ok := parseFlow(pk.payload)
 	if !ok {
 		p.failByMark(q, pk)
 		return
 	}
-	f, err := p.flows.CalloutFlow(local, remote)
+	var f ebpf.CalloutFlow
+	var err error
+	if proto == unix.IPPROTO_UDP {
+		f, err = p.udpFlow(local, remote)
+	} else {
+		f, err = p.flows.CalloutFlow(local, remote)
+	}
 	if err != nil {
 		// No metadata (the socket closed, or the map was full): the
 		// filter's fail-open/closed flag, which the mark carries.
 		p.failByMark(q, pk)
 		return
 	}
-	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f}
+	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f, seq: tcpSeq(pk.payload)}
+	if f.Protocol == unix.IPPROTO_UDP && f.Verdict == 0 && p.followHeld(q, pk, f.Cookie) {
+		return // a later datagram of a held UDP flow: it waits with the first
+	}
 	if f.Verdict != 0 {
 		// A SYN sent again (no SYN-ACK came yet): the same answer.
 		p.resent.Add(1)
-		p.verdict(fl, f.Verdict == ebpf.VerdictPermit)
+		switch f.Verdict {
+		case ebpf.VerdictRedirect:
+			p.verdictMark(fl, p.opts.Marks.Permit|p.opts.Marks.Block)
+		default:
+			p.verdict(fl, f.Verdict == ebpf.VerdictPermit)
+		}
 		return
 	}
 	if f.Layer.Kind() == engine.KindConnectRedirect {
@@ -342,6 +444,9 @@ func (p *Path) handle(q *queue, pk *packet) {
 	}
 	p.held.Add(1)
 	p.holdMu.Unlock()
+	if f.Protocol == unix.IPPROTO_UDP {
+		p.udpHeld.Store(f.Cookie, &heldUDP{})
+	}
 	p.pended.Add(1)
 	p.holding.Add(1)
 	go p.wait(fl, res)
@@ -370,12 +475,16 @@ func (p *Path) next(fl *flow, res *engine.Result) bool {
 		return true
 	}
 	if res.Redirect.Redirected() {
-		// A redirect chosen at run time needs the connection moved after
-		// its SYN left: not on this path yet. Refused, never silently
-		// unproxied.
-		p.redirects.Add(1)
-		*res = engine.Result{ClassifyOut: engine.ClassifyOut{Action: engine.ActionBlock}, Filter: res.Filter, Callout: res.Callout}
-		return true
+		// A redirect chosen at run time: the held SYN is sent to the
+		// proxy (redirect.go) if AUTH_CONNECT permits the proxy's
+		// address. Where that cannot be done it is refused, never
+		// silently unproxied.
+		if fl.layers[fl.stage].Kind() != engine.KindConnectRedirect || fl.f.Protocol != unix.IPPROTO_TCP || !p.RedirectsEnabled() {
+			p.redirects.Add(1)
+			*res = engine.Result{ClassifyOut: engine.ClassifyOut{Action: engine.ActionBlock}, Filter: res.Filter, Callout: res.Callout}
+			return true
+		}
+		fl.redirect, fl.redirectFilter = res.Redirect, res.Filter
 	}
 	fl.stage++
 	return fl.stage >= fl.nlayers
@@ -392,6 +501,7 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 		if err != nil {
 			if p.ctx.Err() != nil {
 				r = p.failResult(fl) // closing: the callouts go away with the path
+				fl.redirect = nil
 			}
 			p.answer(fl, r)
 			return
@@ -422,14 +532,32 @@ func (p *Path) failResult(fl *flow) engine.Result {
 // packets pass at once) or the block mark (a TCP reset to the program).
 func (p *Path) answer(fl *flow, res engine.Result) {
 	permit := res.Permitted()
+	redirect := permit && fl.redirect != nil
+	if redirect {
+		if err := p.carryRedirect(fl); err != nil {
+			p.redirects.Add(1)
+			p.opts.Log.Error("nfqueue: a run-time redirect could not be carried out: the flow is refused", "local", fl.local, "remote", fl.remote, "err", err)
+			permit, redirect = false, false
+		}
+	}
 	v := uint8(ebpf.VerdictBlock)
-	if permit {
+	if fl.f.Protocol == unix.IPPROTO_UDP {
+		defer p.releaseFollowers(fl.f.Cookie, permit)
+	}
+	switch {
+	case redirect:
+		p.permitted.Add(1)
+		p.redirected.Add(1)
+		v = ebpf.VerdictRedirect
+		p.verdictMark(fl, p.opts.Marks.Permit|p.opts.Marks.Block)
+	case permit:
 		p.permitted.Add(1)
 		v = ebpf.VerdictPermit
-	} else {
+		p.verdict(fl, true)
+	default:
 		p.blocked.Add(1)
+		p.verdict(fl, false)
 	}
-	p.verdict(fl, permit)
 	select {
 	case p.done <- doneFlow{fl.f, v}:
 	default:
@@ -438,12 +566,17 @@ func (p *Path) answer(fl *flow, res engine.Result) {
 }
 
 func (p *Path) verdict(fl *flow, permit bool) {
-	mark := fl.mark &^ p.mask
 	if permit {
-		mark |= p.opts.Marks.Permit
+		p.verdictMark(fl, p.opts.Marks.Permit)
 	} else {
-		mark |= p.opts.Marks.Block
+		p.verdictMark(fl, p.opts.Marks.Block)
 	}
+}
+
+// verdictMark lets the held packet through the chain again with the
+// verdict bits bits (Permit|Block: on, to the DNAT chain).
+func (p *Path) verdictMark(fl *flow, bits uint32) {
+	mark := fl.mark&^p.mask | bits
 	if err := fl.q.verdict(fl.id, verdictRepeat, mark, true); err != nil {
 		p.errs.Add(1)
 		p.opts.Log.Error("nfqueue verdict", "queue", fl.q.num, "err", err)
@@ -496,6 +629,11 @@ func (fl *flow) values() {
 	}
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
 	vs.Set(engine.FieldDirection, engine.Uint32(uint32(engine.DirectionOutbound)))
+	if fl.redirect != nil && fl.layers[fl.stage].Kind() == engine.KindAuthConnect {
+		// AUTH_CONNECT sees the proxy's address, the original
+		// destination, the records and the context (seed 001).
+		fl.redirect.ApplyTo(vs, &fl.meta)
+	}
 }
 
 // fillMeta sets the metadata the hook captured; the socket cookie is the
@@ -511,6 +649,14 @@ func (p *Path) fillMeta(fl *flow) {
 	m.Direction = engine.DirectionOutbound
 	m.TransportEndpointHandle = f.Cookie
 	m.CgroupID = f.CgroupID
+	if rdr, ok := p.flows.(Redirector); ok && fl.layers[0].Kind() == engine.KindConnectRedirect {
+		// The records a proxy set on its socket: a callout must not
+		// redirect its own proxy's connection again.
+		if recs := ebpf.EngineRedirectRecords(rdr.CalloutRecords(f.Cookie)); recs != nil {
+			m.Present |= engine.MetaRedirectRecords
+			m.RedirectRecords = recs
+		}
+	}
 	if path := p.paths.path(f.PID, f.Comm); path != "" {
 		m.Present |= engine.MetaProcessPath
 		m.ProcessPath = path
@@ -520,6 +666,13 @@ func (p *Path) fillMeta(fl *flow) {
 // parseTCP reads the 4-tuple of an IPv4 or IPv6 TCP packet (no IPv6
 // extension headers: a SYN carries none).
 func parseTCP(b []byte) (local, remote netip.AddrPort, ok bool) {
+	local, remote, proto, ok := parseFlow(b)
+	return local, remote, ok && proto == unix.IPPROTO_TCP
+}
+
+// parseFlow reads the 4-tuple and protocol of an IPv4 or IPv6 TCP or UDP
+// packet (no IPv6 extension headers).
+func parseFlow(b []byte) (local, remote netip.AddrPort, proto uint8, ok bool) {
 	if len(b) < 20 {
 		return
 	}
@@ -528,16 +681,18 @@ func parseTCP(b []byte) (local, remote netip.AddrPort, ok bool) {
 	switch b[0] >> 4 {
 	case 4:
 		ihl := int(b[0]&0x0f) * 4
-		if ihl < 20 || len(b) < ihl+4 || b[9] != unix.IPPROTO_TCP {
+		if ihl < 20 || len(b) < ihl+4 || (b[9] != unix.IPPROTO_TCP && b[9] != unix.IPPROTO_UDP) {
 			return
 		}
+		proto = b[9]
 		src = netip.AddrFrom4([4]byte(b[12:16]))
 		dst = netip.AddrFrom4([4]byte(b[16:20]))
 		l4 = b[ihl:]
 	case 6:
-		if len(b) < 44 || b[6] != unix.IPPROTO_TCP {
+		if len(b) < 44 || (b[6] != unix.IPPROTO_TCP && b[6] != unix.IPPROTO_UDP) {
 			return
 		}
+		proto = b[6]
 		src = netip.AddrFrom16([16]byte(b[8:24])).Unmap()
 		dst = netip.AddrFrom16([16]byte(b[24:40])).Unmap()
 		l4 = b[40:]
@@ -546,7 +701,19 @@ func parseTCP(b []byte) (local, remote netip.AddrPort, ok bool) {
 	}
 	sp := uint16(l4[0])<<8 | uint16(l4[1])
 	dp := uint16(l4[2])<<8 | uint16(l4[3])
-	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), true
+	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), proto, true
+}
+
+// tcpSeq reads a TCP packet's sequence number (0 if it has none).
+func tcpSeq(b []byte) uint32 {
+	off := 40
+	if len(b) > 0 && b[0]>>4 == 4 {
+		off = int(b[0]&0x0f) * 4
+	}
+	if len(b) < off+8 {
+		return 0
+	}
+	return uint32(b[off+4])<<24 | uint32(b[off+5])<<16 | uint32(b[off+6])<<8 | uint32(b[off+7])
 }
 
 // processPaths resolves a process's executable once (per pid and comm: a

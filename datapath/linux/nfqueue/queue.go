@@ -39,8 +39,9 @@ const (
 
 	copyPacket = 2
 
-	cfgFlagGSO    = 0x04
-	cfgFlagUIDGID = 0x08
+	cfgFlagFailOpen = 0x01
+	cfgFlagGSO      = 0x04
+	cfgFlagUIDGID   = 0x08
 
 	verdictDrop   = 0
 	verdictAccept = 1
@@ -95,7 +96,10 @@ func openQueue(netns int, num uint16, cpu int, maxLen uint32) (*queue, error) {
 	binary.BigEndian.PutUint32(params, copyRange)
 	params[4] = copyPacket
 	var flags [4]byte
-	binary.BigEndian.PutUint32(flags[:], cfgFlagGSO|cfgFlagUIDGID)
+	// Fail open: a full queue lets the packet on to the next chain
+	// (table.go's fallback chain decides it by the filter's flag) rather
+	// than dropping it.
+	binary.BigEndian.PutUint32(flags[:], cfgFlagFailOpen|cfgFlagGSO|cfgFlagUIDGID)
 	var ml [4]byte
 	binary.BigEndian.PutUint32(ml[:], maxLen)
 	if err := q.config(cfgAttr(cfgParams, params), cfgAttr(cfgQueueMaxLen, ml[:]), cfgAttr(cfgFlags, flags[:]), cfgAttr(cfgMask, flags[:])); err != nil {

@@ -90,20 +90,49 @@ func rules(m Marks, base, total uint16) [][]expr.Any {
 	}
 	rs = append(rs, append(append(markHas(pktMark(), m.Block), tcp...), &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}))
 	rs = append(rs, append(markHas(pktMark(), m.Block), &expr.Verdict{Kind: expr.VerdictDrop}))
-	const fin, syn, rst, ack = 0x01, 0x02, 0x04, 0x10
-	synOnly := append(tcp,
+	// Both bypassed when no one reads (fwpd stopped or killed): the
+	// fallback chain then decides by the filter's flag.
+	for _, mark := range []uint32{m.QueueOpen, m.QueueClosed} {
+		r := append(markHas(pktMark(), mark), synOnly()...)
+		rs = append(rs, append(r, nfqueueTarget(base, total, true)))
+	}
+	return rs
+}
+
+const fin, syn, rst, ack = 0x01, 0x02, 0x04, 0x10
+
+// synOnly matches a TCP packet with SYN set and ACK, RST and FIN clear.
+func synOnly() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{fin | syn | rst | ack}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{syn}},
-	)
-	for _, q := range []struct {
-		mark   uint32
-		bypass bool
-	}{{m.QueueOpen, true}, {m.QueueClosed, false}} {
-		r := append(markHas(pktMark(), q.mark), synOnly...)
-		rs = append(rs, append(r, nfqueueTarget(base, total, q.bypass)))
 	}
-	return rs
+}
+
+// fallbackChain is the base chain right after fwp's output chain: a SYN
+// that still carries a queue mark here was not taken by the queues — no
+// reader (fwpd stopped or killed: the queue rules bypass) or a full queue
+// (the queues fail open into this chain) — and is decided by its filter's
+// flag at once, counted: fail-closed refused with a TCP reset (connect
+// fails with ECONNREFUSED, no SYN timer), fail-open let on. A held SYN's
+// verdict clears the queue bits, so nothing user space decided comes
+// here. The counters are Path.Fallbacks.
+const fallbackChain = "fallback"
+
+func fallbackRules(m Marks, group uint16) [][]expr.Any {
+	return [][]expr.Any{
+		append(append(markHas(pktMark(), m.QueueClosed), synOnly()...), &expr.Counter{}, logTo(group), &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}),
+		append(append(markHas(pktMark(), m.QueueOpen), synOnly()...), &expr.Counter{}, logTo(group)),
+	}
+}
+
+// logTo copies the packet to the NFLOG group (Options.OnFallback's net
+// events; lost, never the packet, when no one reads).
+func logTo(group uint16) *expr.Log {
+	return &expr.Log{Key: 1 << unix.NFTA_LOG_GROUP, Group: group}
 }
 
 func conn(netns int) (*nftables.Conn, error) {
@@ -127,10 +156,17 @@ func installTable(netns int, m Marks, base, total uint16) error {
 	}
 	for _, fam := range families {
 		t := c.AddTable(&nftables.Table{Family: fam, Name: TableName})
+		// Before NAT (-100): a SYN a Go callout redirects must still
+		// meet the DNAT chain (redirect.go) after its verdict.
 		ch := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter})
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})
 		for _, r := range rules(m, base, total) {
 			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r})
+		}
+		fb := c.AddChain(&nftables.Chain{Name: fallbackChain, Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityMangle + 1)})
+		for _, r := range fallbackRules(m, base) {
+			c.AddRule(&nftables.Rule{Table: t, Chain: fb, Exprs: r})
 		}
 	}
 	if err := c.Flush(); err != nil {
@@ -203,4 +239,35 @@ func tableRules(netns int) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// fallbackCounts reads the fallback chain's counters of both families:
+// SYNs decided by their filter's flag without user space.
+func fallbackCounts(netns int) (open, closed uint64, err error) {
+	c, err := conn(netns)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, fam := range families {
+		t := &nftables.Table{Family: fam, Name: TableName}
+		rs, err := c.GetRules(t, &nftables.Chain{Name: fallbackChain, Table: t})
+		if err != nil {
+			return 0, 0, err
+		}
+		if urs, err := c.GetRules(t, &nftables.Chain{Name: udpFallbackChain, Table: t}); err == nil {
+			rs = append(rs, urs...) // same order: closed, then open
+		}
+		for i, r := range rs {
+			for _, e := range r.Exprs {
+				if ctr, ok := e.(*expr.Counter); ok {
+					if i%2 == 0 {
+						closed += ctr.Packets
+					} else {
+						open += ctr.Packets
+					}
+				}
+			}
+		}
+	}
+	return open, closed, nil
 }

@@ -981,6 +981,44 @@ static __always_inline void read_dest(struct bpf_sock_addr *ctx, struct tuple *t
 	t->proto = ctx->protocol;
 }
 
+// fwp_callout_udp: 1 while the served namespace's callout path holds the
+// first datagram of UDP flows (its conntrack rules are installed); until
+// then a UDP flow that reaches a Go callout takes its filter's flag.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} fwp_callout_udp SEC(".maps");
+
+static __always_inline int callout_proto_held(__u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return 1;
+	if (proto != IPPROTO_UDP)
+		return 0;
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&fwp_callout_udp, &zero);
+	return on && *on;
+}
+
+// callout_records: a flow handed to a Go callout at CONNECT_REDIRECT takes
+// the records a proxy set on its socket (setsockopt(SOL_FWP)) by cookie,
+// where user space reads them for the callout's RedirectState (a chained
+// proxy's connection is not redirected again by the same callout) and the
+// proxy API finds them should the callout redirect it.
+static __always_inline void callout_records(struct bpf_sock_addr *ctx, __u64 cookie)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct records *r = bpf_sk_storage_get(&fwp_sk_records, sk, 0, 0);
+	if (!r)
+		return;
+	bpf_map_update_elem(&fwp_sock_records, &cookie, r, BPF_ANY);
+	bpf_sk_storage_delete(&fwp_sk_records, sk);
+}
+
 // fwp_upcall hands a TCP flow whose classification reached a Go callout to
 // user space: it records what the hook knows by socket cookie and marks
 // the socket so that fwp's nftables rules queue the flow's SYN. It returns
@@ -992,10 +1030,13 @@ __attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple
 	if (!t || !v)
 		return 0;
 	__u8 open = (v->callout_flags & FM_FAIL_OPEN) != 0;
-	// Only TCP is queued for now (Compile refuses callout filters that
-	// may match other protocols); anything else takes the filter's flag.
-	if (t->proto != IPPROTO_TCP)
+	// Only TCP (the SYN) and connected UDP (the first datagram, once the
+	// path holds UDP) are queued; anything else takes the filter's flag.
+	// (An unconnected send's datagram took the socket's mark before this
+	// hook ran: it cannot be held. redirected's bit 1: a sendmsg.)
+	if (!callout_proto_held(t->proto) || (redirected & 2))
 		return open;
+	redirected &= 1;
 	// Nothing would read the queue this flow's SYN goes to (no callout
 	// path, or one serving another namespace): the filter's flag, at once.
 	__u32 zero = 0;
@@ -1025,6 +1066,8 @@ __attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple
 	f.fail_open = open;
 	bpf_get_current_comm(f.comm, sizeof(f.comm));
 	__u64 cookie = t->cookie;
+	if (slot < SLOT_AUTH_CONNECT)
+		callout_records(ctx, cookie);
 	if (bpf_map_update_elem(&fwp_callout_flows, &cookie, &f, BPF_ANY))
 		return open;
 	int mark = 0;
@@ -1042,7 +1085,7 @@ __attribute__((noinline)) int fwp_upcall(struct bpf_sock_addr *ctx, struct tuple
 
 // do_connect is ALE_CONNECT_REDIRECT then ALE_AUTH_CONNECT for a connect or
 // an unconnected sendmsg. It returns 1 to let the call proceed, 0 for EPERM.
-static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
+static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock, __u32 sendmsg)
 {
 	struct tuple t = {};
 	read_dest(ctx, &t, v6sock);
@@ -1068,7 +1111,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 		}
 	}
 	if (v.callout)
-		return fwp_upcall(ctx, &t, &v, SLOT_CONNECT_REDIRECT + t.v6, 0) ? 1 : 0;
+		return fwp_upcall(ctx, &t, &v, SLOT_CONNECT_REDIRECT + t.v6, sendmsg << 1) ? 1 : 0;
 	count_hit(v.filter_id); // the decision kept, once
 	v.nocount = 0;
 	fwp_count(SLOT_CONNECT_REDIRECT + t.v6, v.action);
@@ -1130,7 +1173,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 	__u8 slot = SLOT_AUTH_CONNECT + t.v6;
 	fwp_classify(gen, slot, &t, &v);
 	if (v.callout)
-		return fwp_upcall(ctx, &t, &v, slot, redirected) ? 1 : 0;
+		return fwp_upcall(ctx, &t, &v, slot, redirected | (sendmsg << 1)) ? 1 : 0;
 	fwp_count(slot, v.action);
 	if (v.action == ACT_BLOCK) {
 		if (redirected)
@@ -1144,16 +1187,16 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock)
 }
 
 SEC("cgroup/connect4")
-int fwp_connect4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0); }
+int fwp_connect4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 0); }
 
 SEC("cgroup/connect6")
-int fwp_connect6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1); }
+int fwp_connect6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1, 0); }
 
 SEC("cgroup/sendmsg4")
-int fwp_sendmsg4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0); }
+int fwp_sendmsg4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 1); }
 
 SEC("cgroup/sendmsg6")
-int fwp_sendmsg6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1); }
+int fwp_sendmsg6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1, 1); }
 
 // restore_peer makes the proxy's address look like the original
 // destination (getpeername, and the source of UDP replies).

@@ -1,0 +1,5 @@
+//go:build race
+
+package nfqueue
+
+const raceEnabled = true

@@ -1,0 +1,139 @@
+//go:build linux
+
+package nfqueue
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"fwp/engine"
+)
+
+const portRedirectSoak = 8099 // nothing listens: a connect succeeds only if redirected
+
+// TestSoakRunTimeRedirect: soakOps (100,000; a tenth under -race)
+// connects redirected at run time by an
+// inline Go callout (to the client helper's plain server on portKernel)
+// in one lifetime: all connect, and nothing grows — the redirect maps by
+// cookie and 4-tuple empty again as the sockets close, the DNAT map's
+// elements expire, no callout flow, pend or goroutine is left.
+func TestSoakRunTimeRedirect(t *testing.T) {
+	fx, h := inlineRedirectFixture(t)
+	fx.call(t, fmt.Sprintf("dial %d 100 4", portRedirectSoak)) // warm up
+	runtime.GC()
+	var ms0 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	goroutines, fd0 := runtime.NumGoroutine(), fdCount(t)
+	n := soakOps
+	if raceEnabled && os.Getenv("FWP_SOAK_OPS") == "" {
+		// Under the race detector (CI's run) a tenth: each redirect is a
+		// netlink transaction, and the full count takes minutes there.
+		// Without it: the full count (docs/benchmarks.md).
+		n /= 10
+	}
+	start := time.Now()
+	f := fx.call(t, fmt.Sprintf("dial %d %d %d", portRedirectSoak, n, 32))
+	took := time.Since(start)
+	st := fx.path.Stats()
+	els, err := fx.path.redirectElements()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d redirected connects in %v: %v; DNAT map elements right after: %d; stats %+v", n, took, f, els, st)
+	if f[0] != strconv.Itoa(n) || st.Redirected != uint64(n)+100 {
+		t.Fatalf("%s of %d connects succeeded, %d redirected", f[0], n, st.Redirected)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		els, err := fx.path.redirectElements()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sock, tuple, err := fx.dp.RedirectCounts()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := runtime.NumGoroutine()
+		// A 4-tuple record goes when the server's side of the connection
+		// closes (sockops). A connection whose handshake the server's
+		// full listen queue dropped never had a server side, so its
+		// record stays until the map's LRU evicts it; a rare few more
+		// stay too (1 in 10,000 under -race on a loaded machine, listen
+		// drops 0: not explained yet). Allowed: the listen drops plus
+		// 0.1 %, all bounded by the LRU map.
+		drops := listenDrops(t, fx.h.Pid())
+		if els == 0 && sock == 0 && uint64(tuple) <= drops+uint64(n)/1000 && g <= goroutines+5 {
+			if tuple > 0 {
+				t.Logf("%d 4-tuple records left, %d listen drops in the namespace", tuple, drops)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("left behind: %d DNAT map elements, %d redirects by cookie, %d by 4-tuple (listen drops %d), goroutines %d (were %d)", els, sock, tuple, drops, g, goroutines)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	fx.eng.RedirectHandleDestroy(h)
+	fx.checkClean(t)
+	runtime.GC()
+	var ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms1)
+	fd1 := fdCount(t)
+	t.Logf("fds %d -> %d, heap %d -> %d KiB", fd0, fd1, ms0.HeapAlloc>>10, ms1.HeapAlloc>>10)
+	if fd1 > fd0 || ms1.HeapAlloc > ms0.HeapAlloc+8<<20 {
+		t.Fatalf("grew: fds %d -> %d, heap %d -> %d", fd0, fd1, ms0.HeapAlloc, ms1.HeapAlloc)
+	}
+}
+
+// inlineRedirectFixture: the client helper, and an inline Go callout at
+// CONNECT_REDIRECT_V4 redirecting TCP to portRedirectSoak to the helper's
+// plain server on portKernel; run-time redirects enabled.
+func inlineRedirectFixture(t testing.TB) (*fixture, engine.RedirectHandle) {
+	var h engine.RedirectHandle
+	fx := customFixture(t, "client", Options{Redirects: true}, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
+		h = fx.eng.RedirectHandleCreate("soak")
+		cr := &engine.ConnectRedirect{Handle: h, Target: func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+			return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(portKernel))}, true
+		}}
+		if err := fx.eng.RegisterCallout("soak.redirect", cr.Registration()); err != nil {
+			return err
+		}
+		co, err := tx.AddCallout(engine.Callout{Key: "soak.redirect", Layer: engine.LayerALEConnectRedirectV4})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4,
+			Conditions: []engine.Condition{
+				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portRedirectSoak)},
+			},
+			Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
+		return err
+	})
+	return fx, h
+}
+
+// listenDrops reads TcpExtListenDrops of the network namespace of pid.
+func listenDrops(t testing.TB, pid int) uint64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/netstat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i+1 < len(lines); i += 2 {
+		names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		for j, n := range names {
+			if n == "ListenDrops" && j < len(vals) {
+				v, _ := strconv.ParseUint(vals[j], 10, 64)
+				return v
+			}
+		}
+	}
+	return 0
+}

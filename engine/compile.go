@@ -620,6 +620,9 @@ func chooseKey(cf *cfilter) (keyKind, cgroup) {
 	for _, g := range cf.groups {
 		kind, score := keyWild, 1<<30
 		conds := cf.conds[g.from:g.to]
+		if slices.ContainsFunc(conds, func(c Condition) bool { return c.Value.t == TypeList }) {
+			continue // no index holds a list: matched by binary search
+		}
 		switch g.field {
 		case FieldIPRemoteAddress, FieldIPLocalAddress:
 			kind = keyRAddr

@@ -206,19 +206,23 @@ func TestListClassify(t *testing.T) {
 		}
 		return e
 	}
-	listE := mk([]Condition{{Field: FieldIPRemoteAddress, Match: MatchEqual, Value: ListValue(l)}})
-	condE := mk(conds)
+	pb := NewListBuilder(TypeUint16, 2)
+	_ = pb.Add(Uint16(80))
+	_ = pb.Add(Range(Uint16(443), Uint16(444)))
+	ports := []Condition{{Field: FieldIPRemotePort, Match: MatchEqual, Value: Uint16(80)}, {Field: FieldIPRemotePort, Match: MatchRange, Value: Range(Uint16(443), Uint16(444))}}
+	listE := mk([]Condition{{Field: FieldIPRemoteAddress, Match: MatchEqual, Value: ListValue(l)}, {Field: FieldIPRemotePort, Match: MatchEqual, Value: ListValue(pb.List())}})
+	condE := mk(append(conds, ports...))
 	lf := listE.View().Filters(FilterTemplate{})[0]
 	cf := condE.View().Filters(FilterTemplate{})[0]
 	if lf.EffectiveWeight != cf.EffectiveWeight {
 		t.Fatalf("effective weights: list %x, conditions %x", lf.EffectiveWeight, cf.EffectiveWeight)
 	}
-	for x := uint32(0); x < 520; x++ {
+	for x := uint32(0); x < 520*4; x++ {
 		var vs Values
-		vs.SetTuple(6, netip.AddrPort{}, netip.AddrPortFrom(addr4(0x0a000000|x), 80))
+		vs.SetTuple(6, netip.AddrPort{}, netip.AddrPortFrom(addr4(0x0a000000|x/4), []uint16{0, 80, 443, 445}[x%4]))
 		a, b := listE.Classify(LayerALEAuthConnectV4, &vs, nil), condE.Classify(LayerALEAuthConnectV4, &vs, nil)
 		if a.ClassifyOut != b.ClassifyOut || (a.Filter == 0) != (b.Filter == 0) {
-			t.Fatalf("%s: list %+v, conditions %+v", addr4(0x0a000000|x), a, b)
+			t.Fatalf("%s: list %+v, conditions %+v", vs.String(), a, b)
 		}
 	}
 }

@@ -35,12 +35,16 @@ func listAddr(i int) netip.Addr {
 }
 
 // blocklistPolicy: one AUTH_CONNECT filter blocking n addresses from the
-// from-th, one condition per address (WFP ORs conditions on one field).
+// from-th, one list condition (engine.List: what WFP holds as one
+// condition per address, ORed).
 func blocklistPolicy(t testing.TB, from, n int) *engine.Engine {
-	conds := make([]engine.Condition, n)
-	for i := range conds {
-		conds[i] = engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(from + i))}
+	b := engine.NewListBuilder(engine.TypeAddr, n)
+	for i := range n {
+		if err := b.Add(engine.Addr(listAddr(from + i))); err != nil {
+			t.Fatal(err)
+		}
 	}
+	conds := []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.ListValue(b.List())}}
 	return buildEngine(t, func(tx *engine.Txn) error {
 		_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock}, Conditions: conds})
 		return err

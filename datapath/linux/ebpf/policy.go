@@ -335,6 +335,12 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			if !ok {
 				return nil, engine.FilterError(&f, fmt.Errorf("%w: condition on %s: the kernel cannot match this field", ErrNotSupported, c.Field))
 			}
+			if l := c.Value.List(); l != nil && kf != fieldRAddr && kf != fieldLAddr {
+				// An integer list is few values (ports, ids): its
+				// conditions, as WFP holds them.
+				groups[kf][rank] = append(groups[kf][rank], listConditions(c, l)...)
+				continue
+			}
 			groups[kf][rank] = append(groups[kf][rank], c)
 		}
 	}
@@ -511,6 +517,9 @@ func addrCondition(c engine.Condition) (addrSet, error) {
 	}
 	switch c.Match {
 	case engine.MatchEqual, engine.MatchPrefix:
+		if l := v.List(); l != nil {
+			return addrSet{prefixes: listPrefixes(l)}, nil
+		}
 		return addrSet{prefixes: []netip.Prefix{one(v)}}, nil
 	case engine.MatchNotEqual, engine.MatchNotPrefix:
 		return addrSet{prefixes: []netip.Prefix{one(v)}, neg: true}, nil
@@ -538,6 +547,33 @@ func addrCondition(c engine.Condition) (addrSet, error) {
 		return addrSet{prefixes: rangePrefixes(lo, hi)}, nil
 	}
 	return addrSet{}, fmt.Errorf("%w: %s: the kernel cannot match addresses this way", ErrNotSupported, c)
+}
+
+// listPrefixes covers an address list with prefixes: an address each,
+// the fewest prefixes for each merged range.
+func listPrefixes(l *engine.List) []netip.Prefix {
+	out := make([]netip.Prefix, 0, l.Len())
+	for a := range l.Addrs() {
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	for lo, hi := range l.AddrRanges() {
+		out = append(out, rangePrefixes(lo, hi)...)
+	}
+	return out
+}
+
+// listConditions is an integer list as the conditions it stands for: an
+// EQUAL per integer, a RANGE per merged range.
+func listConditions(c engine.Condition, l *engine.List) []engine.Condition {
+	var out []engine.Condition
+	for v := range l.Values() {
+		one := engine.Condition{Field: c.Field, Match: engine.MatchEqual, Value: v}
+		if v.Type() == engine.TypeRange {
+			one.Match = engine.MatchRange
+		}
+		out = append(out, one)
+	}
+	return out
 }
 
 func zeroAddr(a netip.Addr) netip.Addr {

@@ -218,7 +218,32 @@ func (g *gen) cond() engine.Condition {
 	switch r.IntN(7) {
 	case 0, 1:
 		a := g.addr()
-		switch r.IntN(5) {
+		switch r.IntN(6) {
+		case 5: // a list (engine.List): addresses, prefixes and ranges, ORed
+			b := engine.NewListBuilder(engine.TypeAddr, 4)
+			for range 1 + r.IntN(6) {
+				a, c := g.addr(), g.addr()
+				var err error
+				switch r.IntN(3) {
+				case 0:
+					err = b.Add(engine.Addr(a))
+				case 1:
+					bits := []int{16, 24, 30}[r.IntN(3)]
+					if g.v6 {
+						bits = []int{64, 120, 127}[r.IntN(3)]
+					}
+					err = b.Add(engine.Prefix(netip.PrefixFrom(a, bits)))
+				default:
+					if c.Less(a) {
+						a, c = c, a
+					}
+					err = b.Add(engine.Range(engine.Addr(a), engine.Addr(c)))
+				}
+				if err != nil {
+					panic(err)
+				}
+			}
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.ListValue(b.List())}
 		case 0:
 			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}
 		case 1:
@@ -240,7 +265,14 @@ func (g *gen) cond() engine.Condition {
 		}
 	case 2, 3:
 		p := g.port()
-		switch r.IntN(4) {
+		switch r.IntN(5) {
+		case 4:
+			b := engine.NewListBuilder(engine.TypeUint16, 3)
+			_ = b.Add(engine.Uint16(p))
+			q := g.port()
+			_ = b.Add(engine.Range(engine.Uint16(min(p, q)), engine.Uint16(max(p, q))))
+			_ = b.Add(engine.Uint16(g.port()))
+			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.ListValue(b.List())}
 		case 0:
 			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(p)}
 		case 1:

@@ -241,8 +241,8 @@ func (d *Datapath) pruneHits(p *Policy) {
 	live := map[uint64]bool{}
 	for _, lp := range p.layers {
 		if lp != nil {
-			for _, f := range lp.filters {
-				live[f.Id] = true
+			for _, id := range lp.live {
+				live[id] = true
 			}
 		}
 	}

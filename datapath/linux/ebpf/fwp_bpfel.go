@@ -91,6 +91,19 @@ type fwpFlowKey struct {
 	Pad        [3]uint8
 }
 
+type fwpHostBlock struct {
+	_ structs.HostLayout
+	H [1024]uint32
+}
+
+type fwpHostRun struct {
+	_   structs.HostLayout
+	Off uint32
+	Len uint32
+	Cls uint32
+	Pad uint32
+}
+
 type fwpIntKey struct {
 	_   structs.HostLayout
 	Glf uint32
@@ -185,6 +198,10 @@ const (
 	fwpMapFwpEvents        = "fwp_events"
 	fwpMapFwpFilters       = "fwp_filters"
 	fwpMapFwpHits          = "fwp_hits"
+	fwpMapFwpHostIds       = "fwp_host_ids"
+	fwpMapFwpHostRuns      = "fwp_host_runs"
+	fwpMapFwpHosts         = "fwp_hosts"
+	fwpMapFwpIdRuns        = "fwp_id_runs"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
 	fwpMapFwpPorts         = "fwp_ports"
@@ -287,6 +304,10 @@ type fwpMapSpecs struct {
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.MapSpec `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
+	FwpHostIds       *ebpf.MapSpec `ebpf:"fwp_host_ids"`
+	FwpHostRuns      *ebpf.MapSpec `ebpf:"fwp_host_runs"`
+	FwpHosts         *ebpf.MapSpec `ebpf:"fwp_hosts"`
+	FwpIdRuns        *ebpf.MapSpec `ebpf:"fwp_id_runs"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
@@ -337,6 +358,10 @@ type fwpMaps struct {
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.Map `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
+	FwpHostIds       *ebpf.Map `ebpf:"fwp_host_ids"`
+	FwpHostRuns      *ebpf.Map `ebpf:"fwp_host_runs"`
+	FwpHosts         *ebpf.Map `ebpf:"fwp_hosts"`
+	FwpIdRuns        *ebpf.Map `ebpf:"fwp_id_runs"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
@@ -363,6 +388,10 @@ func (m *fwpMaps) Close() error {
 		m.FwpEvents,
 		m.FwpFilters,
 		m.FwpHits,
+		m.FwpHostIds,
+		m.FwpHostRuns,
+		m.FwpHosts,
+		m.FwpIdRuns,
 		m.FwpInts,
 		m.FwpLayers,
 		m.FwpPorts,

@@ -87,7 +87,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
 		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
 		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey, "fwp_targets": m.FwpTargets,
-		"fwp_counts": m.FwpCounts,
+		"fwp_counts": m.FwpCounts, "fwp_hosts": m.FwpHosts, "fwp_host_ids": m.FwpHostIds, "fwp_host_runs": m.FwpHostRuns,
+		"fwp_id_runs": m.FwpIdRuns,
 	}
 }
 
@@ -96,7 +97,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 // Apply that installs the stored policy before the hooks are attached).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
-	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts"}
+	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts", "fwp_hosts", "fwp_host_ids", "fwp_host_runs", "fwp_id_runs"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

@@ -237,6 +237,13 @@ type layerPolicy struct {
 	// callouts: some filter calls a Go callout, so a hard permit does
 	// not end the kernel's walk (a callout may veto it).
 	callouts bool
+	// hosts are the v4 host tables of the address fields, runs the
+	// collapsed runs of host filters (hosts.go); members the engine
+	// filters the layer enforces, live their ids.
+	hosts   [2]hostTable
+	runs    []idRun
+	members int
+	live    []uint64
 }
 
 // Policy is an engine policy compiled into the kernel's classification
@@ -268,7 +275,7 @@ func (p *Policy) Filters() int {
 	n := 0
 	for _, l := range p.layers {
 		if l != nil {
-			n += len(l.filters)
+			n += l.members
 		}
 	}
 	return n
@@ -307,13 +314,17 @@ func Compile(view engine.View) (*Policy, error) {
 	return p, nil
 }
 
-func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolicy, error) {
+func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPolicy, error) {
+	layer := given[0].Layer
+	fs, runs, runOf, _ := collapseRuns(given)
 	n := len(fs)
-	layer := fs[0].Layer
 	if n > MaxFilters {
-		return nil, fmt.Errorf("%w: %d filters on layer %s, the kernel datapath holds %d per layer", ErrCapacity, n, layer, MaxFilters)
+		return nil, fmt.Errorf("%w: %d filters on layer %s (%d after collapsing runs of host filters), the kernel datapath holds %d per layer", ErrCapacity, len(given), layer, n, MaxFilters)
 	}
-	lp := &layerPolicy{layer: layer, filters: make([]fwpFilterMeta, n), ids: make([]engine.FilterID, n)}
+	lp := &layerPolicy{layer: layer, filters: make([]fwpFilterMeta, n), ids: make([]engine.FilterID, n), runs: runs, members: len(given)}
+	for _, f := range given {
+		lp.live = append(lp.live, uint64(f.ID))
+	}
 	// groups[f][rank] is the filter's conditions on kernel field f.
 	var groups [numFields - 1][][]engine.Condition
 	for i := range groups {
@@ -323,6 +334,9 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 		m, err := p.filterMeta(view, &f)
 		if err != nil {
 			return nil, err
+		}
+		if r := runOf[rank]; r > 0 {
+			m.Id = runBit | uint64(r-1) // the kernel finds the member by address
 		}
 		lp.filters[rank] = m
 		lp.ids[rank] = f.ID
@@ -409,6 +423,7 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			return nil, fmt.Errorf("%w: layer %s field %d needs %d classes", ErrCapacity, layer, f, len(c.sets))
 		}
 	}
+	lp.extractHosts()
 	return lp, nil
 }
 

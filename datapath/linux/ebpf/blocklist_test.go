@@ -160,3 +160,78 @@ func TestKernelMillionBlocklist(t *testing.T) {
 		t.Fatalf("after the replacement: %v", got)
 	}
 }
+
+// filtersSize is the filters of TestKernelMillionFilters: FWP_FILTERS, or
+// 200,000 (100,000 with -short): the engine's transaction of a million
+// filters takes tens of seconds on a loaded CI machine; FWP_FILTERS=1000000
+// runs the full size (docs/benchmarks.md).
+var filtersSize = envInt("FWP_FILTERS", 200_000)
+
+// TestKernelMillionFilters: a million separate host filters of one action
+// in one sublayer (a blocklist written as WFP writes it: one filter per
+// address) compile into one collapsed run, a host table searched by the
+// hooks; a listed connect is refused, an unlisted one passes, a permit
+// above the run for one listed host still wins (arbitration against the
+// other filters is exact), and the counter names the filter of the host.
+func TestKernelMillionFilters(t *testing.T) {
+	d, cg := kernelSetup(t)
+	n := filtersSize
+	if testing.Short() {
+		n = min(n, 100_000)
+	}
+	var ids []engine.FilterID
+	var permitID engine.FilterID
+	start := time.Now()
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		ids = make([]engine.FilterID, n)
+		for i := range n {
+			id, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Weight: engine.WeightExact(10), Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(i))}}})
+			if err != nil {
+				return err
+			}
+			ids[i] = id
+		}
+		var err error
+		permitID, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Weight: engine.WeightExact(20), Action: engine.Action{Type: engine.ActionPermit},
+			Conditions: []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(5))}}})
+		return err
+	})
+	t.Logf("engine, %d filters: %v", n+1, time.Since(start))
+	start = time.Now()
+	p, err := Compile(e.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("compile: %v", time.Since(start))
+	lp := p.layers[2]
+	if len(lp.filters) != 2 || len(lp.runs) != 1 || p.Filters() != n+1 {
+		t.Fatalf("compiled to %d ranks, %d runs, %d filters; want 2 ranks (the permit, the run), 1 run, %d filters", len(lp.filters), len(lp.runs), p.Filters(), n+1)
+	}
+	start = time.Now()
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("apply: %v", time.Since(start))
+	h := testutil.StartHelper(t, cg, "probe")
+	var ops []probeOp
+	for _, a := range []netip.Addr{listAddr(0), listAddr(n / 3), listAddr(n - 1), listAddr(5), listAddr(7).Next(), listAddr(n)} {
+		ops = append(ops, probeOp{Net: "tcp4", Remote: netip.AddrPortFrom(a, 9).String()})
+	}
+	if got := probe(t, h, ops); fmt.Sprint(got) != "[eperm eperm eperm refused refused refused]" {
+		t.Fatalf("first, a third, last listed; listed but permitted above; unlisted; past the list: %v", got)
+	}
+	hits, err := d.FilterHits()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []engine.FilterID{ids[0], ids[n/3], ids[n-1], permitID} {
+		if hits[id] != 1 {
+			t.Errorf("filter %d decided %d connects, want 1 (hits %v)", id, hits[id], hits)
+		}
+	}
+	var m fwpHostRun
+	if err := d.objs.FwpIdRuns.Lookup(uint32((int(d.gen)*numSlots+2)*maxRuns), &m); err != nil || int(m.Len+m.Pad) != n {
+		t.Fatalf("run slice %+v %v", m, err)
+	}
+}

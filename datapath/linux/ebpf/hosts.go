@@ -63,32 +63,41 @@ type idRun struct {
 	ids   []uint32
 }
 
+// runKey is what a run's filters share.
+type runKey struct {
+	sub    engine.SublayerID
+	action engine.ActionType
+	hard   bool
+	rest   string // the other conditions, rendered ("" for none)
+}
+
 // runMember reports whether f can be part of a collapsed run, and the key
 // runs group by: the layer is v4, the action permit or block, the filter
 // has exactly one remote address condition, EQUAL to a host, and its id
 // fits the kernel's 32-bit id table.
-func runMember(f *engine.Filter) (netip.Addr, string, bool) {
+func runMember(f *engine.Filter) (netip.Addr, runKey, bool) {
 	if f.Layer.V6() || uint64(f.ID) > 0xffffffff || (f.Action.Type != engine.ActionBlock && f.Action.Type != engine.ActionPermit) {
-		return netip.Addr{}, "", false
+		return netip.Addr{}, runKey{}, false
 	}
 	var host netip.Addr
-	var rest strings.Builder
-	fmt.Fprintf(&rest, "%d/%d/%d/%d", f.Sublayer, f.Action.Type, f.Flags&engine.FilterClearActionRight, f.Layer)
+	k := runKey{sub: f.Sublayer, action: f.Action.Type, hard: f.Flags&engine.FilterClearActionRight != 0}
+	var rest []string
 	for _, c := range f.Conditions {
 		if c.Field == engine.FieldIPRemoteAddress {
 			if host.IsValid() || c.Match != engine.MatchEqual || c.Value.Type() != engine.TypeAddr || !c.Value.Addr().Is4() {
-				return netip.Addr{}, "", false
+				return netip.Addr{}, runKey{}, false
 			}
 			host = c.Value.Addr()
 			continue
 		}
-		// The other conditions, in order: a run's filters share them.
-		fmt.Fprintf(&rest, "|%s", c)
 		if c.Value.Type() == engine.TypeRange || c.Value.Type() == engine.TypeList {
-			return netip.Addr{}, "", false // their String is not their identity
+			return netip.Addr{}, runKey{}, false // their String is not their identity
 		}
+		// The other conditions, in order: a run's filters share them.
+		rest = append(rest, c.String())
 	}
-	return host, rest.String(), host.IsValid()
+	k.rest = strings.Join(rest, "|")
+	return host, k, host.IsValid()
 }
 
 // collapseRuns replaces each run of at least runMin run members with one
@@ -98,7 +107,7 @@ func runMember(f *engine.Filter) (netip.Addr, string, bool) {
 func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runOf []int, members []int) {
 	type m struct {
 		host netip.Addr
-		key  string
+		key  runKey
 		ok   bool
 	}
 	ms := make([]m, len(fs))
@@ -109,7 +118,7 @@ func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runO
 	for i := 0; i < len(fs); {
 		j := i + 1
 		if ms[i].ok {
-			for j < len(fs) && ms[j].ok && ms[j].key == ms[i].key && fs[j].Sublayer == fs[i].Sublayer {
+			for j < len(fs) && ms[j].ok && ms[j].key == ms[i].key {
 				j++
 			}
 		}
@@ -197,24 +206,55 @@ func (lp *layerPolicy) extractHosts() {
 }
 
 // hostsLen is the host table entries a layer needs: its host tables and
-// its runs' id tables (a run whose hosts are a host table shares it).
+// the hosts of its runs that are not in the remote address host table.
 func (lp *layerPolicy) hostsLen() int {
 	n := 0
 	for _, t := range lp.hosts {
 		n += len(t.hosts)
 	}
-	for _, r := range lp.runs {
-		if !lp.sharesTable(r) {
-			n += len(r.hosts)
-		}
+	for i, r := range lp.runs {
+		n += len(lp.runExtra(i, r).hosts)
 	}
 	return n
 }
 
-// sharesTable reports whether a run's hosts are exactly the remote
-// address host table (the usual case: nothing else holds those hosts).
-func (lp *layerPolicy) sharesTable(r idRun) bool {
-	return len(lp.runs) == 1 && slices.Equal(lp.hosts[0].hosts, r.hosts)
+// runExtra returns the hosts of run i that are not in the remote address
+// host table (all of them, for runs after the first: the table's filter
+// ids are the first run's).
+func (lp *layerPolicy) runExtra(i int, r idRun) idRun {
+	t := lp.hosts[0].hosts
+	if i > 0 || len(t) == 0 {
+		return r
+	}
+	var out idRun
+	for k, h := range r.hosts {
+		if _, ok := slices.BinarySearch(t, h); !ok {
+			out.hosts = append(out.hosts, h)
+			out.ids = append(out.ids, r.ids[k])
+		}
+	}
+	return out
+}
+
+// tableIDs are the filter ids beside the remote address host table: the
+// first run's filter of each host (0 for a host of no run).
+func (lp *layerPolicy) tableIDs() []uint32 {
+	t := lp.hosts[0].hosts
+	ids := make([]uint32, len(t))
+	if len(lp.runs) == 0 {
+		return ids
+	}
+	r := lp.runs[0]
+	j := 0
+	for k, h := range t {
+		for j < len(r.hosts) && r.hosts[j] < h {
+			j++
+		}
+		if j < len(r.hosts) && r.hosts[j] == h {
+			ids[k] = r.ids[j]
+		}
+	}
+	return ids
 }
 
 // writeHosts writes the generation's host tables and id tables into its
@@ -269,35 +309,43 @@ func (d *Datapath) writeHosts(gen uint32, p *Policy) error {
 			continue
 		}
 		li := int(gen)*numSlots + slot
-		shared := uint32(0)
+		table := fwpHostRun{}
 		for which, t := range lp.hosts {
 			if len(t.hosts) == 0 {
 				continue
 			}
 			var ids []uint32
-			if which == 0 && len(lp.runs) == 1 && lp.sharesTable(lp.runs[0]) {
-				ids = lp.runs[0].ids
+			if which == 0 {
+				ids = lp.tableIDs()
 			}
 			at, err := put(t.hosts, ids)
 			if err != nil {
 				return fmt.Errorf("host table: %w", err)
 			}
+			hr := fwpHostRun{Off: at, Len: uint32(len(t.hosts)), Cls: t.cls}
 			if which == 0 {
-				shared = at
+				table = hr
 			}
-			if err := d.objs.FwpHostRuns.Put(uint32(li*2+which), fwpHostRun{Off: at, Len: uint32(len(t.hosts)), Cls: t.cls}); err != nil {
+			if err := d.objs.FwpHostRuns.Put(uint32(li*2+which), hr); err != nil {
 				return mapErr("host tables", err)
 			}
 		}
 		for i, r := range lp.runs {
-			at := shared
-			if !lp.sharesTable(r) {
-				var err error
-				if at, err = put(r.hosts, r.ids); err != nil {
+			// The run's hosts: the first run's in the host table (Off,
+			// Len), then those elsewhere (Cls, Pad: a second slice).
+			run := fwpHostRun{}
+			if i == 0 {
+				run.Off, run.Len = table.Off, table.Len
+			}
+			extra := lp.runExtra(i, r)
+			if len(extra.hosts) > 0 {
+				at, err := put(extra.hosts, extra.ids)
+				if err != nil {
 					return fmt.Errorf("host ids: %w", err)
 				}
+				run.Cls, run.Pad = at, uint32(len(extra.hosts))
 			}
-			if err := d.objs.FwpIdRuns.Put(uint32(li*maxRuns+i), fwpHostRun{Off: at, Len: uint32(len(r.hosts))}); err != nil {
+			if err := d.objs.FwpIdRuns.Put(uint32(li*maxRuns+i), run); err != nil {
 				return mapErr("runs", err)
 			}
 		}

@@ -634,8 +634,8 @@ static __always_inline __u32 int_class(__u32 g, __u64 v)
 struct host_run {
 	__u32 off; // first index in fwp_hosts
 	__u32 len;
-	__u32 cls; // fwp_host_runs: the hosts' class
-	__u32 pad;
+	__u32 cls; // fwp_host_runs: the hosts' class; fwp_id_runs: a second slice's off
+	__u32 pad; // fwp_id_runs: the second slice's len
 };
 
 // Blocks of hosts: an array element takes a multiple of 8 bytes, so a
@@ -753,7 +753,16 @@ __attribute__((noinline)) __u64 fwp_run_decider(__u32 li, __u64 id, struct tuple
 	struct host_run *r = bpf_map_lookup_elem(&fwp_id_runs, &k);
 	if (!r)
 		return 0;
-	int i = host_find(r->off, r->len, load_be32(t->raddr), &k);
+	__u32 x = load_be32(t->raddr);
+	int i = host_find(r->off, r->len, x, &k);
+	if (i < 0) {
+		// Not in the host table: in the run's own slice (cls, pad).
+		k = li * MAXRUNS + (__u32)(id & (MAXRUNS - 1));
+		r = bpf_map_lookup_elem(&fwp_id_runs, &k);
+		if (!r)
+			return 0;
+		i = host_find(r->cls, r->pad, x, &k);
+	}
 	if (i < 0)
 		return 0;
 	__u32 *fid = host_at(&fwp_host_ids, i, &k);

@@ -319,7 +319,7 @@ func (b *ListBuilder) Add(v Value) error {
 
 func (b *ListBuilder) add(v Value) error {
 	l := &b.l
-	bad := fmt.Errorf("%w: a %s value in a list of %s", ErrTypeMismatch, v.t, l.typ)
+	bad := func() error { return fmt.Errorf("%w: a %s value in a list of %s", ErrTypeMismatch, v.t, l.typ) }
 	if l.typ == TypeAddr {
 		switch v.t {
 		case TypeAddr:
@@ -336,7 +336,7 @@ func (b *ListBuilder) add(v Value) error {
 		case TypeRange:
 			lo, hi := v.r[0], v.r[1]
 			if lo.t != TypeAddr || hi.t != TypeAddr {
-				return bad
+				return bad()
 			}
 			if lo.ip.Is4() != hi.ip.Is4() {
 				return fmt.Errorf("%w: range %s mixes address families", ErrInvalidValue, v)
@@ -347,7 +347,7 @@ func (b *ListBuilder) add(v Value) error {
 			b.addRange(lo.ip, hi.ip)
 			return nil
 		}
-		return bad
+		return bad()
 	}
 	if !l.typ.isInt() {
 		return fmt.Errorf("%w: a list holds addresses or integers, not %s", ErrTypeMismatch, l.typ)
@@ -363,7 +363,7 @@ func (b *ListBuilder) add(v Value) error {
 		l.rn = append(l.rn, span64{v.r[0].n, v.r[1].n})
 		return nil
 	}
-	return bad
+	return bad()
 }
 
 func (b *ListBuilder) addRange(lo, hi netip.Addr) {

@@ -656,7 +656,12 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 	}
 	total := 0
 	for _, cs := range g {
-		total += len(cs)
+		for _, c := range cs {
+			total++
+			if l := c.Value.List(); l != nil {
+				total += l.Len()
+			}
+		}
 	}
 	entries := make([]entry, 0, total)
 	conds := make([][]addrSet, len(g))
@@ -704,6 +709,10 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 	var last bitvec    // the bitset interned last, and its class: most
 	var lastCls uint32 // prefixes of a long list share one
 	var refs []ref
+	var memoRefs []ref // the refs, parent and stack depth of the last new positive bitset
+	var memoPos bitvec
+	var memoParent *uint64
+	memoDepth := -1
 	for i := 0; i < len(entries); {
 		pf := entries[i].pf
 		refs = refs[:0]
@@ -730,10 +739,23 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 			}
 		}
 		if hasPos {
-			pos = pos.clone()
-			for _, e := range refs {
-				if !e.neg {
-					pos.set(e.rank)
+			// Siblings under one parent with the same filters (a long
+			// list's hosts) share one bitset: bitsets are not modified
+			// once on the stack.
+			if len(memoRefs) > 0 && len(stack) == memoDepth && (len(stack) == 0 || &stack[len(stack)-1].pos[0] == memoParent) && slices.Equal(memoRefs, refs) {
+				pos = memoPos
+			} else {
+				parent := pos
+				pos = pos.clone()
+				for _, e := range refs {
+					if !e.neg {
+						pos.set(e.rank)
+					}
+				}
+				memoDepth, memoRefs, memoPos = len(stack), append(memoRefs[:0], refs...), pos
+				memoParent = nil
+				if len(parent) > 0 && len(stack) > 0 {
+					memoParent = &parent[0]
 				}
 			}
 		}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -233,5 +234,30 @@ func TestKernelMillionFilters(t *testing.T) {
 	var m fwpHostRun
 	if err := d.objs.FwpIdRuns.Lookup(uint32((int(d.gen)*numSlots+2)*maxRuns), &m); err != nil || int(m.Len+m.Pad) != n {
 		t.Fatalf("run slice %+v %v", m, err)
+	}
+	// Counters of filters no longer installed are dropped; the run's
+	// slices of the old generation are cleared by the next Apply.
+	p2, err := Compile(blocklistPolicy(t, 0, 10).View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p2); err != nil {
+		t.Fatal(err)
+	}
+	var c struct {
+		id  uint64
+		per []uint64
+	}
+	it := d.objs.FwpHits.Iterate()
+	for it.Next(&c.id, &c.per) {
+		if !slices.Contains(p2.layers[2].live, c.id) { // a new engine: its ids start at 1 again
+			t.Errorf("a counter of filter %d outlived its policy", c.id)
+		}
+	}
+	if err := d.Apply(p2); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.objs.FwpIdRuns.Lookup(uint32((int(1-d.gen)*numSlots+2)*maxRuns), &m); err != nil || m != (fwpHostRun{}) {
+		t.Fatalf("the old generation's run slice stayed: %+v %v", m, err)
 	}
 }

@@ -945,6 +945,19 @@ func BenchmarkKernelConnect(b *testing.B) {
 			}
 			return e
 		}},
+		// The same million addresses as a million separate host filters
+		// (one collapsed run: a host table and the decider's id table).
+		{"hostfilters=1M", func(t testing.TB) *engine.Engine {
+			return buildEngine(t, func(tx *engine.Txn) error {
+				for i := range 1_000_000 {
+					if _, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+						engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(i))})); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		}},
 	} {
 		b.Run(c.name, func(b *testing.B) { benchConnect(b, c.policy(b)) })
 	}

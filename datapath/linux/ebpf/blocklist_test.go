@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"fwp/engine"
 	"fwp/internal/testutil"
 	"fwp/internal/unix"
@@ -114,6 +116,17 @@ func TestKernelMillionBlocklist(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("apply %d addresses: %v", n, time.Since(start))
+	for name, m := range map[string]interface {
+		Info() (*ebpf.MapInfo, error)
+	}{"fwp_hosts": d.objs.FwpHosts, "fwp_host_ids": d.objs.FwpHostIds, "fwp_addrs": d.objs.FwpAddrs} {
+		if info, err := m.Info(); err == nil {
+			ml, _ := info.Memlock()
+			t.Logf("kernel memory: %s %d bytes (memlock)", name, ml)
+		}
+	}
+	if l := e1.View().Filters(engine.FilterTemplate{})[0].Conditions[0].Value.List(); l != nil {
+		t.Logf("engine list: %d bytes, %.1f per address", l.Bytes(), float64(l.Bytes())/float64(n))
+	}
 	first, last, mid, unlisted := listAddr(0), listAddr(n-1), listAddr(n/2), listAddr(7).Next()
 	h := testutil.StartHelper(t, cg, "probe")
 	ops := func(as ...netip.Addr) []probeOp {

@@ -102,9 +102,9 @@ func runMember(f *engine.Filter) (netip.Addr, runKey, bool) {
 
 // collapseRuns replaces each run of at least runMin run members with one
 // filter (the run's first, its address condition a list of the run's
-// hosts) and returns the filters and the runs' id tables; runFirst[i] is
-// the run index + 1 of unit i (0 for a plain filter), members its count.
-func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runOf []int, members []int) {
+// hosts) and returns the filters and the runs' id tables; runOf[i] is the
+// run index + 1 of unit i (0 for a plain filter).
+func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runOf []int) {
 	type m struct {
 		host netip.Addr
 		key  runKey
@@ -125,7 +125,7 @@ func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runO
 		if !ms[i].ok || j-i < runMin || len(runs) == maxRuns {
 			for k := i; k < j; k++ {
 				units = append(units, fs[k])
-				runOf, members = append(runOf, 0), append(members, 1)
+				runOf = append(runOf, 0)
 			}
 			i = j
 			continue
@@ -159,10 +159,10 @@ func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runO
 		}
 		units = append(units, u)
 		runs = append(runs, run)
-		runOf, members = append(runOf, len(runs)), append(members, j-i)
+		runOf = append(runOf, len(runs))
 		i = j
 	}
-	return units, runs, runOf, members
+	return units, runs, runOf
 }
 
 // extractHosts moves the v4 hosts of the most common host class of each

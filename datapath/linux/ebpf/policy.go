@@ -316,7 +316,7 @@ func Compile(view engine.View) (*Policy, error) {
 
 func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPolicy, error) {
 	layer := given[0].Layer
-	fs, runs, runOf, _ := collapseRuns(given)
+	fs, runs, runOf := collapseRuns(given)
 	n := len(fs)
 	if n > MaxFilters {
 		return nil, fmt.Errorf("%w: %d filters on layer %s (%d after collapsing runs of host filters), the kernel datapath holds %d per layer", ErrCapacity, len(given), layer, n, MaxFilters)

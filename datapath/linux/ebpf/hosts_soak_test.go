@@ -138,3 +138,32 @@ loop:
 		t.Errorf("goroutines grew from %d to %d", gs, n)
 	}
 }
+
+// TestKernelHostTableCapacity: a policy whose host tables do not fit a
+// generation is refused with ErrCapacity and the policy in force stays.
+func TestKernelHostTableCapacity(t *testing.T) {
+	testutil.RequireRoot(t)
+	d, err := Load(Options{MaxHosts: 2048}) // a block of 1024 per generation
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	t.Cleanup(func() { d.Close() })
+	small, err := Compile(blocklistPolicy(t, 0, 1000).View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(small); err != nil {
+		t.Fatal(err)
+	}
+	big, err := Compile(blocklistPolicy(t, 0, 5000).View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(big); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("a 5,000-host list in a 1,024-host generation: %v, want ErrCapacity", err)
+	}
+	var r fwpHostRun
+	if err := d.objs.FwpHostRuns.Lookup(uint32((int(d.gen)*numSlots+2)*2), &r); err != nil || r.Len != 1000 {
+		t.Fatalf("the policy in force lost its host table: %+v %v", r, err)
+	}
+}

@@ -197,7 +197,7 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions
 		return nil, nil, fmt.Errorf("%w: %s holds only some of the datapath's maps; remove it to start afresh", ErrUnavailable, dir)
 	}
 	// Sizes the options set: the pinned maps keep theirs.
-	for _, name := range []string{"fwp_bitsets", "fwp_addrs"} {
+	for _, name := range []string{"fwp_bitsets", "fwp_addrs", "fwp_hosts", "fwp_host_ids"} {
 		spec.Maps[name].MaxEntries = repl[name].MaxEntries()
 	}
 	return &ebpf.CollectionOptions{MapReplacements: repl}, opened, nil

@@ -42,8 +42,15 @@ func ToObject(o *Object) (mgmt.Object, error) {
 		mf := &mgmt.Filter{Key: f.GetKey(), Name: f.GetName(), Description: f.GetDescription(), Layer: f.GetLayer(), Sublayer: f.GetSublayer(),
 			Provider: f.GetProvider(), Weight: f.GetWeight(), Action: f.GetAction(), Callout: f.GetCallout(), ProviderContext: f.GetProviderContext(),
 			Flags: f.GetFlags(), Lifetime: l, ID: f.GetId(), EffectiveWeight: f.GetEffectiveWeight(), Session: f.GetSession()}
-		for _, c := range f.GetConditions() {
-			mf.Conditions = append(mf.Conditions, mgmt.Condition{Field: c.GetField(), Match: c.GetMatch(), Value: c.GetValue(), Values: c.GetValues()})
+		for i, c := range f.GetConditions() {
+			mc := mgmt.Condition{Field: c.GetField(), Match: c.GetMatch(), Value: c.GetValue(), Values: c.GetValues()}
+			if b := c.GetList(); len(b) > 0 {
+				mc.List = new(engine.List)
+				if lerr := mc.List.UnmarshalBinary(b); lerr != nil && err == nil {
+					err = fmt.Errorf("filter %q condition %d: %w", f.GetKey(), i+1, lerr)
+				}
+			}
+			mf.Conditions = append(mf.Conditions, mc)
 		}
 		return mgmt.Object{Filter: mf}, err
 	}
@@ -72,7 +79,11 @@ func FromObject(o mgmt.Object) *Object {
 			Provider: f.Provider, Weight: f.Weight, Action: f.Action, Callout: f.Callout, ProviderContext: f.ProviderContext,
 			Flags: f.Flags, Lifetime: f.Lifetime.String(), Id: f.ID, EffectiveWeight: f.EffectiveWeight, Session: f.Session}
 		for _, c := range f.Conditions {
-			pf.Conditions = append(pf.Conditions, &Condition{Field: c.Field, Match: c.Match, Value: c.Value, Values: c.Values})
+			pc := &Condition{Field: c.Field, Match: c.Match, Value: c.Value, Values: c.Values}
+			if c.List != nil {
+				pc.List, _ = c.List.MarshalBinary()
+			}
+			pf.Conditions = append(pf.Conditions, pc)
 		}
 		return &Object{Kind: &Object_Filter{Filter: pf}}
 	}

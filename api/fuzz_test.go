@@ -1,7 +1,11 @@
 package api
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"net/netip"
+	"strings"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -27,6 +31,8 @@ func FuzzApplyRequest(f *testing.F) {
 		{Ops: []*Op{filter(&Filter{Layer: "ALE_AUTH_CONNECT_V4", Action: "callout_terminating", Callout: "c", Flags: []string{"permit_if_callout_unregistered"}})}},
 		{Ops: []*Op{{Op: &Op_Delete{Delete: &ObjectRef{Kind: "filter", Id: 1}}}}},
 		{Policy: []byte("filters: [{key: a, layer: ALE_AUTH_CONNECT_V4, action: block}]")},
+		{Ops: []*Op{filter(&Filter{Key: "l", Layer: "ALE_AUTH_CONNECT_V4", Action: "block",
+			Conditions: []*Condition{{Field: "ip_remote_address", List: packedList(f, "192.0.2.1", "10.0.0.0/8")}}})}},
 	} {
 		b, err := proto.Marshal(r)
 		if err != nil {
@@ -73,4 +79,43 @@ func FuzzApplyRequest(f *testing.F) {
 			}
 		}
 	})
+}
+
+// packedList is the wire form of an address list.
+func packedList(tb testing.TB, values ...string) []byte {
+	b := engine.NewListBuilder(engine.TypeAddr, len(values))
+	for _, s := range values {
+		v, err := engine.ParseValue(engine.TypeAddr, s)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := b.Add(v); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	out, _ := b.List().MarshalBinary()
+	return out
+}
+
+// TestListCondition: a packed list crosses the wire as one condition and
+// comes back equal; a malformed one is refused by type, naming the filter.
+func TestListCondition(t *testing.T) {
+	in := &Object{Kind: &Object_Filter{Filter: &Filter{Key: "l", Layer: "ALE_AUTH_CONNECT_V4", Action: "block",
+		Conditions: []*Condition{{Field: "ip_remote_address", List: packedList(t, "192.0.2.1", "10.0.0.0/8", "192.0.2.1")}}}}}
+	o, err := ToObject(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := o.Filter.Conditions[0].List
+	if l == nil || l.Len() != 2 || !l.Contains(engine.Addr(netip.MustParseAddr("10.1.2.3"))) {
+		t.Fatalf("list %v", l)
+	}
+	back := FromObject(o).GetFilter().GetConditions()[0].GetList()
+	if !bytes.Equal(back, in.GetFilter().GetConditions()[0].GetList()) {
+		t.Fatalf("round trip changed the packed list")
+	}
+	in.GetFilter().Conditions[0].List = []byte("fwpL\x01junk")
+	if _, err := ToObject(in); !errors.Is(err, engine.ErrInvalidValue) || !strings.Contains(err.Error(), `filter "l" condition 1`) {
+		t.Fatalf("malformed list: %v", err)
+	}
 }

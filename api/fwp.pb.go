@@ -421,11 +421,15 @@ func (x *Callout) GetSession() uint64 {
 // Condition: value, or values — a list of values of one field and match,
 // which WFP ORs (a blocklist is one condition with many addresses).
 type Condition struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Field         string                 `protobuf:"bytes,1,opt,name=field,proto3" json:"field,omitempty"`
-	Match         string                 `protobuf:"bytes,2,opt,name=match,proto3" json:"match,omitempty"`
-	Value         string                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
-	Values        []string               `protobuf:"bytes,4,rep,name=values,proto3" json:"values,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Field  string                 `protobuf:"bytes,1,opt,name=field,proto3" json:"field,omitempty"`
+	Match  string                 `protobuf:"bytes,2,opt,name=match,proto3" json:"match,omitempty"`
+	Value  string                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	Values []string               `protobuf:"bytes,4,rep,name=values,proto3" json:"values,omitempty"`
+	// list: a list condition already built, packed (engine.List's binary
+	// form: sorted entries delta-encoded, ~3 bytes per v4 address), instead
+	// of value and values.
+	List          []byte `protobuf:"bytes,5,opt,name=list,proto3" json:"list,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -484,6 +488,13 @@ func (x *Condition) GetValue() string {
 func (x *Condition) GetValues() []string {
 	if x != nil {
 		return x.Values
+	}
+	return nil
+}
+
+func (x *Condition) GetList() []byte {
+	if x != nil {
+		return x.List
 	}
 	return nil
 }
@@ -2283,12 +2294,13 @@ const file_fwp_proto_rawDesc = "" +
 	"\blifetime\x18\x06 \x01(\tR\blifetime\x12\x0e\n" +
 	"\x02id\x18\n" +
 	" \x01(\rR\x02id\x12\x18\n" +
-	"\asession\x18\v \x01(\x04R\asession\"e\n" +
+	"\asession\x18\v \x01(\x04R\asession\"y\n" +
 	"\tCondition\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12\x14\n" +
 	"\x05match\x18\x02 \x01(\tR\x05match\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\tR\x05value\x12\x16\n" +
-	"\x06values\x18\x04 \x03(\tR\x06values\"\xcd\x03\n" +
+	"\x06values\x18\x04 \x03(\tR\x06values\x12\x12\n" +
+	"\x04list\x18\x05 \x01(\fR\x04list\"\xcd\x03\n" +
 	"\x06Filter\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12 \n" +

@@ -399,10 +399,34 @@ func (s *state) sublayerWeight(id SublayerID) uint16 {
 	return 0
 }
 
-// ordered returns the layer's filters in evaluation order.
+// ordered returns the layer's filters in evaluation order (rankCmp's),
+// sorting plain keys: rankCmp looks the sublayers' weights up per
+// comparison, which dominated at a million filters.
 func (s *state) ordered(l LayerID) []*Filter {
-	fs := slices.Collect(maps.Values(s.filters[l].byID))
-	slices.SortFunc(fs, s.rankCmp)
+	type key struct {
+		sw  uint16
+		sub SublayerID
+		w   uint64
+		id  FilterID
+		f   *Filter
+	}
+	ks := make([]key, 0, len(s.filters[l].byID))
+	weights := map[SublayerID]uint16{}
+	for f := range maps.Values(s.filters[l].byID) {
+		sw, ok := weights[f.Sublayer]
+		if !ok {
+			sw = s.sublayerWeight(f.Sublayer)
+			weights[f.Sublayer] = sw
+		}
+		ks = append(ks, key{sw, f.Sublayer, f.EffectiveWeight, f.ID, f})
+	}
+	slices.SortFunc(ks, func(a, b key) int {
+		return cmp.Or(cmp.Compare(b.sw, a.sw), cmp.Compare(a.sub, b.sub), cmp.Compare(b.w, a.w), cmp.Compare(a.id, b.id))
+	})
+	fs := make([]*Filter, len(ks))
+	for i := range ks {
+		fs[i] = ks[i].f
+	}
 	return fs
 }
 
@@ -626,6 +650,9 @@ func chooseKey(cf *cfilter) (keyKind, cgroup) {
 	for _, g := range cf.groups {
 		kind, score := keyWild, 1<<30
 		conds := cf.conds[g.from:g.to]
+		if slices.ContainsFunc(conds, func(c Condition) bool { return c.Value.t == TypeList }) {
+			continue // no index holds a list: matched by binary search
+		}
 		switch g.field {
 		case FieldIPRemoteAddress, FieldIPLocalAddress:
 			kind = keyRAddr

@@ -83,6 +83,9 @@ func (c Condition) validate(l *Layer) error {
 	bad := func() error {
 		return fmt.Errorf("%w: %s on field %s (%s) with a %s value", ErrTypeMismatch, c.Match, c.Field, ft, vt)
 	}
+	if vt == TypeList {
+		return c.validateList(l)
+	}
 	switch c.Match {
 	case MatchRange:
 		if vt != TypeRange {
@@ -129,6 +132,29 @@ func (c Condition) validate(l *Layer) error {
 		if err := c.checkFamily(l); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// validateList checks a list condition: EQUAL (the OR of EQUAL conditions
+// WFP would hold), a list of the field's type, of the layer's family.
+func (c Condition) validateList(l *Layer) error {
+	ft, list := c.Field.Type(), c.Value.l
+	if c.Match != MatchEqual {
+		return fmt.Errorf("%w: a list condition on field %s matches with equal, not %s", ErrInvalidMatchType, c.Field, c.Match)
+	}
+	if list == nil || list.Len() == 0 {
+		return fmt.Errorf("%w: the list on field %s has no values", ErrInvalidCondition, c.Field)
+	}
+	if list.typ != ft {
+		return fmt.Errorf("%w: a list of %s on field %s (%s)", ErrTypeMismatch, list.typ, c.Field, ft)
+	}
+	if ft == TypeAddr && (l.V6 && list.Has4() || !l.V6 && list.Has6()) {
+		fam := "v6"
+		if l.V6 {
+			fam = "v4"
+		}
+		return fmt.Errorf("%w: the list on field %s holds %s addresses, which do not belong on layer %s", ErrInvalidValue, c.Field, fam, l.Name)
 	}
 	return nil
 }
@@ -210,6 +236,9 @@ func (c *Condition) matches(v Value) bool {
 }
 
 func equalValue(cv, v Value) bool {
+	if cv.t == TypeList {
+		return cv.l.Contains(v)
+	}
 	if cv.t == TypePrefix {
 		return prefixContains(cv, v)
 	}
@@ -245,6 +274,8 @@ func (c Condition) specificity() uint64 {
 	}
 	v := c.Value
 	switch v.t {
+	case TypeList:
+		return v.l.score // what its values would weigh as conditions
 	case TypeAddr:
 		return 128
 	case TypePrefix:

@@ -80,9 +80,12 @@ const (
 	TypeRange
 	TypeBytes
 	TypeString
+	// TypeList is a list condition's value: many values of the field's
+	// type, which the condition ORs (ListValue).
+	TypeList
 )
 
-var typeNames = [...]string{"empty", "uint8", "uint16", "uint32", "uint64", "addr", "prefix", "range", "bytes", "string"}
+var typeNames = [...]string{"empty", "uint8", "uint16", "uint32", "uint64", "addr", "prefix", "range", "bytes", "string", "list"}
 
 func (t Type) String() string {
 	if int(t) < len(typeNames) {

@@ -17,6 +17,7 @@ type Value struct {
 	ip netip.Addr // addresses and prefixes
 	s  string     // strings and byte blobs
 	r  *[2]Value  // TypeRange: low, high
+	l  *List      // TypeList
 }
 
 // Uint8 returns a uint8 value.
@@ -106,6 +107,9 @@ func (v Value) Equal(w Value) bool {
 	if v.t == TypeRange {
 		return v.r[0].Equal(w.r[0]) && v.r[1].Equal(w.r[1])
 	}
+	if v.t == TypeList {
+		return v.l.Equal(w.l)
+	}
 	return v.n == w.n && v.ip == w.ip && v.s == w.s
 }
 
@@ -126,6 +130,8 @@ func (v Value) String() string {
 		return "0x" + hex.EncodeToString([]byte(v.s))
 	case TypeString:
 		return v.s
+	case TypeList:
+		return v.l.String()
 	}
 	return "<invalid>"
 }

@@ -39,6 +39,9 @@ func Warnings(ops []Op) []string {
 // onlyZero reports whether an integer condition matches the value 0 and
 // nothing else.
 func onlyZero(c engine.Condition) bool {
+	if l := c.Value.List(); l != nil {
+		return l.Len() == 1 && l.Contains(engine.Uint16(0))
+	}
 	switch c.Match {
 	case engine.MatchEqual, engine.MatchLessOrEqual:
 		return c.Value.Uint() == 0

@@ -3,6 +3,8 @@ package mgmt
 import (
 	"strings"
 	"testing"
+
+	"fwp/engine"
 )
 
 // A condition that can match only remote port 0 is warned about, with
@@ -23,6 +25,21 @@ func TestWarningsRemotePortZero(t *testing.T) {
 		if got := len(w) == 1 && strings.HasPrefix(w[0], `p.yaml:7: filter "f": `) && strings.Contains(w[0], "only remote port 0"); got != c.warn || (!c.warn && len(w) != 0) {
 			t.Errorf("ip_remote_port %s %s: warnings %q, want a warning %v", c.match, c.value, w, c.warn)
 		}
+	}
+	// A list warns only when 0 is its one value.
+	list := func(vals ...uint16) Op {
+		b := engine.NewListBuilder(engine.TypeUint16, len(vals))
+		for _, v := range vals {
+			_ = b.Add(engine.Uint16(v))
+		}
+		return Op{Add: &Object{Filter: &Filter{Key: "l", Layer: "ALE_AUTH_CONNECT_V4", Action: "block",
+			Conditions: []Condition{{Field: "ip_remote_port", List: b.List()}}}}}
+	}
+	if w := Warnings([]Op{list(80, 443)}); len(w) != 0 {
+		t.Errorf("a list of ports 80, 443: warnings %q", w)
+	}
+	if w := Warnings([]Op{list(0)}); len(w) != 1 {
+		t.Errorf("a list of port 0 alone: warnings %q", w)
 	}
 	// Deletes, other objects and invalid filters are not looked at.
 	if w := Warnings([]Op{{Delete: &Ref{Kind: KindFilter, Key: "x"}}, {Add: &Object{Provider: &Provider{Key: "p"}}},

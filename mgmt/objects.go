@@ -169,19 +169,41 @@ type Callout struct {
 // Condition is a filter condition; Value is read by engine.ParseValue for
 // the field's type.
 //
-// Values, when set instead of Value, is a list: one engine condition per
-// value, which the engine ORs as conditions on one field (a blocklist of a
-// million addresses is one condition; MaxListValues bounds it).
+// Values, when set instead of Value, is a list, which WFP holds as one
+// condition per value on the field, ORed. An EQUAL list on an address or
+// integer field becomes one engine condition holding an engine.List (a
+// blocklist of a million addresses is one condition of a few bytes per
+// address); on other fields or with another match, one engine condition
+// per value. MaxListValues bounds it.
+//
+// List, when set instead of Value and Values, is such a list already
+// built (EQUAL only): the compact form the API and the store carry (JSON:
+// base64 of engine.List's binary form).
 type Condition struct {
-	Field  string   `json:"field"`
-	Match  string   `json:"match"`
-	Value  string   `json:"value"`
-	Values []string `json:"values,omitempty"`
+	Field  string       `json:"field"`
+	Match  string       `json:"match"`
+	Value  string       `json:"value"`
+	Values []string     `json:"values,omitempty"`
+	List   *engine.List `json:"list,omitempty"`
 }
 
-// MaxListValues bounds the values of one list condition: the engine's
-// conditions per filter.
-const MaxListValues = engine.MaxConditions
+// MaxListValues bounds the values of one list condition.
+const MaxListValues = engine.MaxListValues
+
+// Listable reports whether a list of values on the field with this match
+// is held as one engine.List condition: EQUAL on an address or integer
+// field.
+func Listable(f engine.FieldID, match string) bool {
+	m := strings.TrimSpace(match)
+	if m != "" {
+		mt, ok := engine.MatchTypeByName(m)
+		if !ok || mt != engine.MatchEqual {
+			return false
+		}
+	}
+	t := f.Type()
+	return t == engine.TypeAddr || t == engine.TypeUint8 || t == engine.TypeUint16 || t == engine.TypeUint32 || t == engine.TypeUint64
+}
 
 // Filter is a filter (FWPM_FILTER0).
 type Filter struct {
@@ -440,6 +462,12 @@ func ParseCondition(layer engine.LayerID, c Condition) (engine.Condition, error)
 	m, ok := engine.MatchTypeByName(strings.TrimSpace(match))
 	if !ok {
 		return engine.Condition{}, fmt.Errorf("%w: unknown match type %q", engine.ErrInvalidMatchType, c.Match)
+	}
+	if c.List != nil {
+		if c.Value != "" || len(c.Values) > 0 {
+			return engine.Condition{}, fmt.Errorf("%w: field %s: a list and a value both set", engine.ErrInvalidCondition, f)
+		}
+		return engine.Condition{Field: f, Match: m, Value: engine.ListValue(c.List)}, nil
 	}
 	v, err := engine.ParseValue(f.Type(), c.Value)
 	if err != nil {

@@ -88,6 +88,10 @@ func (r reader) filter(f engine.Filter) Object {
 		}
 	}
 	for _, c := range f.Conditions {
+		if l := c.Value.List(); l != nil {
+			o.Conditions = append(o.Conditions, Condition{Field: c.Field.Name(), Match: c.Match.String(), List: l})
+			continue
+		}
 		o.Conditions = append(o.Conditions, Condition{Field: c.Field.Name(), Match: c.Match.String(), Value: c.Value.String()})
 	}
 	o.Session, o.Lifetime = r.owner(KindFilter, f.Key)

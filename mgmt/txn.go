@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"fwp/engine"
@@ -354,6 +355,7 @@ func (t *txn) add(o Object) (Ref, error) {
 		if err != nil {
 			return Ref{}, err
 		}
+		o = compactLists(o, f)
 		fid, err := t.tx.AddFilter(f)
 		if err != nil {
 			return Ref{}, err
@@ -395,23 +397,20 @@ func (t *txn) engineFilter(f *Filter, l Lifetime) (engine.Filter, error) {
 			ef.Conditions = append(ef.Conditions, ec)
 			continue
 		}
-		if c.Value != "" {
+		if c.Value != "" || c.List != nil {
 			return engine.Filter{}, fmt.Errorf("condition %d: %w: value and values both set", i+1, engine.ErrInvalidCondition)
 		}
-		if len(ef.Conditions)+len(c.Values) > engine.MaxConditions {
+		if len(c.Values) > MaxListValues {
+			return engine.Filter{}, fmt.Errorf("condition %d: %w: %d values, the limit is %d", i+1, engine.ErrInvalidCondition, len(c.Values), MaxListValues)
+		}
+		ecs, err := listConditions(layer, c)
+		if err != nil {
+			return engine.Filter{}, fmt.Errorf("condition %d: %w", i+1, err)
+		}
+		if len(ef.Conditions)+len(ecs) > engine.MaxConditions {
 			return engine.Filter{}, fmt.Errorf("condition %d: %w: %d values exceed %d conditions per filter", i+1, engine.ErrInvalidCondition, len(c.Values), engine.MaxConditions)
 		}
-		ef.Conditions = slices.Grow(ef.Conditions, len(c.Values))
-		one := c
-		one.Values = nil
-		for j, v := range c.Values {
-			one.Value = v
-			ec, err := ParseCondition(layer, one)
-			if err != nil {
-				return engine.Filter{}, fmt.Errorf("condition %d value %d: %w", i+1, j+1, err)
-			}
-			ef.Conditions = append(ef.Conditions, ec)
-		}
+		ef.Conditions = append(ef.Conditions, ecs...)
 	}
 	v := t.tx.View()
 	if ef.Provider, err = t.provider(f.Provider, l); err != nil {
@@ -451,6 +450,73 @@ func (t *txn) engineFilter(f *Filter, l Lifetime) (engine.Filter, error) {
 		ef.Action.Callout = c.ID
 	}
 	return ef, nil
+}
+
+// compactLists returns o with each list of values the engine holds as an
+// engine.List replaced by that list, so the store keeps the packed form
+// (a few bytes per address) rather than the text of each value. The
+// caller's object is not modified.
+func compactLists(o Object, ef engine.Filter) Object {
+	f := o.Filter
+	if !slices.ContainsFunc(f.Conditions, func(c Condition) bool { return len(c.Values) > 0 }) {
+		return o
+	}
+	// engineFilter appends one engine condition per condition without
+	// values, and one per value or one List per list.
+	nf := *f
+	nf.Conditions = slices.Clone(f.Conditions)
+	j := 0
+	for i, c := range f.Conditions {
+		if len(c.Values) == 0 {
+			j++
+			continue
+		}
+		if l := ef.Conditions[j].Value.List(); l != nil {
+			nf.Conditions[i].Values, nf.Conditions[i].List = nil, l
+			j++
+			continue
+		}
+		j += len(c.Values)
+	}
+	o.Filter = &nf
+	return o
+}
+
+// listConditions turns a list condition's values into an engine.List
+// condition when it is Listable, else into one condition per value (WFP's
+// form). An error starts with the value's number.
+func listConditions(layer engine.LayerID, c Condition) ([]engine.Condition, error) {
+	one := c
+	one.Values = nil
+	f, ok := engine.FieldByName(strings.TrimSpace(c.Field))
+	if !ok || !Listable(f, c.Match) {
+		out := make([]engine.Condition, 0, len(c.Values))
+		for j, v := range c.Values {
+			one.Value = v
+			ec, err := ParseCondition(layer, one)
+			if err != nil {
+				return nil, fmt.Errorf("value %d: %w", j+1, err)
+			}
+			out = append(out, ec)
+		}
+		return out, nil
+	}
+	b := engine.NewListBuilder(f.Type(), len(c.Values))
+	for j, s := range c.Values {
+		v, err := engine.ParseValue(f.Type(), s)
+		if err == nil {
+			err = b.Add(v)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("value %d: field %s: %w", j+1, f, err)
+		}
+	}
+	one.List = b.List()
+	ec, err := ParseCondition(layer, one)
+	if err != nil {
+		return nil, err
+	}
+	return []engine.Condition{ec}, nil
 }
 
 // delete deletes by key, or by ID when the key is empty. A boot-time

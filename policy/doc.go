@@ -31,7 +31,9 @@
 //
 // A list condition (values, or values_file: a file of one value per line,
 // blank lines and what follows '#' or ';' ignored, as blocklists are
-// published) is the filter with one condition per value, which WFP ORs.
+// published) is the filter with one condition per value, which WFP ORs;
+// an EQUAL list on an address or integer field is held as one condition
+// whose value is an engine.List (a few bytes per value).
 // Parse never opens a file: ParseWith is given the values files' contents
 // (Options.ValuesFiles), which a client reads (ValuesFileNames) and sends
 // with the policy; an error in one names its file and line.

@@ -657,14 +657,46 @@ func btoi(b bool) int {
 
 // listValues fills a list condition's values from a YAML sequence or a
 // values file, checking each against the field (errors name the file and
-// line of the value).
+// line of the value). An EQUAL list on an address or integer field is
+// built into one engine.List (mgmt.Listable), a few bytes per value;
+// other lists keep their values as text, one engine condition each.
 func (p *parser) listValues(c *mgmt.Condition, layer engine.LayerID, seq, file *yaml.Node) error {
-	check := func(v string) error {
-		one := *c
-		one.Value, one.Values = v, nil
-		_, err := mgmt.ParseCondition(layer, one)
-		return err
+	node := firstNonNil(seq, file)
+	f, fok := engine.FieldByName(strings.TrimSpace(c.Field))
+	var add func(string) error
+	var b *engine.ListBuilder
+	if fok && mgmt.Listable(f, c.Match) {
+		if _, err := mgmt.ParseCondition(layer, mgmt.Condition{Field: c.Field, Match: c.Match, Value: "0"}); err != nil && !errors.Is(err, engine.ErrInvalidValue) {
+			return p.errf(node, err, "")
+		}
+		l := engine.LayerByID(layer)
+		b = engine.NewListBuilder(f.Type(), 0)
+		add = func(s string) error {
+			v, err := engine.ParseValue(f.Type(), s)
+			if err != nil {
+				return fmt.Errorf("field %s: %w", f, err)
+			}
+			a := v.Addr()
+			if v.Type() == engine.TypeRange {
+				a = v.Low().Addr()
+			}
+			if l != nil && a.IsValid() && a.Is4() == l.V6 {
+				return fmt.Errorf("%w: address %s does not belong on layer %s", engine.ErrInvalidValue, v, l.Name)
+			}
+			return b.Add(v)
+		}
+	} else {
+		add = func(v string) error {
+			one := *c
+			one.Value, one.Values = v, nil
+			if _, err := mgmt.ParseCondition(layer, one); err != nil {
+				return err
+			}
+			c.Values = append(c.Values, v)
+			return nil
+		}
 	}
+	n := 0
 	if seq != nil {
 		if seq.Kind != yaml.SequenceNode {
 			return p.errf(seq, engine.ErrInvalidCondition, "values must be a list")
@@ -674,10 +706,13 @@ func (p *parser) listValues(c *mgmt.Condition, layer engine.LayerID, seq, file *
 			if err != nil {
 				return err
 			}
-			if err := check(v); err != nil {
+			if n >= mgmt.MaxListValues {
+				return p.errf(it, engine.ErrInvalidCondition, "more than %d values", mgmt.MaxListValues)
+			}
+			if err := add(v); err != nil {
 				return p.errf(it, err, "")
 			}
-			c.Values = append(c.Values, v)
+			n++
 		}
 	} else {
 		name, err := p.str(file)
@@ -691,16 +726,19 @@ func (p *parser) listValues(c *mgmt.Condition, layer engine.LayerID, seq, file *
 		if len(data) > MaxValuesFile {
 			return p.errf(file, mgmt.ErrTooLarge, "values file %q is %d bytes, the limit is %d", name, len(data), MaxValuesFile)
 		}
-		if c.Values, err = valuesOf(name, data, check); err != nil {
+		if b != nil {
+			b = engine.NewListBuilder(f.Type(), bytes.Count(data, []byte{'\n'})+1)
+		}
+		if n, err = eachValue(name, data, add); err != nil {
 			return err
 		}
 	}
-	if len(c.Values) > mgmt.MaxListValues {
-		return p.errf(firstNonNil(seq, file), engine.ErrInvalidCondition, "%d values, the limit is %d", len(c.Values), mgmt.MaxListValues)
-	}
-	if len(c.Values) == 0 {
+	if n == 0 {
 		// An empty list would match nothing; WFP has no such condition.
-		return p.errf(firstNonNil(seq, file), engine.ErrInvalidCondition, "the list has no values")
+		return p.errf(node, engine.ErrInvalidCondition, "the list has no values")
+	}
+	if b != nil {
+		c.List, c.Values = b.List(), nil
 	}
 	return nil
 }
@@ -712,10 +750,11 @@ func firstNonNil(a, b *yaml.Node) *yaml.Node {
 	return b
 }
 
-// valuesOf reads a values file as blocklists are published: one value per
-// line; blank lines, and what follows a '#' or ';', are comments.
-func valuesOf(name string, data []byte, check func(string) error) ([]string, error) {
-	values := make([]string, 0, bytes.Count(data, []byte{'\n'})+1)
+// eachValue reads a values file as blocklists are published: one value
+// per line; blank lines, and what follows a '#' or ';', are comments. It
+// returns the number of values.
+func eachValue(name string, data []byte, add func(string) error) (int, error) {
+	n := 0
 	for line := 1; len(data) > 0; line++ {
 		l := data
 		if i := bytes.IndexByte(data, '\n'); i >= 0 {
@@ -730,13 +769,15 @@ func valuesOf(name string, data []byte, check func(string) error) ([]string, err
 		if len(l) == 0 {
 			continue
 		}
-		v := string(l)
-		if err := check(v); err != nil {
-			return nil, &Error{File: name, Line: line, Column: 1, Err: err}
+		if n >= mgmt.MaxListValues {
+			return 0, &Error{File: name, Line: line, Column: 1, Err: engine.ErrInvalidCondition, Msg: fmt.Sprintf("more than %d values", mgmt.MaxListValues)}
 		}
-		values = append(values, v)
+		if err := add(string(l)); err != nil {
+			return 0, &Error{File: name, Line: line, Column: 1, Err: err}
+		}
+		n++
 	}
-	return values, nil
+	return n, nil
 }
 
 // ValuesFileNames returns the values files a policy's list conditions name

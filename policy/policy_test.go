@@ -249,14 +249,20 @@ func TestParseLists(t *testing.T) {
 	if err != nil || fmt.Sprint(names) != "[lists/drop.txt]" {
 		t.Fatalf("ValuesFileNames: %v %v", names, err)
 	}
-	drop := "; Spamhaus-style comments\n10.0.0.0/8 ; SBL1\n\n  192.0.2.1  # a host\n2001:db8::/32\n"
+	drop := "; Spamhaus-style comments\n10.0.0.0/8 ; SBL1\n\n  192.0.2.1  # a host\n192.0.2.1\n"
 	p, err := ParseWith("p.yaml", []byte(listPolicy), Options{ValuesFiles: map[string][]byte{"lists/drop.txt": []byte(drop)}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	f := p.Ops[0].Add.Filter
-	if got := fmt.Sprint(f.Conditions[0].Values, f.Conditions[1].Values); got != "[10.0.0.0/8 192.0.2.1 2001:db8::/32] [80 443]" {
-		t.Fatalf("values: %s", got)
+	// EQUAL lists on address and integer fields are engine lists.
+	if got := fmt.Sprint(f.Conditions[0].List, f.Conditions[1].List, f.Conditions[0].List.Given()); got != "[192.0.2.1, 10.0.0.0/8] [80, 443] 3" {
+		t.Fatalf("lists: %s", got)
+	}
+	// Other lists keep their values, one condition each.
+	p, err = Parse("p.yaml", []byte("filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ale_app_id, values: [/a, /b]}]}\n"))
+	if err != nil || fmt.Sprint(p.Ops[0].Add.Filter.Conditions[0].Values) != "[/a /b]" {
+		t.Fatalf("app id list: %v %v", p, err)
 	}
 	for _, c := range []struct {
 		name, policy, file, want string
@@ -264,6 +270,7 @@ func TestParseLists(t *testing.T) {
 		{"file not sent", listPolicy, "", `p.yaml:6:63: values file "lists/drop.txt" was not sent with the policy`},
 		{"bad line", listPolicy, "10.0.0.1\n\nnope\n", "lists/drop.txt:3:1:"},
 		{"empty list", listPolicy, "# nothing\n", "the list has no values"},
+		{"v6 on a v4 layer", listPolicy, "10.0.0.1\n2001:db8::/32\n", "lists/drop.txt:2:1: fwp: invalid value: address 2001:db8::/32 does not belong on layer ALE_AUTH_CONNECT_V4"},
 		{"bad inline value", "filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, values: [1, x]}]}\n", "", "p.yaml:2:"},
 		{"value and values", "filters:\n  - {key: f, layer: ALE_AUTH_CONNECT_V4, action: block, conditions: [{field: ip_remote_port, value: 1, values: [1]}]}\n", "", "one of value, values or values_file"},
 	} {
@@ -296,8 +303,12 @@ func FuzzValuesFile(f *testing.F) {
 			}
 			return
 		}
-		for _, v := range p.Ops[0].Add.Filter.Conditions[0].Values {
-			if _, err := mgmt.ParseCondition(engine.LayerALEAuthConnectV4, mgmt.Condition{Field: "ip_remote_address", Value: v}); err != nil {
+		l := p.Ops[0].Add.Filter.Conditions[0].List
+		if l == nil || l.Len() == 0 || l.Has6() {
+			t.Fatalf("accepted %q as %v", data, l)
+		}
+		for v := range l.Values() {
+			if _, err := mgmt.ParseCondition(engine.LayerALEAuthConnectV4, mgmt.Condition{Field: "ip_remote_address", Value: v.String()}); err != nil {
 				t.Fatalf("accepted %q: %v", v, err)
 			}
 		}

@@ -318,7 +318,11 @@ func printTable(kind mgmt.Kind, objs []mgmt.Object) {
 				f := o.Filter
 				var cs []string
 				for _, c := range f.Conditions {
-					cs = append(cs, c.Field+" "+c.Match+" "+c.Value)
+					v := c.Value
+					if c.List != nil {
+						v = c.List.String() // a summary: lists can hold millions
+					}
+					cs = append(cs, c.Field+" "+c.Match+" "+v)
 				}
 				act := f.Action
 				if f.Callout != "" {

@@ -1336,11 +1336,22 @@ func TestE2EKernelBlocklistFile(t *testing.T) {
 `), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	rss := func() string { // fwpd's resident memory, for docs/benchmarks.md
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+		var out []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "VmRSS:") || strings.HasPrefix(l, "VmHWM:") {
+				out = append(out, strings.Join(strings.Fields(l), " "))
+			}
+		}
+		return strings.Join(out, ", ")
+	}
+	t.Logf("fwpd before: %s", rss())
 	start := time.Now()
 	if _, errs, code := d.ctl("apply", "-f", pol); code != 0 {
 		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
 	}
-	t.Logf("fwpctl apply of a %d-address list: %v", n, time.Since(start))
+	t.Logf("fwpctl apply of a %d-address list: %v; fwpd after: %s", n, time.Since(start), rss())
 	check := func(addr string, want int) {
 		t.Helper()
 		if r := s.run(curl("http://" + addr + ":9090/")...); r.Code != want {

@@ -10,9 +10,12 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"fwp/engine"
 	"fwp/internal/testutil"
@@ -35,12 +38,16 @@ func listAddr(i int) netip.Addr {
 }
 
 // blocklistPolicy: one AUTH_CONNECT filter blocking n addresses from the
-// from-th, one condition per address (WFP ORs conditions on one field).
+// from-th, one list condition (engine.List: what WFP holds as one
+// condition per address, ORed).
 func blocklistPolicy(t testing.TB, from, n int) *engine.Engine {
-	conds := make([]engine.Condition, n)
-	for i := range conds {
-		conds[i] = engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(from + i))}
+	b := engine.NewListBuilder(engine.TypeAddr, n)
+	for i := range n {
+		if err := b.Add(engine.Addr(listAddr(from + i))); err != nil {
+			t.Fatal(err)
+		}
 	}
+	conds := []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.ListValue(b.List())}}
 	return buildEngine(t, func(tx *engine.Txn) error {
 		_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Action: engine.Action{Type: engine.ActionBlock}, Conditions: conds})
 		return err
@@ -109,6 +116,17 @@ func TestKernelMillionBlocklist(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("apply %d addresses: %v", n, time.Since(start))
+	for name, m := range map[string]interface {
+		Info() (*ebpf.MapInfo, error)
+	}{"fwp_hosts": d.objs.FwpHosts, "fwp_host_ids": d.objs.FwpHostIds, "fwp_addrs": d.objs.FwpAddrs} {
+		if info, err := m.Info(); err == nil {
+			ml, _ := info.Memlock()
+			t.Logf("kernel memory: %s %d bytes (memlock)", name, ml)
+		}
+	}
+	if l := e1.View().Filters(engine.FilterTemplate{})[0].Conditions[0].Value.List(); l != nil {
+		t.Logf("engine list: %d bytes, %.1f per address", l.Bytes(), float64(l.Bytes())/float64(n))
+	}
 	first, last, mid, unlisted := listAddr(0), listAddr(n-1), listAddr(n/2), listAddr(7).Next()
 	h := testutil.StartHelper(t, cg, "probe")
 	ops := func(as ...netip.Addr) []probeOp {
@@ -154,5 +172,110 @@ func TestKernelMillionBlocklist(t *testing.T) {
 	}
 	if got := probe(t, h, ops(first, mid, last, listAddr(n+n/2-1), unlisted)); fmt.Sprint(got) != "[refused eperm eperm eperm refused]" {
 		t.Fatalf("after the replacement: %v", got)
+	}
+}
+
+// filtersSize is the filters of TestKernelMillionFilters: FWP_FILTERS, or
+// 200,000 (100,000 with -short): the engine's transaction of a million
+// filters takes tens of seconds on a loaded CI machine; FWP_FILTERS=1000000
+// runs the full size (docs/benchmarks.md).
+var filtersSize = envInt("FWP_FILTERS", 200_000)
+
+// TestKernelMillionFilters: a million separate host filters of one action
+// in one sublayer (a blocklist written as WFP writes it: one filter per
+// address) compile into one collapsed run, a host table searched by the
+// hooks; a listed connect is refused, an unlisted one passes, a permit
+// above the run for one listed host still wins (arbitration against the
+// other filters is exact), and the counter names the filter of the host.
+func TestKernelMillionFilters(t *testing.T) {
+	d, cg := kernelSetup(t)
+	n := filtersSize
+	if testing.Short() {
+		n = min(n, 100_000)
+	}
+	var ids []engine.FilterID
+	var permitID engine.FilterID
+	start := time.Now()
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		ids = make([]engine.FilterID, n)
+		for i := range n {
+			id, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Weight: engine.WeightExact(10), Action: engine.Action{Type: engine.ActionBlock},
+				Conditions: []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(i))}}})
+			if err != nil {
+				return err
+			}
+			ids[i] = id
+		}
+		var err error
+		permitID, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Weight: engine.WeightExact(20), Action: engine.Action{Type: engine.ActionPermit},
+			Conditions: []engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(5))}}})
+		return err
+	})
+	t.Logf("engine, %d filters: %v", n+1, time.Since(start))
+	start = time.Now()
+	p, err := Compile(e.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("compile: %v", time.Since(start))
+	lp := p.layers[2]
+	if len(lp.filters) != 2 || len(lp.runs) != 1 || p.Filters() != n+1 {
+		t.Fatalf("compiled to %d ranks, %d runs, %d filters; want 2 ranks (the permit, the run), 1 run, %d filters", len(lp.filters), len(lp.runs), p.Filters(), n+1)
+	}
+	start = time.Now()
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("apply: %v", time.Since(start))
+	h := testutil.StartHelper(t, cg, "probe")
+	// The datapath is shared: other tests' filters had these ids too.
+	before, err := d.FilterHits()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ops []probeOp
+	for _, a := range []netip.Addr{listAddr(0), listAddr(n / 3), listAddr(n - 1), listAddr(5), listAddr(7).Next(), listAddr(n)} {
+		ops = append(ops, probeOp{Net: "tcp4", Remote: netip.AddrPortFrom(a, 9).String()})
+	}
+	if got := probe(t, h, ops); fmt.Sprint(got) != "[eperm eperm eperm refused refused refused]" {
+		t.Fatalf("first, a third, last listed; listed but permitted above; unlisted; past the list: %v", got)
+	}
+	hits, err := d.FilterHits()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []engine.FilterID{ids[0], ids[n/3], ids[n-1], permitID} {
+		if hits[id]-before[id] != 1 {
+			t.Errorf("filter %d decided %d connects, want 1 (hits %v, before %v)", id, hits[id]-before[id], hits, before)
+		}
+	}
+	var m fwpHostRun
+	if err := d.objs.FwpIdRuns.Lookup(uint32((int(d.gen)*numSlots+2)*maxRuns), &m); err != nil || int(m.Len+m.Pad) != n {
+		t.Fatalf("run slice %+v %v", m, err)
+	}
+	// Counters of filters no longer installed are dropped; the run's
+	// slices of the old generation are cleared by the next Apply.
+	p2, err := Compile(blocklistPolicy(t, 0, 10).View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p2); err != nil {
+		t.Fatal(err)
+	}
+	var c struct {
+		id  uint64
+		per []uint64
+	}
+	it := d.objs.FwpHits.Iterate()
+	for it.Next(&c.id, &c.per) {
+		if !slices.Contains(p2.layers[2].live, c.id) { // a new engine: its ids start at 1 again
+			t.Errorf("a counter of filter %d outlived its policy", c.id)
+		}
+	}
+	if err := d.Apply(p2); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.objs.FwpIdRuns.Lookup(uint32((int(1-d.gen)*numSlots+2)*maxRuns), &m); err != nil || m != (fwpHostRun{}) {
+		t.Fatalf("the old generation's run slice stayed: %+v %v", m, err)
 	}
 }

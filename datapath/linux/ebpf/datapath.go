@@ -30,6 +30,11 @@ type Options struct {
 	// the default DefaultMaxAddresses. Entries are allocated as they are
 	// written, not reserved (see docs/benchmarks.md for the bytes each).
 	MaxAddresses uint32
+	// MaxHosts bounds the host table entries (hosts.go), both generations
+	// together; 0 keeps DefaultMaxHosts. They are preallocated: 8 bytes
+	// each (the host and a filter id). A policy whose tables do not fit
+	// a generation (half) is refused with ErrCapacity.
+	MaxHosts uint32
 	// PinDir, a directory on a bpffs, holds the maps' pins while the
 	// datapath is loaded, so proxies in other processes find the redirect
 	// maps (OpenRedirects). Maps already pinned there by an earlier
@@ -68,6 +73,8 @@ type Datapath struct {
 	proxyLinks map[string][]link.Link
 	// targetKeys are the (handle, target pid) pairs in fwp_targets.
 	targetKeys map[fwpTargetKey]bool
+	// hostMem and idMem are fwp_hosts and fwp_host_ids mapped (hosts.go).
+	hostMem, idMem *ebpf.Memory
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -96,6 +103,13 @@ func Load(opts Options) (*Datapath, error) {
 	if opts.MaxAddresses > 0 {
 		spec.Maps["fwp_addrs"].MaxEntries = opts.MaxAddresses
 	}
+	hosts := uint32(DefaultMaxHosts)
+	if opts.MaxHosts > 0 {
+		hosts = opts.MaxHosts
+	}
+	blocks := max((hosts+2*hostBlock-1)/(2*hostBlock)*2, 2) // whole blocks, an even half each
+	spec.Maps["fwp_hosts"].MaxEntries = blocks
+	spec.Maps["fwp_host_ids"].MaxEntries = blocks
 	if opts.MaxClasses > 0 {
 		spec.Maps["fwp_bitsets"].MaxEntries = opts.MaxClasses
 	}
@@ -368,6 +382,9 @@ func (d *Datapath) clearGen(gen uint32) error {
 		}
 	}
 	*w = genKeys{}
+	if err := d.clearHosts(gen); err != nil {
+		return err
+	}
 	for slot := range numSlots {
 		if err := d.objs.FwpLayers.Put(uint32(int(gen)*numSlots+slot), fwpLayerCfg{}); err != nil {
 			return fmt.Errorf("clear generation %d: %w", gen, err)
@@ -418,6 +435,9 @@ func (d *Datapath) putAll(m *ebpf.Map, keys, vals any) error {
 
 func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 	w := &d.written[gen]
+	if err := d.writeHosts(gen, p); err != nil {
+		return err
+	}
 	for i, rc := range p.redirects {
 		if err := d.objs.FwpRedirects.Put(uint32(int(gen)*MaxRedirects+i), rc); err != nil {
 			return mapErr("redirects", err)

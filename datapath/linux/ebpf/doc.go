@@ -40,8 +40,8 @@
 // condition field (remote/local address, remote/local port, protocol, user
 // id, group id, cgroup id, application) a lookup maps the incoming value to
 // a class: an LPM trie for addresses (prefixes, exact addresses, ranges and
-// NOT_* matches, via prefixes; Options.MaxAddresses entries, so a filter
-// with a million-address list is a million trie entries of one class), an
+// NOT_* matches, via prefixes; Options.MaxAddresses entries; a large list's
+// hosts go to a host table instead, below), an
 // array of 65536 class ids for ports (every integer match but the FLAGS_*
 // ones), a hash with a default entry for protocol (any integer match), user,
 // group and cgroup ids and applications (EQUAL and NOT_EQUAL).
@@ -61,8 +61,17 @@
 // a sublayer decides it and the rest of the sublayer is skipped; a soft
 // decision may be overridden by a later sublayer; a hard permit
 // (CLEAR_ACTION_RIGHT) or a block is final, and the walk stops there (no
-// callout runs in the kernel, so nothing can veto). Up to MaxFilters filters
+// callout runs in the kernel, so nothing can veto). Up to MaxFilters ranks
 // per layer.
+//
+// Large address lists and runs of host filters (hosts.go): the v4 hosts of
+// a list's most common class go to a host table, a sorted array the hooks
+// binary-search before the LPM trie, written with one copy into the
+// generation's half of an mmapped array (Options.MaxHosts); consecutive
+// host filters of one action (nothing of the layer between their weights)
+// compile to one rank whose deciding filter id the kernel finds by the
+// remote address, so a million such filters are one rank. See
+// docs/semantics.md, "Lists and host filters in the kernel".
 //
 // Every policy map key carries a generation (0 or 1). Apply writes the new
 // policy into the inactive generation and then switches the one-word

@@ -238,25 +238,32 @@ func (d *Datapath) ClassifyCounts() ([]engine.ClassifyCount, error) {
 
 // pruneHits drops the counters of filters no longer installed; d.mu held.
 func (d *Datapath) pruneHits(p *Policy) {
-	live := map[uint64]bool{}
+	// The counters (few) are checked against the policy's filters (up
+	// to millions, in collapsed runs): a set of the counters, not of
+	// the filters.
+	var id uint64
+	var perCPU []uint64
+	counted := map[uint64]bool{}
+	it := d.objs.FwpHits.Iterate()
+	for it.Next(&id, &perCPU) {
+		counted[id] = false
+	}
+	if len(counted) == 0 {
+		return
+	}
 	for _, lp := range p.layers {
 		if lp != nil {
-			for _, f := range lp.filters {
-				live[f.Id] = true
+			for _, id := range lp.live {
+				if _, ok := counted[id]; ok {
+					counted[id] = true
+				}
 			}
 		}
 	}
-	var id uint64
-	var perCPU []uint64
-	var stale []uint64
-	it := d.objs.FwpHits.Iterate()
-	for it.Next(&id, &perCPU) {
-		if !live[id] {
-			stale = append(stale, id)
+	for id, live := range counted {
+		if !live {
+			_ = d.objs.FwpHits.Delete(id)
 		}
-	}
-	for _, id := range stale {
-		_ = d.objs.FwpHits.Delete(id)
 	}
 }
 

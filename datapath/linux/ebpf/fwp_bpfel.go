@@ -91,6 +91,19 @@ type fwpFlowKey struct {
 	Pad        [3]uint8
 }
 
+type fwpHostBlock struct {
+	_ structs.HostLayout
+	H [1024]uint32
+}
+
+type fwpHostRun struct {
+	_   structs.HostLayout
+	Off uint32
+	Len uint32
+	Cls uint32
+	Pad uint32
+}
+
 type fwpInFlow struct {
 	_        structs.HostLayout
 	Epoch    uint32
@@ -220,6 +233,10 @@ const (
 	fwpMapFwpEvents        = "fwp_events"
 	fwpMapFwpFilters       = "fwp_filters"
 	fwpMapFwpHits          = "fwp_hits"
+	fwpMapFwpHostIds       = "fwp_host_ids"
+	fwpMapFwpHostRuns      = "fwp_host_runs"
+	fwpMapFwpHosts         = "fwp_hosts"
+	fwpMapFwpIdRuns        = "fwp_id_runs"
 	fwpMapFwpInEpoch       = "fwp_in_epoch"
 	fwpMapFwpInFlows       = "fwp_in_flows"
 	fwpMapFwpInts          = "fwp_ints"
@@ -328,6 +345,10 @@ type fwpMapSpecs struct {
 	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.MapSpec `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
+	FwpHostIds       *ebpf.MapSpec `ebpf:"fwp_host_ids"`
+	FwpHostRuns      *ebpf.MapSpec `ebpf:"fwp_host_runs"`
+	FwpHosts         *ebpf.MapSpec `ebpf:"fwp_hosts"`
+	FwpIdRuns        *ebpf.MapSpec `ebpf:"fwp_id_runs"`
 	FwpInEpoch       *ebpf.MapSpec `ebpf:"fwp_in_epoch"`
 	FwpInFlows       *ebpf.MapSpec `ebpf:"fwp_in_flows"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
@@ -382,6 +403,10 @@ type fwpMaps struct {
 	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
 	FwpFilters       *ebpf.Map `ebpf:"fwp_filters"`
 	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
+	FwpHostIds       *ebpf.Map `ebpf:"fwp_host_ids"`
+	FwpHostRuns      *ebpf.Map `ebpf:"fwp_host_runs"`
+	FwpHosts         *ebpf.Map `ebpf:"fwp_hosts"`
+	FwpIdRuns        *ebpf.Map `ebpf:"fwp_id_runs"`
 	FwpInEpoch       *ebpf.Map `ebpf:"fwp_in_epoch"`
 	FwpInFlows       *ebpf.Map `ebpf:"fwp_in_flows"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
@@ -412,6 +437,10 @@ func (m *fwpMaps) Close() error {
 		m.FwpEvents,
 		m.FwpFilters,
 		m.FwpHits,
+		m.FwpHostIds,
+		m.FwpHostRuns,
+		m.FwpHosts,
+		m.FwpIdRuns,
 		m.FwpInEpoch,
 		m.FwpInFlows,
 		m.FwpInts,

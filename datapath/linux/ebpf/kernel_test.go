@@ -232,12 +232,34 @@ func TestKernelBlockAndPermit(t *testing.T) {
 // the engine's.
 func TestKernelMatchesEngine(t *testing.T) {
 	d, cg := kernelSetup(t)
-	h := testutil.StartHelper(t, cg, "probe")
 	policies := 60
 	if testing.Short() {
 		policies = 10
 	}
 	apps := genApps(t) // the probe helper is the first: the test binary
+	kernelDifferential(t, d, cg, policies, func(seed uint64) *gen {
+		return &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true}
+	})
+}
+
+// TestKernelMatchesEngineHostRuns: the same with host tables and collapsed
+// runs of host filters (the hooks' binary search and decider lookup).
+func TestKernelMatchesEngineHostRuns(t *testing.T) {
+	d, cg := kernelSetup(t)
+	smallRuns(t)
+	policies := 40
+	if testing.Short() {
+		policies = 10
+	}
+	kernelDifferential(t, d, cg, policies, func(seed uint64) *gen {
+		return &gen{r: rand.New(rand.NewPCG(seed, 98)), cgroup: cg.ID, hostRuns: true}
+	})
+}
+
+// kernelDifferential applies random policies and checks each probe's
+// verdict in the kernel against the engine's.
+func kernelDifferential(t *testing.T, d *Datapath, cg *testutil.Cgroup, policies int, newGen func(seed uint64) *gen) {
+	h := testutil.StartHelper(t, cg, "probe")
 	blocked, permitted := 0, 0
 	defer func() {
 		t.Logf("%d connects blocked, %d permitted", blocked, permitted)
@@ -246,7 +268,7 @@ func TestKernelMatchesEngine(t *testing.T) {
 		}
 	}()
 	for seed := range uint64(policies) {
-		g := &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true}
+		g := newGen(seed)
 		e := g.policy(t, 1+g.r.IntN(30))
 		apply(t, d, e)
 		var ops []probeOp
@@ -922,6 +944,19 @@ func BenchmarkKernelConnect(b *testing.B) {
 				t.Fatal(err)
 			}
 			return e
+		}},
+		// The same million addresses as a million separate host filters
+		// (one collapsed run: a host table and the decider's id table).
+		{"hostfilters=1M", func(t testing.TB) *engine.Engine {
+			return buildEngine(t, func(tx *engine.Txn) error {
+				for i := range 1_000_000 {
+					if _, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+						engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(listAddr(i))})); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
 		}},
 	} {
 		b.Run(c.name, func(b *testing.B) { benchConnect(b, c.policy(b)) })

@@ -88,7 +88,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_ints": m.FwpInts, "fwp_layers": m.FwpLayers, "fwp_ports": m.FwpPorts, "fwp_redirects": m.FwpRedirects,
 		"fwp_sock_records": m.FwpSockRecords, "fwp_sock_redirect": m.FwpSockRedirect, "fwp_tuple_redirect": m.FwpTupleRedirect,
 		"fwp_events": m.FwpEvents, "fwp_hits": m.FwpHits, "fwp_proxy_ports": m.FwpProxyPorts, "fwp_udp_key": m.FwpUdpKey, "fwp_targets": m.FwpTargets,
-		"fwp_counts":   m.FwpCounts,
+		"fwp_counts": m.FwpCounts, "fwp_hosts": m.FwpHosts, "fwp_host_ids": m.FwpHostIds, "fwp_host_runs": m.FwpHostRuns,
+		"fwp_id_runs":  m.FwpIdRuns,
 		"fwp_sk_owner": m.FwpSkOwner, "fwp_in_epoch": m.FwpInEpoch, "fwp_in_flows": m.FwpInFlows, // inbound.go
 	}
 }
@@ -98,7 +99,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 // Apply that installs the stored policy before the hooks are attached).
 var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters", "fwp_ints", "fwp_layers",
 	"fwp_ports", "fwp_redirects", "fwp_sock_records", "fwp_sock_redirect", "fwp_tuple_redirect", "fwp_events", "fwp_hits",
-	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts",
+	"fwp_proxy_ports", "fwp_udp_key", "fwp_counts", "fwp_hosts", "fwp_host_ids", "fwp_host_runs", "fwp_id_runs",
 	// The inbound layers' socket owners, epoch and UDP flows: a listener
 	// keeps its owner across a restart (the epoch with them, so a record
 	// is never taken for the new policy's).
@@ -202,7 +203,7 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions
 		return nil, nil, fmt.Errorf("%w: %s holds only some of the datapath's maps; remove it to start afresh", ErrUnavailable, dir)
 	}
 	// Sizes the options set: the pinned maps keep theirs.
-	for _, name := range []string{"fwp_bitsets", "fwp_addrs"} {
+	for _, name := range []string{"fwp_bitsets", "fwp_addrs", "fwp_hosts", "fwp_host_ids"} {
 		spec.Maps[name].MaxEntries = repl[name].MaxEntries()
 	}
 	return &ebpf.CollectionOptions{MapReplacements: repl}, opened, nil

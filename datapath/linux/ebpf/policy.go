@@ -238,6 +238,13 @@ type layerPolicy struct {
 	// callouts: some filter calls a Go callout, so a hard permit does
 	// not end the kernel's walk (a callout may veto it).
 	callouts bool
+	// hosts are the v4 host tables of the address fields, runs the
+	// collapsed runs of host filters (hosts.go); members the engine
+	// filters the layer enforces, live their ids.
+	hosts   [2]hostTable
+	runs    []idRun
+	members int
+	live    []uint64
 }
 
 // Policy is an engine policy compiled into the kernel's classification
@@ -275,7 +282,7 @@ func (p *Policy) Filters() int {
 	n := 0
 	for _, l := range p.layers {
 		if l != nil {
-			n += len(l.filters)
+			n += l.members
 		}
 	}
 	return n
@@ -318,13 +325,17 @@ func Compile(view engine.View) (*Policy, error) {
 	return p, nil
 }
 
-func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolicy, error) {
+func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPolicy, error) {
+	layer := given[0].Layer
+	fs, runs, runOf := collapseRuns(given)
 	n := len(fs)
-	layer := fs[0].Layer
 	if n > MaxFilters {
-		return nil, fmt.Errorf("%w: %d filters on layer %s, the kernel datapath holds %d per layer", ErrCapacity, n, layer, MaxFilters)
+		return nil, fmt.Errorf("%w: %d filters on layer %s (%d after collapsing runs of host filters), the kernel datapath holds %d per layer", ErrCapacity, len(given), layer, n, MaxFilters)
 	}
-	lp := &layerPolicy{layer: layer, filters: make([]fwpFilterMeta, n), ids: make([]engine.FilterID, n)}
+	lp := &layerPolicy{layer: layer, filters: make([]fwpFilterMeta, n), ids: make([]engine.FilterID, n), runs: runs, members: len(given)}
+	for _, f := range given {
+		lp.live = append(lp.live, uint64(f.ID))
+	}
 	// groups[f][rank] is the filter's conditions on kernel field f.
 	var groups [numFields - 1][][]engine.Condition
 	for i := range groups {
@@ -334,6 +345,9 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 		m, err := p.filterMeta(view, &f)
 		if err != nil {
 			return nil, err
+		}
+		if r := runOf[rank]; r > 0 {
+			m.Id = runBit | uint64(r-1) // the kernel finds the member by address
 		}
 		lp.filters[rank] = m
 		lp.ids[rank] = f.ID
@@ -345,6 +359,12 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			kf, ok := kernelField[c.Field]
 			if !ok {
 				return nil, engine.FilterError(&f, fmt.Errorf("%w: condition on %s: the kernel cannot match this field", ErrNotSupported, c.Field))
+			}
+			if l := c.Value.List(); l != nil && kf != fieldRAddr && kf != fieldLAddr {
+				// An integer list is few values (ports, ids): its
+				// conditions, as WFP holds them.
+				groups[kf][rank] = append(groups[kf][rank], listConditions(c, l)...)
+				continue
 			}
 			groups[kf][rank] = append(groups[kf][rank], c)
 		}
@@ -414,6 +434,7 @@ func (p *Policy) compileLayer(view engine.View, fs []engine.Filter) (*layerPolic
 			return nil, fmt.Errorf("%w: layer %s field %d needs %d classes", ErrCapacity, layer, f, len(c.sets))
 		}
 	}
+	lp.extractHosts()
 	return lp, nil
 }
 
@@ -527,6 +548,9 @@ func addrCondition(c engine.Condition) (addrSet, error) {
 	}
 	switch c.Match {
 	case engine.MatchEqual, engine.MatchPrefix:
+		if l := v.List(); l != nil {
+			return addrSet{prefixes: listPrefixes(l)}, nil
+		}
 		return addrSet{prefixes: []netip.Prefix{one(v)}}, nil
 	case engine.MatchNotEqual, engine.MatchNotPrefix:
 		return addrSet{prefixes: []netip.Prefix{one(v)}, neg: true}, nil
@@ -554,6 +578,33 @@ func addrCondition(c engine.Condition) (addrSet, error) {
 		return addrSet{prefixes: rangePrefixes(lo, hi)}, nil
 	}
 	return addrSet{}, fmt.Errorf("%w: %s: the kernel cannot match addresses this way", ErrNotSupported, c)
+}
+
+// listPrefixes covers an address list with prefixes: an address each,
+// the fewest prefixes for each merged range.
+func listPrefixes(l *engine.List) []netip.Prefix {
+	out := make([]netip.Prefix, 0, l.Len())
+	for a := range l.Addrs() {
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	for lo, hi := range l.AddrRanges() {
+		out = append(out, rangePrefixes(lo, hi)...)
+	}
+	return out
+}
+
+// listConditions is an integer list as the conditions it stands for: an
+// EQUAL per integer, a RANGE per merged range.
+func listConditions(c engine.Condition, l *engine.List) []engine.Condition {
+	var out []engine.Condition
+	for v := range l.Values() {
+		one := engine.Condition{Field: c.Field, Match: engine.MatchEqual, Value: v}
+		if v.Type() == engine.TypeRange {
+			one.Match = engine.MatchRange
+		}
+		out = append(out, one)
+	}
+	return out
 }
 
 func zeroAddr(a netip.Addr) netip.Addr {
@@ -621,7 +672,12 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 	}
 	total := 0
 	for _, cs := range g {
-		total += len(cs)
+		for _, c := range cs {
+			total++
+			if l := c.Value.List(); l != nil {
+				total += l.Len()
+			}
+		}
 	}
 	entries := make([]entry, 0, total)
 	conds := make([][]addrSet, len(g))
@@ -669,6 +725,10 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 	var last bitvec    // the bitset interned last, and its class: most
 	var lastCls uint32 // prefixes of a long list share one
 	var refs []ref
+	var memoRefs []ref // the refs, parent and stack depth of the last new positive bitset
+	var memoPos bitvec
+	var memoParent *uint64
+	memoDepth := -1
 	for i := 0; i < len(entries); {
 		pf := entries[i].pf
 		refs = refs[:0]
@@ -695,10 +755,23 @@ func (lp *layerPolicy) compileAddrs(f int, g [][]engine.Condition, wild bitvec) 
 			}
 		}
 		if hasPos {
-			pos = pos.clone()
-			for _, e := range refs {
-				if !e.neg {
-					pos.set(e.rank)
+			// Siblings under one parent with the same filters (a long
+			// list's hosts) share one bitset: bitsets are not modified
+			// once on the stack.
+			if len(memoRefs) > 0 && len(stack) == memoDepth && (len(stack) == 0 || &stack[len(stack)-1].pos[0] == memoParent) && slices.Equal(memoRefs, refs) {
+				pos = memoPos
+			} else {
+				parent := pos
+				pos = pos.clone()
+				for _, e := range refs {
+					if !e.neg {
+						pos.set(e.rank)
+					}
+				}
+				memoDepth, memoRefs, memoPos = len(stack), append(memoRefs[:0], refs...), pos
+				memoParent = nil
+				if len(parent) > 0 && len(stack) > 0 {
+					memoParent = &parent[0]
 				}
 			}
 		}

@@ -1,11 +1,13 @@
 package ebpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -81,6 +83,13 @@ func (p *Policy) simulate(slot int, t tuple) (block bool, redirect int) {
 				break
 			}
 			best := -1
+			if ht := lp.hosts[f-fieldRAddr]; a.Is4() && len(ht.hosts) > 0 {
+				b := a.As4()
+				if _, ok := slices.BinarySearch(ht.hosts, binary.BigEndian.Uint32(b[:])); ok {
+					cls = ht.cls // the host table first, as fwp_host_class
+					break
+				}
+			}
 			for _, e := range lp.addrs[f-fieldRAddr] {
 				if e.prefix.Contains(a) && e.prefix.Bits() > best {
 					best, cls = e.prefix.Bits(), e.class
@@ -182,6 +191,9 @@ type gen struct {
 	// kinds: the layers filters go to (CONNECT_REDIRECT and AUTH_CONNECT
 	// when empty).
 	kinds []engine.LayerKind
+	// hostRuns: runs of v4 host filters (one action, consecutive weights
+	// or not), which Compile collapses when nothing falls between them.
+	hostRuns bool
 }
 
 // genApps are the app id paths of random policies: the test binary (the
@@ -221,7 +233,32 @@ func (g *gen) cond() engine.Condition {
 	switch r.IntN(7) {
 	case 0, 1:
 		a := g.addr()
-		switch r.IntN(5) {
+		switch r.IntN(6) {
+		case 5: // a list (engine.List): addresses, prefixes and ranges, ORed
+			b := engine.NewListBuilder(engine.TypeAddr, 4)
+			for range 1 + r.IntN(6) {
+				a, c := g.addr(), g.addr()
+				var err error
+				switch r.IntN(3) {
+				case 0:
+					err = b.Add(engine.Addr(a))
+				case 1:
+					bits := []int{16, 24, 30}[r.IntN(3)]
+					if g.v6 {
+						bits = []int{64, 120, 127}[r.IntN(3)]
+					}
+					err = b.Add(engine.Prefix(netip.PrefixFrom(a, bits)))
+				default:
+					if c.Less(a) {
+						a, c = c, a
+					}
+					err = b.Add(engine.Range(engine.Addr(a), engine.Addr(c)))
+				}
+				if err != nil {
+					panic(err)
+				}
+			}
+			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.ListValue(b.List())}
 		case 0:
 			return engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(a)}
 		case 1:
@@ -243,7 +280,14 @@ func (g *gen) cond() engine.Condition {
 		}
 	case 2, 3:
 		p := g.port()
-		switch r.IntN(4) {
+		switch r.IntN(5) {
+		case 4:
+			b := engine.NewListBuilder(engine.TypeUint16, 3)
+			_ = b.Add(engine.Uint16(p))
+			q := g.port()
+			_ = b.Add(engine.Range(engine.Uint16(min(p, q)), engine.Uint16(max(p, q))))
+			_ = b.Add(engine.Uint16(g.port()))
+			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.ListValue(b.List())}
 		case 0:
 			return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(p)}
 		case 1:
@@ -326,9 +370,85 @@ func (g *gen) policy(t testing.TB, nfilters int) *engine.Engine {
 			if _, err := tx.AddFilter(f); err != nil {
 				return err
 			}
+			if g.hostRuns && !g.v6 && g.r.IntN(4) == 0 {
+				if err := g.hostRun(tx, subs); err != nil {
+					return err
+				}
+			}
 		}
 		return nil
 	})
+}
+
+// hostRun adds 2-8 filters that differ only in their remote host (drawn
+// from the pool: some twice), of one action, sublayer and flags, with one
+// weight or weights among the other filters'.
+func (g *gen) hostRun(tx *engine.Txn, subs []engine.SublayerID) error {
+	kind := []engine.LayerKind{engine.KindConnectRedirect, engine.KindAuthConnect}[g.r.IntN(2)]
+	f := engine.Filter{Layer: engine.LayerFor(kind, false), Sublayer: subs[g.r.IntN(len(subs))],
+		Action: engine.Action{Type: []engine.ActionType{engine.ActionPermit, engine.ActionBlock}[g.r.IntN(2)]}}
+	if g.r.IntN(3) == 0 {
+		f.Flags |= engine.FilterClearActionRight
+	}
+	var extra []engine.Condition
+	if g.r.IntN(2) == 0 {
+		extra = append(extra, engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(g.port())})
+	}
+	same := g.r.IntN(2) == 0
+	w := engine.WeightExact(uint64(g.r.IntN(4)))
+	for range 2 + g.r.IntN(7) {
+		m := f
+		m.Weight = w
+		if !same {
+			m.Weight = engine.WeightExact(uint64(g.r.IntN(4)))
+		}
+		m.Conditions = append([]engine.Condition{{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(g.addr())}}, extra...)
+		if _, err := tx.AddFilter(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// smallRuns makes Compile use host tables and collapse runs from the
+// sizes random policies have.
+func smallRuns(t testing.TB) {
+	oh, or := hostTableMin, runMin
+	hostTableMin, runMin = 1, 2
+	t.Cleanup(func() { hostTableMin, runMin = oh, or })
+}
+
+// TestCompileMatchesEngineHostRuns is TestCompileMatchesEngine with host
+// tables and collapsed runs of host filters.
+func TestCompileMatchesEngineHostRuns(t *testing.T) {
+	smallRuns(t)
+	collapsed, tables := 0, 0
+	for seed := range uint64(400) {
+		g := &gen{r: rand.New(rand.NewPCG(seed, 8)), cgroup: 4242, hostRuns: true}
+		e := g.policy(t, 1+g.r.IntN(25))
+		p, err := Compile(e.View())
+		if err != nil {
+			t.Fatalf("seed %d: %v", seed, err)
+		}
+		for _, lp := range p.layers {
+			if lp != nil {
+				collapsed += len(lp.runs)
+				if len(lp.hosts[0].hosts)+len(lp.hosts[1].hosts) > 0 {
+					tables++
+				}
+			}
+		}
+		for range 60 {
+			tp := g.tuple()
+			if want, got := engineBlocks(e, tp), p.simulateBlocks(tp); want != got {
+				t.Fatalf("seed %d tuple %+v: engine blocks=%v, compiled blocks=%v", seed, tp, want, got)
+			}
+		}
+	}
+	t.Logf("%d runs collapsed, %d layers with host tables", collapsed, tables)
+	if collapsed == 0 || tables == 0 {
+		t.Fatalf("no run collapsed or no host table: the test proves nothing")
+	}
 }
 
 // buildEngine returns a new engine holding what fn adds in one transaction.

@@ -627,6 +627,156 @@ static __always_inline __u32 int_class(__u32 g, __u64 v)
 	return c ? *c : CLASS_MISS;
 }
 
+// Host tables (issue 15): the v4 host addresses of large address lists
+// and runs of host filters, sorted, in one mmapable array that user space
+// fills with a copy (no per-entry map update: a million addresses take
+// milliseconds, where the LPM trie took seconds). A generation owns one
+// half. fwp_host_runs gives each (generation, layer, address field) the
+// slice of hosts that all have one class (found there first: a host is
+// the longest prefix); fwp_id_runs gives each collapsed run of host
+// filters (a filter meta whose id has RUN_BIT) the slice of its hosts,
+// and fwp_host_ids the filter id of each, for net events and counters.
+#define RUN_BIT (1ULL << 63)
+#define MAXRUNS 64 // collapsed runs per layer and generation
+
+struct host_run {
+	__u32 off; // first index in fwp_hosts
+	__u32 len;
+	__u32 cls; // fwp_host_runs: the hosts' class; fwp_id_runs: a second slice's off
+	__u32 pad; // fwp_id_runs: the second slice's len
+};
+
+// Blocks of hosts: an array element takes a multiple of 8 bytes, so a
+// 4-byte element would take 8 in the mapped memory.
+#define HOST_BLOCK 1024
+struct host_block {
+	__u32 h[HOST_BLOCK];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 2048); // blocks: Options.MaxHosts / HOST_BLOCK
+	__type(key, __u32);
+	__type(value, struct host_block);
+} fwp_hosts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 2048); // as fwp_hosts
+	__type(key, __u32);
+	__type(value, struct host_block);
+} fwp_host_ids SEC(".maps");
+
+// host_at is fwp_hosts (or fwp_host_ids) entry i, or 0 when out of
+// range; *key is the lookup's key slot (one slot for a whole search: this
+// stack counts in the deepest call chain).
+static __always_inline __u32 *host_at(void *map, __u32 i, __u32 *key)
+{
+	*key = i / HOST_BLOCK;
+	struct host_block *blk = bpf_map_lookup_elem(map, key);
+	if (!blk)
+		return 0;
+	return &blk->h[i & (HOST_BLOCK - 1)];
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * NSLOTS * 2);
+	__type(key, __u32);
+	__type(value, struct host_run);
+} fwp_host_runs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * NSLOTS * MAXRUNS);
+	__type(key, __u32);
+	__type(value, struct host_run);
+} fwp_id_runs SEC(".maps");
+
+// host_find returns the index of x in the sorted fwp_hosts[off,
+// off+len), or -1: a binary search unrolled over at most 2^23 entries,
+// branch-free but for the lookups (a branch per step would give the
+// verifier 2^23 paths), on no stack (the deepest call chain's stack is
+// bounded at 512 bytes and the walk takes most of it).
+#define HOST_STEPS 23
+static __always_inline int host_find(__u32 off, __u32 len, __u32 x, __u32 *key)
+{
+	if (!len || len > (1U << HOST_STEPS))
+		return -1;
+	__u32 base = off, n = len;
+#pragma unroll
+	for (int i = 0; i < HOST_STEPS; i++) {
+		__u32 half = n / 2;
+		__u32 *v = host_at(&fwp_hosts, base + half, key);
+		if (!v)
+			return -1;
+		// v <= x: move up by half (the mask is all ones when x - v
+		// does not borrow).
+		__u64 keep = ((__u64)x - (__u64)*v) >> 63; // 1 when v > x
+		base += half & (__u32)(keep - 1);
+		n -= half;
+	}
+	__u32 *v = host_at(&fwp_hosts, base, key);
+	if (v && *v == x)
+		return base & 0x7fffffff;
+	return -1;
+}
+
+static __always_inline __u32 load_be32(__u8 *a)
+{
+	return (__u32)a[0] << 24 | (__u32)a[1] << 16 | (__u32)a[2] << 8 | a[3];
+}
+
+// fwp_host_class classifies a v4 address by its field's host table, or
+// returns CLASS_MISS (then the LPM trie decides). A global function of
+// its own called from fwp_classify: the search's spills stay out of the
+// deepest call chain's stack (prog + fwp_classify + fwp_field_class).
+__attribute__((noinline)) int fwp_host_class(__u32 li, __u32 which, struct tuple *t)
+{
+	if (!t || t->v6 || !(which ? t->has_laddr : t->has_raddr))
+		return CLASS_MISS;
+	__u32 k = li * 2 + (which & 1);
+	struct host_run *r = bpf_map_lookup_elem(&fwp_host_runs, &k);
+	if (!r || !r->len)
+		return CLASS_MISS;
+	__u32 key;
+	if (host_find(r->off, r->len, load_be32(which ? t->laddr : t->raddr), &key) < 0)
+		return CLASS_MISS;
+	// Looked up again rather than kept across the search: one register
+	// less to spill (this function's stack counts in the deepest chain).
+	r = bpf_map_lookup_elem(&fwp_host_runs, &k);
+	return r ? r->cls : CLASS_MISS;
+}
+
+// fwp_run_decider is the id of the filter of a collapsed run (meta id
+// RUN_BIT | run) that holds the tuple's remote address: the first of the
+// run in rank order (Compile keeps one filter per host).
+__attribute__((noinline)) __u64 fwp_run_decider(__u32 li, __u64 id, struct tuple *t)
+{
+	if (!t || t->v6)
+		return 0;
+	__u32 k = li * MAXRUNS + (__u32)(id & (MAXRUNS - 1));
+	struct host_run *r = bpf_map_lookup_elem(&fwp_id_runs, &k);
+	if (!r)
+		return 0;
+	__u32 x = load_be32(t->raddr);
+	int i = host_find(r->off, r->len, x, &k);
+	if (i < 0) {
+		// Not in the host table: in the run's own slice (cls, pad).
+		k = li * MAXRUNS + (__u32)(id & (MAXRUNS - 1));
+		r = bpf_map_lookup_elem(&fwp_id_runs, &k);
+		if (!r)
+			return 0;
+		i = host_find(r->cls, r->pad, x, &k);
+	}
+	if (i < 0)
+		return 0;
+	__u32 *fid = host_at(&fwp_host_ids, i, &k);
+	return fid ? *fid : 0;
+}
+
 // The few kernel types the app field reads, relocated against the running
 // kernel's BTF (CO-RE): only the fields named here are used.
 struct super_block {
@@ -770,7 +920,11 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 		if (!(active & (1 << f)))
 			continue;
 		struct bs_key k = {.glf = glf(gen, slot, f)};
-		__u32 c = fwp_field_class(li, f, t);
+		__u32 c = CLASS_MISS;
+		if (f == FIELD_RADDR || f == FIELD_LADDR)
+			c = fwp_host_class(li, f, t); // a host table first
+		if (c == CLASS_MISS)
+			c = fwp_field_class(li, f, t);
 		if (c == CLASS_MISS)
 			c = lc->default_class[f];
 		else if (c == CLASS_EMPTY)
@@ -814,6 +968,8 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 	if (n > MAXF)
 		n = MAXF;
 	bpf_loop(n + NWORDS + NSUM + 1, walk_step, &w, 0);
+	if (w.decider & RUN_BIT)
+		w.decider = fwp_run_decider(li, w.decider, t);
 	v->redirect = w.redirect;
 	v->filter_id = w.decider;
 	v->action = w.action == ACT_BLOCK ? ACT_BLOCK : ACT_PERMIT;

@@ -92,6 +92,10 @@ type Stats struct {
 	// decision alone: sending the verdict runs the packet on).
 	Inline     uint64
 	InlineTime time.Duration
+	// Async: flows classified off the read loop because their layer
+	// calls a callout that may block (engine.CalloutMayBlock: a callout
+	// program's).
+	Async uint64
 }
 
 // Path is the kernel callout path: it holds the first packet of each flow
@@ -111,8 +115,8 @@ type Path struct {
 	mask   uint32
 	paths  processPaths
 
-	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected atomic.Uint64
-	holding                                                                                              atomic.Int64
+	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected, async atomic.Uint64
+	holding                                                                                                     atomic.Int64
 	// done takes decided flows to a goroutine that notes their verdict
 	// on the hook's record, off the read loop (the verdict's packet is on
 	// its way).
@@ -304,7 +308,7 @@ func (p *Path) closeQueues() {
 func (p *Path) Stats() Stats {
 	return Stats{Queued: p.queued.Load(), Permitted: p.permitted.Load(), Blocked: p.blocked.Load(), Pended: p.pended.Load(),
 		Held: p.holding.Load(), NoFlow: p.noFlow.Load(), Redirects: p.redirects.Load(), Errors: p.errs.Load(),
-		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load(), Redirected: p.redirected.Load()}
+		Inline: p.inline.Load(), InlineTime: time.Duration(p.inlineNanos.Load()), Resent: p.resent.Load(), Redirected: p.redirected.Load(), Async: p.async.Load()}
 }
 
 // Fallbacks counts the SYNs the kernel decided by their filter's
@@ -428,6 +432,16 @@ func (p *Path) handle(q *queue, pk *packet) {
 		fl.layers[0], fl.nlayers = f.Layer, 1
 	}
 	p.fillMeta(fl)
+	if p.eng.LayerMayBlock(fl.layers[0]) || fl.nlayers == 2 && p.eng.LayerMayBlock(fl.layers[1]) {
+		// A callout program answers over a socket, slowly or not at all
+		// before its deadline: the flow is classified on a goroutine of
+		// its own, and this queue goes on with the next packet.
+		if p.hold(fl, nil) {
+			p.async.Add(1)
+			go p.wait(fl, engine.Result{})
+		}
+		return
+	}
 	res, pended := p.run(fl)
 	if !pended {
 		p.inline.Add(1)
@@ -435,21 +449,31 @@ func (p *Path) handle(q *queue, pk *packet) {
 		p.answer(fl, res)
 		return
 	}
+	if p.hold(fl, res.Pend) {
+		p.pended.Add(1)
+		go p.wait(fl, res)
+	}
+}
+
+// hold counts a flow that a goroutine will answer; when the path is
+// closing it answers it at once by the filter's flag instead (false).
+func (p *Path) hold(fl *flow, pend *engine.Pend) bool {
 	p.holdMu.Lock()
 	if p.closing {
 		p.holdMu.Unlock()
-		res.Pend.Cancel()
+		if pend != nil {
+			pend.Cancel()
+		}
 		p.answer(fl, p.failResult(fl))
-		return
+		return false
 	}
 	p.held.Add(1)
 	p.holdMu.Unlock()
-	if f.Protocol == unix.IPPROTO_UDP {
-		p.udpHeld.Store(f.Cookie, &heldUDP{})
+	if fl.f.Protocol == unix.IPPROTO_UDP {
+		p.udpHeld.Store(fl.f.Cookie, &heldUDP{})
 	}
-	p.pended.Add(1)
 	p.holding.Add(1)
-	go p.wait(fl, res)
+	return true
 }
 
 // run classifies the flow's remaining layers until one pends or the flow
@@ -490,10 +514,20 @@ func (p *Path) next(fl *flow, res *engine.Result) bool {
 	return fl.stage >= fl.nlayers
 }
 
-// wait finishes a pended flow on its own goroutine.
+// wait finishes a held flow on its own goroutine: a pended one (res
+// holds the pend), or one not classified yet (a zero res: its callout may
+// block).
 func (p *Path) wait(fl *flow, res engine.Result) {
 	defer p.held.Done()
 	defer p.holding.Add(-1)
+	if res.Pend == nil {
+		var pended bool
+		if res, pended = p.run(fl); !pended {
+			p.answer(fl, res)
+			return
+		}
+		p.pended.Add(1)
+	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.opts.HoldLimit)
 	defer cancel()
 	for {

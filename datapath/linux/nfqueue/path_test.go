@@ -577,3 +577,35 @@ func TestPendedFlowDelaysNoOther(t *testing.T) {
 	}
 	fx.checkClean(t)
 }
+
+// TestBlockingCalloutDelaysNoOther: a callout that may block (a callout
+// program's: engine.CalloutMayBlock) takes 3 s to answer one flow inline,
+// without pending; 200 connects decided at once by the same callout,
+// meanwhile, are all done before it answers — its flow is classified off
+// the queue's read loop.
+func TestBlockingCalloutDelaysNoOther(t *testing.T) {
+	fx := newFixture(t, 10*time.Second)
+	if err := fx.eng.UnregisterCallout("test.decide"); err != nil {
+		t.Fatal(err)
+	}
+	slow := func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+		if int(req.Values.Uint(engine.FieldIPRemotePort)) == portHeld {
+			time.Sleep(3 * time.Second) // a round trip to a slow program
+			out.Action = engine.ActionPermit
+			return
+		}
+		fx.classify(req, out)
+	}
+	if err := fx.eng.RegisterCallout("test.decide", engine.CalloutRegistration{Classify: slow, Flags: engine.CalloutMayBlock}); err != nil {
+		t.Fatal(err)
+	}
+	f := fx.call(t, fmt.Sprintf("hol %d %d %d", portHeld, portPermit, 200))
+	// ok failed stillHeld heldOK firstErr
+	if f[0] != "200" || f[1] != "0" || f[2] != "true" || f[3] != "true" {
+		t.Fatalf("200 connects beside one a blocking callout takes 3 s to decide: %v (want all 200 done while it was still undecided, then it connected too)", f)
+	}
+	if st := fx.path.Stats(); st.Async < 201 {
+		t.Errorf("%d flows classified off the read loop, want all 201", st.Async)
+	}
+	fx.checkClean(t)
+}

@@ -68,6 +68,8 @@ type Datapath struct {
 	proxyLinks map[string][]link.Link
 	// targetKeys are the (handle, target pid) pairs in fwp_targets.
 	targetKeys map[fwpTargetKey]bool
+	// reauth: the socket iterators, once EnableReauthorization loaded them.
+	reauth *reauthObjs
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -253,7 +255,7 @@ func (d *Datapath) Close() error {
 			}
 		}
 	}
-	errs = append(errs, d.objs.Close())
+	errs = append(errs, d.reauth.close(), d.objs.Close())
 	if !d.opts.KeepHooks && d.opts.PinDir != "" {
 		errs = append(errs, os.RemoveAll(d.opts.PinDir))
 		errs = append(errs, d.unmountBPFFS())

@@ -91,6 +91,27 @@ type fwpFlowKey struct {
 	Pad        [3]uint8
 }
 
+type fwpFlowNote struct {
+	_          structs.HostLayout
+	Raddr      [16]uint8
+	Laddr      [16]uint8
+	CgroupId   uint64
+	AppIno     uint64
+	AppDev     uint32
+	Tgid       uint32
+	Uid        uint32
+	Gid        uint32
+	Rport      uint16
+	Lport      uint16
+	Proto      uint8
+	V6         uint8
+	HasLaddr   uint8
+	HasLport   uint8
+	Redirected uint8
+	Pad        [7]uint8
+	Comm       [16]int8
+}
+
 type fwpIntKey struct {
 	_   structs.HostLayout
 	Glf uint32
@@ -187,9 +208,11 @@ const (
 	fwpMapFwpHits          = "fwp_hits"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
+	fwpMapFwpNoteCfg       = "fwp_note_cfg"
 	fwpMapFwpPorts         = "fwp_ports"
 	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
 	fwpMapFwpRedirects     = "fwp_redirects"
+	fwpMapFwpSkFlow        = "fwp_sk_flow"
 	fwpMapFwpSkRecords     = "fwp_sk_records"
 	fwpMapFwpSockRecords   = "fwp_sock_records"
 	fwpMapFwpSockRedirect  = "fwp_sock_redirect"
@@ -289,9 +312,11 @@ type fwpMapSpecs struct {
 	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
+	FwpNoteCfg       *ebpf.MapSpec `ebpf:"fwp_note_cfg"`
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
+	FwpSkFlow        *ebpf.MapSpec `ebpf:"fwp_sk_flow"`
 	FwpSkRecords     *ebpf.MapSpec `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
@@ -339,9 +364,11 @@ type fwpMaps struct {
 	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
+	FwpNoteCfg       *ebpf.Map `ebpf:"fwp_note_cfg"`
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
+	FwpSkFlow        *ebpf.Map `ebpf:"fwp_sk_flow"`
 	FwpSkRecords     *ebpf.Map `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
 	FwpSockRedirect  *ebpf.Map `ebpf:"fwp_sock_redirect"`
@@ -365,9 +392,11 @@ func (m *fwpMaps) Close() error {
 		m.FwpHits,
 		m.FwpInts,
 		m.FwpLayers,
+		m.FwpNoteCfg,
 		m.FwpPorts,
 		m.FwpProxyPorts,
 		m.FwpRedirects,
+		m.FwpSkFlow,
 		m.FwpSkRecords,
 		m.FwpSockRecords,
 		m.FwpSockRedirect,

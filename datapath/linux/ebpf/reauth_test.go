@@ -1,0 +1,292 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"fwp/engine"
+	"fwp/internal/testutil"
+)
+
+// holdConnsHelper runs in the test cgroup and namespace. "open N" starts
+// two TCP echo servers (ports A and B) and a UDP echo server (C) on
+// loopback, and connects N TCP flows to each server and one connected UDP
+// socket to C; it answers {"a":A,"b":B,"c":C}. "check" sends a byte on
+// every flow and answers each one's fate in order (A's, B's, then UDP):
+// "ok", "aborted" (ECONNABORTED: destroyed here), or the error. "close"
+// closes them all.
+func holdConnsHelper([]string) error {
+	in := bufio.NewScanner(os.Stdin)
+	var conns []net.Conn
+	var lns []io.Closer
+	for in.Scan() {
+		f := strings.Fields(in.Text())
+		if len(f) == 0 {
+			continue
+		}
+		switch f[0] {
+		case "open":
+			n, _ := strconv.Atoi(f[1])
+			ports := map[string]int{}
+			for _, name := range []string{"a", "b"} {
+				l, err := net.Listen("tcp4", "127.0.0.1:0")
+				if err != nil {
+					return err
+				}
+				lns = append(lns, l)
+				go func() {
+					for {
+						c, err := l.Accept()
+						if err != nil {
+							return
+						}
+						go func() { io.Copy(c, c); c.Close() }()
+					}
+				}()
+				ports[name] = l.Addr().(*net.TCPAddr).Port
+				for range n {
+					c, err := net.Dial("tcp4", l.Addr().String())
+					if err != nil {
+						return err
+					}
+					conns = append(conns, c)
+				}
+			}
+			pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+			if err != nil {
+				return err
+			}
+			lns = append(lns, pc)
+			go func() {
+				b := make([]byte, 64)
+				for {
+					n, from, err := pc.ReadFrom(b)
+					if err != nil {
+						return
+					}
+					pc.WriteTo(b[:n], from)
+				}
+			}()
+			ports["c"] = pc.LocalAddr().(*net.UDPAddr).Port
+			u, err := net.Dial("udp4", pc.LocalAddr().String())
+			if err != nil {
+				return err
+			}
+			conns = append(conns, u)
+			if err := json.NewEncoder(os.Stdout).Encode(ports); err != nil {
+				return err
+			}
+		case "check":
+			out := make([]string, len(conns))
+			for i, c := range conns {
+				out[i] = echo(c)
+			}
+			if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
+				return err
+			}
+		case "close":
+			for _, c := range conns {
+				c.Close()
+			}
+			conns = nil
+			for _, l := range lns {
+				l.Close()
+			}
+			lns = nil
+			fmt.Println(`"closed"`)
+		}
+	}
+	return in.Err()
+}
+
+// echo sends one byte and waits for it back.
+func echo(c net.Conn) string {
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	b := []byte{'x'}
+	_, err := c.Write(b)
+	if err == nil {
+		_, err = io.ReadFull(c, b)
+	}
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.Is(err, syscall.ECONNABORTED):
+		return "aborted"
+	default:
+		return err.Error()
+	}
+}
+
+func callJSON(t testing.TB, h *testutil.Helper, req string, v any) {
+	t.Helper()
+	ans, err := h.Call([]byte(req))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(ans, v); err != nil {
+		t.Fatalf("%s: %v (%q)", req, err, ans)
+	}
+}
+
+func reauthSetup(t testing.TB) (*Datapath, *testutil.Cgroup) {
+	t.Helper()
+	d, cg := kernelSetup(t)
+	if err := d.EnableReauthorization(); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	return d, cg
+}
+
+func portFilter(l engine.LayerID, proto uint8, port int) engine.Filter {
+	return blockFilter(l, engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(port))},
+		engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(proto)})
+}
+
+// TestReauthorizeResetsBlockedFlows: established flows that a new policy
+// blocks are destroyed by a reauthorization pass, those it still permits
+// survive, and a pass under an unchanged policy touches nothing.
+func TestReauthorizeResetsBlockedFlows(t *testing.T) {
+	d, cg := reauthSetup(t)
+	e := engine.New(engine.Options{})
+	apply(t, d, e)
+	h := testutil.StartHelper(t, cg, "holdconns")
+	const n = 3
+	var ports map[string]int
+	callJSON(t, h, fmt.Sprintf("open %d", n), &ports)
+
+	pass, err := d.Reauthorize(e, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pass.Flows != 2*n+1 || len(pass.Resets) != 0 {
+		t.Fatalf("unchanged policy: %+v, want %d flows and no reset", pass, 2*n+1)
+	}
+	// The accepted sockets of the servers were not connected through the
+	// hook: not live flows of the hooked cgroup.
+	var fate []string
+	callJSON(t, h, "check", &fate)
+	for i, f := range fate {
+		if f != "ok" {
+			t.Fatalf("flow %d before the change: %s", i, f)
+		}
+	}
+
+	if err := e.Update(func(tx *engine.Txn) error {
+		for _, f := range []engine.Filter{portFilter(engine.LayerALEAuthConnectV4, 6, ports["a"]), portFilter(engine.LayerALEAuthConnectV4, 17, ports["c"])} {
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Compile(e.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+	pass, err = d.Reauthorize(e, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pass.Blocked != n+1 || len(pass.Resets) != n+1 {
+		t.Fatalf("after blocking A and C: %+v, want %d resets", pass, n+1)
+	}
+	for _, r := range pass.Resets {
+		port := r.Flow.Remote.Port()
+		if (port != uint16(ports["a"]) && port != uint16(ports["c"])) || r.Result.Permitted() || r.Result.Filter == 0 {
+			t.Errorf("reset %+v", r)
+		}
+		if r.Flow.UID != 0 || r.Flow.PID != uint32(h.Pid()) || r.Flow.Comm == "" || r.Flow.App == (AppIdentity{}) {
+			t.Errorf("reset's metadata %+v (helper pid %d)", r.Flow, h.Pid())
+		}
+	}
+	callJSON(t, h, "check", &fate)
+	for i, f := range fate {
+		want := "ok"
+		if i < n || i == 2*n {
+			want = "aborted" // A's flows, then UDP
+		}
+		if (want == "ok") != (f == "ok") || (i < n && f != want) {
+			t.Errorf("flow %d after the change: %s, want %s", i, f, want)
+		}
+	}
+	// The destroyed flows are gone; the next pass finds B's only.
+	pass, err = d.Reauthorize(e, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pass.Flows != n || len(pass.Resets) != 0 {
+		t.Fatalf("second pass: %+v, want %d flows", pass, n)
+	}
+	if kill, _, err := d.ReauthCounts(); err != nil || kill != 0 {
+		t.Fatalf("kill map holds %d (%v)", kill, err)
+	}
+}
+
+// TestReauthorizeOnlyHookedCgroups: a socket noted by the hooks of a
+// cgroup they were detached from since is not a live flow of the hooked
+// cgroups: the iterator checks the socket's cgroup.
+func TestReauthorizeOnlyHookedCgroups(t *testing.T) {
+	d, cg := reauthSetup(t)
+	e := engine.New(engine.Options{})
+	apply(t, d, e)
+	h := testutil.StartHelper(t, cg, "holdconns")
+	var ports map[string]int
+	callJSON(t, h, "open 2", &ports)
+	ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", h.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	flows, err := d.LiveFlows(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(flows) != 5 {
+		t.Fatalf("%d live flows, want 5: %+v", len(flows), flows)
+	}
+	var cookies []uint64
+	for _, f := range flows {
+		cookies = append(cookies, f.Cookie)
+		if f.SocketRemote.Port() != f.Remote.Port() || !f.SocketLocal.Addr().IsLoopback() || f.SocketLocal.Port() == 0 {
+			t.Errorf("flow %+v", f)
+		}
+	}
+	if err := d.Detach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Attach(cg.Path) }) // kernelSetup's cleanup detaches it
+	flows, err = d.LiveFlows(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(flows) != 0 {
+		t.Fatalf("after detaching the cgroup: %d live flows: %+v", len(flows), flows)
+	}
+	if done, err := d.DestroyFlows(ns, cookies); err != nil || len(done) != 0 {
+		t.Fatalf("destroyed %v (%v) of a cgroup no longer hooked", done, err)
+	}
+	var fate []string
+	callJSON(t, h, "check", &fate)
+	for i, f := range fate {
+		if f != "ok" {
+			t.Errorf("flow %d of a cgroup no longer hooked: %s", i, f)
+		}
+	}
+}

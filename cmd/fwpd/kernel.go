@@ -37,6 +37,8 @@ type kernelConfig struct {
 	proxyCgroups string
 	addrs        uint
 	callouts     calloutConfig
+	// noReauth: --no-reauthorize-established (reauth.go).
+	noReauth bool
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -49,6 +51,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
 	k.callouts.flags(fs)
+	fs.BoolVar(&k.noReauth, "no-reauthorize-established", false, "leave established connections alone when a committed policy blocks them (default: reauthorize them and reset those it blocks)")
 }
 
 // resolveProxyCgroups turns --proxy-cgroup into directories. The proxy
@@ -99,6 +102,7 @@ type kernel struct {
 	watched string        // the watched paths, joined
 	kick    chan struct{} // the watcher changed, or a file did before it watched
 	co      calloutPath
+	reauth  reauthorizer
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -143,7 +147,9 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}}, nil
+	k := &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}}
+	k.enableReauth(!c.noReauth)
+	return k, nil
 }
 
 // pinsLockWait bounds how long a new fwpd waits for the previous one to
@@ -380,6 +386,10 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 		}
 	}()
 	go k.appsLoop(ctx)
+	go k.reauthLoop(ctx, eng)
+	if reg != nil {
+		reg.MustRegister(reauthCollector{&k.reauth})
+	}
 	var paths ebpf.ProcessPaths
 	go func() {
 		err := k.d.ReadEvents(ctx, func(e ebpf.Event) {

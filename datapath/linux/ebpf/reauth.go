@@ -4,7 +4,6 @@ package ebpf
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -17,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -51,6 +51,10 @@ type LiveFlow struct {
 
 // reauthFlowSize is sizeof(struct reauth_flow).
 const reauthFlowSize = 152
+
+// The iterator's records are read straight into fwpreauthReauthFlow.
+var _ [reauthFlowSize - unsafe.Sizeof(fwpreauthReauthFlow{})]byte
+var _ [unsafe.Sizeof(fwpreauthReauthFlow{}) - reauthFlowSize]byte
 
 // reauthObjs are the socket iterators (bpf/reauth.c), loaded by
 // EnableReauthorization.
@@ -275,13 +279,12 @@ func (d *Datapath) liveFlows(netns *os.File, fn func(*LiveFlow)) error {
 			return fmt.Errorf("reauthorize: socket iterator: %w", err)
 		}
 		br := bufio.NewReaderSize(rc, 64<<10)
+		// The records are the C struct as the kernel lays it out: read
+		// into the generated struct's memory (bpfel, as the host).
 		var raw fwpreauthReauthFlow
-		var buf [reauthFlowSize]byte
+		buf := unsafe.Slice((*byte)(unsafe.Pointer(&raw)), unsafe.Sizeof(raw))
 		for {
-			if _, err = io.ReadFull(br, buf[:]); err != nil {
-				break
-			}
-			if err = binary.Read(bytes.NewReader(buf[:]), binary.LittleEndian, &raw); err != nil {
+			if _, err = io.ReadFull(br, buf); err != nil {
 				break
 			}
 			f := raw.export()
@@ -555,6 +558,13 @@ func (d *Datapath) Reauthorize(eng *engine.Engine, p *Policy) (ReauthPass, error
 	var vs engine.Values
 	var meta engine.Metadata
 	var errs []error
+	// Resolved once per process and executable in a pass (a stat and a
+	// readlink of /proc/PID/exe).
+	type appKey struct {
+		pid uint32
+		id  AppIdentity
+	}
+	apps := map[appKey]string{}
 	for i, ns := range nss {
 		if i == 0 {
 			ns = nil // the caller's own: no thread switch
@@ -569,7 +579,13 @@ func (d *Datapath) Reauthorize(eng *engine.Engine, p *Policy) (ReauthPass, error
 					orig = st.Original
 				}
 			}
-			ReauthValues(f, appPath(p, f), orig, &vs, &meta)
+			ak := appKey{f.PID, f.App}
+			app, ok := apps[ak]
+			if !ok {
+				app = appPath(p, f)
+				apps[ak] = app
+			}
+			ReauthValues(f, app, orig, &vs, &meta)
 			res := eng.Classify(f.Layer, &vs, &meta)
 			if res.Pend != nil {
 				// Pending during a reauthorization fails (CANNOT_PEND)

@@ -481,3 +481,73 @@ func BenchmarkReauthorizePass(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkReauthNoteConnect: TCP connect+close in the hooked cgroup with
+// the connect hook's per-socket note off and on (reauthorization enabled),
+// alternately in one run, and the connect4 program's own run time each
+// way from bpf_stats.
+func BenchmarkReauthNoteConnect(b *testing.B) {
+	testutil.RequireRoot(b)
+	bareCg, cg := testutil.NewCgroup(b), testutil.NewCgroup(b)
+	d, err := Load(Options{})
+	if err != nil {
+		testutil.Unavailable(b, err)
+	}
+	b.Cleanup(func() { d.Close() })
+	if err := d.Attach(cg.Path); err != nil {
+		testutil.Unavailable(b, err)
+	}
+	apply(b, d, tenThousand(b))
+	if err := d.EnableReauthorization(); err != nil {
+		testutil.Unavailable(b, err)
+	}
+	note := func(on bool) {
+		v := uint32(0)
+		if on {
+			v = 1
+		}
+		if err := d.objs.FwpNoteCfg.Put(uint32(0), v); err != nil {
+			b.Fatal(err)
+		}
+	}
+	measure := func() int64 {
+		var ns [2]int64
+		if err := json.Unmarshal(testutil.RunHelper(b, bareCg, "connectpair", nil, bareCg.Path, cg.Path), &ns); err != nil {
+			b.Fatal(err)
+		}
+		return ns[1]
+	}
+	var off, on int64
+	runs := 0
+	for b.Loop() {
+		note(false)
+		off += measure()
+		note(true)
+		on += measure()
+		runs++
+	}
+	b.ReportMetric(float64(off)/float64(runs), "ns/connect-notes-off")
+	b.ReportMetric(float64(on)/float64(runs), "ns/connect-notes-on")
+	b.ReportMetric(float64(on)/float64(off), "ratio")
+	b.StopTimer()
+	stats, err := EnableStats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stats.Close()
+	for _, v := range []bool{false, true} {
+		note(v)
+		before, err := d.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		measure()
+		after, err := d.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if n := after["connect4"].Runs - before["connect4"].Runs; n > 0 {
+			b.ReportMetric(float64(after["connect4"].RunTime-before["connect4"].RunTime)/float64(n), fmt.Sprintf("ns/connect4-run-notes-%v", v))
+		}
+	}
+}

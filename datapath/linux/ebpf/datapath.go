@@ -163,6 +163,14 @@ func (d *Datapath) Attach(cgroupPath string) error {
 	if err != nil {
 		return err
 	}
+	live, err := d.attachLive(cgroupPath) // flowevents.go
+	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
+		return err
+	}
+	links = append(links, live...)
 	if d.links == nil {
 		d.links = map[string][]link.Link{}
 	}

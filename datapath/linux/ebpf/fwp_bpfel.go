@@ -108,8 +108,15 @@ type fwpFlowNote struct {
 	HasLaddr   uint8
 	HasLport   uint8
 	Redirected uint8
-	Pad        [7]uint8
+	Events     uint8
+	Family     uint8
+	Pad        [5]uint8
 	Comm       [16]int8
+	Src        [16]uint8
+	Dst        [16]uint8
+	Sport      uint16
+	Dport      uint16
+	Pad2       uint32
 }
 
 type fwpIntKey struct {

@@ -13,6 +13,19 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type fwpreauthFlowEvent struct {
+	_      structs.HostLayout
+	Note   fwpreauthFlowNote
+	Cookie uint64
+	Src    [16]uint8
+	Dst    [16]uint8
+	Sport  uint16
+	Dport  uint16
+	Type   uint8
+	Family uint8
+	Pad    [2]uint8
+}
+
 type fwpreauthFlowNote struct {
 	_          structs.HostLayout
 	Raddr      [16]uint8
@@ -30,8 +43,15 @@ type fwpreauthFlowNote struct {
 	HasLaddr   uint8
 	HasLport   uint8
 	Redirected uint8
-	Pad        [7]uint8
+	Events     uint8
+	Family     uint8
+	Pad        [5]uint8
 	Comm       [16]int8
+	Src        [16]uint8
+	Dst        [16]uint8
+	Sport      uint16
+	Dport      uint16
+	Pad2       uint32
 }
 
 type fwpreauthReauthFlow struct {
@@ -53,13 +73,18 @@ type fwpreauthReauthFlow struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	fwpreauthMapFwpFlowEvents     = "fwp_flow_events"
+	fwpreauthMapFwpFlowLost       = "fwp_flow_lost"
 	fwpreauthMapFwpReauthCgroups  = "fwp_reauth_cgroups"
 	fwpreauthMapFwpReauthKill     = "fwp_reauth_kill"
 	fwpreauthMapFwpSkFlow         = "fwp_sk_flow"
 	fwpreauthProgFwpDestroyTcp    = "fwp_destroy_tcp"
 	fwpreauthProgFwpDestroyUdp    = "fwp_destroy_udp"
+	fwpreauthProgFwpFlowRelease   = "fwp_flow_release"
+	fwpreauthProgFwpFlowSockops   = "fwp_flow_sockops"
 	fwpreauthProgFwpReauthTcp     = "fwp_reauth_tcp"
 	fwpreauthProgFwpReauthUdp     = "fwp_reauth_udp"
+	fwpreauthVarFwpFlowEventType  = "fwp_flow_event_type"
 	fwpreauthVarFwpReauthFlowType = "fwp_reauth_flow_type"
 )
 
@@ -105,16 +130,20 @@ type fwpreauthSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fwpreauthProgramSpecs struct {
-	FwpDestroyTcp *ebpf.ProgramSpec `ebpf:"fwp_destroy_tcp"`
-	FwpDestroyUdp *ebpf.ProgramSpec `ebpf:"fwp_destroy_udp"`
-	FwpReauthTcp  *ebpf.ProgramSpec `ebpf:"fwp_reauth_tcp"`
-	FwpReauthUdp  *ebpf.ProgramSpec `ebpf:"fwp_reauth_udp"`
+	FwpDestroyTcp  *ebpf.ProgramSpec `ebpf:"fwp_destroy_tcp"`
+	FwpDestroyUdp  *ebpf.ProgramSpec `ebpf:"fwp_destroy_udp"`
+	FwpFlowRelease *ebpf.ProgramSpec `ebpf:"fwp_flow_release"`
+	FwpFlowSockops *ebpf.ProgramSpec `ebpf:"fwp_flow_sockops"`
+	FwpReauthTcp   *ebpf.ProgramSpec `ebpf:"fwp_reauth_tcp"`
+	FwpReauthUdp   *ebpf.ProgramSpec `ebpf:"fwp_reauth_udp"`
 }
 
 // fwpreauthMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fwpreauthMapSpecs struct {
+	FwpFlowEvents    *ebpf.MapSpec `ebpf:"fwp_flow_events"`
+	FwpFlowLost      *ebpf.MapSpec `ebpf:"fwp_flow_lost"`
 	FwpReauthCgroups *ebpf.MapSpec `ebpf:"fwp_reauth_cgroups"`
 	FwpReauthKill    *ebpf.MapSpec `ebpf:"fwp_reauth_kill"`
 	FwpSkFlow        *ebpf.MapSpec `ebpf:"fwp_sk_flow"`
@@ -124,6 +153,7 @@ type fwpreauthMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fwpreauthVariableSpecs struct {
+	FwpFlowEventType  *ebpf.VariableSpec `ebpf:"fwp_flow_event_type"`
 	FwpReauthFlowType *ebpf.VariableSpec `ebpf:"fwp_reauth_flow_type"`
 }
 
@@ -147,6 +177,8 @@ func (o *fwpreauthObjects) Close() error {
 //
 // It can be passed to loadFwpreauthObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fwpreauthMaps struct {
+	FwpFlowEvents    *ebpf.Map `ebpf:"fwp_flow_events"`
+	FwpFlowLost      *ebpf.Map `ebpf:"fwp_flow_lost"`
 	FwpReauthCgroups *ebpf.Map `ebpf:"fwp_reauth_cgroups"`
 	FwpReauthKill    *ebpf.Map `ebpf:"fwp_reauth_kill"`
 	FwpSkFlow        *ebpf.Map `ebpf:"fwp_sk_flow"`
@@ -154,6 +186,8 @@ type fwpreauthMaps struct {
 
 func (m *fwpreauthMaps) Close() error {
 	return _FwpreauthClose(
+		m.FwpFlowEvents,
+		m.FwpFlowLost,
 		m.FwpReauthCgroups,
 		m.FwpReauthKill,
 		m.FwpSkFlow,
@@ -164,6 +198,7 @@ func (m *fwpreauthMaps) Close() error {
 //
 // It can be passed to loadFwpreauthObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fwpreauthVariables struct {
+	FwpFlowEventType  *ebpf.Variable `ebpf:"fwp_flow_event_type"`
 	FwpReauthFlowType *ebpf.Variable `ebpf:"fwp_reauth_flow_type"`
 }
 
@@ -171,16 +206,20 @@ type fwpreauthVariables struct {
 //
 // It can be passed to loadFwpreauthObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fwpreauthPrograms struct {
-	FwpDestroyTcp *ebpf.Program `ebpf:"fwp_destroy_tcp"`
-	FwpDestroyUdp *ebpf.Program `ebpf:"fwp_destroy_udp"`
-	FwpReauthTcp  *ebpf.Program `ebpf:"fwp_reauth_tcp"`
-	FwpReauthUdp  *ebpf.Program `ebpf:"fwp_reauth_udp"`
+	FwpDestroyTcp  *ebpf.Program `ebpf:"fwp_destroy_tcp"`
+	FwpDestroyUdp  *ebpf.Program `ebpf:"fwp_destroy_udp"`
+	FwpFlowRelease *ebpf.Program `ebpf:"fwp_flow_release"`
+	FwpFlowSockops *ebpf.Program `ebpf:"fwp_flow_sockops"`
+	FwpReauthTcp   *ebpf.Program `ebpf:"fwp_reauth_tcp"`
+	FwpReauthUdp   *ebpf.Program `ebpf:"fwp_reauth_udp"`
 }
 
 func (p *fwpreauthPrograms) Close() error {
 	return _FwpreauthClose(
 		p.FwpDestroyTcp,
 		p.FwpDestroyUdp,
+		p.FwpFlowRelease,
+		p.FwpFlowSockops,
 		p.FwpReauthTcp,
 		p.FwpReauthUdp,
 	)

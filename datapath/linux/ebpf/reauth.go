@@ -50,7 +50,7 @@ type LiveFlow struct {
 }
 
 // reauthFlowSize is sizeof(struct reauth_flow).
-const reauthFlowSize = 152
+const reauthFlowSize = 192
 
 // The iterator's records are read straight into fwpreauthReauthFlow.
 var _ [reauthFlowSize - unsafe.Sizeof(fwpreauthReauthFlow{})]byte
@@ -63,6 +63,9 @@ type reauthObjs struct {
 	iters   [4]*link.Iter // dump tcp, destroy tcp, dump udp, destroy udp
 	mu      sync.Mutex    // one pass at a time: fwp_reauth_kill is shared
 	cgroups map[uint64]bool
+	// flowEvents: the flow event programs are attached with the hooks
+	// (EnableFlowEvents).
+	flowEvents bool
 }
 
 func (r *reauthObjs) close() error {
@@ -89,6 +92,12 @@ func (d *Datapath) EnableReauthorization() error {
 	if d.closed {
 		return ErrClosed
 	}
+	return d.loadLive()
+}
+
+// loadLive loads bpf/reauth.c's programs (once) and turns the notes on;
+// d.mu is held.
+func (d *Datapath) loadLive() error {
 	if d.reauth != nil {
 		return nil
 	}

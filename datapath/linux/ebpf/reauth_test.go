@@ -4,6 +4,7 @@ package ebpf
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,8 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -122,6 +125,28 @@ func holdConnsHelper([]string) error {
 				}
 			}
 			fmt.Println(opened)
+		case "churn":
+			// N connect+close to server A from W workers at once.
+			n, _ := strconv.Atoi(f[1])
+			w, _ := strconv.Atoi(f[2])
+			addr := fmt.Sprintf("127.0.0.1:%d", lnPort(lns[0]))
+			var ok atomic.Int64
+			var wg sync.WaitGroup
+			for i := range w {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for range n/w + b2i(i < n%w) {
+						c, err := net.Dial("tcp4", addr)
+						if err == nil {
+							ok.Add(1)
+							c.Close()
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			fmt.Println(ok.Load())
 		case "check":
 			out := make([]string, len(conns))
 			for i, c := range conns {
@@ -143,6 +168,15 @@ func holdConnsHelper([]string) error {
 		}
 	}
 	return in.Err()
+}
+
+func lnPort(l io.Closer) int { return l.(net.Listener).Addr().(*net.TCPAddr).Port }
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // echo sends one byte and waits for it back.
@@ -549,5 +583,144 @@ func BenchmarkReauthNoteConnect(b *testing.B) {
 		if n := after["connect4"].Runs - before["connect4"].Runs; n > 0 {
 			b.ReportMetric(float64(after["connect4"].RunTime-before["connect4"].RunTime)/float64(n), fmt.Sprintf("ns/connect4-run-notes-%v", v))
 		}
+	}
+}
+
+// TestFlowLayersOncePerFlow: under load (connect+close from 16 workers at
+// once), every outbound TCP flow of the hooked cgroup reaches the
+// ALE_FLOW_ESTABLISHED callout once with its metadata, the
+// ALE_ENDPOINT_CLOSURE callout once with the context the first associated
+// for it, and that context's flowDeleteFn once; nothing is left in the
+// engine and no report is lost.
+func TestFlowLayersOncePerFlow(t *testing.T) {
+	d, cg := reauthSetup(t)
+	if err := d.EnableFlowEvents(); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	e := engine.New(engine.Options{})
+	type counts struct{ est, clo, del, ctxSeen int }
+	var mu sync.Mutex
+	seen := map[uint64]*counts{}
+	get := func(c uint64) *counts {
+		if seen[c] == nil {
+			seen[c] = &counts{}
+		}
+		return seen[c]
+	}
+	var cloID engine.CalloutID
+	var bad atomic.Value
+	if err := e.Update(func(tx *engine.Txn) error {
+		p, err := tx.AddProvider(engine.Provider{Key: "flows"})
+		if err != nil {
+			return err
+		}
+		est, err := tx.AddCallout(engine.Callout{Key: "flows.est", Provider: p, Layer: engine.LayerALEFlowEstablishedV4})
+		if err != nil {
+			return err
+		}
+		cloID, err = tx.AddCallout(engine.Callout{Key: "flows.clo", Provider: p, Layer: engine.LayerALEEndpointClosureV4})
+		if err != nil {
+			return err
+		}
+		for _, f := range []engine.Filter{
+			{Layer: engine.LayerALEFlowEstablishedV4, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: est}},
+			{Layer: engine.LayerALEEndpointClosureV4, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: cloID}},
+		} {
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.RegisterCallout("flows.est", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+		out.Action = engine.ActionContinue
+		fh := req.Meta.FlowHandle
+		if req.Meta.ProcessPath == "" || req.Values.Uint(engine.FieldIPLocalPort) == 0 || req.Values.Uint(engine.FieldIPRemotePort) == 0 {
+			bad.Store(fmt.Sprintf("established without metadata: %v", req.Meta))
+		}
+		mu.Lock()
+		get(uint64(fh)).est++
+		mu.Unlock()
+		// The closure callout gets this context, and deletes it.
+		if err := req.Engine().FlowAssociateContext(fh, engine.LayerALEEndpointClosureV4, cloID, uint64(fh)); err != nil {
+			bad.Store(err.Error())
+		}
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.RegisterCallout("flows.clo", engine.CalloutRegistration{
+		Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+			out.Action = engine.ActionContinue
+			mu.Lock()
+			c := get(uint64(req.Meta.FlowHandle))
+			c.clo++
+			if req.FlowContext == uint64(req.Meta.FlowHandle) {
+				c.ctxSeen++
+			}
+			mu.Unlock()
+		},
+		FlowDelete: func(_ engine.LayerID, _ engine.CalloutID, ctx any) {
+			mu.Lock()
+			get(ctx.(uint64)).del++
+			mu.Unlock()
+		},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, d, e) // the flow layers' filters are left to FlowLayers
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	fl := &FlowLayers{Engine: e}
+	go func() { done <- d.ReadFlowEvents(ctx, func(ev FlowEvent) { fl.Handle(ev) }) }()
+	defer func() { cancel(); <-done }()
+	lost0, err := d.FlowEventsLost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := testutil.StartHelper(t, cg, "holdconns")
+	var ports map[string]int
+	callJSON(t, h, "open 0", &ports)
+	n := 4000
+	if testing.Short() {
+		n = 500
+	}
+	var ok int
+	callJSON(t, h, fmt.Sprintf("churn %d 16", n), &ok)
+	if ok != n {
+		t.Fatalf("%d of %d connects", ok, n)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		mu.Lock()
+		closed := 0
+		for _, c := range seen {
+			closed += c.clo
+		}
+		mu.Unlock()
+		if closed >= n || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != n {
+		t.Errorf("%d flows seen, want %d", len(seen), n)
+	}
+	for c, k := range seen {
+		if *k != (counts{1, 1, 1, 1}) {
+			t.Errorf("flow %d: %+v, want each once", c, *k)
+		}
+	}
+	if v := bad.Load(); v != nil {
+		t.Error(v)
+	}
+	if o := e.Outstanding(); o.FlowContexts != 0 {
+		t.Errorf("flow contexts left: %+v", o)
+	}
+	if lost, err := d.FlowEventsLost(); err != nil || lost != lost0 {
+		t.Errorf("flow events lost: %d (%v)", lost-lost0, err)
 	}
 }

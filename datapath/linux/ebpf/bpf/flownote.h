@@ -24,8 +24,17 @@ struct flow_note {
 	__u8 has_laddr;
 	__u8 has_lport;
 	__u8 redirected; // the kernel's built-in redirect ran before AUTH_CONNECT
-	__u8 pad[7];
+	__u8 events;	 // FLOW_EV_* bits reported for the flow (reauth.c)
+	__u8 family;	 // of sport..dst, set with FLOW_EV_ESTABLISHED
+	__u8 pad[5];
 	char comm[16];
+	// The socket's 4-tuple when it was established (reauth.c's sockops):
+	// sock_release cannot read a socket's addresses.
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport; // host order
+	__u16 dport; // host order
+	__u32 pad2;
 };
 
 // fwp_sk_flow: the note, per socket.

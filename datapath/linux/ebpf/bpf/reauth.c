@@ -15,6 +15,8 @@
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <stddef.h>
 
 #include "flownote.h"
 
@@ -66,6 +68,7 @@ struct sock {
 } __attribute__((preserve_access_index));
 struct tcp_sock;
 struct udp_sock;
+struct bpf_sock_ops;
 struct bpf_iter__tcp {
 	struct bpf_iter_meta *meta;
 	struct sock_common *sk_common;
@@ -221,5 +224,116 @@ int fwp_reauth_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 0); }
 
 SEC("iter/udp")
 int fwp_destroy_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 1); }
+
+// Flow events: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE for the
+// kernel's flows. A sockops program reports an outbound TCP connection the
+// connect hook noted when it is established, a sock_release program
+// reports its end when the program closes the socket (the endpoint); user
+// space runs the two layers' callouts and ends the flow's contexts
+// (flowDeleteFn) then. The note's events bits make each report once per
+// flow. Both programs are attached beside fwp.c's (cgroup hooks run every
+// attached program).
+#define FLOW_EV_ESTABLISHED 1
+#define FLOW_EV_CLOSED 2
+
+// flow_event is one report (Go: fwpreauthFlowEvent).
+struct flow_event {
+	struct flow_note note;
+	__u64 cookie;
+	__u8 src[16]; // the socket's local address
+	__u8 dst[16]; // its peer
+	__u16 sport;  // host order
+	__u16 dport;  // host order
+	__u8 type;    // FLOW_EV_*
+	__u8 family;
+	__u8 pad[2];
+};
+
+const struct flow_event *fwp_flow_event_type __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} fwp_flow_events SEC(".maps");
+
+// fwp_flow_lost counts reports the ring buffer had no room for (a reader
+// lagging by 1 MiB, ~7,000 reports).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} fwp_flow_lost SEC(".maps");
+
+static __always_inline void flow_report(struct flow_note *n, __u64 cookie, __u8 type, __u8 family, __u32 *src, __u32 *dst, __u16 sport, __u16 dport)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&fwp_flow_events, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *c = bpf_map_lookup_elem(&fwp_flow_lost, &zero);
+		if (c)
+			*c += 1;
+		return;
+	}
+	__builtin_memcpy(&e->note, n, sizeof(e->note));
+	e->cookie = cookie;
+	__builtin_memcpy(e->src, src, 16);
+	__builtin_memcpy(e->dst, dst, 16);
+	e->sport = sport;
+	e->dport = dport;
+	e->type = type;
+	e->family = family;
+	e->pad[0] = 0;
+	e->pad[1] = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("sockops")
+int fwp_flow_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
+	if (!n || (n->events & FLOW_EV_ESTABLISHED))
+		return 1;
+	n->events |= FLOW_EV_ESTABLISHED;
+	// Volatile reads: the compiler must not merge the two branches' loads
+	// into one through a selected pointer (the verifier refuses a context
+	// pointer that is not at a constant offset).
+	__u32 src[4] = {}, dst[4] = {};
+	__u8 family = skops->family;
+	volatile __u32 *c = (volatile __u32 *)skops;
+	if (family == AF_INET) {
+		src[0] = c[offsetof(struct bpf_sock_ops, local_ip4) / 4];
+		dst[0] = c[offsetof(struct bpf_sock_ops, remote_ip4) / 4];
+	} else {
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			src[i] = c[offsetof(struct bpf_sock_ops, local_ip6) / 4 + i];
+			dst[i] = c[offsetof(struct bpf_sock_ops, remote_ip6) / 4 + i];
+		}
+	}
+	__builtin_memcpy(n->src, src, 16);
+	__builtin_memcpy(n->dst, dst, 16);
+	n->sport = skops->local_port;
+	n->dport = bpf_ntohl(skops->remote_port);
+	n->family = family;
+	flow_report(n, bpf_get_socket_cookie(skops), FLOW_EV_ESTABLISHED, family, src, dst, n->sport, n->dport);
+	return 1;
+}
+
+SEC("cgroup/sock_release")
+int fwp_flow_release(struct bpf_sock *sk)
+{
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
+	if (!n || !(n->events & FLOW_EV_ESTABLISHED) || (n->events & FLOW_EV_CLOSED))
+		return 1;
+	n->events |= FLOW_EV_CLOSED;
+	flow_report(n, bpf_get_socket_cookie(sk), FLOW_EV_CLOSED, n->family, (__u32 *)n->src, (__u32 *)n->dst, n->sport, n->dport);
+	return 1;
+}
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -244,6 +244,10 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
+	// Flow layer filters need the flow events before the policy is in force.
+	if err := k.startFlowLayers(v); err != nil { // reauth.go
+		return fmt.Errorf("kernel datapath refuses the policy: its flow layers: %w", err)
+	}
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
@@ -350,6 +354,7 @@ func (k *kernel) close() {
 		return
 	}
 	k.co.close()
+	k.stopFlowLayers()
 	if err := k.d.Close(); err != nil {
 		k.log.Error("kernel datapath close", "err", err)
 	}
@@ -388,7 +393,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 	go k.appsLoop(ctx)
 	go k.reauthLoop(ctx, eng)
 	if reg != nil {
-		reg.MustRegister(reauthCollector{&k.reauth})
+		reg.MustRegister(reauthCollector{&k.reauth, k.d})
 	}
 	var paths ebpf.ProcessPaths
 	go func() {

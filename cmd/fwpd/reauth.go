@@ -22,6 +22,12 @@ type reauthorizer struct {
 
 	passes, flows, resets, errors atomic.Uint64
 	lastNanos                     atomic.Int64
+
+	// The flow layers (ALE_FLOW_ESTABLISHED, ALE_ENDPOINT_CLOSURE) run from
+	// the hooks' flow events once a policy has filters there.
+	flowStarted bool
+	flowStop    context.CancelFunc
+	flowDone    chan struct{}
 }
 
 // enableReauth loads the socket iterators; a kernel without them (before
@@ -95,16 +101,64 @@ var (
 		"How long the last reauthorization pass took (walking the sockets, classifying, resetting).", nil, nil)
 )
 
-type reauthCollector struct{ r *reauthorizer }
+var flowLostDesc = prometheus.NewDesc("fwp_kernel_flow_events_lost_total",
+	"Flow establishment and closure reports the kernel could not queue for fwpd (the flow layers missed them).", nil, nil)
+
+type reauthCollector struct {
+	r *reauthorizer
+	d *ebpf.Datapath
+}
 
 func (reauthCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- reauthDesc
 	ch <- reauthLastDesc
+	ch <- flowLostDesc
 }
 
 func (c reauthCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.d != nil {
+		if n, err := c.d.FlowEventsLost(); err == nil {
+			ch <- prometheus.MustNewConstMetric(flowLostDesc, prometheus.CounterValue, float64(n))
+		}
+	}
 	for what, n := range map[string]uint64{"passes": c.r.passes.Load(), "flows": c.r.flows.Load(), "resets": c.r.resets.Load(), "errors": c.r.errors.Load()} {
 		ch <- prometheus.MustNewConstMetric(reauthDesc, prometheus.CounterValue, float64(n), what)
 	}
 	ch <- prometheus.MustNewConstMetric(reauthLastDesc, prometheus.GaugeValue, time.Duration(c.r.lastNanos.Load()).Seconds())
+}
+
+// startFlowLayers turns the kernel's flow events on and runs the flow
+// layers' filters for them, from the first policy that has filters at
+// ALE_FLOW_ESTABLISHED or ALE_ENDPOINT_CLOSURE until fwpd exits. k.mu is
+// held.
+func (k *kernel) startFlowLayers(v engine.View) error {
+	if k.reauth.flowStarted || !ebpf.HasFlowLayerFilters(v) {
+		return nil
+	}
+	if err := k.d.EnableFlowEvents(); err != nil {
+		return err
+	}
+	fl := &ebpf.FlowLayers{Engine: k.co.eng, Policy: func() *ebpf.Policy {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		return k.policy
+	}}
+	ctx, cancel := context.WithCancel(context.Background())
+	k.reauth.flowStarted, k.reauth.flowStop, k.reauth.flowDone = true, cancel, make(chan struct{})
+	go func() {
+		defer close(k.reauth.flowDone)
+		if err := k.d.ReadFlowEvents(ctx, func(ev ebpf.FlowEvent) { fl.Handle(ev) }); err != nil {
+			k.log.Error("kernel flow events stopped", "err", err)
+		}
+	}()
+	k.log.Info("flow layers on: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE run for the kernel's TCP flows")
+	return nil
+}
+
+// stopFlowLayers ends the flow event reader (close).
+func (k *kernel) stopFlowLayers() {
+	if k.reauth.flowStop != nil {
+		k.reauth.flowStop()
+		<-k.reauth.flowDone
+	}
 }

@@ -202,7 +202,18 @@ type FlowLayers struct {
 
 	vs   engine.Values
 	meta engine.Metadata
+	// apps caches appPath per process and executable (a stat and a
+	// readlink each), emptied when it reaches maxFlowApps.
+	apps map[flowAppKey]string
 }
+
+type flowAppKey struct {
+	pid uint32
+	id  AppIdentity
+	p   *Policy
+}
+
+const maxFlowApps = 4096
 
 // Handle runs the layer of one flow event (ReadFlowEvents calls it from
 // one goroutine).
@@ -212,7 +223,15 @@ func (fl *FlowLayers) Handle(ev FlowEvent) engine.Result {
 	if fl.Policy != nil {
 		p = fl.Policy()
 	}
-	app := appPath(p, f)
+	k := flowAppKey{f.PID, f.App, p}
+	app, ok := fl.apps[k]
+	if !ok {
+		app = appPath(p, f)
+		if fl.apps == nil || len(fl.apps) >= maxFlowApps {
+			fl.apps = map[flowAppKey]string{}
+		}
+		fl.apps[k] = app
+	}
 	kind := engine.KindFlowEstablished
 	if ev.Type == FlowClosed {
 		kind = engine.KindEndpointClosure

@@ -147,6 +147,21 @@ func holdConnsHelper([]string) error {
 			}
 			wg.Wait()
 			fmt.Println(ok.Load())
+		case "asuser":
+			// Become an unprivileged user (every thread): later flows are
+			// that user's.
+			uid, _ := strconv.Atoi(f[1])
+			gid, _ := strconv.Atoi(f[2])
+			if err := syscall.Setgroups(nil); err != nil {
+				return err
+			}
+			if err := syscall.Setgid(gid); err != nil {
+				return err
+			}
+			if err := syscall.Setuid(uid); err != nil {
+				return err
+			}
+			fmt.Println(`"ok"`)
 		case "check":
 			out := make([]string, len(conns))
 			for i, c := range conns {
@@ -593,6 +608,21 @@ func BenchmarkReauthNoteConnect(b *testing.B) {
 // for it, and that context's flowDeleteFn once; nothing is left in the
 // engine and no report is lost.
 func TestFlowLayersOncePerFlow(t *testing.T) {
+	n := 4000
+	if testing.Short() {
+		n = 500
+	}
+	flowLayersOnce(t, n, false)
+}
+
+// TestFlowEventsSoak: soakOps flows through the flow layers in one
+// lifetime, each reported once; afterwards no flow context, no lost
+// report, and goroutines, descriptors and heap at their level.
+func TestFlowEventsSoak(t *testing.T) {
+	flowLayersOnce(t, soakOps, true)
+}
+
+func flowLayersOnce(t *testing.T, n int, soak bool) {
 	d, cg := reauthSetup(t)
 	if err := d.EnableFlowEvents(); err != nil {
 		testutil.Unavailable(t, err)
@@ -682,14 +712,48 @@ func TestFlowLayersOncePerFlow(t *testing.T) {
 	h := testutil.StartHelper(t, cg, "holdconns")
 	var ports map[string]int
 	callJSON(t, h, "open 0", &ports)
-	n := 4000
-	if testing.Short() {
-		n = 500
-	}
+	runtime.GC()
+	var ms0 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	g0, fd0 := runtime.NumGoroutine(), fdCount(t)
+	start := time.Now()
 	var ok int
-	callJSON(t, h, fmt.Sprintf("churn %d 16", n), &ok)
-	if ok != n {
-		t.Fatalf("%d of %d connects", ok, n)
+	// In batches: each batch's reports fit the ring buffer however slow
+	// the reader (1 MiB, ~5,700 reports).
+	for left := n; left > 0; left -= 2000 {
+		m := min(left, 2000)
+		callJSON(t, h, fmt.Sprintf("churn %d 16", m), &ok)
+		if ok != m {
+			t.Fatalf("%d of %d connects", ok, m)
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			mu.Lock()
+			closed := 0
+			for _, c := range seen {
+				closed += c.clo
+			}
+			mu.Unlock()
+			if closed >= n-left+m || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	t.Logf("%d flows through the flow layers in %v", n, time.Since(start))
+	if soak {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		if g := runtime.NumGoroutine(); g > g0+2 {
+			t.Errorf("goroutines %d -> %d", g0, g)
+		}
+		if fd := fdCount(t); fd > fd0+2 {
+			t.Errorf("file descriptors %d -> %d", fd0, fd)
+		}
+		// The test's own map of n flows' counts is most of the heap.
+		if ms.HeapAlloc > ms0.HeapAlloc+uint64(n)*200+16<<20 {
+			t.Errorf("heap %d -> %d", ms0.HeapAlloc, ms.HeapAlloc)
+		}
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -722,5 +786,62 @@ func TestFlowLayersOncePerFlow(t *testing.T) {
 	}
 	if lost, err := d.FlowEventsLost(); err != nil || lost != lost0 {
 		t.Errorf("flow events lost: %d (%v)", lost-lost0, err)
+	}
+}
+
+// TestReauthorizeByUser: the flows of an unprivileged user (a real one,
+// created for the test) and of root in the same hooked cgroup; a policy
+// that blocks the user's connections resets the user's established flows
+// only: the note carries the user the connect hook saw.
+func TestReauthorizeByUser(t *testing.T) {
+	d, cg := reauthSetup(t)
+	e := engine.New(engine.Options{})
+	apply(t, d, e)
+	u := testutil.NewUser(t)
+	hu := testutil.StartHelper(t, cg, "holdconns")
+	var ok string
+	callJSON(t, hu, fmt.Sprintf("asuser %d %d", u.UID, u.GID), &ok)
+	hr := testutil.StartHelper(t, cg, "holdconns")
+	var ports map[string]int
+	callJSON(t, hu, "open 2", &ports)
+	callJSON(t, hr, "open 2", &ports)
+	if err := e.Update(func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+			engine.Condition{Field: engine.FieldALEUserID, Match: engine.MatchEqual, Value: engine.Uint32(u.UID)}))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Compile(e.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+	pass, err := d.Reauthorize(e, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pass.Flows != 10 || len(pass.Resets) != 5 {
+		t.Fatalf("pass %+v: want 10 flows, the user's 5 reset", pass)
+	}
+	for _, r := range pass.Resets {
+		if r.Flow.UID != u.UID || r.Flow.PID != uint32(hu.Pid()) {
+			t.Errorf("reset %+v, want the user's (uid %d, pid %d)", r.Flow, u.UID, hu.Pid())
+		}
+	}
+	var fate []string
+	callJSON(t, hr, "check", &fate)
+	for i, f := range fate {
+		if f != "ok" {
+			t.Errorf("root's flow %d: %s", i, f)
+		}
+	}
+	callJSON(t, hu, "check", &fate)
+	for i, f := range fate {
+		if f == "ok" {
+			t.Errorf("the user's flow %d survived", i)
+		}
 	}
 }

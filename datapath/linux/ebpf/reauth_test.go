@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -845,3 +846,99 @@ func TestReauthorizeByUser(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkFlowEventHooks: the flow event programs' own run time per
+// run (bpf_stats) over 2,000 connect+close of the hooked cgroup, and what
+// the connect+close costs with them attached.
+func BenchmarkFlowEventHooks(b *testing.B) {
+	d, cg := reauthSetup(b)
+	if err := d.EnableFlowEvents(); err != nil {
+		testutil.Unavailable(b, err)
+	}
+	apply(b, d, engine.New(engine.Options{}))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	fl := &FlowLayers{Engine: engine.New(engine.Options{})}
+	go func() { done <- d.ReadFlowEvents(ctx, func(ev FlowEvent) { fl.Handle(ev) }) }()
+	defer func() { cancel(); <-done }()
+	h := testutil.StartHelper(b, cg, "holdconns")
+	var ports map[string]int
+	callJSON(b, h, "open 0", &ports)
+	stats, err := EnableStats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stats.Close()
+	s0, _ := d.reauth.objs.FwpFlowSockops.Stats()
+	r0, _ := d.reauth.objs.FwpFlowRelease.Stats()
+	flows := 0
+	for b.Loop() {
+		var ok int
+		callJSON(b, h, "churn 2000 1", &ok)
+		flows += ok
+	}
+	s1, _ := d.reauth.objs.FwpFlowSockops.Stats()
+	r1, _ := d.reauth.objs.FwpFlowRelease.Stats()
+	b.ReportMetric(float64(b.Elapsed())/float64(flows), "ns/connect+close")
+	if n := s1.RunCount - s0.RunCount; n > 0 {
+		b.ReportMetric(float64(s1.Runtime-s0.Runtime)/float64(n), "ns/sockops-run")
+		b.ReportMetric(float64(n)/float64(flows), "sockops-runs/flow")
+	}
+	if n := r1.RunCount - r0.RunCount; n > 0 {
+		b.ReportMetric(float64(r1.Runtime-r0.Runtime)/float64(n), "ns/release-run")
+	}
+}
+
+// BenchmarkFlowLayersHandle: fwpd's side of one flow event, established
+// then closed, with an inspection callout at each layer associating and
+// deleting a context.
+func BenchmarkFlowLayersHandle(b *testing.B) {
+	e := engine.New(engine.Options{})
+	var clo engine.CalloutID
+	if err := e.Update(func(tx *engine.Txn) error {
+		est, err := tx.AddCallout(engine.Callout{Key: "b.est", Layer: engine.LayerALEFlowEstablishedV4})
+		if err != nil {
+			return err
+		}
+		if clo, err = tx.AddCallout(engine.Callout{Key: "b.clo", Layer: engine.LayerALEEndpointClosureV4}); err != nil {
+			return err
+		}
+		for _, f := range []engine.Filter{
+			{Layer: engine.LayerALEFlowEstablishedV4, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: est}},
+			{Layer: engine.LayerALEEndpointClosureV4, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: clo}},
+		} {
+			if _, err := tx.AddFilter(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		b.Fatal(err)
+	}
+	e.RegisterCallout("b.est", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+		out.Action = engine.ActionContinue
+		req.Engine().FlowAssociateContext(req.Meta.FlowHandle, engine.LayerALEEndpointClosureV4, clo, 1)
+	}})
+	e.RegisterCallout("b.clo", engine.CalloutRegistration{Classify: func(_ *engine.ClassifyRequest, out *engine.ClassifyOut) {
+		out.Action = engine.ActionContinue
+	}, FlowDelete: func(engine.LayerID, engine.CalloutID, any) {}})
+	fl := &FlowLayers{Engine: e}
+	ev := FlowEvent{Type: FlowEstablished, Flow: LiveFlow{Protocol: 6, PID: uint32(os.Getpid()), Comm: "bench", App: AppIdentity{Dev: 1, Ino: 2},
+		Layer: engine.LayerALEAuthConnectV4}}
+	ev.Flow.SocketLocal = netipMust("127.0.0.1:40000")
+	ev.Flow.SocketRemote = netipMust("127.0.0.1:80")
+	cookie := uint64(1)
+	for b.Loop() {
+		cookie++
+		ev.Flow.Cookie = cookie
+		ev.Type = FlowEstablished
+		fl.Handle(ev)
+		ev.Type = FlowClosed
+		fl.Handle(ev)
+	}
+	if o := e.Outstanding(); o.FlowContexts != 0 {
+		b.Fatalf("%+v", o)
+	}
+}
+
+func netipMust(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

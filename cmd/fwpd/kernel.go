@@ -252,6 +252,7 @@ func (k *kernel) beforeCommit(v engine.View) error {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
 	k.view, k.policy = v, p
+	k.reauth.policy.Store(p)
 	k.watchApps(false)
 	return nil
 }
@@ -306,6 +307,7 @@ func (k *kernel) followApps() {
 		return
 	}
 	k.policy = p
+	k.reauth.policy.Store(p)
 	k.log.Info("an application file was replaced: kernel policy recompiled to follow it", "apps", p.AppPaths())
 }
 

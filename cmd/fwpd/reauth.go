@@ -22,6 +22,9 @@ type reauthorizer struct {
 
 	passes, flows, resets, errors atomic.Uint64
 	lastNanos                     atomic.Int64
+	// policy is the kernel policy in force (k.policy), read without k.mu:
+	// the flow event reader must not wait for a commit's compile.
+	policy atomic.Pointer[ebpf.Policy]
 
 	// The flow layers (ALE_FLOW_ESTABLISHED, ALE_ENDPOINT_CLOSURE) run from
 	// the hooks' flow events once a policy has filters there.
@@ -69,9 +72,7 @@ func (k *kernel) reauthLoop(ctx context.Context, eng *engine.Engine) {
 			return
 		case <-k.reauth.kick:
 		}
-		k.mu.Lock()
-		p := k.policy
-		k.mu.Unlock()
+		p := k.reauth.policy.Load()
 		start := time.Now()
 		pass, err := k.d.Reauthorize(eng, p)
 		k.reauth.lastNanos.Store(int64(time.Since(start)))
@@ -138,11 +139,7 @@ func (k *kernel) startFlowLayers(v engine.View) error {
 	if err := k.d.EnableFlowEvents(); err != nil {
 		return err
 	}
-	fl := &ebpf.FlowLayers{Engine: k.co.eng, Policy: func() *ebpf.Policy {
-		k.mu.Lock()
-		defer k.mu.Unlock()
-		return k.policy
-	}}
+	fl := &ebpf.FlowLayers{Engine: k.co.eng, Policy: k.reauth.policy.Load}
 	ctx, cancel := context.WithCancel(context.Background())
 	k.reauth.flowStarted, k.reauth.flowStop, k.reauth.flowDone = true, cancel, make(chan struct{})
 	go func() {

@@ -43,10 +43,15 @@ func holdConnsHelper([]string) error {
 		}
 		switch f[0] {
 		case "open":
+			// "open N" on 127.0.0.1, "open N 6" on ::1.
 			n, _ := strconv.Atoi(f[1])
+			tcp, udp, lo := "tcp4", "udp4", "127.0.0.1:0"
+			if len(f) > 2 && f[2] == "6" {
+				tcp, udp, lo = "tcp6", "udp6", "[::1]:0"
+			}
 			ports := map[string]int{}
 			for _, name := range []string{"a", "b"} {
-				l, err := net.Listen("tcp4", "127.0.0.1:0")
+				l, err := net.Listen(tcp, lo)
 				if err != nil {
 					return err
 				}
@@ -62,7 +67,7 @@ func holdConnsHelper([]string) error {
 				}()
 				ports[name] = l.Addr().(*net.TCPAddr).Port
 				for range n {
-					c, err := net.Dial("tcp4", l.Addr().String())
+					c, err := net.Dial(tcp, l.Addr().String())
 					if err != nil {
 						var lim syscall.Rlimit
 						syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
@@ -71,7 +76,7 @@ func holdConnsHelper([]string) error {
 					conns = append(conns, c)
 				}
 			}
-			pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+			pc, err := net.ListenPacket(udp, lo)
 			if err != nil {
 				return err
 			}
@@ -87,7 +92,7 @@ func holdConnsHelper([]string) error {
 				}
 			}()
 			ports["c"] = pc.LocalAddr().(*net.UDPAddr).Port
-			u, err := net.Dial("udp4", pc.LocalAddr().String())
+			u, err := net.Dial(udp, pc.LocalAddr().String())
 			if err != nil {
 				return err
 			}
@@ -942,3 +947,47 @@ func BenchmarkFlowLayersHandle(b *testing.B) {
 }
 
 func netipMust(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+// TestReauthorizeV6: the same over IPv6 (the v6 layer, the socket's v6
+// addresses in the iterator).
+func TestReauthorizeV6(t *testing.T) {
+	d, cg := reauthSetup(t)
+	e := engine.New(engine.Options{})
+	apply(t, d, e)
+	h := testutil.StartHelper(t, cg, "holdconns")
+	var ports map[string]int
+	callJSON(t, h, "open 2 6", &ports)
+	if err := e.Update(func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(portFilter(engine.LayerALEAuthConnectV6, 6, ports["a"]))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Compile(e.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+	pass, err := d.Reauthorize(e, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pass.Flows != 5 || len(pass.Resets) != 2 {
+		t.Fatalf("pass %+v: want 5 flows, 2 reset", pass)
+	}
+	for _, r := range pass.Resets {
+		f := r.Flow
+		if f.Layer != engine.LayerALEAuthConnectV6 || f.Remote.String() != fmt.Sprintf("[::1]:%d", ports["a"]) ||
+			f.SocketRemote != f.Remote || f.SocketLocal.Addr().String() != "::1" {
+			t.Errorf("reset %+v", f)
+		}
+	}
+	var fate []string
+	callJSON(t, h, "check", &fate)
+	want := []string{"aborted", "aborted", "ok", "ok", "ok"}
+	if fmt.Sprint(fate) != fmt.Sprint(want) {
+		t.Fatalf("fates %v, want %v", fate, want)
+	}
+}

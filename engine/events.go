@@ -16,6 +16,7 @@ const (
 	EventClassifyVeto                             // a callout vetoed a hard permit
 	EventClassifyRedirect                         // a connection redirected (reported by the kernel datapath)
 	EventCalloutFailure                           // a remote callout died, broke its connection or missed its answer deadline (fwpd)
+	EventFlowReset                                // a live flow the policy blocks after a change was reset (reauthorization, kernel datapath)
 )
 
 func (t NetEventType) String() string {
@@ -30,6 +31,8 @@ func (t NetEventType) String() string {
 		return "classify_redirect"
 	case EventCalloutFailure:
 		return "callout_failure"
+	case EventFlowReset:
+		return "flow_reset"
 	}
 	return "unknown"
 }

@@ -7,6 +7,7 @@
 //	     [--datapath kernel|none] [--cgroup PATH]
 //	     [--keep-hooks-on-exit] [--bpffs-dir DIR] [--bpffs-lock-wait D] [--proxy-cgroup auto|none|DIR,...]
 //	     [--callout-netns PATH] [--callout-queue-base N] [--callout-queue-len N] [--callout-hold-limit D]
+//	     [--no-reauthorize-established]
 //
 // Root and members of --admin-group may change policy; members of
 // --reader-group may list and explain it, read net events and subscribe,
@@ -50,6 +51,16 @@
 // --keep-hooks-on-exit), leaves each such flow to its filter's
 // fail-open/closed flag at once. The tables go when fwpd exits. /metrics
 // counts the path's flows by outcome.
+//
+// After every commit fwpd reauthorizes the established connections (and
+// connected UDP sockets) of --cgroup, as WFP does when filters change: the
+// engine classifies each again at ALE_AUTH_CONNECT with IS_REAUTHORIZE
+// and the kernel resets those the new policy blocks (bpf_sock_destroy from
+// a socket iterator, Linux 6.5), each a flow_reset net event, counted in
+// /metrics; --no-reauthorize-established turns it off. A policy with
+// filters at ALE_FLOW_ESTABLISHED or ALE_ENDPOINT_CLOSURE has them run for
+// the kernel's outbound TCP flows from the hooks' flow events
+// (docs/semantics.md, "Kernel callout path").
 //
 // Each of the two sockets serves at most --max-connections connections at
 // once (default 1024), the last sixteenth of them only to root, and at

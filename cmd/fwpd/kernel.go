@@ -38,6 +38,8 @@ type kernelConfig struct {
 	addrs        uint
 	hosts        uint
 	callouts     calloutConfig
+	// noReauth: --no-reauthorize-established (reauth.go).
+	noReauth bool
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -51,6 +53,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
 	k.callouts.flags(fs)
+	fs.BoolVar(&k.noReauth, "no-reauthorize-established", false, "leave established connections alone when a committed policy blocks them (default: reauthorize them and reset those it blocks)")
 }
 
 // resolveProxyCgroups turns --proxy-cgroup into directories. The proxy
@@ -101,6 +104,7 @@ type kernel struct {
 	watched string        // the watched paths, joined
 	kick    chan struct{} // the watcher changed, or a file did before it watched
 	co      calloutPath
+	reauth  reauthorizer
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -145,7 +149,9 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}}, nil
+	k := &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}}
+	k.enableReauth(!c.noReauth)
+	return k, nil
 }
 
 // pinsLockWait bounds how long a new fwpd waits for the previous one to
@@ -254,10 +260,15 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
+	// Flow layer filters need the flow events before the policy is in force.
+	if err := k.startFlowLayers(v); err != nil { // reauth.go
+		return fmt.Errorf("kernel datapath refuses the policy: its flow layers: %w", err)
+	}
 	if err := k.d.Apply(p); err != nil {
 		return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 	}
 	k.view, k.policy = v, p
+	k.reauth.policy.Store(p)
 	k.watchApps(false)
 	return nil
 }
@@ -312,6 +323,7 @@ func (k *kernel) followApps() {
 		return
 	}
 	k.policy = p
+	k.reauth.policy.Store(p)
 	k.log.Info("an application file was replaced: kernel policy recompiled to follow it", "apps", p.AppPaths())
 }
 
@@ -360,6 +372,7 @@ func (k *kernel) close() {
 		return
 	}
 	k.co.close()
+	k.stopFlowLayers()
 	if err := k.d.Close(); err != nil {
 		k.log.Error("kernel datapath close", "err", err)
 	}
@@ -396,6 +409,10 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 		}
 	}()
 	go k.appsLoop(ctx)
+	go k.reauthLoop(ctx, eng)
+	if reg != nil {
+		reg.MustRegister(reauthCollector{&k.reauth, k.d})
+	}
 	var paths ebpf.ProcessPaths
 	go func() {
 		err := k.d.ReadEvents(ctx, func(e ebpf.Event) {

@@ -147,6 +147,14 @@ func run(args []string) error {
 	}
 	defer kern.close()
 	kern.setEngine(eng)
+	// Each commit reauthorizes the live flows (reauth.go).
+	observe := opts.OnCommit
+	opts.OnCommit = func(d time.Duration) {
+		if observe != nil {
+			observe(d)
+		}
+		kern.committed()
+	}
 	// The built-in callouts are registered with the engine whatever the
 	// datapath, so explain, counters and events agree with the hooks.
 	opts.BeforeCommit = func(v engine.View) error {

@@ -75,6 +75,8 @@ type Datapath struct {
 	targetKeys map[fwpTargetKey]bool
 	// hostMem and idMem are fwp_hosts and fwp_host_ids mapped (hosts.go).
 	hostMem, idMem *ebpf.Memory
+	// reauth: the socket iterators, once EnableReauthorization loaded them.
+	reauth *reauthObjs
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -175,6 +177,14 @@ func (d *Datapath) Attach(cgroupPath string) error {
 	if err != nil {
 		return err
 	}
+	live, err := d.attachLive(cgroupPath) // flowevents.go
+	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
+		return err
+	}
+	links = append(links, live...)
 	if d.links == nil {
 		d.links = map[string][]link.Link{}
 	}
@@ -267,7 +277,7 @@ func (d *Datapath) Close() error {
 			}
 		}
 	}
-	errs = append(errs, d.objs.Close())
+	errs = append(errs, d.reauth.close(), d.objs.Close())
 	if !d.opts.KeepHooks && d.opts.PinDir != "" {
 		errs = append(errs, os.RemoveAll(d.opts.PinDir))
 		errs = append(errs, d.unmountBPFFS())

@@ -116,6 +116,25 @@
 // callout chooses is recorded for the proxy API by SetCalloutRedirect, its
 // handle a record word with GoRedirectHandleBit set.
 //
+// # Live flows: reauthorization and flow events
+//
+// With EnableReauthorization (or EnableFlowEvents) the connect hook keeps
+// a note per connected socket in socket storage (the tuple AUTH_CONNECT
+// classified, the caller's ids, cgroup and executable; gone with the
+// socket). bpf/reauth.c, a separate object loaded then, has TCP and UDP
+// socket iterators: LiveFlows lists the connected sockets of the hooked
+// cgroups (the iterator checks each socket's cgroup) in one network
+// namespace, DestroyFlows ends the ones named by cookie with
+// bpf_sock_destroy, and Reauthorize does a whole pass over the namespaces
+// of the hooked cgroups' processes: the engine classifies each flow again
+// at ALE_AUTH_CONNECT with IS_REAUTHORIZE (ReauthValues), and those it
+// blocks are destroyed. EnableFlowEvents attaches a sockops and a
+// sock_release program of that object beside the hooks; ReadFlowEvents
+// reports each noted outbound TCP flow's establishment and end once, and
+// FlowLayers runs ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE and the
+// flow's flowDeleteFn for them in the engine (Compile leaves those layers'
+// filters to it). See docs/semantics.md.
+//
 // # Built-in connect redirect
 //
 // A CONNECT_REDIRECT filter with ActionCalloutUnknown whose callout key is

@@ -91,6 +91,34 @@ type fwpFlowKey struct {
 	Pad        [3]uint8
 }
 
+type fwpFlowNote struct {
+	_          structs.HostLayout
+	Raddr      [16]uint8
+	Laddr      [16]uint8
+	CgroupId   uint64
+	AppIno     uint64
+	AppDev     uint32
+	Tgid       uint32
+	Uid        uint32
+	Gid        uint32
+	Rport      uint16
+	Lport      uint16
+	Proto      uint8
+	V6         uint8
+	HasLaddr   uint8
+	HasLport   uint8
+	Redirected uint8
+	Events     uint8
+	Family     uint8
+	Pad        [5]uint8
+	Comm       [16]int8
+	Src        [16]uint8
+	Dst        [16]uint8
+	Sport      uint16
+	Dport      uint16
+	Pad2       uint32
+}
+
 type fwpHostBlock struct {
 	_ structs.HostLayout
 	H [1024]uint32
@@ -241,9 +269,11 @@ const (
 	fwpMapFwpInFlows       = "fwp_in_flows"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
+	fwpMapFwpNoteCfg       = "fwp_note_cfg"
 	fwpMapFwpPorts         = "fwp_ports"
 	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
 	fwpMapFwpRedirects     = "fwp_redirects"
+	fwpMapFwpSkFlow        = "fwp_sk_flow"
 	fwpMapFwpSkOwner       = "fwp_sk_owner"
 	fwpMapFwpSkRecords     = "fwp_sk_records"
 	fwpMapFwpSockRecords   = "fwp_sock_records"
@@ -353,9 +383,11 @@ type fwpMapSpecs struct {
 	FwpInFlows       *ebpf.MapSpec `ebpf:"fwp_in_flows"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
+	FwpNoteCfg       *ebpf.MapSpec `ebpf:"fwp_note_cfg"`
 	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
+	FwpSkFlow        *ebpf.MapSpec `ebpf:"fwp_sk_flow"`
 	FwpSkOwner       *ebpf.MapSpec `ebpf:"fwp_sk_owner"`
 	FwpSkRecords     *ebpf.MapSpec `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
@@ -411,9 +443,11 @@ type fwpMaps struct {
 	FwpInFlows       *ebpf.Map `ebpf:"fwp_in_flows"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
+	FwpNoteCfg       *ebpf.Map `ebpf:"fwp_note_cfg"`
 	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
 	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
 	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
+	FwpSkFlow        *ebpf.Map `ebpf:"fwp_sk_flow"`
 	FwpSkOwner       *ebpf.Map `ebpf:"fwp_sk_owner"`
 	FwpSkRecords     *ebpf.Map `ebpf:"fwp_sk_records"`
 	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
@@ -445,9 +479,11 @@ func (m *fwpMaps) Close() error {
 		m.FwpInFlows,
 		m.FwpInts,
 		m.FwpLayers,
+		m.FwpNoteCfg,
 		m.FwpPorts,
 		m.FwpProxyPorts,
 		m.FwpRedirects,
+		m.FwpSkFlow,
 		m.FwpSkOwner,
 		m.FwpSkRecords,
 		m.FwpSockRecords,

@@ -53,7 +53,7 @@ func benchInbound(b *testing.B, nfilters int) {
 	hooked := inOp{"tcp4", netip.MustParseAddrPort("127.0.0.2:0"), netip.MustParseAddrPort("127.0.0.1:7201")}
 	var ns [2]time.Duration
 	var runs [2]int
-	err = inNetns(h.Pid(), func() error {
+	err = inNetnsPid(h.Pid(), func() error {
 		i := 0
 		for b.Loop() {
 			op := bare
@@ -94,7 +94,7 @@ func benchInbound(b *testing.B, nfilters int) {
 		b.Fatal(err)
 	}
 	const passes = 200
-	if err := inNetns(h.Pid(), func() error {
+	if err := inNetnsPid(h.Pid(), func() error {
 		for range passes {
 			if got := inProbeTimeout(hooked, time.Second); got != "ok" {
 				return fmt.Errorf("%s", got)

@@ -54,7 +54,7 @@ func TestKernelInboundSoak(t *testing.T) {
 		j := i / 10 // distinct for i < 640,000
 		return netip.AddrFrom4([4]byte{127, byte(i % 10), byte(j / 250), byte(j%250 + 1)})
 	}
-	err := inNetns(h.Pid(), func() error {
+	err := inNetnsPid(h.Pid(), func() error {
 		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 		if err != nil {
 			return err
@@ -83,7 +83,7 @@ func TestKernelInboundSoak(t *testing.T) {
 	tcpN := soakOps / 10
 	accepted, dropped := 0, 0
 	start = time.Now()
-	err = inNetns(h.Pid(), func() error {
+	err = inNetnsPid(h.Pid(), func() error {
 		for i := range tcpN {
 			from := netip.AddrFrom4([4]byte{127, 0, byte(i % 10), 1})
 			if i%10 == 9 {

@@ -82,7 +82,7 @@ func inServerHelper([]string) error {
 				}
 				closers = append(closers, pc)
 				answer = fmt.Sprint(pc.LocalAddr().(*net.UDPAddr).Port)
-				go echo(pc, false)
+				go echoDatagrams(pc, false)
 				continue
 			}
 			if l.Net[:3] == "tcp" {
@@ -110,7 +110,7 @@ func inServerHelper([]string) error {
 				break
 			}
 			closers = append(closers, pc)
-			go echo(pc, l.Sink)
+			go echoDatagrams(pc, l.Sink)
 		}
 		if _, err := fmt.Println(answer); err != nil {
 			return err
@@ -119,8 +119,8 @@ func inServerHelper([]string) error {
 	return in.Err()
 }
 
-// echo answers each datagram with itself (a sink does not).
-func echo(pc net.PacketConn, sink bool) {
+// echoDatagrams answers each datagram with itself (a sink does not).
+func echoDatagrams(pc net.PacketConn, sink bool) {
 	buf := make([]byte, 64)
 	for {
 		n, from, err := pc.ReadFrom(buf)
@@ -172,9 +172,9 @@ func inServe(t testing.TB, h *testutil.Helper, ls ...inListen) {
 	}
 }
 
-// inNetns runs fn on a thread in the network namespace of pid (the test
+// inNetnsPid runs fn on a thread in the network namespace of pid (the test
 // helper's): sockets fn creates are there, outside the test cgroup.
-func inNetns(pid int, fn func() error) error {
+func inNetnsPid(pid int, fn func() error) error {
 	runtime.LockOSThread()
 	self, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", xunix.Gettid()))
 	if err != nil {
@@ -225,7 +225,7 @@ func inProbe(op inOp) string { return inProbeTimeout(op, inTimeout) }
 // inProbeWait runs one probe alone with a longer wait.
 func inProbeWait(h *testutil.Helper, op inOp, wait time.Duration) string {
 	var out string
-	if err := inNetns(h.Pid(), func() error { out = inProbeTimeout(op, wait); return nil }); err != nil {
+	if err := inNetnsPid(h.Pid(), func() error { out = inProbeTimeout(op, wait); return nil }); err != nil {
 		return err.Error()
 	}
 	return out
@@ -284,7 +284,7 @@ func inProbes(t testing.TB, h *testutil.Helper, ops []inOp) []string {
 	var wg sync.WaitGroup
 	for i, op := range ops {
 		wg.Go(func() {
-			if err := inNetns(h.Pid(), func() error { out[i] = inProbe(op); return nil }); err != nil {
+			if err := inNetnsPid(h.Pid(), func() error { out[i] = inProbe(op); return nil }); err != nil {
 				out[i] = err.Error()
 			}
 		})
@@ -499,7 +499,7 @@ func TestKernelRecvAcceptUDPFirstDatagram(t *testing.T) {
 	apply(t, d, e)
 	p0, b0 := recvCounts(t, d, engine.KindAuthRecvAccept)
 	var answers int
-	err := inNetns(h.Pid(), func() error {
+	err := inNetnsPid(h.Pid(), func() error {
 		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:5000")), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:7003")))
 		if err != nil {
 			return err
@@ -528,7 +528,7 @@ func TestKernelRecvAcceptUDPFirstDatagram(t *testing.T) {
 	// To a server that never answers (so the flow is not one its socket
 	// started): still one classification for the flow's datagrams.
 	inServe(t, h, inListen{Net: "udp4", Addr: "127.0.0.1:7003"}, inListen{Net: "udp4", Addr: "127.0.0.1:7004", Sink: true})
-	err = inNetns(h.Pid(), func() error {
+	err = inNetnsPid(h.Pid(), func() error {
 		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:5001")), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:7004")))
 		if err != nil {
 			return err
@@ -799,7 +799,7 @@ func TestKernelRecvAcceptIPv6ExtensionHeaders(t *testing.T) {
 	}
 	probe := func(n string, from uint16) string {
 		var out string
-		err := inNetns(h.Pid(), func() error {
+		err := inNetnsPid(h.Pid(), func() error {
 			local := netip.AddrPortFrom(netip.IPv6Loopback(), from)
 			if n == "tcp6" {
 				dl := net.Dialer{Timeout: inTimeout, LocalAddr: net.TCPAddrFromAddrPort(local), Control: withOpts}

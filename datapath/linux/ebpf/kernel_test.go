@@ -35,6 +35,7 @@ func TestMain(m *testing.M) {
 	testutil.RegisterHelper("connectpair", connectPairHelper)
 	testutil.RegisterHelper("app", appHelper)
 	testutil.RegisterHelper("dialexec", dialExecHelper)
+	testutil.RegisterHelper("holdconns", holdConnsHelper)
 	testutil.HelperMain()
 	code := m.Run()
 	if shared.d != nil {

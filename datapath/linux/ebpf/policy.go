@@ -304,6 +304,9 @@ func Compile(view engine.View) (*Policy, error) {
 			continue
 		}
 		slot, ok := slotOf(f.Layer)
+		if !ok && FlowLayer(f.Layer) {
+			continue // classified in user space from flow events (flowevents.go)
+		}
 		if !ok {
 			return nil, engine.FilterError(&f, fmt.Errorf("%w: on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.Layer))
 		}

@@ -1342,11 +1342,81 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock, __u
 	return 1;
 }
 
+#include "flownote.h"
+
+// fwp_note_cfg[0] is nonzero while user space wants each connected
+// socket's flow_note (reauthorization of live flows, flow events).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} fwp_note_cfg SEC(".maps");
+
+// fwp_note keeps what AUTH_CONNECT classified for a socket whose connect
+// goes on (do_connect returned 1), in the socket's storage: the tuple as
+// the hook saw it (after a built-in redirect: the proxy), the caller and
+// its executable. A socket iterator reauthorizes the flow with it after a
+// policy change (reauth.c). It always returns 1. Called through a global
+// function per family (fwp_note4, fwp_note6): its own stack frame, and
+// each reads only its family's address fields.
+static __always_inline int fwp_note(struct bpf_sock_addr *ctx, int v6sock)
+{
+	if (!ctx)
+		return 1;
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&fwp_note_cfg, &zero);
+	if (!on || !*on)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!n)
+		return 1;
+	struct tuple t = {};
+	read_dest(ctx, &t, v6sock);
+	local_from_sk(&t, sk, v6sock);
+	__builtin_memcpy(n->raddr, t.raddr, 16);
+	__builtin_memcpy(n->laddr, t.laddr, 16);
+	n->rport = t.rport;
+	n->lport = t.lport;
+	n->proto = t.proto;
+	n->v6 = t.v6;
+	n->has_laddr = t.has_laddr;
+	n->has_lport = t.has_lport;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	n->redirected = bpf_map_lookup_elem(&fwp_sock_redirect, &cookie) != 0;
+	__u64 ug = bpf_get_current_uid_gid();
+	n->uid = (__u32)ug;
+	n->gid = ug >> 32;
+	n->tgid = bpf_get_current_pid_tgid() >> 32;
+	n->cgroup_id = bpf_get_current_cgroup_id();
+	n->app_ino = 0;
+	n->app_dev = 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = task->mm;
+	struct file *f = mm ? mm->exe_file : 0;
+	struct inode *ino = f ? f->f_inode : 0;
+	if (ino) {
+		n->app_ino = ino->i_ino;
+		struct super_block *sb = ino->i_sb;
+		if (sb)
+			n->app_dev = sb->s_dev;
+	}
+	bpf_get_current_comm(n->comm, sizeof(n->comm));
+	return 1;
+}
+
+__attribute__((noinline)) int fwp_note4(struct bpf_sock_addr *ctx) { return fwp_note(ctx, 0); }
+__attribute__((noinline)) int fwp_note6(struct bpf_sock_addr *ctx) { return fwp_note(ctx, 1); }
+
+// connect notes the flow it lets proceed (sendmsg, per datagram, does not).
 SEC("cgroup/connect4")
-int fwp_connect4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 0); }
+int fwp_connect4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 0) ? fwp_note4(ctx) : 0; }
 
 SEC("cgroup/connect6")
-int fwp_connect6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1, 0); }
+int fwp_connect6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1, 0) ? fwp_note6(ctx) : 0; }
 
 SEC("cgroup/sendmsg4")
 int fwp_sendmsg4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 1); }

@@ -1,0 +1,339 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// Reauthorization of live flows (issue 17): socket iterators over the TCP
+// and UDP sockets of a network namespace. The dump programs write, for
+// each connected socket of the hooked cgroups that the connect hook noted
+// (flownote.h), a reauth_flow record; user space classifies each again
+// with IS_REAUTHORIZE against the new policy (the engine decides, exactly
+// as it decides a new flow) and puts the cookies of the flows the policy
+// now blocks in fwp_reauth_kill; the destroy programs then end those
+// sockets with bpf_sock_destroy (kernel >= 6.5): a TCP peer gets a reset,
+// the program's next call fails with ECONNABORTED. A separate object from
+// fwp.c: the iterators need kernel types and a kfunc, and load only where
+// reauthorization is wanted; fwp_sk_flow is fwp.c's map, shared by
+// replacement at load.
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <stddef.h>
+
+#include "flownote.h"
+
+#define TCP_ESTABLISHED 1
+#define TCP_CLOSE_WAIT 8
+#define AF_INET 2
+#define AF_INET6 10
+#define MAX_CGROUP_DEPTH 64
+
+// The kernel types the iterators read, relocated against the running
+// kernel's BTF (CO-RE): only the fields named here are used.
+struct seq_file;
+struct bpf_iter_meta {
+	struct seq_file *seq;
+} __attribute__((preserve_access_index));
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+struct cgroup;
+struct cgroup_subsys_state {
+	struct cgroup *cgroup;
+	struct cgroup_subsys_state *parent;
+} __attribute__((preserve_access_index));
+struct cgroup {
+	struct cgroup_subsys_state self;
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+struct in6_addr {
+	union {
+		__u32 u6_addr32[4];
+	} in6_u;
+} __attribute__((preserve_access_index));
+struct sock_common {
+	__u32 skc_daddr;
+	__u32 skc_rcv_saddr;
+	__u16 skc_dport; // network order
+	__u16 skc_num;   // host order
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+} __attribute__((preserve_access_index));
+struct sock {
+	struct sock_common __sk_common;
+	struct sock_cgroup_data sk_cgrp_data;
+} __attribute__((preserve_access_index));
+struct tcp_sock;
+struct udp_sock;
+struct bpf_sock_ops;
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+} __attribute__((preserve_access_index));
+struct bpf_iter__udp {
+	struct bpf_iter_meta *meta;
+	struct udp_sock *udp_sk;
+} __attribute__((preserve_access_index));
+
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+
+// reauth_flow is one live flow as the dump programs report it (Go:
+// fwpreauthReauthFlow): the connect hook's note and the socket now.
+struct reauth_flow {
+	struct flow_note note;
+	__u64 cookie;
+	__u64 sk_cgroup; // the socket's cgroup (where it was created)
+	__u8 src[16];	 // the socket's local address now
+	__u8 dst[16];	 // its peer
+	__u16 sport;	 // host order
+	__u16 dport;	 // host order
+	__u8 state;
+	__u8 family;
+	__u8 proto;
+	__u8 pad;
+};
+
+// For bpf2go (-type reauth_flow): a type only the stack uses has no BTF.
+const struct reauth_flow *fwp_reauth_flow_type __attribute__((unused));
+
+// fwp_reauth_cgroups: the cgroups the hooks are attached to (by id); a
+// socket is touched only when it was created in one of them or below.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} fwp_reauth_cgroups SEC(".maps");
+
+// fwp_reauth_kill: cookies of the flows the new policy blocks, written by
+// user space before a destroy pass; each entry goes when its socket is
+// found.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+} fwp_reauth_kill SEC(".maps");
+
+// hooked reports whether the socket's cgroup is one of the hooked cgroups
+// or below one, walking up at most MAX_CGROUP_DEPTH levels.
+static __always_inline int hooked(struct sock *sk, __u64 *cgid)
+{
+	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
+	for (int i = 0; i < MAX_CGROUP_DEPTH; i++) {
+		if (!cg)
+			return 0;
+		struct kernfs_node *kn = cg->kn;
+		if (!kn)
+			return 0;
+		__u64 id = kn->id;
+		if (i == 0)
+			*cgid = id;
+		if (bpf_map_lookup_elem(&fwp_reauth_cgroups, &id))
+			return 1;
+		struct cgroup_subsys_state *p = cg->self.parent;
+		if (!p)
+			return 0;
+		cg = p->cgroup;
+	}
+	return 0;
+}
+
+static __always_inline int visit(struct seq_file *seq, struct sock_common *skc, struct sock *sk, __u8 proto, int destroy)
+{
+	__u8 state = skc->skc_state;
+	if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
+		return 0;
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
+	if (!n)
+		return 0; // not connected through the hooks
+	__u64 cg = 0;
+	if (!hooked(sk, &cg))
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	if (destroy) {
+		if (!bpf_map_lookup_elem(&fwp_reauth_kill, &cookie))
+			return 0;
+		bpf_map_delete_elem(&fwp_reauth_kill, &cookie);
+		if (bpf_sock_destroy(skc) == 0)
+			bpf_seq_write(seq, &cookie, sizeof(cookie));
+		return 0;
+	}
+	struct reauth_flow r = {};
+	__builtin_memcpy(&r.note, n, sizeof(r.note));
+	r.cookie = cookie;
+	r.sk_cgroup = cg;
+	r.state = state;
+	r.proto = proto;
+	r.family = skc->skc_family;
+	r.sport = skc->skc_num;
+	r.dport = __builtin_bswap16(skc->skc_dport);
+	if (r.family == AF_INET) {
+		__u32 a = skc->skc_rcv_saddr;
+		__builtin_memcpy(r.src, &a, 4);
+		a = skc->skc_daddr;
+		__builtin_memcpy(r.dst, &a, 4);
+	} else {
+		__u32 a[4];
+		a[0] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		a[1] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+		a[2] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		a[3] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+		__builtin_memcpy(r.src, a, 16);
+		a[0] = skc->skc_v6_daddr.in6_u.u6_addr32[0];
+		a[1] = skc->skc_v6_daddr.in6_u.u6_addr32[1];
+		a[2] = skc->skc_v6_daddr.in6_u.u6_addr32[2];
+		a[3] = skc->skc_v6_daddr.in6_u.u6_addr32[3];
+		__builtin_memcpy(r.dst, a, 16);
+	}
+	bpf_seq_write(seq, &r, sizeof(r));
+	return 0;
+}
+
+static __always_inline int tcp(struct bpf_iter__tcp *ctx, int destroy)
+{
+	struct sock_common *skc = ctx->sk_common;
+	if (!skc)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; // a request or time-wait socket
+	return visit(ctx->meta->seq, skc, (struct sock *)tp, 6, destroy);
+}
+
+static __always_inline int udp(struct bpf_iter__udp *ctx, int destroy)
+{
+	struct udp_sock *us = ctx->udp_sk;
+	if (!us)
+		return 0;
+	struct sock *sk = (struct sock *)us;
+	return visit(ctx->meta->seq, (struct sock_common *)sk, sk, 17, destroy);
+}
+
+SEC("iter/tcp")
+int fwp_reauth_tcp(struct bpf_iter__tcp *ctx) { return tcp(ctx, 0); }
+
+SEC("iter/tcp")
+int fwp_destroy_tcp(struct bpf_iter__tcp *ctx) { return tcp(ctx, 1); }
+
+SEC("iter/udp")
+int fwp_reauth_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 0); }
+
+SEC("iter/udp")
+int fwp_destroy_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 1); }
+
+// Flow events: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE for the
+// kernel's flows. A sockops program reports an outbound TCP connection the
+// connect hook noted when it is established, a sock_release program
+// reports its end when the program closes the socket (the endpoint); user
+// space runs the two layers' callouts and ends the flow's contexts
+// (flowDeleteFn) then. The note's events bits make each report once per
+// flow. Both programs are attached beside fwp.c's (cgroup hooks run every
+// attached program).
+#define FLOW_EV_ESTABLISHED 1
+#define FLOW_EV_CLOSED 2
+
+// flow_event is one report (Go: fwpreauthFlowEvent).
+struct flow_event {
+	struct flow_note note;
+	__u64 cookie;
+	__u8 src[16]; // the socket's local address
+	__u8 dst[16]; // its peer
+	__u16 sport;  // host order
+	__u16 dport;  // host order
+	__u8 type;    // FLOW_EV_*
+	__u8 family;
+	__u8 pad[2];
+};
+
+const struct flow_event *fwp_flow_event_type __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} fwp_flow_events SEC(".maps");
+
+// fwp_flow_lost counts reports the ring buffer had no room for (a reader
+// lagging by 1 MiB, ~7,000 reports).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} fwp_flow_lost SEC(".maps");
+
+static __always_inline void flow_report(struct flow_note *n, __u64 cookie, __u8 type, __u8 family, __u32 *src, __u32 *dst, __u16 sport, __u16 dport)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&fwp_flow_events, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *c = bpf_map_lookup_elem(&fwp_flow_lost, &zero);
+		if (c)
+			*c += 1;
+		return;
+	}
+	__builtin_memcpy(&e->note, n, sizeof(e->note));
+	e->cookie = cookie;
+	__builtin_memcpy(e->src, src, 16);
+	__builtin_memcpy(e->dst, dst, 16);
+	e->sport = sport;
+	e->dport = dport;
+	e->type = type;
+	e->family = family;
+	e->pad[0] = 0;
+	e->pad[1] = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("sockops")
+int fwp_flow_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
+	if (!n || (n->events & FLOW_EV_ESTABLISHED))
+		return 1;
+	n->events |= FLOW_EV_ESTABLISHED;
+	// Volatile reads: the compiler must not merge the two branches' loads
+	// into one through a selected pointer (the verifier refuses a context
+	// pointer that is not at a constant offset).
+	__u32 src[4] = {}, dst[4] = {};
+	__u8 family = skops->family;
+	volatile __u32 *c = (volatile __u32 *)skops;
+	if (family == AF_INET) {
+		src[0] = c[offsetof(struct bpf_sock_ops, local_ip4) / 4];
+		dst[0] = c[offsetof(struct bpf_sock_ops, remote_ip4) / 4];
+	} else {
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			src[i] = c[offsetof(struct bpf_sock_ops, local_ip6) / 4 + i];
+			dst[i] = c[offsetof(struct bpf_sock_ops, remote_ip6) / 4 + i];
+		}
+	}
+	__builtin_memcpy(n->src, src, 16);
+	__builtin_memcpy(n->dst, dst, 16);
+	n->sport = skops->local_port;
+	n->dport = bpf_ntohl(skops->remote_port);
+	n->family = family;
+	flow_report(n, bpf_get_socket_cookie(skops), FLOW_EV_ESTABLISHED, family, src, dst, n->sport, n->dport);
+	return 1;
+}
+
+SEC("cgroup/sock_release")
+int fwp_flow_release(struct bpf_sock *sk)
+{
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
+	if (!n || !(n->events & FLOW_EV_ESTABLISHED) || (n->events & FLOW_EV_CLOSED))
+		return 1;
+	n->events |= FLOW_EV_CLOSED;
+	flow_report(n, bpf_get_socket_cookie(sk), FLOW_EV_CLOSED, n->family, (__u32 *)n->src, (__u32 *)n->dst, n->sport, n->dport);
+	return 1;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

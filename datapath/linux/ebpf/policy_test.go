@@ -538,7 +538,7 @@ func TestCompileRefusesWhatTheKernelCannotDecide(t *testing.T) {
 			return err
 		}, ErrNotSupported},
 		{"unhooked layer", func(tx *engine.Txn) error {
-			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEFlowEstablishedV4, Action: engine.Action{Type: engine.ActionBlock}})
+			_, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEResourceReleaseV4, Action: engine.Action{Type: engine.ActionBlock}})
 			return err
 		}, ErrNotSupported},
 		{"redirect without context", func(tx *engine.Txn) error {

@@ -375,23 +375,6 @@ func (p *prefixIndex) sortLens() {
 // are scanned as wildcards (correct, slower) rather than exhaust memory.
 const segBudget = 1 << 22
 
-// rankCmp orders filters for evaluation. Ties are broken deterministically:
-// equal sublayer weights by lower sublayer ID first, equal filter weights by
-// lower filter ID (the older filter) first.
-func (s *state) rankCmp(a, b *Filter) int {
-	if a.Sublayer != b.Sublayer {
-		wa, wb := s.sublayerWeight(a.Sublayer), s.sublayerWeight(b.Sublayer)
-		if wa != wb {
-			return cmp.Compare(wb, wa)
-		}
-		return cmp.Compare(a.Sublayer, b.Sublayer)
-	}
-	if a.EffectiveWeight != b.EffectiveWeight {
-		return cmp.Compare(b.EffectiveWeight, a.EffectiveWeight)
-	}
-	return cmp.Compare(a.ID, b.ID)
-}
-
 func (s *state) sublayerWeight(id SublayerID) uint16 {
 	if sl, ok := s.sublayers.byID[id]; ok {
 		return sl.Weight
@@ -399,9 +382,11 @@ func (s *state) sublayerWeight(id SublayerID) uint16 {
 	return 0
 }
 
-// ordered returns the layer's filters in evaluation order (rankCmp's),
-// sorting plain keys: rankCmp looks the sublayers' weights up per
-// comparison, which dominated at a million filters.
+// ordered returns the layer's filters in evaluation order: higher
+// sublayer weight first (ties: lower sublayer ID), then higher effective
+// weight (ties: lower filter ID, the older filter). It sorts plain keys;
+// a comparison that looked the sublayers' weights up each time (rankCmp,
+// kept in the tests as the oracle) dominated at a million filters.
 func (s *state) ordered(l LayerID) []*Filter {
 	type key struct {
 		sw  uint16

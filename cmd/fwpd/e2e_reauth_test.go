@@ -258,11 +258,10 @@ func TestE2EKernelFlowLayersPolicy(t *testing.T) {
 		t.Fatalf("fwpd did not turn the flow layers on:\n%s", d.log)
 	}
 	h := testutil.StartHelper(t, cg, "reauthconns")
-	ans, err := h.Call([]byte("open 2"))
-	if err != nil {
+	if _, err := h.Call([]byte("open 2")); err != nil {
 		t.Fatal(err)
 	}
-	ans, err = h.Call([]byte("check"))
+	ans, err := h.Call([]byte("check"))
 	if err != nil || strings.Count(string(ans), `"ok"`) != 5 {
 		t.Fatalf("flows with the flow layers on: %s %v", ans, err)
 	}

@@ -139,9 +139,26 @@ func (d *Datapath) ReadEvents(ctx context.Context, fn func(Event)) error {
 	if err != nil {
 		return fmt.Errorf("%w: event ring buffer: %v", ErrUnavailable, err)
 	}
-	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	// The reader is closed when ctx ends (that interrupts a waiting
+	// Read); AvailableBytes reads the ring without the reader's lock, so
+	// it and that Close exclude each other here, and it is not called
+	// once ctx has ended (a closed reader has no ring: a nil dereference).
+	var closeMu sync.Mutex
+	stop := context.AfterFunc(ctx, func() {
+		closeMu.Lock()
+		defer closeMu.Unlock()
+		rd.Close()
+	})
 	defer stop()
 	defer rd.Close()
+	caughtUp := func() (yes, done bool) {
+		closeMu.Lock()
+		defer closeMu.Unlock()
+		if ctx.Err() != nil {
+			return false, true
+		}
+		return rd.AvailableBytes() == 0, false
+	}
 	for {
 		rec, err := rd.Read()
 		if err != nil {
@@ -155,7 +172,11 @@ func (d *Datapath) ReadEvents(ctx context.Context, fn func(Event)) error {
 			continue // cannot happen with our programs; never stop reading
 		}
 		fn(ev)
-		if rd.AvailableBytes() == 0 {
+		yes, done := caughtUp()
+		if done {
+			return nil
+		}
+		if yes {
 			// Caught up: let events gather before waiting again. A hook
 			// wakes the reader only for the first record after it caught
 			// up, so a reader back in epoll at once is woken (a futex

@@ -692,7 +692,6 @@ func TestCompileInbound(t *testing.T) {
 	for name, f := range map[string]engine.Filter{
 		"go callout": {Key: "in-callout", Layer: engine.LayerALEAuthRecvAcceptV4, Action: engine.Action{Type: engine.ActionCalloutTerminating}},
 		"interface":  blockFilter(engine.LayerALEAuthRecvAcceptV4, engine.Condition{Field: engine.FieldIPLocalInterface, Match: engine.MatchEqual, Value: engine.Uint32(1)}),
-		"flags":      blockFilter(engine.LayerALEAuthListenV6, engine.Condition{Field: engine.FieldFlags, Match: engine.MatchFlagsAllSet, Value: engine.Uint32(1)}),
 	} {
 		e := buildEngine(t, func(tx *engine.Txn) error {
 			if f.Action.Type == engine.ActionCalloutTerminating {

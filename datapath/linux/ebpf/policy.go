@@ -292,8 +292,9 @@ func (p *Policy) Filters() int {
 // filter must be one the kernel decides alone: PERMIT or BLOCK, or the
 // built-in connect redirect, on CONNECT_REDIRECT, AUTH_CONNECT,
 // BIND_REDIRECT, RESOURCE_ASSIGNMENT, AUTH_RECV_ACCEPT or AUTH_LISTEN, with
-// conditions on addresses, ports, protocol, user, group and cgroup id and
-// application. Any other filter makes Compile
+// conditions on addresses, ports, protocol, user, group and cgroup id,
+// application and flags (the bits the hooks know: tuple_flags in
+// bpf/fwp.c; the others are clear). Any other filter makes Compile
 // fail with an error wrapping ErrNotSupported that names it: the kernel
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
@@ -998,6 +999,8 @@ func flagIndices(k engine.LayerKind) []uint64 {
 		return []uint64{0, 1, 4, 5}
 	case engine.KindBindRedirect, engine.KindResourceAssignment:
 		return []uint64{0, 2}
+	case engine.KindAuthListen:
+		return []uint64{0} // no remote endpoint (bpf/fwp.c tuple_flags)
 	}
 	return []uint64{0, 1}
 }

@@ -846,7 +846,9 @@ static __always_inline __u32 app_class(__u32 g)
 static __always_inline __u32 tuple_flags(__u32 slot, struct tuple *t)
 {
 	__u32 x = 0;
-	if (t->has_raddr) {
+	// AUTH_LISTEN has no remote endpoint in WFP (the tuple's is the
+	// SYN's): never loopback there.
+	if (t->has_raddr && (slot & ~1U) != SLOT_AUTH_LISTEN) {
 		if (!t->v6) {
 			if (t->raddr[0] == 127)
 				x |= TF_LOOPBACK;

@@ -418,7 +418,7 @@ func TestKernelRecvAcceptMatchesEngine(t *testing.T) {
 	}()
 	for seed := range uint64(policies) {
 		g := &gen{r: rand.New(rand.NewPCG(seed, 17)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true,
-			kinds: []engine.LayerKind{engine.KindAuthRecvAccept}}
+			kinds: []engine.LayerKind{engine.KindAuthRecvAccept}, flags: seed%3 != 0}
 		e := g.policy(t, 1+g.r.IntN(30))
 		apply(t, d, e)
 		var ops []inOp

@@ -24,15 +24,21 @@ type tuple struct {
 	cgroup uint64
 	v6     bool
 	app    string // the executable's path; "" for none
+	// redirected: the built-in connect redirect ran (AUTH_CONNECT after it).
+	redirected bool
 }
 
 // flags is the flags value the hooks compute for the tuple (as nfqueue's
 // and the flow layers' values: loopback by the remote address).
 func (t tuple) flags() uint32 {
+	var f uint32
 	if t.remote.Addr().IsLoopback() {
-		return engine.FlagIsLoopback
+		f |= engine.FlagIsLoopback
 	}
-	return 0
+	if t.redirected {
+		f |= engine.FlagIsConnectionRedirected
+	}
+	return f
 }
 
 func (t tuple) values() *engine.Values {

@@ -79,7 +79,7 @@
 // new policy and a failed Apply leaves the old one in force.
 //
 // Filters the kernel cannot decide alone — a condition on another field
-// (flags, interface...), an unsupported match, a layer no hook classifies, a Go
+// (interface, direction...), an unsupported match, a layer no hook classifies, a Go
 // callout anywhere but below — make Compile fail with an error wrapping
 // ErrNotSupported that names the filter; the datapath never ignores a
 // filter silently.

@@ -27,6 +27,7 @@ func explainBlocks(t *testing.T, e *engine.Engine, tp tuple) (bool, string) {
 	for _, s := range tr.Steps {
 		if c, err := v.Callout(s.Callout); err == nil && IsBuiltinConnectRedirect(c.Key) && s.Returned == engine.ActionPermit {
 			tp.remote = genProxy[tp.v6]
+			tp.redirected = true
 			break
 		}
 	}
@@ -45,7 +46,7 @@ func TestKernelMatchesExplain(t *testing.T) {
 	h := testutil.StartHelper(t, cg, "probe")
 	redirected := 0
 	for seed := range uint64(40) {
-		g := &gen{r: rand.New(rand.NewPCG(seed, 1234)), cgroup: cg.ID, v6: seed%4 == 3, redirects: true}
+		g := &gen{r: rand.New(rand.NewPCG(seed, 1234)), cgroup: cg.ID, v6: seed%4 == 3, redirects: true, flags: seed%3 != 0}
 		e := g.policy(t, 1+g.r.IntN(20))
 		if err := RegisterBuiltinCallouts(e, e.View()); err != nil {
 			t.Fatal(err)

@@ -418,7 +418,7 @@ func TestKernelRecvAcceptMatchesEngine(t *testing.T) {
 	}()
 	for seed := range uint64(policies) {
 		g := &gen{r: rand.New(rand.NewPCG(seed, 17)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true,
-			kinds: []engine.LayerKind{engine.KindAuthRecvAccept}}
+			kinds: []engine.LayerKind{engine.KindAuthRecvAccept}, flags: seed%3 != 0}
 		e := g.policy(t, 1+g.r.IntN(30))
 		apply(t, d, e)
 		var ops []inOp
@@ -692,7 +692,6 @@ func TestCompileInbound(t *testing.T) {
 	for name, f := range map[string]engine.Filter{
 		"go callout": {Key: "in-callout", Layer: engine.LayerALEAuthRecvAcceptV4, Action: engine.Action{Type: engine.ActionCalloutTerminating}},
 		"interface":  blockFilter(engine.LayerALEAuthRecvAcceptV4, engine.Condition{Field: engine.FieldIPLocalInterface, Match: engine.MatchEqual, Value: engine.Uint32(1)}),
-		"flags":      blockFilter(engine.LayerALEAuthListenV6, engine.Condition{Field: engine.FieldFlags, Match: engine.MatchFlagsAllSet, Value: engine.Uint32(1)}),
 	} {
 		e := buildEngine(t, func(tx *engine.Txn) error {
 			if f.Action.Type == engine.ActionCalloutTerminating {

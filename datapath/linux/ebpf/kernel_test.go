@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -95,6 +96,13 @@ type probeOp struct {
 // on stdin it makes each connect (or, without a remote, a listen) and
 // answers a line of "ok", "eperm", "refused" or the error.
 func probeHelper([]string) error {
+	// Addresses that are not loopback on lo (the namespace is the
+	// helper's): connects to them are local but not IS_LOOPBACK.
+	for _, a := range [][]string{{"addr", "add", nonLoopback4 + "/32", "dev", "lo"}, {"-6", "addr", "add", nonLoopback6 + "/128", "dev", "lo"}} {
+		if out, err := exec.Command("ip", a...).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip %v: %v: %s", a, err, out)
+		}
+	}
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(nil, 1<<20)
 	for in.Scan() {
@@ -239,7 +247,8 @@ func TestKernelMatchesEngine(t *testing.T) {
 	}
 	apps := genApps(t) // the probe helper is the first: the test binary
 	kernelDifferential(t, d, cg, policies, func(seed uint64) *gen {
-		return &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true}
+		return &gen{r: rand.New(rand.NewPCG(seed, 99)), cgroup: cg.ID, v6: seed%4 == 3, apps: apps, gids: true,
+			flags: seed%3 != 0, nonLoopback: seed%3 != 2}
 	})
 }
 

@@ -292,8 +292,9 @@ func (p *Policy) Filters() int {
 // filter must be one the kernel decides alone: PERMIT or BLOCK, or the
 // built-in connect redirect, on CONNECT_REDIRECT, AUTH_CONNECT,
 // BIND_REDIRECT, RESOURCE_ASSIGNMENT, AUTH_RECV_ACCEPT or AUTH_LISTEN, with
-// conditions on addresses, ports, protocol, user, group and cgroup id and
-// application. Any other filter makes Compile
+// conditions on addresses, ports, protocol, user, group and cgroup id,
+// application and flags (the bits the hooks know: tuple_flags in
+// bpf/fwp.c; the others are clear). Any other filter makes Compile
 // fail with an error wrapping ErrNotSupported that names it: the kernel
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
@@ -344,6 +345,9 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 	for i := range groups {
 		groups[i] = make([][]engine.Condition, n)
 	}
+	// flagGroups[rank] is the filter's conditions on the flags, folded
+	// into the protocol field (compileProto).
+	flagGroups := make([][]engine.Condition, n)
 	for rank, f := range fs {
 		m, err := p.filterMeta(view, &f)
 		if err != nil {
@@ -359,6 +363,14 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 			p.callouts = true
 		}
 		for _, c := range f.Conditions {
+			if c.Field == engine.FieldFlags {
+				if l := c.Value.List(); l != nil {
+					flagGroups[rank] = append(flagGroups[rank], listConditions(c, l)...)
+				} else {
+					flagGroups[rank] = append(flagGroups[rank], c)
+				}
+				continue
+			}
 			kf, ok := kernelField[c.Field]
 			if !ok {
 				return nil, engine.FilterError(&f, fmt.Errorf("%w: condition on %s: the kernel cannot match this field", ErrNotSupported, c.Field))
@@ -397,10 +409,19 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 		all.set(r)
 	}
 	lp.classes[fieldAll].intern(all)
+	flagWild := newBitvec(n)
+	flagged := false
+	for r := range n {
+		if len(flagGroups[r]) == 0 {
+			flagWild.set(r)
+		} else {
+			flagged = true
+		}
+	}
 	for f := range numFields - 1 {
 		g := groups[f]
 		wild := newBitvec(n)
-		constrained := false
+		constrained := f == fieldProto && flagged
 		for r := range n {
 			if len(g[r]) == 0 {
 				wild.set(r)
@@ -422,7 +443,12 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 		case fieldRPort, fieldLPort:
 			err = lp.compilePorts(f, g, wild)
 		case fieldProto:
-			err = lp.compileProto(g, wild)
+			if flagged {
+				lp.active |= activeFlags
+				err = lp.compileProto(g, wild, flagGroups, flagWild)
+			} else {
+				err = lp.compileProto(g, wild, nil, nil)
+			}
 		case fieldApp:
 			err = lp.compileApps(p, g, wild)
 		default:
@@ -943,28 +969,113 @@ type rankError struct {
 func (e rankError) Error() string { return e.err.Error() }
 func (e rankError) Unwrap() error { return e.err }
 
-// compileProto enumerates the 256 protocol numbers: every integer match works.
-func (lp *layerPolicy) compileProto(g [][]engine.Condition, wild bitvec) error {
-	for r, cs := range g {
-		for _, c := range cs {
-			if c.Match > engine.MatchFlagsNoneSet && c.Match != engine.MatchNotEqual {
-				return rankError{r, fmt.Errorf("%w: %s", ErrNotSupported, c)}
+// activeFlags in layer_cfg.active: the flags are folded into the protocol
+// field's key (bpf/fwp.c ACTIVE_FLAGS).
+const activeFlags = 1 << 31
+
+// flagIndexBits are the condition flags the hooks know, by their bit in
+// the flags index the kernel computes (bpf/fwp.c tuple_flags: TF_*). Every
+// other flag (IS_REAUTHORIZE: a hook classifies each connect once,
+// IS_IPSEC_SECURED...) is clear in the kernel's flags value.
+var flagIndexBits = [...]uint32{engine.FlagIsLoopback, engine.FlagIsWildcardBind, engine.FlagIsConnectionRedirected}
+
+// flagsOf is the flags value of a flags index.
+func flagsOf(idx uint64) uint64 {
+	var v uint32
+	for i, b := range flagIndexBits {
+		if idx&(1<<i) != 0 {
+			v |= b
+		}
+	}
+	return uint64(v)
+}
+
+// flagIndices are the flags indices the hooks compute at a layer:
+// loopback wherever there is a remote address, wildcard bind at the bind
+// layers, connection redirected at AUTH_CONNECT.
+func flagIndices(k engine.LayerKind) []uint64 {
+	switch k {
+	case engine.KindAuthConnect:
+		return []uint64{0, 1, 4, 5}
+	case engine.KindBindRedirect, engine.KindResourceAssignment:
+		return []uint64{0, 2}
+	case engine.KindAuthListen:
+		return []uint64{0} // no remote endpoint (bpf/fwp.c tuple_flags)
+	}
+	return []uint64{0, 1}
+}
+
+// flagIndex is the flags index the hooks compute for the engine's flags
+// value v (the bits they do not know dropped).
+func flagIndex(v uint32) uint64 {
+	var idx uint64
+	for i, b := range flagIndexBits {
+		if v&b != 0 {
+			idx |= 1 << i
+		}
+	}
+	return idx
+}
+
+// compileProto enumerates the 256 protocol numbers: every integer match
+// works. With flag conditions (fg), the flags are folded into the key: the
+// kernel looks up proto | flags index << 8, and each of the few flag values
+// the layer's hook can compute is enumerated with each protocol.
+func (lp *layerPolicy) compileProto(g [][]engine.Condition, wild bitvec, fg [][]engine.Condition, fwild bitvec) error {
+	for _, gs := range [][][]engine.Condition{g, fg} {
+		for r, cs := range gs {
+			for _, c := range cs {
+				if c.Match > engine.MatchFlagsNoneSet && c.Match != engine.MatchNotEqual {
+					return rankError{r, fmt.Errorf("%w: %s", ErrNotSupported, c)}
+				}
 			}
 		}
 	}
 	c := &lp.classes[fieldProto]
 	m := map[uint64]uint32{}
-	for v := uint64(0); v < 256; v++ {
-		b := wild.clone()
-		for r, cs := range g {
-			for _, cond := range cs {
-				if matchInt(cond, v) {
-					b.set(r)
-					break
+	idxs := []uint64{0}
+	if fg != nil {
+		idxs = flagIndices(lp.layer.Kind())
+		// A lookup that misses (none should) matches no filter with
+		// conditions on either.
+		def := wild.clone()
+		for i := range def {
+			def[i] &= fwild[i]
+		}
+		lp.def[fieldProto] = c.intern(def)
+		lp.empty[fieldProto] = lp.def[fieldProto]
+	}
+	for _, idx := range idxs {
+		fb := fwild
+		if fg != nil {
+			fb = fwild.clone()
+			fv := flagsOf(idx)
+			for r, cs := range fg {
+				for _, cond := range cs {
+					if matchInt(cond, fv) {
+						fb.set(r)
+						break
+					}
 				}
 			}
 		}
-		m[v] = c.intern(b)
+		for v := uint64(0); v < 256; v++ {
+			b := wild.clone()
+			for r, cs := range g {
+				for _, cond := range cs {
+					if matchInt(cond, v) {
+						b.set(r)
+						break
+					}
+				}
+			}
+			if fb != nil {
+				for i := range b {
+					b[i] &= fb[i]
+				}
+			}
+			m[v|idx<<8] = c.intern(b)
+		}
 	}
 	lp.ints[0] = m
 	return nil

@@ -24,6 +24,21 @@ type tuple struct {
 	cgroup uint64
 	v6     bool
 	app    string // the executable's path; "" for none
+	// redirected: the built-in connect redirect ran (AUTH_CONNECT after it).
+	redirected bool
+}
+
+// flags is the flags value the hooks compute for the tuple (as nfqueue's
+// and the flow layers' values: loopback by the remote address).
+func (t tuple) flags() uint32 {
+	var f uint32
+	if t.remote.Addr().IsLoopback() {
+		f |= engine.FlagIsLoopback
+	}
+	if t.redirected {
+		f |= engine.FlagIsConnectionRedirected
+	}
+	return f
 }
 
 func (t tuple) values() *engine.Values {
@@ -40,6 +55,7 @@ func (t tuple) values() *engine.Values {
 	vs.Set(engine.FieldALEUserID, engine.Uint32(t.uid))
 	vs.Set(engine.FieldALEGroupID, engine.Uint32(t.gid))
 	vs.Set(engine.FieldCgroupID, engine.Uint64(t.cgroup))
+	vs.Set(engine.FieldFlags, engine.Uint32(t.flags()))
 	if t.app != "" {
 		vs.Set(engine.FieldALEAppID, engine.String(t.app))
 	}
@@ -120,6 +136,9 @@ func (p *Policy) simulate(slot int, t tuple) (block bool, redirect int) {
 			}
 		default:
 			v := uint64(t.proto)
+			if lp.active&activeFlags != 0 {
+				v |= flagIndex(t.flags()) << 8
+			}
 			if f == fieldUID {
 				v = uint64(t.uid)
 			} else if f == fieldCgroup {
@@ -194,7 +213,16 @@ type gen struct {
 	// hostRuns: runs of v4 host filters (one action, consecutive weights
 	// or not), which Compile collapses when nothing falls between them.
 	hostRuns bool
+	// flags: conditions on the flags (FieldFlags) too; nonLoopback: the
+	// address pools have an address that is not loopback (nonLoopback4/6,
+	// which the probe helper puts on its lo).
+	flags, nonLoopback bool
 }
+
+const (
+	nonLoopback4 = "10.99.0.1"
+	nonLoopback6 = "fd00:99::1"
+)
 
 // genApps are the app id paths of random policies: the test binary (the
 // probe helper that connects), another program, and a path with no file.
@@ -214,6 +242,12 @@ var (
 )
 
 func (g *gen) addr() netip.Addr {
+	if g.nonLoopback && g.r.IntN(3) == 0 {
+		if g.v6 {
+			return netip.MustParseAddr(nonLoopback6)
+		}
+		return netip.MustParseAddr(nonLoopback4)
+	}
 	if g.v6 {
 		return netip.MustParseAddr(v6Pool[g.r.IntN(len(v6Pool))])
 	}
@@ -229,6 +263,15 @@ func (g *gen) cond() engine.Condition {
 	if len(g.apps) > 0 && r.IntN(6) == 0 {
 		m := []engine.MatchType{engine.MatchEqual, engine.MatchNotEqual}[r.IntN(2)]
 		return engine.Condition{Field: engine.FieldALEAppID, Match: m, Value: engine.String(g.apps[r.IntN(len(g.apps))])}
+	}
+	if g.flags && r.IntN(5) == 0 {
+		bits := []uint32{engine.FlagIsLoopback, engine.FlagIsConnectionRedirected, engine.FlagIsReauthorize,
+			engine.FlagIsLoopback | engine.FlagIsConnectionRedirected, engine.FlagIsLoopback | engine.FlagIsWildcardBind}[r.IntN(5)]
+		m := []engine.MatchType{engine.MatchFlagsAllSet, engine.MatchFlagsAnySet, engine.MatchFlagsNoneSet, engine.MatchEqual, engine.MatchNotEqual}[r.IntN(5)]
+		if m == engine.MatchEqual || m == engine.MatchNotEqual {
+			bits = []uint32{0, engine.FlagIsLoopback, engine.FlagIsReauthorize}[r.IntN(3)]
+		}
+		return engine.Condition{Field: engine.FieldFlags, Match: m, Value: engine.Uint32(bits)}
 	}
 	switch r.IntN(7) {
 	case 0, 1:
@@ -493,7 +536,8 @@ func TestCompileMatchesEngine(t *testing.T) {
 	apps := genApps(t)
 	for seed := range uint64(300) {
 		g := &gen{r: rand.New(rand.NewPCG(seed, 7)), cgroup: 4242, v6: seed%5 == 4,
-			apps: apps, tupleApps: []string{apps[0], "/usr/bin/curl", "/usr/bin/wget"}, gids: true, tupleGIDs: []uint32{0, 1000, 7}}
+			apps: apps, tupleApps: []string{apps[0], "/usr/bin/curl", "/usr/bin/wget"}, gids: true, tupleGIDs: []uint32{0, 1000, 7},
+			flags: seed%3 != 0, nonLoopback: seed%2 == 0}
 		e := g.policy(t, 1+g.r.IntN(25))
 		p, err := Compile(e.View())
 		if err != nil {

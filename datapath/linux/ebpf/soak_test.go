@@ -306,8 +306,12 @@ func soakPolicy(t *testing.T) *engine.Engine {
 				return err
 			}
 		}
+		// The flags are exactly IS_LOOPBACK for the blocked connects
+		// (not redirected): every connect of the soak is classified with
+		// the flags folded into the protocol's key (issue 15).
 		_, err = tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
-			engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(netip.MustParseAddr("127.0.0.3"))}))
+			engine.Condition{Field: engine.FieldIPRemoteAddress, Match: engine.MatchEqual, Value: engine.Addr(netip.MustParseAddr("127.0.0.3"))},
+			engine.Condition{Field: engine.FieldFlags, Match: engine.MatchEqual, Value: engine.Uint32(engine.FlagIsLoopback)}))
 		return err
 	})
 }

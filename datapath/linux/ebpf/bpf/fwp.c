@@ -442,9 +442,12 @@ struct tuple {
 	__u8 has_laddr;
 	__u8 has_rport;
 	__u8 has_lport;
-	// owner_app: the app field's class is app_cls, the socket owner's
-	// executable looked up by the inbound layers (bpf/inbound.h), not the
-	// current task's. (In the padding: the stack of connect is at its limit.)
+	// owner_app: bit TO_OWNER_APP: the app field's class is app_cls, the
+	// socket owner's executable looked up by the inbound layers
+	// (bpf/inbound.h), not the current task's; bit TO_REDIRECTED: the
+	// built-in connect redirect ran before this AUTH_CONNECT (the flags
+	// field's IS_CONNECTION_REDIRECTED). (In the padding: the stack of
+	// connect is at its limit.)
 	__u8 owner_app;
 	__u8 no_gid; // the group is unknown (an inbound socket without owner): empty
 	__u32 app_cls;
@@ -825,6 +828,46 @@ static __always_inline __u32 app_class(__u32 g)
 	return c ? *c : CLASS_MISS;
 }
 
+// Condition flags the hooks know, as the index bits of the flags value
+// folded into the protocol field's key (policy.go: flagIndex).
+#define TO_OWNER_APP 1
+#define TO_REDIRECTED 2
+#define TF_LOOPBACK 1 // FWP_CONDITION_FLAG_IS_LOOPBACK
+#define TF_WILDCARD 2 // FWP_CONDITION_FLAG_IS_WILDCARD_BIND
+#define TF_REDIRECTED 4 // FWP_CONDITION_FLAG_IS_CONNECTION_REDIRECTED
+#define ACTIVE_FLAGS (1U << 31) // layer_cfg.active: flags folded into FIELD_PROTO
+#define FIELD_FOLD 0x100 // fwp_field_class: fold the flags into the protocol's key
+
+// tuple_flags is the flags word's index as the engine's datapaths compute
+// it: loopback when the remote address is (127/8 or ::1; a v4-mapped
+// address is v4 in the tuple), wildcard bind at the bind layers when the
+// local address is unspecified, redirected after the built-in redirect.
+// IS_REAUTHORIZE is never set here: a hook classifies each connect once.
+static __always_inline __u32 tuple_flags(__u32 slot, struct tuple *t)
+{
+	__u32 x = 0;
+	// AUTH_LISTEN has no remote endpoint in WFP (the tuple's is the
+	// SYN's): never loopback there.
+	if (t->has_raddr && (slot & ~1U) != SLOT_AUTH_LISTEN) {
+		if (!t->v6) {
+			if (t->raddr[0] == 127)
+				x |= TF_LOOPBACK;
+		} else {
+			__u64 a, b;
+			__builtin_memcpy(&a, t->raddr, 8);
+			__builtin_memcpy(&b, t->raddr + 8, 8);
+			if (a == 0 && b == bpf_cpu_to_be64(1))
+				x |= TF_LOOPBACK;
+		}
+	}
+	if ((slot & ~1U) == SLOT_BIND_REDIRECT || (slot & ~1U) == SLOT_RESOURCE_ASSIGNMENT)
+		if (!t->has_laddr)
+			x |= TF_WILDCARD;
+	if (t->owner_app & TO_REDIRECTED)
+		x |= TF_REDIRECTED;
+	return x;
+}
+
 // field_class maps one field of the tuple to its class at layer li, or
 // CLASS_MISS / CLASS_EMPTY. It is a global function so the verifier checks
 // it once, not once per path.
@@ -832,6 +875,8 @@ __attribute__((noinline)) int fwp_field_class(__u32 li, __u32 f, struct tuple *t
 {
 	if (!t)
 		return CLASS_MISS;
+	__u32 fold = f & FIELD_FOLD;
+	f &= ~FIELD_FOLD;
 	__u32 gen = li / NSLOTS, slot = li % NSLOTS;
 	__u32 g = glf(gen, slot, f);
 	switch (f) {
@@ -844,11 +889,13 @@ __attribute__((noinline)) int fwp_field_class(__u32 li, __u32 f, struct tuple *t
 	case FIELD_LPORT:
 		return port_class(gen, slot, 1, t->has_lport, t->lport);
 	case FIELD_PROTO:
+		if (fold)
+			return int_class(g, t->proto | (tuple_flags(slot, t) << 8));
 		return int_class(g, t->proto);
 	case FIELD_UID:
 		return int_class(g, t->uid);
 	case FIELD_APP:
-		if (t->owner_app)
+		if (t->owner_app & TO_OWNER_APP)
 			return t->app_cls;
 		return app_class(g);
 	case FIELD_GID:
@@ -924,7 +971,7 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 		if (f == FIELD_RADDR || f == FIELD_LADDR)
 			c = fwp_host_class(li, f, t); // a host table first
 		if (c == CLASS_MISS)
-			c = fwp_field_class(li, f, t);
+			c = fwp_field_class(li, f == FIELD_PROTO && (active & ACTIVE_FLAGS) ? f | FIELD_FOLD : f, t);
 		if (c == CLASS_MISS)
 			c = lc->default_class[f];
 		else if (c == CLASS_EMPTY)
@@ -1323,6 +1370,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock, __u
 			__builtin_memcpy(t.raddr, rc->addr, 16);
 			t.v6 = rc->v6;
 			t.rport = rc->port;
+			t.owner_app |= TO_REDIRECTED;
 			redirected = 1;
 		}
 	}

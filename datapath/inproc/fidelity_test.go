@@ -150,7 +150,7 @@ func TestPerConnectionRecords(t *testing.T) {
 	// Records another engine issued are refused, nothing dialed.
 	other := engine.New(engine.Options{})
 	foreign := other.MarshalRedirectRecords(engine.NewRedirectRecords(engine.RedirectRecord{Handle: 1}))
-	before := srv.accepted.Load()
+	before := srv.settled(t, n) // the n dials above
 	if c, err := d.DialContext(proxy.WithRedirectRecords(context.Background(), foreign), "tcp4", srv.addr().String()); !errors.Is(err, proxy.ErrInvalidArgument) {
 		if c != nil {
 			c.Close() // else the echo server's cleanup waits for it
@@ -231,7 +231,7 @@ func TestDialerLocalAddressBindLayers(t *testing.T) {
 
 	// A block at RESOURCE_ASSIGNMENT refuses the dial before it connects.
 	e2, _ := newEngine(t, engine.Options{}, callout{key: "no", layer: engine.LayerALEResourceAssignmentV4, sublayer: 1, action: engine.ActionBlock})
-	before := srv.accepted.Load()
+	before := srv.settled(t, 2) // the two dials above
 	d2 := &inproc.Dialer{Datapath: inproc.New(e2, inproc.Options{}), Net: net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}}
 	if c, err := d2.Dial("tcp4", srv.addr().String()); !isBlocked(err) {
 		if c != nil {

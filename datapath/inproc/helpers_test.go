@@ -140,6 +140,21 @@ type echoServer struct {
 	wg       sync.WaitGroup
 }
 
+// settled waits (bounded) until the server has accepted want connections,
+// so that a later count sees no accept of an earlier dial arriving late.
+func (s *echoServer) settled(t testing.TB, want int64) int64 {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for s.accepted.Load() < want && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	n := s.accepted.Load()
+	if n != want {
+		t.Fatalf("the server accepted %d connections, want the %d dialed", n, want)
+	}
+	return n
+}
+
 func startEcho(t testing.TB, ln net.Listener) *echoServer {
 	s := &echoServer{ln: ln}
 	s.wg.Add(1)

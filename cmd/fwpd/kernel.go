@@ -401,9 +401,9 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 				return
 			case <-t.C:
 				if n, err := k.d.SweepReleased(); err != nil {
-					k.log.Debug("sweeping closed UDP redirect records", "err", err)
+					k.log.Debug("sweeping redirect records of closed sockets", "err", err)
 				} else if n > 0 {
-					k.log.Debug("swept closed UDP redirect records", "n", n)
+					k.log.Debug("swept redirect records of closed sockets", "n", n)
 				}
 			}
 		}

@@ -77,6 +77,10 @@ type Datapath struct {
 	hostMem, idMem *ebpf.Memory
 	// reauth: the socket iterators, once EnableReauthorization loaded them.
 	reauth *reauthObjs
+	// unaccepted: TCP redirect records whose client has closed and whose
+	// proxy side was never seen established, with when a sweep first saw
+	// them so (SweepReleased).
+	unaccepted map[fwpTupleKey]unacceptedSeen
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the

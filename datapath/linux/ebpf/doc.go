@@ -157,7 +157,12 @@
 // (sockops state callback); a UDP one, which no accepted socket marks, is
 // stamped when the client socket closes and kept ReleasedGrace (10 s) for
 // datagrams still queued to the proxy, then skipped by queries and removed
-// by SweepReleased (fwpd runs it every ReleasedGrace/2). A socket marked with SetRedirectRecords(cookie, handle)
+// by SweepReleased (fwpd runs it every ReleasedGrace/2). A TCP record no
+// accepted socket will end (the handshake never completed at the proxy: the
+// port was closed, the client's reset overtook its ACK; or the proxy runs
+// in a cgroup with neither the hooks nor the proxy hooks) is removed
+// by SweepReleased UnacceptedGrace (30 s) after its client closed. A socket
+// marked with SetRedirectRecords(cookie, handle)
 // before its connect is not redirected by that handle's filters again — the
 // proxy's outbound connection — so chained proxies never loop. For the
 // arbitration the redirect counts as the callout's permit (soft unless the

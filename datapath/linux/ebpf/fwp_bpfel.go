@@ -197,7 +197,7 @@ type fwpRedirectState struct {
 	OrigV6    uint8
 	ProxyV6   uint8
 	Proto     uint8
-	Pad       uint8
+	Accepted  uint8
 	Handle    uint32
 	TargetPid uint32
 	Pid       uint32

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"syscall"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -360,15 +361,88 @@ func (d *Datapath) QueryProxyRedirect(local, remote netip.AddrPort) (proxy.Redir
 	return ProxyBackend{R: d.redirects()}.QueryTuple(local, remote)
 }
 
-// SweepReleased is Redirects.SweepReleased on this datapath's maps; fwpd
-// runs it every ReleasedGrace/2.
+// SweepReleased is Redirects.SweepReleased on this datapath's maps, and
+// also sweeps the TCP records no proxy socket will end (see
+// UnacceptedGrace); fwpd runs it every ReleasedGrace/2.
 func (d *Datapath) SweepReleased() (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return 0, ErrClosed
 	}
-	return d.redirects().SweepReleased()
+	r := d.redirects()
+	n, err := r.SweepReleased()
+	if err != nil {
+		return n, err
+	}
+	var m int
+	d.unaccepted, m, err = r.sweepUnaccepted(d.unaccepted, time.Now(), UnacceptedGrace)
+	return n + m, err
+}
+
+// UnacceptedGrace is how long a TCP redirect's 4-tuple record outlives its
+// client's socket when no proxy socket was seen established for it: the
+// proxy's accepted socket ends the record when it closes, but a connection
+// whose handshake never completed at the proxy (the client's reset overtook
+// its ACK, a SYN-ACK was lost) has no such socket, and a proxy in a cgroup
+// with neither the hooks nor the proxy hooks has no sockops program to
+// report one. Such records would
+// stay until the LRU evicted them — live ones too once the map is full. The
+// grace leaves a proxy that accepts late the time to query.
+var UnacceptedGrace = 30 * time.Second
+
+type unacceptedSeen struct {
+	cookie uint64
+	since  time.Time
+}
+
+// sweepUnaccepted deletes the TCP records that were never accepted and
+// whose client socket has closed (its record by cookie is gone), once they
+// have been so for grace: prev holds those seen at earlier sweeps; the
+// result is the set for the next sweep.
+func (r *Redirects) sweepUnaccepted(prev map[fwpTupleKey]unacceptedSeen, now time.Time, grace time.Duration) (map[fwpTupleKey]unacceptedSeen, int, error) {
+	next := make(map[fwpTupleKey]unacceptedSeen, len(prev))
+	type unacceptedKey struct {
+		k      fwpTupleKey
+		cookie uint64
+	}
+	var stale []unacceptedKey
+	var k fwpTupleKey
+	var s, c fwpRedirectState
+	it := r.tuple.Iterate()
+	for it.Next(&k, &s) {
+		if s.Proto != syscall.IPPROTO_TCP || s.Accepted != 0 {
+			continue
+		}
+		if err := r.sock.Lookup(s.Cookie, &c); err == nil {
+			continue // the client is still open
+		}
+		seen, ok := prev[k]
+		if !ok || seen.cookie != s.Cookie {
+			seen = unacceptedSeen{cookie: s.Cookie, since: now}
+		}
+		if now.Sub(seen.since) >= grace {
+			stale = append(stale, unacceptedKey{k, s.Cookie})
+			continue
+		}
+		next[k] = seen
+	}
+	if err := it.Err(); err != nil {
+		return prev, 0, err
+	}
+	n := 0
+	for _, st := range stale {
+		// A new connection may have taken the key since the walk: look
+		// again (the window left is the one between this lookup and the
+		// delete, microseconds, for a reuse of the 4-tuple).
+		if r.tuple.Lookup(st.k, &s) != nil || s.Cookie != st.cookie || s.Accepted != 0 {
+			continue
+		}
+		if r.tuple.Delete(st.k) == nil {
+			n++
+		}
+	}
+	return next, n, nil
 }
 
 // IsRedirectTarget reports whether pid is the target process of a redirect

@@ -139,7 +139,10 @@ struct redirect_state {
 	__u8 orig_v6;
 	__u8 proxy_v6;
 	__u8 proto;
-	__u8 pad;
+	// A TCP 4-tuple record: 1 once the proxy's side of the connection
+	// exists (sockops saw it established); a record of a connection whose
+	// handshake never completed there is swept by user space.
+	__u8 accepted;
 	__u32 handle;
 	__u32 target_pid;
 	__u32 pid; // tgid of the connecting process
@@ -1578,7 +1581,10 @@ int fwp_bind6(struct bpf_sock_addr *ctx) { return do_bind(ctx, 1); }
 // proxy's accepted socket: the proxy queries it while the connection is
 // open, and the client may have closed first. The socket asks for state
 // callbacks only when it has a record; the record goes when it closes.
-// (Records of connections never accepted age out of the LRU.)
+// Records of connections never accepted there (the handshake did not
+// complete: a client's reset overtook its ACK, the SYN-ACK was lost) and of
+// proxies outside the hooked cgroups (no sockops) are swept by user space
+// once their client has closed (Datapath.SweepReleased).
 static __always_inline int accepted_sockops(struct bpf_sock_ops *skops)
 {
 	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != BPF_TCP_CLOSE)
@@ -1598,11 +1604,13 @@ static __always_inline int accepted_sockops(struct bpf_sock_ops *skops)
 	}
 	k.client_port = bpf_ntohl(skops->remote_port);
 	k.proxy_port = skops->local_port;
-	if (!bpf_map_lookup_elem(&fwp_tuple_redirect, &k))
+	struct redirect_state *t = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
+	if (!t)
 		return 1;
-	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		t->accepted = 1;
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	else
+	} else
 		bpf_map_delete_elem(&fwp_tuple_redirect, &k);
 	return 1;
 }

@@ -109,6 +109,16 @@ func (d *Datapath) SetCalloutRedirect(f CalloutFlow, r CalloutRedirect) error {
 	return nil
 }
 
+// CalloutRedirectProxy returns the proxy a run-time redirect recorded for
+// the socket cookie (SetCalloutRedirect), while the socket is open.
+func (d *Datapath) CalloutRedirectProxy(cookie uint64) (netip.AddrPort, bool) {
+	var st fwpRedirectState
+	if err := d.objs.FwpSockRedirect.Lookup(cookie, &st); err != nil {
+		return netip.AddrPort{}, false
+	}
+	return st.export().Proxy, true
+}
+
 // AllowRedirectTarget lets the process pid set records naming the kernel
 // redirect handle on its outbound sockets (setsockopt(SOL_FWP)), as a
 // built-in redirect's target_pid may: a Go callout's RedirectTarget.

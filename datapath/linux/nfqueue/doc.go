@@ -28,7 +28,7 @@
 //	meta mark & QueueClosed, tcp SYN → counter, reject with tcp reset
 //	meta mark & QueueOpen,   tcp SYN → counter (on)
 //
-// Run-time redirects add a "redirect" map and a nat chain (redirect.go);
+// Run-time redirects add a "proxies" map and a nat chain (redirect.go);
 // UDP callouts add the "udp" and "udpfallback" chains (udp.go). Both bring
 // conntrack into the namespace and are installed only when a policy needs
 // them.

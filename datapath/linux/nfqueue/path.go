@@ -376,7 +376,6 @@ type flow struct {
 	q             *queue
 	id, mark      uint32
 	local, remote netip.AddrPort // as the packet carries them
-	seq           uint32         // a TCP packet's sequence number (the redirect map's key)
 	f             ebpf.CalloutFlow
 	layers        [2]engine.LayerID
 	nlayers       int
@@ -410,7 +409,7 @@ func (p *Path) handle(q *queue, pk *packet) {
 		p.failByMark(q, pk)
 		return
 	}
-	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f, seq: tcpSeq(pk.payload)}
+	fl := &flow{q: q, id: pk.id, mark: pk.mark, local: local, remote: remote, f: f}
 	if f.Protocol == unix.IPPROTO_UDP && f.Verdict == 0 && p.followHeld(q, pk, f.Cookie) {
 		return // a later datagram of a held UDP flow: it waits with the first
 	}
@@ -419,7 +418,11 @@ func (p *Path) handle(q *queue, pk *packet) {
 		p.resent.Add(1)
 		switch f.Verdict {
 		case ebpf.VerdictRedirect:
-			p.verdictMark(fl, p.opts.Marks.Permit|p.opts.Marks.Block)
+			// Its first SYN met the DNAT chain unless it was lost
+			// before conntrack kept the translation: this one is
+			// sent to the proxy the flow's redirect names (none
+			// left: dropped there, never sent on unproxied).
+			p.verdictRedirect(fl, p.redirectProxy(f.Cookie))
 		default:
 			p.verdict(fl, f.Verdict == ebpf.VerdictPermit)
 		}
@@ -567,8 +570,10 @@ func (p *Path) failResult(fl *flow) engine.Result {
 func (p *Path) answer(fl *flow, res engine.Result) {
 	permit := res.Permitted()
 	redirect := permit && fl.redirect != nil
+	var proxy uint32
 	if redirect {
-		if err := p.carryRedirect(fl); err != nil {
+		var err error
+		if proxy, err = p.carryRedirect(fl); err != nil {
 			p.redirects.Add(1)
 			p.opts.Log.Error("nfqueue: a run-time redirect could not be carried out: the flow is refused", "local", fl.local, "remote", fl.remote, "err", err)
 			permit, redirect = false, false
@@ -583,7 +588,7 @@ func (p *Path) answer(fl *flow, res engine.Result) {
 		p.permitted.Add(1)
 		p.redirected.Add(1)
 		v = ebpf.VerdictRedirect
-		p.verdictMark(fl, p.opts.Marks.Permit|p.opts.Marks.Block)
+		p.verdictRedirect(fl, proxy)
 	case permit:
 		p.permitted.Add(1)
 		v = ebpf.VerdictPermit
@@ -611,6 +616,17 @@ func (p *Path) verdict(fl *flow, permit bool) {
 // verdict bits bits (Permit|Block: on, to the DNAT chain).
 func (p *Path) verdictMark(fl *flow, bits uint32) {
 	mark := fl.mark&^p.mask | bits
+	if err := fl.q.verdict(fl.id, verdictRepeat, mark, true); err != nil {
+		p.errs.Add(1)
+		p.opts.Log.Error("nfqueue verdict", "queue", fl.q.num, "err", err)
+	}
+}
+
+// verdictRedirect lets a redirected flow's SYN on with both verdict bits
+// and the proxy's index in the mark's low bits (the DNAT chain puts the
+// socket's mark back).
+func (p *Path) verdictRedirect(fl *flow, proxy uint32) {
+	mark := fl.mark&^(p.mask|proxyIndexMask) | p.opts.Marks.Permit | p.opts.Marks.Block | proxy&proxyIndexMask
 	if err := fl.q.verdict(fl.id, verdictRepeat, mark, true); err != nil {
 		p.errs.Add(1)
 		p.opts.Log.Error("nfqueue verdict", "queue", fl.q.num, "err", err)
@@ -736,18 +752,6 @@ func parseFlow(b []byte) (local, remote netip.AddrPort, proto uint8, ok bool) {
 	sp := uint16(l4[0])<<8 | uint16(l4[1])
 	dp := uint16(l4[2])<<8 | uint16(l4[3])
 	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), proto, true
-}
-
-// tcpSeq reads a TCP packet's sequence number (0 if it has none).
-func tcpSeq(b []byte) uint32 {
-	off := 40
-	if len(b) > 0 && b[0]>>4 == 4 {
-		off = int(b[0]&0x0f) * 4
-	}
-	if len(b) < off+8 {
-		return 0
-	}
-	return uint32(b[off+4])<<24 | uint32(b[off+5])<<16 | uint32(b[off+6])<<8 | uint32(b[off+7])
 }
 
 // processPaths resolves a process's executable once (per pid and comm: a

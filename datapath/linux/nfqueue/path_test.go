@@ -4,6 +4,7 @@ package nfqueue
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -107,6 +109,19 @@ func helperCommand(f []string) string {
 			return "error " + err.Error()
 		}
 		return fmt.Sprintf("%d %s %d", code, out, time.Since(start).Milliseconds())
+	case "dialmark":
+		// dialmark PORT MARK: one connect from a socket with SO_MARK set
+		d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, arg(2)) })
+			return errors.Join(err, serr)
+		}}
+		c, err := d.Dial("tcp4", "127.0.0.1:"+f[1])
+		if err != nil {
+			return "error " + err.Error()
+		}
+		c.Close()
+		return "ok"
 	case "dial":
 		// n connects (conc at a time) to port; answers ok, failed, first error
 		ok, failed, first := dialMany(arg(1), arg(2), arg(3))

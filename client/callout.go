@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"fwp/engine"
-	"fwp/internal/busypoll"
 	"fwp/internal/calloutwire"
 	"fwp/mgmt"
 )
@@ -42,17 +41,7 @@ type CalloutOptions struct {
 	Deadline time.Duration
 	// Flags are the registration's flags (CalloutConditionalOnFlow).
 	Flags engine.CalloutFlags
-	// BusyPoll is how long the connection's reading goroutine polls the
-	// socket without blocking after each read, before it blocks in the
-	// runtime's poller: a call arriving meanwhile finds it running, and no
-	// idle CPU has to be woken for it. It spins only after something was
-	// read (an idle program costs nothing). 0: DefaultCalloutBusyPoll;
-	// negative: never. Off on one CPU.
-	BusyPoll time.Duration
 }
-
-// DefaultCalloutBusyPoll is CalloutOptions.BusyPoll's default.
-const DefaultCalloutBusyPoll = 50 * time.Microsecond
 
 // RemoteCallout is a callout registered with fwpd from this process. fwpd's
 // engine calls its functions for every filter that names its key, with the
@@ -93,10 +82,7 @@ func RegisterCallout(ctx context.Context, key string, reg engine.CalloutRegistra
 		opts.Socket = SocketFromEnv()
 	}
 	rc := &RemoteCallout{key: key, reg: reg, pends: map[uint64]*engine.Pend{}}
-	if opts.BusyPoll == 0 {
-		opts.BusyPoll = DefaultCalloutBusyPoll
-	}
-	fc, err := dialFrames(ctx, CalloutSocket(opts.Socket), opts.BusyPoll)
+	fc, err := dialFrames(ctx, CalloutSocket(opts.Socket))
 	if err != nil {
 		return nil, err
 	}
@@ -317,7 +303,7 @@ func DialClassifier(ctx context.Context, socket string) (*Classifier, error) {
 	if socket == "" {
 		socket = SocketFromEnv()
 	}
-	fc, err := dialFrames(ctx, CalloutSocket(socket), 0)
+	fc, err := dialFrames(ctx, CalloutSocket(socket))
 	if err != nil {
 		return nil, err
 	}
@@ -443,18 +429,11 @@ type frameConn struct {
 	once sync.Once
 }
 
-// dialFrames connects to the callout socket; its reads busy-poll for up to
-// busyPoll after each read (a callout program's, CalloutOptions.BusyPoll).
-func dialFrames(ctx context.Context, path string, busyPoll time.Duration) (*frameConn, error) {
+func dialFrames(ctx context.Context, path string) (*frameConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("fwp: connecting to fwpd's callout socket %s (is fwpd running?): %w", path, err)
-	}
-	if uc, ok := c.(*net.UnixConn); ok && busyPoll > 0 {
-		if bp, err := busypoll.New(uc, busyPoll, busypoll.Linger); err == nil && bp.Window() > 0 {
-			c = bp
-		}
 	}
 	return &frameConn{c: c, r: calloutwire.NewReader(c), w: calloutwire.NewWriter(c), reqs: map[uint64]chan calloutwire.Reply{}, done: make(chan struct{})}, nil
 }

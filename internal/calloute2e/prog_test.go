@@ -241,9 +241,7 @@ func prog(args []string) error {
 		afterRegister = nil
 		reg := progCallout(mode)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		// FWP_PROG_BUSYPOLL: the program side's busy poll (busypoll_test.go).
-		bp, _ := time.ParseDuration(os.Getenv("FWP_PROG_BUSYPOLL"))
-		rc, err := client.RegisterCallout(ctx, key, reg, client.CalloutOptions{Socket: socket, Deadline: deadline, BusyPoll: bp})
+		rc, err := client.RegisterCallout(ctx, key, reg, client.CalloutOptions{Socket: socket, Deadline: deadline})
 		cancel()
 		if err == nil && afterRegister != nil {
 			err = afterRegister(rc)

@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"fwp/engine"
-	"fwp/internal/busypoll"
 	"fwp/internal/calloutwire"
 	"fwp/internal/peercred"
 )
@@ -62,8 +61,6 @@ type Callouts struct {
 	log   *slog.Logger
 	admin func(peercred.Cred) bool
 
-	busyPoll time.Duration // see SetBusyPoll
-
 	mu   sync.Mutex
 	regs map[string]*remoteReg
 	// stats of keys whose program went away, kept for fwpctl callouts
@@ -77,20 +74,8 @@ func NewCallouts(eng *engine.Engine, admin func(peercred.Cred) bool, log *slog.L
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Callouts{eng: eng, log: log, admin: admin, busyPoll: DefaultCalloutBusyPoll, regs: map[string]*remoteReg{}, gone: map[string]*calloutStats{}}
+	return &Callouts{eng: eng, log: log, admin: admin, regs: map[string]*remoteReg{}, gone: map[string]*calloutStats{}}
 }
-
-// DefaultCalloutBusyPoll is how long fwpd's reader of a callout program's
-// connection spins for an answer before it blocks (SetBusyPoll).
-const DefaultCalloutBusyPoll = 50 * time.Microsecond
-
-// SetBusyPoll sets how long the reader of a callout program's connection
-// polls the socket without blocking while a call to it is in flight,
-// before it blocks in the runtime's poller (0: never; the default is
-// DefaultCalloutBusyPoll; off on one CPU). The answer then finds fwpd's
-// reader running and no CPU has to be woken for it. Connections accepted
-// afterwards use it.
-func (h *Callouts) SetBusyPoll(d time.Duration) { h.busyPoll = max(d, 0) }
 
 // Callouts returns the server's callout service (one per server).
 func (s *Server) Callouts() *Callouts {
@@ -120,7 +105,6 @@ func (h *Callouts) Serve(l net.Listener) error {
 type calloutConn struct {
 	h          *Callouts
 	c          net.Conn
-	bp         *busypoll.Conn // c, when it busy-polls
 	cred       peercred.Cred
 	exe        string
 	w          *calloutwire.Writer
@@ -161,12 +145,6 @@ func (h *Callouts) serveConn(c net.Conn) {
 		return
 	}
 	cc.cred = cred
-	if uc, ok := c.(*net.UnixConn); ok && h.busyPoll > 0 {
-		if bp, err := busypoll.New(uc, h.busyPoll, busypoll.InFlight); err == nil && bp.Window() > 0 {
-			cc.bp, cc.c = bp, bp
-			cc.w = calloutwire.NewWriter(deadlineWriter{bp, &cc.registered})
-		}
-	}
 	cc.exe, _ = os.Readlink("/proc/" + strconv.FormatUint(uint64(cred.PID), 10) + "/exe")
 	// Everything on this socket is an administrator's: registering,
 	// classifying through the engine, listing who registered.
@@ -496,7 +474,6 @@ func (r *remoteReg) classify(req *engine.ClassifyRequest, out *engine.ClassifyOu
 		return
 	}
 	r.waiting[id] = ch
-	r.begin()
 	r.mu.Unlock()
 	if err := r.conn.w.SendClassify(&msg); err != nil {
 		r.conn.shutdown() // the reader ends, and close answers every waiter
@@ -511,7 +488,6 @@ func (r *remoteReg) classify(req *engine.ClassifyRequest, out *engine.ClassifyOu
 		r.mu.Lock()
 		if _, still := r.waiting[id]; still {
 			delete(r.waiting, id)
-			r.end()
 			ok = false
 		}
 		r.mu.Unlock()
@@ -580,20 +556,6 @@ func (r *remoteReg) classify(req *engine.ClassifyRequest, out *engine.ClassifyOu
 	}
 	*out = a.Out
 	release()
-}
-
-// begin and end bracket a call in flight (under r.mu): the connection's
-// reader busy-polls for its answer meanwhile.
-func (r *remoteReg) begin() {
-	if r.conn.bp != nil {
-		r.conn.bp.Begin()
-	}
-}
-
-func (r *remoteReg) end() {
-	if r.conn.bp != nil {
-		r.conn.bp.End()
-	}
 }
 
 func (r *remoteReg) apply(e *engine.Engine, h engine.ClassifyHandle, a calloutwire.Applied) error {
@@ -705,10 +667,7 @@ func (r *remoteReg) failPend(hp *heldPend) {
 func (r *remoteReg) answer(a calloutwire.Answer) {
 	r.mu.Lock()
 	ch, ok := r.waiting[a.ID]
-	if ok {
-		delete(r.waiting, a.ID)
-		r.end()
-	}
+	delete(r.waiting, a.ID)
 	if ok && a.ID != 0 && a.PendKind != calloutwire.PendNone && len(r.expect) < maxExpected {
 		r.expect[a.PendID] = struct{}{}
 	}

@@ -58,6 +58,21 @@ func TestAddedLatencyIdle(t *testing.T) {
 	h := startHost(t, connV4, "co-permit")
 	p := h.startProg(t, "co-permit=permit")
 	defer p.kill()
+	// FWP_IDLE_PROG_PROCS=n: a second host whose program runs with
+	// GOMAXPROCS=n, a fourth arm.
+	var h2 *host
+	var p2 *proc
+	if procs := os.Getenv("FWP_IDLE_PROG_PROCS"); procs != "" {
+		h2 = startHost(t, connV4, "co-permit")
+		t.Setenv("GOMAXPROCS", procs)
+		p2 = h2.startProg(t, "co-permit=permit")
+		defer p2.kill()
+		os.Unsetenv("GOMAXPROCS")
+	}
+	arms := 3
+	if h2 != nil {
+		arms = 4
+	}
 	emb := engine.New(engine.Options{})
 	emb.Update(func(tx *engine.Txn) error {
 		id, _ := tx.AddCallout(engine.Callout{Key: "co-permit", Layer: connV4})
@@ -88,12 +103,15 @@ func TestAddedLatencyIdle(t *testing.T) {
 	}
 	const n = 1500
 	for round := range rounds {
-		var re, ee, ue []time.Duration
+		var re, ee, ue, re2 []time.Duration
 		ld, c0 := loadavg(), cpuTicks(p.cmd.Process.Pid)
-		for i := range 3 * n {
+		for i := range arms * n {
 			time.Sleep(time.Millisecond)
 			s := time.Now()
-			switch (i + round) % 3 {
+			switch (i + round) % arms {
+			case 3:
+				h2.e.Classify(connV4, &vs, nil)
+				re2 = append(re2, time.Since(s))
 			case 0:
 				if r := h.e.Classify(connV4, &vs, nil); r.Action != engine.ActionPermit || r.Reason != engine.ReasonCalloutPermit {
 					t.Fatalf("%+v", r)
@@ -113,5 +131,9 @@ func TestAddedLatencyIdle(t *testing.T) {
 		t.Logf("round %d, 1 ms apart (load %s): added p50/p99 %v / %v (remote %v / %v, embedded %v / %v); unix-socket floor %v / %v; program CPU per call %v",
 			round, ld, percentile(re, .5)-e50, percentile(re, .99)-e99, percentile(re, .5), percentile(re, .99), e50, e99,
 			percentile(ue, .5), percentile(ue, .99), cpu)
+		if h2 != nil {
+			t.Logf("round %d: added p50/p99 with the program at GOMAXPROCS=%s: %v / %v", round, os.Getenv("FWP_IDLE_PROG_PROCS"),
+				percentile(re2, .5)-e50, percentile(re2, .99)-e99)
+		}
 	}
 }

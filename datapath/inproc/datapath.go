@@ -159,21 +159,36 @@ type classifier struct {
 }
 
 // socketValues fills vs and m for a classification of the socket itself
-// (bind, resource) of a dialing flow: the local address, no flow.
-func (c *classifier) socketValues(vs *engine.Values, m *engine.Metadata, local netip.AddrPort) {
+// (bind, resource) of a dialing flow: the local address, no flow; bind
+// says whether the layer is a bind layer (wildcardBind).
+func (c *classifier) socketValues(vs *engine.Values, m *engine.Metadata, local netip.AddrPort, bind bool) {
 	vs.Reset()
 	flow := c.flow
 	c.flow = 0
 	c.values(vs, local, netip.AddrPort{})
+	if bind {
+		wildcardBind(vs, local)
+	}
 	c.meta(m)
 	c.flow = flow
+}
+
+// wildcardBind sets IS_WILDCARD_BIND when the address being bound is
+// unspecified. WFP documents the flag at ALE_RESOURCE_ASSIGNMENT; fwp sets
+// it at the two bind layers (BIND_REDIRECT and RESOURCE_ASSIGNMENT) and
+// nowhere else, as the kernel hooks do, so that a policy matches alike on
+// either datapath (docs/semantics.md, "Fields each kernel hook can match").
+func wildcardBind(vs *engine.Values, local netip.AddrPort) {
+	if local.IsValid() && local.Addr().IsUnspecified() {
+		vs.Set(engine.FieldFlags, engine.Uint32(uint32(vs.Uint(engine.FieldFlags))|engine.FlagIsWildcardBind))
+	}
 }
 
 // resourceRelease is RESOURCE_RELEASE of a dialing socket's local address.
 func (c *classifier) resourceRelease(local netip.AddrPort) {
 	var vs engine.Values
 	var m engine.Metadata
-	c.socketValues(&vs, &m, local)
+	c.socketValues(&vs, &m, local, false)
 	_, _ = c.classify(context.Background(), engine.KindResourceRelease, &vs, &m, nil)
 }
 
@@ -196,9 +211,6 @@ func (c *classifier) values(vs *engine.Values, local, remote netip.AddrPort) {
 	}
 	if loopback(local, wire) {
 		flags |= engine.FlagIsLoopback
-	}
-	if local.IsValid() && local.Addr().IsUnspecified() {
-		flags |= engine.FlagIsWildcardBind
 	}
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
 	if c.flow != 0 {

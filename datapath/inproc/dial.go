@@ -195,7 +195,7 @@ func (d *Dialer) dial(ctx context.Context, c *classifier, nw network, network st
 func (d *Dialer) bindLocal(ctx context.Context, c *classifier, local netip.AddrPort) (netip.AddrPort, error) {
 	var vs engine.Values
 	var m engine.Metadata
-	c.socketValues(&vs, &m, local)
+	c.socketValues(&vs, &m, local, true)
 	res, err := c.classify(ctx, engine.KindBindRedirect, &vs, &m, nil)
 	if err != nil {
 		return local, err
@@ -203,7 +203,7 @@ func (d *Dialer) bindLocal(ctx context.Context, c *classifier, local netip.AddrP
 	if rd := res.Redirect; rd.Redirected() && rd.Bind != nil {
 		local = unmap(rd.Bind.LocalAddressAndPort)
 	}
-	c.socketValues(&vs, &m, local)
+	c.socketValues(&vs, &m, local, true)
 	if _, err := c.classify(ctx, engine.KindResourceAssignment, &vs, &m, nil); err != nil {
 		return local, err
 	}

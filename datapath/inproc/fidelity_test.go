@@ -246,3 +246,60 @@ func TestDialerLocalAddressBindLayers(t *testing.T) {
 	noLeaks(t, e)
 	noLeaks(t, e2)
 }
+
+// IS_WILDCARD_BIND is set at the bind layers (BIND_REDIRECT and
+// RESOURCE_ASSIGNMENT) for an unspecified local address, and nowhere else —
+// not at AUTH_LISTEN for a wildcard listener, not at AUTH_CONNECT for a
+// dialer bound to 0.0.0.0 — as the kernel hooks set it, so a policy on the
+// flag matches alike on both datapaths.
+func TestWildcardBindFlagOnlyAtBindLayers(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[engine.LayerID][]bool{}
+	record := engine.InlineInspection(func(req *engine.ClassifyRequest) {
+		mu.Lock()
+		seen[req.Layer] = append(seen[req.Layer], req.Values.Uint(engine.FieldFlags)&uint64(engine.FlagIsWildcardBind) != 0)
+		mu.Unlock()
+	})
+	var cs []callout
+	for i, l := range []engine.LayerID{engine.LayerALEBindRedirectV4, engine.LayerALEResourceAssignmentV4, engine.LayerALEAuthListenV4, engine.LayerALEAuthConnectV4} {
+		cs = append(cs, callout{key: fmt.Sprintf("obs-%d", i), layer: l, sublayer: 1, action: engine.ActionCalloutInspection, reg: record})
+	}
+	e, _ := newEngine(t, engine.Options{}, cs...)
+	dp := inproc.New(e, inproc.Options{})
+	take := func() map[engine.LayerID][]bool {
+		mu.Lock()
+		defer mu.Unlock()
+		out := seen
+		seen = map[engine.LayerID][]bool{}
+		return out
+	}
+	check := func(what string, want map[engine.LayerID][]bool) {
+		t.Helper()
+		if got := take(); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("%s: IS_WILDCARD_BIND by layer %v, want %v", what, got, want)
+		}
+	}
+	for _, c := range []struct {
+		addr string
+		wild bool
+	}{{"0.0.0.0:0", true}, {"127.0.0.1:0", false}} {
+		ln, err := (&inproc.ListenConfig{Datapath: dp}).Listen(context.Background(), "tcp4", c.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := apOf(ln.Addr()).Port()
+		check("listen on "+c.addr, map[engine.LayerID][]bool{
+			engine.LayerALEBindRedirectV4: {c.wild}, engine.LayerALEResourceAssignmentV4: {c.wild}, engine.LayerALEAuthListenV4: {false}})
+		srv := startEcho(t, ln)
+		d := &inproc.Dialer{Datapath: dp, Net: net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4zero}}}
+		conn, err := d.Dial("tcp4", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+		check("dial from 0.0.0.0", map[engine.LayerID][]bool{
+			engine.LayerALEBindRedirectV4: {true}, engine.LayerALEResourceAssignmentV4: {true}, engine.LayerALEAuthConnectV4: {false}})
+		ln.Close()
+		srv.wg.Wait()
+	}
+}

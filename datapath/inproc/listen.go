@@ -55,6 +55,7 @@ func (lc *ListenConfig) bind(ctx context.Context, network, address string, wantP
 	var vs engine.Values
 	var m engine.Metadata
 	c.values(&vs, local, netip.AddrPort{})
+	wildcardBind(&vs, local)
 	c.meta(&m)
 	res, err := c.classify(ctx, engine.KindBindRedirect, &vs, &m, nil)
 	if err != nil {
@@ -84,6 +85,9 @@ func (lc *ListenConfig) bind(ctx context.Context, network, address string, wantP
 	for _, k := range kinds {
 		vs.Reset()
 		c.values(&vs, local, netip.AddrPort{})
+		if k == engine.KindResourceAssignment {
+			wildcardBind(&vs, local)
+		}
 		c.meta(&m)
 		if _, err := c.classify(ctx, k, &vs, &m, nil); err != nil {
 			_ = closeFn()

@@ -356,15 +356,17 @@ func TestE2EKernelRemoteCalloutKill(t *testing.T) {
 // connect; killed (SIGKILL) before anyone answers, the held connect gets
 // its catch-all filter's flag: refused under -fail-closed, let through by
 // default — although askuser's catch-all filters live in its dynamic
-// session, which ends in the same instant.
+// session, which ends in the same instant. Under -fail-closed its catch-all
+// filters outlive it: a new connect is refused at once while it is not
+// running, and the next run reuses them.
 func TestE2EKernelAskUserKilled(t *testing.T) {
 	d, s := kernelCalloutScenario(t)
 	bin := buildAskuser(t)
 	for _, c := range []struct {
 		args []string
 		code int
-	}{{[]string{"-fail-closed"}, 7}, {nil, 0}} {
-		a := startCalloutProg(t, bin, []string{"FWPD_SOCKET=" + d.sock}, append([]string{"-remember", "dynamic"}, c.args...)...)
+	}{{[]string{"-fail-closed", "-remember", "static"}, 7}, {[]string{"-remember", "dynamic"}, 0}} {
+		a := startCalloutProg(t, bin, []string{"FWPD_SOCKET=" + d.sock}, c.args...)
 		a.expect("askuser: ready")
 		done := make(chan runResult, 1)
 		go func() { done <- s.run(curl("http://127.0.0.1:8080/")...) }()
@@ -389,6 +391,23 @@ func TestE2EKernelAskUserKilled(t *testing.T) {
 			t.Fatalf("askuser %v killed mid-prompt: curl %+v, want exit %d", c.args, r, c.code)
 		}
 		a.cmd.Wait()
+		// While askuser is not running, a new connect: refused at once
+		// under -fail-closed (its filters stayed), let through otherwise
+		// (they went with it).
+		if r := s.run(curl("http://127.0.0.1:8080/")...); r.Code != c.code || r.Took > 2*time.Second {
+			t.Fatalf("askuser %v not running: a new curl %+v, want exit %d at once", c.args, r, c.code)
+		}
+		if c.code == 7 {
+			// The next run reuses the filters it left, then they are
+			// deleted by hand (the way out of the mode).
+			a := startCalloutProg(t, bin, []string{"FWPD_SOCKET=" + d.sock}, c.args...)
+			a.expect("askuser: ready")
+			a.cmd.Process.Kill()
+			a.cmd.Wait()
+			v4, v6 := engine.LayerALEAuthConnectV4.String(), engine.LayerALEAuthConnectV6.String()
+			d.mustCtl("filter", "delete", "askuser-catchall-"+v4, "askuser-catchall-"+v6)
+			d.mustCtl("callout", "delete", "askuser-"+v4, "askuser-"+v6)
+		}
 	}
 }
 

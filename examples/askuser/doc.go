@@ -14,7 +14,14 @@
 // so they go when it exits; the remembered filters are persistent unless
 // -remember=static or dynamic. The catch-all filters carry
 // PERMIT_IF_CALLOUT_UNREGISTERED unless -fail-closed: if askuser dies, its
-// held connections are let through (or blocked) at once.
+// held connections are let through at once. Under -fail-closed the
+// callouts and catch-all filters get -remember's lifetime instead (the next
+// run reuses them): while askuser is not running every new TCP connection
+// they match is refused at once, held ones too, until it registers again.
+// To leave that mode, delete them:
+//
+//	fwpctl filter delete askuser-catchall-ALE_AUTH_CONNECT_V4 askuser-catchall-ALE_AUTH_CONNECT_V6
+//	fwpctl callout delete askuser-ALE_AUTH_CONNECT_V4 askuser-ALE_AUTH_CONNECT_V6
 //
 // Which connections reach it: every TCP classification fwpd's engine makes
 // at ALE_AUTH_CONNECT — those of clients that classify through fwpd

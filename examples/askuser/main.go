@@ -26,7 +26,7 @@ func main() {
 	flag.StringVar(&c.Key, "key", "askuser", "the callout key (and the prefix of the filters it adds)")
 	flag.StringVar(&c.Auto, "auto", "", "answer every prompt with allow or block instead of asking")
 	flag.StringVar(&c.Remember, "remember", "persistent", "lifetime of the remembered filters: persistent, static (until fwpd restarts) or dynamic (until askuser exits)")
-	flag.BoolVar(&c.FailClosed, "fail-closed", false, "block held connections if askuser dies (default: permit them)")
+	flag.BoolVar(&c.FailClosed, "fail-closed", false, "block held and new TCP connections while askuser is not running: its callouts and catch-all filters then outlive it, with -remember's lifetime (default: they go with it, and connections are permitted)")
 	flag.Parse()
 	if c.Auto != "" && c.Auto != "allow" && c.Auto != "block" {
 		fmt.Fprintln(os.Stderr, "askuser: -auto is allow or block")
@@ -90,8 +90,17 @@ func run(ctx context.Context, c config, in io.Reader, out io.Writer) error {
 		defer keep.Close()
 	}
 	a := &asker{c: c, api: api, keep: keep, lt: lt, in: bufio.NewReader(in), out: out, waiting: map[pair][]held{}, decided: map[pair]engine.ActionType{}, queue: make(chan pair, 1024)}
-	// The callout objects and the catch-all filters that call it, in this
-	// dynamic session.
+	// The callout objects and the catch-all filters that call it: in this
+	// dynamic session, so that they go with askuser; under -fail-closed
+	// with the remembered filters' lifetime, so that while askuser is not
+	// running (killed, not yet started after a reboot) the catch-all
+	// filters stay and their flag refuses every new TCP connection they
+	// match (a callout that is not registered: fail closed). A previous
+	// run's are reused.
+	owner := api
+	if c.FailClosed {
+		owner = keep
+	}
 	var ops []mgmt.Op
 	for _, l := range []engine.LayerID{engine.LayerALEAuthConnectV4, engine.LayerALEAuthConnectV6} {
 		ops = append(ops, mgmt.Op{Add: &mgmt.Object{Callout: &mgmt.Callout{Key: c.Key + "-" + l.String(), Layer: l.String(), Name: "askuser"}}})
@@ -105,8 +114,10 @@ func run(ctx context.Context, c config, in io.Reader, out io.Writer) error {
 		}
 		ops = append(ops, mgmt.Op{Add: &mgmt.Object{Filter: f}})
 	}
-	if _, err := api.Apply(ctx, ops); err != nil {
-		return fmt.Errorf("adding the callouts and filters: %w", err)
+	for _, op := range ops {
+		if _, err := owner.Apply(ctx, []mgmt.Op{op}); err != nil && !(c.FailClosed && errors.Is(err, engine.ErrAlreadyExists)) {
+			return fmt.Errorf("adding the callouts and filters: %w", err)
+		}
 	}
 	var rcs []*client.RemoteCallout
 	for _, l := range []engine.LayerID{engine.LayerALEAuthConnectV4, engine.LayerALEAuthConnectV6} {

@@ -405,6 +405,47 @@ func TestE2EMetrics(t *testing.T) {
 	}
 }
 
+// TestE2EMetricsToken: with --metrics-token-file, /metrics answers only
+// the bearer of the file's token; fwpd refuses to start on a token file
+// others can read, naming it.
+func TestE2EMetricsToken(t *testing.T) {
+	dir := shortDir(t)
+	tokFile := filepath.Join(dir, "metrics.token")
+	if err := os.WriteFile(tokFile, []byte("e2e-token-0123456789abcdef\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bins.fwpd, "--socket", filepath.Join(dir, "s"), "--state-dir", filepath.Join(dir, "st"), "--datapath", "none",
+		"--metrics-addr", "127.0.0.1:0", "--metrics-token-file", tokFile).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), tokFile) || !strings.Contains(string(out), "readable by others") {
+		t.Fatalf("fwpd with a world-readable token file: %v\n%s", err, out)
+	}
+	if err := os.Chmod(tokFile, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, dir, "--metrics-addr", "127.0.0.1:0", "--metrics-token-file", tokFile)
+	const mark = `msg="metrics listening" addr=`
+	log := d.log.String()
+	i := strings.Index(log, mark)
+	if i < 0 {
+		t.Fatalf("no metrics address in the log:\n%s", log)
+	}
+	addr := strings.Fields(log[i+len(mark):])[0]
+	for auth, want := range map[string]int{"": 401, "Bearer nope": 401, "Bearer e2e-token-0123456789abcdef": 200} {
+		req, _ := http.NewRequest("GET", "http://"+addr+"/metrics", nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("/metrics with %q: %d, want %d", auth, resp.StatusCode, want)
+		}
+	}
+}
+
 func TestE2EHelp(t *testing.T) {
 	d := &daemon{t: t, sock: "/nonexistent"}
 	for _, args := range [][]string{{"help", "apply"}, {"layers", "--help"}, {"apply", "--help"}, {"explain", "--help"}, {"events", "--help"},

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"os/user"
@@ -43,6 +44,7 @@ var errUsage = errors.New("usage")
 
 type config struct {
 	socket, stateDir, metricsAddr, logLevel, logFormat string
+	metricsTokenFile                                   string
 	adminGroups, adminUsers, readerGroups, readerUsers string
 	noRootAdmin                                        bool
 	txnTimeout                                         time.Duration
@@ -63,6 +65,7 @@ func run(args []string) error {
 	fs.StringVar(&c.readerUsers, "reader-user", "", "comma-separated users (names or uids) with the reader role")
 	fs.BoolVar(&c.noRootAdmin, "no-root-admin", false, "do not make root an administrator by default (root then needs --admin-user/--admin-group)")
 	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9465); off when empty")
+	fs.StringVar(&c.metricsTokenFile, "metrics-token-file", "", "require this file's token as a bearer credential on /metrics (Prometheus: authorization.credentials_file); the file must be owned by root or fwpd's user and not readable by others")
 	fs.DurationVar(&c.txnTimeout, "txn-timeout", mgmt.DefaultTxnTimeout, "how long a write waits for another session's transaction")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 64<<20, "largest request accepted")
 	fs.IntVar(&c.maxConns, "max-connections", server.DefaultMaxConnections,
@@ -136,7 +139,16 @@ func run(args []string) error {
 
 	eng := engine.New(engine.Options{AllowEvents: c.allowEvents})
 	var met *metrics.Metrics
+	var metToken []byte
 	opts := mgmt.Options{StateDir: c.stateDir, TxnTimeout: c.txnTimeout, Logger: log}
+	if c.metricsTokenFile != "" {
+		if c.metricsAddr == "" {
+			return fmt.Errorf("--metrics-token-file needs --metrics-addr")
+		}
+		if metToken, err = metrics.ReadToken(c.metricsTokenFile); err != nil {
+			return err
+		}
+	}
 	if c.metricsAddr != "" {
 		met = metrics.New(eng)
 		opts.OnCommit = met.ObserveCommit
@@ -226,11 +238,14 @@ func run(args []string) error {
 		kern.serve(ctx, eng, nil)
 	}
 	if met != nil {
-		ms, err := met.Serve(ctx, c.metricsAddr)
+		ms, err := met.Serve(ctx, c.metricsAddr, metToken)
 		if err != nil {
 			return err
 		}
-		log.Info("metrics listening", "addr", ms)
+		log.Info("metrics listening", "addr", ms, "token", metToken != nil)
+		if ap, err := netip.ParseAddrPort(ms); err == nil && !ap.Addr().IsLoopback() && metToken == nil {
+			log.Warn("metrics served beyond loopback without a token: anyone who reaches it reads every filter's key and counts (--metrics-token-file)", "addr", ms)
+		}
 	}
 	var reg *prometheus.Registry
 	if met != nil {

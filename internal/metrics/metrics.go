@@ -1,9 +1,13 @@
 package metrics
 
 import (
+	"bytes"
 	"context"
+	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"net/http"
 	"sync"
 	"time"
@@ -13,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"fwp/engine"
+	"fwp/internal/trust"
 )
 
 // Metrics holds fwpd's metrics over one engine.
@@ -85,14 +90,20 @@ func (m *Metrics) ObserveCommit(d time.Duration) { m.commit.Observe(d.Seconds())
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
 // Serve serves /metrics on addr until ctx ends. It returns the address
-// listened on.
-func (m *Metrics) Serve(ctx context.Context, addr string) (string, error) {
+// listened on. With a token, every request must carry it as
+// "Authorization: Bearer TOKEN" (Prometheus: authorization.credentials_file);
+// others get 401.
+func (m *Metrics) Serve(ctx context.Context, addr string, token []byte) (string, error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return "", err
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	var h http.Handler = promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+	if len(token) > 0 {
+		h = bearer(token, h)
+	}
+	mux.Handle("/metrics", h)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -106,6 +117,50 @@ func (m *Metrics) Serve(ctx context.Context, addr string) (string, error) {
 		srv.Shutdown(sctx)
 	}()
 	return l.Addr().String(), nil
+}
+
+// bearer admits the requests that carry token as a bearer credential,
+// compared in constant time.
+func bearer(token []byte, h http.Handler) http.Handler {
+	want := append([]byte("Bearer "), token...)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="fwpd metrics"`)
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// ErrTokenFile: a metrics token file fwpd will not use.
+var ErrTokenFile = errors.New("metrics token file refused")
+
+// ReadToken reads a bearer token from path: one line, surrounding space
+// trimmed. The file and the directories above it must be trusted (owned
+// by root or fwpd's user, not writable by others: trust.File), and the
+// file readable by its owner and group only — a token others can read
+// admits them.
+func ReadToken(path string) ([]byte, error) {
+	if err := trust.File("metrics token file", path); err != nil {
+		return nil, err
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if st.Mode().Perm()&0o004 != 0 {
+		return nil, fmt.Errorf("%w: %s is readable by others (mode %#o): chmod o-r", ErrTokenFile, path, st.Mode().Perm())
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	tok := bytes.TrimSpace(b)
+	if len(tok) < 16 || bytes.ContainsAny(tok, "\r\n") {
+		return nil, fmt.Errorf("%w: %s: the token must be one line of at least 16 characters", ErrTokenFile, path)
+	}
+	return tok, nil
 }
 
 // collector reads the engine's gauges at scrape time.

@@ -32,22 +32,12 @@ func init() { testutil.RegisterHelper("udp", udpHelper) }
 // udpHelper: miekg/dns servers answering every A question with
 // 192.0.2.1, and a client answering one command line at a time.
 func udpHelper([]string) error {
-	for _, port := range []int{portDNSPend, portDNSBlock, portDNSOK} {
-		pc, err := net.ListenPacket("udp4", "127.0.0.1:"+strconv.Itoa(port))
-		if err != nil {
-			return err
-		}
-		srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
-			m := new(dns.Msg)
-			m.SetReply(r)
-			for _, q := range r.Question {
-				if rr, err := dns.NewRR(q.Name + " 60 IN A 192.0.2.1"); err == nil {
-					m.Answer = append(m.Answer, rr)
-				}
+	for _, addr := range []string{"127.0.0.1", "[::1]"} {
+		for _, port := range []int{portDNSPend, portDNSBlock, portDNSOK} {
+			if err := serveDNS(addr + ":" + strconv.Itoa(port)); err != nil {
+				return err
 			}
-			w.WriteMsg(m)
-		})}
-		go srv.ActivateAndServe()
+		}
 	}
 	fmt.Println("ready")
 	in := bufio.NewScanner(os.Stdin)
@@ -57,10 +47,15 @@ func udpHelper([]string) error {
 			continue
 		}
 		switch f[0] {
-		case "dig":
+		case "dig", "dig6":
 			// dig PORT NAME: exit code, wall time (ms), the answer
+			// (dig6: to the server on ::1)
+			server := "@127.0.0.1"
+			if f[0] == "dig6" {
+				server = "@::1"
+			}
 			start := time.Now()
-			out, err := exec.Command("dig", "@127.0.0.1", "-p", f[1], f[2], "A", "+short", "+tries=1", "+time=5").CombinedOutput()
+			out, err := exec.Command("dig", server, "-p", f[1], f[2], "A", "+short", "+tries=1", "+time=5").CombinedOutput()
 			code := 0
 			if ee, ok := err.(*exec.ExitError); ok {
 				code = ee.ExitCode()
@@ -70,6 +65,10 @@ func udpHelper([]string) error {
 			// many PORT N: N queries on one connected socket; answered count
 			n, _ := strconv.Atoi(f[2])
 			fmt.Println(udpMany(f[1], n))
+		case "many6":
+			// many6 PORT N: the same to ::1
+			n, _ := strconv.Atoi(f[2])
+			fmt.Println(udpMany6(f[1], n))
 		case "flows":
 			// flows PORT N FROM: N connected sockets on local ports FROM,
 			// FROM+1, ... (no 4-tuple reused), one query each; answered count
@@ -95,11 +94,39 @@ func udpHelper([]string) error {
 	return in.Err()
 }
 
+// serveDNS answers every A question on addr with 192.0.2.1.
+func serveDNS(addr string) error {
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return err
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(r)
+		for _, q := range r.Question {
+			if rr, err := dns.NewRR(q.Name + " 60 IN A 192.0.2.1"); err == nil {
+				m.Answer = append(m.Answer, rr)
+			}
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	return nil
+}
+
 func udpMany(port string, n int) string { return udpManyFrom(port, 0, n) }
 
+func udpMany6(port string, n int) string { return udpQueries("udp6", net.IPv6loopback, port, 0, n) }
+
 func udpManyFrom(port string, from, n int) string {
-	raddr, _ := net.ResolveUDPAddr("udp4", "127.0.0.1:"+port)
-	c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: from}, raddr)
+	return udpQueries("udp4", net.IPv4(127, 0, 0, 1), port, from, n)
+}
+
+// udpQueries: n queries on one socket connected from lo:from to lo:port.
+func udpQueries(network string, lo net.IP, port string, from, n int) string {
+	raddr := &net.UDPAddr{IP: lo}
+	raddr.Port, _ = strconv.Atoi(port)
+	c, err := net.DialUDP(network, &net.UDPAddr{IP: lo, Port: from}, raddr)
 	if err != nil {
 		return "error " + err.Error()
 	}
@@ -172,9 +199,10 @@ func udpSendto(port string) string {
 }
 
 // udpPolicy: UDP to the pend port goes to a Go callout that pends
-// pendDelay and then permits; UDP to the block port to one that blocks.
+// pendDelay and then permits; UDP to the block port to one that blocks;
+// to the ok port to one that permits at once — v4 and v6.
 func udpPolicy(fx *fixture, tx *engine.Txn) error {
-	if err := fx.eng.RegisterCallout("test.udp", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+	classify := func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
 		fx.calls.Add(1)
 		switch int(req.Values.Uint(engine.FieldIPRemotePort)) {
 		case portDNSBlock:
@@ -195,8 +223,6 @@ func udpPolicy(fx *fixture, tx *engine.Txn) error {
 		}
 		out.Action, out.Flags = engine.ActionBlock, engine.OutAbsorb
 		time.AfterFunc(pendDelay, func() { fx.eng.CompleteOperation(p, nil) })
-	}}); err != nil {
-		return err
 	}
 	p, err := tx.AddProvider(engine.Provider{Key: "udp"})
 	if err != nil {
@@ -206,21 +232,58 @@ func udpPolicy(fx *fixture, tx *engine.Txn) error {
 	if err != nil {
 		return err
 	}
-	co, err := tx.AddCallout(engine.Callout{Key: "test.udp", Provider: p, Layer: engine.LayerALEAuthConnectV4})
-	if err != nil {
-		return err
-	}
-	for _, port := range []int{portDNSPend, portDNSBlock, portDNSOK} {
-		if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthConnectV4, Sublayer: sl, Provider: p,
-			Conditions: []engine.Condition{
-				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(17)},
-				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(port))},
-			},
-			Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co}}); err != nil {
+	for key, layer := range map[string]engine.LayerID{"test.udp": engine.LayerALEAuthConnectV4, "test.udp6": engine.LayerALEAuthConnectV6} {
+		if err := fx.eng.RegisterCallout(key, engine.CalloutRegistration{Classify: classify}); err != nil {
 			return err
+		}
+		co, err := tx.AddCallout(engine.Callout{Key: key, Provider: p, Layer: layer})
+		if err != nil {
+			return err
+		}
+		for _, port := range []int{portDNSPend, portDNSBlock, portDNSOK} {
+			if _, err := tx.AddFilter(engine.Filter{Layer: layer, Sublayer: sl, Provider: p,
+				Conditions: []engine.Condition{
+					{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(17)},
+					{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(uint16(port))},
+				},
+				Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co}}); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
+}
+
+// TestDigThroughPendingCalloutV6: the UDP callout path over IPv6 (its own
+// nftables family): dig to ::1 is answered after the pend, a block refuses
+// it at once (ICMPv6 port unreachable), and an authorized v6 flow's later
+// datagrams stay in the kernel.
+func TestDigThroughPendingCalloutV6(t *testing.T) {
+	fx := customFixture(t, "udp", Options{UDP: true}, 5*time.Second, udpPolicy)
+	line := must(fx.h.Call([]byte(fmt.Sprintf("dig6 %d pended6.example.", portDNSPend))))
+	f := strings.Fields(string(line))
+	ms, _ := strconv.Atoi(f[1])
+	if f[0] != "0" || !strings.Contains(string(line), "192.0.2.1") || time.Duration(ms)*time.Millisecond < pendDelay {
+		t.Fatalf("dig @::1 through a pending callout: %s; want the answer after at least %v", line, pendDelay)
+	}
+	if st := fx.path.Stats(); st.Pended != 1 || st.Permitted != 1 {
+		t.Fatalf("stats %+v: want dig's v6 flow pended once and permitted", st)
+	}
+	before := fx.path.Stats().Queued
+	if got := strings.TrimSpace(string(must(fx.h.Call([]byte(fmt.Sprintf("many6 %d 50", portDNSOK)))))); got != "50" {
+		t.Fatalf("50 queries on one connected v6 socket: %s answered", got)
+	}
+	if q := fx.path.Stats().Queued - before; q != 1 {
+		t.Fatalf("%d datagrams of one authorized v6 UDP flow came to user space; want only its first", q)
+	}
+	line = must(fx.h.Call([]byte(fmt.Sprintf("dig6 %d blocked6.example.", portDNSBlock))))
+	f = strings.Fields(string(line))
+	ms, _ = strconv.Atoi(f[1])
+	if f[0] == "0" || strings.Contains(string(line), "192.0.2.1") || ms >= 2000 {
+		t.Fatalf("dig @::1 to a blocked UDP flow: %s; want it refused at once (ICMPv6), not timed out", line)
+	}
+	t.Logf("stats %+v", fx.path.Stats())
+	fx.checkClean(t)
 }
 
 // TestDigThroughPendingCallout: dig's query (the first datagram of its UDP

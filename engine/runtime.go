@@ -104,7 +104,10 @@ func (e *Engine) notify(n notifyEvent) {
 }
 
 // NewFlowHandle returns a fresh flow handle for a datapath to name a flow.
-func (e *Engine) NewFlowHandle() FlowHandle { return FlowHandle(e.rt.nextFlow.Add(1)) }
+// Its top bit is set: the kernel datapaths name a flow by its socket
+// cookie (counted from 1 by the kernel), so an engine shared by both never
+// gives two flows one handle.
+func (e *Engine) NewFlowHandle() FlowHandle { return FlowHandle(1<<63 | e.rt.nextFlow.Add(1)) }
 
 // FlowAssociateContext associates ctx with (flow, layer, callout); later
 // classifies of the flow at that layer pass it to the callout

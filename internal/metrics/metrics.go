@@ -7,8 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 

@@ -112,6 +112,59 @@ type calloutConn struct {
 	wg         sync.WaitGroup
 	closeOnce  sync.Once
 	registered atomic.Bool
+
+	// flows maps the flow handles a classifying client names (its own
+	// datapath's) to handles of fwpd's engine, made for this connection:
+	// two clients' flow 1 are two flows, neither is a kernel flow (whose
+	// handle is its socket cookie), and a client can end only its own.
+	// Its flows end when the connection does.
+	flowMu sync.Mutex
+	flows  map[engine.FlowHandle]engine.FlowHandle
+}
+
+// maxClientFlows bounds one connection's live flows (a client that never
+// says FlowDeleted would grow the map without end).
+const maxClientFlows = 1 << 20
+
+// engineFlow returns the engine's handle for the client's flow, made on
+// first sight.
+func (cc *calloutConn) engineFlow(f engine.FlowHandle) (engine.FlowHandle, error) {
+	cc.flowMu.Lock()
+	defer cc.flowMu.Unlock()
+	if g, ok := cc.flows[f]; ok {
+		return g, nil
+	}
+	if len(cc.flows) >= maxClientFlows {
+		return 0, fmt.Errorf("%d live flows on this connection: end some (FlowDeleted) first", len(cc.flows))
+	}
+	if cc.flows == nil {
+		cc.flows = map[engine.FlowHandle]engine.FlowHandle{}
+	}
+	g := cc.h.eng.NewFlowHandle()
+	cc.flows[f] = g
+	return g, nil
+}
+
+// flowDeleted ends the client's flow f (if it named it before).
+func (cc *calloutConn) flowDeleted(f engine.FlowHandle) {
+	cc.flowMu.Lock()
+	g, ok := cc.flows[f]
+	delete(cc.flows, f)
+	cc.flowMu.Unlock()
+	if ok {
+		cc.h.eng.FlowDeleted(g)
+	}
+}
+
+// endFlows ends every flow the connection's client named.
+func (cc *calloutConn) endFlows() {
+	cc.flowMu.Lock()
+	flows := cc.flows
+	cc.flows = nil
+	cc.flowMu.Unlock()
+	for _, g := range flows {
+		cc.h.eng.FlowDeleted(g)
+	}
 }
 
 // shutdown ends the connection; a read(2) in progress returns first.
@@ -162,6 +215,7 @@ func (h *Callouts) serveConn(c net.Conn) {
 		cc.reg.close()
 	}
 	cc.wg.Wait()
+	cc.endFlows()
 }
 
 // errClosedByFwpd ends a connection fwpd refuses to go on with.
@@ -261,7 +315,7 @@ func (cc *calloutConn) handle(m calloutwire.Message) error {
 			cc.wg.Add(1)
 			go func() {
 				defer cc.wg.Done()
-				_ = cc.w.Send(h.classify(m))
+				_ = cc.w.Send(cc.classify(m))
 			}()
 			return nil
 		case calloutwire.OpFlowDeleted:
@@ -269,7 +323,7 @@ func (cc *calloutConn) handle(m calloutwire.Message) error {
 			if n <= 0 || n != len(m.Body) || flow == 0 {
 				return cc.w.Send(calloutwire.Reply{ID: m.ID, Code: calloutwire.CodeInvalidArgument, Msg: "a flow handle"})
 			}
-			h.eng.FlowDeleted(engine.FlowHandle(flow))
+			cc.flowDeleted(engine.FlowHandle(flow))
 			return cc.w.Send(calloutwire.Reply{ID: m.ID})
 		case calloutwire.OpOutstanding:
 			b, _ := json.Marshal(h.eng.Outstanding())
@@ -804,13 +858,19 @@ func (r *remoteReg) close() {
 // classify serves OpClassify: a classification through fwpd's engine that
 // calls remote callouts, waits for pends and reauthorizes, as a datapath
 // does.
-func (h *Callouts) classify(m calloutwire.Request) calloutwire.Reply {
+func (cc *calloutConn) classify(m calloutwire.Request) calloutwire.Reply {
+	h := cc.h
 	a, err := calloutwire.DecodeClassifyArgs(m.Body)
 	if err != nil {
 		return calloutwire.Reply{ID: m.ID, Code: calloutwire.CodeMalformed, Msg: err.Error()}
 	}
 	if !a.Layer.Valid() {
 		return calloutwire.Reply{ID: m.ID, Code: calloutwire.CodeInvalidArgument, Msg: "no layer"}
+	}
+	if a.Meta.Has(engine.MetaFlowHandle) && a.Meta.FlowHandle != 0 {
+		if a.Meta.FlowHandle, err = cc.engineFlow(a.Meta.FlowHandle); err != nil {
+			return calloutwire.Reply{ID: m.ID, Code: calloutwire.CodeUnavailable, Msg: err.Error()}
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), h.eng.PendTimeout()+time.Second)
 	defer cancel()

@@ -3,7 +3,6 @@ package engine
 import (
 	"cmp"
 	"encoding/binary"
-	"maps"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -205,7 +204,11 @@ type csub struct {
 // asc) and indexes that yield, for given values, the ranks of the only
 // filters that can match.
 type compiledLayer struct {
-	layer       LayerID
+	layer LayerID
+	// src is the filter table compiled, all its filters in evaluation
+	// order, disabled ones too (View.Filters reads them).
+	src         *filterTable
+	all         []*Filter
 	filters     []cfilter
 	quick       []quickCheck // by rank, beside filters
 	subs        []csub
@@ -268,8 +271,9 @@ func (s *segIndex) lookup(p uint32) []int32 {
 // keyed by the masked address as integers: hashing a uint32 or two uint64s
 // costs far less than hashing a netip.Prefix.
 type prefixIndex struct {
-	v4 []prefixLen
-	v6 []prefixLen
+	v4    []prefixLen
+	v6    []prefixLen
+	stage *prefixStage // while building
 }
 
 type prefixLen struct {
@@ -313,35 +317,99 @@ func addrKey6(a netip.Addr) (hi, lo uint64) {
 	return binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])
 }
 
-// add files rank under the prefix ip/bits.
+// add files rank under the prefix ip/bits. The entries are staged and
+// built into the maps by sortLens, each map made at its final size and
+// every bucket a piece of one array: a map grown an entry at a time, with
+// a slice allocated per bucket, was most of a million-filter commit.
 func (p *prefixIndex) add(ip netip.Addr, bits int, rank int32) {
-	lens := &p.v6
-	if ip.Is4() {
-		lens = &p.v4
+	if p.stage == nil {
+		p.stage = &prefixStage{}
 	}
-	i := slices.IndexFunc(*lens, func(l prefixLen) bool { return int(l.bits) == bits })
-	if i < 0 {
-		*lens = append(*lens, newPrefixLen(bits))
-		i = len(*lens) - 1
-	}
-	l := &(*lens)[i]
 	if ip.Is4() {
-		if l.m4 == nil {
-			l.m4 = map[uint32][]int32{}
-		}
-		k := addrKey4(ip) & l.mask4
-		l.m4[k] = appendRank(l.m4[k], rank)
+		k := addrKey4(ip) & newPrefixLen(bits).mask4
+		p.stage.v4[bits] = append(p.stage.v4[bits], uint64(k)<<32|uint64(rank))
 		return
 	}
-	if l.m6 == nil {
-		l.m6 = map[[2]uint64][]int32{}
-	}
+	l := newPrefixLen(bits)
 	hi, lo := addrKey6(ip)
-	k := [2]uint64{hi & l.mhi, lo & l.mlo}
-	l.m6[k] = appendRank(l.m6[k], rank)
+	p.stage.v6[bits] = append(p.stage.v6[bits], stage6{hi & l.mhi, lo & l.mlo, rank})
+}
+
+// prefixStage holds the entries add staged, by prefix length: v4 as
+// key<<32 | rank.
+type prefixStage struct {
+	v4 [33][]uint64
+	v6 [129][]stage6
+}
+
+// stage6 is a v6 entry waiting for sortLens.
+type stage6 struct {
+	hi, lo uint64
+	rank   int32
+}
+
+// build4 and build6 fill the map from the staged entries: sorted by key
+// and rank, each key's ranks are one run of the array its bucket slices.
+func (l *prefixLen) build4(st []uint64) {
+	slices.Sort(st)
+	st = slices.Compact(st) // a filter ORing two conditions of one bucket
+	ranks := make([]int32, len(st))
+	n := 1
+	for i := 1; i < len(st); i++ {
+		if st[i]>>32 != st[i-1]>>32 {
+			n++
+		}
+	}
+	l.m4 = make(map[uint32][]int32, n)
+	for i := 0; i < len(st); {
+		j := i
+		for ; j < len(st) && st[j]>>32 == st[i]>>32; j++ {
+			ranks[j] = int32(uint32(st[j]))
+		}
+		l.m4[uint32(st[i]>>32)] = ranks[i:j:j]
+		i = j
+	}
+}
+
+func (l *prefixLen) build6(st []stage6) {
+	slices.SortFunc(st, func(a, b stage6) int {
+		return cmp.Or(cmp.Compare(a.hi, b.hi), cmp.Compare(a.lo, b.lo), cmp.Compare(a.rank, b.rank))
+	})
+	st = slices.Compact(st)
+	ranks := make([]int32, len(st))
+	n := 1
+	for i := 1; i < len(st); i++ {
+		if st[i].hi != st[i-1].hi || st[i].lo != st[i-1].lo {
+			n++
+		}
+	}
+	l.m6 = make(map[[2]uint64][]int32, n)
+	for i := 0; i < len(st); {
+		j := i
+		for ; j < len(st) && st[j].hi == st[i].hi && st[j].lo == st[i].lo; j++ {
+			ranks[j] = st[j].rank
+		}
+		l.m6[[2]uint64{st[i].hi, st[i].lo}] = ranks[i:j:j]
+		i = j
+	}
 }
 
 func (p *prefixIndex) sortLens() {
+	if st := p.stage; st != nil {
+		for bits, e := range st.v4 {
+			if len(e) > 0 {
+				p.v4 = append(p.v4, newPrefixLen(bits))
+				p.v4[len(p.v4)-1].build4(e)
+			}
+		}
+		for bits, e := range st.v6 {
+			if len(e) > 0 {
+				p.v6 = append(p.v6, newPrefixLen(bits))
+				p.v6[len(p.v6)-1].build6(e)
+			}
+		}
+		p.stage = nil
+	}
 	longest := func(a, b prefixLen) int { return cmp.Compare(b.bits, a.bits) }
 	slices.SortFunc(p.v4, longest)
 	slices.SortFunc(p.v6, longest)
@@ -382,38 +450,8 @@ func (s *state) sublayerWeight(id SublayerID) uint16 {
 	return 0
 }
 
-// ordered returns the layer's filters in evaluation order: higher
-// sublayer weight first (ties: lower sublayer ID), then higher effective
-// weight (ties: lower filter ID, the older filter). It sorts plain keys;
-// a comparison that looked the sublayers' weights up each time (rankCmp,
-// kept in the tests as the oracle) dominated at a million filters.
-func (s *state) ordered(l LayerID) []*Filter {
-	type key struct {
-		sw  uint16
-		sub SublayerID
-		w   uint64
-		id  FilterID
-		f   *Filter
-	}
-	ks := make([]key, 0, len(s.filters[l].byID))
-	weights := map[SublayerID]uint16{}
-	for f := range maps.Values(s.filters[l].byID) {
-		sw, ok := weights[f.Sublayer]
-		if !ok {
-			sw = s.sublayerWeight(f.Sublayer)
-			weights[f.Sublayer] = sw
-		}
-		ks = append(ks, key{sw, f.Sublayer, f.EffectiveWeight, f.ID, f})
-	}
-	slices.SortFunc(ks, func(a, b key) int {
-		return cmp.Or(cmp.Compare(b.sw, a.sw), cmp.Compare(a.sub, b.sub), cmp.Compare(b.w, a.w), cmp.Compare(a.id, b.id))
-	})
-	fs := make([]*Filter, len(ks))
-	for i := range ks {
-		fs[i] = ks[i].f
-	}
-	return fs
-}
+// ordered returns the layer's filters in evaluation order (filterTable.ordered).
+func (s *state) ordered(l LayerID) []*Filter { return s.filters[l].ordered() }
 
 type keyKind uint8
 
@@ -445,11 +483,14 @@ const (
 )
 
 func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
-	c := &compiledLayer{layer: l}
-	var ordered []*Filter
-	for _, f := range s.ordered(l) {
-		if f.Flags&FilterDisabled == 0 {
-			ordered = append(ordered, f)
+	c := &compiledLayer{layer: l, src: s.filters[l], all: s.ordered(l)}
+	ordered := c.all
+	if slices.ContainsFunc(ordered, func(f *Filter) bool { return f.Flags&FilterDisabled != 0 }) {
+		ordered = nil
+		for _, f := range c.all {
+			if f.Flags&FilterDisabled == 0 {
+				ordered = append(ordered, f)
+			}
 		}
 	}
 	c.filters = make([]cfilter, len(ordered))
@@ -459,6 +500,7 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 		total += len(f.Conditions)
 	}
 	condBuf := make([]Condition, 0, total)
+	groupBuf := make([]cgroup, 0, total)
 	for i, f := range ordered {
 		if len(c.subs) == 0 || c.subs[len(c.subs)-1].id != f.Sublayer {
 			if len(c.subs) > 0 {
@@ -469,8 +511,12 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 		start := len(condBuf)
 		condBuf = append(condBuf, f.Conditions...)
 		conds := condBuf[start:len(condBuf):len(condBuf)]
-		slices.SortStableFunc(conds, func(a, b Condition) int { return cmp.Compare(a.Field, b.Field) })
-		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds, groups: condGroups(conds)}
+		if len(conds) > 1 {
+			slices.SortStableFunc(conds, func(a, b Condition) int { return cmp.Compare(a.Field, b.Field) })
+		}
+		start = len(groupBuf)
+		groupBuf = appendCondGroups(groupBuf, conds)
+		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds, groups: groupBuf[start:len(groupBuf):len(groupBuf)]}
 		if f.Action.Type.IsCallout() {
 			c.hasCallouts = true
 			cf.callout = f.Action.Callout
@@ -499,9 +545,8 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 	return c
 }
 
-// condGroups returns the runs of field-sorted conditions on one field.
-func condGroups(conds []Condition) []cgroup {
-	var gs []cgroup
+// appendCondGroups appends the runs of field-sorted conditions on one field.
+func appendCondGroups(gs []cgroup, conds []Condition) []cgroup {
 	for j := 0; j < len(conds); {
 		k := j
 		for k < len(conds) && conds[k].Field == conds[j].Field {

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"iter"
 	"maps"
 	"slices"
 	"strconv"
@@ -117,7 +118,7 @@ func New(opts Options) *Engine {
 		callouts:  newTable[CalloutID, Callout](),
 	}
 	for i := range s.filters {
-		s.filters[i] = newTable[FilterID, Filter]()
+		s.filters[i] = newFilterTable()
 	}
 	u := &Sublayer{ID: UniversalSublayer, Key: "universal", Name: "FWPM_SUBLAYER_UNIVERSAL", Weight: 0}
 	s.sublayers.put(u.ID, u.Key, u)
@@ -160,26 +161,36 @@ type state struct {
 	contexts  *table[ProviderContextID, ProviderContext]
 	sublayers *table[SublayerID, Sublayer]
 	callouts  *table[CalloutID, Callout]
-	filters   [numLayers]*table[FilterID, Filter]
+	filters   [numLayers]*filterTable
 	compiled  [numLayers]*compiledLayer
 }
 
 func (s *state) findFilter(id FilterID) (*Filter, LayerID) {
 	for l := LayerID(1); l < numLayers; l++ {
-		if f, ok := s.filters[l].byID[id]; ok {
+		if f := s.filters[l].get(id); f != nil {
 			return f, l
 		}
 	}
 	return nil, LayerInvalid
 }
 
-func (s *state) filterKeyTaken(key string) bool {
+func (s *state) filterByKey(key string) *Filter {
 	for l := LayerID(1); l < numLayers; l++ {
-		if _, ok := s.filters[l].byKey[key]; ok {
-			return true
+		if f := s.filters[l].byKeyOf(key); f != nil {
+			return f
 		}
 	}
-	return false
+	return nil
+}
+
+// orderedFilters returns the layer's filters in evaluation order: the
+// compiled layer's when it was compiled from this table (a committed
+// state), else sorted now (a transaction's changed layer).
+func (s *state) orderedFilters(l LayerID) []*Filter {
+	if c := s.compiled[l]; c != nil && c.src == s.filters[l] {
+		return c.all
+	}
+	return s.filters[l].ordered()
 }
 
 // Txn is a transaction: its changes are visible to its own reads, and to
@@ -194,6 +205,44 @@ type Txn struct {
 	dirty    [numLayers]bool
 	notifies []notifyEvent
 	done     bool
+	// fslab and cslab hold the filters and conditions the transaction
+	// adds, allocated in chunks: one allocation per filter and one per
+	// condition list made most of the garbage collector's work at a
+	// million filters. A chunk lives while one of its filters does.
+	fslab []Filter
+	cslab []Condition
+}
+
+const (
+	filterChunk    = 256
+	conditionChunk = 1024
+)
+
+// newFilter returns a place for f that the transaction's later adds do
+// not touch.
+func (tx *Txn) newFilter(f *Filter) *Filter {
+	if len(tx.fslab) == cap(tx.fslab) {
+		tx.fslab = make([]Filter, 0, filterChunk)
+	}
+	tx.fslab = append(tx.fslab, *f)
+	return &tx.fslab[len(tx.fslab)-1]
+}
+
+// cloneConditions copies cs into the condition chunk, capped so that an
+// append to the copy cannot reach the next filter's conditions.
+func (tx *Txn) cloneConditions(cs []Condition) []Condition {
+	if len(cs) == 0 {
+		return nil
+	}
+	if len(cs) > conditionChunk/8 {
+		return slices.Clone(cs)
+	}
+	if cap(tx.cslab)-len(tx.cslab) < len(cs) {
+		tx.cslab = make([]Condition, 0, conditionChunk)
+	}
+	i := len(tx.cslab)
+	tx.cslab = append(tx.cslab, cs...)
+	return tx.cslab[i:len(tx.cslab):len(tx.cslab)]
 }
 
 type notifyEvent struct {
@@ -262,7 +311,7 @@ func (tx *Txn) mutCallouts() *table[CalloutID, Callout] {
 	return tx.work.callouts
 }
 
-func (tx *Txn) mutFilters(l LayerID) *table[FilterID, Filter] {
+func (tx *Txn) mutFilters(l LayerID) *filterTable {
 	bit := uint32(1) << (4 + uint32(l))
 	if tx.cloned&bit == 0 {
 		tx.work.filters[l], tx.cloned = tx.work.filters[l].clone(), tx.cloned|bit
@@ -282,6 +331,9 @@ func (tx *Txn) Commit() error {
 	s := tx.work
 	for l := LayerID(1); l < numLayers; l++ {
 		if tx.dirty[l] {
+			// The table is this transaction's copy (or a savepoint's,
+			// which ends with it): compact allocates new entries anyway.
+			s.filters[l].compact()
 			s.compiled[l] = compileLayer(l, &s, tx.e)
 		}
 	}
@@ -525,21 +577,23 @@ func (tx *Txn) AddFilter(f Filter) (FilterID, error) {
 	if err := tx.ValidateFilter(&f); err != nil {
 		return 0, err
 	}
-	if f.Key != "" && tx.work.filterKeyTaken(f.Key) {
+	keyGiven := f.Key != ""
+	if keyGiven && tx.work.filterByKey(f.Key) != nil {
 		return 0, fmt.Errorf("%w: filter key %q", ErrAlreadyExists, f.Key)
 	}
 	f.ID = FilterID(tx.e.newID("filter"))
-	if f.Key == "" {
+	if !keyGiven {
 		f.Key = genKey("filter", uint64(f.ID))
 	}
 	if f.Sublayer == 0 {
 		f.Sublayer = UniversalSublayer
 	}
-	f.Conditions = slices.Clone(f.Conditions)
+	f.Conditions = tx.cloneConditions(f.Conditions)
 	f.EffectiveWeight, _ = f.Weight.effective(f.Conditions)
-	tx.mutFilters(f.Layer).put(f.ID, f.Key, &f)
+	p := tx.newFilter(&f)
+	tx.mutFilters(f.Layer).add(p, tx.work.sublayerWeight(f.Sublayer), keyGiven)
 	if f.Action.Type.IsCallout() {
-		tx.notifies = append(tx.notifies, notifyEvent{NotifyAddFilter, &f, tx.slotOf(f.Action.Callout)})
+		tx.notifies = append(tx.notifies, notifyEvent{NotifyAddFilter, p, tx.slotOf(f.Action.Callout)})
 	}
 	return f.ID, nil
 }
@@ -553,7 +607,7 @@ func (tx *Txn) DeleteFilter(id FilterID) error {
 	if f == nil {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	tx.mutFilters(l).del(id, f.Key)
+	tx.mutFilters(l).del(f)
 	if f.Action.Type.IsCallout() {
 		tx.notifies = append(tx.notifies, notifyEvent{NotifyDeleteFilter, f, tx.slotOf(f.Action.Callout)})
 	}
@@ -582,10 +636,15 @@ func (tx *Txn) DeleteFilterByKey(key string) error {
 // refs returns a reason the object is still referenced, or "".
 func (s *state) refs(match func(f *Filter) bool) string {
 	for l := LayerID(1); l < numLayers; l++ {
-		for _, f := range s.filters[l].byID {
+		by := ""
+		s.filters[l].each(func(f *Filter) bool {
 			if match(f) {
-				return f.Describe()
+				by = f.Describe()
 			}
+			return by == ""
+		})
+		if by != "" {
+			return by
 		}
 	}
 	return ""
@@ -697,10 +756,8 @@ func (v View) Filter(id FilterID) (Filter, error) {
 
 // FilterByKey returns a copy of a filter found by key.
 func (v View) FilterByKey(key string) (Filter, error) {
-	for l := LayerID(1); l < numLayers; l++ {
-		if id, ok := v.s.filters[l].byKey[key]; ok {
-			return cloneFilter(v.s.filters[l].byID[id]), nil
-		}
+	if f := v.s.filterByKey(key); f != nil {
+		return cloneFilter(f), nil
 	}
 	return Filter{}, fmt.Errorf("%w: filter key %q", ErrNotFound, key)
 }
@@ -823,17 +880,33 @@ func (t *FilterTemplate) keep(f *Filter) bool {
 // evaluation order (sublayer weight, filter weight, ID).
 func (v View) Filters(t FilterTemplate) []Filter {
 	var out []Filter
-	for l := LayerID(1); l < numLayers; l++ {
-		if t.Layer != 0 && t.Layer != l {
-			continue
-		}
-		for _, f := range v.s.ordered(l) {
-			if t.keep(f) {
-				out = append(out, cloneFilter(f))
+	if t == (FilterTemplate{Layer: t.Layer}) {
+		out = make([]Filter, 0, v.FilterCount(t.Layer))
+	}
+	for f := range v.SharedFilters(t) {
+		out = append(out, cloneFilter(f))
+	}
+	return out
+}
+
+// SharedFilters yields the filters Filters returns, in the same order,
+// without copying them: each is the engine's own, immutable and shared
+// with every other reader, so neither it nor its conditions may be
+// modified. A compiler of a million filters reads them so: their copies
+// cost as much as its own work.
+func (v View) SharedFilters(t FilterTemplate) iter.Seq[*Filter] {
+	return func(yield func(*Filter) bool) {
+		for l := LayerID(1); l < numLayers; l++ {
+			if t.Layer != 0 && t.Layer != l {
+				continue
+			}
+			for _, f := range v.s.orderedFilters(l) {
+				if t.keep(f) && !yield(f) {
+					return
+				}
 			}
 		}
 	}
-	return out
 }
 
 // FilterCount returns the number of filters on a layer (all layers for 0).
@@ -841,7 +914,7 @@ func (v View) FilterCount(l LayerID) int {
 	n := 0
 	for id := LayerID(1); id < numLayers; id++ {
 		if l == 0 || l == id {
-			n += len(v.s.filters[id].byID)
+			n += v.s.filters[id].live
 		}
 	}
 	return n

@@ -231,10 +231,7 @@ func (tx *Txn) newFilter(f *Filter) *Filter {
 // cloneConditions copies cs into the condition chunk, capped so that an
 // append to the copy cannot reach the next filter's conditions.
 func (tx *Txn) cloneConditions(cs []Condition) []Condition {
-	if len(cs) == 0 {
-		return nil
-	}
-	if len(cs) > conditionChunk/8 {
+	if len(cs) == 0 || len(cs) > conditionChunk/8 {
 		return slices.Clone(cs)
 	}
 	if cap(tx.cslab)-len(tx.cslab) < len(cs) {

@@ -211,6 +211,33 @@ type Txn struct {
 	// million filters. A chunk lives while one of its filters does.
 	fslab []Filter
 	cslab []Condition
+	// keys is generated filter keys from keyFrom on, ends[i] the end of
+	// keyFrom+i's: cut from one string (filterKey).
+	keys    string
+	keyFrom FilterID
+	keyEnds []uint32
+}
+
+// filterKey returns the generated key of a filter, "filter-<id>". The
+// transaction's adds take consecutive IDs, so their keys are cut from one
+// string made for 64 at a time rather than allocated each.
+func (tx *Txn) filterKey(id FilterID) string {
+	if id < tx.keyFrom || id-tx.keyFrom >= FilterID(len(tx.keyEnds)) {
+		const n = 64
+		b := make([]byte, 0, n*16)
+		tx.keyEnds = tx.keyEnds[:0]
+		for i := range FilterID(n) {
+			b = strconv.AppendUint(append(b, "filter-"...), uint64(id+i), 10)
+			tx.keyEnds = append(tx.keyEnds, uint32(len(b)))
+		}
+		tx.keys, tx.keyFrom = string(b), id
+	}
+	i := id - tx.keyFrom
+	start := uint32(0)
+	if i > 0 {
+		start = tx.keyEnds[i-1]
+	}
+	return tx.keys[start:tx.keyEnds[i]]
 }
 
 const (
@@ -580,7 +607,7 @@ func (tx *Txn) AddFilter(f Filter) (FilterID, error) {
 	}
 	f.ID = FilterID(tx.e.newID("filter"))
 	if !keyGiven {
-		f.Key = genKey("filter", uint64(f.ID))
+		f.Key = tx.filterKey(f.ID)
 	}
 	if f.Sublayer == 0 {
 		f.Sublayer = UniversalSublayer

@@ -211,6 +211,11 @@ type Txn struct {
 	// million filters. A chunk lives while one of its filters does.
 	fslab []Filter
 	cslab []Condition
+	// undo logs the filter tables' changes for RollbackTo; marks counts
+	// the savepoints taken, live the ones still valid.
+	undo  []undoEntry
+	marks int
+	live  []int
 	// keys is generated filter keys from keyFrom on, ends[i] the end of
 	// keyFrom+i's: cut from one string (filterKey).
 	keys    string
@@ -385,27 +390,54 @@ func (tx *Txn) Pending() int { return len(tx.notifies) }
 // plane's batch inside an open transaction must be all or nothing.
 type Savepoint struct {
 	work     state
-	cloned   uint32
 	dirty    [numLayers]bool
 	notifies int
+	undo     int // len(Txn.undo) at the mark
+	seq      int
 }
 
-// Savepoint returns a mark of the transaction's current state. Tables are
-// copied again on their next write, so the tables a mark holds are never
-// changed and it can be rolled back to any number of times.
+// Savepoint returns a mark of the transaction's current state, which it
+// can be rolled back to any number of times (until it is rolled back to
+// an earlier mark). The small tables are copied again on their next
+// write, so the ones a mark holds are never changed; the filter tables
+// are copied once per transaction and their changes undone from a log
+// instead: copying a million-filter table at each of a client's batches
+// was quadratic.
 func (tx *Txn) Savepoint() Savepoint {
-	sp := Savepoint{work: tx.work, cloned: tx.cloned, dirty: tx.dirty, notifies: len(tx.notifies)}
-	tx.cloned = 0
+	tx.marks++
+	sp := Savepoint{work: tx.work, dirty: tx.dirty, notifies: len(tx.notifies), undo: len(tx.undo), seq: tx.marks}
+	tx.live = append(tx.live, sp.seq)
+	tx.cloned &^= 0xf
 	return sp
 }
 
 // RollbackTo undoes every change made since sp was taken. IDs handed out
-// since then are not reused.
+// since then are not reused. The marks taken after sp are no longer valid.
 func (tx *Txn) RollbackTo(sp Savepoint) error {
 	if err := tx.check(); err != nil {
 		return err
 	}
-	tx.work, tx.cloned, tx.dirty = sp.work, 0, sp.dirty
+	i := slices.Index(tx.live, sp.seq)
+	if i < 0 || sp.undo > len(tx.undo) {
+		return fmt.Errorf("%w: the savepoint was undone by a rollback to an earlier one", ErrInvalidArgument)
+	}
+	tx.live = tx.live[:i+1]
+	for j := len(tx.undo) - 1; j >= sp.undo; j-- {
+		tx.work.filters[tx.undo[j].layer].undo(tx.undo[j])
+	}
+	tx.undo = tx.undo[:sp.undo]
+	filters := tx.work.filters
+	tx.work, tx.dirty = sp.work, sp.dirty
+	for l := range filters {
+		// A table first copied after the mark is dropped: the mark's
+		// is the one it was copied from, unchanged.
+		if filters[l] != sp.work.filters[l] {
+			tx.cloned &^= 1 << (4 + uint32(l))
+		} else {
+			tx.work.filters[l] = filters[l]
+		}
+	}
+	tx.cloned &^= 0xf
 	tx.notifies = tx.notifies[:sp.notifies]
 	return nil
 }
@@ -616,6 +648,9 @@ func (tx *Txn) AddFilter(f Filter) (FilterID, error) {
 	f.EffectiveWeight, _ = f.Weight.effective(f.Conditions)
 	p := tx.newFilter(&f)
 	tx.mutFilters(f.Layer).add(p, tx.work.sublayerWeight(f.Sublayer), keyGiven)
+	if len(tx.live) > 0 {
+		tx.undo = append(tx.undo, undoEntry{layer: f.Layer, idx: -1, key: keyGiven})
+	}
 	if f.Action.Type.IsCallout() {
 		tx.notifies = append(tx.notifies, notifyEvent{NotifyAddFilter, p, tx.slotOf(f.Action.Callout)})
 	}
@@ -631,7 +666,10 @@ func (tx *Txn) DeleteFilter(id FilterID) error {
 	if f == nil {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	tx.mutFilters(l).del(f)
+	idx, keyDeleted := tx.mutFilters(l).del(f)
+	if len(tx.live) > 0 {
+		tx.undo = append(tx.undo, undoEntry{layer: l, idx: idx, f: f, key: keyDeleted})
+	}
 	if f.Action.Type.IsCallout() {
 		tx.notifies = append(tx.notifies, notifyEvent{NotifyDeleteFilter, f, tx.slotOf(f.Action.Callout)})
 	}

@@ -65,15 +65,43 @@ func (t *filterTable) add(f *Filter, sw uint16, keyGiven bool) {
 	}
 }
 
-func (t *filterTable) del(f *Filter) {
-	i, ok := slices.BinarySearchFunc(t.ents, f.ID, func(e filterEnt, id FilterID) int { return cmp.Compare(e.id, id) })
-	if !ok || t.ents[i].f == nil {
-		return
-	}
+// del deletes f, a filter of the table, and returns its entry's index
+// and whether its key was removed from byKey, for the undo log.
+func (t *filterTable) del(f *Filter) (int, bool) {
+	i, _ := slices.BinarySearchFunc(t.ents, f.ID, func(e filterEnt, id FilterID) int { return cmp.Compare(e.id, id) })
 	t.ents[i].f = nil
 	t.live--
 	if id, ok := t.byKey[f.Key]; ok && id == f.ID {
 		delete(t.byKey, f.Key)
+		return i, true
+	}
+	return i, false
+}
+
+// undoEntry is a filter table change a rollback undoes: an add (idx -1;
+// key: its key went into byKey) or a delete (of f at idx; key: its key
+// left byKey).
+type undoEntry struct {
+	layer LayerID
+	idx   int
+	f     *Filter
+	key   bool
+}
+
+func (t *filterTable) undo(u undoEntry) {
+	if u.idx < 0 {
+		last := t.ents[len(t.ents)-1]
+		t.ents = t.ents[:len(t.ents)-1]
+		t.live--
+		if u.key {
+			delete(t.byKey, last.f.Key)
+		}
+		return
+	}
+	t.ents[u.idx].f = u.f
+	t.live++
+	if u.key {
+		t.byKey[u.f.Key] = u.f.ID
 	}
 }
 

@@ -528,7 +528,7 @@ func (s *state) sublayerWeight(id SublayerID) uint16 {
 }
 
 // ordered returns the layer's filters in evaluation order (filterTable.ordered).
-func (s *state) ordered(l LayerID) []*Filter { return s.filters[l].ordered() }
+func (s *state) ordered(l LayerID) []*Filter { return s.filters[l].ordered(s.sublayerWeight) }
 
 type keyKind uint8
 

@@ -190,7 +190,7 @@ func (s *state) orderedFilters(l LayerID) []*Filter {
 	if c := s.compiled[l]; c != nil && c.src == s.filters[l] {
 		return c.all
 	}
-	return s.filters[l].ordered()
+	return s.ordered(l)
 }
 
 // Txn is a transaction: its changes are visible to its own reads, and to
@@ -647,7 +647,7 @@ func (tx *Txn) AddFilter(f Filter) (FilterID, error) {
 	f.Conditions = tx.cloneConditions(f.Conditions)
 	f.EffectiveWeight, _ = f.Weight.effective(f.Conditions)
 	p := tx.newFilter(&f)
-	tx.mutFilters(f.Layer).add(p, tx.work.sublayerWeight(f.Sublayer), keyGiven)
+	tx.mutFilters(f.Layer).add(p, keyGiven)
 	if len(tx.live) > 0 {
 		tx.undo = append(tx.undo, undoEntry{layer: f.Layer, idx: -1, key: keyGiven})
 	}

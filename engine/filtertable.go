@@ -23,14 +23,10 @@ type filterTable struct {
 	byKey map[string]FilterID // keys the caller gave
 }
 
-// filterEnt is one filter with its evaluation-order key beside it, so that
-// ordering a layer reads no filter.
+// filterEnt is one filter, its ID beside it for the binary search.
 type filterEnt struct {
-	id  FilterID
-	f   *Filter // nil: deleted in this transaction
-	w   uint64  // effective weight
-	sub SublayerID
-	sw  uint16 // the sublayer's weight, fixed at its creation
+	id FilterID
+	f  *Filter // nil: deleted in this transaction
 }
 
 func newFilterTable() *filterTable { return &filterTable{byKey: map[string]FilterID{}} }
@@ -57,8 +53,8 @@ func (t *filterTable) get(id FilterID) *Filter {
 }
 
 // add appends f, whose ID is above every ID in the table.
-func (t *filterTable) add(f *Filter, sw uint16, keyGiven bool) {
-	t.ents = append(t.ents, filterEnt{id: f.ID, f: f, w: f.EffectiveWeight, sub: f.Sublayer, sw: sw})
+func (t *filterTable) add(f *Filter, keyGiven bool) {
+	t.ents = append(t.ents, filterEnt{id: f.ID, f: f})
 	t.live++
 	if keyGiven {
 		t.byKey[f.Key] = f.ID
@@ -157,7 +153,8 @@ func (t *filterTable) each(fn func(*Filter) bool) {
 // lower filter ID, the older filter). The entries are by ascending ID, so
 // a stable placement by (sublayer weight, sublayer, weight) is the order:
 // a counting sort over the few distinct such keys a policy has, O(n).
-func (t *filterTable) ordered() []*Filter {
+// sw gives a sublayer's weight (fixed at the sublayer's creation).
+func (t *filterTable) ordered(sw func(SublayerID) uint16) []*Filter {
 	type gkey struct {
 		sw  uint16
 		sub SublayerID
@@ -168,11 +165,15 @@ func (t *filterTable) ordered() []*Filter {
 	gi := make([]int32, 0, t.live) // group of each live entry, by entry
 	counts := []int{}
 	last, lastG := gkey{}, -1
+	lastSub, lastSW := SublayerID(0), uint16(0)
 	for _, e := range t.ents {
 		if e.f == nil {
 			continue
 		}
-		k := gkey{e.sw, e.sub, e.w}
+		if e.f.Sublayer != lastSub || lastG < 0 {
+			lastSub, lastSW = e.f.Sublayer, sw(e.f.Sublayer)
+		}
+		k := gkey{lastSW, e.f.Sublayer, e.f.EffectiveWeight}
 		if lastG < 0 || k != last {
 			g, ok := groups[k]
 			if !ok {

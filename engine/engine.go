@@ -208,7 +208,9 @@ type Txn struct {
 	// fslab and cslab hold the filters and conditions the transaction
 	// adds, allocated in chunks: one allocation per filter and one per
 	// condition list made most of the garbage collector's work at a
-	// million filters. A chunk lives while one of its filters does.
+	// million filters. A chunk lives while one of its filters does, so
+	// the chunks start small and double (a transaction of one filter
+	// allocates for one).
 	fslab []Filter
 	cslab []Condition
 	// undo logs the filter tables' changes for RollbackTo; marks counts
@@ -228,10 +230,10 @@ type Txn struct {
 // string made for 64 at a time rather than allocated each.
 func (tx *Txn) filterKey(id FilterID) string {
 	if id < tx.keyFrom || id-tx.keyFrom >= FilterID(len(tx.keyEnds)) {
-		const n = 64
+		n := FilterID(min(max(1, 2*len(tx.keyEnds)), 64)) // see fslab
 		b := make([]byte, 0, n*16)
 		tx.keyEnds = tx.keyEnds[:0]
-		for i := range FilterID(n) {
+		for i := range n {
 			b = strconv.AppendUint(append(b, "filter-"...), uint64(id+i), 10)
 			tx.keyEnds = append(tx.keyEnds, uint32(len(b)))
 		}
@@ -254,7 +256,7 @@ const (
 // not touch.
 func (tx *Txn) newFilter(f *Filter) *Filter {
 	if len(tx.fslab) == cap(tx.fslab) {
-		tx.fslab = make([]Filter, 0, filterChunk)
+		tx.fslab = make([]Filter, 0, min(max(1, 2*cap(tx.fslab)), filterChunk))
 	}
 	tx.fslab = append(tx.fslab, *f)
 	return &tx.fslab[len(tx.fslab)-1]
@@ -267,7 +269,7 @@ func (tx *Txn) cloneConditions(cs []Condition) []Condition {
 		return slices.Clone(cs)
 	}
 	if cap(tx.cslab)-len(tx.cslab) < len(cs) {
-		tx.cslab = make([]Condition, 0, conditionChunk)
+		tx.cslab = make([]Condition, 0, min(max(len(cs), 2*cap(tx.cslab)), conditionChunk))
 	}
 	i := len(tx.cslab)
 	tx.cslab = append(tx.cslab, cs...)

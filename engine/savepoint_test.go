@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"testing"
 
@@ -142,4 +143,33 @@ func TestSavepointRollback(t *testing.T) {
 	if _, err := e.View().Filter(base[1]); !errors.Is(err, engine.ErrNotFound) {
 		t.Errorf("old1, deleted before the mark, is back: %v", err)
 	}
+}
+
+// TestSmallTxnMemory: filters added one transaction at a time retain
+// little memory each: the chunks a transaction allocates its filters,
+// conditions and keys in start small (a chunk lives while one of its
+// filters does).
+func TestSmallTxnMemory(t *testing.T) {
+	e := engine.New(engine.Options{})
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	before := ms.HeapAlloc
+	const n = 500
+	for i := range n {
+		if err := e.Update(func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(hostFilter("", i, 1))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	per := (int64(ms.HeapAlloc) - int64(before)) / n
+	t.Logf("%d bytes retained per filter", per)
+	if per > 4096 {
+		t.Fatalf("%d bytes retained per filter added alone, want a few hundred", per)
+	}
+	runtime.KeepAlive(e)
 }

@@ -218,8 +218,8 @@ type Txn struct {
 	undo  []undoEntry
 	marks int
 	live  []int
-	// keys is generated filter keys from keyFrom on, ends[i] the end of
-	// keyFrom+i's: cut from one string (filterKey).
+	// keys is the generated filter keys from keyFrom on, keyEnds[i] the
+	// end of keyFrom+i's (filterKey).
 	keys    string
 	keyFrom FilterID
 	keyEnds []uint32
@@ -227,7 +227,8 @@ type Txn struct {
 
 // filterKey returns the generated key of a filter, "filter-<id>". The
 // transaction's adds take consecutive IDs, so their keys are cut from one
-// string made for 64 at a time rather than allocated each.
+// string made for the next ones (up to 64, doubling as fslab's chunks do)
+// rather than allocated each.
 func (tx *Txn) filterKey(id FilterID) string {
 	if id < tx.keyFrom || id-tx.keyFrom >= FilterID(len(tx.keyEnds)) {
 		n := FilterID(min(max(1, 2*len(tx.keyEnds)), 64)) // see fslab

@@ -175,8 +175,9 @@ func (s *state) findFilter(id FilterID) (*Filter, LayerID) {
 }
 
 func (s *state) filterByKey(key string) *Filter {
+	id, gen := generatedID(key)
 	for l := LayerID(1); l < numLayers; l++ {
-		if f := s.filters[l].byKeyOf(key); f != nil {
+		if f := s.filters[l].byKeyOf(key, id, gen); f != nil {
 			return f
 		}
 	}

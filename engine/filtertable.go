@@ -125,13 +125,17 @@ func generatedID(key string) (FilterID, bool) {
 	return FilterID(n), err == nil
 }
 
-// byKeyOf returns the filter with the key, or nil. A generated key is
+// byKeyOf returns the filter with the key, or nil; gen tells whether the
+// key has the form of a generated one, of filter id. A generated key is
 // looked at first: it was assigned after any equal key the caller gave.
-func (t *filterTable) byKeyOf(key string) *Filter {
-	if id, ok := generatedID(key); ok {
+func (t *filterTable) byKeyOf(key string, id FilterID, gen bool) *Filter {
+	if gen {
 		if f := t.get(id); f != nil && f.Key == key {
 			return f
 		}
+	}
+	if len(t.byKey) == 0 {
+		return nil
 	}
 	if id, ok := t.byKey[key]; ok {
 		return t.get(id)

@@ -177,7 +177,7 @@ func TestKernelMillionBlocklist(t *testing.T) {
 }
 
 // filtersSize is the filters of TestKernelMillionFilters: FWP_FILTERS, or
-// 200,000 (100,000 with -short), which keeps the test's memory (~1.3 GB at
+// 200,000 (100,000 with -short), which keeps the test's memory (~0.8 GB at
 // a million) out of CI's way beside the other packages' tests;
 // FWP_FILTERS=1000000 runs the full size (~2-3 s, docs/benchmarks.md).
 var filtersSize = envInt("FWP_FILTERS", 200_000)

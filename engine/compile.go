@@ -3,7 +3,6 @@ package engine
 import (
 	"cmp"
 	"encoding/binary"
-	"maps"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -205,7 +204,11 @@ type csub struct {
 // asc) and indexes that yield, for given values, the ranks of the only
 // filters that can match.
 type compiledLayer struct {
-	layer       LayerID
+	layer LayerID
+	// src is the filter table compiled, all its filters in evaluation
+	// order, disabled ones too (View.Filters reads them).
+	src         *filterTable
+	all         []*Filter
 	filters     []cfilter
 	quick       []quickCheck // by rank, beside filters
 	subs        []csub
@@ -270,6 +273,67 @@ func (s *segIndex) lookup(p uint32) []int32 {
 type prefixIndex struct {
 	v4 []prefixLen
 	v6 []prefixLen
+	// ranks holds every bucket's ranks, a bucket being a span of it: the
+	// maps then hold no pointers, which the garbage collector skips (a
+	// million buckets of slices were a good part of its work).
+	ranks []int32
+	stage *prefixStage // while building
+}
+
+// span is a bucket: offset<<32 | length in prefixIndex.ranks.
+type span uint64
+
+// table4 maps v4 keys to buckets: open addressing, linear probing, at
+// most half full, a slot of 12 bytes holding key and bucket (one cache
+// miss a lookup). A Go map took ~0.3-0.7 µs a key to build at a million
+// keys and holds them in groups the garbage collector walks.
+type table4 struct {
+	slots []slot4
+	shift uint8
+	n     int
+}
+
+type slot4 struct{ key, off, n uint32 } // n == 0: empty
+
+func newTable4(n int) *table4 {
+	lg := max(3, bits.Len(uint(2*n)))
+	return &table4{slots: make([]slot4, 1<<lg), shift: uint8(32 - lg)}
+}
+
+// home is a key's first slot: Fibonacci hashing, whose top bits spread
+// the consecutive keys a blocklist has.
+func (t *table4) home(k uint32) uint32 { return (k * 0x9e3779b1) >> t.shift }
+
+// put adds a key the table does not hold.
+func (t *table4) put(k, off, n uint32) {
+	mask := uint32(len(t.slots) - 1)
+	i := t.home(k)
+	for t.slots[i].n != 0 {
+		i = (i + 1) & mask
+	}
+	t.slots[i] = slot4{k, off, n}
+	t.n++
+}
+
+func (t *table4) get(k uint32) span {
+	if t == nil {
+		return 0
+	}
+	mask := uint32(len(t.slots) - 1)
+	for i := t.home(k); ; i = (i + 1) & mask {
+		e := &t.slots[i]
+		if e.n == 0 {
+			return 0
+		}
+		if e.key == k {
+			return span(uint64(e.off)<<32 | uint64(e.n))
+		}
+	}
+}
+
+func (p *prefixIndex) bucket(s span) []int32 {
+	off := uint32(s >> 32)
+	return p.ranks[off : off+uint32(s)]
 }
 
 type prefixLen struct {
@@ -277,8 +341,8 @@ type prefixLen struct {
 	pshift   uint8 // beside bits, so that the struct stays one 64-byte cache line
 	mask4    uint32
 	mhi, mlo uint64
-	m4       map[uint32][]int32
-	m6       map[[2]uint64][]int32
+	m4       *table4
+	m6       map[[2]uint64]span
 	// present has a bit per /20 that holds an m4 key, for large maps only:
 	// most lookups in a large blocklist miss, and the bitmap answers them
 	// without the map's cache misses. For m6 (of any size) it has a bit per
@@ -313,46 +377,127 @@ func addrKey6(a netip.Addr) (hi, lo uint64) {
 	return binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])
 }
 
-// add files rank under the prefix ip/bits.
+// add files rank under the prefix ip/bits. The entries are staged and
+// built into the maps by sortLens, each map made at its final size and
+// every bucket a piece of one array: a map grown an entry at a time, with
+// a slice allocated per bucket, was most of a million-filter commit.
 func (p *prefixIndex) add(ip netip.Addr, bits int, rank int32) {
-	lens := &p.v6
-	if ip.Is4() {
-		lens = &p.v4
+	if p.stage == nil {
+		p.stage = &prefixStage{}
 	}
-	i := slices.IndexFunc(*lens, func(l prefixLen) bool { return int(l.bits) == bits })
-	if i < 0 {
-		*lens = append(*lens, newPrefixLen(bits))
-		i = len(*lens) - 1
-	}
-	l := &(*lens)[i]
 	if ip.Is4() {
-		if l.m4 == nil {
-			l.m4 = map[uint32][]int32{}
-		}
-		k := addrKey4(ip) & l.mask4
-		l.m4[k] = appendRank(l.m4[k], rank)
+		k := addrKey4(ip) & newPrefixLen(bits).mask4
+		p.stage.v4[bits] = append(p.stage.v4[bits], uint64(k)<<32|uint64(rank))
 		return
 	}
-	if l.m6 == nil {
-		l.m6 = map[[2]uint64][]int32{}
-	}
+	l := newPrefixLen(bits)
 	hi, lo := addrKey6(ip)
-	k := [2]uint64{hi & l.mhi, lo & l.mlo}
-	l.m6[k] = appendRank(l.m6[k], rank)
+	p.stage.v6[bits] = append(p.stage.v6[bits], stage6{hi & l.mhi, lo & l.mlo, rank})
+}
+
+// prefixStage holds the entries add staged, by prefix length: v4 as
+// key<<32 | rank.
+type prefixStage struct {
+	v4 [33][]uint64
+	v6 [129][]stage6
+}
+
+// stage6 is a v6 entry waiting for sortLens.
+type stage6 struct {
+	hi, lo uint64
+	rank   int32
+}
+
+// build4 and build6 fill the map from the staged entries: sorted by key
+// and rank, each key's ranks are one run of the array its bucket slices.
+func (l *prefixLen) build4(st []uint64, ranks *[]int32) {
+	slices.Sort(st)
+	st = slices.Compact(st) // a filter ORing two conditions of one bucket
+	n := 1
+	for i := 1; i < len(st); i++ {
+		if st[i]>>32 != st[i-1]>>32 {
+			n++
+		}
+	}
+	l.m4 = newTable4(n)
+	if n >= presentMin { // see sortLens; built here from the sorted keys
+		l.present = make([]uint64, (1<<20)/64)
+		for _, e := range st {
+			k := uint32(e >> 32)
+			l.present[k>>18] |= 1 << (k >> 12 & 63)
+		}
+	}
+	for i := 0; i < len(st); {
+		off := len(*ranks)
+		j := i
+		for ; j < len(st) && st[j]>>32 == st[i]>>32; j++ {
+			*ranks = append(*ranks, int32(uint32(st[j])))
+		}
+		l.m4.put(uint32(st[i]>>32), uint32(off), uint32(j-i))
+		i = j
+	}
+}
+
+func (l *prefixLen) build6(st []stage6, ranks *[]int32) {
+	slices.SortFunc(st, func(a, b stage6) int {
+		return cmp.Or(cmp.Compare(a.hi, b.hi), cmp.Compare(a.lo, b.lo), cmp.Compare(a.rank, b.rank))
+	})
+	st = slices.Compact(st)
+	n := 1
+	for i := 1; i < len(st); i++ {
+		if st[i].hi != st[i-1].hi || st[i].lo != st[i-1].lo {
+			n++
+		}
+	}
+	l.m6 = make(map[[2]uint64]span, n)
+	for i := 0; i < len(st); {
+		off := len(*ranks)
+		j := i
+		for ; j < len(st) && st[j].hi == st[i].hi && st[j].lo == st[i].lo; j++ {
+			*ranks = append(*ranks, st[j].rank)
+		}
+		l.m6[[2]uint64{st[i].hi, st[i].lo}] = span(uint64(off)<<32 | uint64(j-i))
+		i = j
+	}
 }
 
 func (p *prefixIndex) sortLens() {
+	if st := p.stage; st != nil {
+		total := 0
+		for _, e := range st.v4 {
+			total += len(e)
+		}
+		for _, e := range st.v6 {
+			total += len(e)
+		}
+		p.ranks = make([]int32, 0, total)
+		for bits, e := range st.v4 {
+			if len(e) > 0 {
+				p.v4 = append(p.v4, newPrefixLen(bits))
+				p.v4[len(p.v4)-1].build4(e, &p.ranks)
+			}
+		}
+		for bits, e := range st.v6 {
+			if len(e) > 0 {
+				p.v6 = append(p.v6, newPrefixLen(bits))
+				p.v6[len(p.v6)-1].build6(e, &p.ranks)
+			}
+		}
+		p.stage = nil
+	}
 	longest := func(a, b prefixLen) int { return cmp.Compare(b.bits, a.bits) }
 	slices.SortFunc(p.v4, longest)
 	slices.SortFunc(p.v6, longest)
 	for i := range p.v4 {
 		l := &p.v4[i]
-		if len(l.m4) < presentMin {
+		if l.m4 == nil || l.m4.n < presentMin || l.present != nil {
 			continue
 		}
 		l.present = make([]uint64, (1<<20)/64)
-		for k := range l.m4 {
-			l.present[k>>18] |= 1 << (k >> 12 & 63)
+		for _, e := range l.m4.slots {
+			if e.n != 0 {
+				l.present[e.key>>18] |= 1 << (e.key >> 12 & 63)
+			}
 		}
 	}
 	for i := range p.v6 {
@@ -382,38 +527,8 @@ func (s *state) sublayerWeight(id SublayerID) uint16 {
 	return 0
 }
 
-// ordered returns the layer's filters in evaluation order: higher
-// sublayer weight first (ties: lower sublayer ID), then higher effective
-// weight (ties: lower filter ID, the older filter). It sorts plain keys;
-// a comparison that looked the sublayers' weights up each time (rankCmp,
-// kept in the tests as the oracle) dominated at a million filters.
-func (s *state) ordered(l LayerID) []*Filter {
-	type key struct {
-		sw  uint16
-		sub SublayerID
-		w   uint64
-		id  FilterID
-		f   *Filter
-	}
-	ks := make([]key, 0, len(s.filters[l].byID))
-	weights := map[SublayerID]uint16{}
-	for f := range maps.Values(s.filters[l].byID) {
-		sw, ok := weights[f.Sublayer]
-		if !ok {
-			sw = s.sublayerWeight(f.Sublayer)
-			weights[f.Sublayer] = sw
-		}
-		ks = append(ks, key{sw, f.Sublayer, f.EffectiveWeight, f.ID, f})
-	}
-	slices.SortFunc(ks, func(a, b key) int {
-		return cmp.Or(cmp.Compare(b.sw, a.sw), cmp.Compare(a.sub, b.sub), cmp.Compare(b.w, a.w), cmp.Compare(a.id, b.id))
-	})
-	fs := make([]*Filter, len(ks))
-	for i := range ks {
-		fs[i] = ks[i].f
-	}
-	return fs
-}
+// ordered returns the layer's filters in evaluation order (filterTable.ordered).
+func (s *state) ordered(l LayerID) []*Filter { return s.filters[l].ordered(s.sublayerWeight) }
 
 type keyKind uint8
 
@@ -445,20 +560,30 @@ const (
 )
 
 func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
-	c := &compiledLayer{layer: l}
-	var ordered []*Filter
-	for _, f := range s.ordered(l) {
-		if f.Flags&FilterDisabled == 0 {
-			ordered = append(ordered, f)
+	c := &compiledLayer{layer: l, src: s.filters[l], all: s.ordered(l)}
+	ordered := c.all
+	if slices.ContainsFunc(ordered, func(f *Filter) bool { return f.Flags&FilterDisabled != 0 }) {
+		ordered = nil
+		for _, f := range c.all {
+			if f.Flags&FilterDisabled == 0 {
+				ordered = append(ordered, f)
+			}
 		}
 	}
 	c.filters = make([]cfilter, len(ordered))
-	// Conditions of all filters share one backing array.
-	total := 0
+	// A filter's conditions sorted by field are its own (the engine's
+	// filters are immutable; a transaction's lie together in its
+	// chunks); the others are sorted in one shared array.
+	byField := func(a, b Condition) int { return cmp.Compare(a.Field, b.Field) }
+	total, unsorted := 0, 0
 	for _, f := range ordered {
 		total += len(f.Conditions)
+		if !slices.IsSortedFunc(f.Conditions, byField) {
+			unsorted += len(f.Conditions)
+		}
 	}
-	condBuf := make([]Condition, 0, total)
+	condBuf := make([]Condition, 0, unsorted)
+	groupBuf := make([]cgroup, 0, total)
 	for i, f := range ordered {
 		if len(c.subs) == 0 || c.subs[len(c.subs)-1].id != f.Sublayer {
 			if len(c.subs) > 0 {
@@ -466,11 +591,16 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 			}
 			c.subs = append(c.subs, csub{id: f.Sublayer, weight: s.sublayerWeight(f.Sublayer)})
 		}
-		start := len(condBuf)
-		condBuf = append(condBuf, f.Conditions...)
-		conds := condBuf[start:len(condBuf):len(condBuf)]
-		slices.SortStableFunc(conds, func(a, b Condition) int { return cmp.Compare(a.Field, b.Field) })
-		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds, groups: condGroups(conds)}
+		conds := f.Conditions[:len(f.Conditions):len(f.Conditions)]
+		if !slices.IsSortedFunc(conds, byField) {
+			start := len(condBuf)
+			condBuf = append(condBuf, conds...)
+			conds = condBuf[start:len(condBuf):len(condBuf)]
+			slices.SortStableFunc(conds, byField)
+		}
+		start := len(groupBuf)
+		groupBuf = appendCondGroups(groupBuf, conds)
+		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds, groups: groupBuf[start:len(groupBuf):len(groupBuf)]}
 		if f.Action.Type.IsCallout() {
 			c.hasCallouts = true
 			cf.callout = f.Action.Callout
@@ -499,9 +629,8 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 	return c
 }
 
-// condGroups returns the runs of field-sorted conditions on one field.
-func condGroups(conds []Condition) []cgroup {
-	var gs []cgroup
+// appendCondGroups appends the runs of field-sorted conditions on one field.
+func appendCondGroups(gs []cgroup, conds []Condition) []cgroup {
 	for j := 0; j < len(conds); {
 		k := j
 		for k < len(conds) && conds[k].Field == conds[j].Field {
@@ -779,7 +908,7 @@ func (p *prefixIndex) lookup(v Value, add func([]int32) bool) bool {
 			if l.present != nil && l.present[key>>18]&(1<<(key>>12&63)) == 0 {
 				continue
 			}
-			if !add(l.m4[key]) {
+			if !add(p.bucket(l.m4.get(key))) {
 				return false
 			}
 		}
@@ -794,7 +923,7 @@ func (p *prefixIndex) lookup(v Value, add func([]int32) bool) bool {
 				continue
 			}
 		}
-		if !add(l.m6[[2]uint64{khi, klo}]) {
+		if !add(p.bucket(l.m6[[2]uint64{khi, klo}])) {
 			return false
 		}
 	}

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"iter"
 	"maps"
 	"slices"
 	"strconv"
@@ -117,7 +118,7 @@ func New(opts Options) *Engine {
 		callouts:  newTable[CalloutID, Callout](),
 	}
 	for i := range s.filters {
-		s.filters[i] = newTable[FilterID, Filter]()
+		s.filters[i] = newFilterTable()
 	}
 	u := &Sublayer{ID: UniversalSublayer, Key: "universal", Name: "FWPM_SUBLAYER_UNIVERSAL", Weight: 0}
 	s.sublayers.put(u.ID, u.Key, u)
@@ -160,26 +161,37 @@ type state struct {
 	contexts  *table[ProviderContextID, ProviderContext]
 	sublayers *table[SublayerID, Sublayer]
 	callouts  *table[CalloutID, Callout]
-	filters   [numLayers]*table[FilterID, Filter]
+	filters   [numLayers]*filterTable
 	compiled  [numLayers]*compiledLayer
 }
 
 func (s *state) findFilter(id FilterID) (*Filter, LayerID) {
 	for l := LayerID(1); l < numLayers; l++ {
-		if f, ok := s.filters[l].byID[id]; ok {
+		if f := s.filters[l].get(id); f != nil {
 			return f, l
 		}
 	}
 	return nil, LayerInvalid
 }
 
-func (s *state) filterKeyTaken(key string) bool {
+func (s *state) filterByKey(key string) *Filter {
+	id, gen := generatedID(key)
 	for l := LayerID(1); l < numLayers; l++ {
-		if _, ok := s.filters[l].byKey[key]; ok {
-			return true
+		if f := s.filters[l].byKeyOf(key, id, gen); f != nil {
+			return f
 		}
 	}
-	return false
+	return nil
+}
+
+// orderedFilters returns the layer's filters in evaluation order: the
+// compiled layer's when it was compiled from this table (a committed
+// state), else sorted now (a transaction's changed layer).
+func (s *state) orderedFilters(l LayerID) []*Filter {
+	if c := s.compiled[l]; c != nil && c.src == s.filters[l] {
+		return c.all
+	}
+	return s.ordered(l)
 }
 
 // Txn is a transaction: its changes are visible to its own reads, and to
@@ -194,6 +206,76 @@ type Txn struct {
 	dirty    [numLayers]bool
 	notifies []notifyEvent
 	done     bool
+	// fslab and cslab hold the filters and conditions the transaction
+	// adds, allocated in chunks: one allocation per filter and one per
+	// condition list made most of the garbage collector's work at a
+	// million filters. A chunk lives while one of its filters does, so
+	// the chunks start small and double (a transaction of one filter
+	// allocates for one).
+	fslab []Filter
+	cslab []Condition
+	// undo logs the filter tables' changes for RollbackTo; marks counts
+	// the savepoints taken, live the ones still valid.
+	undo  []undoEntry
+	marks int
+	live  []int
+	// keys is the generated filter keys from keyFrom on, keyEnds[i] the
+	// end of keyFrom+i's (filterKey).
+	keys    string
+	keyFrom FilterID
+	keyEnds []uint32
+}
+
+// filterKey returns the generated key of a filter, "filter-<id>". The
+// transaction's adds take consecutive IDs, so their keys are cut from one
+// string made for the next ones (up to 64, doubling as fslab's chunks do)
+// rather than allocated each.
+func (tx *Txn) filterKey(id FilterID) string {
+	if id < tx.keyFrom || id-tx.keyFrom >= FilterID(len(tx.keyEnds)) {
+		n := FilterID(min(max(1, 2*len(tx.keyEnds)), 64)) // see fslab
+		b := make([]byte, 0, n*16)
+		tx.keyEnds = tx.keyEnds[:0]
+		for i := range n {
+			b = strconv.AppendUint(append(b, "filter-"...), uint64(id+i), 10)
+			tx.keyEnds = append(tx.keyEnds, uint32(len(b)))
+		}
+		tx.keys, tx.keyFrom = string(b), id
+	}
+	i := id - tx.keyFrom
+	start := uint32(0)
+	if i > 0 {
+		start = tx.keyEnds[i-1]
+	}
+	return tx.keys[start:tx.keyEnds[i]]
+}
+
+const (
+	filterChunk    = 256
+	conditionChunk = 1024
+)
+
+// newFilter returns a place for f that the transaction's later adds do
+// not touch.
+func (tx *Txn) newFilter(f *Filter) *Filter {
+	if len(tx.fslab) == cap(tx.fslab) {
+		tx.fslab = make([]Filter, 0, min(max(1, 2*cap(tx.fslab)), filterChunk))
+	}
+	tx.fslab = append(tx.fslab, *f)
+	return &tx.fslab[len(tx.fslab)-1]
+}
+
+// cloneConditions copies cs into the condition chunk, capped so that an
+// append to the copy cannot reach the next filter's conditions.
+func (tx *Txn) cloneConditions(cs []Condition) []Condition {
+	if len(cs) == 0 || len(cs) > conditionChunk/8 {
+		return slices.Clone(cs)
+	}
+	if cap(tx.cslab)-len(tx.cslab) < len(cs) {
+		tx.cslab = make([]Condition, 0, min(max(len(cs), 2*cap(tx.cslab)), conditionChunk))
+	}
+	i := len(tx.cslab)
+	tx.cslab = append(tx.cslab, cs...)
+	return tx.cslab[i:len(tx.cslab):len(tx.cslab)]
 }
 
 type notifyEvent struct {
@@ -262,7 +344,7 @@ func (tx *Txn) mutCallouts() *table[CalloutID, Callout] {
 	return tx.work.callouts
 }
 
-func (tx *Txn) mutFilters(l LayerID) *table[FilterID, Filter] {
+func (tx *Txn) mutFilters(l LayerID) *filterTable {
 	bit := uint32(1) << (4 + uint32(l))
 	if tx.cloned&bit == 0 {
 		tx.work.filters[l], tx.cloned = tx.work.filters[l].clone(), tx.cloned|bit
@@ -282,6 +364,9 @@ func (tx *Txn) Commit() error {
 	s := tx.work
 	for l := LayerID(1); l < numLayers; l++ {
 		if tx.dirty[l] {
+			// The table is this transaction's copy (or a savepoint's,
+			// which ends with it): compact allocates new entries anyway.
+			s.filters[l].compact()
 			s.compiled[l] = compileLayer(l, &s, tx.e)
 		}
 	}
@@ -309,27 +394,54 @@ func (tx *Txn) Pending() int { return len(tx.notifies) }
 // plane's batch inside an open transaction must be all or nothing.
 type Savepoint struct {
 	work     state
-	cloned   uint32
 	dirty    [numLayers]bool
 	notifies int
+	undo     int // len(Txn.undo) at the mark
+	seq      int
 }
 
-// Savepoint returns a mark of the transaction's current state. Tables are
-// copied again on their next write, so the tables a mark holds are never
-// changed and it can be rolled back to any number of times.
+// Savepoint returns a mark of the transaction's current state, which it
+// can be rolled back to any number of times (until it is rolled back to
+// an earlier mark). The small tables are copied again on their next
+// write, so the ones a mark holds are never changed; the filter tables
+// are copied once per transaction and their changes undone from a log
+// instead: copying a million-filter table at each of a client's batches
+// was quadratic.
 func (tx *Txn) Savepoint() Savepoint {
-	sp := Savepoint{work: tx.work, cloned: tx.cloned, dirty: tx.dirty, notifies: len(tx.notifies)}
-	tx.cloned = 0
+	tx.marks++
+	sp := Savepoint{work: tx.work, dirty: tx.dirty, notifies: len(tx.notifies), undo: len(tx.undo), seq: tx.marks}
+	tx.live = append(tx.live, sp.seq)
+	tx.cloned &^= 0xf
 	return sp
 }
 
 // RollbackTo undoes every change made since sp was taken. IDs handed out
-// since then are not reused.
+// since then are not reused. The marks taken after sp are no longer valid.
 func (tx *Txn) RollbackTo(sp Savepoint) error {
 	if err := tx.check(); err != nil {
 		return err
 	}
-	tx.work, tx.cloned, tx.dirty = sp.work, 0, sp.dirty
+	i := slices.Index(tx.live, sp.seq)
+	if i < 0 || sp.undo > len(tx.undo) {
+		return fmt.Errorf("%w: the savepoint was undone by a rollback to an earlier one", ErrInvalidArgument)
+	}
+	tx.live = tx.live[:i+1]
+	for j := len(tx.undo) - 1; j >= sp.undo; j-- {
+		tx.work.filters[tx.undo[j].layer].undo(tx.undo[j])
+	}
+	tx.undo = tx.undo[:sp.undo]
+	filters := tx.work.filters
+	tx.work, tx.dirty = sp.work, sp.dirty
+	for l := range filters {
+		// A table first copied after the mark is dropped: the mark's
+		// is the one it was copied from, unchanged.
+		if filters[l] != sp.work.filters[l] {
+			tx.cloned &^= 1 << (4 + uint32(l))
+		} else {
+			tx.work.filters[l] = filters[l]
+		}
+	}
+	tx.cloned &^= 0xf
 	tx.notifies = tx.notifies[:sp.notifies]
 	return nil
 }
@@ -525,21 +637,26 @@ func (tx *Txn) AddFilter(f Filter) (FilterID, error) {
 	if err := tx.ValidateFilter(&f); err != nil {
 		return 0, err
 	}
-	if f.Key != "" && tx.work.filterKeyTaken(f.Key) {
+	keyGiven := f.Key != ""
+	if keyGiven && tx.work.filterByKey(f.Key) != nil {
 		return 0, fmt.Errorf("%w: filter key %q", ErrAlreadyExists, f.Key)
 	}
 	f.ID = FilterID(tx.e.newID("filter"))
-	if f.Key == "" {
-		f.Key = genKey("filter", uint64(f.ID))
+	if !keyGiven {
+		f.Key = tx.filterKey(f.ID)
 	}
 	if f.Sublayer == 0 {
 		f.Sublayer = UniversalSublayer
 	}
-	f.Conditions = slices.Clone(f.Conditions)
+	f.Conditions = tx.cloneConditions(f.Conditions)
 	f.EffectiveWeight, _ = f.Weight.effective(f.Conditions)
-	tx.mutFilters(f.Layer).put(f.ID, f.Key, &f)
+	p := tx.newFilter(&f)
+	tx.mutFilters(f.Layer).add(p, keyGiven)
+	if len(tx.live) > 0 {
+		tx.undo = append(tx.undo, undoEntry{layer: f.Layer, idx: -1, key: keyGiven})
+	}
 	if f.Action.Type.IsCallout() {
-		tx.notifies = append(tx.notifies, notifyEvent{NotifyAddFilter, &f, tx.slotOf(f.Action.Callout)})
+		tx.notifies = append(tx.notifies, notifyEvent{NotifyAddFilter, p, tx.slotOf(f.Action.Callout)})
 	}
 	return f.ID, nil
 }
@@ -553,7 +670,10 @@ func (tx *Txn) DeleteFilter(id FilterID) error {
 	if f == nil {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	tx.mutFilters(l).del(id, f.Key)
+	idx, keyDeleted := tx.mutFilters(l).del(f)
+	if len(tx.live) > 0 {
+		tx.undo = append(tx.undo, undoEntry{layer: l, idx: idx, f: f, key: keyDeleted})
+	}
 	if f.Action.Type.IsCallout() {
 		tx.notifies = append(tx.notifies, notifyEvent{NotifyDeleteFilter, f, tx.slotOf(f.Action.Callout)})
 	}
@@ -582,10 +702,15 @@ func (tx *Txn) DeleteFilterByKey(key string) error {
 // refs returns a reason the object is still referenced, or "".
 func (s *state) refs(match func(f *Filter) bool) string {
 	for l := LayerID(1); l < numLayers; l++ {
-		for _, f := range s.filters[l].byID {
+		by := ""
+		s.filters[l].each(func(f *Filter) bool {
 			if match(f) {
-				return f.Describe()
+				by = f.Describe()
 			}
+			return by == ""
+		})
+		if by != "" {
+			return by
 		}
 	}
 	return ""
@@ -697,10 +822,8 @@ func (v View) Filter(id FilterID) (Filter, error) {
 
 // FilterByKey returns a copy of a filter found by key.
 func (v View) FilterByKey(key string) (Filter, error) {
-	for l := LayerID(1); l < numLayers; l++ {
-		if id, ok := v.s.filters[l].byKey[key]; ok {
-			return cloneFilter(v.s.filters[l].byID[id]), nil
-		}
+	if f := v.s.filterByKey(key); f != nil {
+		return cloneFilter(f), nil
 	}
 	return Filter{}, fmt.Errorf("%w: filter key %q", ErrNotFound, key)
 }
@@ -823,17 +946,33 @@ func (t *FilterTemplate) keep(f *Filter) bool {
 // evaluation order (sublayer weight, filter weight, ID).
 func (v View) Filters(t FilterTemplate) []Filter {
 	var out []Filter
-	for l := LayerID(1); l < numLayers; l++ {
-		if t.Layer != 0 && t.Layer != l {
-			continue
-		}
-		for _, f := range v.s.ordered(l) {
-			if t.keep(f) {
-				out = append(out, cloneFilter(f))
+	if t == (FilterTemplate{Layer: t.Layer}) {
+		out = make([]Filter, 0, v.FilterCount(t.Layer))
+	}
+	for f := range v.SharedFilters(t) {
+		out = append(out, cloneFilter(f))
+	}
+	return out
+}
+
+// SharedFilters yields the filters Filters returns, in the same order,
+// without copying them: each is the engine's own, immutable and shared
+// with every other reader, so neither it nor its conditions may be
+// modified. A compiler of a million filters reads them so: their copies
+// cost as much as its own work.
+func (v View) SharedFilters(t FilterTemplate) iter.Seq[*Filter] {
+	return func(yield func(*Filter) bool) {
+		for l := LayerID(1); l < numLayers; l++ {
+			if t.Layer != 0 && t.Layer != l {
+				continue
+			}
+			for _, f := range v.s.orderedFilters(l) {
+				if t.keep(f) && !yield(f) {
+					return
+				}
 			}
 		}
 	}
-	return out
 }
 
 // FilterCount returns the number of filters on a layer (all layers for 0).
@@ -841,7 +980,7 @@ func (v View) FilterCount(l LayerID) int {
 	n := 0
 	for id := LayerID(1); id < numLayers; id++ {
 		if l == 0 || l == id {
-			n += len(v.s.filters[id].byID)
+			n += v.s.filters[id].live
 		}
 	}
 	return n

@@ -13,7 +13,7 @@ import (
 
 // quickFilter compiles field-sorted conditions as compileLayer does.
 func quickFilter(conds ...Condition) *cfilter {
-	return &cfilter{conds: conds, groups: condGroups(conds)}
+	return &cfilter{conds: conds, groups: appendCondGroups(nil, conds)}
 }
 
 // TestQuickCheckRemoteAddr: for a single remote address or prefix of

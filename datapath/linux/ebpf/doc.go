@@ -35,7 +35,7 @@
 //
 // # Policy in maps
 //
-// Compile takes the engine's filters in evaluation order (View.Filters) and
+// Compile takes the engine's filters in evaluation order (View.SharedFilters, not copied) and
 // gives each enabled filter of a hooked layer a rank. Per layer and
 // condition field (remote/local address, remote/local port, protocol, user
 // id, group id, cgroup id, application) a lookup maps the incoming value to

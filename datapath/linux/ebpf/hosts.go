@@ -104,7 +104,7 @@ func runMember(f *engine.Filter) (netip.Addr, runKey, bool) {
 // filter (the run's first, its address condition a list of the run's
 // hosts) and returns the filters and the runs' id tables; runOf[i] is the
 // run index + 1 of unit i (0 for a plain filter).
-func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runOf []int) {
+func collapseRuns(fs []*engine.Filter) (units []*engine.Filter, runs []idRun, runOf []int) {
 	type m struct {
 		host netip.Addr
 		key  runKey
@@ -112,7 +112,7 @@ func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runO
 	}
 	ms := make([]m, len(fs))
 	for i := range fs {
-		h, k, ok := runMember(&fs[i])
+		h, k, ok := runMember(fs[i])
 		ms[i] = m{h, k, ok}
 	}
 	for i := 0; i < len(fs); {
@@ -149,7 +149,7 @@ func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runO
 		for k, h := range hs {
 			run.hosts[k], run.ids[k] = h.host, h.id
 		}
-		u := fs[i]
+		u := *fs[i] // a new filter: the engine's is not modified
 		u.Conditions = make([]engine.Condition, 0, len(fs[i].Conditions))
 		for _, c := range fs[i].Conditions {
 			if c.Field == engine.FieldIPRemoteAddress {
@@ -157,7 +157,7 @@ func collapseRuns(fs []engine.Filter) (units []engine.Filter, runs []idRun, runO
 			}
 			u.Conditions = append(u.Conditions, c)
 		}
-		units = append(units, u)
+		units = append(units, &u)
 		runs = append(runs, run)
 		runOf = append(runOf, len(runs))
 		i = j

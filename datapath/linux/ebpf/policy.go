@@ -299,8 +299,10 @@ func (p *Policy) Filters() int {
 // datapath never ignores a filter silently.
 func Compile(view engine.View) (*Policy, error) {
 	p := &Policy{apps: map[string]appResolution{}}
-	var byLayer [numSlots][]engine.Filter
-	for _, f := range view.Filters(engine.FilterTemplate{}) {
+	// The engine's own filters, not copies: a million copies cost as much
+	// as the compile (none is modified here).
+	var byLayer [numSlots][]*engine.Filter
+	for f := range view.SharedFilters(engine.FilterTemplate{}) {
 		if f.Flags&engine.FilterDisabled != 0 {
 			continue
 		}
@@ -309,7 +311,7 @@ func Compile(view engine.View) (*Policy, error) {
 			continue // classified in user space from flow events (flowevents.go)
 		}
 		if !ok {
-			return nil, engine.FilterError(&f, fmt.Errorf("%w: on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.Layer))
+			return nil, engine.FilterError(f, fmt.Errorf("%w: on layer %s: the kernel datapath does not hook this layer", ErrNotSupported, f.Layer))
 		}
 		byLayer[slot] = append(byLayer[slot], f)
 		if k := f.Layer.Kind(); k == engine.KindAuthRecvAccept || k == engine.KindAuthListen {
@@ -329,7 +331,7 @@ func Compile(view engine.View) (*Policy, error) {
 	return p, nil
 }
 
-func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPolicy, error) {
+func (p *Policy) compileLayer(view engine.View, given []*engine.Filter) (*layerPolicy, error) {
 	layer := given[0].Layer
 	fs, runs, runOf := collapseRuns(given)
 	n := len(fs)
@@ -337,8 +339,9 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 		return nil, fmt.Errorf("%w: %d filters on layer %s (%d after collapsing runs of host filters), the kernel datapath holds %d per layer", ErrCapacity, len(given), layer, n, MaxFilters)
 	}
 	lp := &layerPolicy{layer: layer, filters: make([]fwpFilterMeta, n), ids: make([]engine.FilterID, n), runs: runs, members: len(given)}
-	for _, f := range given {
-		lp.live = append(lp.live, uint64(f.ID))
+	lp.live = make([]uint64, len(given))
+	for i, f := range given {
+		lp.live[i] = uint64(f.ID)
 	}
 	// groups[f][rank] is the filter's conditions on kernel field f.
 	var groups [numFields - 1][][]engine.Condition
@@ -349,7 +352,7 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 	// into the protocol field (compileProto).
 	flagGroups := make([][]engine.Condition, n)
 	for rank, f := range fs {
-		m, err := p.filterMeta(view, &f)
+		m, err := p.filterMeta(view, f)
 		if err != nil {
 			return nil, err
 		}
@@ -373,7 +376,7 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 			}
 			kf, ok := kernelField[c.Field]
 			if !ok {
-				return nil, engine.FilterError(&f, fmt.Errorf("%w: condition on %s: the kernel cannot match this field", ErrNotSupported, c.Field))
+				return nil, engine.FilterError(f, fmt.Errorf("%w: condition on %s: the kernel cannot match this field", ErrNotSupported, c.Field))
 			}
 			if l := c.Value.List(); l != nil && kf != fieldRAddr && kf != fieldLAddr {
 				// An integer list is few values (ports, ids): its
@@ -455,7 +458,7 @@ func (p *Policy) compileLayer(view engine.View, given []engine.Filter) (*layerPo
 			err = lp.compileIDs(f, g, wild)
 		}
 		if re, ok := err.(rankError); ok {
-			return nil, engine.FilterError(&fs[re.rank], fmt.Errorf("layer %s: %w", layer, re.err))
+			return nil, engine.FilterError(fs[re.rank], fmt.Errorf("layer %s: %w", layer, re.err))
 		} else if err != nil {
 			return nil, fmt.Errorf("layer %s: %w", layer, err)
 		}

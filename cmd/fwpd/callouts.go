@@ -121,6 +121,25 @@ func (c *calloutPath) enableUDP() error {
 	return nil
 }
 
+// enableInbound lets the running callout path hold inbound SYNs to the
+// cgroup's listeners for Go callouts at AUTH_RECV_ACCEPT (package
+// nfqueue, inbound.go).
+func (c *calloutPath) enableInbound(cgroup string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	if c.path.InboundEnabled() {
+		return nil
+	}
+	if err := c.path.EnableInbound(cgroup); err != nil {
+		return fmt.Errorf("kernel callout path: inbound requests: %w", err)
+	}
+	c.log.Info("kernel callout path: inbound connection requests held for Go callouts", "cgroup", cgroup)
+	return nil
+}
+
 func (c *calloutPath) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -136,6 +136,15 @@ type Path struct {
 	// udpHeld: the pended UDP flows by socket cookie, with the datagrams
 	// the program sent after the first (udp.go).
 	udpHeld sync.Map
+
+	// Inbound SYNs (inbound.go): the served namespace's cookie, the
+	// listeners' owners, whether the input chain is installed, and the
+	// SYNs held (a retransmission of one is dropped).
+	netnsCookie uint64
+	inMu        sync.Mutex
+	listeners   Listeners
+	inbound     atomic.Bool
+	inHeld      sync.Map
 }
 
 type doneFlow struct {
@@ -195,6 +204,7 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	// The hooks hand flows over only in the namespace served here.
 	cookie, err := unix.GetsockoptUint64(p.queues[0].fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if err == nil {
+		p.netnsCookie = cookie
 		err = flows.SetCalloutNamespace(cookie)
 	}
 	if err != nil {
@@ -387,11 +397,21 @@ type flow struct {
 	// out if AUTH_CONNECT permits the proxy's address), by filter.
 	redirect       *engine.Redirect
 	redirectFilter engine.FilterID
+	// inbound: an inbound SYN at AUTH_RECV_ACCEPT (inbound.go), with its
+	// listener's owner and application id.
+	inbound  bool
+	listener ebpf.Listener
+	app      string
+	data     any // the callouts' layer data: an inbound SYN's *InboundRequest
 }
 
 func (p *Path) handle(q *queue, pk *packet) {
 	start := time.Now()
 	p.queued.Add(1)
+	if pk.hook == hookInput {
+		p.handleInbound(q, pk, start) // an inbound SYN (inbound.go)
+		return
+	}
 	local, remote, proto, ok := parseFlow(pk.payload)
 	if !ok {
 		p.failByMark(q, pk)
@@ -464,7 +484,7 @@ func (p *Path) hold(fl *flow, pend *engine.Pend) bool {
 		if pend != nil {
 			pend.Cancel()
 		}
-		p.answer(fl, p.failResult(fl))
+		p.answerFail(fl)
 		return false
 	}
 	p.held.Add(1)
@@ -481,8 +501,12 @@ func (p *Path) hold(fl *flow, pend *engine.Pend) bool {
 func (p *Path) run(fl *flow) (engine.Result, bool) {
 	var res engine.Result
 	for fl.stage < fl.nlayers {
-		fl.values()
-		res = p.eng.ClassifyLayerData(fl.layers[fl.stage], &fl.vs, &fl.meta, nil)
+		if fl.inbound {
+			fl.inboundValues()
+		} else {
+			fl.values()
+		}
+		res = p.eng.ClassifyLayerData(fl.layers[fl.stage], &fl.vs, &fl.meta, fl.data)
 		if res.Pend != nil {
 			return res, true
 		}
@@ -534,8 +558,8 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 		r, err := p.eng.FinishPended(ctx, res, &fl.vs, &fl.meta)
 		if err != nil {
 			if p.ctx.Err() != nil {
-				r = p.failResult(fl) // closing: the callouts go away with the path
-				fl.redirect = nil
+				p.answerFail(fl) // closing: the callouts go away with the path
+				return
 			}
 			p.answer(fl, r)
 			return
@@ -561,10 +585,26 @@ func (p *Path) failResult(fl *flow) engine.Result {
 	return r
 }
 
+// answerFail answers a held flow by its filter's
+// PERMIT_IF_CALLOUT_UNREGISTERED flag (an inbound SYN: without a verdict
+// bit, so that the ingress hook applies it).
+func (p *Path) answerFail(fl *flow) {
+	if fl.inbound {
+		p.answerInbound(fl, false, true)
+		return
+	}
+	fl.redirect = nil
+	p.answer(fl, p.failResult(fl))
+}
+
 // answer gives the held packet its verdict: it goes through the chain
 // again with the permit mark (saved in the connection's mark: later
 // packets pass at once) or the block mark (a TCP reset to the program).
 func (p *Path) answer(fl *flow, res engine.Result) {
+	if fl.inbound {
+		p.answerInbound(fl, res.Permitted(), false)
+		return
+	}
 	permit := res.Permitted()
 	redirect := permit && fl.redirect != nil
 	if redirect {

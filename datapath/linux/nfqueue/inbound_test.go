@@ -6,7 +6,9 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -543,5 +545,162 @@ func TestInboundListenerRecords(t *testing.T) {
 			t.Fatalf("after the listeners closed: %d/%d records, want %d/%d", a2, c2, a0, c0)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// inDiffCallout decides by local port: permit, block or continue.
+func inDiffCallout(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
+	switch req.Values.Uint(engine.FieldIPLocalPort) % 3 {
+	case 0:
+		out.Action = engine.ActionPermit
+	case 1:
+		out.Action = engine.ActionBlock
+	}
+}
+
+// randomInboundPolicy: randomCalloutPolicy at AUTH_RECV_ACCEPT_V4 with
+// local-port conditions.
+func randomInboundPolicy(r *rand.Rand, tx *engine.Txn) error {
+	p, err := tx.AddProvider(engine.Provider{Key: "diff"})
+	if err != nil {
+		return err
+	}
+	var subs []engine.SublayerID
+	for i := range 3 {
+		sl, err := tx.AddSublayer(engine.Sublayer{Key: fmt.Sprint("diff", i), Provider: p, Weight: uint16(10 * (i + 1))})
+		if err != nil {
+			return err
+		}
+		subs = append(subs, sl)
+	}
+	var cos []engine.CalloutID
+	for _, key := range []string{"diff.registered", "diff.missing"} {
+		co, err := tx.AddCallout(engine.Callout{Key: key, Provider: p, Layer: engine.LayerALEAuthRecvAcceptV4})
+		if err != nil {
+			return err
+		}
+		cos = append(cos, co)
+	}
+	tcp := engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)}
+	for range 4 + r.IntN(10) {
+		f := engine.Filter{Layer: engine.LayerALEAuthRecvAcceptV4, Sublayer: subs[r.IntN(3)], Provider: p, Weight: engine.WeightExact(r.Uint64N(1000))}
+		lo := uint16(diffFirst + r.IntN(diffLast-diffFirst+1))
+		if r.IntN(2) == 0 {
+			f.Conditions = append(f.Conditions, engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(lo)})
+		} else {
+			hi := min(lo+uint16(r.IntN(8)), diffLast)
+			f.Conditions = append(f.Conditions, engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchRange, Value: engine.Range(engine.Uint16(lo), engine.Uint16(hi))})
+		}
+		if r.IntN(4) == 0 {
+			f.Flags |= engine.FilterClearActionRight
+		}
+		switch r.IntN(5) {
+		case 0:
+			f.Action = engine.Action{Type: engine.ActionPermit}
+		case 1:
+			f.Action = engine.Action{Type: engine.ActionBlock}
+		default:
+			f.Conditions = append(f.Conditions, tcp)
+			types := []engine.ActionType{engine.ActionCalloutTerminating, engine.ActionCalloutUnknown, engine.ActionCalloutInspection}
+			f.Action = engine.Action{Type: types[r.IntN(3)], Callout: cos[r.IntN(2)]}
+			if f.Action.Type != engine.ActionCalloutInspection && r.IntN(2) == 0 {
+				f.Flags |= engine.FilterPermitIfCalloutUnregistered
+			}
+		}
+		if _, err := tx.AddFilter(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// TestInboundCalloutMatchesEngine: random policies mixing kernel-decided
+// filters and Go callouts at AUTH_RECV_ACCEPT; for every port the real
+// inbound connect's outcome (in the kernel alone or through the callout
+// path) is engine.Classify's with the listener's owner.
+func TestInboundCalloutMatchesEngine(t *testing.T) {
+	fx := newInFixture(t, pendTimeout, nil)
+	seed := rand.Uint64()
+	t.Logf("seed %d", seed)
+	r := rand.New(rand.NewPCG(seed, 17))
+	rounds := 5
+	if os.Getenv("FWP_DIFF_ROUNDS") != "" {
+		fmt.Sscan(os.Getenv("FWP_DIFF_ROUNDS"), &rounds)
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", fx.h.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	queued := uint64(0)
+	for round := range rounds {
+		eng := engine.New(engine.Options{PendTimeout: pendTimeout})
+		if err := eng.RegisterCallout("diff.registered", engine.CalloutRegistration{Classify: inDiffCallout}); err != nil {
+			t.Fatal(err)
+		}
+		if err := eng.Update(func(tx *engine.Txn) error { return randomInboundPolicy(r, tx) }); err != nil {
+			t.Fatal(err)
+		}
+		pol, err := ebpf.Compile(eng.View())
+		if err != nil {
+			t.Fatal(err)
+		}
+		queued += fx.path.Stats().Queued
+		fx.path.Close()
+		if fx.path, err = Start(eng, fx.dp, Options{NetNS: int(fx.netns.Fd())}); err != nil {
+			t.Fatal(err)
+		}
+		if err := fx.path.EnableInbound(fx.cg.Path); err != nil {
+			t.Fatal(err)
+		}
+		if err := fx.dp.Apply(pol); err != nil {
+			t.Fatal(err)
+		}
+		var want strings.Builder
+		for port := diffFirst; port <= diffLast; port++ {
+			var vs engine.Values
+			vs.SetTuple(6, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port)), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 40000))
+			vs.Set(engine.FieldALEUserID, engine.Uint32(0))
+			vs.Set(engine.FieldALEGroupID, engine.Uint32(0))
+			vs.Set(engine.FieldCgroupID, engine.Uint64(fx.cg.ID))
+			vs.Set(engine.FieldALEAppID, engine.String(exe))
+			vs.Set(engine.FieldFlags, engine.Uint32(engine.FlagIsLoopback))
+			if eng.Classify(engine.LayerALEAuthRecvAcceptV4, &vs, &engine.Metadata{}).Permitted() {
+				want.WriteByte('o')
+			} else {
+				want.WriteByte('x')
+			}
+		}
+		got := make([]byte, diffLast-diffFirst+1)
+		var wg sync.WaitGroup
+		for i := range got {
+			wg.Go(func() {
+				var c net.Conn
+				var err error
+				if nerr := inNetns(fx.netns, func() { c, err = net.DialTimeout("tcp4", "127.0.0.1:"+strconv.Itoa(diffFirst+i), 800*time.Millisecond) }); nerr != nil {
+					err = nerr
+				}
+				switch {
+				case err == nil:
+					c.Close()
+					got[i] = 'o'
+				case isTimeout(err):
+					got[i] = 'x'
+				default:
+					got[i] = '?'
+				}
+			})
+		}
+		wg.Wait()
+		if string(got) != want.String() {
+			var fs strings.Builder
+			for _, f := range eng.View().Filters(engine.FilterTemplate{}) {
+				fmt.Fprintf(&fs, "\n  %s sublayer %s weight %v flags %v %v %v", f.ID, f.Sublayer, f.Weight, f.Flags, f.Action, f.Conditions)
+			}
+			t.Fatalf("round %d (seed %d): ports %d..%d\nkernel %s\nengine %s\npolicy:%s", round, seed, diffFirst, diffLast, got, want.String(), fs.String())
+		}
+		t.Logf("round %d: %s", round, got)
+	}
+	if queued += fx.path.Stats().Queued; queued == 0 {
+		t.Fatal("no SYN was queued: the callout path was never used")
 	}
 }

@@ -122,7 +122,7 @@ func (p *Path) EnableInbound(cgroups ...string) error {
 	if p.closed() {
 		return ErrPathClosed
 	}
-	p.listeners = lst
+	p.listeners.Store(&lst)
 	if err := installInput(p.opts.NetNS, p.opts.Marks, p.opts.QueueBase, uint16(p.opts.Queues), ms); err != nil {
 		return err
 	}
@@ -191,8 +191,8 @@ func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch) err
 // handleInbound decides an inbound SYN the input chain queued.
 func (p *Path) handleInbound(q *queue, pk *packet, start time.Time) {
 	remote, local, proto, ok := parseFlow(pk.payload)
-	lst := p.listeners
-	if !ok || proto != unix.IPPROTO_TCP || lst == nil {
+	lp := p.listeners.Load()
+	if !ok || proto != unix.IPPROTO_TCP || lp == nil {
 		p.inFlag(q, pk.id, pk.mark)
 		return
 	}
@@ -206,7 +206,7 @@ func (p *Path) handleInbound(q *queue, pk *packet, start time.Time) {
 		}
 		return
 	}
-	l, err := lst.Listener(p.netnsCookie, local)
+	l, err := (*lp).Listener(p.netnsCookie, local)
 	if err != nil {
 		// No owner recorded (a listener older than the hooks, an
 		// evicted record): the kernel applies the filter's flag.

@@ -150,6 +150,11 @@ func inPolicy(tx *engine.Txn) error {
 			return err
 		}
 	}
+	// A plain permit: the kernel decides (the benchmark's kernel arm).
+	if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthRecvAcceptV4, Sublayer: sl, Provider: p,
+		Conditions: []engine.Condition{tcp, local(portKernelPermit)}, Action: engine.Action{Type: engine.ActionPermit}}); err != nil {
+		return err
+	}
 	for _, port := range []int{portPermit, portBlock} {
 		if _, err := tx.AddFilter(engine.Filter{Layer: engine.LayerALEAuthRecvAcceptV6, Sublayer: sl, Provider: p,
 			Conditions: []engine.Condition{tcp, local(port)}, Action: engine.Action{Type: engine.ActionCalloutTerminating, Callout: co6}}); err != nil {

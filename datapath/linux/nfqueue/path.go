@@ -142,7 +142,7 @@ type Path struct {
 	// SYNs held (a retransmission of one is dropped).
 	netnsCookie uint64
 	inMu        sync.Mutex
-	listeners   Listeners
+	listeners   atomic.Pointer[Listeners]
 	inbound     atomic.Bool
 	inHeld      sync.Map
 }

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -309,9 +310,44 @@ func (p *Path) fillInboundMeta(fl *flow) {
 	m.Direction = engine.DirectionInbound
 	m.TransportEndpointHandle = l.Cookie
 	m.CgroupID = l.CgroupID
-	fl.app = ebpf.ListenerApp(nil, *l)
+	fl.app = p.inApps.app(l)
 	if fl.app != "" && !strings.HasPrefix(fl.app, "[") {
 		m.Present |= engine.MetaProcessPath
 		m.ProcessPath = fl.app
 	}
+}
+
+// listenerApps caches each listener owner's application id (a stat and a
+// readlink of /proc/PID/exe per SYN otherwise), by listener cookie, owner
+// pid and executable, bounded.
+type listenerApps struct {
+	mu sync.Mutex
+	m  map[listenerAppKey]string
+}
+
+type listenerAppKey struct {
+	cookie uint64
+	pid    uint32
+	app    ebpf.AppIdentity
+}
+
+func (la *listenerApps) app(l *ebpf.Listener) string {
+	k := listenerAppKey{l.Cookie, l.PID, l.App}
+	la.mu.Lock()
+	app, ok := la.m[k]
+	la.mu.Unlock()
+	if ok {
+		return app
+	}
+	app = ebpf.ListenerApp(nil, *l)
+	if strings.HasPrefix(app, "[") {
+		return app // not resolved (the process is gone): not kept
+	}
+	la.mu.Lock()
+	if la.m == nil || len(la.m) >= 4096 {
+		la.m = map[listenerAppKey]string{}
+	}
+	la.m[k] = app
+	la.mu.Unlock()
+	return app
 }

@@ -145,6 +145,7 @@ type Path struct {
 	listeners   atomic.Pointer[Listeners]
 	inbound     atomic.Bool
 	inHeld      sync.Map
+	inApps      listenerApps
 }
 
 type doneFlow struct {

@@ -263,7 +263,7 @@ func (k *kernel) beforeCommit(v engine.View) error {
 	// A Go callout filter at AUTH_RECV_ACCEPT: inbound SYNs to the hooked
 	// cgroup's listeners are queued (the input chain) only then.
 	if p.InboundCallouts() {
-		if err := k.co.enableInbound(k.cgroup); err != nil {
+		if err := k.co.enableInbound(k.cgroup, p); err != nil {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}

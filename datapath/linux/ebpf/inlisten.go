@@ -6,8 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/cilium/ebpf"
+
+	"fwp/engine"
 )
 
 // Go callouts at ALE_AUTH_RECV_ACCEPT (bpf/inbound.h): an inbound SYN to a
@@ -41,6 +44,43 @@ type Listener struct {
 // AUTH_RECV_ACCEPT: the callout path must queue inbound SYNs to the
 // hooked cgroups' listeners (nfqueue's input chain).
 func (p *Policy) InboundCallouts() bool { return p.inboundCallouts }
+
+// PortRange is an inclusive range of ports.
+type PortRange struct{ Lo, Hi uint16 }
+
+// InboundCalloutPorts returns the local ports the Go callout filters at
+// AUTH_RECV_ACCEPT can match (all: any port): an inbound SYN to another
+// port never reaches such a filter in the kernel's walk, so the callout
+// path need not queue it.
+func (p *Policy) InboundCalloutPorts() (ports []PortRange, all bool) {
+	return slices.Clone(p.inPorts), p.inPortsAll
+}
+
+// noteInboundPorts adds the local ports an inbound callout filter's
+// conditions let match: its local-port conditions (ORed); none, or one
+// of another kind, is any port.
+func (p *Policy) noteInboundPorts(cs []engine.Condition) {
+	var rs []PortRange
+	for _, c := range cs {
+		if c.Field != engine.FieldIPLocalPort {
+			continue
+		}
+		switch c.Match {
+		case engine.MatchEqual:
+			rs = append(rs, PortRange{uint16(c.Value.Uint()), uint16(c.Value.Uint())})
+		case engine.MatchRange:
+			rs = append(rs, PortRange{uint16(c.Value.Low().Uint()), uint16(c.Value.High().Uint())})
+		default:
+			p.inPortsAll = true
+			return
+		}
+	}
+	if len(rs) == 0 {
+		p.inPortsAll = true
+		return
+	}
+	p.inPorts = append(p.inPorts, rs...)
+}
 
 func listenKey(netns uint64, a netip.Addr, port uint16, v6 bool) fwpInListenKey {
 	k := fwpInListenKey{Netns: netns, Lport: port}

@@ -275,6 +275,10 @@ type Policy struct {
 	// callout path queues inbound SYNs to the hooked cgroups' listeners
 	// (inlisten.go).
 	inboundCallouts bool
+	// inPorts: the local ports the inbound callout filters can match
+	// (inPortsAll: any).
+	inPorts    []PortRange
+	inPortsAll bool
 }
 
 // Callouts reports whether some filter of the policy is decided by a Go
@@ -491,6 +495,7 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 			}
 			if f.Layer.Kind() == engine.KindAuthRecvAccept {
 				p.inboundCallouts = true // inlisten.go
+				p.noteInboundPorts(f.Conditions)
 			} else {
 				p.udpCallouts = p.udpCallouts || protoOnly(f.Conditions, 17)
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -104,8 +105,12 @@ func cgroupOf(path string) (cgroupMatch, error) {
 // EnableInbound installs the input chain for the cgroups (paths on the
 // cgroup v2 hierarchy: the datapath's hooked ones), replacing an earlier
 // one: inbound SYNs to their listeners are held for Go callouts at
-// AUTH_RECV_ACCEPT. The Flows given to Start must implement Listeners.
-func (p *Path) EnableInbound(cgroups ...string) error {
+// AUTH_RECV_ACCEPT. ports narrows the SYNs queued to those local ports
+// (ebpf.Policy.InboundCalloutPorts; nil: every port); the ports of earlier
+// calls stay queued while the path runs, so a policy change never leaves
+// a callout filter's port unqueued between the chain's update and the
+// kernel's. The Flows given to Start must implement Listeners.
+func (p *Path) EnableInbound(ports []ebpf.PortRange, cgroups ...string) error {
 	lst, ok := p.flows.(Listeners)
 	if !ok {
 		return fmt.Errorf("nfqueue: inbound callouts need the listeners' owners (%T has no Listener)", p.flows)
@@ -124,11 +129,40 @@ func (p *Path) EnableInbound(cgroups ...string) error {
 		return ErrPathClosed
 	}
 	p.listeners.Store(&lst)
-	if err := installInput(p.opts.NetNS, p.opts.Marks, p.opts.QueueBase, uint16(p.opts.Queues), ms); err != nil {
+	all := ports == nil || p.inPortsAll
+	if !all {
+		ports = mergePorts(append(slices.Clone(p.inPorts), ports...))
+		if len(ports) > maxPortRules {
+			all = true
+		}
+	}
+	if all {
+		ports = nil
+	}
+	if err := installInput(p.opts.NetNS, p.opts.Marks, p.opts.QueueBase, uint16(p.opts.Queues), ms, ports); err != nil {
 		return err
 	}
+	p.inPorts, p.inPortsAll = ports, all
 	p.inbound.Store(len(ms) > 0)
 	return nil
+}
+
+// maxPortRules bounds the queue rules per cgroup (one per port range);
+// beyond it every port is queued.
+const maxPortRules = 32
+
+// mergePorts sorts port ranges and merges those that overlap or touch.
+func mergePorts(rs []ebpf.PortRange) []ebpf.PortRange {
+	slices.SortFunc(rs, func(a, b ebpf.PortRange) int { return int(a.Lo) - int(b.Lo) })
+	var out []ebpf.PortRange
+	for _, r := range rs {
+		if n := len(out); n > 0 && uint32(r.Lo) <= uint32(out[n-1].Hi)+1 {
+			out[n-1].Hi = max(out[n-1].Hi, r.Hi)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // ErrPathClosed is returned by calls on a closed Path.
@@ -144,26 +178,44 @@ func (p *Path) closed() bool {
 func (p *Path) InboundEnabled() bool { return p.inbound.Load() }
 
 // inputRules: every SYN loses the verdict bits (only a queue verdict sets
-// them); a SYN to a socket of a hooked cgroup goes to the queues (bypassed
-// when no one reads: ingress then applies the filter's flag).
-func inputRules(m Marks, base, total uint16, cgs []cgroupMatch) [][]expr.Any {
+// them); a SYN to one of the ports (nil: any) whose socket is in a hooked
+// cgroup goes to the queues (bypassed when no one reads: ingress then
+// applies the filter's flag). The port test comes first: the socket
+// lookup costs more.
+func inputRules(m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.PortRange) [][]expr.Any {
 	clear := append(synOnly(),
 		pktMark(),
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(^(m.Permit | m.Block)), Xor: le32(0)},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 	rs := [][]expr.Any{clear}
+	portMatch := [][]expr.Any{nil}
+	if ports != nil {
+		portMatch = portMatch[:0]
+		for _, pr := range ports {
+			dport := &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2}
+			if pr.Lo == pr.Hi {
+				portMatch = append(portMatch, []expr.Any{dport, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(pr.Lo)}})
+			} else {
+				portMatch = append(portMatch, []expr.Any{dport, &expr.Range{Op: expr.CmpOpEq, Register: 1,
+					FromData: binaryutil.BigEndian.PutUint16(pr.Lo), ToData: binaryutil.BigEndian.PutUint16(pr.Hi)}})
+			}
+		}
+	}
 	for _, cg := range cgs {
-		r := append(synOnly(),
-			&expr.Socket{Key: expr.SocketKeyCgroupv2, Level: cg.level, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint64(cg.id)},
-			nfqueueTarget(base, total, true))
-		rs = append(rs, r)
+		for _, pm := range portMatch {
+			r := append(synOnly(), pm...)
+			r = append(r,
+				&expr.Socket{Key: expr.SocketKeyCgroupv2, Level: cg.level, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint64(cg.id)},
+				nfqueueTarget(base, total, true))
+			rs = append(rs, r)
+		}
 	}
 	return rs
 }
 
 // installInput replaces the input chain of fwp's tables.
-func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch) error {
+func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.PortRange) error {
 	c, err := conn(netns)
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
@@ -179,7 +231,7 @@ func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch) err
 		}
 		ch := c.AddChain(&nftables.Chain{Name: inputChain, Table: t, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityMangle})
-		for _, r := range inputRules(m, base, total, cgs) {
+		for _, r := range inputRules(m, base, total, cgs, ports) {
 			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r})
 		}
 	}

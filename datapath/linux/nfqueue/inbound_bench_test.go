@@ -14,8 +14,8 @@ import (
 // the hooked cgroup to a server in it (medians of rounds of 200, arms
 // alternated in each round):
 //
-//	kernel         a plain permit filter at AUTH_RECV_ACCEPT decides in the ingress hook; no input chain queues the SYN
-//	kernel-queued  the same with the callout path's input chain: the SYN is queued (every SYN to the hooked cgroup's listeners is), the engine agrees, the hook decides
+//	kernel         a plain permit filter at AUTH_RECV_ACCEPT decides in the ingress hook; the input chain does not queue its port (no callout filter can match it)
+//	kernel-queued  the same with the input chain queueing every port: the SYN goes through the queue, the engine agrees, the hook decides
 //	callout        a Go callout embedded in this process permits at once (the SYN goes through the queue)
 //
 // It reports each arm's median in µs and callout-kernel in µs. Run:
@@ -47,16 +47,20 @@ func BenchmarkInboundFlowLatency(b *testing.B) {
 		slices.Sort(ds)
 		return ds[n/2]
 	}
+	cg, err := cgroupOf(fx.cg.Path)
+	if err != nil {
+		b.Fatal(err)
+	}
 	var kernel, queued, callout []time.Duration
 	st0 := fx.path.Stats()
 	for b.Loop() {
 		callout = append(callout, lat(portPermit))
-		queued = append(queued, lat(portKernelPermit))
-		if err := fx.path.EnableInbound(); err != nil { // the chain without its queue rule
-			b.Fatal(err)
-		}
 		kernel = append(kernel, lat(portKernelPermit))
-		if err := fx.path.EnableInbound(fx.cg.Path); err != nil {
+		if err := installInput(int(fx.netns.Fd()), fx.path.opts.Marks, fx.path.opts.QueueBase, uint16(fx.path.opts.Queues), []cgroupMatch{cg}, nil); err != nil {
+			b.Fatal(err) // every port
+		}
+		queued = append(queued, lat(portKernelPermit))
+		if err := installInput(int(fx.netns.Fd()), fx.path.opts.Marks, fx.path.opts.QueueBase, uint16(fx.path.opts.Queues), []cgroupMatch{cg}, fx.path.inPorts); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -146,6 +146,8 @@ type Path struct {
 	inbound     atomic.Bool
 	inHeld      sync.Map
 	inApps      listenerApps
+	inPorts     []ebpf.PortRange // the ports queued (inMu)
+	inPortsAll  bool
 }
 
 type doneFlow struct {

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -461,13 +462,14 @@ func TestInboundSoak(t *testing.T) {
 	dialAll := func(n int) (ok, failed int, first error) {
 		var mu sync.Mutex
 		var next atomic.Int64
+		var stop atomic.Bool
 		var wg sync.WaitGroup
 		for range workers {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
 				err := inNetns(fx.netns, func() {
-					for next.Add(1) <= int64(n) {
+					for next.Add(1) <= int64(n) && !stop.Load() {
 						c, err := net.DialTimeout("tcp4", "127.0.0.1:"+strconv.Itoa(diffFirst), 5*time.Second)
 						if err == nil {
 							c.(*net.TCPConn).SetLinger(0)
@@ -478,6 +480,7 @@ func TestInboundSoak(t *testing.T) {
 							ok++
 						} else {
 							failed++
+							stop.Store(true) // one is enough
 							if first == nil {
 								first = err
 							}
@@ -730,5 +733,41 @@ func TestInboundCalloutMatchesEngine(t *testing.T) {
 	}
 	if queued += fx.path.Stats().Queued; queued == 0 {
 		t.Fatal("no SYN was queued: the callout path was never used")
+	}
+}
+
+// TestInboundForgedMark: a SYN that arrives carrying the permit bit (a
+// local root process's SO_MARK, or an outbound verdict's mark looped back)
+// gets no pass from it: the input chain clears the bit before queueing,
+// so with the tables in place and no one reading (fwpd killed: the queue
+// rule bypasses) a fail-closed callout filter still drops it, and a
+// fail-open one passes.
+func TestInboundForgedMark(t *testing.T) {
+	fx := newInFixture(t, pendTimeout, nil)
+	fx.path.closeQueues() // the tables stay; no reader
+	forged := func(port int) error {
+		d := net.Dialer{Timeout: 1500 * time.Millisecond, Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, ebpf.MarkPermit) }); err != nil {
+				return err
+			}
+			return serr
+		}}
+		var err error
+		if nerr := inNetns(fx.netns, func() {
+			var c net.Conn
+			if c, err = d.Dial("tcp4", "127.0.0.1:"+strconv.Itoa(port)); err == nil {
+				c.Close()
+			}
+		}); nerr != nil {
+			t.Fatal(nerr)
+		}
+		return err
+	}
+	if err := forged(portFailClosed); !isTimeout(err) {
+		t.Fatalf("a SYN with a forged permit bit to a fail-closed callout filter, no reader: %v, want a connect timeout", err)
+	}
+	if err := forged(portFailOpen); err != nil {
+		t.Fatalf("fail-open callout filter, no reader: %v, want connected", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -63,9 +64,18 @@ func TestE2EKernelInboundCallout(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	var seenUID atomic.Int64
+	seenUID.Store(-1)
 	rc, err := client.RegisterCallout(ctx, "in-decide", engine.CalloutRegistration{Classify: func(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
 		out.Action = engine.ActionBlock
-		if req.Values.Uint(engine.FieldIPLocalPort) == 7070 && req.Meta.Direction == engine.DirectionInbound {
+		switch req.Values.Uint(engine.FieldIPLocalPort) {
+		case 7070:
+			if req.Meta.Direction == engine.DirectionInbound {
+				out.Action = engine.ActionPermit
+			}
+		case 7072:
+			// The listener's owner: an unprivileged user's server.
+			seenUID.Store(int64(req.Values.Uint(engine.FieldALEUserID)))
 			out.Action = engine.ActionPermit
 		}
 	}}, client.CalloutOptions{Socket: d.sock})
@@ -73,7 +83,11 @@ func TestE2EKernelInboundCallout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rc.Close()
-	if errs, code := d.apply(t, inboundCalloutPolicy); code != 0 {
+	u := testutil.NewUser(t)
+	policy := inboundCalloutPolicy + fmt.Sprintf(`  - {key: in-7072, layer: ALE_AUTH_RECV_ACCEPT_V4, action: callout_terminating, callout: in-decide,
+     conditions: [{field: ip_local_port, value: 7072}, {field: ip_protocol, value: 6}, {field: ale_user_id, value: %d}]}
+`, u.UID)
+	if errs, code := d.apply(t, policy); code != 0 {
 		t.Fatalf("fwpctl apply: %s", errs)
 	}
 	// The servers listen after the policy: the hooks record their owner.
@@ -84,6 +98,17 @@ func TestE2EKernelInboundCallout(t *testing.T) {
 	req, _ := json.Marshal(map[string]any{"argv": []string{exe, "7071", "7070"}, "env": testutil.HelperEnv("inhttp"), "ready": "127.0.0.1:7070"})
 	if out := strings.TrimSpace(string(s.call("spawn " + string(req)))); out == "" {
 		t.Fatal("spawn failed")
+	}
+	// A server of an unprivileged user (socat): the callout sees that
+	// user as the listener's owner.
+	requireTool(t, "socat")
+	argv := u.Command("socat", "TCP4-LISTEN:7072,bind=127.0.0.1,reuseaddr,fork", "SYSTEM:echo in 7072").Args
+	req, _ = json.Marshal(map[string]any{"argv": argv, "ready": "127.0.0.1:7072"})
+	if out := strings.TrimSpace(string(s.call("spawn " + string(req)))); out == "" {
+		t.Fatal("spawn as the user failed")
+	}
+	if got := seenUID.Load(); got != int64(u.UID) {
+		t.Fatalf("the callout saw the listener's owner as uid %d, want the unprivileged user's %d", got, u.UID)
 	}
 	short := func(url string) []string { return []string{"curl", "-sS", "--max-time", "1", url} }
 	if r := s.run(short("http://127.0.0.1:7070/")...); r.Code != 0 || !strings.Contains(r.Out, "in 7070") {

@@ -771,3 +771,72 @@ func TestInboundForgedMark(t *testing.T) {
 		t.Fatalf("fail-open callout filter, no reader: %v, want connected", err)
 	}
 }
+
+// TestInboundPendDelaysNoOther: an inbound SYN held by a pending callout
+// holds up no other: 100 inbound connects the callout permits at once all
+// finish while it waits, and it is served after.
+func TestInboundPendDelaysNoOther(t *testing.T) {
+	fx := newInFixture(t, 10*time.Second, nil)
+	done := make(chan error, 1)
+	go func() {
+		line, _, err := fx.get(t, "127.0.0.1:"+strconv.Itoa(portHeld), 10*time.Second)
+		if err == nil && !strings.Contains(line, "200") {
+			err = fmt.Errorf("status %q", line)
+		}
+		done <- err
+	}()
+	complete := <-fx.heldIn
+	start := time.Now()
+	for i := range 100 {
+		var c net.Conn
+		var err error
+		if nerr := inNetns(fx.netns, func() { c, err = net.DialTimeout("tcp4", "127.0.0.1:"+strconv.Itoa(diffFirst), 5*time.Second) }); nerr != nil || err != nil {
+			t.Fatalf("connect %d beside a held one: %v %v", i, nerr, err)
+		}
+		c.Close()
+	}
+	took := time.Since(start)
+	select {
+	case err := <-done:
+		t.Fatalf("the held connect ended (%v) before its pend was completed", err)
+	default:
+	}
+	t.Logf("100 inbound connects decided by the callout in %v while one was held", took)
+	if err := complete(true); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("held then permitted: %v", err)
+	}
+	fx.inClean(t)
+}
+
+// TestInboundPendCompleteDrop: a pended inbound SYN completed without
+// handing the request back (reinject nil, seed 002) is dropped: the
+// client gets no answer.
+func TestInboundPendCompleteDrop(t *testing.T) {
+	fx := newInFixture(t, 10*time.Second, nil)
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := fx.get(t, "127.0.0.1:"+strconv.Itoa(portHeld), 1500*time.Millisecond)
+		done <- err
+	}()
+	var err error
+	for waiting := true; waiting; {
+		select {
+		case complete := <-fx.heldIn: // the SYN, then its retransmission
+			if cerr := complete(false); cerr != nil {
+				t.Fatal(cerr)
+			}
+		case err = <-done:
+			waiting = false
+		}
+	}
+	if !isTimeout(err) {
+		t.Fatalf("completed without the request: %v, want a connect timeout (the SYN dropped)", err)
+	}
+	if st := fx.path.Stats(); st.Blocked < 1 || st.Permitted != 0 {
+		t.Fatalf("stats %+v: want the held SYN blocked, none permitted", st)
+	}
+	fx.inClean(t)
+}

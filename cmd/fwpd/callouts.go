@@ -121,6 +121,31 @@ func (c *calloutPath) enableUDP() error {
 	return nil
 }
 
+// enableInbound lets the running callout path hold inbound SYNs to the
+// cgroup's listeners for Go callouts at AUTH_RECV_ACCEPT (package
+// nfqueue, inbound.go), on the ports the policy's callout filters can
+// match (those of earlier policies stay queued while the path runs).
+func (c *calloutPath) enableInbound(cgroup string, p *ebpf.Policy) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	ports, all := p.InboundCalloutPorts()
+	if all {
+		ports = nil
+	}
+	first := !c.path.InboundEnabled()
+	if err := c.path.EnableInbound(ports, cgroup); err != nil {
+		return fmt.Errorf("kernel callout path: inbound requests: %w", err)
+	}
+	if !first {
+		return nil
+	}
+	c.log.Info("kernel callout path: inbound connection requests held for Go callouts", "cgroup", cgroup)
+	return nil
+}
+
 func (c *calloutPath) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()

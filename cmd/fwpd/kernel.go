@@ -260,6 +260,13 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
+	// A Go callout filter at AUTH_RECV_ACCEPT: inbound SYNs to the hooked
+	// cgroup's listeners are queued (the input chain) only then.
+	if p.InboundCallouts() {
+		if err := k.co.enableInbound(k.cgroup, p); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
+	}
 	// Flow layer filters need the flow events before the policy is in force.
 	if err := k.startFlowLayers(v); err != nil { // reauth.go
 		return fmt.Errorf("kernel datapath refuses the policy: its flow layers: %w", err)

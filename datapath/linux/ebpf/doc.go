@@ -19,7 +19,7 @@
 //	cgroup/sock_release         drops the per-socket state; stamps a closed UDP client's 4-tuple record
 //	cgroup_skb/egress           indexes a redirected UDP socket by the client 4-tuple (a lookup per packet)
 //	cgroup_skb/ingress          ALE_AUTH_RECV_ACCEPT: inbound SYNs to listeners, a UDP flow's first datagram (block: dropped)
-//	sockops (TCP_LISTEN_CB)     records a listener's owner; ALE_AUTH_LISTEN is classified at its first SYN, a blocked one's SYNs dropped
+//	sockops (TCP_LISTEN_CB)     records a listener's owner (also by address, fwp_in_listeners, for Go callouts at AUTH_RECV_ACCEPT: inlisten.go; forgotten at its STATE_CB); ALE_AUTH_LISTEN is classified at its first SYN, a blocked one's SYNs dropped
 //
 // connect, sendmsg and bind classify and are always attached (bind also
 // records the socket's owner for the inbound layers). The others serve

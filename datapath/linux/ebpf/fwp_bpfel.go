@@ -149,6 +149,21 @@ type fwpInFlowKey struct {
 	Pad    [3]uint8
 }
 
+type fwpInListenKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Laddr [16]uint8
+	Lport uint16
+	V6    uint8
+	Pad   [5]uint8
+}
+
+type fwpInListener struct {
+	_      structs.HostLayout
+	Cookie uint64
+	O      fwpSkOwner
+}
+
 type fwpIntKey struct {
 	_   structs.HostLayout
 	Glf uint32
@@ -267,6 +282,8 @@ const (
 	fwpMapFwpIdRuns        = "fwp_id_runs"
 	fwpMapFwpInEpoch       = "fwp_in_epoch"
 	fwpMapFwpInFlows       = "fwp_in_flows"
+	fwpMapFwpInListenIdx   = "fwp_in_listen_idx"
+	fwpMapFwpInListeners   = "fwp_in_listeners"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
 	fwpMapFwpNoteCfg       = "fwp_note_cfg"
@@ -381,6 +398,8 @@ type fwpMapSpecs struct {
 	FwpIdRuns        *ebpf.MapSpec `ebpf:"fwp_id_runs"`
 	FwpInEpoch       *ebpf.MapSpec `ebpf:"fwp_in_epoch"`
 	FwpInFlows       *ebpf.MapSpec `ebpf:"fwp_in_flows"`
+	FwpInListenIdx   *ebpf.MapSpec `ebpf:"fwp_in_listen_idx"`
+	FwpInListeners   *ebpf.MapSpec `ebpf:"fwp_in_listeners"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
 	FwpNoteCfg       *ebpf.MapSpec `ebpf:"fwp_note_cfg"`
@@ -441,6 +460,8 @@ type fwpMaps struct {
 	FwpIdRuns        *ebpf.Map `ebpf:"fwp_id_runs"`
 	FwpInEpoch       *ebpf.Map `ebpf:"fwp_in_epoch"`
 	FwpInFlows       *ebpf.Map `ebpf:"fwp_in_flows"`
+	FwpInListenIdx   *ebpf.Map `ebpf:"fwp_in_listen_idx"`
+	FwpInListeners   *ebpf.Map `ebpf:"fwp_in_listeners"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
 	FwpNoteCfg       *ebpf.Map `ebpf:"fwp_note_cfg"`
@@ -477,6 +498,8 @@ func (m *fwpMaps) Close() error {
 		m.FwpIdRuns,
 		m.FwpInEpoch,
 		m.FwpInFlows,
+		m.FwpInListenIdx,
+		m.FwpInListeners,
 		m.FwpInts,
 		m.FwpLayers,
 		m.FwpNoteCfg,

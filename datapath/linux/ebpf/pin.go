@@ -91,6 +91,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_counts": m.FwpCounts, "fwp_hosts": m.FwpHosts, "fwp_host_ids": m.FwpHostIds, "fwp_host_runs": m.FwpHostRuns,
 		"fwp_id_runs":  m.FwpIdRuns,
 		"fwp_sk_owner": m.FwpSkOwner, "fwp_in_epoch": m.FwpInEpoch, "fwp_in_flows": m.FwpInFlows, // inbound.go
+		"fwp_in_listeners": m.FwpInListeners, "fwp_in_listen_idx": m.FwpInListenIdx, // inlisten.go
 	}
 }
 
@@ -103,7 +104,9 @@ var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters
 	// The inbound layers' socket owners, epoch and UDP flows: a listener
 	// keeps its owner across a restart (the epoch with them, so a record
 	// is never taken for the new policy's).
-	"fwp_sk_owner", "fwp_in_epoch", "fwp_in_flows"}
+	"fwp_sk_owner", "fwp_in_epoch", "fwp_in_flows",
+	// The listeners' owners by address, for the callout path (inlisten.go).
+	"fwp_in_listeners", "fwp_in_listen_idx"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

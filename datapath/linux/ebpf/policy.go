@@ -271,6 +271,14 @@ type Policy struct {
 	inbound bool
 	// udpCallouts: some such filter matches UDP (calloutudp.go).
 	udpCallouts bool
+	// inboundCallouts: some such filter is at AUTH_RECV_ACCEPT: the
+	// callout path queues inbound SYNs to the hooked cgroups' listeners
+	// (inlisten.go).
+	inboundCallouts bool
+	// inPorts: the local ports the inbound callout filters can match
+	// (inPortsAll: any).
+	inPorts    []PortRange
+	inPortsAll bool
 }
 
 // Callouts reports whether some filter of the policy is decided by a Go
@@ -488,7 +496,12 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 			if err != nil {
 				return m, engine.FilterError(f, err)
 			}
-			p.udpCallouts = p.udpCallouts || protoOnly(f.Conditions, 17)
+			if f.Layer.Kind() == engine.KindAuthRecvAccept {
+				p.inboundCallouts = true // inlisten.go
+				p.noteInboundPorts(f.Conditions)
+			} else {
+				p.udpCallouts = p.udpCallouts || protoOnly(f.Conditions, 17)
+			}
 			return m, nil
 		}
 		if len(p.redirects) >= MaxRedirects {
@@ -531,14 +544,16 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 // layers there is no packet to hold and such filters stay refused.
 func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
 	kind := f.Layer.Kind()
-	if kind != engine.KindConnectRedirect && kind != engine.KindAuthConnect {
-		why := "no packet to hold at the bind and listen layers"
-		if kind == engine.KindAuthRecvAccept {
-			why = "holding an inbound request for a Go callout is not built; permit and block filters are enforced here"
-		}
-		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT and AUTH_CONNECT (%s)", ErrNotSupported, f.Action.Callout, f.Layer, why)
+	if kind != engine.KindConnectRedirect && kind != engine.KindAuthConnect && kind != engine.KindAuthRecvAccept {
+		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT, AUTH_CONNECT and AUTH_RECV_ACCEPT (no packet to hold at the bind and listen layers)", ErrNotSupported, f.Action.Callout, f.Layer)
 	}
-	if !protoOnly(f.Conditions, 6) && !protoOnly(f.Conditions, 17) {
+	if kind == engine.KindAuthRecvAccept {
+		// The inbound SYN is held at netfilter's input hook; the first
+		// datagram of an inbound UDP flow is not held yet.
+		if !protoOnly(f.Conditions, 6) {
+			return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath holds only inbound TCP connection requests (their SYN) for Go callouts there, not UDP datagrams: add the condition %s == 6", ErrNotSupported, f.Action.Callout, f.Layer, engine.FieldIPProtocol)
+		}
+	} else if !protoOnly(f.Conditions, 6) && !protoOnly(f.Conditions, 17) {
 		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows (their SYN) and UDP flows (their first datagram) for Go callouts, one protocol per filter: add the condition %s == 6 or == 17", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)
 	}
 	m.Action = actCallout

@@ -71,6 +71,23 @@
 // +30 µs budget per new flow that a loop writing its verdict where it read
 // the packet meets.
 //
+// # Inbound connection requests (inbound.go)
+//
+// Go callouts at ALE_AUTH_RECV_ACCEPT decide inbound TCP connection
+// requests to listeners of the hooked cgroups. Netfilter's input hook runs
+// before the socket lookup that the ingress hook follows, so the order is
+// reversed: EnableInbound adds the chain "input" (-150), which clears the
+// verdict bits of every SYN and queues the SYNs to the local ports the
+// callout filters can match whose socket (nft's socket cgroupv2, an early
+// lookup) is in a hooked cgroup, over the same queues (the reader tells
+// them apart by the hook). The engine classifies with the listener's owner
+// the hooks recorded at listen() (ebpf.Datapath.Listener); a permit
+// accepts the SYN with the permit bit, which the ingress hook, whose walk
+// stopped at the callout filter, honours; a block drops it; a pend holds
+// it, with *InboundRequest as the callouts' layer data to hand back at
+// completion. A SYN without the bit (no reader, a full queue, no owner
+// record) gets the filter's PERMIT_IF_CALLOUT_UNREGISTERED in the hook.
+//
 // # Tests
 //
 // The tests need root (they skip without it, and fail with CI set). Each

@@ -54,8 +54,8 @@ func FuzzParseTCP(f *testing.F) {
 }
 
 // FuzzParseLogged: any NFLOG attribute bytes (a fallback rule's copy) and
-// any payload are read without a panic (parseFlow for TCP and UDP); a
-// fallback comes back only with a TCP or UDP tuple.
+// any payload are read without a panic (parseFlow for TCP and UDP, and
+// tcpSeq); a fallback comes back only with a TCP or UDP tuple.
 func FuzzParseLogged(f *testing.F) {
 	v4 := make([]byte, 40)
 	v4[0], v4[9] = 0x45, 17
@@ -64,6 +64,7 @@ func FuzzParseLogged(f *testing.F) {
 	f.Add([]byte{0xff, 0xff, 9, 0, 0})
 	m := Marks{QueueOpen: 1, QueueClosed: 2, Permit: 4, Block: 8}
 	f.Fuzz(func(t *testing.T, b []byte) {
+		_ = tcpSeq(b)
 		if _, _, proto, ok := parseFlow(b); ok && proto != 6 && proto != 17 {
 			t.Fatalf("protocol %d from %x", proto, b)
 		}

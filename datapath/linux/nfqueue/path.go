@@ -136,6 +136,18 @@ type Path struct {
 	// udpHeld: the pended UDP flows by socket cookie, with the datagrams
 	// the program sent after the first (udp.go).
 	udpHeld sync.Map
+
+	// Inbound SYNs (inbound.go): the served namespace's cookie, the
+	// listeners' owners, whether the input chain is installed, and the
+	// SYNs held (a retransmission of one is dropped).
+	netnsCookie uint64
+	inMu        sync.Mutex
+	listeners   atomic.Pointer[Listeners]
+	inbound     atomic.Bool
+	inHeld      sync.Map
+	inApps      listenerApps
+	inPorts     []ebpf.PortRange // the ports queued (inMu)
+	inPortsAll  bool
 }
 
 type doneFlow struct {
@@ -195,6 +207,7 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	// The hooks hand flows over only in the namespace served here.
 	cookie, err := unix.GetsockoptUint64(p.queues[0].fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if err == nil {
+		p.netnsCookie = cookie
 		err = flows.SetCalloutNamespace(cookie)
 	}
 	if err != nil {
@@ -376,6 +389,7 @@ type flow struct {
 	q             *queue
 	id, mark      uint32
 	local, remote netip.AddrPort // as the packet carries them
+	seq           uint32         // an inbound SYN's sequence number (its held key)
 	f             ebpf.CalloutFlow
 	layers        [2]engine.LayerID
 	nlayers       int
@@ -386,11 +400,21 @@ type flow struct {
 	// out if AUTH_CONNECT permits the proxy's address), by filter.
 	redirect       *engine.Redirect
 	redirectFilter engine.FilterID
+	// inbound: an inbound SYN at AUTH_RECV_ACCEPT (inbound.go), with its
+	// listener's owner and application id.
+	inbound  bool
+	listener ebpf.Listener
+	app      string
+	data     any // the callouts' layer data: an inbound SYN's *InboundRequest
 }
 
 func (p *Path) handle(q *queue, pk *packet) {
 	start := time.Now()
 	p.queued.Add(1)
+	if pk.hook == hookInput {
+		p.handleInbound(q, pk, start) // an inbound SYN (inbound.go)
+		return
+	}
 	local, remote, proto, ok := parseFlow(pk.payload)
 	if !ok {
 		p.failByMark(q, pk)
@@ -467,7 +491,7 @@ func (p *Path) hold(fl *flow, pend *engine.Pend) bool {
 		if pend != nil {
 			pend.Cancel()
 		}
-		p.answer(fl, p.failResult(fl))
+		p.answerFail(fl)
 		return false
 	}
 	p.held.Add(1)
@@ -484,8 +508,12 @@ func (p *Path) hold(fl *flow, pend *engine.Pend) bool {
 func (p *Path) run(fl *flow) (engine.Result, bool) {
 	var res engine.Result
 	for fl.stage < fl.nlayers {
-		fl.values()
-		res = p.eng.ClassifyLayerData(fl.layers[fl.stage], &fl.vs, &fl.meta, nil)
+		if fl.inbound {
+			fl.inboundValues()
+		} else {
+			fl.values()
+		}
+		res = p.eng.ClassifyLayerData(fl.layers[fl.stage], &fl.vs, &fl.meta, fl.data)
 		if res.Pend != nil {
 			return res, true
 		}
@@ -537,8 +565,8 @@ func (p *Path) wait(fl *flow, res engine.Result) {
 		r, err := p.eng.FinishPended(ctx, res, &fl.vs, &fl.meta)
 		if err != nil {
 			if p.ctx.Err() != nil {
-				r = p.failResult(fl) // closing: the callouts go away with the path
-				fl.redirect = nil
+				p.answerFail(fl) // closing: the callouts go away with the path
+				return
 			}
 			p.answer(fl, r)
 			return
@@ -564,10 +592,26 @@ func (p *Path) failResult(fl *flow) engine.Result {
 	return r
 }
 
+// answerFail answers a held flow by its filter's
+// PERMIT_IF_CALLOUT_UNREGISTERED flag (an inbound SYN: without a verdict
+// bit, so that the ingress hook applies it).
+func (p *Path) answerFail(fl *flow) {
+	if fl.inbound {
+		p.answerInbound(fl, false, true)
+		return
+	}
+	fl.redirect = nil
+	p.answer(fl, p.failResult(fl))
+}
+
 // answer gives the held packet its verdict: it goes through the chain
 // again with the permit mark (saved in the connection's mark: later
 // packets pass at once) or the block mark (a TCP reset to the program).
 func (p *Path) answer(fl *flow, res engine.Result) {
+	if fl.inbound {
+		p.answerInbound(fl, res.Permitted(), false)
+		return
+	}
 	permit := res.Permitted()
 	redirect := permit && fl.redirect != nil
 	var proxy uint32
@@ -752,6 +796,18 @@ func parseFlow(b []byte) (local, remote netip.AddrPort, proto uint8, ok bool) {
 	sp := uint16(l4[0])<<8 | uint16(l4[1])
 	dp := uint16(l4[2])<<8 | uint16(l4[3])
 	return netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), proto, true
+}
+
+// tcpSeq reads a TCP packet's sequence number (0 if it has none).
+func tcpSeq(b []byte) uint32 {
+	off := 40
+	if len(b) > 0 && b[0]>>4 == 4 {
+		off = int(b[0]&0x0f) * 4
+	}
+	if len(b) < off+8 {
+		return 0
+	}
+	return uint32(b[off+4])<<24 | uint32(b[off+5])<<16 | uint32(b[off+6])<<8 | uint32(b[off+7])
 }
 
 // processPaths resolves a process's executable once (per pid and comm: a

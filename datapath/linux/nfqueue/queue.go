@@ -254,6 +254,7 @@ type packet struct {
 	hasMark  bool
 	uid, gid uint32
 	hasUID   bool
+	hook     uint8  // the netfilter hook that queued it (hookInput: an inbound SYN, inbound.go)
 	payload  []byte // valid until the next read
 }
 
@@ -296,6 +297,9 @@ func parsePacket(b []byte, p *packet) bool {
 		case attrPacketHdr:
 			if len(v) >= 4 {
 				p.id, hasID = binary.BigEndian.Uint32(v), true
+			}
+			if len(v) >= 7 { // packet_id, hw_protocol, hook
+				p.hook = v[6]
 			}
 		case attrMark:
 			if len(v) >= 4 {

@@ -60,6 +60,7 @@
 #define FWP_MARK_MASK 0x0f000000
 #define FWP_MARK_QUEUE_OPEN 0x01000000   // fail open: queue bypassed without a reader
 #define FWP_MARK_QUEUE_CLOSED 0x02000000 // fail closed
+#define FWP_MARK_PERMIT 0x04000000       // verdict: permitted (an inbound SYN: bpf/inbound.h)
 #define SOL_SOCKET 1
 #define SO_MARK 36
 
@@ -1605,8 +1606,13 @@ static __always_inline int accepted_sockops(struct bpf_sock_ops *skops)
 	k.client_port = bpf_ntohl(skops->remote_port);
 	k.proxy_port = skops->local_port;
 	struct redirect_state *t = bpf_map_lookup_elem(&fwp_tuple_redirect, &k);
-	if (!t)
+	if (!t) {
+		// A connection accepted from a listener the callout path
+		// records inherits its STATE_CB flag: not needed here.
+		if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
+	}
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
 		t->accepted = 1;
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -1650,6 +1656,8 @@ static __always_inline void callout_index(struct bpf_sock_ops *skops, __u64 cook
 SEC("sockops")
 int fwp_sockops(struct bpf_sock_ops *skops)
 {
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == BPF_TCP_LISTEN)
+		return in_listen_release(skops); // bpf/inbound.h
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_STATE_CB)
 		return accepted_sockops(skops);
 	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB)

@@ -87,6 +87,44 @@ struct {
 	__type(value, __u32);
 } fwp_in_epoch SEC(".maps");
 
+// in_listen_key finds a listener's owner from user space (the callout
+// path's inbound SYNs, queued before any hook knows the socket): the
+// namespace, the listener's bound address as the socket has it (family:
+// v6 for AF_INET6, address zero for a wildcard one) and port.
+struct in_listen_key {
+	__u64 netns;
+	__u8 laddr[16];
+	__u16 lport; // host order
+	__u8 v6;
+	__u8 pad[5];
+};
+
+struct in_listener {
+	__u64 cookie; // the listening socket's: the transport endpoint handle
+	struct sk_owner o;
+};
+
+// fwp_in_listeners: the listeners of the hooked cgroups by address, with
+// the owner the ingress hook classifies with. Bounded (LRU); an entry goes
+// at sock_release. A SYN whose listener has none is answered without a
+// verdict mark: ingress applies the callout filter's flag.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct in_listen_key);
+	__type(value, struct in_listener);
+} fwp_in_listeners SEC(".maps");
+
+// fwp_in_listen_idx: each recorded listener's key by socket cookie, for
+// the listener's close (sockops STATE_CB: cgroup/sock_release was not
+// seen running for listeners here).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct in_listen_key);
+} fwp_in_listen_idx SEC(".maps");
+
 // The kernel types the owner is read from (CO-RE, relocated against the
 // running kernel's BTF); the ___fwpin suffix keeps them apart from fwp.c's.
 struct kernfs_node___fwpin {
@@ -305,6 +343,47 @@ static __always_inline void in_listen_classify(struct sk_owner *o, struct tuple 
 	o->listen_epoch = ep + 1;
 }
 
+// in_listen_note records a new listener's owner by address for the
+// callout path (a global function: its own frame).
+__attribute__((noinline)) int in_listen_note(struct bpf_sock_ops *skops, struct sk_owner *o)
+{
+	if (!skops || !o)
+		return 0;
+	struct in_listen_key k = {.netns = bpf_get_netns_cookie(skops), .lport = skops->local_port};
+	if (skops->family == AF_INET6) {
+		// One 32-bit load each (the context allows no wider one).
+		volatile __u32 a0 = skops->local_ip6[0], a1 = skops->local_ip6[1], a2 = skops->local_ip6[2], a3 = skops->local_ip6[3];
+		__u32 a[4] = {a0, a1, a2, a3};
+		__builtin_memcpy(k.laddr, a, 16);
+		k.v6 = 1;
+	} else {
+		__u32 a = skops->local_ip4;
+		__builtin_memcpy(k.laddr, &a, 4);
+	}
+	struct in_listener l = {.cookie = bpf_get_socket_cookie(skops)};
+	__builtin_memcpy(&l.o, o, sizeof(l.o));
+	if (!bpf_map_update_elem(&fwp_in_listeners, &k, &l, BPF_ANY) &&
+	    !bpf_map_update_elem(&fwp_in_listen_idx, &l.cookie, &k, BPF_ANY))
+		// Told when it stops listening (in_listen_release).
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 0;
+}
+
+// in_listen_release forgets a listener's record when it stops listening
+// (only its own: another socket may hold the address by now).
+static __always_inline int in_listen_release(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct in_listen_key *k = bpf_map_lookup_elem(&fwp_in_listen_idx, &cookie);
+	if (!k)
+		return 1;
+	struct in_listener *l = bpf_map_lookup_elem(&fwp_in_listeners, k);
+	if (l && l->cookie == cookie)
+		bpf_map_delete_elem(&fwp_in_listeners, k);
+	bpf_map_delete_elem(&fwp_in_listen_idx, &cookie);
+	return 1;
+}
+
 // in_listen: sockops at listen(): the listening process is current, so
 // it is recorded as the owner. The listen is classified at its first SYN
 // (fwp_ingress), not here: the walk in sockops would cost the verifier
@@ -319,6 +398,7 @@ static __always_inline int in_listen(struct bpf_sock_ops *skops)
 		return 1;
 	in_owner_fill(o);
 	o->listen_epoch = 0; // not classified yet
+	in_listen_note(skops, o);
 	return 1;
 }
 
@@ -501,6 +581,19 @@ int fwp_ingress(struct __sk_buff *skb)
 	in_app_class(&t, o, gen, rslot);
 	v.nocount = 0;
 	fwp_classify(gen, rslot, &t, &v);
+	if (v.callout) {
+		// A Go callout decides (TCP only): the callout path queued the
+		// SYN at netfilter's input hook, which runs before this one,
+		// and its permit is the verdict's mark (a block dropped the SYN
+		// in the queue). fwp's input chain clears the bit on every SYN
+		// before queueing and a peer cannot set skb->mark, so a SYN
+		// without it was not answered by user space (no reader, a full
+		// queue): the filter's PERMIT_IF_CALLOUT_UNREGISTERED decides.
+		if (proto == IPPROTO_TCP && (skb->mark & FWP_MARK_PERMIT))
+			return 1;
+		v.action = (v.callout_flags & FM_FAIL_OPEN) ? ACT_PERMIT : ACT_BLOCK;
+		v.filter_id = v.callout;
+	}
 	fwp_count(rslot, v.action);
 	if (v.action == ACT_BLOCK) {
 		fwp_emit_in(&t, o, v.filter_id, rslot);

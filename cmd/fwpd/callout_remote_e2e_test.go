@@ -34,7 +34,9 @@ func init() {
 // registers KEY with fwpd (with that answer deadline) and prints "ready";
 // then, per call, mode "ports" permits remote port 9090 and blocks the
 // rest at once, mode "hold" pends the connect and never completes it
-// (printing "pended PORT"), mode "hang" never returns. It runs until
+// (printing "pended PORT"), mode "flow" permits and associates a flow
+// context with each flow (printing "flowdelete" when one is deleted), mode
+// "hang" never returns. It runs until
 // stdin closes or it is killed.
 func rcalloutHelper(args []string) error {
 	if len(args) < 3 {
@@ -73,6 +75,17 @@ func rcalloutHelper(args []string) error {
 			say("pended %d", req.Values.Uint(engine.FieldIPRemotePort))
 			o.Action, o.Flags = engine.ActionBlock, engine.OutAbsorb
 		}
+	case "flow": // permits, associating a flow context; says when one is deleted
+		reg.Classify = func(req *engine.ClassifyRequest, o *engine.ClassifyOut) {
+			o.Action = engine.ActionPermit
+			err := req.Engine().FlowAssociateContext(req.Meta.FlowHandle, req.Layer, req.Filter.Action.Callout, req.Values.Uint(engine.FieldIPLocalPort))
+			if err != nil {
+				say("associate-failed %d %v", req.Meta.FlowHandle, err)
+				return
+			}
+			say("associated %d", req.Meta.FlowHandle)
+		}
+		reg.FlowDelete = func(engine.LayerID, engine.CalloutID, any) { say("flowdelete") }
 	case "hang": // never answers
 		reg.Classify = func(req *engine.ClassifyRequest, o *engine.ClassifyOut) {
 			say("hanging %d", req.Values.Uint(engine.FieldIPRemotePort))
@@ -434,5 +447,61 @@ func TestE2EKernelRemoteCalloutHung(t *testing.T) {
 	// second never reached its Classify, and timed out in fwpd the same.
 	if i := calloutList(t, d)["remote-co"]; i.Timeouts != 2 || !i.Registered {
 		t.Fatalf("listing: %+v, want 2 timeouts", i)
+	}
+}
+
+// TestE2EKernelCalloutFlowContextsEnd: a callout program on the kernel
+// path associates a flow context with each connect it permits (the flow
+// handle is the socket's cookie); with no filter at the flow layers, the
+// contexts still end when the sockets do — flowDeleteFn once each, none
+// left in fwpd. (Before, the flow events ran only for policies with flow
+// layer filters, and these contexts stayed until fwpd exited.)
+func TestE2EKernelCalloutFlowContextsEnd(t *testing.T) {
+	d, s := kernelCalloutScenario(t)
+	if errs, code := d.apply(t, remotePolicy); code != 0 {
+		t.Fatalf("fwpctl apply: %s", errs)
+	}
+	p := startCalloutProg(t, os.Args[0], testutil.HelperEnv("rcallout"), d.sock, "remote-co", "flow")
+	p.expect("ready")
+	const n = 20
+	deletes := 0
+	count := func(ls []string) {
+		for _, l := range ls {
+			if l != "flowdelete" {
+				t.Fatalf("the callout program said %q", l) // associate-failed
+			}
+			deletes++
+		}
+	}
+	for i := range n {
+		if r := s.run(curl("http://127.0.0.1:9090/")...); r.Code != 0 {
+			t.Fatalf("curl %d: %+v", i, r)
+		}
+		count(p.expect("associated"))
+	}
+	for deletes < n {
+		count(p.expect("flowdelete"))
+		deletes++
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cl, err := client.DialClassifier(ctx, d.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		o, err := cl.Outstanding(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o.FlowContexts == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("fwpd holds %+v after the %d flows closed", o, n)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

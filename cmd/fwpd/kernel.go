@@ -267,8 +267,11 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
-	// Flow layer filters need the flow events before the policy is in force.
-	if err := k.startFlowLayers(v); err != nil { // reauth.go
+	// Flow layer filters need the flow events before the policy is in
+	// force; so do Go callouts on the kernel path, whose flow contexts
+	// (FlowAssociateContext with the socket cookie) end when the socket's
+	// closure is reported — without the events they would never end.
+	if err := k.startFlowLayers(v, p.Callouts()); err != nil { // reauth.go
 		return fmt.Errorf("kernel datapath refuses the policy: its flow layers: %w", err)
 	}
 	if err := k.d.Apply(p); err != nil {

@@ -130,10 +130,11 @@ func (c reauthCollector) Collect(ch chan<- prometheus.Metric) {
 
 // startFlowLayers turns the kernel's flow events on and runs the flow
 // layers' filters for them, from the first policy that has filters at
-// ALE_FLOW_ESTABLISHED or ALE_ENDPOINT_CLOSURE until fwpd exits. k.mu is
-// held.
-func (k *kernel) startFlowLayers(v engine.View) error {
-	if k.reauth.flowStarted || !ebpf.HasFlowLayerFilters(v) {
+// ALE_FLOW_ESTABLISHED or ALE_ENDPOINT_CLOSURE, or Go callouts on the
+// kernel path (callouts: their flow contexts end at the flow's closure),
+// until fwpd exits. k.mu is held.
+func (k *kernel) startFlowLayers(v engine.View, callouts bool) error {
+	if k.reauth.flowStarted || !ebpf.HasFlowLayerFilters(v) && !callouts {
 		return nil
 	}
 	if err := k.d.EnableFlowEvents(); err != nil {
@@ -148,7 +149,7 @@ func (k *kernel) startFlowLayers(v engine.View) error {
 			k.log.Error("kernel flow events stopped", "err", err)
 		}
 	}()
-	k.log.Info("flow layers on: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE run for the kernel's TCP flows")
+	k.log.Info("flow layers on: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE run for the kernel's TCP flows, and their flow contexts end with them")
 	return nil
 }
 

@@ -18,10 +18,12 @@ import (
 func init() { testutil.RegisterHelper("sweepconns", sweepConnsHelper) }
 
 const (
-	sweepOrigin     = 19    // redirected to the proxy, which accepts
-	sweepOriginDown = 20    // redirected to a port nothing listens on
-	sweepProxyPort  = 18080 // the helper's proxy
-	sweepDownPort   = 9
+	// Ports no other test of the package uses: the datapath (and so its
+	// maps) is shared with them.
+	sweepOrigin     = 24716 // redirected to the proxy, which accepts
+	sweepOriginDown = 24717 // redirected to a port nothing listens on
+	sweepProxyPort  = 24718 // the helper's proxy
+	sweepDownPort   = 24719
 )
 
 // sweepConnsHelper runs in the test cgroup and namespace. "open N" listens
@@ -76,8 +78,8 @@ func sweepConnsHelper([]string) error {
 	return in.Err()
 }
 
-// tupleRecords counts the 4-tuple redirect records naming proxy port, and
-// how many of them the kernel marked accepted.
+// tupleRecords counts the 4-tuple redirect records naming proxy port (one
+// of this test's), and how many of them the kernel marked accepted.
 func tupleRecords(t *testing.T, d *Datapath, port uint16) (n, accepted int) {
 	t.Helper()
 	var k fwpTupleKey
@@ -173,7 +175,7 @@ func TestUnacceptedRedirectRecordsSwept(t *testing.T) {
 
 	// A record whose client is still open is never swept, however old:
 	// written by hand under a key and cookie no socket has.
-	k := fwpTupleKey{ClientPort: 1, ProxyPort: 2}
+	k := fwpTupleKey{ClientPort: 1, ProxyPort: 24715}
 	copy(k.Client[:], []byte{192, 0, 2, 1})
 	copy(k.Proxy[:], []byte{192, 0, 2, 2})
 	st := fwpRedirectState{Proto: syscall.IPPROTO_TCP, Cookie: 1<<63 | 12345}
@@ -190,7 +192,7 @@ func TestUnacceptedRedirectRecordsSwept(t *testing.T) {
 	if _, err := d.SweepReleased(); err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := tupleRecords(t, d, 2); n != 1 {
+	if n, _ := tupleRecords(t, d, 24715); n != 1 {
 		t.Fatal("a record whose client is open was swept")
 	}
 	if err := d.objs.FwpSockRedirect.Delete(st.Cookie); err != nil { // the client closes
@@ -199,7 +201,7 @@ func TestUnacceptedRedirectRecordsSwept(t *testing.T) {
 	if _, err := d.SweepReleased(); err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := tupleRecords(t, d, 2); n != 0 {
+	if n, _ := tupleRecords(t, d, 24715); n != 0 {
 		t.Fatal("a record whose client closed, never accepted, outlived the grace")
 	}
 }

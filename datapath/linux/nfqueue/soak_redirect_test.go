@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -179,5 +180,48 @@ func TestRunTimeRedirectKeepsSocketMark(t *testing.T) {
 	}
 	if len(counts) != 2 || counts[1] != 1 || counts[0] != 1 {
 		t.Fatalf("SYNs reaching the server with the program's mark / in all: %v, want [1 1]", counts)
+	}
+}
+
+// The proxies map starts afresh when full (maxProxies), numbering on from
+// where it was: 30 redirects cycling over three proxies through a map of
+// two all reach their proxy, and the map never holds more than two.
+func TestRunTimeRedirectProxiesMapFull(t *testing.T) {
+	old := maxProxies
+	maxProxies = 2
+	t.Cleanup(func() { maxProxies = old })
+	proxies := []int{portKernel, portKernelPermit, portHeld}
+	var n atomic.Int64
+	fx := customFixture(t, "client", Options{Redirects: true}, 5*time.Second, func(fx *fixture, tx *engine.Txn) error {
+		h := fx.eng.RedirectHandleCreate("cycle")
+		cr := &engine.ConnectRedirect{Handle: h, Target: func(req *engine.ClassifyRequest) (engine.RedirectTarget, bool) {
+			p := proxies[int(n.Add(1)-1)%len(proxies)]
+			return engine.RedirectTarget{To: netip.MustParseAddrPort("127.0.0.1:" + strconv.Itoa(p))}, true
+		}}
+		if err := fx.eng.RegisterCallout("cycle.redirect", cr.Registration()); err != nil {
+			return err
+		}
+		co, err := tx.AddCallout(engine.Callout{Key: "cycle.redirect", Layer: engine.LayerALEConnectRedirectV4})
+		if err != nil {
+			return err
+		}
+		_, err = tx.AddFilter(engine.Filter{Layer: engine.LayerALEConnectRedirectV4,
+			Conditions: []engine.Condition{
+				{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)},
+				{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(portRedirectSoak)},
+			},
+			Action: engine.Action{Type: engine.ActionCalloutUnknown, Callout: co}})
+		return err
+	})
+	for i := range 30 {
+		if f := fx.call(t, fmt.Sprintf("dial %d 1 1", portRedirectSoak)); f[0] != "1" {
+			t.Fatalf("redirect %d (to port %d): %v", i, proxies[i%len(proxies)], f)
+		}
+		if els, err := fx.path.redirectElements(); err != nil || els > 2 {
+			t.Fatalf("after redirect %d: %d proxies in the map (%v), at most 2", i, els, err)
+		}
+	}
+	if st := fx.path.Stats(); st.Redirected != 30 {
+		t.Fatalf("stats %+v: want 30 redirected", st)
 	}
 }

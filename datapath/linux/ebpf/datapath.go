@@ -81,6 +81,8 @@ type Datapath struct {
 	// proxy side was never seen established, with when a sweep first saw
 	// them so (SweepReleased).
 	unaccepted map[fwpTupleKey]unacceptedSeen
+	// grace waits for the hooks' runs in flight after a switch (grace.go).
+	grace *graceMaps
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the
@@ -281,7 +283,7 @@ func (d *Datapath) Close() error {
 			}
 		}
 	}
-	errs = append(errs, d.reauth.close(), d.objs.Close())
+	errs = append(errs, d.reauth.close(), d.objs.Close(), d.grace.close())
 	if !d.opts.KeepHooks && d.opts.PinDir != "" {
 		errs = append(errs, os.RemoveAll(d.opts.PinDir))
 		errs = append(errs, d.unmountBPFFS())
@@ -294,6 +296,9 @@ func glf(gen uint32, slot, field int) uint32 { return gen<<16 | uint32(slot)<<8 
 // Apply installs a compiled policy atomically: it is written beside the
 // active one and switched by a single write of the generation, so a
 // connection is classified wholly by the old or wholly by the new policy.
+// It returns once every hook run that read the old generation has ended
+// (an RCU grace period, 8–24 ms here: grace.go), so the next Apply may
+// rewrite it and no classification after Apply uses the old policy.
 // On error the active policy is left in force.
 func (d *Datapath) Apply(p *Policy) error {
 	d.mu.Lock()
@@ -349,6 +354,19 @@ func (d *Datapath) Apply(p *Policy) error {
 	}
 	d.gen = next
 	committed = true
+	// Runs that read the old generation end before Apply returns, so the
+	// next Apply may rewrite it (grace.go), and no connect after Apply is
+	// decided by the old policy.
+	if d.grace == nil {
+		g, err := newGraceMaps()
+		if err != nil {
+			return err
+		}
+		d.grace = g
+	}
+	if err := d.grace.wait(); err != nil {
+		return err
+	}
 	d.bumpInboundEpoch()
 	for k := range d.targetKeys {
 		if !targets[k] {

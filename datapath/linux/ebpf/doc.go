@@ -131,6 +131,7 @@
 // blocks are destroyed. EnableFlowEvents attaches a sockops and a
 // sock_release program of that object beside the hooks; ReadFlowEvents
 // reports each noted outbound TCP flow's establishment and end once, and
+// each noted connected UDP socket's end (no establishment report), and
 // FlowLayers runs ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE and the
 // flow's flowDeleteFn for them in the engine (Compile leaves those layers'
 // filters to it). See docs/semantics.md.

@@ -658,9 +658,12 @@ func flowLayersOnce(t *testing.T, n int, soak bool) {
 		if err != nil {
 			return err
 		}
+		// TCP only: UDP sockets (of other tests' helpers too) have
+		// closure reports of their own.
+		tcp := []engine.Condition{{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)}}
 		for _, f := range []engine.Filter{
-			{Layer: engine.LayerALEFlowEstablishedV4, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: est}},
-			{Layer: engine.LayerALEEndpointClosureV4, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: cloID}},
+			{Layer: engine.LayerALEFlowEstablishedV4, Conditions: tcp, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: est}},
+			{Layer: engine.LayerALEEndpointClosureV4, Conditions: tcp, Action: engine.Action{Type: engine.ActionCalloutInspection, Callout: cloID}},
 		} {
 			if _, err := tx.AddFilter(f); err != nil {
 				return err

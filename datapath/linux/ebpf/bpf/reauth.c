@@ -24,6 +24,7 @@
 #define TCP_CLOSE_WAIT 8
 #define AF_INET 2
 #define AF_INET6 10
+#define IPPROTO_UDP 17
 #define MAX_CGROUP_DEPTH 64
 
 // The kernel types the iterators read, relocated against the running
@@ -325,11 +326,48 @@ int fwp_flow_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+// udp_closing fills a connected UDP socket's event tuple (no sockops
+// event established it): the peer from its note (as AUTH_CONNECT
+// classified it), the local address and port the socket has now (connect
+// chose them). sock_release's context is the kernel's struct sock, but the
+// verifier lets it read only the peer's fields: the local ones are read
+// with bpf_probe_read_kernel (CO-RE offsets); when that fails, the note's
+// (bound before connect) or zero.
+static __always_inline void udp_closing(struct bpf_sock *sk, struct flow_note *n)
+{
+	struct sock_common *skc = (struct sock_common *)sk;
+	n->family = n->v6 ? AF_INET6 : AF_INET;
+	__builtin_memcpy(n->dst, n->raddr, 16);
+	n->dport = n->rport;
+	__u32 src[4] = {};
+	long err = n->v6 ? bpf_probe_read_kernel(src, 16, &skc->skc_v6_rcv_saddr)
+			 : bpf_probe_read_kernel(src, 4, &skc->skc_rcv_saddr);
+	if (err) {
+		if (n->has_laddr)
+			__builtin_memcpy(src, n->laddr, 16);
+		else
+			__builtin_memset(src, 0, 16);
+	}
+	__builtin_memcpy(n->src, src, 16);
+	__u16 num = 0;
+	if (bpf_probe_read_kernel(&num, sizeof(num), &skc->skc_num) != 0)
+		num = n->has_lport ? n->lport : 0;
+	n->sport = num;
+}
+
+// fwp_flow_release reports the end of a flow the note has: an outbound TCP
+// connection established (sockops reported it) or a UDP socket its
+// program connected (the connect hook noted it; no establishment report:
+// docs/semantics.md).
 SEC("cgroup/sock_release")
 int fwp_flow_release(struct bpf_sock *sk)
 {
 	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
-	if (!n || !(n->events & FLOW_EV_ESTABLISHED) || (n->events & FLOW_EV_CLOSED))
+	if (!n || (n->events & FLOW_EV_CLOSED))
+		return 1;
+	if (n->proto == IPPROTO_UDP)
+		udp_closing(sk, n);
+	else if (!(n->events & FLOW_EV_ESTABLISHED))
 		return 1;
 	n->events |= FLOW_EV_CLOSED;
 	flow_report(n, bpf_get_socket_cookie(sk), FLOW_EV_CLOSED, n->family, (__u32 *)n->src, (__u32 *)n->dst, n->sport, n->dport);

@@ -22,7 +22,7 @@ type FlowEventType uint8
 
 // Flow event types (bpf/reauth.c FLOW_EV_*).
 const (
-	FlowEstablished FlowEventType = 1 // an outbound TCP connection of the hooked cgroups is established
+	FlowEstablished FlowEventType = 1 // an outbound TCP connection of the hooked cgroups is established, or one is accepted
 	FlowClosed      FlowEventType = 2 // the program closed its socket (the endpoint): such a TCP connection, or a connected UDP socket
 )
 
@@ -63,8 +63,8 @@ func DecodeFlowEvent(b []byte) (FlowEvent, error) {
 
 // EnableFlowEvents loads the flow event programs and attaches them, with
 // the hooks, to every cgroup the datapath is attached to now and later;
-// ReadFlowEvents then reports each outbound TCP flow's establishment and
-// end, and each connected UDP socket's end (a UDP flow has no
+// ReadFlowEvents then reports each outbound TCP flow's and accepted TCP
+// connection's establishment and end, and each connected UDP socket's end (a UDP flow has no
 // establishment report: docs/semantics.md). It turns the connect hook's notes on (as EnableReauthorization
 // does). Calling it again does nothing.
 func (d *Datapath) EnableFlowEvents() error {

@@ -173,13 +173,14 @@ func newUDPClosures(t *testing.T, d *Datapath, port uint16) *udpClosures {
 	return u
 }
 
-// wait waits until n flows were reported closed (or 20 s passed).
+// wait waits until n flows were reported closed and their contexts
+// deleted (or 20 s passed).
 func (u *udpClosures) wait(n int) {
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		u.mu.Lock()
-		c := len(u.closed)
+		c, d := len(u.closed), u.deletes
 		u.mu.Unlock()
-		if c >= n {
+		if c >= n && d >= n {
 			return
 		}
 	}

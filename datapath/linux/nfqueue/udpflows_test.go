@@ -85,12 +85,12 @@ func TestUDPFlowContextsEnd(t *testing.T) {
 	closures := 0
 	go func() {
 		done <- fx.dp.ReadFlowEvents(ctx, func(ev ebpf.FlowEvent) {
+			fl.Handle(ev) // counted after: its flowDeleteFn ran
 			if ev.Type == ebpf.FlowClosed && ev.Flow.Protocol == 17 && ev.Flow.Remote.Port() == portDNSOK {
 				mu.Lock()
 				closures++
 				mu.Unlock()
 			}
-			fl.Handle(ev)
 		})
 	}()
 	defer func() { cancel(); <-done }()

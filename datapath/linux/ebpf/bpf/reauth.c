@@ -549,10 +549,9 @@ int fwp_flow_sockops(struct bpf_sock_ops *skops)
 	}
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
-	// An accepted socket inherits its listener's callback flags: it need
-	// not report its state changes.
-	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+	// An accepted socket inherits its listener's callback flags; they
+	// are left alone (fwp.c's sockops decides whether an accepted socket
+	// reports its state changes: a redirect record ends with them).
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return 1;

@@ -76,7 +76,7 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 	if err := d.EnableFlowEvents(); err != nil {
 		testutil.Unavailable(t, err)
 	}
-	const port4, port6 = 7311, 7312
+	const port4, port6, portDual = 7311, 7312, 7313
 	// Flow layer callouts record the direction of the server's flows.
 	e := engine.New(engine.Options{})
 	var mu sync.Mutex
@@ -127,7 +127,7 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 	defer func() { cancel(); <-done }()
 
 	h := testutil.StartHelper(t, cg, "inhold")
-	for _, l := range []string{fmt.Sprintf("listen tcp4 0.0.0.0:%d", port4), fmt.Sprintf("listen tcp6 [::1]:%d", port6)} {
+	for _, l := range []string{fmt.Sprintf("listen tcp4 0.0.0.0:%d", port4), fmt.Sprintf("listen tcp6 [::1]:%d", port6), fmt.Sprintf("listen tcp [::]:%d", portDual)} {
 		if ans, err := h.Call([]byte(l)); err != nil || string(ans) != "ok\n" {
 			t.Fatalf("%s: %q %v", l, ans, err)
 		}
@@ -153,6 +153,8 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 	blocked := dial("tcp4", "127.0.0.9:0", fmt.Sprintf("127.0.0.1:%d", port4))
 	kept := dial("tcp4", "127.0.0.8:0", fmt.Sprintf("127.0.0.1:%d", port4))
 	kept6 := dial("tcp6", "[::1]:0", fmt.Sprintf("[::1]:%d", port6))
+	// A v4 client of a dual-stack listener: a v4 flow (v4-mapped socket).
+	dual := dial("tcp4", "127.0.0.7:0", fmt.Sprintf("127.0.0.1:%d", portDual))
 
 	pass, err := d.Reauthorize(e, nil)
 	if err != nil {
@@ -175,7 +177,8 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 		remote string
 		layer  engine.LayerID
 		local  string
-	}{{"127.0.0.9", engine.LayerALEAuthRecvAcceptV4, "127.0.0.1"}, {"127.0.0.8", engine.LayerALEAuthRecvAcceptV4, "127.0.0.1"}, {"::1", engine.LayerALEAuthRecvAcceptV6, "::1"}} {
+	}{{"127.0.0.9", engine.LayerALEAuthRecvAcceptV4, "127.0.0.1"}, {"127.0.0.8", engine.LayerALEAuthRecvAcceptV4, "127.0.0.1"}, {"::1", engine.LayerALEAuthRecvAcceptV6, "::1"},
+		{"127.0.0.7", engine.LayerALEAuthRecvAcceptV4, "127.0.0.1"}} {
 		f, ok := got[c.remote]
 		if !ok {
 			t.Logf("live flows: %+v", flows)
@@ -184,8 +187,8 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 			t.Fatalf("accepted flow from %s: %+v (found %v), want inbound at %v from the server (pid %d)", c.remote, f, ok, c.layer, h.Pid())
 		}
 	}
-	if len(flows) != 3 || pass.Flows != 3 || pass.Inbound != 3 || len(pass.Resets) != 0 {
-		t.Fatalf("unchanged policy: pass %+v, live flows %+v; want the 3 accepted connections and no reset", pass, flows)
+	if len(flows) != 4 || pass.Flows != 4 || pass.Inbound != 4 || len(pass.Resets) != 0 {
+		t.Fatalf("unchanged policy: pass %+v, live flows %+v; want the 4 accepted connections and no reset", pass, flows)
 	}
 
 	// Block the first client's address at AUTH_RECV_ACCEPT.
@@ -207,7 +210,7 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pass.Flows != 3 || len(pass.Resets) != 1 || pass.Resets[0].Flow.Remote.Addr().String() != "127.0.0.9" ||
+	if pass.Flows != 4 || len(pass.Resets) != 1 || pass.Resets[0].Flow.Remote.Addr().String() != "127.0.0.9" ||
 		pass.Resets[0].Result.Permitted() || pass.Resets[0].Flow.Layer != engine.LayerALEAuthRecvAcceptV4 {
 		t.Fatalf("after blocking 127.0.0.9: %+v, want its connection reset", pass)
 	}
@@ -216,15 +219,15 @@ func TestReauthorizeAcceptedFlows(t *testing.T) {
 	} else {
 		t.Logf("blocked client: %v", err)
 	}
-	for _, c := range []net.Conn{kept, kept6} {
+	for _, c := range []net.Conn{kept, kept6, dual} {
 		if err := inEcho(c); err != nil {
 			t.Fatalf("a permitted client's connection: %v", err)
 		}
 	}
 	// Unchanged policy again: nothing more.
 	pass, err = d.Reauthorize(e, p)
-	if err != nil || pass.Flows != 2 || len(pass.Resets) != 0 {
-		t.Fatalf("second pass: %+v %v, want 2 flows, no reset", pass, err)
+	if err != nil || pass.Flows != 3 || len(pass.Resets) != 0 {
+		t.Fatalf("second pass: %+v %v, want 3 flows, no reset", pass, err)
 	}
 	// Closing the clients ends the server's sockets: closure reports.
 	kept.Close()

@@ -53,14 +53,16 @@
 // counts the path's flows by outcome.
 //
 // After every commit fwpd reauthorizes the established connections (and
-// connected UDP sockets) of --cgroup, as WFP does when filters change: the
-// engine classifies each again at ALE_AUTH_CONNECT with IS_REAUTHORIZE
-// and the kernel resets those the new policy blocks (bpf_sock_destroy from
-// a socket iterator, Linux 6.5), each a flow_reset net event, counted in
-// /metrics; --no-reauthorize-established turns it off. A policy with
-// filters at ALE_FLOW_ESTABLISHED or ALE_ENDPOINT_CLOSURE has them run for
-// the kernel's outbound TCP flows from the hooks' flow events
-// (docs/semantics.md, "Kernel callout path").
+// connected UDP sockets, and accepted TCP connections) of --cgroup, as WFP
+// does when filters change: the engine classifies each again at
+// ALE_AUTH_CONNECT (accepted ones at ALE_AUTH_RECV_ACCEPT) with
+// IS_REAUTHORIZE and the kernel resets those the new policy blocks
+// (bpf_sock_destroy from a socket iterator, Linux 6.5), each a flow_reset
+// net event, counted in /metrics; --no-reauthorize-established turns it
+// off. A policy with filters at ALE_FLOW_ESTABLISHED or
+// ALE_ENDPOINT_CLOSURE has them run for the kernel's TCP flows (outbound
+// and accepted) and connected UDP sockets' ends from the hooks' flow
+// events (docs/semantics.md, "Kernel callout path").
 //
 // Each of the two sockets serves at most --max-connections connections at
 // once (default 1024), the last sixteenth of them only to root, and at

@@ -149,7 +149,7 @@ func (k *kernel) startFlowLayers(v engine.View, callouts bool) error {
 			k.log.Error("kernel flow events stopped", "err", err)
 		}
 	}()
-	k.log.Info("flow layers on: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE run for the kernel's TCP flows, and their flow contexts end with them")
+	k.log.Info("flow layers on: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE run for the kernel's flows (TCP; UDP: closure only), and their flow contexts end with them")
 	return nil
 }
 

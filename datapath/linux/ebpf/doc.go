@@ -128,9 +128,14 @@
 // bpf_sock_destroy, and Reauthorize does a whole pass over the namespaces
 // of the hooked cgroups' processes: the engine classifies each flow again
 // at ALE_AUTH_CONNECT with IS_REAUTHORIZE (ReauthValues), and those it
-// blocks are destroyed. EnableFlowEvents attaches a sockops and a
-// sock_release program of that object beside the hooks; ReadFlowEvents
-// reports each noted outbound TCP flow's establishment and end once, and
+// blocks are destroyed. Accepted TCP connections too, at
+// ALE_AUTH_RECV_ACCEPT: a sockops program of that object, attached beside
+// the hooks from then on, records listeners' owners and notes each
+// accepted socket with its listener's owner. EnableFlowEvents turns on
+// the reports of that sockops and a sock_release program; ReadFlowEvents
+// reports each noted outbound TCP flow's and accepted TCP connection's
+// (direction inbound) establishment and end once, and
+// each noted connected UDP socket's end (no establishment report), and
 // FlowLayers runs ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE and the
 // flow's flowDeleteFn for them in the engine (Compile leaves those layers'
 // filters to it). See docs/semantics.md.

@@ -22,8 +22,8 @@ type FlowEventType uint8
 
 // Flow event types (bpf/reauth.c FLOW_EV_*).
 const (
-	FlowEstablished FlowEventType = 1 // an outbound TCP connection of the hooked cgroups is established
-	FlowClosed      FlowEventType = 2 // the program closed its socket (the endpoint)
+	FlowEstablished FlowEventType = 1 // an outbound TCP connection of the hooked cgroups is established, or one is accepted
+	FlowClosed      FlowEventType = 2 // the program closed its socket (the endpoint): such a TCP connection, or a connected UDP socket
 )
 
 // FlowEvent is one flow's establishment or end, with what the connect
@@ -63,8 +63,9 @@ func DecodeFlowEvent(b []byte) (FlowEvent, error) {
 
 // EnableFlowEvents loads the flow event programs and attaches them, with
 // the hooks, to every cgroup the datapath is attached to now and later;
-// ReadFlowEvents then reports each outbound TCP flow's establishment and
-// end. It turns the connect hook's notes on (as EnableReauthorization
+// ReadFlowEvents then reports each outbound TCP flow's and accepted TCP
+// connection's establishment and end, and each connected UDP socket's end (a UDP flow has no
+// establishment report: docs/semantics.md). It turns the connect hook's notes on (as EnableReauthorization
 // does). Calling it again does nothing.
 func (d *Datapath) EnableFlowEvents() error {
 	d.mu.Lock()
@@ -72,37 +73,24 @@ func (d *Datapath) EnableFlowEvents() error {
 	if d.closed {
 		return ErrClosed
 	}
-	if err := d.loadLive(); err != nil {
+	if err := d.loadLive(); err != nil { // attaches the programs
 		return err
 	}
 	r := d.reauth
 	if r.flowEvents {
 		return nil
 	}
-	added := map[string][]link.Link{}
-	for path := range d.links {
-		ls, err := d.attachFlowHooks(path)
-		if err != nil {
-			for _, ls := range added {
-				for _, l := range ls {
-					l.Close()
-				}
-			}
-			return err
-		}
-		added[path] = ls
-	}
-	for path, ls := range added {
-		d.links[path] = append(d.links[path], ls...)
+	if err := r.objs.FwpFlowCfg.Put(uint32(0), uint32(1)); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	r.flowEvents = true
 	return nil
 }
 
-// attachFlowHooks attaches the flow event programs to one cgroup (all or
-// none); d.mu is held. They are not pinned: they serve fwpd's reader.
-func (d *Datapath) attachFlowHooks(cgroupPath string) ([]link.Link, error) {
-	r := d.reauth
+// attachFlowHooks attaches the flow programs to one cgroup (all or none);
+// d.mu is held. They are not pinned: they serve fwpd's reauthorization
+// and reader.
+func (r *reauthObjs) attachFlowHooks(cgroupPath string) ([]link.Link, error) {
 	var out []link.Link
 	for _, h := range []struct {
 		p  *ebpf.Program
@@ -120,13 +108,13 @@ func (d *Datapath) attachFlowHooks(cgroupPath string) ([]link.Link, error) {
 	return out, nil
 }
 
-// attachLive attaches the flow event programs to a cgroup Attach just
-// hooked, when flow events are on; d.mu is held.
+// attachLive attaches the flow programs to a cgroup Attach just hooked,
+// once reauthorization or flow events are on; d.mu is held.
 func (d *Datapath) attachLive(cgroupPath string) ([]link.Link, error) {
-	if d.reauth == nil || !d.reauth.flowEvents {
+	if d.reauth == nil {
 		return nil, nil
 	}
-	return d.attachFlowHooks(cgroupPath)
+	return d.reauth.attachFlowHooks(cgroupPath)
 }
 
 // ReadFlowEvents calls fn with every flow event until ctx ends or the
@@ -271,14 +259,14 @@ func flowValues(f *LiveFlow, app string, vs *engine.Values, meta *engine.Metadat
 		flags |= engine.FlagIsConnectionRedirected
 	}
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
-	vs.Set(engine.FieldDirection, engine.Uint32(uint32(engine.DirectionOutbound)))
+	vs.Set(engine.FieldDirection, engine.Uint32(uint32(f.direction())))
 	*meta = engine.Metadata{}
 	meta.Present = engine.MetaProcessID | engine.MetaUserID | engine.MetaFlowHandle | engine.MetaPacketDirection |
 		engine.MetaTransportEndpointHandle | engine.MetaCgroupID
 	meta.ProcessID = f.PID
 	meta.UserID, meta.GroupID = f.UID, f.GID
 	meta.FlowHandle = engine.FlowHandle(f.Cookie)
-	meta.Direction = engine.DirectionOutbound
+	meta.Direction = f.direction()
 	meta.TransportEndpointHandle = f.Cookie
 	meta.CgroupID = f.CgroupID
 	if app != "" && app[0] != '[' {

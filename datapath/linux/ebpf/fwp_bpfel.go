@@ -110,7 +110,8 @@ type fwpFlowNote struct {
 	Redirected uint8
 	Events     uint8
 	Family     uint8
-	Pad        [5]uint8
+	Inbound    uint8
+	Pad        [4]uint8
 	Comm       [16]int8
 	Src        [16]uint8
 	Dst        [16]uint8

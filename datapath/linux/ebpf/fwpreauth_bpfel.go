@@ -45,13 +45,44 @@ type fwpreauthFlowNote struct {
 	Redirected uint8
 	Events     uint8
 	Family     uint8
-	Pad        [5]uint8
+	Inbound    uint8
+	Pad        [4]uint8
 	Comm       [16]int8
 	Src        [16]uint8
 	Dst        [16]uint8
 	Sport      uint16
 	Dport      uint16
 	Pad2       uint32
+}
+
+type fwpreauthInListenKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Laddr [16]uint8
+	Lport uint16
+	V6    uint8
+	Pad   [5]uint8
+}
+
+type fwpreauthInListener struct {
+	_      structs.HostLayout
+	Cookie uint64
+	O      struct {
+		_             structs.HostLayout
+		CgroupId      uint64
+		AppIno        uint64
+		ListenFilter  uint64
+		AppDev        uint32
+		Tgid          uint32
+		Uid           uint32
+		Gid           uint32
+		ListenEpoch   uint32
+		HasOwner      uint8
+		HasApp        uint8
+		ListenBlocked uint8
+		ListenSlot    uint8
+		Comm          [16]int8
+	}
 }
 
 type fwpreauthReauthFlow struct {
@@ -73,8 +104,11 @@ type fwpreauthReauthFlow struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	fwpreauthMapFwpFlowCfg        = "fwp_flow_cfg"
 	fwpreauthMapFwpFlowEvents     = "fwp_flow_events"
 	fwpreauthMapFwpFlowLost       = "fwp_flow_lost"
+	fwpreauthMapFwpInListenIdx    = "fwp_in_listen_idx"
+	fwpreauthMapFwpInListeners    = "fwp_in_listeners"
 	fwpreauthMapFwpReauthCgroups  = "fwp_reauth_cgroups"
 	fwpreauthMapFwpReauthKill     = "fwp_reauth_kill"
 	fwpreauthMapFwpSkFlow         = "fwp_sk_flow"
@@ -142,8 +176,11 @@ type fwpreauthProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fwpreauthMapSpecs struct {
+	FwpFlowCfg       *ebpf.MapSpec `ebpf:"fwp_flow_cfg"`
 	FwpFlowEvents    *ebpf.MapSpec `ebpf:"fwp_flow_events"`
 	FwpFlowLost      *ebpf.MapSpec `ebpf:"fwp_flow_lost"`
+	FwpInListenIdx   *ebpf.MapSpec `ebpf:"fwp_in_listen_idx"`
+	FwpInListeners   *ebpf.MapSpec `ebpf:"fwp_in_listeners"`
 	FwpReauthCgroups *ebpf.MapSpec `ebpf:"fwp_reauth_cgroups"`
 	FwpReauthKill    *ebpf.MapSpec `ebpf:"fwp_reauth_kill"`
 	FwpSkFlow        *ebpf.MapSpec `ebpf:"fwp_sk_flow"`
@@ -177,8 +214,11 @@ func (o *fwpreauthObjects) Close() error {
 //
 // It can be passed to loadFwpreauthObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fwpreauthMaps struct {
+	FwpFlowCfg       *ebpf.Map `ebpf:"fwp_flow_cfg"`
 	FwpFlowEvents    *ebpf.Map `ebpf:"fwp_flow_events"`
 	FwpFlowLost      *ebpf.Map `ebpf:"fwp_flow_lost"`
+	FwpInListenIdx   *ebpf.Map `ebpf:"fwp_in_listen_idx"`
+	FwpInListeners   *ebpf.Map `ebpf:"fwp_in_listeners"`
 	FwpReauthCgroups *ebpf.Map `ebpf:"fwp_reauth_cgroups"`
 	FwpReauthKill    *ebpf.Map `ebpf:"fwp_reauth_kill"`
 	FwpSkFlow        *ebpf.Map `ebpf:"fwp_sk_flow"`
@@ -186,8 +226,11 @@ type fwpreauthMaps struct {
 
 func (m *fwpreauthMaps) Close() error {
 	return _FwpreauthClose(
+		m.FwpFlowCfg,
 		m.FwpFlowEvents,
 		m.FwpFlowLost,
+		m.FwpInListenIdx,
+		m.FwpInListeners,
 		m.FwpReauthCgroups,
 		m.FwpReauthKill,
 		m.FwpSkFlow,

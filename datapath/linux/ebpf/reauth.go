@@ -45,6 +45,10 @@ type LiveFlow struct {
 	App                       AppIdentity // its executable; zero for none
 	Comm                      string
 	Redirected                bool // the kernel's built-in redirect ran before AUTH_CONNECT
+	// Inbound: an accepted TCP connection (Layer is ALE_AUTH_RECV_ACCEPT;
+	// Remote is the client, Local the socket's address, the owner ids
+	// the listener's).
+	Inbound bool
 	// CloseWait: the peer has closed its side (TCP CLOSE_WAIT).
 	CloseWait bool
 }
@@ -106,7 +110,7 @@ func (d *Datapath) loadLive() error {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	r := &reauthObjs{cgroups: map[uint64]bool{}}
-	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{"fwp_sk_flow": d.objs.FwpSkFlow}}
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{"fwp_sk_flow": d.objs.FwpSkFlow, "fwp_in_listeners": d.objs.FwpInListeners, "fwp_in_listen_idx": d.objs.FwpInListenIdx}}
 	if err := spec.LoadAndAssign(&r.objs, opts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -122,9 +126,34 @@ func (d *Datapath) loadLive() error {
 		}
 		r.iters[i] = it
 	}
+	// The flow programs (sockops, sock_release) go beside the hooks from
+	// now on: the sockops program notes accepted sockets for the pass;
+	// they report flow events only from EnableFlowEvents.
+	added := map[string][]link.Link{}
+	for path := range d.links {
+		ls, err := r.attachFlowHooks(path)
+		if err != nil {
+			for _, ls := range added {
+				for _, l := range ls {
+					l.Close()
+				}
+			}
+			r.close()
+			return err
+		}
+		added[path] = ls
+	}
 	if err := d.objs.FwpNoteCfg.Put(uint32(0), uint32(1)); err != nil {
+		for _, ls := range added {
+			for _, l := range ls {
+				l.Close()
+			}
+		}
 		r.close()
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	for path, ls := range added {
+		d.links[path] = append(d.links[path], ls...)
 	}
 	d.reauth = r
 	return nil
@@ -316,8 +345,12 @@ func (r *fwpreauthReauthFlow) export() LiveFlow {
 		}
 		comm = append(comm, byte(c))
 	}
+	kind := engine.KindAuthConnect
+	if n.Inbound != 0 {
+		kind = engine.KindAuthRecvAccept
+	}
 	f := LiveFlow{
-		Cookie: r.Cookie, Layer: engine.LayerFor(engine.KindAuthConnect, n.V6 != 0), Protocol: n.Proto,
+		Cookie: r.Cookie, Layer: engine.LayerFor(kind, n.V6 != 0), Protocol: n.Proto, Inbound: n.Inbound != 0,
 		Remote: netip.AddrPortFrom(addrOf(n.Raddr, n.V6), n.Rport),
 		PID:    n.Tgid, UID: n.Uid, GID: n.Gid, CgroupID: n.CgroupId, App: AppIdentity{Dev: n.AppDev, Ino: n.AppIno},
 		Comm: string(comm), Redirected: n.Redirected != 0, CloseWait: r.State == 8,
@@ -490,16 +523,28 @@ type Reset struct {
 type ReauthPass struct {
 	Namespaces int     // network namespaces walked
 	Flows      int     // live flows classified again
+	Inbound    int     // of them, accepted connections (at AUTH_RECV_ACCEPT)
 	Blocked    int     // of them, blocked by the policy
 	Resets     []Reset // the sockets destroyed (a blocked flow closed meanwhile is not)
 }
 
+// direction is the flow's: inbound for an accepted connection.
+func (f *LiveFlow) direction() engine.Direction {
+	if f.Inbound {
+		return engine.DirectionInbound
+	}
+	return engine.DirectionOutbound
+}
+
 // ReauthValues sets vs and meta to the engine's inputs for reauthorizing
-// the live flow at ALE_AUTH_CONNECT: the values the connect hook
+// the live flow at its layer (f.Layer): for an outbound flow, at
+// ALE_AUTH_CONNECT, the values the connect hook
 // classified (as package nfqueue gives them for a new flow, so a policy
 // that did not change decides the same), with FLAGS' IS_REAUTHORIZE, and
 // the original destination of a flow the kernel redirected (orig, when
-// valid). app is the application id (appPath).
+// valid); for an accepted connection, at ALE_AUTH_RECV_ACCEPT, its
+// tuple, the listener's owner and direction inbound (as the ingress hook
+// and package nfqueue classify it). app is the application id (appPath).
 func ReauthValues(f *LiveFlow, app string, orig netip.AddrPort, vs *engine.Values, meta *engine.Metadata) {
 	vs.Reset()
 	vs.Set(engine.FieldIPProtocol, engine.Uint8(f.Protocol))
@@ -529,14 +574,15 @@ func ReauthValues(f *LiveFlow, app string, orig netip.AddrPort, vs *engine.Value
 		}
 	}
 	vs.Set(engine.FieldFlags, engine.Uint32(flags))
-	vs.Set(engine.FieldDirection, engine.Uint32(uint32(engine.DirectionOutbound)))
+	dir := f.direction()
+	vs.Set(engine.FieldDirection, engine.Uint32(uint32(dir)))
 	*meta = engine.Metadata{}
 	meta.Present = engine.MetaProcessID | engine.MetaUserID | engine.MetaFlowHandle | engine.MetaPacketDirection |
 		engine.MetaTransportEndpointHandle | engine.MetaCgroupID
 	meta.ProcessID = f.PID
 	meta.UserID, meta.GroupID = f.UID, f.GID
 	meta.FlowHandle = engine.FlowHandle(f.Cookie)
-	meta.Direction = engine.DirectionOutbound
+	meta.Direction = dir
 	meta.TransportEndpointHandle = f.Cookie
 	meta.CgroupID = f.CgroupID
 	if app != "" && !strings.HasPrefix(app, "[") {
@@ -582,6 +628,9 @@ func (d *Datapath) Reauthorize(eng *engine.Engine, p *Policy) (ReauthPass, error
 		var kill []uint64
 		err := d.liveFlows(ns, func(f *LiveFlow) {
 			pass.Flows++
+			if f.Inbound {
+				pass.Inbound++
+			}
 			var orig netip.AddrPort
 			if f.Redirected {
 				if st, err := d.RedirectByCookie(f.Cookie); err == nil {

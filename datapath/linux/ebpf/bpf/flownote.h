@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 //
 // flow_note: what the connect hook classified at ALE_AUTH_CONNECT for a
-// socket it let connect, kept in the socket's local storage (it goes with
-// the socket). fwp.c writes it; reauth.c's socket iterators read it to
+// socket it let connect — or, for an accepted TCP socket, its tuple and
+// its listener's owner (inbound, AUTH_RECV_ACCEPT) — kept in the socket's
+// local storage (it goes with the socket). fwp.c writes it; reauth.c's socket iterators read it to
 // reauthorize live flows after a policy change and to report a flow's
 // establishment and end (Go: ebpf.LiveFlow).
 #ifndef FWP_FLOWNOTE_H
@@ -26,7 +27,8 @@ struct flow_note {
 	__u8 redirected; // the kernel's built-in redirect ran before AUTH_CONNECT
 	__u8 events;	 // FLOW_EV_* bits reported for the flow (reauth.c)
 	__u8 family;	 // of sport..dst, set with FLOW_EV_ESTABLISHED
-	__u8 pad[5];
+	__u8 inbound;	 // an accepted TCP socket (reauth.c's sockops): classified at AUTH_RECV_ACCEPT, raddr is the client
+	__u8 pad[4];
 	char comm[16];
 	// The socket's 4-tuple when it was established (reauth.c's sockops):
 	// sock_release cannot read a socket's addresses.

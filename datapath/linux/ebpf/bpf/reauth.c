@@ -24,6 +24,7 @@
 #define TCP_CLOSE_WAIT 8
 #define AF_INET 2
 #define AF_INET6 10
+#define IPPROTO_UDP 17
 #define MAX_CGROUP_DEPTH 64
 
 // The kernel types the iterators read, relocated against the running
@@ -236,6 +237,184 @@ int fwp_destroy_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 1); }
 #define FLOW_EV_ESTABLISHED 1
 #define FLOW_EV_CLOSED 2
 
+// fwp_flow_cfg[0] is nonzero while user space reads flow events
+// (EnableFlowEvents). The programs are attached from EnableReauthorization
+// on: without reports, the sockops program still notes accepted sockets,
+// which the reauthorization pass needs.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} fwp_flow_cfg SEC(".maps");
+
+static __always_inline int reporting(void)
+{
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&fwp_flow_cfg, &zero);
+	return on && *on;
+}
+
+// The listener records of fwp.c's bpf/inbound.h (the same layout; the map
+// is fwp.c's, shared by replacement at load): an accepted socket's owner
+// is its listener's.
+struct sk_owner {
+	__u64 cgroup_id;
+	__u64 app_ino;
+	__u64 listen_filter;
+	__u32 app_dev;
+	__u32 tgid;
+	__u32 uid;
+	__u32 gid;
+	__u32 listen_epoch;
+	__u8 has_owner;
+	__u8 has_app;
+	__u8 listen_blocked;
+	__u8 listen_slot;
+	char comm[16];
+};
+
+struct in_listen_key {
+	__u64 netns;
+	__u8 laddr[16];
+	__u16 lport; // host order
+	__u8 v6;
+	__u8 pad[5];
+};
+
+struct in_listener {
+	__u64 cookie;
+	struct sk_owner o;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct in_listen_key);
+	__type(value, struct in_listener);
+} fwp_in_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct in_listen_key);
+} fwp_in_listen_idx SEC(".maps");
+
+// The task's fields an owner record is read from (CO-RE), as inbound.h's
+// in_owner_fill reads them.
+struct cred___fwpr {
+	struct {
+		__u32 val;
+	} uid;
+	struct {
+		__u32 val;
+	} gid;
+} __attribute__((preserve_access_index));
+struct css_set___fwpr {
+	struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+struct super_block___fwpr {
+	__u32 s_dev;
+} __attribute__((preserve_access_index));
+struct inode___fwpr {
+	unsigned long i_ino;
+	struct super_block___fwpr *i_sb;
+} __attribute__((preserve_access_index));
+struct file___fwpr {
+	struct inode___fwpr *f_inode;
+} __attribute__((preserve_access_index));
+struct mm_struct___fwpr {
+	struct file___fwpr *exe_file;
+} __attribute__((preserve_access_index));
+struct task_struct___fwpr {
+	int tgid;
+	char comm[16];
+	const struct cred___fwpr *cred;
+	struct css_set___fwpr *cgroups;
+	struct mm_struct___fwpr *mm;
+} __attribute__((preserve_access_index));
+
+// listen_key is a socket's listener key (inbound.h's in_listen_note):
+// the namespace, its local address as the socket has it, its port.
+static __always_inline void listen_key(struct bpf_sock_ops *skops, struct in_listen_key *k)
+{
+	k->netns = bpf_get_netns_cookie(skops);
+	k->lport = skops->local_port;
+	if (skops->family == AF_INET6) {
+		volatile __u32 a0 = skops->local_ip6[0], a1 = skops->local_ip6[1], a2 = skops->local_ip6[2], a3 = skops->local_ip6[3];
+		__u32 a[4] = {a0, a1, a2, a3};
+		__builtin_memcpy(k->laddr, a, 16);
+		k->v6 = 1;
+	} else {
+		__u32 a = skops->local_ip4;
+		__builtin_memcpy(k->laddr, &a, 4);
+	}
+}
+
+// note_listener records a new listener's owner (the listening process is
+// current) in fwp.c's listener records, as inbound.h's in_listen does when
+// the inbound hooks are attached: the reauthorization needs the owner of
+// accepted sockets whatever the policy. The record goes when the socket
+// stops listening (STATE_CB). A global function: its own frame.
+__attribute__((noinline)) int note_listener(struct bpf_sock_ops *skops)
+{
+	if (!skops)
+		return 0;
+	struct in_listen_key k = {};
+	listen_key(skops, &k);
+	struct in_listener l = {.cookie = bpf_get_socket_cookie(skops)};
+	struct task_struct___fwpr *task = (void *)bpf_get_current_task_btf();
+	l.o.tgid = task->tgid;
+	const struct cred___fwpr *cr = task->cred;
+	if (cr) {
+		l.o.uid = cr->uid.val;
+		l.o.gid = cr->gid.val;
+	}
+	struct css_set___fwpr *cs = task->cgroups;
+	if (cs) {
+		struct cgroup *cg = cs->dfl_cgrp;
+		if (cg) {
+			struct kernfs_node *kn = cg->kn;
+			if (kn)
+				l.o.cgroup_id = kn->id;
+		}
+	}
+	bpf_probe_read_kernel_str(l.o.comm, sizeof(l.o.comm), task->comm);
+	struct mm_struct___fwpr *mm = task->mm;
+	if (mm) {
+		struct file___fwpr *f = mm->exe_file;
+		if (f) {
+			struct inode___fwpr *ino = f->f_inode;
+			if (ino) {
+				l.o.app_ino = ino->i_ino;
+				struct super_block___fwpr *sb = ino->i_sb;
+				l.o.app_dev = sb ? sb->s_dev : 0;
+				l.o.has_app = 1;
+			}
+		}
+	}
+	l.o.has_owner = 1;
+	if (!bpf_map_update_elem(&fwp_in_listeners, &k, &l, BPF_ANY) &&
+	    !bpf_map_update_elem(&fwp_in_listen_idx, &l.cookie, &k, BPF_ANY))
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 0;
+}
+
+// forget_listener drops a listener's record when it stops listening (only
+// its own), as inbound.h's in_listen_release.
+static __always_inline void forget_listener(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct in_listen_key *k = bpf_map_lookup_elem(&fwp_in_listen_idx, &cookie);
+	if (!k)
+		return;
+	struct in_listener *l = bpf_map_lookup_elem(&fwp_in_listeners, k);
+	if (l && l->cookie == cookie)
+		bpf_map_delete_elem(&fwp_in_listeners, k);
+	bpf_map_delete_elem(&fwp_in_listen_idx, &cookie);
+}
+
 // flow_event is one report (Go: fwpreauthFlowEvent).
 struct flow_event {
 	struct flow_note note;
@@ -288,18 +467,97 @@ static __always_inline void flow_report(struct flow_note *n, __u64 cookie, __u8 
 	bpf_ringbuf_submit(e, 0);
 }
 
+// note_accepted notes an accepted TCP socket (its owner: the listener's,
+// from the listener records by the socket's local address, then by the
+// wildcard) so that the reauthorization pass classifies it at
+// AUTH_RECV_ACCEPT; src and dst are the socket's tuple. An accepted socket
+// whose listener has no record (listening before the hooks) is not noted.
+// A global function: its own stack frame.
+// addr16: an address, for a global function's argument (its size is the
+// pointee's).
+struct addr16 {
+	__u32 a[4];
+};
+
+__attribute__((noinline)) int note_accepted(struct bpf_sock_ops *skops, struct addr16 *sa, struct addr16 *da)
+{
+	if (!skops || !sa || !da)
+		return 0;
+	__u32 *src = sa->a, *dst = da->a;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 0;
+	__u8 family = skops->family;
+	struct in_listen_key k = {};
+	listen_key(skops, &k);
+	struct in_listener *l = bpf_map_lookup_elem(&fwp_in_listeners, &k);
+	if (!l) {
+		__builtin_memset(k.laddr, 0, 16);
+		l = bpf_map_lookup_elem(&fwp_in_listeners, &k);
+	}
+	if (!l || !l->o.has_owner)
+		return 0;
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!n)
+		return 0;
+	// The tuple as AUTH_RECV_ACCEPT classified it: a v4 client of a
+	// dual-stack listener (v4-mapped) is a v4 flow.
+	int mapped = family == AF_INET6 && dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0xffff);
+	if (family == AF_INET || mapped) {
+		__builtin_memset(n->raddr, 0, 16);
+		__builtin_memset(n->laddr, 0, 16);
+		__builtin_memcpy(n->raddr, family == AF_INET ? dst : dst + 3, 4);
+		__builtin_memcpy(n->laddr, family == AF_INET ? src : src + 3, 4);
+		n->v6 = 0;
+	} else {
+		__builtin_memcpy(n->raddr, dst, 16);
+		__builtin_memcpy(n->laddr, src, 16);
+		n->v6 = 1;
+	}
+	n->rport = bpf_ntohl(skops->remote_port);
+	n->lport = skops->local_port;
+	n->proto = 6;
+	n->has_laddr = 1;
+	n->has_lport = 1;
+	n->redirected = 0;
+	n->inbound = 1;
+	n->uid = l->o.uid;
+	n->gid = l->o.gid;
+	n->tgid = l->o.tgid;
+	n->cgroup_id = l->o.cgroup_id;
+	n->app_ino = l->o.has_app ? l->o.app_ino : 0;
+	n->app_dev = l->o.has_app ? l->o.app_dev : 0;
+	__builtin_memcpy(n->comm, l->o.comm, sizeof(n->comm));
+	return 1;
+}
+
+// fwp_flow_sockops: an outbound TCP connection the connect hook noted is
+// established (ACTIVE), or a TCP connection was accepted (PASSIVE: noted
+// here); each reported once, while user space reads the reports.
 SEC("sockops")
 int fwp_flow_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+	__u32 op = skops->op;
+	if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+		note_listener(skops);
 		return 1;
+	}
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		if (skops->args[0] == BPF_TCP_LISTEN)
+			forget_listener(skops);
+		return 1;
+	}
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	// An accepted socket inherits its listener's callback flags; they
+	// are left alone (fwp.c's sockops decides whether an accepted socket
+	// reports its state changes: a redirect record ends with them).
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return 1;
-	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
-	if (!n || (n->events & FLOW_EV_ESTABLISHED))
+	int report = reporting();
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && !report)
 		return 1;
-	n->events |= FLOW_EV_ESTABLISHED;
 	// Volatile reads: the compiler must not merge the two branches' loads
 	// into one through a selected pointer (the verifier refuses a context
 	// pointer that is not at a constant offset).
@@ -316,6 +574,14 @@ int fwp_flow_sockops(struct bpf_sock_ops *skops)
 			dst[i] = c[offsetof(struct bpf_sock_ops, remote_ip6) / 4 + i];
 		}
 	}
+	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && !note_accepted(skops, (struct addr16 *)src, (struct addr16 *)dst))
+		return 1;
+	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
+	if (!n || (n->events & FLOW_EV_ESTABLISHED))
+		return 1;
+	if (!report)
+		return 1;
+	n->events |= FLOW_EV_ESTABLISHED;
 	__builtin_memcpy(n->src, src, 16);
 	__builtin_memcpy(n->dst, dst, 16);
 	n->sport = skops->local_port;
@@ -325,11 +591,50 @@ int fwp_flow_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+// udp_closing fills a connected UDP socket's event tuple (no sockops
+// event established it): the peer from its note (as AUTH_CONNECT
+// classified it), the local address and port the socket has now (connect
+// chose them). sock_release's context is the kernel's struct sock, but the
+// verifier lets it read only the peer's fields: the local ones are read
+// with bpf_probe_read_kernel (CO-RE offsets); when that fails, the note's
+// (bound before connect) or zero.
+static __always_inline void udp_closing(struct bpf_sock *sk, struct flow_note *n)
+{
+	struct sock_common *skc = (struct sock_common *)sk;
+	n->family = n->v6 ? AF_INET6 : AF_INET;
+	__builtin_memcpy(n->dst, n->raddr, 16);
+	n->dport = n->rport;
+	__u32 src[4] = {};
+	long err = n->v6 ? bpf_probe_read_kernel(src, 16, &skc->skc_v6_rcv_saddr)
+			 : bpf_probe_read_kernel(src, 4, &skc->skc_rcv_saddr);
+	if (err) {
+		if (n->has_laddr)
+			__builtin_memcpy(src, n->laddr, 16);
+		else
+			__builtin_memset(src, 0, 16);
+	}
+	__builtin_memcpy(n->src, src, 16);
+	__u16 num = 0;
+	if (bpf_probe_read_kernel(&num, sizeof(num), &skc->skc_num) != 0)
+		num = n->has_lport ? n->lport : 0;
+	n->sport = num;
+}
+
+// fwp_flow_release reports the end of a flow the note has: an outbound TCP
+// connection established (sockops reported it) or a UDP socket its
+// program connected (the connect hook noted it; no establishment report:
+// docs/semantics.md).
 SEC("cgroup/sock_release")
 int fwp_flow_release(struct bpf_sock *sk)
 {
+	if (!reporting())
+		return 1;
 	struct flow_note *n = bpf_sk_storage_get(&fwp_sk_flow, sk, 0, 0);
-	if (!n || !(n->events & FLOW_EV_ESTABLISHED) || (n->events & FLOW_EV_CLOSED))
+	if (!n || (n->events & FLOW_EV_CLOSED))
+		return 1;
+	if (n->proto == IPPROTO_UDP)
+		udp_closing(sk, n);
+	else if (!(n->events & FLOW_EV_ESTABLISHED))
 		return 1;
 	n->events |= FLOW_EV_CLOSED;
 	flow_report(n, bpf_get_socket_cookie(sk), FLOW_EV_CLOSED, n->family, (__u32 *)n->src, (__u32 *)n->dst, n->sport, n->dport);

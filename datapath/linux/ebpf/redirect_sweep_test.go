@@ -205,3 +205,34 @@ func TestUnacceptedRedirectRecordsSwept(t *testing.T) {
 		t.Fatal("a record whose client closed, never accepted, outlived the grace")
 	}
 }
+
+// A sweep (or a query) that found a UDP record expired deletes it only if
+// it is still that record: a new flow reusing the 4-tuple since then wrote
+// its own, which stays (TestE2EKernelSoak once lost a DNS flow so).
+func TestDeleteIfExpiredKeepsNewFlow(t *testing.T) {
+	d, _ := kernelSetup(t)
+	r := d.redirects()
+	k := fwpTupleKey{ClientPort: 3, ProxyPort: 24714}
+	copy(k.Client[:], []byte{192, 0, 2, 3})
+	copy(k.Proxy[:], []byte{192, 0, 2, 4})
+	t.Cleanup(func() { d.objs.FwpTupleRedirect.Delete(&k) })
+	old := fwpRedirectState{Proto: syscall.IPPROTO_UDP, Cookie: 1<<62 | 1, Released: 1} // closed long ago
+	fresh := fwpRedirectState{Proto: syscall.IPPROTO_UDP, Cookie: 1<<62 | 2}              // open
+	// The sweep saw old; a new flow replaced it before the delete.
+	if err := d.objs.FwpTupleRedirect.Put(&k, &fresh); err != nil {
+		t.Fatal(err)
+	}
+	if r.deleteIfExpired(k, old.Cookie) {
+		t.Fatal("the new flow's record was deleted")
+	}
+	if n, _ := tupleRecords(t, d, 24714); n != 1 {
+		t.Fatal("the new flow's record is gone")
+	}
+	// Still the old one: deleted.
+	if err := d.objs.FwpTupleRedirect.Put(&k, &old); err != nil {
+		t.Fatal(err)
+	}
+	if !r.deleteIfExpired(k, old.Cookie) {
+		t.Fatal("the expired record was kept")
+	}
+}

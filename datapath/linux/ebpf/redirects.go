@@ -137,8 +137,20 @@ func (r *Redirects) expired(k fwpTupleKey, s *fwpRedirectState) bool {
 	if !isExpired(s) {
 		return false
 	}
-	_ = r.tuple.Delete(k) // it may already have been replaced: best effort
+	r.deleteIfExpired(k, s.Cookie)
 	return true
+}
+
+// deleteIfExpired deletes the record under k if it is still the expired
+// one of the socket cookie: a new flow on the same 4-tuple may have
+// written its own since it was read (a client port reused), which must
+// stay. (The window left is the one between this lookup and the delete.)
+func (r *Redirects) deleteIfExpired(k fwpTupleKey, cookie uint64) bool {
+	var s fwpRedirectState
+	if r.tuple.Lookup(k, &s) != nil || s.Cookie != cookie || !isExpired(&s) {
+		return false
+	}
+	return r.tuple.Delete(k) == nil
 }
 
 // SweepReleased deletes the 4-tuple records of UDP sockets closed more
@@ -147,19 +159,26 @@ func (r *Redirects) expired(k fwpTupleKey, s *fwpRedirectState) bool {
 func (r *Redirects) SweepReleased() (int, error) {
 	var k fwpTupleKey
 	var s fwpRedirectState
-	var stale []fwpTupleKey
+	type staleKey struct {
+		k      fwpTupleKey
+		cookie uint64
+	}
+	var stale []staleKey
 	it := r.tuple.Iterate()
 	for it.Next(&k, &s) {
 		if isExpired(&s) {
-			stale = append(stale, k)
+			stale = append(stale, staleKey{k, s.Cookie})
 		}
 	}
 	if err := it.Err(); err != nil {
 		return 0, err
 	}
 	n := 0
-	for _, k := range stale {
-		if r.tuple.Delete(k) == nil {
+	for _, st := range stale {
+		// Read again: a new flow reusing the 4-tuple since the walk
+		// wrote a fresh record under the key (TestE2EKernelSoak lost one
+		// DNS flow in 100,000 so).
+		if r.deleteIfExpired(st.k, st.cookie) {
 			n++
 		}
 	}
@@ -194,10 +213,14 @@ func (r *Redirects) queryWildcard(port uint16, remote netip.AddrPort) (RedirectS
 	var found [2]*fwpRedirectState // exact client, zero client
 	var ambiguous [2]bool
 	it := r.tuple.Iterate()
-	var stale []fwpTupleKey // deleted after the walk, which a delete could restart
+	type staleKey struct {
+		k      fwpTupleKey
+		cookie uint64
+	}
+	var stale []staleKey // deleted after the walk, which a delete could restart
 	defer func() {
-		for _, k := range stale {
-			_ = r.tuple.Delete(k)
+		for _, st := range stale {
+			r.deleteIfExpired(st.k, st.cookie)
 		}
 	}()
 	for it.Next(&k, &s) {
@@ -205,7 +228,7 @@ func (r *Redirects) queryWildcard(port uint16, remote netip.AddrPort) (RedirectS
 			continue
 		}
 		if isExpired(&s) {
-			stale = append(stale, k)
+			stale = append(stale, staleKey{k, s.Cookie})
 			continue
 		}
 		j := 1

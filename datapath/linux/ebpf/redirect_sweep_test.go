@@ -217,7 +217,7 @@ func TestDeleteIfExpiredKeepsNewFlow(t *testing.T) {
 	copy(k.Proxy[:], []byte{192, 0, 2, 4})
 	t.Cleanup(func() { d.objs.FwpTupleRedirect.Delete(&k) })
 	old := fwpRedirectState{Proto: syscall.IPPROTO_UDP, Cookie: 1<<62 | 1, Released: 1} // closed long ago
-	fresh := fwpRedirectState{Proto: syscall.IPPROTO_UDP, Cookie: 1<<62 | 2}              // open
+	fresh := fwpRedirectState{Proto: syscall.IPPROTO_UDP, Cookie: 1<<62 | 2}            // open
 	// The sweep saw old; a new flow replaced it before the delete.
 	if err := d.objs.FwpTupleRedirect.Put(&k, &fresh); err != nil {
 		t.Fatal(err)

@@ -255,51 +255,10 @@ static __always_inline int reporting(void)
 	return on && *on;
 }
 
-// The listener records of fwp.c's bpf/inbound.h (the same layout; the map
-// is fwp.c's, shared by replacement at load): an accepted socket's owner
+// The listener records of fwp.c's bpf/inbound.h (inlisten.h; the maps
+// are fwp.c's, shared by replacement at load): an accepted socket's owner
 // is its listener's.
-struct sk_owner {
-	__u64 cgroup_id;
-	__u64 app_ino;
-	__u64 listen_filter;
-	__u32 app_dev;
-	__u32 tgid;
-	__u32 uid;
-	__u32 gid;
-	__u32 listen_epoch;
-	__u8 has_owner;
-	__u8 has_app;
-	__u8 listen_blocked;
-	__u8 listen_slot;
-	char comm[16];
-};
-
-struct in_listen_key {
-	__u64 netns;
-	__u8 laddr[16];
-	__u16 lport; // host order
-	__u8 v6;
-	__u8 pad[5];
-};
-
-struct in_listener {
-	__u64 cookie;
-	struct sk_owner o;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct in_listen_key);
-	__type(value, struct in_listener);
-} fwp_in_listeners SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct in_listen_key);
-} fwp_in_listen_idx SEC(".maps");
+#include "inlisten.h"
 
 // The task's fields an owner record is read from (CO-RE), as inbound.h's
 // in_owner_fill reads them.

@@ -83,6 +83,9 @@ type Datapath struct {
 	unaccepted map[fwpTupleKey]unacceptedSeen
 	// grace waits for the hooks' runs in flight after a switch (grace.go).
 	grace *graceMaps
+	// adopted names the maps Load adopted from PinDir (KeepHooks); an
+	// older fwpd's pins lack the maps added since.
+	adopted map[string]bool
 }
 
 // genKeys are the hash-map keys one generation wrote, deleted before the

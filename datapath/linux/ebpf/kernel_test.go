@@ -1314,3 +1314,97 @@ func numRedirectHooks(d *Datapath) int {
 	}
 	return n
 }
+
+// An fwpd of an older version pinned fewer maps (those of the features
+// added since are missing): a newer one adopts the maps there, with the
+// hooks, the policy's generation and the records in them, and pins the
+// others. A pinned map whose layout changed is refused by name.
+func TestKeptPinsFromOlderDatapath(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := t.TempDir()
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(root, "bpf")) })
+	pins := filepath.Join(root, "bpf", "fwp")
+	cg := testutil.NewCgroup(t)
+	load := func(keep bool) (*Datapath, error) { return Load(Options{PinDir: pins, KeepHooks: keep}) }
+	d1, err := load(true)
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	if err := d1.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := redirectPolicy(t, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
+	apply(t, d1, e)
+	gen := d1.gen
+	const cookie = uint64(1<<62 + 7)
+	if err := d1.objs.FwpSockRedirect.Put(cookie, &fwpRedirectState{Proto: 6, Cookie: cookie}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The maps of the last features added, as an older fwpd had none.
+	newer := []string{"fwp_in_listeners", "fwp_in_listen_idx", "fwp_sk_owner", "fwp_in_flows"}
+	for _, name := range newer {
+		if err := os.Remove(filepath.Join(pins, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d2, err := load(true)
+	if err != nil {
+		t.Fatalf("pins of an older datapath: %v", err)
+	}
+	if d2.gen != gen {
+		t.Errorf("adopted generation %d, want %d", d2.gen, gen)
+	}
+	var st fwpRedirectState
+	if err := d2.objs.FwpSockRedirect.Lookup(cookie, &st); err != nil || st.Cookie != cookie {
+		t.Errorf("a record in an adopted map is gone: %v", err)
+	}
+	for _, name := range newer {
+		if _, err := os.Stat(filepath.Join(pins, name)); err != nil {
+			t.Errorf("map %s, new to this datapath, not pinned: %v", name, err)
+		}
+	}
+	if err := d2.Attach(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	ids2 := programIDs(t, d2)
+	if c, r := attachedHooks(t, d2, cg, ids2); c != 6 || r != numRedirectHooks(d2) {
+		t.Fatalf("after adopting an older datapath's pins: %d and %d hooks attached, want 6 and %d", c, r, numRedirectHooks(d2))
+	}
+	if err := d2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A map of another layout under a pinned name.
+	epoch := filepath.Join(pins, "fwp_in_epoch")
+	if err := os.Remove(epoch); err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 16, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = m.Pin(epoch)
+	m.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := load(true); err == nil {
+		d.Close()
+		t.Fatal("a pinned map of another layout was adopted")
+	} else if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "fwp_in_epoch") {
+		t.Fatalf("a pinned map of another layout: %v, want ErrUnavailable naming fwp_in_epoch", err)
+	}
+	// Without KeepHooks the pins (and the hooks they hold) go.
+	d3, err := load(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d3.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c, r := attachedHooks(t, d2, cg, ids2); c != 0 || r != 0 {
+		t.Fatalf("after a datapath without KeepHooks: %d and %d hooks still attached", c, r)
+	}
+}

@@ -199,15 +199,39 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions
 	if len(opened) == 0 {
 		return nil, nil, nil
 	}
-	if len(opened) != len(pinnedMaps) {
+	fail := func(err error) (*ebpf.CollectionOptions, []*ebpf.Map, error) {
 		for _, m := range opened {
 			m.Close()
 		}
-		return nil, nil, fmt.Errorf("%w: %s holds only some of the datapath's maps; remove it to start afresh", ErrUnavailable, dir)
+		return nil, nil, err
+	}
+	// An older fwpd pinned fewer maps (features added since): those
+	// present are adopted, the others start empty and are pinned by
+	// afterLoad, as on a first start. The generation and policy live in
+	// the maps every version pinned.
+	for _, name := range []string{"fwp_config", "fwp_bitsets", "fwp_addrs", "fwp_ints", "fwp_filters", "fwp_layers"} {
+		if repl[name] == nil {
+			return fail(fmt.Errorf("%w: %s holds only some of the datapath's maps (not %s); remove it to start afresh", ErrUnavailable, dir, name))
+		}
 	}
 	// Sizes the options set: the pinned maps keep theirs.
 	for _, name := range []string{"fwp_bitsets", "fwp_addrs", "fwp_hosts", "fwp_host_ids"} {
-		spec.Maps[name].MaxEntries = repl[name].MaxEntries()
+		if m := repl[name]; m != nil {
+			spec.Maps[name].MaxEntries = m.MaxEntries()
+		}
+	}
+	// A map whose layout changed since cannot be adopted: said by name,
+	// before anything is loaded.
+	for _, name := range pinnedMaps {
+		if m := repl[name]; m != nil {
+			if err := spec.Maps[name].Compatible(m); err != nil {
+				return fail(fmt.Errorf("%w: pinned map %s in %s is not the layout this fwpd uses (%v): an fwpd of another version pinned it; stop its hooks with that version, or remove %s to start afresh", ErrUnavailable, name, dir, err, dir))
+			}
+		}
+	}
+	d.adopted = map[string]bool{}
+	for name := range repl {
+		d.adopted[name] = true
 	}
 	return &ebpf.CollectionOptions{MapReplacements: repl}, opened, nil
 }
@@ -231,7 +255,7 @@ func (d *Datapath) afterLoad(adopted bool) error {
 	byName := d.mapsByName()
 	for _, name := range pinnedMaps {
 		p := filepath.Join(d.opts.PinDir, name)
-		if adopted {
+		if d.adopted[name] {
 			continue // already pinned there
 		}
 		if err := byName[name].Pin(p); err != nil {

@@ -37,6 +37,7 @@ type kernelConfig struct {
 	proxyCgroups string
 	addrs        uint
 	hosts        uint
+	redirects    uint
 	callouts     calloutConfig
 	// noReauth: --no-reauthorize-established (reauth.go).
 	noReauth bool
@@ -50,6 +51,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&k.lockWait, "bpffs-lock-wait", pinsLockWait, "how long to wait for another fwpd (one exiting, say) to let go of --bpffs-dir")
 	fs.UintVar(&k.addrs, "kernel-max-addresses", 0, "bound the address prefixes of the kernel's policy, both generations (48 bytes of kernel memory each while used; 0: 4194304, two 2M-address policies)")
 	fs.UintVar(&k.hosts, "kernel-max-hosts", 0, "bound the host table of large address lists and host filter runs, both generations (8 bytes of kernel memory each, preallocated; 0: 2097152, two policies of a million hosts)")
+	fs.UintVar(&k.redirects, "kernel-max-redirect-records", 0, "bound the redirect record maps (by socket, by 4-tuple; LRU, preallocated: about 880 bytes of kernel memory a record). A closed UDP client's record stays 10–15 s for its queued datagrams, so the default holds about 4,400 new redirected UDP flows a second; a full map evicts live records (0: 65536)")
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
 	k.callouts.flags(fs)
@@ -136,7 +138,8 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		return nil, err
 	}
 	d, err := ebpf.Load(ebpf.Options{PinDir: c.bpffsDir, KeepHooks: c.keepHooks, MaxClasses: uint32(min(c.classes, 1<<32-1)),
-		MaxAddresses: uint32(min(c.addrs, 1<<32-1)), MaxHosts: uint32(min(c.hosts, 1<<32-1))})
+		MaxAddresses: uint32(min(c.addrs, 1<<32-1)), MaxHosts: uint32(min(c.hosts, 1<<32-1)),
+		MaxRedirectRecords: uint32(min(c.redirects, 1<<32-1))})
 	if err != nil {
 		os.Remove(lock.Name())
 		lock.Close()

@@ -35,6 +35,16 @@ type Options struct {
 	// each (the host and a filter id). A policy whose tables do not fit
 	// a generation (half) is refused with ErrCapacity.
 	MaxHosts uint32
+	// MaxRedirectRecords bounds each redirect record map (by socket, by
+	// 4-tuple, UDP keys, proxies' records); 0 keeps the default 65536.
+	// They are LRU maps, preallocated: a record of a live connection is
+	// evicted once the map is full. A closed UDP client's record stays a
+	// grace period (ReleasedGrace) for the datagrams still queued to its
+	// proxy, and goes at the sweep after (every half grace): the 4-tuple
+	// map holds the UDP flows of the last 10–15 s, about 4,400 new flows a
+	// second at the defaults. The four maps take about 880 bytes of kernel
+	// memory a record (TestMaxRedirectRecords): 57 MB at the default.
+	MaxRedirectRecords uint32
 	// PinDir, a directory on a bpffs, holds the maps' pins while the
 	// datapath is loaded, so proxies in other processes find the redirect
 	// maps (OpenRedirects). Maps already pinned there by an earlier
@@ -46,6 +56,9 @@ type Options struct {
 	// exits, and the next Load with the same PinDir adopts it.
 	KeepHooks bool
 }
+
+// redirectRecordMaps are the maps MaxRedirectRecords sizes.
+var redirectRecordMaps = []string{"fwp_sock_redirect", "fwp_tuple_redirect", "fwp_udp_key", "fwp_sock_records"}
 
 // Datapath is the loaded eBPF programs and maps. Load it once, Attach it to
 // a cgroup v2 and Apply compiled policies; Close detaches everything.
@@ -121,6 +134,11 @@ func Load(opts Options) (*Datapath, error) {
 	blocks := max((hosts+2*hostBlock-1)/(2*hostBlock)*2, 2) // whole blocks, an even half each
 	spec.Maps["fwp_hosts"].MaxEntries = blocks
 	spec.Maps["fwp_host_ids"].MaxEntries = blocks
+	if opts.MaxRedirectRecords > 0 {
+		for _, name := range redirectRecordMaps {
+			spec.Maps[name].MaxEntries = opts.MaxRedirectRecords
+		}
+	}
 	if opts.MaxClasses > 0 {
 		spec.Maps["fwp_bitsets"].MaxEntries = opts.MaxClasses
 	}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -1407,4 +1408,39 @@ func TestKeptPinsFromOlderDatapath(t *testing.T) {
 	if c, r := attachedHooks(t, d2, cg, ids2); c != 0 || r != 0 {
 		t.Fatalf("after a datapath without KeepHooks: %d and %d hooks still attached", c, r)
 	}
+}
+
+// MaxRedirectRecords sizes the redirect record maps; the kernel memory
+// each record costs is logged for docs/benchmarks.md.
+func TestMaxRedirectRecords(t *testing.T) {
+	testutil.RequireRoot(t)
+	memlock := func(m *ebpf.Map) int {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", m.FD()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "memlock:"); ok {
+				n, _ := strconv.Atoi(strings.TrimSpace(v))
+				return n
+			}
+		}
+		return 0
+	}
+	var bytes [2]int
+	for i, n := range []uint32{8192, 65536} {
+		d, err := Load(Options{MaxRedirectRecords: n})
+		if err != nil {
+			testutil.Unavailable(t, err)
+		}
+		byName := d.mapsByName()
+		for _, name := range redirectRecordMaps {
+			if got := byName[name].MaxEntries(); got != n {
+				t.Errorf("%s: %d entries, want %d", name, got, n)
+			}
+			bytes[i] += memlock(byName[name])
+		}
+		d.Close()
+	}
+	t.Logf("redirect record maps: %d bytes of kernel memory a record (memlock)", (bytes[1]-bytes[0])/(65536-8192))
 }

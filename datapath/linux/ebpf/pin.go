@@ -215,7 +215,7 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (*ebpf.CollectionOptions
 		}
 	}
 	// Sizes the options set: the pinned maps keep theirs.
-	for _, name := range []string{"fwp_bitsets", "fwp_addrs", "fwp_hosts", "fwp_host_ids"} {
+	for _, name := range append([]string{"fwp_bitsets", "fwp_addrs", "fwp_hosts", "fwp_host_ids"}, redirectRecordMaps...) {
 		if m := repl[name]; m != nil {
 			spec.Maps[name].MaxEntries = m.MaxEntries()
 		}

@@ -163,19 +163,40 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 // thousands of filters), and a restart (systemd's Restart=) comes sooner.
 const pinsLockWait = 10 * time.Second
 
+// pinsLockDir holds the pin directories' lock files: root's own
+// directory under /run, where no other user can make a file first. A
+// lock file in the shared /tmp could be made (and held for ever) by any
+// local user at its predictable name, and fwpd would refuse to start.
+// fwpd without root (no kernel datapath; tests) uses the temporary
+// directory.
+func pinsLockDir() (string, error) {
+	if os.Geteuid() != 0 {
+		return os.TempDir(), nil
+	}
+	const dir = "/run/fwpd"
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	return dir, trust.Dir("pin lock directory", dir)
+}
+
 // lockPins makes sure no other fwpd uses the same pin directory (a new
 // one would take its maps for stale and remove them), waiting up to wait
 // for one that is exiting. bpffs holds no regular files, so the lock is a
-// file in the temporary directory named after the pin directory; the
-// kernel drops it when fwpd dies. As /tmp is shared, the file must be
-// fwpd's own: one another user made could be held by them forever.
+// file named after the pin directory in pinsLockDir; the kernel drops it
+// when fwpd dies. The file must be fwpd's own: one another user made
+// could be held by them forever.
 func lockPins(dir string, wait time.Duration, log *slog.Logger) (*os.File, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, err
 	}
+	ldir, err := pinsLockDir()
+	if err != nil {
+		return nil, fmt.Errorf("kernel datapath: lock %s: %w", dir, err)
+	}
 	sum := sha256.Sum256([]byte(abs))
-	name := filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock")
+	name := filepath.Join(ldir, "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock")
 	f, err := os.OpenFile(name, os.O_CREATE|os.O_RDWR|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("kernel datapath: lock %s: %w", dir, err)

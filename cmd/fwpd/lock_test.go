@@ -62,9 +62,9 @@ func TestLockPinsWaits(t *testing.T) {
 	}
 }
 
-// TestLockPinsRefusesForeignLockFile: the lock file lives in the shared
-// temporary directory; one another user made first (and could hold for
-// ever) is refused with its owner and mode named, not silently used.
+// TestLockPinsRefusesForeignLockFile: a lock file another user made
+// first (and could hold for ever) is refused with its owner and mode
+// named, not silently used.
 func TestLockPinsRefusesForeignLockFile(t *testing.T) {
 	testutil.RequireRoot(t)
 	u := testutil.NewUser(t)
@@ -85,3 +85,31 @@ func TestLockPinsRefusesForeignLockFile(t *testing.T) {
 }
 
 func errorsAs(err error, target any) bool { return err != nil && errors.As(err, target) }
+
+// TestLockPinsOutOfUsersReach: as root the lock files live in root's own
+// /run/fwpd, where a local user cannot make one first (in the shared /tmp
+// any user could, at its predictable name, and hold it for ever: fwpd
+// would never start).
+func TestLockPinsOutOfUsersReach(t *testing.T) {
+	testutil.RequireRoot(t)
+	u := testutil.NewUser(t)
+	f, err := lockPins(filepath.Join(t.TempDir(), "pins"), 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := f.Name()
+	f.Close()
+	t.Cleanup(func() { os.Remove(name) })
+	if filepath.Dir(name) != "/run/fwpd" {
+		t.Fatalf("lock file %s, want it in /run/fwpd", name)
+	}
+	// The user tries to make the next lock file first.
+	out, err := u.Command("sh", "-c", "touch "+name+".x; ls /run/fwpd").CombinedOutput()
+	if _, serr := os.Stat(name + ".x"); serr == nil {
+		os.Remove(name + ".x")
+		t.Fatalf("an unprivileged user made a file in /run/fwpd: %s", out)
+	}
+	if err == nil {
+		t.Fatalf("the user's touch and ls in /run/fwpd succeeded: %s", out)
+	}
+}

@@ -164,7 +164,8 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 const pinsLockWait = 10 * time.Second
 
 // pinsLockDir holds the pin directories' lock files: root's own
-// directory under /run, where no other user can make a file first. A
+// /run/fwp/locks, where no other user can make a file first (/run/fwp is
+// the systemd unit's RuntimeDirectory, writable under ProtectSystem). A
 // lock file in the shared /tmp could be made (and held for ever) by any
 // local user at its predictable name, and fwpd would refuse to start.
 // fwpd without root (no kernel datapath; tests) uses the temporary
@@ -173,9 +174,14 @@ func pinsLockDir() (string, error) {
 	if os.Geteuid() != 0 {
 		return os.TempDir(), nil
 	}
-	const dir = "/run/fwpd"
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", err
+	const run, dir = "/run/fwp", "/run/fwp/locks"
+	for _, d := range []struct {
+		path string
+		mode os.FileMode
+	}{{run, 0o755}, {dir, 0o700}} { // /run/fwp: the socket's too, searchable
+		if err := os.Mkdir(d.path, d.mode); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", err
+		}
 	}
 	return dir, trust.Dir("pin lock directory", dir)
 }

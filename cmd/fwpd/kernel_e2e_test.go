@@ -71,7 +71,9 @@ func startKernelDaemon(t *testing.T, cg *testutil.Cgroup, dir string, args ...st
 	d := startDaemon(t, dir, append(base, args...)...)
 	// A killed fwpd leaves its pin lock file (see lockPins).
 	sum := sha256.Sum256([]byte(pins))
-	t.Cleanup(func() { os.Remove(filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock")) })
+	t.Cleanup(func() {
+		os.Remove(filepath.Join(pinsLockDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock"))
+	})
 	return &kdaemon{daemon: d, pins: pins}
 }
 
@@ -1397,4 +1399,13 @@ filters:
 		t.Fatalf("a bad values file: exit %d, stderr %q; want an error naming bad.txt:3", code, errs)
 	}
 	check(listedAddr(n-1), 7)
+}
+
+// pinsLockDir is where fwpd keeps its --bpffs-dir lock files: root's
+// /run/fwp/locks (the temporary directory without root).
+func pinsLockDir() string {
+	if os.Geteuid() != 0 {
+		return os.TempDir()
+	}
+	return "/run/fwp/locks"
 }

@@ -87,7 +87,7 @@ func TestLockPinsRefusesForeignLockFile(t *testing.T) {
 func errorsAs(err error, target any) bool { return err != nil && errors.As(err, target) }
 
 // TestLockPinsOutOfUsersReach: as root the lock files live in root's own
-// /run/fwpd, where a local user cannot make one first (in the shared /tmp
+// /run/fwp/locks, where a local user cannot make one first (in the shared /tmp
 // any user could, at its predictable name, and hold it for ever: fwpd
 // would never start).
 func TestLockPinsOutOfUsersReach(t *testing.T) {
@@ -100,16 +100,16 @@ func TestLockPinsOutOfUsersReach(t *testing.T) {
 	name := f.Name()
 	f.Close()
 	t.Cleanup(func() { os.Remove(name) })
-	if filepath.Dir(name) != "/run/fwpd" {
-		t.Fatalf("lock file %s, want it in /run/fwpd", name)
+	if filepath.Dir(name) != "/run/fwp/locks" {
+		t.Fatalf("lock file %s, want it in /run/fwp/locks", name)
 	}
 	// The user tries to make the next lock file first.
-	out, err := u.Command("sh", "-c", "touch "+name+".x; ls /run/fwpd").CombinedOutput()
+	out, err := u.Command("sh", "-c", "touch "+name+".x; ls /run/fwp/locks").CombinedOutput()
 	if _, serr := os.Stat(name + ".x"); serr == nil {
 		os.Remove(name + ".x")
-		t.Fatalf("an unprivileged user made a file in /run/fwpd: %s", out)
+		t.Fatalf("an unprivileged user made a file in /run/fwp/locks: %s", out)
 	}
 	if err == nil {
-		t.Fatalf("the user's touch and ls in /run/fwpd succeeded: %s", out)
+		t.Fatalf("the user's touch and ls in /run/fwp/locks succeeded: %s", out)
 	}
 }

@@ -113,7 +113,7 @@ func TestE2EKernelWaitsForPinLock(t *testing.T) {
 	dir := kernelDir(t)
 	pins := filepath.Join(dir, "bpf", "fwp")
 	sum := sha256.Sum256([]byte(pins))
-	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	lock, err := os.OpenFile(filepath.Join(pinsLockDir(), "fwpd-pins-"+hex.EncodeToString(sum[:8])+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}

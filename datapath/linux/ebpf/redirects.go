@@ -157,32 +157,8 @@ func (r *Redirects) deleteIfExpired(k fwpTupleKey, cookie uint64) bool {
 // than ReleasedGrace ago (queries skip them anyway; this frees the index
 // of those nobody asks about) and returns how many.
 func (r *Redirects) SweepReleased() (int, error) {
-	var k fwpTupleKey
-	var s fwpRedirectState
-	type staleKey struct {
-		k      fwpTupleKey
-		cookie uint64
-	}
-	var stale []staleKey
-	it := r.tuple.Iterate()
-	for it.Next(&k, &s) {
-		if isExpired(&s) {
-			stale = append(stale, staleKey{k, s.Cookie})
-		}
-	}
-	if err := it.Err(); err != nil {
-		return 0, err
-	}
-	n := 0
-	for _, st := range stale {
-		// Read again: a new flow reusing the 4-tuple since the walk
-		// wrote a fresh record under the key (TestE2EKernelSoak lost one
-		// DNS flow in 100,000 so).
-		if r.deleteIfExpired(st.k, st.cookie) {
-			n++
-		}
-	}
-	return n, nil
+	_, n, err := r.sweep(nil, time.Time{}, 0, false)
+	return n, err
 }
 
 func isExpired(s *fwpRedirectState) bool {
@@ -393,14 +369,10 @@ func (d *Datapath) SweepReleased() (int, error) {
 	if d.closed {
 		return 0, ErrClosed
 	}
-	r := d.redirects()
-	n, err := r.SweepReleased()
-	if err != nil {
-		return n, err
-	}
-	var m int
-	d.unaccepted, m, err = r.sweepUnaccepted(d.unaccepted, time.Now(), UnacceptedGrace)
-	return n + m, err
+	var n int
+	var err error
+	d.unaccepted, n, err = d.redirects().sweep(d.unaccepted, time.Now(), UnacceptedGrace, true)
+	return n, err
 }
 
 // UnacceptedGrace is how long a TCP redirect's 4-tuple record outlives its
@@ -419,22 +391,31 @@ type unacceptedSeen struct {
 	since  time.Time
 }
 
-// sweepUnaccepted deletes the TCP records that were never accepted and
-// whose client socket has closed (its record by cookie is gone), once they
-// have been so for grace: prev holds those seen at earlier sweeps; the
-// result is the set for the next sweep.
-func (r *Redirects) sweepUnaccepted(prev map[fwpTupleKey]unacceptedSeen, now time.Time, grace time.Duration) (map[fwpTupleKey]unacceptedSeen, int, error) {
-	next := make(map[fwpTupleKey]unacceptedSeen, len(prev))
-	type unacceptedKey struct {
+// sweep walks the 4-tuple index once. It deletes the UDP records released
+// more than ReleasedGrace ago and, with unaccepted, the TCP records never
+// accepted whose client socket has closed (its record by cookie is gone),
+// once they have been so for grace: prev holds those seen at earlier
+// sweeps; the result is the set for the next sweep.
+func (r *Redirects) sweep(prev map[fwpTupleKey]unacceptedSeen, now time.Time, grace time.Duration, unaccepted bool) (map[fwpTupleKey]unacceptedSeen, int, error) {
+	var next map[fwpTupleKey]unacceptedSeen
+	if unaccepted {
+		next = make(map[fwpTupleKey]unacceptedSeen, len(prev))
+	}
+	type staleKey struct {
 		k      fwpTupleKey
 		cookie uint64
+		tcp    bool
 	}
-	var stale []unacceptedKey
+	var stale []staleKey // deleted after the walk, which a delete could restart
 	var k fwpTupleKey
 	var s, c fwpRedirectState
 	it := r.tuple.Iterate()
 	for it.Next(&k, &s) {
-		if s.Proto != syscall.IPPROTO_TCP || s.Accepted != 0 {
+		if isExpired(&s) {
+			stale = append(stale, staleKey{k, s.Cookie, false})
+			continue
+		}
+		if !unaccepted || s.Proto != syscall.IPPROTO_TCP || s.Accepted != 0 {
 			continue
 		}
 		if err := r.sock.Lookup(s.Cookie, &c); err == nil {
@@ -445,7 +426,7 @@ func (r *Redirects) sweepUnaccepted(prev map[fwpTupleKey]unacceptedSeen, now tim
 			seen = unacceptedSeen{cookie: s.Cookie, since: now}
 		}
 		if now.Sub(seen.since) >= grace {
-			stale = append(stale, unacceptedKey{k, s.Cookie})
+			stale = append(stale, staleKey{k, s.Cookie, true})
 			continue
 		}
 		next[k] = seen
@@ -455,9 +436,16 @@ func (r *Redirects) sweepUnaccepted(prev map[fwpTupleKey]unacceptedSeen, now tim
 	}
 	n := 0
 	for _, st := range stale {
-		// A new connection may have taken the key since the walk: look
-		// again (the window left is the one between this lookup and the
-		// delete, microseconds, for a reuse of the 4-tuple).
+		// Read again: a new flow reusing the 4-tuple since the walk
+		// wrote a fresh record under the key (TestE2EKernelSoak lost one
+		// DNS flow in 100,000 so). The window left is the one between
+		// this lookup and the delete, microseconds, for a reuse.
+		if !st.tcp {
+			if r.deleteIfExpired(st.k, st.cookie) {
+				n++
+			}
+			continue
+		}
 		if r.tuple.Lookup(st.k, &s) != nil || s.Cookie != st.cookie || s.Accepted != 0 {
 			continue
 		}

@@ -478,9 +478,19 @@ type kernelCollector struct {
 	eng *engine.Engine
 }
 
-func (kernelCollector) Describe(ch chan<- *prometheus.Desc) { ch <- kernelHitsDesc }
+var kernelRecordsDesc = prometheus.NewDesc("fwp_kernel_redirect_records_total",
+	"Redirect records by socket the kernel datapath made (event=made) and ended with their socket (event=released); the difference is the records of open redirected sockets, plus any a release never ended.", []string{"event"}, nil)
+
+func (kernelCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- kernelHitsDesc
+	ch <- kernelRecordsDesc
+}
 
 func (c kernelCollector) Collect(ch chan<- prometheus.Metric) {
+	if rc, err := c.d.RedirectRecordCounts(); err == nil {
+		ch <- prometheus.MustNewConstMetric(kernelRecordsDesc, prometheus.CounterValue, float64(rc.Made), "made")
+		ch <- prometheus.MustNewConstMetric(kernelRecordsDesc, prometheus.CounterValue, float64(rc.Released), "released")
+	}
 	hits, err := c.d.FilterHits()
 	if err != nil {
 		return

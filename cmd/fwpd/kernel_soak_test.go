@@ -208,4 +208,13 @@ func TestE2EKernelSoak(t *testing.T) {
 			t.Errorf("%s: %d entries after the soak, %d before", name, n, maps[name])
 		}
 	}
+	// fwpd's own account agrees: a record per redirected connection and
+	// DNS flow, each ended with its socket (the held connection's is not
+	// yet).
+	m2 := d.metrics(t)
+	made, rel := `fwp_kernel_redirect_records_total{event="made"}`, `fwp_kernel_redirect_records_total{event="released"}`
+	dm, dr := metricValue(t, m2, made)-metricValue(t, m0, made), metricValue(t, m2, rel)-metricValue(t, m0, rel)
+	if dm < float64(2*soakOps) || dm-dr > 1 {
+		t.Errorf("fwpd's kernel made %v redirect records during the soak (want at least %d) and ended %v", dm, 2*soakOps, dr)
+	}
 }

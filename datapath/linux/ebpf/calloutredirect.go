@@ -106,6 +106,7 @@ func (d *Datapath) SetCalloutRedirect(f CalloutFlow, r CalloutRedirect) error {
 		_ = d.objs.FwpSockRedirect.Delete(f.Cookie)
 		return mapErr("run-time redirect", err)
 	}
+	d.runtimeRecords.Add(1)
 	return nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -96,6 +97,9 @@ type Datapath struct {
 	unaccepted map[fwpTupleKey]unacceptedSeen
 	// grace waits for the hooks' runs in flight after a switch (grace.go).
 	grace *graceMaps
+	// runtimeRecords counts the records SetCalloutRedirect made
+	// (RedirectRecordCounts).
+	runtimeRecords atomic.Uint64
 	// adopted names the maps Load adopted from PinDir (KeepHooks); an
 	// older fwpd's pins lack the maps added since.
 	adopted map[string]bool

@@ -316,6 +316,8 @@ const (
 	fwpProgFwpSetsockopt   = "fwp_setsockopt"
 	fwpProgFwpSockRelease  = "fwp_sock_release"
 	fwpProgFwpSockops      = "fwp_sockops"
+	fwpVarFwpRecMade       = "fwp_rec_made"
+	fwpVarFwpRecReleased   = "fwp_rec_released"
 )
 
 // loadFwp returns the embedded CollectionSpec for fwp.
@@ -422,6 +424,8 @@ type fwpMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fwpVariableSpecs struct {
+	FwpRecMade     *ebpf.VariableSpec `ebpf:"fwp_rec_made"`
+	FwpRecReleased *ebpf.VariableSpec `ebpf:"fwp_rec_released"`
 }
 
 // fwpObjects contains all objects after they have been loaded into the kernel.
@@ -523,6 +527,8 @@ func (m *fwpMaps) Close() error {
 //
 // It can be passed to loadFwpObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fwpVariables struct {
+	FwpRecMade     *ebpf.Variable `ebpf:"fwp_rec_made"`
+	FwpRecReleased *ebpf.Variable `ebpf:"fwp_rec_released"`
 }
 
 // fwpPrograms contains all programs after they have been loaded into the kernel.

@@ -375,6 +375,32 @@ func (d *Datapath) SweepReleased() (int, error) {
 	return n, err
 }
 
+// RedirectRecordCounts are the redirect records by socket made since Load
+// (by the connect hook for built-in redirects, by SetCalloutRedirect for
+// run-time ones) and those sock_release ended. Made less Released is the
+// open redirected sockets' records, plus any a release never ended.
+type RedirectRecordCounts struct {
+	Made, Released uint64
+}
+
+// RedirectRecordCounts reads the counts.
+func (d *Datapath) RedirectRecordCounts() (RedirectRecordCounts, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return RedirectRecordCounts{}, ErrClosed
+	}
+	var c RedirectRecordCounts
+	if err := d.objs.FwpRecMade.Get(&c.Made); err != nil {
+		return c, fmt.Errorf("read redirect record counts: %w", err)
+	}
+	if err := d.objs.FwpRecReleased.Get(&c.Released); err != nil {
+		return c, fmt.Errorf("read redirect record counts: %w", err)
+	}
+	c.Made += d.runtimeRecords.Load()
+	return c, nil
+}
+
 // UnacceptedGrace is how long a TCP redirect's 4-tuple record outlives its
 // client's socket when no proxy socket was seen established for it: the
 // proxy's accepted socket ends the record when it closes, but a connection

@@ -346,6 +346,10 @@ func TestKernelSoak(t *testing.T) {
 		before[name] = mapEntries(t, m)
 	}
 	hitsBefore := mapEntries(t, d.objs.FwpHits)
+	rc0, err := d.RedirectRecordCounts()
+	if err != nil {
+		t.Fatal(err)
+	}
 	fds := countFDs()
 	files := []*os.File{mapFile(t, d.objs.FwpSockRecords), mapFile(t, d.objs.FwpTupleRedirect)}
 	start := time.Now()
@@ -375,6 +379,7 @@ func TestKernelSoak(t *testing.T) {
 	// Socket releases of the exited helper may still be running: the
 	// counts must come down within a bound, sweeping as fwpd does.
 	deadline := time.Now().Add(5 * time.Second)
+	leftOne := false
 	for {
 		if _, err := d.SweepReleased(); err != nil {
 			t.Fatal(err)
@@ -397,13 +402,28 @@ func TestKernelSoak(t *testing.T) {
 			// sock_release did not clean them), never reproduced by
 			// hand. That one is reported, not failed; anything more
 			// fails.
+			rc, _ := d.RedirectRecordCounts()
+			counts := fmt.Sprintf("records made %d, ended by sock_release %d", rc.Made-rc0.Made, rc.Released-rc0.Released)
 			if oneUDPClientLeft(d, growth) {
-				t.Logf("one UDP client's records outlived its socket (see the closing note of issue 11):\n%s", describeRecords(d))
+				t.Logf("one UDP client's records outlived its socket (see the closing note of issue 11); %s:\n%s", counts, describeRecords(d))
+				leftOne = true
 				break
 			}
-			t.Fatalf("%s\n%s", strings.Join(grown, "; "), describeRecords(d))
+			t.Fatalf("%s; %s\n%s", strings.Join(grown, "; "), counts, describeRecords(d))
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	// Every redirected socket made one record and ended it when it
+	// closed (what fwp_kernel_redirect_records_total reports).
+	rc, err := d.RedirectRecordCounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if made := rc.Made - rc0.Made; made != uint64(res.TCP+res.UDP) {
+		t.Errorf("redirect records made: %d, want %d (one per redirected connection)", made, res.TCP+res.UDP)
+	}
+	if made, rel := rc.Made-rc0.Made, rc.Released-rc0.Released; rel != made && !leftOne {
+		t.Errorf("sock_release ended %d of the %d redirect records", rel, made)
 	}
 	// Three filters decided: counters per filter, not per connection.
 	if n := mapEntries(t, d.objs.FwpHits); n > hitsBefore+3 {

@@ -414,6 +414,11 @@ struct {
 	__type(value, __u64);
 } fwp_hits SEC(".maps");
 
+// Redirect records by socket: made by the connect hook, ended by
+// sock_release (fwp_kernel_redirect_records_total; made less released is
+// the open sockets' records plus any a release never ended).
+__u64 fwp_rec_made, fwp_rec_released;
+
 // fwp_counts counts, per CPU, the kernel's classifications by layer slot
 // and outcome: index slot * 2 + (1 for block, 0 for permit).
 struct {
@@ -1376,6 +1381,7 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock, __u
 			t.rport = rc->port;
 			t.owner_app |= TO_REDIRECTED;
 			redirected = 1;
+			__sync_fetch_and_add(&fwp_rec_made, 1);
 		}
 	}
 	__u8 slot = SLOT_AUTH_CONNECT + t.v6;
@@ -2090,6 +2096,7 @@ int fwp_sock_release(struct bpf_sock *sk)
 			bpf_map_delete_elem(&fwp_udp_key, &cookie);
 		}
 		bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
+		__sync_fetch_and_add(&fwp_rec_released, 1);
 	}
 	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
 		bpf_map_delete_elem(&fwp_sock_records, &cookie);

@@ -236,3 +236,46 @@ func TestDeleteIfExpiredKeepsNewFlow(t *testing.T) {
 		t.Fatal("the expired record was kept")
 	}
 }
+
+// A connection redirected at CONNECT_REDIRECT whose proxy address
+// AUTH_CONNECT blocks is refused, and its record ends there: counted
+// made and released (fwp_kernel_redirect_records_total), none left.
+func TestRedirectThenBlockEndsRecord(t *testing.T) {
+	d, cg := kernelSetup(t)
+	proxy := netip.MustParseAddrPort("127.0.0.1:24731")
+	e := buildEngine(t, func(tx *engine.Txn) error {
+		if _, err := addRedirect(tx, false, 24730, proxy, nil); err != nil {
+			return err
+		}
+		_, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4,
+			engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(proxy.Port())}))
+		return err
+	})
+	apply(t, d, e)
+	rc0, err := d.RedirectRecordCounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	socks0 := mapEntries(t, d.objs.FwpSockRedirect)
+	h := testutil.StartHelper(t, cg, "probe")
+	const n = 5
+	ops := make([]probeOp, n)
+	for i := range ops {
+		ops[i] = probeOp{Net: "tcp4", Remote: "127.0.0.1:24730"}
+	}
+	for i, got := range probe(t, h, ops) {
+		if got != "eperm" {
+			t.Errorf("connect %d: %s, want eperm (the proxy's address is blocked)", i, got)
+		}
+	}
+	rc, err := d.RedirectRecordCounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if made, rel := rc.Made-rc0.Made, rc.Released-rc0.Released; made != n || rel != n {
+		t.Errorf("records made %d, released %d; want %d each", made, rel, n)
+	}
+	if socks := mapEntries(t, d.objs.FwpSockRedirect); socks != socks0 {
+		t.Errorf("fwp_sock_redirect: %d entries, %d before", socks, socks0)
+	}
+}

@@ -415,8 +415,9 @@ struct {
 } fwp_hits SEC(".maps");
 
 // Redirect records by socket: made by the connect hook, ended by
-// sock_release (fwp_kernel_redirect_records_total; made less released is
-// the open sockets' records plus any a release never ended).
+// sock_release or a block at AUTH_CONNECT (fwp_kernel_redirect_records_total;
+// made less released is the open sockets' records plus any a release
+// never ended).
 __u64 fwp_rec_made, fwp_rec_released;
 
 // fwp_counts counts, per CPU, the kernel's classifications by layer slot
@@ -1390,8 +1391,10 @@ static __always_inline int do_connect(struct bpf_sock_addr *ctx, int v6sock, __u
 		return fwp_upcall(ctx, &t, &v, slot, redirected | (sendmsg << 1)) ? 1 : 0;
 	fwp_count(slot, v.action);
 	if (v.action == ACT_BLOCK) {
-		if (redirected)
+		if (redirected) {
 			bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
+			__sync_fetch_and_add(&fwp_rec_released, 1);
+		}
 		fwp_emit(&t, 0, v.filter_id, EV_DROP, slot);
 		return 0;
 	}

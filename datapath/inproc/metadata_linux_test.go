@@ -2,6 +2,7 @@ package inproc_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"fwp/datapath/inproc"
 	"fwp/engine"
@@ -272,7 +274,15 @@ func TestMetadataLinkLocalScopeAccepted(t *testing.T) {
 		}
 		defer pc.Close()
 		port := ln.Addr().(*net.TCPAddr).Port
-		c, err := net.Dial("tcp6", fmt.Sprintf("[fe80::1%%lo]:%d", port))
+		// The link-local route can lag the address on a loaded machine
+		// (one CI run: "network is unreachable"): a bounded wait for it.
+		var c net.Conn
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			c, err = net.Dial("tcp6", fmt.Sprintf("[fe80::1%%lo]:%d", port))
+			if !errors.Is(err, syscall.ENETUNREACH) || time.Now().After(deadline) {
+				break
+			}
+		}
 		if err != nil {
 			done <- result{err: err}
 			return

@@ -24,16 +24,17 @@ import (
 // chain (priority -150) clears the verdict bits of every datagram, as of
 // every SYN; with inbound UDP on it also
 //
-//	udp, ct mark & Permit                          → meta mark |= Permit
-//	udp, ct direction original, ct mark lacks Permit,
+//	udp, ct mark & InPermit                        → meta mark |= Permit
+//	udp, ct direction original, ct mark lacks InPermit,
 //	  [local port], socket cgroupv2 in a hooked one → NFQUEUE fanout, bypass
 //
 // and the chain "inpermit" (input, -149), which the held datagram reaches
 // when its verdict accepts it with the permit bit, saves the verdict in
 // the conntrack entry:
 //
-//	udp, meta mark & Permit, ct mark lacks Permit  → ct mark |= Permit
+//	udp, meta mark & Permit, ct mark lacks InPermit → ct mark |= InPermit
 //
+// (InPermit: a conntrack mark bit of its own, inCtPermit)
 // so every later datagram of the flow passes in the kernel with the bit,
 // never coming to user space, as an outbound flow's do; the ingress hook,
 // whose walk stopped at the callout filter, passes a datagram with the bit
@@ -111,6 +112,23 @@ func (p *Path) InboundUDPEnabled() bool {
 	return p.inu.on
 }
 
+// inCtPermit is the conntrack mark bit of an inbound flow a queue verdict
+// permitted: a bit of its own (the Block bit's position, which no rule
+// sets in a conntrack mark otherwise), because the outbound UDP chain
+// saves a datagram's Permit bit in its entry — and a local process with
+// CAP_NET_ADMIN may send one carrying that bit (SO_MARK) to a local
+// server: it must not permit the inbound flow.
+func inCtPermit(m Marks) uint32 { return m.Block }
+
+// ctLacks: the conntrack entry's mark lacks the bit.
+func ctLacks(bit uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(bit), Xor: le32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: le32(0)},
+	}
+}
+
 // ctOriginal: the packet goes in its conntrack entry's original direction.
 func ctOriginal() []expr.Any {
 	return []expr.Any{
@@ -122,7 +140,7 @@ func ctOriginal() []expr.Any {
 // udpCtPermitRule: a datagram of a flow permitted before gets the permit
 // bit from its conntrack entry.
 func udpCtPermitRule(m Marks) []expr.Any {
-	return append(append(udpMatch(), markHas(&expr.Ct{Key: expr.CtKeyMARK, Register: 1}, m.Permit)...),
+	return append(append(udpMatch(), markHas(&expr.Ct{Key: expr.CtKeyMARK, Register: 1}, inCtPermit(m))...),
 		pktMark(),
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(^m.Permit), Xor: le32(m.Permit)},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
@@ -131,7 +149,7 @@ func udpCtPermitRule(m Marks) []expr.Any {
 // udpQueueRule queues a new inbound flow's datagrams to a socket of the
 // hooked cgroup cg on the ports pm matches (nil: any).
 func udpQueueRule(m Marks, base, total uint16, cg cgroupMatch, pm []expr.Any) []expr.Any {
-	r := append(append(udpMatch(), ctOriginal()...), ctNotPermitted(m)...)
+	r := append(append(udpMatch(), ctOriginal()...), ctLacks(inCtPermit(m))...)
 	r = append(r, pm...)
 	return append(r,
 		&expr.Socket{Key: expr.SocketKeyCgroupv2, Level: cg.level, Register: 1},
@@ -144,10 +162,11 @@ func udpQueueRule(m Marks, base, total uint16, cg cgroupMatch, pm []expr.Any) []
 func addInPermitChain(c *nftables.Conn, t *nftables.Table, m Marks) {
 	ch := c.AddChain(&nftables.Chain{Name: inPermitChain, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityRef(*nftables.ChainPriorityMangle + 1)})
-	r := append(append(markHas(pktMark(), m.Permit), udpMatch()...), ctNotPermitted(m)...)
+	bit := inCtPermit(m)
+	r := append(append(markHas(pktMark(), m.Permit), udpMatch()...), ctLacks(bit)...)
 	r = append(r,
 		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(^m.Permit), Xor: le32(m.Permit)},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(^bit), Xor: le32(bit)},
 		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true})
 	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r})
 }

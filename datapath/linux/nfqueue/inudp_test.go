@@ -223,7 +223,7 @@ func (fx *inUDPFixture) classify(req *engine.ClassifyRequest, out *engine.Classi
 	m := req.Meta
 	fx.last.Store(&udpSeen{proto: uint8(req.Values.Uint(engine.FieldIPProtocol)), remote: req.Values.Get(engine.FieldIPRemoteAddress).String(),
 		local: req.Values.Get(engine.FieldIPLocalAddress).String() + ":" + strconv.Itoa(int(req.Values.Uint(engine.FieldIPLocalPort))),
-		uid: m.UserID, pid: m.ProcessID, cgroup: m.CgroupID, dir: m.Direction, path: m.ProcessPath, handle: m.TransportEndpointHandle})
+		uid:   m.UserID, pid: m.ProcessID, cgroup: m.CgroupID, dir: m.Direction, path: m.ProcessPath, handle: m.TransportEndpointHandle})
 	reauth := uint32(req.Values.Uint(engine.FieldFlags))&engine.FlagIsReauthorize != 0
 	pend := func() *engine.Pend {
 		p, err := req.PendOperation()

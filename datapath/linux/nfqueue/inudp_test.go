@@ -68,10 +68,34 @@ func inUDPHelper([]string) error {
 		}
 	}
 	fmt.Println("ready")
+	var bound []net.PacketConn
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		f := strings.Fields(in.Text())
 		if len(f) == 0 {
+			continue
+		}
+		if len(f) == 2 && f[0] == "bind" {
+			// bind N: N more UDP sockets bound (explicitly, to a port the
+			// kernel picks), kept open
+			n, _ := strconv.Atoi(f[1])
+			var err error
+			for range n {
+				var pc net.PacketConn
+				if pc, err = net.ListenPacket("udp4", "127.0.0.1:0"); err != nil {
+					break
+				}
+				bound = append(bound, pc)
+			}
+			fmt.Println(len(bound), err)
+			continue
+		}
+		if len(f) == 1 && f[0] == "unbind" {
+			for _, pc := range bound {
+				pc.Close()
+			}
+			bound = nil
+			fmt.Println("ok")
 			continue
 		}
 		if len(f) == 3 && f[0] == "count" {
@@ -621,5 +645,42 @@ func TestInboundUDPSoak(t *testing.T) {
 	t.Logf("goroutines %d -> %d, fds %d -> %d, heap %d -> %d KiB, UDP owner records %d -> %d", g0, g1, fd0, fd1, ms0.HeapAlloc>>10, ms1.HeapAlloc>>10, o0, o1)
 	if g1 > g0+2 || fd1 > fd0 || ms1.HeapAlloc > ms0.HeapAlloc+8<<20 || o1 != o0 {
 		t.Fatalf("grew: goroutines %d -> %d, fds %d -> %d, heap %d -> %d, UDP owner records %d -> %d", g0, g1, fd0, fd1, ms0.HeapAlloc, ms1.HeapAlloc, o0, o1)
+	}
+}
+
+// TestInboundUDPOwnerRecords: the hooks record each UDP socket the hooked
+// cgroup binds by cookie, and forget it when the socket closes: 10,000
+// sockets in rounds of 500 leave none behind.
+func TestInboundUDPOwnerRecords(t *testing.T) {
+	fx := newInUDPFixture(t, pendTimeout)
+	o0, err := fx.dp.UDPOwnerCount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const round, rounds = 500, 20
+	for r := range rounds {
+		if line, err := fx.h.Call([]byte(fmt.Sprint("bind ", round))); err != nil || strings.TrimSpace(string(line)) != fmt.Sprint(round, " <nil>") {
+			t.Fatalf("round %d: bind: %q %v", r, line, err)
+		}
+		if o, err := fx.dp.UDPOwnerCount(); err != nil || o != o0+round {
+			t.Fatalf("round %d: %d UDP owner records with %d more sockets bound (%v), want %d", r, o, round, err, o0+round)
+		}
+		if _, err := fx.h.Call([]byte("unbind")); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			o, err := fx.dp.UDPOwnerCount()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o == o0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: %d UDP owner records after the sockets closed, want %d", r, o, o0)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 }

@@ -6,9 +6,12 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,7 +48,11 @@ func init() { testutil.RegisterHelper("inudp", inUDPHelper) }
 // counting the datagrams it received; "count ADDR PORT" answers a count.
 func inUDPHelper([]string) error {
 	counts := map[string]*atomic.Int64{}
-	for _, p := range udpInPorts {
+	ports := slices.Clone(udpInPorts)
+	for p := diffFirst; p <= diffLast; p++ {
+		ports = append(ports, p) // the differential test's
+	}
+	for _, p := range ports {
 		for _, addr := range []string{"127.0.0.1", "[::1]"} {
 			a := addr + ":" + strconv.Itoa(p)
 			pc, err := net.ListenPacket("udp", a)
@@ -682,5 +689,110 @@ func TestInboundUDPOwnerRecords(t *testing.T) {
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
+	}
+}
+
+// TestInboundUDPCalloutMatchesEngine: random policies mixing
+// kernel-decided filters and Go callouts (matching UDP) at
+// AUTH_RECV_ACCEPT; for every port the first datagram's fate (echoed or
+// not, in the kernel alone or through the callout path) is
+// engine.Classify's with the socket's owner.
+func TestInboundUDPCalloutMatchesEngine(t *testing.T) {
+	fx := newInUDPFixture(t, pendTimeout)
+	seed := rand.Uint64()
+	t.Logf("seed %d", seed)
+	r := rand.New(rand.NewPCG(seed, 1717))
+	rounds := 5
+	if os.Getenv("FWP_DIFF_ROUNDS") != "" {
+		fmt.Sscan(os.Getenv("FWP_DIFF_ROUNDS"), &rounds)
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", fx.h.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	queued := uint64(0)
+	from := 20000
+	for round := range rounds {
+		eng := engine.New(engine.Options{PendTimeout: pendTimeout})
+		if err := eng.RegisterCallout("diff.registered", engine.CalloutRegistration{Classify: inDiffCallout}); err != nil {
+			t.Fatal(err)
+		}
+		if err := eng.Update(func(tx *engine.Txn) error { return randomInboundPolicyProto(r, tx, 17) }); err != nil {
+			t.Fatal(err)
+		}
+		pol, err := ebpf.Compile(eng.View())
+		if err != nil {
+			t.Fatal(err)
+		}
+		queued += fx.path.Stats().Queued
+		fx.path.Close()
+		if fx.path, err = Start(eng, fx.dp, Options{NetNS: int(fx.netns.Fd())}); err != nil {
+			t.Fatal(err)
+		}
+		ports, all := pol.InboundCalloutPorts()
+		if all {
+			ports = nil
+		}
+		if err := fx.path.EnableInbound(ports, fx.cg.Path); err != nil {
+			t.Fatal(err)
+		}
+		if pol.InboundUDPCallouts() {
+			if err := fx.path.EnableInboundUDP(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := fx.dp.Apply(pol); err != nil {
+			t.Fatal(err)
+		}
+		var want strings.Builder
+		for port := diffFirst; port <= diffLast; port++ {
+			var vs engine.Values
+			vs.SetTuple(17, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port)), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 40000))
+			vs.Set(engine.FieldALEUserID, engine.Uint32(0))
+			vs.Set(engine.FieldALEGroupID, engine.Uint32(0))
+			vs.Set(engine.FieldCgroupID, engine.Uint64(fx.cg.ID))
+			vs.Set(engine.FieldALEAppID, engine.String(exe))
+			vs.Set(engine.FieldFlags, engine.Uint32(engine.FlagIsLoopback))
+			if eng.Classify(engine.LayerALEAuthRecvAcceptV4, &vs, &engine.Metadata{}).Permitted() {
+				want.WriteByte('o')
+			} else {
+				want.WriteByte('x')
+			}
+		}
+		got := make([]byte, diffLast-diffFirst+1)
+		var wg sync.WaitGroup
+		for i := range got {
+			local := from + i // a new flow each round (no conntrack entry of an earlier one)
+			wg.Go(func() {
+				var n int
+				var err error
+				if nerr := inNetns(fx.netns, func() {
+					n, _, err = udpExchange("udp4", "127.0.0.1:"+strconv.Itoa(diffFirst+i), local, 1, 800*time.Millisecond)
+				}); nerr != nil {
+					err = nerr
+				}
+				switch {
+				case err == nil && n == 1:
+					got[i] = 'o'
+				case isTimeout(err):
+					got[i] = 'x'
+				default:
+					got[i] = '?'
+				}
+			})
+		}
+		wg.Wait()
+		from += len(got)
+		if string(got) != want.String() {
+			var fs strings.Builder
+			for _, f := range eng.View().Filters(engine.FilterTemplate{}) {
+				fmt.Fprintf(&fs, "\n  %s sublayer %s weight %v flags %v %v %v", f.ID, f.Sublayer, f.Weight, f.Flags, f.Action, f.Conditions)
+			}
+			t.Fatalf("round %d (seed %d): ports %d..%d\nkernel %s\nengine %s\npolicy:%s", round, seed, diffFirst, diffLast, got, want.String(), fs.String())
+		}
+		t.Logf("round %d: %s", round, got)
+	}
+	if queued += fx.path.Stats().Queued; queued == 0 {
+		t.Fatal("no datagram was queued: the callout path was never used")
 	}
 }

@@ -146,6 +146,25 @@ func (c *calloutPath) enableInbound(cgroup string, p *ebpf.Policy) error {
 	return nil
 }
 
+// enableInboundUDP lets the running callout path hold the first datagram
+// of inbound UDP flows to the hooked cgroup's sockets for Go callouts at
+// AUTH_RECV_ACCEPT (package nfqueue, inudp.go).
+func (c *calloutPath) enableInboundUDP() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.path == nil {
+		return fmt.Errorf("kernel callout path: not started")
+	}
+	if c.path.InboundUDPEnabled() {
+		return nil
+	}
+	if err := c.path.EnableInboundUDP(); err != nil {
+		return fmt.Errorf("kernel callout path: inbound UDP flows: %w", err)
+	}
+	c.log.Info("kernel callout path: inbound UDP flows' first datagrams held for Go callouts")
+	return nil
+}
+
 func (c *calloutPath) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()

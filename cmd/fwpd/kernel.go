@@ -297,6 +297,12 @@ func (k *kernel) beforeCommit(v engine.View) error {
 			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
 		}
 	}
+	// One matching UDP: inbound datagrams of new flows too (conntrack).
+	if p.InboundUDPCallouts() {
+		if err := k.co.enableInboundUDP(); err != nil {
+			return fmt.Errorf("kernel datapath refuses the policy: %w", err)
+		}
+	}
 	// Flow layer filters need the flow events before the policy is in
 	// force; so do Go callouts on the kernel path, whose flow contexts
 	// (FlowAssociateContext with the socket cookie) end when the socket's

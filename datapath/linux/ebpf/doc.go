@@ -12,7 +12,7 @@
 //	cgroup/sendmsg4, sendmsg6   the same for unconnected UDP, per datagram
 //	cgroup/recvmsg4, recvmsg6   a redirected UDP socket's replies come "from" the original destination
 //	cgroup/getpeername4/6       a redirected client sees the original destination as its peer
-//	cgroup/bind4, bind6         ALE_BIND_REDIRECT, then ALE_RESOURCE_ASSIGNMENT (block: EPERM)
+//	cgroup/bind4, bind6         ALE_BIND_REDIRECT, then ALE_RESOURCE_ASSIGNMENT (block: EPERM); records the socket's owner (a UDP socket's also by cookie, fwp_in_udp_owners, for Go callouts at AUTH_RECV_ACCEPT: inudp.go)
 //	sockops (TCP_CONNECT_CB)    indexes a redirect by the client 4-tuple once the source port exists
 //	cgroup/getsockopt           answers SO_ORIGINAL_DST (SOL_IP and SOL_IPV6) and the SOL_FWP queries on the proxy's accepted socket
 //	cgroup/setsockopt           takes SOL_FWP records on the proxy's outbound socket (docs/sockopt.md)

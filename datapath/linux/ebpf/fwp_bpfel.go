@@ -285,6 +285,7 @@ const (
 	fwpMapFwpInFlows       = "fwp_in_flows"
 	fwpMapFwpInListenIdx   = "fwp_in_listen_idx"
 	fwpMapFwpInListeners   = "fwp_in_listeners"
+	fwpMapFwpInUdpOwners   = "fwp_in_udp_owners"
 	fwpMapFwpInts          = "fwp_ints"
 	fwpMapFwpLayers        = "fwp_layers"
 	fwpMapFwpNoteCfg       = "fwp_note_cfg"
@@ -403,6 +404,7 @@ type fwpMapSpecs struct {
 	FwpInFlows       *ebpf.MapSpec `ebpf:"fwp_in_flows"`
 	FwpInListenIdx   *ebpf.MapSpec `ebpf:"fwp_in_listen_idx"`
 	FwpInListeners   *ebpf.MapSpec `ebpf:"fwp_in_listeners"`
+	FwpInUdpOwners   *ebpf.MapSpec `ebpf:"fwp_in_udp_owners"`
 	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
 	FwpNoteCfg       *ebpf.MapSpec `ebpf:"fwp_note_cfg"`
@@ -467,6 +469,7 @@ type fwpMaps struct {
 	FwpInFlows       *ebpf.Map `ebpf:"fwp_in_flows"`
 	FwpInListenIdx   *ebpf.Map `ebpf:"fwp_in_listen_idx"`
 	FwpInListeners   *ebpf.Map `ebpf:"fwp_in_listeners"`
+	FwpInUdpOwners   *ebpf.Map `ebpf:"fwp_in_udp_owners"`
 	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
 	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
 	FwpNoteCfg       *ebpf.Map `ebpf:"fwp_note_cfg"`
@@ -505,6 +508,7 @@ func (m *fwpMaps) Close() error {
 		m.FwpInFlows,
 		m.FwpInListenIdx,
 		m.FwpInListeners,
+		m.FwpInUdpOwners,
 		m.FwpInts,
 		m.FwpLayers,
 		m.FwpNoteCfg,

@@ -11,8 +11,9 @@ import (
 )
 
 // TestCompileInboundCallouts: a Go callout at AUTH_RECV_ACCEPT matching
-// TCP alone is taken (the callout path holds the SYN); one matching UDP
-// or any protocol, or one at AUTH_LISTEN, is refused naming the filter.
+// TCP alone or UDP alone is taken (the callout path holds the SYN, or the
+// flow's first datagram); one matching any protocol, or one at
+// AUTH_LISTEN, is refused naming the filter.
 func TestCompileInboundCallouts(t *testing.T) {
 	proto := func(p uint8) []engine.Condition {
 		return []engine.Condition{{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(p)}}
@@ -26,7 +27,8 @@ func TestCompileInboundCallouts(t *testing.T) {
 	}{
 		{"tcp v4", engine.LayerALEAuthRecvAcceptV4, proto(6), true, ""},
 		{"tcp v6", engine.LayerALEAuthRecvAcceptV6, proto(6), true, ""},
-		{"udp", engine.LayerALEAuthRecvAcceptV4, proto(17), false, "not UDP datagrams"},
+		{"udp v4", engine.LayerALEAuthRecvAcceptV4, proto(17), true, ""},
+		{"udp v6", engine.LayerALEAuthRecvAcceptV6, proto(17), true, ""},
 		{"any protocol", engine.LayerALEAuthRecvAcceptV4, nil, false, "== 6"},
 		{"listen", engine.LayerALEAuthListenV4, proto(6), false, "no packet to hold"},
 	} {
@@ -41,7 +43,10 @@ func TestCompileInboundCallouts(t *testing.T) {
 		})
 		p, err := Compile(e.View())
 		if c.ok {
-			if err != nil || !p.InboundCallouts() || !p.Callouts() || p.UDPCallouts() {
+			// Inbound UDP callouts need the input chain's UDP rules,
+			// not the outbound ones.
+			udp := strings.HasPrefix(c.name, "udp")
+			if err != nil || !p.InboundCallouts() || !p.Callouts() || p.UDPCallouts() || p.InboundUDPCallouts() != udp {
 				t.Errorf("%s: %v (inbound callouts %v)", c.name, err, p != nil && p.InboundCallouts())
 			}
 			continue

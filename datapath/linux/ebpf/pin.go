@@ -92,6 +92,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_id_runs":  m.FwpIdRuns,
 		"fwp_sk_owner": m.FwpSkOwner, "fwp_in_epoch": m.FwpInEpoch, "fwp_in_flows": m.FwpInFlows, // inbound.go
 		"fwp_in_listeners": m.FwpInListeners, "fwp_in_listen_idx": m.FwpInListenIdx, // inlisten.go
+		"fwp_in_udp_owners": m.FwpInUdpOwners, // inudp.go
 	}
 }
 
@@ -106,7 +107,9 @@ var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters
 	// is never taken for the new policy's).
 	"fwp_sk_owner", "fwp_in_epoch", "fwp_in_flows",
 	// The listeners' owners by address, for the callout path (inlisten.go).
-	"fwp_in_listeners", "fwp_in_listen_idx"}
+	"fwp_in_listeners", "fwp_in_listen_idx",
+	// The UDP sockets' owners by cookie, for the callout path (inudp.go).
+	"fwp_in_udp_owners"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

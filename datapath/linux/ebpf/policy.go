@@ -275,6 +275,8 @@ type Policy struct {
 	// callout path queues inbound SYNs to the hooked cgroups' listeners
 	// (inlisten.go).
 	inboundCallouts bool
+	// inboundUDPCallouts: some such filter matches UDP (inudp.go).
+	inboundUDPCallouts bool
 	// inPorts: the local ports the inbound callout filters can match
 	// (inPortsAll: any).
 	inPorts    []PortRange
@@ -498,6 +500,7 @@ func (p *Policy) filterMeta(view engine.View, f *engine.Filter) (fwpFilterMeta, 
 			}
 			if f.Layer.Kind() == engine.KindAuthRecvAccept {
 				p.inboundCallouts = true // inlisten.go
+				p.inboundUDPCallouts = p.inboundUDPCallouts || protoOnly(f.Conditions, 17)
 				p.noteInboundPorts(f.Conditions)
 			} else {
 				p.udpCallouts = p.udpCallouts || protoOnly(f.Conditions, 17)
@@ -548,10 +551,10 @@ func goCalloutMeta(m fwpFilterMeta, f *engine.Filter) (fwpFilterMeta, error) {
 		return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath hands flows to Go callouts only at CONNECT_REDIRECT, AUTH_CONNECT and AUTH_RECV_ACCEPT (no packet to hold at the bind and listen layers)", ErrNotSupported, f.Action.Callout, f.Layer)
 	}
 	if kind == engine.KindAuthRecvAccept {
-		// The inbound SYN is held at netfilter's input hook; the first
-		// datagram of an inbound UDP flow is not held yet.
-		if !protoOnly(f.Conditions, 6) {
-			return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath holds only inbound TCP connection requests (their SYN) for Go callouts there, not UDP datagrams: add the condition %s == 6", ErrNotSupported, f.Action.Callout, f.Layer, engine.FieldIPProtocol)
+		// The inbound SYN, or the first datagram of an inbound UDP
+		// flow, is held at netfilter's input hook.
+		if !protoOnly(f.Conditions, 6) && !protoOnly(f.Conditions, 17) {
+			return m, fmt.Errorf("%w: it calls a Go callout (%s) at %s; the kernel datapath holds inbound TCP connection requests (their SYN) and inbound UDP flows (their first datagram) for Go callouts there, one protocol per filter: add the condition %s == 6 or == 17", ErrNotSupported, f.Action.Callout, f.Layer, engine.FieldIPProtocol)
 		}
 	} else if !protoOnly(f.Conditions, 6) && !protoOnly(f.Conditions, 17) {
 		return m, fmt.Errorf("%w: it calls a Go callout (%s); the kernel datapath holds only TCP flows (their SYN) and UDP flows (their first datagram) for Go callouts, one protocol per filter: add the condition %s == 6 or == 17", ErrNotSupported, f.Action.Callout, engine.FieldIPProtocol)

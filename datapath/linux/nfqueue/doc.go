@@ -88,6 +88,20 @@
 // completion. A SYN without the bit (no reader, a full queue, no owner
 // record) gets the filter's PERMIT_IF_CALLOUT_UNREGISTERED in the hook.
 //
+// # Inbound UDP flows (inudp.go)
+//
+// Go callouts at ALE_AUTH_RECV_ACCEPT decide the first datagram of inbound
+// UDP flows to sockets of the hooked cgroups (EnableInboundUDP). The input
+// chain clears the verdict bits of every datagram, gives a datagram whose
+// conntrack entry was permitted before the permit bit, and queues one in
+// the entry's original direction that lacks it, to a hooked socket on a
+// queued port. The reader finds the receiving socket (sock_diag) and its
+// owner by cookie (ebpf.Datapath.UDPOwner) and classifies as for a SYN; a
+// permit accepts the datagram with the permit bit, which the chain
+// "inpermit" (-149) saves in the conntrack entry (a bit of its own), so
+// the flow's later datagrams stay in the kernel; a block drops it; a pend
+// holds it, with the flow's later datagrams behind it.
+//
 // # Tests
 //
 // The tests need root (they skip without it, and fail with CI set). Each

@@ -139,9 +139,10 @@ func (p *Path) EnableInbound(ports []ebpf.PortRange, cgroups ...string) error {
 	if all {
 		ports = nil
 	}
-	if err := installInput(p.opts.NetNS, p.opts.Marks, p.opts.QueueBase, uint16(p.opts.Queues), ms, ports); err != nil {
+	if err := installInput(p.opts.NetNS, p.opts.Marks, p.opts.QueueBase, uint16(p.opts.Queues), ms, ports, p.inu.on); err != nil {
 		return err
 	}
+	p.inu.cgs = ms
 	p.inPorts, p.inPortsAll = ports, all
 	p.inbound.Store(len(ms) > 0)
 	return nil
@@ -182,12 +183,18 @@ func (p *Path) InboundEnabled() bool { return p.inbound.Load() }
 // cgroup goes to the queues (bypassed when no one reads: ingress then
 // applies the filter's flag). The port test comes first: the socket
 // lookup costs more.
-func inputRules(m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.PortRange) [][]expr.Any {
-	clear := append(synOnly(),
+func inputRules(m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.PortRange, udp bool) [][]expr.Any {
+	clearBits := []expr.Any{
 		pktMark(),
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: le32(^(m.Permit | m.Block)), Xor: le32(0)},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
-	rs := [][]expr.Any{clear}
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1}}
+	clear := append(synOnly(), clearBits...)
+	// Every UDP datagram loses them too (inudp.go): the ingress hook
+	// honours the permit bit for UDP callout filters as for SYNs.
+	rs := [][]expr.Any{clear, append(udpMatch(), clearBits...)}
+	if udp {
+		rs = append(rs, udpCtPermitRule(m))
+	}
 	portMatch := [][]expr.Any{nil}
 	if ports != nil {
 		portMatch = portMatch[:0]
@@ -209,13 +216,16 @@ func inputRules(m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.Por
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint64(cg.id)},
 				nfqueueTarget(base, total, true))
 			rs = append(rs, r)
+			if udp {
+				rs = append(rs, udpQueueRule(m, base, total, cg, pm))
+			}
 		}
 	}
 	return rs
 }
 
 // installInput replaces the input chain of fwp's tables.
-func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.PortRange) error {
+func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch, ports []ebpf.PortRange, udp bool) error {
 	c, err := conn(netns)
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
@@ -224,15 +234,18 @@ func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch, por
 		t := &nftables.Table{Family: fam, Name: TableName}
 		if chains, err := c.ListChainsOfTableFamily(fam); err == nil {
 			for _, ch := range chains {
-				if ch.Table.Name == TableName && ch.Name == inputChain {
+				if ch.Table.Name == TableName && (ch.Name == inputChain || ch.Name == inPermitChain) {
 					c.DelChain(ch)
 				}
 			}
 		}
 		ch := c.AddChain(&nftables.Chain{Name: inputChain, Table: t, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityMangle})
-		for _, r := range inputRules(m, base, total, cgs, ports) {
+		for _, r := range inputRules(m, base, total, cgs, ports, udp) {
 			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r})
+		}
+		if udp {
+			addInPermitChain(c, t, m)
 		}
 	}
 	if err := c.Flush(); err != nil {
@@ -244,6 +257,10 @@ func installInput(netns int, m Marks, base, total uint16, cgs []cgroupMatch, por
 // handleInbound decides an inbound SYN the input chain queued.
 func (p *Path) handleInbound(q *queue, pk *packet, start time.Time) {
 	remote, local, proto, ok := parseFlow(pk.payload)
+	if ok && proto == unix.IPPROTO_UDP {
+		p.handleInboundUDP(q, pk, start, local, remote) // inudp.go
+		return
+	}
 	lp := p.listeners.Load()
 	if !ok || proto != unix.IPPROTO_TCP || lp == nil {
 		p.inFlag(q, pk.id, pk.mark)
@@ -306,6 +323,9 @@ func (p *Path) inFlag(q *queue, id, mark uint32) {
 // answerInbound sends an inbound SYN's verdict: accepted with the permit
 // bit, dropped, or (flag) accepted without it.
 func (p *Path) answerInbound(fl *flow, permit, flag bool) {
+	if fl.f.Protocol == unix.IPPROTO_UDP {
+		defer p.inReleaseFollowers(inKey{local: fl.local, remote: fl.remote}, permit, flag)
+	}
 	p.inHeld.Delete(inKey{fl.local, fl.remote, fl.seq})
 	var err error
 	switch {
@@ -332,7 +352,7 @@ func (fl *flow) inboundValues() {
 	l := &fl.listener
 	vs := &fl.vs
 	vs.Reset()
-	vs.Set(engine.FieldIPProtocol, engine.Uint8(unix.IPPROTO_TCP))
+	vs.Set(engine.FieldIPProtocol, engine.Uint8(fl.f.Protocol))
 	vs.Set(engine.FieldIPRemoteAddress, engine.Addr(fl.remote.Addr()))
 	vs.Set(engine.FieldIPRemotePort, engine.Uint16(fl.remote.Port()))
 	vs.Set(engine.FieldIPLocalAddress, engine.Addr(fl.local.Addr()))

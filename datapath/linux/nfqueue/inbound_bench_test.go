@@ -56,11 +56,11 @@ func BenchmarkInboundFlowLatency(b *testing.B) {
 	for b.Loop() {
 		callout = append(callout, lat(portPermit))
 		kernel = append(kernel, lat(portKernelPermit))
-		if err := installInput(int(fx.netns.Fd()), fx.path.opts.Marks, fx.path.opts.QueueBase, uint16(fx.path.opts.Queues), []cgroupMatch{cg}, nil); err != nil {
+		if err := installInput(int(fx.netns.Fd()), fx.path.opts.Marks, fx.path.opts.QueueBase, uint16(fx.path.opts.Queues), []cgroupMatch{cg}, nil, false); err != nil {
 			b.Fatal(err) // every port
 		}
 		queued = append(queued, lat(portKernelPermit))
-		if err := installInput(int(fx.netns.Fd()), fx.path.opts.Marks, fx.path.opts.QueueBase, uint16(fx.path.opts.Queues), []cgroupMatch{cg}, fx.path.inPorts); err != nil {
+		if err := installInput(int(fx.netns.Fd()), fx.path.opts.Marks, fx.path.opts.QueueBase, uint16(fx.path.opts.Queues), []cgroupMatch{cg}, fx.path.inPorts, false); err != nil {
 			b.Fatal(err)
 		}
 	}

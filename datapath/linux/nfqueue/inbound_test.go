@@ -588,6 +588,11 @@ func inDiffCallout(req *engine.ClassifyRequest, out *engine.ClassifyOut) {
 // randomInboundPolicy: randomCalloutPolicy at AUTH_RECV_ACCEPT_V4 with
 // local-port conditions.
 func randomInboundPolicy(r *rand.Rand, tx *engine.Txn) error {
+	return randomInboundPolicyProto(r, tx, 6)
+}
+
+// randomInboundPolicyProto: its callout filters match protocol proto.
+func randomInboundPolicyProto(r *rand.Rand, tx *engine.Txn, proto uint8) error {
 	p, err := tx.AddProvider(engine.Provider{Key: "diff"})
 	if err != nil {
 		return err
@@ -608,7 +613,7 @@ func randomInboundPolicy(r *rand.Rand, tx *engine.Txn) error {
 		}
 		cos = append(cos, co)
 	}
-	tcp := engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(6)}
+	tcp := engine.Condition{Field: engine.FieldIPProtocol, Match: engine.MatchEqual, Value: engine.Uint8(proto)}
 	for range 4 + r.IntN(10) {
 		f := engine.Filter{Layer: engine.LayerALEAuthRecvAcceptV4, Sublayer: subs[r.IntN(3)], Provider: p, Weight: engine.WeightExact(r.Uint64N(1000))}
 		lo := uint16(diffFirst + r.IntN(diffLast-diffFirst+1))

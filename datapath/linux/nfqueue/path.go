@@ -148,6 +148,7 @@ type Path struct {
 	inApps      listenerApps
 	inPorts     []ebpf.PortRange // the ports queued (inMu)
 	inPortsAll  bool
+	inu         inUDPState // inbound UDP flows (inudp.go)
 }
 
 type doneFlow struct {
@@ -496,7 +497,11 @@ func (p *Path) hold(fl *flow, pend *engine.Pend) bool {
 	}
 	p.held.Add(1)
 	p.holdMu.Unlock()
-	if fl.f.Protocol == unix.IPPROTO_UDP {
+	switch {
+	case fl.f.Protocol != unix.IPPROTO_UDP:
+	case fl.inbound:
+		p.inu.held.Store(inKey{local: fl.local, remote: fl.remote}, &heldUDP{}) // inudp.go
+	default:
 		p.udpHeld.Store(fl.f.Cookie, &heldUDP{})
 	}
 	p.holding.Add(1)

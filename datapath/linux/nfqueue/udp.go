@@ -303,6 +303,7 @@ type heldUDP struct {
 	mu      sync.Mutex
 	done    bool
 	permit  bool
+	flag    bool // an inbound flow's: answered without a verdict bit (inudp.go)
 	packets []heldPacket
 }
 

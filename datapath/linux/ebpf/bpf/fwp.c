@@ -1578,6 +1578,7 @@ static __always_inline int do_bind(struct bpf_sock_addr *ctx, int v6sock)
 		return 0;
 	}
 	in_note_owner(ctx->sk); // who owns the socket, for the inbound layers
+	in_note_udp_owner(ctx); // and, for a UDP socket, by cookie (inbound.h)
 	return 1;
 }
 
@@ -2103,6 +2104,8 @@ int fwp_sock_release(struct bpf_sock *sk)
 	}
 	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
 		bpf_map_delete_elem(&fwp_sock_records, &cookie);
+	if (sk->protocol == IPPROTO_UDP && bpf_map_lookup_elem(&fwp_in_udp_owners, &cookie))
+		bpf_map_delete_elem(&fwp_in_udp_owners, &cookie);
 	struct callout_flow *cf = bpf_map_lookup_elem(&fwp_callout_flows, &cookie);
 	if (cf) {
 		if (cf->indexed) {

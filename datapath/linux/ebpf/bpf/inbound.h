@@ -63,6 +63,20 @@ struct {
 	__type(value, struct in_flow);
 } fwp_in_flows SEC(".maps");
 
+// fwp_in_udp_owners: each UDP socket's owner (as in fwp_sk_owner) by
+// socket cookie, for the callout path: it queues an inbound datagram
+// before any socket hook runs, finds the receiving socket's cookie with
+// sock_diag and its owner here (a socket's local storage cannot be read
+// by cookie). Written at bind (or the implicit bind of a first send),
+// removed at sock_release; bounded (LRU): a socket without a record takes
+// its callout filter's flag.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct sk_owner);
+} fwp_in_udp_owners SEC(".maps");
+
 // fwp_in_epoch: a counter user space bumps after each policy switch, so
 // flows and listens authorized before are classified again.
 struct {
@@ -158,6 +172,23 @@ static __always_inline void in_note_owner(struct bpf_sock *sk)
 		in_owner_fill(o);
 }
 
+// in_note_udp_owner copies a UDP socket's owner record into
+// fwp_in_udp_owners by cookie (a global function: its own frame).
+__attribute__((noinline)) int in_note_udp_owner(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->protocol != IPPROTO_UDP)
+		return 0;
+	struct sk_owner *o = bpf_sk_storage_get(&fwp_sk_owner, sk, 0, 0);
+	if (!o)
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	bpf_map_update_elem(&fwp_in_udp_owners, &cookie, o, BPF_ANY);
+	return 0;
+}
+
 // in_layer_used reports whether the active policy has filters at a slot.
 static __always_inline int in_layer_used(__u32 gen, __u32 slot)
 {
@@ -177,8 +208,10 @@ __attribute__((noinline)) int in_note_udp(struct bpf_sock_addr *ctx, struct tupl
 	if (!t || !in_layer_used(gen, SLOT_AUTH_RECV_ACCEPT + t->v6))
 		return 0;
 	struct bpf_sock *sk = ctx->sk;
-	if (sk && !bpf_sk_storage_get(&fwp_sk_owner, sk, 0, 0))
+	if (sk && !bpf_sk_storage_get(&fwp_sk_owner, sk, 0, 0)) {
 		in_note_owner(sk);
+		in_note_udp_owner(ctx);
+	}
 	struct in_flow_key k = {.cookie = t->cookie, .rport = t->rport, .v6 = t->v6};
 	__builtin_memcpy(k.raddr, t->raddr, 16);
 	__u32 ep = in_epoch();
@@ -530,15 +563,20 @@ int fwp_ingress(struct __sk_buff *skb)
 	v.nocount = 0;
 	fwp_classify(gen, rslot, &t, &v);
 	if (v.callout) {
-		// A Go callout decides (TCP only): the callout path queued the
-		// SYN at netfilter's input hook, which runs before this one,
-		// and its permit is the verdict's mark (a block dropped the SYN
-		// in the queue). fwp's input chain clears the bit on every SYN
-		// before queueing and a peer cannot set skb->mark, so a SYN
+		// A Go callout decides: the callout path queued the SYN or the
+		// UDP flow's first datagram at netfilter's input hook, which
+		// runs before this one, and its permit is the verdict's mark (a
+		// block dropped the packet in the queue). fwp's input chain
+		// clears the bit on every SYN and datagram before queueing (a
+		// datagram of a flow permitted before gets it back from its
+		// conntrack entry) and a peer cannot set skb->mark, so a packet
 		// without it was not answered by user space (no reader, a full
 		// queue): the filter's PERMIT_IF_CALLOUT_UNREGISTERED decides.
-		if (proto == IPPROTO_TCP && (skb->mark & FWP_MARK_PERMIT))
+		if (skb->mark & FWP_MARK_PERMIT) {
+			if (proto == IPPROTO_UDP)
+				fwp_in_udp_permit(&t, ep);
 			return 1;
+		}
 		v.action = (v.callout_flags & FM_FAIL_OPEN) ? ACT_PERMIT : ACT_BLOCK;
 		v.filter_id = v.callout;
 	}

@@ -60,17 +60,30 @@ func blocklistPolicy(t testing.TB, from, n int) *engine.Engine {
 // address's run of outcomes: "B" blocked (EPERM), "P" permitted
 // (refused), each run once ("BBBPP" is written "BP").
 func listProbeHelper(args []string) error {
-	stop := make(chan struct{})
+	// Requests, one a line: "round" is answered once a whole round that
+	// began after it is done (the test knows the probing saw a policy);
+	// "stop" is answered with the runs.
+	reqs := make(chan string)
 	go func() {
-		bufio.NewReader(os.Stdin).ReadString('\n')
-		close(stop)
+		in := bufio.NewScanner(os.Stdin)
+		for in.Scan() {
+			reqs <- strings.TrimSpace(in.Text())
+		}
+		close(reqs)
 	}()
 	runs := make([]string, len(args))
 	rounds := 0
+	waiting := false
 	for {
 		select {
-		case <-stop:
-			return json.NewEncoder(os.Stdout).Encode(map[string]any{"runs": runs, "rounds": rounds})
+		case r, ok := <-reqs:
+			if !ok || r == "stop" {
+				return json.NewEncoder(os.Stdout).Encode(map[string]any{"runs": runs, "rounds": rounds})
+			}
+			if waiting {
+				fmt.Println("ok") // the round under way began after the first request
+			}
+			waiting = true
 		default:
 		}
 		for i, a := range args {
@@ -90,6 +103,10 @@ func listProbeHelper(args []string) error {
 			}
 		}
 		rounds++
+		if waiting {
+			fmt.Println("ok")
+			waiting = false
+		}
 	}
 }
 
@@ -149,13 +166,19 @@ func TestKernelMillionBlocklist(t *testing.T) {
 	}
 	onlyOld, both, onlyNew := listAddr(1), listAddr(n-2), listAddr(n+n/4)
 	lp := testutil.StartHelper(t, cg, "listprobe", onlyOld.String(), both.String(), onlyNew.String(), unlisted.String())
-	time.Sleep(100 * time.Millisecond)
+	round := func() {
+		t.Helper()
+		if out, err := lp.Call([]byte("round")); err != nil || strings.TrimSpace(string(out)) != "ok" {
+			t.Fatalf("probe round: %q %v", out, err)
+		}
+	}
+	round() // the old list seen (a fixed sleep was too short under load)
 	start = time.Now()
 	if err := d.Apply(p2); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("replace by another %d-address list: %v", n, time.Since(start))
-	time.Sleep(100 * time.Millisecond)
+	round() // the new list seen
 	line, err := lp.Call([]byte("stop"))
 	if err != nil {
 		t.Fatal(err)

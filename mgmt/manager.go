@@ -373,7 +373,7 @@ func (m *Manager) begin(ctx context.Context, s *session) (*txn, error) {
 		return nil, fmt.Errorf("%w after %s%s: %w", ErrTimeout, m.opts.TxnTimeout, by, err)
 	}
 	m.holder.Store(s)
-	return &txn{m: m, s: s, tx: tx, meta: map[objKey]*objMeta{}, stored: map[objKey]*Object{}}, nil
+	return &txn{m: m, s: s, tx: tx}, nil
 }
 
 // Begin opens the session's explicit transaction.

@@ -111,16 +111,15 @@ func (m *Manager) Subscribe(sid uint64, kinds []Kind, buffer int) (*Subscription
 
 // publishLocked sends a commit's changes, made by session sid, to the
 // subscribers: one per overlay entry, in order.
-func (m *Manager) publishLocked(sid uint64, ents []overlayEntry) {
-	if len(ents) == 0 || len(m.subs) == 0 {
+func (m *Manager) publishLocked(sid uint64, ov *overlay) {
+	if ov.len() == 0 || len(m.subs) == 0 {
 		return
 	}
 	for s := range m.subs {
 		if s.session == sid {
 			continue // a session is not told of its own changes
 		}
-		for i := range ents {
-			e := &ents[i]
+		for e := range ov.entries() {
 			if s.kinds&(1<<e.k.kind) == 0 {
 				continue
 			}

@@ -16,15 +16,8 @@ type txn struct {
 	m  *Manager
 	s  *session
 	tx *engine.Txn
-	// ents is the overlay over the manager's maps: one entry per add or
-	// delete, in order; index finds a key's latest entry. An entry holds
-	// the key's whole overlay state (not a difference from the one
-	// before), so a lookup reads one entry, and undoing a batch is
-	// truncating ents and pointing index back. One slice and one map:
-	// a million-object transaction used to grow two maps of pointers to
-	// an allocation each, plus an undo journal, plus a list of changes.
-	ents  []overlayEntry
-	index map[objKey]int32
+	// ov is the transaction's overlay over the manager's maps.
+	ov overlay
 	// filters holds the stored copies of the transaction's filters,
 	// allocated a chunk at a time.
 	filters []Filter
@@ -35,41 +28,8 @@ type txn struct {
 	pos map[objKey]string
 }
 
-// storedState is an overlay entry's effect on the manager's stored map.
-type storedState uint8
-
-const (
-	storedInherit storedState = iota // as the manager has it
-	storedPut                        // obj, as stored
-	storedRemoved
-)
-
-// overlayEntry is one add or delete of a transaction and the key's
-// overlay state after it.
-type overlayEntry struct {
-	k    objKey
-	id   uint64 // the engine's, for the change published
-	meta objMeta
-	// hasMeta: the object exists (false: deleted by this transaction).
-	hasMeta bool
-	stored  storedState
-	// live: no later entry of the transaction replaced this one.
-	live bool
-	// prev is the key's entry before this one in the transaction, or -1.
-	prev int32
-	obj  Object // the stored form, when stored is storedPut
-}
-
-// latest returns k's latest overlay entry, or nil.
-func (t *txn) latest(k objKey) *overlayEntry {
-	if i, ok := t.index[k]; ok {
-		return &t.ents[i]
-	}
-	return nil
-}
-
 func (t *txn) metaOf(k objKey) (objMeta, bool) {
-	if e := t.latest(k); e != nil {
+	if e := t.ov.latest(k); e != nil {
 		return e.meta, e.hasMeta
 	}
 	v, ok := t.m.meta[k] // safe: meta changes only under the lock t holds
@@ -77,7 +37,7 @@ func (t *txn) metaOf(k objKey) (objMeta, bool) {
 }
 
 func (t *txn) storedOf(k objKey) (Object, bool) {
-	if e := t.latest(k); e != nil && e.stored != storedInherit {
+	if e := t.ov.latest(k); e != nil && e.stored != storedInherit {
 		return e.obj, e.stored == storedPut
 	}
 	v, ok := t.m.stored[k]
@@ -87,12 +47,14 @@ func (t *txn) storedOf(k objKey) (Object, bool) {
 // record notes an add (o non-nil) or a delete of k in the overlay.
 func (t *txn) record(k objKey, id uint64, l Lifetime, o *Object) {
 	e := overlayEntry{k: k, id: id, live: true, prev: -1}
+	// A key added has an earlier entry only if the transaction deleted
+	// it before (the engine refuses a key twice): the overlay knows when
+	// none can have one, and then skips the lookup.
 	var prev *overlayEntry
-	if i, ok := t.index[k]; ok {
-		prev = &t.ents[i]
-		prev.live = false
-		e.prev = i
-		e.stored, e.obj = prev.stored, prev.obj
+	if o == nil || t.ov.mayHaveEntry(k) {
+		if e.prev, prev = t.ov.find(k); prev != nil {
+			e.stored, e.obj = prev.stored, prev.obj
+		}
 	}
 	if o != nil {
 		e.hasMeta = true
@@ -108,11 +70,10 @@ func (t *txn) record(k objKey, id uint64, l Lifetime, o *Object) {
 			}
 		}
 	}
-	if t.index == nil {
-		t.index = map[objKey]int32{}
+	if prev != nil {
+		prev.live = false
 	}
-	t.index[k] = int32(len(t.ents))
-	t.ents = append(t.ents, e)
+	t.ov.push(e)
 }
 
 // storedForm returns o's copy for the store (o.stored with the engine's
@@ -142,7 +103,7 @@ func (t *txn) withKey(o Object, key string) Object {
 
 func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 	var sp engine.Savepoint
-	nents := len(t.ents)
+	nents := t.ov.len()
 	if undoable {
 		sp = t.tx.Savepoint()
 	}
@@ -192,17 +153,7 @@ func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 // sp.
 func (t *txn) undo(sp engine.Savepoint, n int) {
 	_ = t.tx.RollbackTo(sp) // fails only on a finished txn, which t is not
-	for i := len(t.ents) - 1; i >= n; i-- {
-		e := &t.ents[i]
-		if e.prev >= 0 {
-			t.index[e.k] = e.prev
-			t.ents[e.prev].live = true
-		} else {
-			delete(t.index, e.k)
-		}
-	}
-	clear(t.ents[n:]) // let the undone objects go
-	t.ents = t.ents[:n]
+	t.ov.truncate(n)
 }
 
 func (t *txn) abort() {
@@ -259,20 +210,22 @@ func (t *txn) commit() error {
 	}
 	// A large transaction grows the manager's maps at once rather than an
 	// entry at a time (a million filters: seconds of rehashing).
-	if n := len(t.index); n > len(m.meta) {
-		m.meta = growMap(m.meta, n)
-	}
-	nstored := 0
-	for i := range t.ents {
-		if e := &t.ents[i]; e.live && e.stored == storedPut {
-			nstored++
+	nmeta, nstored := 0, 0
+	for e := range t.ov.entries() {
+		if e.live {
+			nmeta++
+			if e.stored == storedPut {
+				nstored++
+			}
 		}
+	}
+	if nmeta > len(m.meta) {
+		m.meta = growMap(m.meta, nmeta)
 	}
 	if nstored > len(m.stored) {
 		m.stored = growMap(m.stored, nstored)
 	}
-	for i := range t.ents {
-		e := &t.ents[i]
+	for e := range t.ov.entries() {
 		if !e.live {
 			continue
 		}
@@ -288,7 +241,7 @@ func (t *txn) commit() error {
 			delete(m.stored, e.k)
 		}
 	}
-	m.publishLocked(t.s.info.ID, t.ents)
+	m.publishLocked(t.s.info.ID, &t.ov)
 	m.mu.Unlock()
 	if m.opts.OnCommit != nil {
 		m.opts.OnCommit(time.Since(start))
@@ -618,13 +571,12 @@ func (t *txn) delete(r Ref) (Ref, error) {
 // a key's last put (the object) or removal (nil object).
 func (t *txn) storeChanges() []storeChange {
 	var out []storeChange
-	for i := range t.ents {
-		e := &t.ents[i]
+	for e := range t.ov.entries() {
 		if !e.live || e.stored == storedInherit {
 			continue
 		}
 		if out == nil {
-			out = make([]storeChange, 0, len(t.index))
+			out = make([]storeChange, 0, t.ov.len())
 		}
 		c := storeChange{k: e.k}
 		if e.stored == storedPut {
@@ -638,13 +590,13 @@ func (t *txn) storeChanges() []storeChange {
 // storedReferrer finds a stored object (as t will leave the store) that
 // references k.
 func (t *txn) storedReferrer(k objKey) (objKey, bool) {
-	for i := range t.ents {
-		if e := &t.ents[i]; e.live && e.stored == storedPut && slices.Contains(e.obj.refs(), k) {
+	for e := range t.ov.entries() {
+		if e.live && e.stored == storedPut && slices.Contains(e.obj.refs(), k) {
 			return e.k, true
 		}
 	}
 	for rk, o := range t.m.stored {
-		if e := t.latest(rk); (e == nil || e.stored == storedInherit) && slices.Contains(o.refs(), k) {
+		if e := t.ov.latest(rk); (e == nil || e.stored == storedInherit) && slices.Contains(o.refs(), k) {
 			return rk, true
 		}
 	}

@@ -21,6 +21,8 @@ type txn struct {
 	// filters holds the stored copies of the transaction's filters,
 	// allocated a chunk at a time.
 	filters []Filter
+	// conds is engineFilter's scratch space.
+	conds []engine.Condition
 	// loading: the store is being loaded; nothing to write back.
 	loading bool
 	// pos is where the transaction's added objects came from (a policy
@@ -400,6 +402,10 @@ func (t *txn) engineFilter(f *Filter, l Lifetime) (engine.Filter, error) {
 		return engine.Filter{}, err
 	}
 	ef := engine.Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: layer, Weight: w, Flags: flags, Action: engine.Action{Type: act}}
+	// The engine copies the conditions it keeps: build them in t's
+	// scratch slice rather than a new one per filter.
+	ef.Conditions = t.conds[:0]
+	defer func() { t.conds = ef.Conditions[:0] }()
 	for i, c := range f.Conditions {
 		if len(c.Values) == 0 {
 			ec, err := ParseCondition(layer, c)

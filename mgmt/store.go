@@ -153,9 +153,11 @@ func (s *store) load() (map[objKey]Object, error) {
 	case err != nil:
 		return nil, fmt.Errorf("%w: %w", ErrStore, err)
 	default:
-		var f storeFile
-		if err := json.Unmarshal(b, &f); err != nil {
-			return nil, fmt.Errorf("%w: %s is corrupt: %w", ErrStore, s.path, err)
+		f, ok := decodeSnapshotFast(b)
+		if !ok {
+			if err := json.Unmarshal(b, &f); err != nil {
+				return nil, fmt.Errorf("%w: %s is corrupt: %w", ErrStore, s.path, err)
+			}
 		}
 		if f.Version != storeVersion {
 			return nil, fmt.Errorf("%w: %s has version %d, want %d", ErrStore, s.path, f.Version, storeVersion)
@@ -232,14 +234,17 @@ func (s *store) replay(j *os.File, objs map[objKey]Object) (bool, error) {
 		if err != nil {
 			return false, fmt.Errorf("%w: %w", ErrStore, err)
 		}
-		var rec journalRecord
-		dec := json.NewDecoder(bytes.NewReader(line))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&rec); err != nil {
-			return corrupt("commit", err)
-		}
-		if _, err := dec.Token(); err != io.EOF {
-			return corrupt("commit", fmt.Errorf("more than one value on the line"))
+		rec, ok := decodeRecordFast(line[:len(line)-1])
+		if !ok {
+			// Not as the encoder writes it: encoding/json decides.
+			dec := json.NewDecoder(bytes.NewReader(line))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&rec); err != nil {
+				return corrupt("commit", err)
+			}
+			if _, err := dec.Token(); err != io.EOF {
+				return corrupt("commit", fmt.Errorf("more than one value on the line"))
+			}
 		}
 		for i, o := range rec.Put {
 			if err := checkStored(o); err != nil {

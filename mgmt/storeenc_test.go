@@ -3,7 +3,11 @@ package mgmt
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"io"
 	"net/netip"
+	"reflect"
+	"slices"
 	"testing"
 
 	"fwp/engine"
@@ -132,4 +136,88 @@ func FuzzStoreEncoding(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) { checkStoreEncoding(t, s) })
+}
+
+// jsonDecodeRecord is the journal line as encoding/json reads it at load.
+func jsonDecodeRecord(line []byte) (journalRecord, error) {
+	var rec journalRecord
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rec); err != nil {
+		return rec, err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return rec, fmt.Errorf("more than one value")
+	}
+	return rec, nil
+}
+
+// checkStoreDecoding: whatever the fast decoders accept, encoding/json
+// reads to the same value.
+func checkStoreDecoding(t testing.TB, b []byte) (accepted bool) {
+	if rec, ok := decodeRecordFast(b); ok {
+		want, err := jsonDecodeRecord(append(slices.Clip(b), '\n'))
+		if err != nil || !reflect.DeepEqual(rec, want) {
+			t.Fatalf("record %q: fast %+v, encoding/json %+v (%v)", b, rec, want, err)
+		}
+		accepted = true
+	}
+	if f, ok := decodeSnapshotFast(b); ok {
+		var want storeFile
+		if err := json.Unmarshal(b, &want); err != nil || !reflect.DeepEqual(f, want) {
+			t.Fatalf("snapshot %q: fast %+v, encoding/json %+v (%v)", b, f, want, err)
+		}
+		accepted = true
+	}
+	return accepted
+}
+
+func storeDecodingSeeds(t testing.TB) [][]byte {
+	plain := Object{Filter: &Filter{Key: "h1", Layer: "ALE_AUTH_CONNECT_V4", Action: "block", Weight: "10", Lifetime: LifetimePersistent,
+		Conditions: []Condition{{Field: "ip_remote_address", Match: "equal", Value: "10.0.0.1"}}}}
+	full := Object{Filter: &Filter{Key: "k", Name: "n é", Description: "d", Layer: "l", Sublayer: "s", Provider: "p", Weight: "auto",
+		Conditions: []Condition{{Field: "ip_remote_port", Value: "80", Values: []string{"1", "2"}}, {Field: "ip_protocol", Match: "equal", Value: "6"}},
+		Action:     "permit", Callout: "c", ProviderContext: "pc", Flags: []string{"disabled", "indexed"}, Lifetime: LifetimeBootTime, ID: 7, EffectiveWeight: 1 << 63, Session: 2}}
+	old := map[objKey]Object{{KindFilter, "gone"}: plain}
+	var out [][]byte
+	for _, cs := range [][]storeChange{
+		{{k: objKey{KindFilter, "h1"}, o: &plain}},
+		{{k: objKey{KindFilter, "h1"}, o: &plain}, {k: objKey{KindFilter, "k"}, o: &full}, {k: objKey{KindFilter, "gone"}}},
+		{{k: objKey{KindFilter, "gone"}}},
+	} {
+		out = append(out, bytes.TrimSuffix(encodeRecord(t, old, cs), []byte("\n")))
+	}
+	var snap bytes.Buffer
+	e := &encWriter{w: &snap}
+	e.writeSnapshot(&storeFile{Version: storeVersion, Gen: 4, Objects: []Object{plain, full}})
+	return append(out, snap.Bytes(), []byte(`{}`), []byte(`{"put":[{"filter":{}}]}`))
+}
+
+// The fast decoders read what the encoder writes (a large commit never
+// falls back to encoding/json), to what encoding/json reads.
+func TestStoreDecodingMatchesJSON(t *testing.T) {
+	for _, b := range storeDecodingSeeds(t) {
+		if !checkStoreDecoding(t, b) {
+			t.Errorf("%s: not read by the fast decoders", b)
+		}
+	}
+	// Off the fast path: encoding/json decides (and refuses or accepts).
+	for _, s := range []string{`{"put":[{"filter":{"key":"a"}}]"del":[{"kind":"filter","key":"b"}]}`, `{"put":[]}`,
+		`{"put":[{"filter":{"key":"a","key":"b"}}]}`, `{"put":[{"filter":{"KEY":"a"}}]}`, `{"put":[{"filter":{"id":01}}]}`,
+		`{"put":[{"filter":{"key":"a\u0041"}}]}`, `{"put":[{"filter":{"key":"\xff"}}]}`, `{"put":[{"filter":{"id":18446744073709551616}}]}`,
+		`{"put":[{"provider":{"key":"p"}}]}`, `{"del":[{"kind":"nope","key":"b"}]}`, `{"put":[{"filter":{"lifetime":"forever"}}]}`,
+		`{"version":1,"objects":[]}`, `{"put":[{"filter":{"layer":"b","key":"a"}}]}`} {
+		if checkStoreDecoding(t, []byte(s)) {
+			t.Errorf("%s: read by the fast decoders", s)
+		}
+	}
+}
+
+// FuzzStoreDecoding: whatever the fast decoders accept, encoding/json
+// reads to the same value.
+func FuzzStoreDecoding(f *testing.F) {
+	for _, b := range storeDecodingSeeds(f) {
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { checkStoreDecoding(t, b) })
 }

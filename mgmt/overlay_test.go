@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -172,5 +173,18 @@ func checkCommitted(t *testing.T, m *Manager, want map[string]modelFilter) {
 	}
 	if nmeta != len(want) || nstored != len(persistentOnly(want)) {
 		t.Fatalf("%d owners and %d stored filters, want %d and %d", nmeta, nstored, len(want), len(persistentOnly(want)))
+	}
+}
+
+// sortedKeys orders as the comparison it replaced: kind, then key bytes.
+func TestSortedKeys(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	objs := map[objKey]int{}
+	for i := range 2000 {
+		objs[objKey{Kind(1 + rng.IntN(int(numKinds)-1)), fmt.Sprintf("%x\xff%d", rng.Uint32(), i%7)}] = i
+	}
+	got, want := sortedKeys(objs), sortedKeysFunc(objs)
+	if !slices.Equal(got, want) || len(got) != len(objs) {
+		t.Fatalf("sortedKeys differs from the comparison sort")
 	}
 }

@@ -10,10 +10,10 @@ import (
 // encoding/json: a commit of a million filters spent ~2 s of CPU in
 // encoding/json's reflection. The output is byte for byte what
 // encoding/json writes for the same values (TestStoreEncodingMatchesJSON,
-// FuzzStoreEncoding), so the format is unchanged and the loader, which
-// still uses encoding/json, reads both. Anything off the fast path (kinds
-// other than filters, packed lists, strings that need escaping) is handed
-// to encoding/json itself.
+// FuzzStoreEncoding), so the format is unchanged: files written before
+// load as they did, and encoding/json reads what these write. Anything off
+// the fast path (kinds other than filters, packed lists, strings that need
+// escaping) is handed to encoding/json itself. storedec.go reads it back.
 
 // storeChange is one key's change in a commit: the object put, or nil for
 // a removal.

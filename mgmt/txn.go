@@ -111,7 +111,15 @@ func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 	}
 	var res ApplyResult
 	if len(ops) > 1 {
-		res.Added = make([]Ref, 0, len(ops))
+		adds := 0
+		for _, op := range ops {
+			if op.Add != nil {
+				adds++
+			}
+		}
+		if adds > 0 {
+			res.Added = make([]Ref, 0, adds)
+		}
 	}
 	for i, op := range ops {
 		var err error

@@ -15,6 +15,32 @@ func lifetime(s string) (mgmt.Lifetime, error) { return mgmt.ParseLifetime(s) }
 // generated getters, so that a partial message (a nil kind, a nil
 // condition) is an error or an empty field, never a panic.
 func ToObject(o *Object) (mgmt.Object, error) {
+	var c converter
+	return c.object(o)
+}
+
+// converter converts a batch of wire objects. It cuts filters and their
+// conditions from slabs and shares a string equal to the one the previous
+// filter had in the same field (layer, action, weight, a condition's
+// field and match), so that a million filters of one kind keep a few
+// strings rather than millions: fewer objects for the collector to walk,
+// less memory (issue 15).
+type converter struct {
+	filters []mgmt.Filter
+	conds   []mgmt.Condition
+	last    struct{ layer, action, weight, field, match string }
+}
+
+// same returns prev when it equals s, else s, which becomes prev.
+func same(prev *string, s string) string {
+	if s == *prev {
+		return *prev
+	}
+	*prev = s
+	return s
+}
+
+func (cv *converter) object(o *Object) (mgmt.Object, error) {
 	switch k := o.GetKind().(type) {
 	case *Object_Provider:
 		p := k.Provider
@@ -39,11 +65,23 @@ func ToObject(o *Object) (mgmt.Object, error) {
 	case *Object_Filter:
 		f := k.Filter
 		l, err := lifetime(f.GetLifetime())
-		mf := &mgmt.Filter{Key: f.GetKey(), Name: f.GetName(), Description: f.GetDescription(), Layer: f.GetLayer(), Sublayer: f.GetSublayer(),
-			Provider: f.GetProvider(), Weight: f.GetWeight(), Action: f.GetAction(), Callout: f.GetCallout(), ProviderContext: f.GetProviderContext(),
-			Flags: f.GetFlags(), Lifetime: l, ID: f.GetId(), EffectiveWeight: f.GetEffectiveWeight(), Session: f.GetSession()}
+		if len(cv.filters) == cap(cv.filters) {
+			cv.filters = make([]mgmt.Filter, 0, min(256, max(1, 2*cap(cv.filters))))
+		}
+		cv.filters = append(cv.filters, mgmt.Filter{Key: f.GetKey(), Name: f.GetName(), Description: f.GetDescription(),
+			Layer: same(&cv.last.layer, f.GetLayer()), Sublayer: f.GetSublayer(), Provider: f.GetProvider(),
+			Weight: same(&cv.last.weight, f.GetWeight()), Action: same(&cv.last.action, f.GetAction()), Callout: f.GetCallout(), ProviderContext: f.GetProviderContext(),
+			Flags: f.GetFlags(), Lifetime: l, ID: f.GetId(), EffectiveWeight: f.GetEffectiveWeight(), Session: f.GetSession()})
+		mf := &cv.filters[len(cv.filters)-1]
+		if n := len(f.GetConditions()); n > 0 {
+			if cap(cv.conds)-len(cv.conds) < n {
+				cv.conds = make([]mgmt.Condition, 0, max(n, min(1024, 2*cap(cv.conds))))
+			}
+			i := len(cv.conds)
+			mf.Conditions = cv.conds[i : i : i+n]
+		}
 		for i, c := range f.GetConditions() {
-			mc := mgmt.Condition{Field: c.GetField(), Match: c.GetMatch(), Value: c.GetValue(), Values: c.GetValues()}
+			mc := mgmt.Condition{Field: same(&cv.last.field, c.GetField()), Match: same(&cv.last.match, c.GetMatch()), Value: c.GetValue(), Values: c.GetValues()}
 			if b := c.GetList(); len(b) > 0 {
 				mc.List = new(engine.List)
 				if lerr := mc.List.UnmarshalBinary(b); lerr != nil && err == nil {
@@ -52,6 +90,7 @@ func ToObject(o *Object) (mgmt.Object, error) {
 			}
 			mf.Conditions = append(mf.Conditions, mc)
 		}
+		cv.conds = cv.conds[:len(cv.conds)+len(mf.Conditions)]
 		return mgmt.Object{Filter: mf}, err
 	}
 	return mgmt.Object{}, fmt.Errorf("%w: empty object", engine.ErrInvalidArgument)
@@ -101,15 +140,18 @@ func FromRef(r mgmt.Ref) *ObjectRef { return &ObjectRef{Kind: r.Kind.String(), K
 // ToOps and FromOps convert Apply's ops.
 func ToOps(ops []*Op) ([]mgmt.Op, error) {
 	out := make([]mgmt.Op, 0, len(ops))
+	objs := make([]mgmt.Object, len(ops))
+	var cv converter
 	for i, op := range ops {
 		var m mgmt.Op
 		switch o := op.GetOp().(type) {
 		case *Op_Add:
-			obj, err := ToObject(o.Add)
+			obj, err := cv.object(o.Add)
 			if err != nil {
 				return nil, fmt.Errorf("op %d: %w", i+1, err)
 			}
-			m.Add = &obj
+			objs[i] = obj
+			m.Add = &objs[i]
 		case *Op_Delete:
 			r, err := ToRef(o.Delete)
 			if err != nil {

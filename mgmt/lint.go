@@ -2,6 +2,7 @@ package mgmt
 
 import (
 	"fmt"
+	"strings"
 
 	"fwp/engine"
 )
@@ -16,11 +17,20 @@ func Warnings(ops []Op) []string {
 			continue
 		}
 		f := op.Add.Filter
-		layer, err := ParseLayer(f.Layer)
-		if err != nil {
-			continue
-		}
+		layer := engine.LayerInvalid
 		for _, c := range f.Conditions {
+			// Only remote port conditions can warn: the others are not
+			// parsed again (a million filters in one Apply).
+			if fi, ok := engine.FieldByName(strings.TrimSpace(c.Field)); !ok || fi != engine.FieldIPRemotePort {
+				continue
+			}
+			if layer == engine.LayerInvalid {
+				l, err := ParseLayer(f.Layer)
+				if err != nil {
+					break
+				}
+				layer = l
+			}
 			ec, err := ParseCondition(layer, c)
 			if err != nil || ec.Field != engine.FieldIPRemotePort || !onlyZero(ec) {
 				continue

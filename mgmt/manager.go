@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -189,20 +190,34 @@ func (m *Manager) load() error {
 	return nil
 }
 
-// sortedKeys orders objects so that referenced kinds come first.
+// sortedKeys orders objects so that referenced kinds come first, then by
+// key. Keys are sorted per kind as strings (a million filters: a sort
+// without a comparison function).
 func sortedKeys[V any](objs map[objKey]V) []objKey {
+	var byKind [numKinds][]string
+	for k := range objs {
+		if k.kind >= numKinds {
+			return sortedKeysFunc(objs)
+		}
+		byKind[k.kind] = append(byKind[k.kind], k.key)
+	}
+	out := make([]objKey, 0, len(objs))
+	for kind, keys := range byKind {
+		slices.Sort(keys)
+		for _, key := range keys {
+			out = append(out, objKey{Kind(kind), key})
+		}
+	}
+	return out
+}
+
+func sortedKeysFunc[V any](objs map[objKey]V) []objKey {
 	keys := slices.Collect(maps.Keys(objs))
 	slices.SortFunc(keys, func(a, b objKey) int {
 		if a.kind != b.kind {
 			return int(a.kind) - int(b.kind)
 		}
-		if a.key < b.key {
-			return -1
-		}
-		if a.key > b.key {
-			return 1
-		}
-		return 0
+		return strings.Compare(a.key, b.key)
 	})
 	return keys
 }
@@ -373,7 +388,7 @@ func (m *Manager) begin(ctx context.Context, s *session) (*txn, error) {
 		return nil, fmt.Errorf("%w after %s%s: %w", ErrTimeout, m.opts.TxnTimeout, by, err)
 	}
 	m.holder.Store(s)
-	return &txn{m: m, s: s, tx: tx, meta: map[objKey]*objMeta{}, stored: map[objKey]*Object{}}, nil
+	return &txn{m: m, s: s, tx: tx}, nil
 }
 
 // Begin opens the session's explicit transaction.

@@ -153,9 +153,11 @@ func (s *store) load() (map[objKey]Object, error) {
 	case err != nil:
 		return nil, fmt.Errorf("%w: %w", ErrStore, err)
 	default:
-		var f storeFile
-		if err := json.Unmarshal(b, &f); err != nil {
-			return nil, fmt.Errorf("%w: %s is corrupt: %w", ErrStore, s.path, err)
+		f, ok := decodeSnapshotFast(b)
+		if !ok {
+			if err := json.Unmarshal(b, &f); err != nil {
+				return nil, fmt.Errorf("%w: %s is corrupt: %w", ErrStore, s.path, err)
+			}
 		}
 		if f.Version != storeVersion {
 			return nil, fmt.Errorf("%w: %s has version %d, want %d", ErrStore, s.path, f.Version, storeVersion)
@@ -232,14 +234,17 @@ func (s *store) replay(j *os.File, objs map[objKey]Object) (bool, error) {
 		if err != nil {
 			return false, fmt.Errorf("%w: %w", ErrStore, err)
 		}
-		var rec journalRecord
-		dec := json.NewDecoder(bytes.NewReader(line))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&rec); err != nil {
-			return corrupt("commit", err)
-		}
-		if _, err := dec.Token(); err != io.EOF {
-			return corrupt("commit", fmt.Errorf("more than one value on the line"))
+		rec, ok := decodeRecordFast(line[:len(line)-1])
+		if !ok {
+			// Not as the encoder writes it: encoding/json decides.
+			dec := json.NewDecoder(bytes.NewReader(line))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&rec); err != nil {
+				return corrupt("commit", err)
+			}
+			if _, err := dec.Token(); err != io.EOF {
+				return corrupt("commit", fmt.Errorf("more than one value on the line"))
+			}
 		}
 		for i, o := range rec.Put {
 			if err := checkStored(o); err != nil {
@@ -267,30 +272,20 @@ func checkStored(o Object) error {
 	return nil
 }
 
-// write makes the commit that changes old by delta (nil: deleted) durable:
-// one journal append, or a compaction when the journal has outgrown the
-// snapshot. On error nothing of the commit is in the store.
-func (s *store) write(old map[objKey]Object, delta map[objKey]*Object) error {
+// write makes a commit's changes to old durable: one journal append, or a
+// compaction when the journal has outgrown the snapshot. On error nothing
+// of the commit is in the store.
+func (s *store) write(old map[objKey]Object, changes []storeChange) error {
 	if s.broken || s.jsize > max(minCompact, s.snapSize) {
-		return s.compact(overlay(old, delta))
+		return s.compact(applyChanges(old, changes))
 	}
-	var rec journalRecord
-	for _, k := range sortedKeys(delta) {
-		if v := delta[k]; v != nil {
-			rec.Put = append(rec.Put, *v)
-		} else if _, ok := old[k]; ok {
-			rec.Del = append(rec.Del, storedRef{k.kind, k.key})
-		}
-	}
-	if len(rec.Put) == 0 && len(rec.Del) == 0 {
+	// The line goes to the file in pieces (a million filters are ~150
+	// MB); it counts only once whole and synced.
+	e := &encWriter{w: io.NewOffsetWriter(s.journal, s.jsize), b: make([]byte, 0, 4096)}
+	if e.writeRecord(old, changes) {
 		return nil
 	}
-	b, err := json.Marshal(&rec)
-	if err != nil {
-		return err
-	}
-	b = append(b, '\n')
-	_, err = s.journal.WriteAt(b, s.jsize)
+	err := e.err
 	if err == nil {
 		err = fdatasync(s.journal)
 	}
@@ -306,21 +301,21 @@ func (s *store) write(old map[objKey]Object, delta map[objKey]*Object) error {
 		}
 		return err
 	}
-	s.jsize += int64(len(b))
+	s.jsize += e.n
 	return nil
 }
 
-// overlay is old with delta applied.
-func overlay(old map[objKey]Object, delta map[objKey]*Object) map[objKey]Object {
-	objs := make(map[objKey]Object, len(old)+len(delta))
+// applyChanges is old with changes applied.
+func applyChanges(old map[objKey]Object, changes []storeChange) map[objKey]Object {
+	objs := make(map[objKey]Object, len(old)+len(changes))
 	for k, v := range old {
 		objs[k] = v
 	}
-	for k, v := range delta {
-		if v == nil {
-			delete(objs, k)
+	for _, c := range changes {
+		if c.o == nil {
+			delete(objs, c.k)
 		} else {
-			objs[k] = *v
+			objs[c.k] = *c.o
 		}
 	}
 	return objs
@@ -333,7 +328,11 @@ func (s *store) compact(objs map[objKey]Object) error {
 	for _, k := range sortedKeys(objs) {
 		f.Objects = append(f.Objects, objs[k])
 	}
-	n, err := writeFileSync(s.path, func(w io.Writer) error { return json.NewEncoder(w).Encode(&f) })
+	n, err := writeFileSync(s.path, func(w io.Writer) error {
+		e := &encWriter{w: w, b: make([]byte, 0, 4096)}
+		e.writeSnapshot(&f)
+		return e.err
+	})
 	if err != nil {
 		return err
 	}

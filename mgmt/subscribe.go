@@ -109,14 +109,23 @@ func (m *Manager) Subscribe(sid uint64, kinds []Kind, buffer int) (*Subscription
 	return s, nil
 }
 
-func (m *Manager) publishLocked(changes []Change) {
-	if len(changes) == 0 {
+// publishLocked sends a commit's changes, made by session sid, to the
+// subscribers: one per overlay entry, in order.
+func (m *Manager) publishLocked(sid uint64, ov *overlay) {
+	if ov.len() == 0 || len(m.subs) == 0 {
 		return
 	}
 	for s := range m.subs {
-		for _, c := range changes {
-			if c.Session == s.session || s.kinds&(1<<c.Kind) == 0 {
+		if s.session == sid {
+			continue // a session is not told of its own changes
+		}
+		for e := range ov.entries() {
+			if s.kinds&(1<<e.k.kind) == 0 {
 				continue
+			}
+			c := Change{Kind: e.k.kind, Key: e.k.key, ID: e.id, Session: sid, Type: ChangeDelete}
+			if e.hasMeta {
+				c.Type = ChangeAdd
 			}
 			select {
 			case s.c <- c:

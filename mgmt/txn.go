@@ -16,14 +16,13 @@ type txn struct {
 	m  *Manager
 	s  *session
 	tx *engine.Txn
-	// Overlays over the manager's maps; a nil value is a removal.
-	meta    map[objKey]*objMeta
-	stored  map[objKey]*Object
-	changes []Change
-	// journal, while a batch runs in an open transaction, records the
-	// overlay entries the batch replaced, for undo.
-	journal []journalEntry
-	logging bool
+	// ov is the transaction's overlay over the manager's maps.
+	ov overlay
+	// filters holds the stored copies of the transaction's filters,
+	// allocated a chunk at a time.
+	filters []Filter
+	// conds is engineFilter's scratch space.
+	conds []engine.Condition
 	// loading: the store is being loaded; nothing to write back.
 	loading bool
 	// pos is where the transaction's added objects came from (a policy
@@ -31,64 +30,69 @@ type txn struct {
 	pos map[objKey]string
 }
 
-type journalEntry struct {
-	k                  objKey
-	hadMeta, hadStored bool
-	meta               *objMeta
-	stored             *Object
-}
-
 func (t *txn) metaOf(k objKey) (objMeta, bool) {
-	if v, ok := t.meta[k]; ok {
-		if v == nil {
-			return objMeta{}, false
-		}
-		return *v, true
+	if e := t.ov.latest(k); e != nil {
+		return e.meta, e.hasMeta
 	}
 	v, ok := t.m.meta[k] // safe: meta changes only under the lock t holds
 	return v, ok
 }
 
 func (t *txn) storedOf(k objKey) (Object, bool) {
-	if v, ok := t.stored[k]; ok {
-		if v == nil {
-			return Object{}, false
-		}
-		return *v, true
+	if e := t.ov.latest(k); e != nil && e.stored != storedInherit {
+		return e.obj, e.stored == storedPut
 	}
 	v, ok := t.m.stored[k]
 	return v, ok
 }
 
-// record notes an add (o non-nil) or a delete of k in the overlays.
+// record notes an add (o non-nil) or a delete of k in the overlay.
 func (t *txn) record(k objKey, id uint64, l Lifetime, o *Object) {
-	if t.logging {
-		e := journalEntry{k: k}
-		e.meta, e.hadMeta = t.meta[k]
-		e.stored, e.hadStored = t.stored[k]
-		t.journal = append(t.journal, e)
-	}
-	c := Change{Kind: k.kind, Key: k.key, ID: id, Session: t.s.info.ID, Type: ChangeDelete}
-	if o != nil {
-		c.Type = ChangeAdd
-		t.meta[k] = &objMeta{session: t.s.info.ID, lifetime: l}
-	} else {
-		t.meta[k] = nil
-	}
-	t.changes = append(t.changes, c)
-	if t.loading {
-		return
-	}
-	switch {
-	case o != nil && l.durable():
-		so := o.stored(l)
-		so = t.withKey(so, k.key)
-		t.stored[k] = &so
-	case o == nil:
-		if _, ok := t.storedOf(k); ok {
-			t.stored[k] = nil
+	e := overlayEntry{k: k, id: id, live: true, prev: -1}
+	// A key added has an earlier entry only if the transaction deleted
+	// it before (the engine refuses a key twice): the overlay knows when
+	// none can have one, and then skips the lookup.
+	var prev *overlayEntry
+	if o == nil || t.ov.mayHaveEntry(k) {
+		if e.prev, prev = t.ov.find(k); prev != nil {
+			e.stored, e.obj = prev.stored, prev.obj
 		}
 	}
+	if o != nil {
+		e.hasMeta = true
+		e.meta = objMeta{session: t.s.info.ID, lifetime: l}
+	}
+	if !t.loading {
+		switch {
+		case o != nil && l.durable():
+			e.stored, e.obj = storedPut, t.storedForm(*o, l, k.key)
+		case o == nil:
+			if _, ok := t.storedOf(k); ok {
+				e.stored, e.obj = storedRemoved, Object{}
+			}
+		}
+	}
+	if prev != nil {
+		prev.live = false
+	}
+	t.ov.push(e)
+}
+
+// storedForm returns o's copy for the store (o.stored with the engine's
+// key), a filter's copy cut from a chunk rather than allocated alone.
+func (t *txn) storedForm(o Object, l Lifetime, key string) Object {
+	if o.Kind() != KindFilter {
+		return t.withKey(o.stored(l), key)
+	}
+	if len(t.filters) == cap(t.filters) {
+		// Chunks double from 4 to 256 filters: a small transaction
+		// allocates little, a large one few times.
+		t.filters = make([]Filter, 0, min(256, max(4, 2*cap(t.filters))))
+	}
+	t.filters = append(t.filters, *o.Filter)
+	c := &t.filters[len(t.filters)-1]
+	c.ID, c.Session, c.EffectiveWeight, c.Lifetime, c.Key = 0, 0, 0, l, key
+	return Object{Filter: c}
 }
 
 // withKey sets the engine-generated key on a stored object.
@@ -101,13 +105,22 @@ func (t *txn) withKey(o Object, key string) Object {
 
 func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 	var sp engine.Savepoint
-	nchanges := len(t.changes)
+	nents := t.ov.len()
 	if undoable {
 		sp = t.tx.Savepoint()
-		t.logging, t.journal = true, t.journal[:0]
-		defer func() { t.logging, t.journal = false, nil }()
 	}
 	var res ApplyResult
+	if len(ops) > 1 {
+		adds := 0
+		for _, op := range ops {
+			if op.Add != nil {
+				adds++
+			}
+		}
+		if adds > 0 {
+			res.Added = make([]Ref, 0, adds)
+		}
+	}
 	for i, op := range ops {
 		var err error
 		var r Ref
@@ -131,7 +144,7 @@ func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 		}
 		if err != nil {
 			if undoable {
-				t.undo(sp, nchanges)
+				t.undo(sp, nents)
 			}
 			pos := op.Pos
 			if pos == "" && len(ops) > 1 {
@@ -146,22 +159,11 @@ func (t *txn) apply(ops []Op, undoable bool) (ApplyResult, error) {
 	return res, nil
 }
 
-func (t *txn) undo(sp engine.Savepoint, nchanges int) {
+// undo takes the overlay back to its first n entries and the engine to
+// sp.
+func (t *txn) undo(sp engine.Savepoint, n int) {
 	_ = t.tx.RollbackTo(sp) // fails only on a finished txn, which t is not
-	for i := len(t.journal) - 1; i >= 0; i-- {
-		e := t.journal[i]
-		if e.hadMeta {
-			t.meta[e.k] = e.meta
-		} else {
-			delete(t.meta, e.k)
-		}
-		if e.hadStored {
-			t.stored[e.k] = e.stored
-		} else {
-			delete(t.stored, e.k)
-		}
-	}
-	t.changes = t.changes[:nchanges]
+	t.ov.truncate(n)
 }
 
 func (t *txn) abort() {
@@ -198,18 +200,16 @@ func (t *txn) commit() error {
 			return fmt.Errorf("%w: %s%w", engine.ErrTxnAborted, t.posOf(err), err)
 		}
 	}
-	if len(t.stored) > 0 {
-		// m.stored changes only here, under the transaction lock t holds.
-		if m.store != nil {
-			if err := m.store.write(m.stored, t.stored); err != nil {
-				t.abort()
-				if m.opts.BeforeCommit != nil {
-					if rerr := m.opts.BeforeCommit(m.eng.View()); rerr != nil {
-						m.log.Error("datapath not restored after a failed store write", "err", rerr)
-					}
+	// m.stored changes only here, under the transaction lock t holds.
+	if ch := t.storeChanges(); len(ch) > 0 && m.store != nil {
+		if err := m.store.write(m.stored, ch); err != nil {
+			t.abort()
+			if m.opts.BeforeCommit != nil {
+				if rerr := m.opts.BeforeCommit(m.eng.View()); rerr != nil {
+					m.log.Error("datapath not restored after a failed store write", "err", rerr)
 				}
-				return fmt.Errorf("%w: %w: %w", engine.ErrTxnAborted, ErrStore, err)
 			}
+			return fmt.Errorf("%w: %w: %w", engine.ErrTxnAborted, ErrStore, err)
 		}
 	}
 	m.mu.Lock()
@@ -220,27 +220,38 @@ func (t *txn) commit() error {
 	}
 	// A large transaction grows the manager's maps at once rather than an
 	// entry at a time (a million filters: seconds of rehashing).
-	if len(t.meta) > len(m.meta) {
-		m.meta = growMap(m.meta, len(t.meta))
-	}
-	if len(t.stored) > len(m.stored) {
-		m.stored = growMap(m.stored, len(t.stored))
-	}
-	for k, v := range t.meta {
-		if v == nil {
-			delete(m.meta, k)
-		} else {
-			m.meta[k] = *v
+	nmeta, nstored := 0, 0
+	for e := range t.ov.entries() {
+		if e.live {
+			nmeta++
+			if e.stored == storedPut {
+				nstored++
+			}
 		}
 	}
-	for k, v := range t.stored {
-		if v == nil {
-			delete(m.stored, k)
+	if nmeta > len(m.meta) {
+		m.meta = growMap(m.meta, nmeta)
+	}
+	if nstored > len(m.stored) {
+		m.stored = growMap(m.stored, nstored)
+	}
+	for e := range t.ov.entries() {
+		if !e.live {
+			continue
+		}
+		if e.hasMeta {
+			m.meta[e.k] = e.meta
 		} else {
-			m.stored[k] = *v
+			delete(m.meta, e.k)
+		}
+		switch e.stored {
+		case storedPut:
+			m.stored[e.k] = e.obj
+		case storedRemoved:
+			delete(m.stored, e.k)
 		}
 	}
-	m.publishLocked(t.changes)
+	m.publishLocked(t.s.info.ID, &t.ov)
 	m.mu.Unlock()
 	if m.opts.OnCommit != nil {
 		m.opts.OnCommit(time.Since(start))
@@ -399,6 +410,10 @@ func (t *txn) engineFilter(f *Filter, l Lifetime) (engine.Filter, error) {
 		return engine.Filter{}, err
 	}
 	ef := engine.Filter{Key: f.Key, Name: f.Name, Description: f.Description, Layer: layer, Weight: w, Flags: flags, Action: engine.Action{Type: act}}
+	// The engine copies the conditions it keeps: build them in t's
+	// scratch slice rather than a new one per filter.
+	ef.Conditions = t.conds[:0]
+	defer func() { t.conds = ef.Conditions[:0] }()
 	for i, c := range f.Conditions {
 		if len(c.Values) == 0 {
 			ec, err := ParseCondition(layer, c)
@@ -566,16 +581,36 @@ func (t *txn) delete(r Ref) (Ref, error) {
 	return Ref{Kind: r.Kind, Key: key, ID: id}, nil
 }
 
+// storeChanges lists the store's changes of the transaction, in order:
+// a key's last put (the object) or removal (nil object).
+func (t *txn) storeChanges() []storeChange {
+	var out []storeChange
+	for e := range t.ov.entries() {
+		if !e.live || e.stored == storedInherit {
+			continue
+		}
+		if out == nil {
+			out = make([]storeChange, 0, t.ov.len())
+		}
+		c := storeChange{k: e.k}
+		if e.stored == storedPut {
+			c.o = &e.obj
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
 // storedReferrer finds a stored object (as t will leave the store) that
 // references k.
 func (t *txn) storedReferrer(k objKey) (objKey, bool) {
-	for rk, o := range t.stored {
-		if o != nil && slices.Contains(o.refs(), k) {
-			return rk, true
+	for e := range t.ov.entries() {
+		if e.live && e.stored == storedPut && slices.Contains(e.obj.refs(), k) {
+			return e.k, true
 		}
 	}
 	for rk, o := range t.m.stored {
-		if _, changed := t.stored[rk]; !changed && slices.Contains(o.refs(), k) {
+		if e := t.ov.latest(rk); (e == nil || e.stored == storedInherit) && slices.Contains(o.refs(), k) {
 			return rk, true
 		}
 	}

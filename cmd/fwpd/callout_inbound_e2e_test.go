@@ -110,8 +110,11 @@ func TestE2EKernelInboundCallout(t *testing.T) {
 	if got := seenUID.Load(); got != int64(u.UID) {
 		t.Fatalf("the callout saw the listener's owner as uid %d, want the unprivileged user's %d", got, u.UID)
 	}
+	// A refusal is waited for a second; an answer gets longer (a loaded
+	// machine must not read as a refusal).
 	short := func(url string) []string { return []string{"curl", "-sS", "--max-time", "1", url} }
-	if r := s.run(short("http://127.0.0.1:7070/")...); r.Code != 0 || !strings.Contains(r.Out, "in 7070") {
+	long := func(url string) []string { return []string{"curl", "-sS", "--max-time", "10", url} }
+	if r := s.run(long("http://127.0.0.1:7070/")...); r.Code != 0 || !strings.Contains(r.Out, "in 7070") {
 		t.Fatalf("curl to :7070, permitted by the callout: %+v", r)
 	}
 	if r := s.run(short("http://127.0.0.1:7071/")...); r.Code != 28 {

@@ -112,21 +112,24 @@ func TestE2EKernelInboundUDPCallout(t *testing.T) {
 	if out == "" {
 		t.Fatal("spawn failed")
 	}
-	send := func(port int) runResult {
-		return s.run("sh", "-c", fmt.Sprintf("echo hello | socat -T1 - UDP4:127.0.0.1:%d", port))
+	// socat waits wait seconds for the answer: one for a datagram that
+	// must get none, longer for one that must (a loaded machine must not
+	// read as a drop).
+	send := func(port, wait int) runResult {
+		return s.run("sh", "-c", fmt.Sprintf("echo hello | socat -T%d - UDP4:127.0.0.1:%d", wait, port))
 	}
-	if r := send(7073); r.Code != 0 || strings.TrimSpace(r.Out) != "in 7073" {
+	if r := send(7073, 10); r.Code != 0 || strings.TrimSpace(r.Out) != "in 7073" {
 		t.Fatalf("a datagram to :7073, permitted by the callout: %+v", r)
 	}
 	if got := seenPID.Load(); fmt.Sprint(got) != out || seenProto.Load() != 17 {
 		t.Fatalf("the callout saw pid %d protocol %d, want the server's pid %s, UDP", got, seenProto.Load(), out)
 	}
-	if r := send(7074); r.Code != 0 || r.Out != "" {
+	if r := send(7074, 1); r.Code != 0 || r.Out != "" {
 		t.Fatalf("a datagram to :7074, blocked by the callout: %+v; want no answer", r)
 	}
 	rc.Close() // the callout goes: the fail-closed filters drop new flows
 	time.Sleep(200 * time.Millisecond)
-	if r := send(7073); r.Code != 0 || r.Out != "" {
+	if r := send(7073, 1); r.Code != 0 || r.Out != "" {
 		t.Fatalf("a new flow to :7073 with the callout gone (fail-closed filter): %+v; want no answer", r)
 	}
 	ns, err := os.Open(link)

@@ -24,13 +24,18 @@ func TestE2EKernelInbound(t *testing.T) {
 `); code != 0 {
 		t.Fatalf("fwpctl apply: exit %d: %s", code, errs)
 	}
+	// A refusal is waited for a second; an answer gets longer, so that a
+	// loaded machine does not read as a refusal.
 	short := func(args ...string) []string {
 		return append([]string{"curl", "-sS", "--max-time", "1", "-g"}, args...)
+	}
+	long := func(args ...string) []string {
+		return append([]string{"curl", "-sS", "--max-time", "10", "-g"}, args...)
 	}
 	if r := s.run(short("--interface", "127.0.0.5", "http://127.0.0.1:8080/")...); r.Code != 28 {
 		t.Fatalf("curl from 127.0.0.5 to the blocked server: %+v; want exit 28 (no answer)", r)
 	}
-	if r := s.run(short("--interface", "127.0.0.6", "http://127.0.0.1:8080/")...); r.Code != 0 {
+	if r := s.run(long("--interface", "127.0.0.6", "http://127.0.0.1:8080/")...); r.Code != 0 {
 		t.Fatalf("curl from 127.0.0.6: %+v", r)
 	}
 	// The origin on :9090 listens dual-stack ([::]:9090, AUTH_LISTEN_V6):
@@ -42,7 +47,7 @@ func TestE2EKernelInbound(t *testing.T) {
 		t.Fatal(errs)
 	}
 	for _, url := range []string{"http://127.0.0.1:8080/", "http://127.0.0.1:9090/"} {
-		if r := s.run(short("--interface", "127.0.0.5", url)...); r.Code != 0 {
+		if r := s.run(long("--interface", "127.0.0.5", url)...); r.Code != 0 {
 			t.Fatalf("after the filters went, curl %s: %+v", url, r)
 		}
 	}

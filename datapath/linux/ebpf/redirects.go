@@ -435,9 +435,11 @@ func (r *Redirects) sweep(prev map[fwpTupleKey]unacceptedSeen, now time.Time, gr
 	var stale []staleKey // deleted after the walk, which a delete could restart
 	var k fwpTupleKey
 	var s, c fwpRedirectState
+	// The clock once for the walk, not a system call per released record.
+	clock, cerr := unix.MonotonicSeconds()
 	it := r.tuple.Iterate()
 	for it.Next(&k, &s) {
-		if isExpired(&s) {
+		if cerr == nil && expiredAt(s.Released, clock, ReleasedGrace) {
 			stale = append(stale, staleKey{k, s.Cookie, false})
 			continue
 		}

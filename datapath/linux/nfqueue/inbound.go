@@ -289,26 +289,7 @@ func (p *Path) handleInbound(q *queue, pk *packet, start time.Time) {
 	fl.layers[0], fl.nlayers = layer, 1
 	fl.data = &InboundRequest{Local: local, Remote: remote, Packet: append([]byte(nil), pk.payload...)}
 	p.fillInboundMeta(fl)
-	if p.eng.LayerMayBlock(layer) {
-		p.inHeld.Store(key, struct{}{})
-		if p.hold(fl, nil) {
-			p.async.Add(1)
-			go p.wait(fl, engine.Result{})
-		}
-		return
-	}
-	res, pended := p.run(fl)
-	if !pended {
-		p.inline.Add(1)
-		p.inlineNanos.Add(uint64(time.Since(start)))
-		p.answer(fl, res)
-		return
-	}
-	p.inHeld.Store(key, struct{}{})
-	if p.hold(fl, res.Pend) {
-		p.pended.Add(1)
-		go p.wait(fl, res)
-	}
+	p.decide(fl, start, p.eng.LayerMayBlock(layer), func() { p.inHeld.Store(key, struct{}{}) })
 }
 
 // inFlag lets an inbound SYN on without a verdict bit: the ingress hook

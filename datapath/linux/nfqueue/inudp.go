@@ -178,17 +178,7 @@ func (p *Path) inUDPOwner(local, remote netip.AddrPort) (ebpf.Listener, error) {
 	if !ok {
 		return ebpf.Listener{}, ErrNotSupported
 	}
-	u := &p.udp
-	u.mu.Lock()
-	if !u.on {
-		u.mu.Unlock()
-		return ebpf.Listener{}, ErrNotSupported
-	}
-	// udpCookie's lookup is the delivery's: a datagram from remote to
-	// local, which is what it asks for the socket that sent one from
-	// local to remote.
-	cookie, err := udpCookie(u.diag, local, remote)
-	u.mu.Unlock()
+	cookie, err := p.udpSocket(local, remote)
 	if err != nil {
 		return ebpf.Listener{}, err
 	}
@@ -215,24 +205,7 @@ func (p *Path) handleInboundUDP(q *queue, pk *packet, start time.Time, local, re
 	fl.layers[0], fl.nlayers = layer, 1
 	fl.data = &InboundRequest{Local: local, Remote: remote, Packet: append([]byte(nil), pk.payload...)}
 	p.fillInboundMeta(fl)
-	if p.eng.LayerMayBlock(layer) {
-		if p.hold(fl, nil) {
-			p.async.Add(1)
-			go p.wait(fl, engine.Result{})
-		}
-		return
-	}
-	res, pended := p.run(fl)
-	if !pended {
-		p.inline.Add(1)
-		p.inlineNanos.Add(uint64(time.Since(start)))
-		p.answer(fl, res)
-		return
-	}
-	if p.hold(fl, res.Pend) {
-		p.pended.Add(1)
-		go p.wait(fl, res)
-	}
+	p.decide(fl, start, p.eng.LayerMayBlock(layer), nil)
 }
 
 // inFollow holds a datagram of an inbound UDP flow whose first datagram is

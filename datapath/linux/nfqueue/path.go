@@ -460,10 +460,20 @@ func (p *Path) handle(q *queue, pk *packet) {
 		fl.layers[0], fl.nlayers = f.Layer, 1
 	}
 	p.fillMeta(fl)
-	if p.eng.LayerMayBlock(fl.layers[0]) || fl.nlayers == 2 && p.eng.LayerMayBlock(fl.layers[1]) {
-		// A callout program answers over a socket, slowly or not at all
-		// before its deadline: the flow is classified on a goroutine of
-		// its own, and this queue goes on with the next packet.
+	p.decide(fl, start, p.eng.LayerMayBlock(fl.layers[0]) || fl.nlayers == 2 && p.eng.LayerMayBlock(fl.layers[1]), nil)
+}
+
+// decide classifies a queued flow. When a layer may call a callout
+// program (mayBlock), which answers over a socket, slowly or not at all
+// before its deadline, the flow is classified on a goroutine of its own
+// and this queue goes on with the next packet; otherwise inline, and a
+// pended flow waits on a goroutine. held, if set, runs just before the
+// flow is handed to a goroutine (the inbound path notes the held SYN).
+func (p *Path) decide(fl *flow, start time.Time, mayBlock bool, held func()) {
+	if mayBlock {
+		if held != nil {
+			held()
+		}
 		if p.hold(fl, nil) {
 			p.async.Add(1)
 			go p.wait(fl, engine.Result{})
@@ -476,6 +486,9 @@ func (p *Path) handle(q *queue, pk *packet) {
 		p.inlineNanos.Add(uint64(time.Since(start)))
 		p.answer(fl, res)
 		return
+	}
+	if held != nil {
+		held()
 	}
 	if p.hold(fl, res.Pend) {
 		p.pended.Add(1)

@@ -164,20 +164,27 @@ func (p *Path) closeUDP() error {
 	return err
 }
 
+// udpSocket finds, with sock_diag while the UDP path is on, the cookie of
+// the socket a datagram from local to remote was sent by. The lookup is
+// the kernel's delivery one: for an inbound datagram, asked with its
+// destination as local, it finds the socket it is delivered to.
+func (p *Path) udpSocket(local, remote netip.AddrPort) (uint64, error) {
+	u := &p.udp
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !u.on {
+		return 0, ErrNotSupported
+	}
+	return udpCookie(u.diag, local, remote)
+}
+
 // udpFlow finds the hook's record of a queued datagram's socket.
 func (p *Path) udpFlow(local, remote netip.AddrPort) (ebpf.CalloutFlow, error) {
 	uf, ok := p.flows.(UDPFlows)
 	if !ok {
 		return ebpf.CalloutFlow{}, ErrNotSupported
 	}
-	u := &p.udp
-	u.mu.Lock()
-	if !u.on {
-		u.mu.Unlock()
-		return ebpf.CalloutFlow{}, ErrNotSupported
-	}
-	cookie, err := udpCookie(u.diag, local, remote)
-	u.mu.Unlock()
+	cookie, err := p.udpSocket(local, remote)
 	if err != nil {
 		return ebpf.CalloutFlow{}, err
 	}

@@ -143,6 +143,20 @@ func (e *Engine) FlowRemoveContext(flow FlowHandle, layer LayerID, callout Callo
 	return nil
 }
 
+// FlowHandles returns the handles of the flows that hold contexts now: a
+// datapath that may have missed a flow's end checks them against the
+// flows that still exist (the kernel datapath's liveness sweep).
+func (e *Engine) FlowHandles() []FlowHandle {
+	rt := &e.rt
+	rt.flowMu.Lock()
+	defer rt.flowMu.Unlock()
+	out := make([]FlowHandle, 0, len(rt.byFlow))
+	for f := range rt.byFlow {
+		out = append(out, f)
+	}
+	return out
+}
+
 // FlowDeleted is what a datapath calls when a flow ends: every context of
 // the flow is removed and its callout's FlowDelete called, exactly once.
 func (e *Engine) FlowDeleted(flow FlowHandle) int {

@@ -580,6 +580,9 @@ func TestFlowContexts(t *testing.T) {
 	if e.Outstanding().FlowContexts != 1 {
 		t.Fatal("flow context not counted")
 	}
+	if hs := e.FlowHandles(); len(hs) != 1 || hs[0] != flow {
+		t.Fatalf("FlowHandles = %v, want [%d]", hs, flow)
+	}
 	if n := e.FlowDeleted(flow); n != 1 || len(deleted) != 1 || deleted[0] != "ctx-1" {
 		t.Fatalf("flow deleted: n=%d deleted=%v", n, deleted)
 	}
@@ -589,7 +592,7 @@ func TestFlowContexts(t *testing.T) {
 	if err := e.FlowRemoveContext(flow, LayerALEFlowEstablishedV4, ids["flow"].callout); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("remove after delete: %v", err)
 	}
-	if e.Outstanding().FlowContexts != 0 {
+	if e.Outstanding().FlowContexts != 0 || len(e.FlowHandles()) != 0 {
 		t.Fatal("flow contexts leak")
 	}
 }

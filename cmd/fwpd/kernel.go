@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,6 +42,8 @@ type kernelConfig struct {
 	callouts     calloutConfig
 	// noReauth: --no-reauthorize-established (reauth.go).
 	noReauth bool
+	// liveness: --kernel-liveness-interval (livenessLoop).
+	liveness time.Duration
 }
 
 func (k *kernelConfig) flags(fs *flag.FlagSet) {
@@ -55,6 +58,7 @@ func (k *kernelConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&k.keepHooks, "keep-hooks-on-exit", false, "pin the hooks so the policy stays enforced after fwpd exits; the next fwpd adopts them")
 	fs.StringVar(&k.proxyCgroups, "proxy-cgroup", "auto", `cgroup v2 directories (comma separated) where transparent proxies run: their sockets get the proxy hooks (SO_ORIGINAL_DST, SOL_FWP socket options). "auto": the cgroup2 root when fwpd itself runs on it and --cgroup is a child, else none; "none". Each redirect's target_pid's cgroup gets them anyway`)
 	k.callouts.flags(fs)
+	fs.DurationVar(&k.liveness, "kernel-liveness-interval", 2*time.Minute, "how often to sweep the kernel state and flow contexts of sockets that are gone when no release or closure report ended them (a report lost to a full ring); state goes at the second sweep that finds no socket. 0: never")
 	fs.BoolVar(&k.noReauth, "no-reauthorize-established", false, "leave established connections alone when a committed policy blocks them (default: reauthorize them and reset those it blocks)")
 }
 
@@ -107,6 +111,10 @@ type kernel struct {
 	kick    chan struct{} // the watcher changed, or a file did before it watched
 	co      calloutPath
 	reauth  reauthorizer
+	// liveness is the liveness sweep's interval (0: none); sweptSockets
+	// and sweptFlows count what it ended.
+	liveness                 time.Duration
+	sweptSockets, sweptFlows atomic.Uint64
 }
 
 // loadKernel loads the datapath (adopting pinned hooks and maps with
@@ -152,7 +160,7 @@ func loadKernel(c kernelConfig, log *slog.Logger) (*kernel, error) {
 		lock.Close()
 		return nil, err
 	}
-	k := &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}}
+	k := &kernel{d: d, cgroup: c.cgroup, proxyCgroups: proxies, log: log, lock: lock, kick: make(chan struct{}, 1), co: calloutPath{cfg: c.callouts, log: log}, liveness: c.liveness}
 	k.enableReauth(!c.noReauth)
 	return k, nil
 }
@@ -435,7 +443,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 		return
 	}
 	if reg != nil {
-		reg.MustRegister(kernelCollector{k.d, eng})
+		reg.MustRegister(kernelCollector{k.d, eng, k})
 		reg.MustRegister(calloutCollector{&k.co})
 	}
 	go func() {
@@ -454,6 +462,7 @@ func (k *kernel) serve(ctx context.Context, eng *engine.Engine, reg *prometheus.
 			}
 		}
 	}()
+	go k.livenessLoop(ctx, eng)
 	go k.appsLoop(ctx)
 	go k.reauthLoop(ctx, eng)
 	if reg != nil {
@@ -482,21 +491,29 @@ var kernelHitsDesc = prometheus.NewDesc("fwp_kernel_filter_decisions_total",
 type kernelCollector struct {
 	d   *ebpf.Datapath
 	eng *engine.Engine
+	k   *kernel
 }
 
 var kernelRecordsDesc = prometheus.NewDesc("fwp_kernel_redirect_records_total",
 	"Redirect records by socket the kernel datapath made (event=made) and ended with their socket (event=released); the difference is the records of open redirected sockets, plus any a release never ended.", []string{"event"}, nil)
 
+var kernelSweptDesc = prometheus.NewDesc("fwp_kernel_liveness_swept_total",
+	"Sockets whose kernel state (what=sockets) and flows whose contexts (what=flows) the liveness sweep ended: their socket was gone and no release or closure report had ended them.", []string{"what"}, nil)
+
 func (kernelCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- kernelHitsDesc
 	ch <- kernelRecordsDesc
+	ch <- kernelSweptDesc
 }
 
 func (c kernelCollector) Collect(ch chan<- prometheus.Metric) {
 	if rc, err := c.d.RedirectRecordCounts(); err == nil {
 		ch <- prometheus.MustNewConstMetric(kernelRecordsDesc, prometheus.CounterValue, float64(rc.Made), "made")
 		ch <- prometheus.MustNewConstMetric(kernelRecordsDesc, prometheus.CounterValue, float64(rc.Released), "released")
+		ch <- prometheus.MustNewConstMetric(kernelRecordsDesc, prometheus.CounterValue, float64(rc.Swept), "swept")
 	}
+	ch <- prometheus.MustNewConstMetric(kernelSweptDesc, prometheus.CounterValue, float64(c.k.sweptSockets.Load()), "sockets")
+	ch <- prometheus.MustNewConstMetric(kernelSweptDesc, prometheus.CounterValue, float64(c.k.sweptFlows.Load()), "flows")
 	hits, err := c.d.FilterHits()
 	if err != nil {
 		return
@@ -508,5 +525,49 @@ func (c kernelCollector) Collect(ch chan<- prometheus.Metric) {
 			key = f.Key
 		}
 		ch <- prometheus.MustNewConstMetric(kernelHitsDesc, prometheus.CounterValue, float64(n), strconv.FormatUint(uint64(id), 10), key)
+	}
+}
+
+// livenessLoop runs the liveness sweep (ebpf.SweepDead) every k.liveness
+// (--kernel-liveness-interval): state is deleted at the second sweep that
+// finds no socket, so it outlives its socket by one to two intervals, and
+// a live socket is never missed by two walks. It sweeps the kernel
+// maps' entries of sockets no release ended, and the engine's flow
+// contexts of kernel flows (socket cookies: handles without the top bit
+// NewFlowHandle sets) whose closure report was lost. Each dead flow's
+// contexts end with FlowDeleted (their flowDeleteFn, once); no
+// ENDPOINT_CLOSURE is classified for them (the report that had its values
+// is what was lost).
+func (k *kernel) livenessLoop(ctx context.Context, eng *engine.Engine) {
+	if k.liveness <= 0 {
+		return
+	}
+	t := time.NewTicker(k.liveness)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var flows []uint64
+		for _, h := range eng.FlowHandles() {
+			if h>>63 == 0 {
+				flows = append(flows, uint64(h))
+			}
+		}
+		res, err := k.d.SweepDead(flows)
+		if err != nil {
+			k.log.Debug("liveness sweep", "err", err)
+			continue
+		}
+		for _, f := range res.Flows {
+			eng.FlowDeleted(engine.FlowHandle(f))
+		}
+		k.sweptSockets.Add(uint64(res.Records))
+		k.sweptFlows.Add(uint64(len(res.Flows)))
+		if res.Records > 0 || len(res.Flows) > 0 {
+			k.log.Info("liveness sweep ended the state of closed sockets", "sockets", res.Records, "flows", len(res.Flows), "namespaces", res.Namespaces)
+		}
 	}
 }

@@ -100,6 +100,9 @@ type Datapath struct {
 	// runtimeRecords counts the records SetCalloutRedirect made
 	// (RedirectRecordCounts).
 	runtimeRecords atomic.Uint64
+	// swept counts the sockets whose map state SweepDead deleted,
+	// sweptRedirects those of them with a redirect record.
+	swept, sweptRedirects atomic.Uint64
 	// adopted names the maps Load adopted from PinDir (KeepHooks); an
 	// older fwpd's pins lack the maps added since.
 	adopted map[string]bool

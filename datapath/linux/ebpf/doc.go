@@ -138,7 +138,10 @@
 // each noted connected UDP socket's end (no establishment report), and
 // FlowLayers runs ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE and the
 // flow's flowDeleteFn for them in the engine (Compile leaves those layers'
-// filters to it). See docs/semantics.md.
+// filters to it). See docs/semantics.md. SweepDead, on the same
+// object's liveness iterators, ends the per-socket map state and returns
+// the flow handles of sockets no network namespace holds any more (a
+// release or closure report that never came; liveness.go).
 //
 // # Built-in connect redirect
 //

@@ -116,6 +116,8 @@ const (
 	fwpreauthProgFwpDestroyUdp    = "fwp_destroy_udp"
 	fwpreauthProgFwpFlowRelease   = "fwp_flow_release"
 	fwpreauthProgFwpFlowSockops   = "fwp_flow_sockops"
+	fwpreauthProgFwpLiveTcp       = "fwp_live_tcp"
+	fwpreauthProgFwpLiveUdp       = "fwp_live_udp"
 	fwpreauthProgFwpReauthTcp     = "fwp_reauth_tcp"
 	fwpreauthProgFwpReauthUdp     = "fwp_reauth_udp"
 	fwpreauthVarFwpFlowEventType  = "fwp_flow_event_type"
@@ -168,6 +170,8 @@ type fwpreauthProgramSpecs struct {
 	FwpDestroyUdp  *ebpf.ProgramSpec `ebpf:"fwp_destroy_udp"`
 	FwpFlowRelease *ebpf.ProgramSpec `ebpf:"fwp_flow_release"`
 	FwpFlowSockops *ebpf.ProgramSpec `ebpf:"fwp_flow_sockops"`
+	FwpLiveTcp     *ebpf.ProgramSpec `ebpf:"fwp_live_tcp"`
+	FwpLiveUdp     *ebpf.ProgramSpec `ebpf:"fwp_live_udp"`
 	FwpReauthTcp   *ebpf.ProgramSpec `ebpf:"fwp_reauth_tcp"`
 	FwpReauthUdp   *ebpf.ProgramSpec `ebpf:"fwp_reauth_udp"`
 }
@@ -253,6 +257,8 @@ type fwpreauthPrograms struct {
 	FwpDestroyUdp  *ebpf.Program `ebpf:"fwp_destroy_udp"`
 	FwpFlowRelease *ebpf.Program `ebpf:"fwp_flow_release"`
 	FwpFlowSockops *ebpf.Program `ebpf:"fwp_flow_sockops"`
+	FwpLiveTcp     *ebpf.Program `ebpf:"fwp_live_tcp"`
+	FwpLiveUdp     *ebpf.Program `ebpf:"fwp_live_udp"`
 	FwpReauthTcp   *ebpf.Program `ebpf:"fwp_reauth_tcp"`
 	FwpReauthUdp   *ebpf.Program `ebpf:"fwp_reauth_udp"`
 }
@@ -263,6 +269,8 @@ func (p *fwpreauthPrograms) Close() error {
 		p.FwpDestroyUdp,
 		p.FwpFlowRelease,
 		p.FwpFlowSockops,
+		p.FwpLiveTcp,
+		p.FwpLiveUdp,
 		p.FwpReauthTcp,
 		p.FwpReauthUdp,
 	)

@@ -70,6 +70,10 @@ type reauthObjs struct {
 	// flowEvents: the flow event programs are attached with the hooks
 	// (EnableFlowEvents).
 	flowEvents bool
+	// live are the liveness iterators (tcp, udp), attached at the first
+	// SweepDead; dead the cookies the last sweep found in no namespace.
+	live [2]*link.Iter
+	dead map[uint64]bool
 }
 
 func (r *reauthObjs) close() error {
@@ -77,7 +81,7 @@ func (r *reauthObjs) close() error {
 		return nil
 	}
 	var errs []error
-	for _, it := range r.iters {
+	for _, it := range append(r.iters[:], r.live[:]...) {
 		if it != nil {
 			errs = append(errs, it.Close())
 		}
@@ -201,27 +205,55 @@ func (d *Datapath) hookedCgroupPaths() []string {
 	return out
 }
 
+// iterators returns the socket iterators' objects (EnableReauthorization).
+func (d *Datapath) iterators() (*reauthObjs, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	if d.reauth == nil {
+		return nil, fmt.Errorf("%w: reauthorization is not enabled", ErrUnavailable)
+	}
+	return d.reauth, nil
+}
+
+// namespaces is a set of open network namespace files, each once.
+type namespaces struct {
+	seen  map[[2]uint64]bool
+	files []*os.File
+}
+
+// add opens the namespace at path (a /proc/PID/ns/net or a bind mount);
+// a path that is gone (the process exited) is skipped.
+func (n *namespaces) add(path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	var st unix.Stat_t
+	id := [2]uint64{}
+	if unix.Fstat(int(f.Fd()), &st) == nil {
+		id = [2]uint64{st.Dev, st.Ino}
+	}
+	if id == ([2]uint64{}) || n.seen[id] {
+		f.Close()
+		return
+	}
+	if n.seen == nil {
+		n.seen = map[[2]uint64]bool{}
+	}
+	n.seen[id] = true
+	n.files = append(n.files, f)
+}
+
 // HookedNamespaces opens the network namespaces the sockets of the hooked
 // cgroups may live in: the caller's and those of every process in the
 // hooked cgroups and below (a socket iterator walks one namespace). The
 // caller closes them.
 func (d *Datapath) HookedNamespaces() ([]*os.File, error) {
-	seen := map[[2]uint64]bool{}
-	var out []*os.File
-	add := func(path string) {
-		f, err := os.Open(path)
-		if err != nil {
-			return // the process exited
-		}
-		var st unix.Stat_t
-		if unix.Fstat(int(f.Fd()), &st) != nil || seen[[2]uint64{st.Dev, st.Ino}] {
-			f.Close()
-			return
-		}
-		seen[[2]uint64{st.Dev, st.Ino}] = true
-		out = append(out, f)
-	}
-	add("/proc/thread-self/ns/net")
+	var ns namespaces
+	ns.add("/proc/thread-self/ns/net")
 	for _, root := range d.hookedCgroupPaths() {
 		filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
 			if err != nil || !e.IsDir() {
@@ -232,12 +264,12 @@ func (d *Datapath) HookedNamespaces() ([]*os.File, error) {
 				return nil
 			}
 			for _, pid := range strings.Fields(string(b)) {
-				add("/proc/" + pid + "/ns/net")
+				ns.add("/proc/" + pid + "/ns/net")
 			}
 			return nil
 		})
 	}
-	return out, nil
+	return ns.files, nil
 }
 
 // inNetns runs fn on a thread in the network namespace netns (nil: the
@@ -385,15 +417,9 @@ func (r *fwpreauthReauthFlow) export() LiveFlow {
 // UDP socket is disconnected with the same error. It returns the cookies
 // of the sockets it ended.
 func (d *Datapath) DestroyFlows(netns *os.File, cookies []uint64) ([]uint64, error) {
-	d.mu.Lock()
-	if d.closed {
-		d.mu.Unlock()
-		return nil, ErrClosed
-	}
-	r := d.reauth
-	d.mu.Unlock()
-	if r == nil {
-		return nil, fmt.Errorf("%w: reauthorization is not enabled", ErrUnavailable)
+	r, err := d.iterators()
+	if err != nil {
+		return nil, err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()

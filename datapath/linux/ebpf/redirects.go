@@ -381,6 +381,9 @@ func (d *Datapath) SweepReleased() (int, error) {
 // open redirected sockets' records, plus any a release never ended.
 type RedirectRecordCounts struct {
 	Made, Released uint64
+	// Swept are the records SweepDead deleted: their sockets were gone
+	// and no release had ended them.
+	Swept uint64
 }
 
 // RedirectRecordCounts reads the counts.
@@ -398,6 +401,7 @@ func (d *Datapath) RedirectRecordCounts() (RedirectRecordCounts, error) {
 		return c, fmt.Errorf("read redirect record counts: %w", err)
 	}
 	c.Made += d.runtimeRecords.Load()
+	c.Swept = d.sweptRedirects.Load()
 	return c, nil
 }
 

@@ -2099,8 +2099,10 @@ int fwp_sock_release(struct bpf_sock *sk)
 			}
 			bpf_map_delete_elem(&fwp_udp_key, &cookie);
 		}
-		bpf_map_delete_elem(&fwp_sock_redirect, &cookie);
-		__sync_fetch_and_add(&fwp_rec_released, 1);
+		// Counted only by whoever deletes it: the liveness sweep
+		// (liveness.go) may have, and counts its own.
+		if (bpf_map_delete_elem(&fwp_sock_redirect, &cookie) == 0)
+			__sync_fetch_and_add(&fwp_rec_released, 1);
 	}
 	if (bpf_map_lookup_elem(&fwp_sock_records, &cookie))
 		bpf_map_delete_elem(&fwp_sock_records, &cookie);

@@ -226,6 +226,37 @@ int fwp_reauth_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 0); }
 SEC("iter/udp")
 int fwp_destroy_udp(struct bpf_iter__udp *ctx) { return udp(ctx, 1); }
 
+// Liveness: the cookie of every full TCP socket (any state, listeners
+// and connects in progress too) and every bound UDP socket of the
+// namespace, whatever its cgroup. User space sweeps the per-socket state
+// (redirect records, flow contexts) of cookies no namespace holds any
+// more: what a lost closure report or a sock_release that never ran
+// would otherwise keep (liveness.go).
+SEC("iter/tcp")
+int fwp_live_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	if (!skc)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; // a request or time-wait socket: no cookie of a socket we track
+	__u64 cookie = bpf_get_socket_cookie(tp);
+	bpf_seq_write(ctx->meta->seq, &cookie, sizeof(cookie));
+	return 0;
+}
+
+SEC("iter/udp")
+int fwp_live_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *us = ctx->udp_sk;
+	if (!us)
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(us);
+	bpf_seq_write(ctx->meta->seq, &cookie, sizeof(cookie));
+	return 0;
+}
+
 // Flow events: ALE_FLOW_ESTABLISHED and ALE_ENDPOINT_CLOSURE for the
 // kernel's flows. A sockops program reports an outbound TCP connection the
 // connect hook noted when it is established, a sock_release program

@@ -8,9 +8,11 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -184,5 +186,75 @@ func TestSweepDeadKeepsLiveSockets(t *testing.T) {
 		if !present(c) {
 			t.Fatalf("state of live socket %d swept by a later sweep", c)
 		}
+	}
+}
+
+// TestSweepDeadSoak: 100,000 sockets' state left behind (cookies no socket
+// has, as a release that never ran leaves them), in rounds, and 100,000
+// flow handles: every one swept at its second sweep, while a live
+// socket's state stays; afterwards no map entry, fd, goroutine or
+// remembered cookie is left.
+func TestSweepDeadSoak(t *testing.T) {
+	d, _ := reauthSetup(t)
+	udp, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udp.Close()
+	live := socketCookie(t, udp)
+	rec := fwpRecords{N: 1}
+	if err := d.objs.FwpSockRecords.Put(live, rec); err != nil {
+		t.Fatal(err)
+	}
+	defer d.objs.FwpSockRecords.Delete(live)
+	// Settle: what earlier tests left is swept first.
+	for range 2 {
+		if _, err := d.SweepDead(nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base := mapEntries(t, d.objs.FwpSockRecords)
+	fds, gs := countFDs(), runtime.NumGoroutine()
+	const total, round = 100_000, 20_000
+	next := uint64(1)<<62 + 1
+	swept, flows := 0, 0
+	for done := 0; done < total; done += round {
+		var handles []uint64
+		for i := range round {
+			c := next + uint64(i)
+			if err := d.objs.FwpSockRecords.Put(c, rec); err != nil {
+				t.Fatal(err)
+			}
+			handles = append(handles, c)
+		}
+		next += round
+		for range 2 {
+			res, err := d.SweepDead(append(handles, live))
+			if err != nil {
+				t.Fatal(err)
+			}
+			swept += res.Records
+			flows += len(res.Flows)
+		}
+	}
+	if swept != total || flows != total {
+		t.Fatalf("swept %d sockets' state and %d flows, want %d each", swept, flows, total)
+	}
+	var r fwpRecords
+	if d.objs.FwpSockRecords.Lookup(live, &r) != nil {
+		t.Fatal("a live socket's state was swept")
+	}
+	if n := mapEntries(t, d.objs.FwpSockRecords); n != base {
+		t.Errorf("fwp_sock_records: %d entries after, %d before", n, base)
+	}
+	if n := len(d.reauth.dead); n != 0 {
+		t.Errorf("the sweep remembers %d dead cookies", n)
+	}
+	if n := countFDs(); n > fds {
+		t.Errorf("fds grew from %d to %d", fds, n)
+	}
+	time.Sleep(50 * time.Millisecond) // inNetns's goroutines end after answering
+	if n := runtime.NumGoroutine(); n > gs+2 {
+		t.Errorf("goroutines grew from %d to %d", gs, n)
 	}
 }

@@ -1,0 +1,35 @@
+//go:build linux
+
+// Command nfqpeer is nfqpeer's verdict loop as a process of its own, as an
+// NFQUEUE peer runs: it binds -queue in its network namespace (run it
+// with nsenter for another), prints "ready", accepts every packet until
+// its standard input closes, and prints how many it accepted.
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"os"
+
+	"fwp/internal/nfqpeer"
+)
+
+func main() {
+	num := flag.Uint("queue", 7900, "the NFQUEUE number to read")
+	flag.Parse()
+	if *num > 65535 {
+		fmt.Fprintln(os.Stderr, "nfqpeer: -queue out of range")
+		os.Exit(2)
+	}
+	p, err := nfqpeer.Start(0, uint16(*num))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Println("ready")
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	n, e := p.Accepted(), p.Errors()
+	p.Close()
+	fmt.Println(n, e)
+}

@@ -117,6 +117,7 @@ type Path struct {
 
 	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected, async atomic.Uint64
 	holding                                                                                                     atomic.Int64
+
 	logClosed atomic.Bool
 	closeOnce sync.Once
 	closeErr  error

@@ -117,10 +117,6 @@ type Path struct {
 
 	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected, async atomic.Uint64
 	holding                                                                                                     atomic.Int64
-	// spawnAsync: a flow whose callout may block goes to a goroutine of
-	// its own and the loop stays (the former way), for the benchmark's
-	// remote-spawn arm beside the hand-over of the loop.
-	spawnAsync atomic.Bool
 
 	logClosed atomic.Bool
 	closeOnce sync.Once
@@ -309,28 +305,9 @@ func (p *Path) logLoop() {
 }
 
 // readLoop reads one queue on a thread pinned to the queue's CPU; the
-// thread gets its CPUs back when the loop ends. A flow whose callout may
-// block (decide) ends the loop: a successor takes the queue over at once,
-// and this goroutine, on the thread that read the SYN, classifies the
-// flow and sends the callout program its request without a hand-off to
-// another thread first (handing the flow to a goroutine of its own, as
-// before, woke a second thread per flow before the request went out).
+// thread gets its CPUs back when the loop ends.
 func (p *Path) readLoop(q *queue) {
-	fls := p.readQueue(q)
-	p.wg.Done()
-	for i, fl := range fls {
-		if i < len(fls)-1 {
-			go p.wait(fl, engine.Result{})
-			continue
-		}
-		p.wait(fl, engine.Result{})
-	}
-}
-
-// readQueue is the read loop proper: it returns when the queue closes
-// (nil) or with the flows of the last batch read that must be classified
-// off the loop (decide), once it has started its successor.
-func (p *Path) readQueue(q *queue) []*flow {
+	defer p.wg.Done()
 	runtime.LockOSThread()
 	var old, set unix.CPUSet
 	if err := unix.SchedGetaffinity(0, &old); err == nil {
@@ -349,28 +326,17 @@ func (p *Path) readQueue(q *queue) []*flow {
 			defer unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}, 0)
 		}
 	}
-	handle := func(pk *packet) { p.handle(q, pk) }
 	for !q.closed.Load() {
-		err := q.read(handle)
-		if fls := q.handoff; len(fls) > 0 {
-			// The successor is counted before this loop's count goes
-			// (Close's wg.Wait): the queue is never left unread while
-			// open, and a closed queue's successor ends at once.
-			q.handoff = nil
-			p.wg.Add(1)
-			go p.readLoop(q)
-			return fls
-		}
+		err := q.read(func(pk *packet) { p.handle(q, pk) })
 		switch {
 		case err == nil, errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOBUFS):
 		case q.closed.Load():
-			return nil
+			return
 		default:
 			p.opts.Log.Error("nfqueue read", "queue", q.num, "err", err)
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	return nil
 }
 
 // flow is one held flow: the hook's metadata and the engine's inputs.
@@ -451,14 +417,12 @@ func (p *Path) handle(q *queue, pk *packet) {
 	p.decide(fl, start, p.eng.LayerMayBlock(fl.layers[0]) || fl.nlayers == 2 && p.eng.LayerMayBlock(fl.layers[1]), nil)
 }
 
-// decide classifies a queued flow; it runs on the queue's read loop. When
-// a layer may call a callout program (mayBlock), which answers over a
-// socket, slowly or not at all before its deadline, the flow is
-// classified off the loop: the loop hands the queue to a successor and
-// classifies it (readLoop), so the queue goes on with the next packet at
-// once; otherwise inline, and a pended flow waits on a goroutine. held,
-// if set, runs just before the flow leaves the loop (the inbound path
-// notes the held SYN).
+// decide classifies a queued flow. When a layer may call a callout
+// program (mayBlock), which answers over a socket, slowly or not at all
+// before its deadline, the flow is classified on a goroutine of its own
+// and this queue goes on with the next packet; otherwise inline, and a
+// pended flow waits on a goroutine. held, if set, runs just before the
+// flow is handed to a goroutine (the inbound path notes the held SYN).
 func (p *Path) decide(fl *flow, start time.Time, mayBlock bool, held func()) {
 	if mayBlock {
 		if held != nil {
@@ -466,11 +430,7 @@ func (p *Path) decide(fl *flow, start time.Time, mayBlock bool, held func()) {
 		}
 		if p.hold(fl, nil) {
 			p.async.Add(1)
-			if p.spawnAsync.Load() {
-				go p.wait(fl, engine.Result{})
-				return
-			}
-			fl.q.handoff = append(fl.q.handoff, fl)
+			go p.wait(fl, engine.Result{})
 		}
 		return
 	}

@@ -67,9 +67,6 @@ type queue struct {
 	seq     atomic.Uint32
 	closed  atomic.Bool
 	recvBuf []byte
-	// handoff: flows of the batch being read that leave the read loop
-	// (Path.decide); only the queue's one active reader touches it.
-	handoff []*flow
 }
 
 // openQueue binds queue num in the network namespace netns (an open fd of

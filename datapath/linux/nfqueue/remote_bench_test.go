@@ -127,9 +127,7 @@ func startRemoteCallout(tb testing.TB, fx *fixture) *server.Callouts {
 // BenchmarkNewFlowLatencyRemote is BenchmarkNewFlowLatency's kernel and
 // callout arms beside a third, remote: the filter calls a callout a callout
 // program registered over the callout socket (server.Callouts on this
-// path's engine), which permits at once; remote-spawn is the same with the
-// read loop handing each such flow to a goroutine of its own (the former
-// way) instead of to itself; peer and peer-raw as in
+// path's engine), which permits at once; peer and peer-raw as in
 // BenchmarkNewFlowLatency. Each round alternates the arms (200
 // connect+close each); medians over rounds. With the remote callout at
 // the same layer, the embedded callout's flows leave the read loop too
@@ -148,15 +146,12 @@ func BenchmarkNewFlowLatencyRemote(b *testing.B) {
 		}
 		return time.Duration(ns)
 	}
-	var kernel, embedded, remote, spawn, peer, peerRaw []time.Duration
+	var kernel, embedded, remote, peer, peerRaw []time.Duration
 	startPeers(b, fx)
 	for b.Loop() {
 		kernel = append(kernel, lat(portKernelPermit))
 		embedded = append(embedded, lat(portPermit))
 		remote = append(remote, lat(portRemote))
-		fx.path.spawnAsync.Store(true)
-		spawn = append(spawn, lat(portRemote))
-		fx.path.spawnAsync.Store(false)
 		peer = append(peer, lat(portPeer))
 		peerRaw = append(peerRaw, lat(portPeerRaw))
 	}
@@ -171,7 +166,6 @@ func BenchmarkNewFlowLatencyRemote(b *testing.B) {
 	b.ReportMetric(med(remote), "remote-µs")
 	b.ReportMetric(med(remote)-med(kernel), "remote-extra-µs")
 	b.ReportMetric(med(remote)-med(embedded), "remote-over-callout-µs")
-	b.ReportMetric(med(spawn)-med(kernel), "remote-spawn-extra-µs")
 	b.ReportMetric(med(peer)-med(kernel), "peer-extra-µs")
 	b.ReportMetric(med(peerRaw)-med(kernel), "peer-raw-extra-µs")
 }

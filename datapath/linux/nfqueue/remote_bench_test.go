@@ -129,9 +129,9 @@ func startRemoteCallout(tb testing.TB, fx *fixture) *server.Callouts {
 // program registered over the callout socket (server.Callouts on this
 // path's engine), which permits at once; peer and peer-raw as in
 // BenchmarkNewFlowLatency. Each round alternates the arms (200
-// connect+close each); medians over rounds. With the remote callout at
-// the same layer, the embedded callout's flows leave the read loop too
-// (engine.LayerMayBlock is per layer). Run:
+// connect+close each); medians over rounds. The embedded callout's flows
+// stay on the read loop though the remote callout's filters are at the
+// same layer (engine.FlowMayBlock). Run:
 //
 //	go test -run XXX -bench NewFlowLatencyRemote -benchtime 20x ./datapath/linux/nfqueue
 func BenchmarkNewFlowLatencyRemote(b *testing.B) {
@@ -168,6 +168,30 @@ func BenchmarkNewFlowLatencyRemote(b *testing.B) {
 	b.ReportMetric(med(remote)-med(embedded), "remote-over-callout-µs")
 	b.ReportMetric(med(peer)-med(kernel), "peer-extra-µs")
 	b.ReportMetric(med(peerRaw)-med(kernel), "peer-raw-extra-µs")
+}
+
+// TestRemoteLayerInline: with a callout program's filters at the layer,
+// a flow that none of them matches (the embedded callout's port) is still
+// decided on the read loop; a flow that may reach the callout program
+// leaves it (Stats.Async).
+func TestRemoteLayerInline(t *testing.T) {
+	fx := newFixture(t, pendTimeout)
+	startRemoteCallout(t, fx)
+	const n = 20
+	st0 := fx.path.Stats()
+	if f := fx.call(t, fmt.Sprintf("dial %d %d 1", portPermit, n)); f[0] != strconv.Itoa(n) {
+		t.Fatalf("embedded callout's port: %v", f)
+	}
+	st1 := fx.path.Stats()
+	if st1.Async != st0.Async || st1.Inline-st0.Inline != n {
+		t.Errorf("embedded callout's flows: %d off the read loop, %d inline; want 0 and %d", st1.Async-st0.Async, st1.Inline-st0.Inline, n)
+	}
+	if f := fx.call(t, fmt.Sprintf("dial %d %d 1", portRemote, n)); f[0] != strconv.Itoa(n) {
+		t.Fatalf("remote callout's port: %v", f)
+	}
+	if st2 := fx.path.Stats(); st2.Async-st1.Async != n {
+		t.Errorf("remote callout's flows: %d off the read loop, want %d", st2.Async-st1.Async, n)
+	}
 }
 
 // TestSoakRemote: soakOps connects decided by a remote callout (a callout

@@ -214,8 +214,10 @@ type compiledLayer struct {
 	subs        []csub
 	hasCallouts bool
 	// slots are the callouts the layer's filters call, once each
-	// (LayerMayBlock looks at their registrations).
-	slots []*calloutSlot
+	// (LayerMayBlock looks at their registrations); callouts are the
+	// indexes of the filters calling one (FlowMayBlock matches them).
+	slots    []*calloutSlot
+	callouts []int32
 
 	wild         []int32
 	proto        map[uint8][]int32
@@ -603,6 +605,7 @@ func compileLayer(l LayerID, s *state, e *Engine) *compiledLayer {
 		cf := cfilter{f: f, id: f.ID, sub: int32(len(c.subs) - 1), action: f.Action.Type, flags: f.Flags, conds: conds, groups: groupBuf[start:len(groupBuf):len(groupBuf)]}
 		if f.Action.Type.IsCallout() {
 			c.hasCallouts = true
+			c.callouts = append(c.callouts, int32(i))
 			cf.callout = f.Action.Callout
 			if co, ok := s.callouts.byID[f.Action.Callout]; ok && e != nil {
 				cf.slot = e.slot(co.Key)

@@ -54,7 +54,10 @@
 // alone, from the layer the kernel stopped at) with that metadata and
 // answers in the same loop — no goroutine hop on the fast path. The
 // verdict is NF_REPEAT with the permit or block bit in the packet mark, so
-// the rules above let the SYN on or reset the connection. A callout that pends holds the
+// the rules above let the SYN on or reset the connection; the same thread
+// then notes the verdict on the hook's record (handing that note to
+// another goroutine woke a second thread per flow, which cost the flow
+// more than the system call). A callout that pends holds the
 // SYN: the flow moves to a goroutine of its own (engine.FinishPended) and
 // the loop reads on, so a flow pended for minutes delays no other. The
 // engine's PendTimeout applies the filter's PERMIT_IF_CALLOUT_UNREGISTERED
@@ -69,7 +72,8 @@
 // on this kernel (docs/benchmarks.md, design.md §3), go-nfqueue's reader
 // goroutine and callback add a scheduler hop per packet and miss the
 // +30 µs budget per new flow that a loop writing its verdict where it read
-// the packet meets.
+// the packet meets. BenchmarkNewFlowLatency measures both side by side
+// (its peer arms: internal/nfqpeer, a go-nfqueue/v2 peer).
 //
 // # Inbound connection requests (inbound.go)
 //

@@ -289,7 +289,7 @@ func (p *Path) handleInbound(q *queue, pk *packet, start time.Time) {
 	fl.layers[0], fl.nlayers = layer, 1
 	fl.data = &InboundRequest{Local: local, Remote: remote, Packet: append([]byte(nil), pk.payload...)}
 	p.fillInboundMeta(fl)
-	p.decide(fl, start, p.eng.LayerMayBlock(layer), func() { p.inHeld.Store(key, struct{}{}) })
+	p.decide(fl, start, p.flowMayBlock(fl), func() { p.inHeld.Store(key, struct{}{}) })
 }
 
 // inFlag lets an inbound SYN on without a verdict bit: the ingress hook

@@ -205,7 +205,7 @@ func (p *Path) handleInboundUDP(q *queue, pk *packet, start time.Time, local, re
 	fl.layers[0], fl.nlayers = layer, 1
 	fl.data = &InboundRequest{Local: local, Remote: remote, Packet: append([]byte(nil), pk.payload...)}
 	p.fillInboundMeta(fl)
-	p.decide(fl, start, p.eng.LayerMayBlock(layer), nil)
+	p.decide(fl, start, p.flowMayBlock(fl), nil)
 }
 
 // inFollow holds a datagram of an inbound UDP flow whose first datagram is

@@ -117,12 +117,6 @@ type Path struct {
 
 	queued, permitted, blocked, pended, noFlow, redirects, errs, inline, inlineNanos, resent, redirected, async atomic.Uint64
 	holding                                                                                                     atomic.Int64
-	// done takes decided flows to a goroutine that notes their verdict
-	// on the hook's record, off the read loop (the verdict's packet is on
-	// its way).
-	done     chan doneFlow
-	doneStop chan struct{}
-	doneWG   sync.WaitGroup
 
 	logClosed atomic.Bool
 	closeOnce sync.Once
@@ -149,11 +143,6 @@ type Path struct {
 	inPorts     []ebpf.PortRange // the ports queued (inMu)
 	inPortsAll  bool
 	inu         inUDPState // inbound UDP flows (inudp.go)
-}
-
-type doneFlow struct {
-	f       ebpf.CalloutFlow
-	verdict uint8
 }
 
 // Start installs fwp's nftables tables in the namespace and starts one
@@ -186,14 +175,10 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	m := opts.Marks
 	p := &Path{eng: eng, flows: flows, opts: opts, mask: m.QueueOpen | m.QueueClosed | m.Permit | m.Block}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
-	p.done, p.doneStop = make(chan doneFlow, 4096), make(chan struct{})
-	p.doneWG.Add(1)
-	go p.forget()
 	for i := range opts.Queues {
 		q, err := openQueue(opts.NetNS, opts.QueueBase+uint16(i), i, opts.MaxLen)
 		if err != nil {
 			p.closeQueues()
-			p.stopForget()
 			return nil, err
 		}
 		p.queues = append(p.queues, q)
@@ -202,7 +187,6 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	// fail-closed SYN never meets a queue without one.
 	if err := installTable(opts.NetNS, m, opts.QueueBase, uint16(opts.Queues)); err != nil {
 		p.closeQueues()
-		p.stopForget()
 		return nil, err
 	}
 	// The hooks hand flows over only in the namespace served here.
@@ -214,7 +198,6 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 	if err != nil {
 		removeTable(opts.NetNS)
 		p.closeQueues()
-		p.stopForget()
 		return nil, fmt.Errorf("nfqueue: the served namespace: %w", err)
 	}
 	if opts.UDP {
@@ -222,7 +205,6 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 			flows.SetCalloutNamespace(0)
 			removeTable(opts.NetNS)
 			p.closeQueues()
-			p.stopForget()
 			return nil, err
 		}
 	}
@@ -232,7 +214,6 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 			flows.SetCalloutNamespace(0)
 			removeTable(opts.NetNS)
 			p.closeQueues()
-			p.stopForget()
 			return nil, err
 		}
 	}
@@ -243,7 +224,6 @@ func Start(eng *engine.Engine, flows Flows, opts Options) (*Path, error) {
 			flows.SetCalloutNamespace(0)
 			removeTable(opts.NetNS)
 			p.closeQueues()
-			p.stopForget()
 			return nil, fmt.Errorf("nfqueue: NFLOG group %d: %w", p.fallbackGroup(), err)
 		}
 		p.wg.Add(1)
@@ -283,33 +263,7 @@ func (p *Path) close() error {
 		p.logClosed.Store(true)
 	}
 	p.wg.Wait()
-	p.stopForget()
 	return err
-}
-
-// forget notes decided flows' verdicts on their hook records.
-func (p *Path) forget() {
-	defer p.doneWG.Done()
-	for {
-		select {
-		case d := <-p.done:
-			p.flows.CalloutFlowDecided(d.f, d.verdict)
-		case <-p.doneStop:
-			for {
-				select {
-				case d := <-p.done:
-					p.flows.CalloutFlowDecided(d.f, d.verdict)
-				default:
-					return
-				}
-			}
-		}
-	}
-}
-
-func (p *Path) stopForget() {
-	close(p.doneStop)
-	p.doneWG.Wait()
 }
 
 func (p *Path) closeQueues() {
@@ -460,7 +414,29 @@ func (p *Path) handle(q *queue, pk *packet) {
 		fl.layers[0], fl.nlayers = f.Layer, 1
 	}
 	p.fillMeta(fl)
-	p.decide(fl, start, p.eng.LayerMayBlock(fl.layers[0]) || fl.nlayers == 2 && p.eng.LayerMayBlock(fl.layers[1]), nil)
+	p.decide(fl, start, p.flowMayBlock(fl), nil)
+}
+
+// flowMayBlock reports whether the flow's classification may call a
+// callout that may block (a callout program's): only then does it leave
+// the read loop, not every flow of a layer where some callout program's
+// filter is (measured: a goroutine of its own costs an embedded callout's
+// flow ~+80 µs on this 2-vCPU VM, docs/benchmarks.md). AUTH_CONNECT after
+// CONNECT_REDIRECT sees the values a redirect sets, known only then: there
+// the layer decides.
+func (p *Path) flowMayBlock(fl *flow) bool {
+	if fl.nlayers == 2 && p.eng.LayerMayBlock(fl.layers[1]) {
+		return true
+	}
+	if !p.eng.LayerMayBlock(fl.layers[0]) {
+		return false
+	}
+	if fl.inbound {
+		fl.inboundValues()
+	} else {
+		fl.values()
+	}
+	return p.eng.FlowMayBlock(fl.layers[0], &fl.vs)
 }
 
 // decide classifies a queued flow. When a layer may call a callout
@@ -659,11 +635,12 @@ func (p *Path) answer(fl *flow, res engine.Result) {
 		p.blocked.Add(1)
 		p.verdict(fl, false)
 	}
-	select {
-	case p.done <- doneFlow{fl.f, v}:
-	default:
-		p.flows.CalloutFlowDecided(fl.f, v)
-	}
+	// Noted here, after the verdict is on its way, on the thread that
+	// sent it: handing the note to another goroutine woke a second
+	// thread per flow, and that wake-up, on a CPU the woken program
+	// wants, cost the flow ~50 µs more than this one system call
+	// (docs/benchmarks.md, "the queue's floor").
+	p.flows.CalloutFlowDecided(fl.f, v)
 }
 
 func (p *Path) verdict(fl *flow, permit bool) {

@@ -599,7 +599,23 @@ func TestPendedFlowDelaysNoOther(t *testing.T) {
 // meanwhile, are all done before it answers — its flow is classified off
 // the queue's read loop.
 func TestBlockingCalloutDelaysNoOther(t *testing.T) {
+	for _, queues := range []int{0, 1} {
+		t.Run(fmt.Sprintf("queues=%d", queues), func(t *testing.T) { testBlockingCalloutDelaysNoOther(t, queues) })
+	}
+}
+
+// testBlockingCalloutDelaysNoOther runs it with the given number of queues
+// (0: one per CPU); with one, every SYN meets the queue whose SYN waits
+// for the slow callout, so the queue's read loop must not be what waits.
+func testBlockingCalloutDelaysNoOther(t *testing.T, queues int) {
 	fx := newFixture(t, 10*time.Second)
+	if queues > 0 {
+		fx.path.Close()
+		var err error
+		if fx.path, err = Start(fx.eng, fx.dp, Options{NetNS: int(fx.netns.Fd()), Queues: queues}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := fx.eng.UnregisterCallout("test.decide"); err != nil {
 		t.Fatal(err)
 	}

@@ -127,8 +127,11 @@ func startRemoteCallout(tb testing.TB, fx *fixture) *server.Callouts {
 // BenchmarkNewFlowLatencyRemote is BenchmarkNewFlowLatency's kernel and
 // callout arms beside a third, remote: the filter calls a callout a callout
 // program registered over the callout socket (server.Callouts on this
-// path's engine), which permits at once. Each round alternates the three
-// arms (200 connect+close each); medians over rounds. Run:
+// path's engine), which permits at once; peer and peer-raw as in
+// BenchmarkNewFlowLatency. Each round alternates the arms (200
+// connect+close each); medians over rounds. The embedded callout's flows
+// stay on the read loop though the remote callout's filters are at the
+// same layer (engine.FlowMayBlock). Run:
 //
 //	go test -run XXX -bench NewFlowLatencyRemote -benchtime 20x ./datapath/linux/nfqueue
 func BenchmarkNewFlowLatencyRemote(b *testing.B) {
@@ -143,11 +146,14 @@ func BenchmarkNewFlowLatencyRemote(b *testing.B) {
 		}
 		return time.Duration(ns)
 	}
-	var kernel, embedded, remote []time.Duration
+	var kernel, embedded, remote, peer, peerRaw []time.Duration
+	startPeers(b, fx)
 	for b.Loop() {
 		kernel = append(kernel, lat(portKernelPermit))
 		embedded = append(embedded, lat(portPermit))
 		remote = append(remote, lat(portRemote))
+		peer = append(peer, lat(portPeer))
+		peerRaw = append(peerRaw, lat(portPeerRaw))
 	}
 	med := func(ds []time.Duration) float64 {
 		s := slices.Clone(ds)
@@ -160,6 +166,32 @@ func BenchmarkNewFlowLatencyRemote(b *testing.B) {
 	b.ReportMetric(med(remote), "remote-µs")
 	b.ReportMetric(med(remote)-med(kernel), "remote-extra-µs")
 	b.ReportMetric(med(remote)-med(embedded), "remote-over-callout-µs")
+	b.ReportMetric(med(peer)-med(kernel), "peer-extra-µs")
+	b.ReportMetric(med(peerRaw)-med(kernel), "peer-raw-extra-µs")
+}
+
+// TestRemoteLayerInline: with a callout program's filters at the layer,
+// a flow that none of them matches (the embedded callout's port) is still
+// decided on the read loop; a flow that may reach the callout program
+// leaves it (Stats.Async).
+func TestRemoteLayerInline(t *testing.T) {
+	fx := newFixture(t, pendTimeout)
+	startRemoteCallout(t, fx)
+	const n = 20
+	st0 := fx.path.Stats()
+	if f := fx.call(t, fmt.Sprintf("dial %d %d 1", portPermit, n)); f[0] != strconv.Itoa(n) {
+		t.Fatalf("embedded callout's port: %v", f)
+	}
+	st1 := fx.path.Stats()
+	if st1.Async != st0.Async || st1.Inline-st0.Inline != n {
+		t.Errorf("embedded callout's flows: %d off the read loop, %d inline; want 0 and %d", st1.Async-st0.Async, st1.Inline-st0.Inline, n)
+	}
+	if f := fx.call(t, fmt.Sprintf("dial %d %d 1", portRemote, n)); f[0] != strconv.Itoa(n) {
+		t.Fatalf("remote callout's port: %v", f)
+	}
+	if st2 := fx.path.Stats(); st2.Async-st1.Async != n {
+		t.Errorf("remote callout's flows: %d off the read loop, want %d", st2.Async-st1.Async, n)
+	}
 }
 
 // TestSoakRemote: soakOps connects decided by a remote callout (a callout

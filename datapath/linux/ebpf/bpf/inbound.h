@@ -446,6 +446,8 @@ __attribute__((noinline)) int fwp_in_parse(struct __sk_buff *skb, struct tuple *
 	return nh == IPPROTO_TCP ? l4[13] : 0;
 }
 
+#include "udpreply.h" // replies within inbound UDP flows (fwp_in_udp_permit records them)
+
 // fwp_in_udp_seen reports whether a datagram belongs to a UDP flow already
 // authorized in this epoch: one the socket started (sent to the peer), or
 // one permitted here.
@@ -475,6 +477,7 @@ __attribute__((noinline)) int fwp_in_udp_permit(struct tuple *t, __u32 ep)
 	__builtin_memcpy(k.laddr, t->laddr, 16);
 	struct in_flow v = {.epoch = ep};
 	bpf_map_update_elem(&fwp_in_flows, &k, &v, BPF_ANY);
+	fwp_udp_reply_note(t, ep); // the socket's replies are this flow
 	return 0;
 }
 
@@ -556,8 +559,15 @@ int fwp_ingress(struct __sk_buff *skb)
 		}
 	}
 	__u32 rslot = SLOT_AUTH_RECV_ACCEPT + t.v6;
-	if (!in_layer_used(gen, rslot))
-		return 1; // nothing to decide (and nothing recorded)
+	if (!in_layer_used(gen, rslot)) {
+		// Nothing to decide. A UDP flow is still recorded when a send
+		// could be refused or redirected, so that the socket's replies
+		// pass as the flow's (udpreply.h) and its next datagrams return
+		// at fwp_in_udp_seen.
+		if (proto == IPPROTO_UDP && udp_reply_wanted(gen, t.v6))
+			fwp_in_udp_permit(&t, ep);
+		return 1;
+	}
 	in_owner_tuple(&t, o, suid, scg);
 	in_app_class(&t, o, gen, rslot);
 	v.nocount = 0;

@@ -423,7 +423,7 @@ func TestKernelUDPReplySoak(t *testing.T) {
 		wg.Go(func() {
 			err := inNetnsPid(h.Pid(), func() error {
 				buf := make([]byte, 16)
-				for i := w; i < n; i += workers {
+				for i := w; i < n && failed.Load() < 10; i += workers {
 					// A new flow each: a client address of 127/8 and port.
 					from := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, byte(1 + i>>16), byte(i >> 8), byte(i)}), uint16(20000+i%1000))
 					pc, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(from))
@@ -490,4 +490,52 @@ func helperFDs(t testing.TB, h *testutil.Helper) int {
 		t.Fatal(err)
 	}
 	return len(es)
+}
+
+// The ingress hook joins alone with the first policy that has outbound
+// filters (a policy without any attaches the classifying hooks only), and
+// once with the other redirect hooks when a redirect comes: never twice.
+func TestIngressHookAttachesForOutboundFilters(t *testing.T) {
+	testutil.RequireRoot(t)
+	d, err := Load(Options{})
+	if err != nil {
+		testutil.Unavailable(t, err)
+	}
+	t.Cleanup(func() { d.Close() })
+	ids := programIDs(t, d)
+	cg := testutil.NewCgroup(t)
+	if err := d.Attach(cg.Path); err != nil {
+		testutil.Unavailable(t, err)
+	}
+	check := func(what string, g *testutil.Cgroup, wantR int) {
+		t.Helper()
+		if c, r := attachedHooks(t, d, g, ids); c != 6 || r != wantR {
+			t.Fatalf("%s: %d classifying and %d redirect hooks attached, want 6 and %d", what, c, r, wantR)
+		}
+	}
+	apply(t, d, buildEngine(t, func(tx *engine.Txn) error {
+		_, err := tx.AddFilter(blockFilter(engine.LayerFor(engine.KindBindRedirect, false), engine.Condition{Field: engine.FieldIPLocalPort, Match: engine.MatchEqual, Value: engine.Uint16(9)}))
+		return err
+	}))
+	check("a policy without outbound filters", cg, 0)
+	apply(t, d, blockOutboundUDP(t, false))
+	check("outbound filters", cg, 1)
+	later := testutil.NewCgroup(t)
+	if err := d.Attach(later.Path); err != nil {
+		t.Fatal(err)
+	}
+	check("a cgroup attached later", later, 1)
+	e, _ := redirectPolicy(t, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
+	apply(t, d, e)
+	for _, g := range []*testutil.Cgroup{cg, later} {
+		check("a redirect", g, numRedirectHooks(d))
+	}
+	for _, g := range []*testutil.Cgroup{cg, later} {
+		if err := d.Detach(g.Path); err != nil {
+			t.Fatal(err)
+		}
+		if c, r := attachedHooks(t, d, g, ids); c != 0 || r != 0 {
+			t.Fatalf("after Detach: %d and %d hooks attached", c, r)
+		}
+	}
 }

@@ -75,8 +75,8 @@ type UDPReplyStats struct {
 	// Replies: unconnected sends that passed as replies within an inbound
 	// flow, without a classification.
 	Replies uint64
-	// Recorded: inbound UDP flows the ingress hook recorded for their
-	// replies.
+	// Recorded: UDP flows recorded for their later sends: inbound ones
+	// (the ingress hook) and those a permitted first send started.
 	Recorded uint64
 }
 

@@ -539,3 +539,45 @@ func TestIngressHookAttachesForOutboundFilters(t *testing.T) {
 		}
 	}
 }
+
+// TestKernelUDPSendsPerRemote: an unconnected socket's sends to a remote
+// its first send there authorized are that flow's: classified once per
+// remote and policy, not per datagram; a new policy classifies the next
+// one again (and blocks it if it must); a redirected send stays
+// redirected every time (TestKernelRedirectUDP, TestKernelUDPProxyRepliesNotRedirected).
+func TestKernelUDPSendsPerRemote(t *testing.T) {
+	d, cg := kernelSetup(t)
+	block := func(port uint16) *engine.Engine {
+		return buildEngine(t, func(tx *engine.Txn) error {
+			_, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4, udpProto(), engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(port)}))
+			return err
+		})
+	}
+	apply(t, d, block(9))
+	h := testutil.StartHelper(t, cg, "udpreply")
+	if a := urCall(t, h, urCmd{Op: "listen", Net: "udp4", Addr: "127.0.0.1:7103"}); a != "ok" {
+		t.Fatal(a)
+	}
+	p0, b0 := recvCounts(t, d, engine.KindAuthConnect)
+	s0 := replyStats(t, d)
+	for _, to := range []string{"127.0.0.1:5201", "127.0.0.1:5201", "127.0.0.1:5201", "127.0.0.1:5202", "127.0.0.1:5202"} {
+		if a := urCall(t, h, urCmd{Op: "send", To: to}); a != "ok" {
+			t.Fatalf("send to %s: %s", to, a)
+		}
+	}
+	p1, b1 := recvCounts(t, d, engine.KindAuthConnect)
+	s1 := replyStats(t, d)
+	if p1-p0 != 2 || b1 != b0 || s1.Replies-s0.Replies != 3 {
+		t.Fatalf("5 sends to 2 remotes: %d permits, %d blocks at AUTH_CONNECT, %d passed as the flow's; want 2, 0, 3", p1-p0, b1-b0, s1.Replies-s0.Replies)
+	}
+	apply(t, d, block(5201))
+	if a := urCall(t, h, urCmd{Op: "send", To: "127.0.0.1:5201"}); a != "eperm" {
+		t.Fatalf("send to a remote the new policy blocks: %s, want eperm", a)
+	}
+	if a := urCall(t, h, urCmd{Op: "send", To: "127.0.0.1:5202"}); a != "ok" {
+		t.Fatalf("send to a remote the new policy permits: %s", a)
+	}
+	if p2, b2 := recvCounts(t, d, engine.KindAuthConnect); p2-p1 != 1 || b2-b1 != 1 {
+		t.Fatalf("after the policy change: %d permits, %d blocks, want 1 and 1", p2-p1, b2-b1)
+	}
+}

@@ -197,6 +197,8 @@ static __always_inline int in_layer_used(__u32 gen, __u32 slot)
 	return lc && lc->nfilters;
 }
 
+#include "udpreply.h" // a UDP flow's later sends (in_note_udp, fwp_in_udp_permit record them)
+
 // in_note_udp: a UDP socket of the hooked cgroups sent to a peer (its
 // AUTH_CONNECT permitted it): the peer's replies are that flow, not new
 // inbound ones. A socket bound implicitly (by this send) gets its owner
@@ -205,7 +207,10 @@ static __always_inline int in_layer_used(__u32 gen, __u32 slot)
 // limit with the walk's.
 __attribute__((noinline)) int in_note_udp(struct bpf_sock_addr *ctx, struct tuple *t, __u32 gen)
 {
-	if (!t || !in_layer_used(gen, SLOT_AUTH_RECV_ACCEPT + t->v6))
+	if (!t)
+		return 0;
+	fwp_udp_reply_note(t, in_epoch()); // its later sends are the flow's (udpreply.h)
+	if (!in_layer_used(gen, SLOT_AUTH_RECV_ACCEPT + t->v6))
 		return 0;
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && !bpf_sk_storage_get(&fwp_sk_owner, sk, 0, 0)) {
@@ -445,8 +450,6 @@ __attribute__((noinline)) int fwp_in_parse(struct __sk_buff *skb, struct tuple *
 	t->has_raddr = t->has_laddr = t->has_rport = t->has_lport = 1;
 	return nh == IPPROTO_TCP ? l4[13] : 0;
 }
-
-#include "udpreply.h" // replies within inbound UDP flows (fwp_in_udp_permit records them)
 
 // fwp_in_udp_seen reports whether a datagram belongs to a UDP flow already
 // authorized in this epoch: one the socket started (sent to the peer), or

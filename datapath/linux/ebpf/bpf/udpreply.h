@@ -19,7 +19,14 @@
 //             (IP_PKTINFO) or from a socket bound to one goes there only
 //             if it is the flow's.
 //
-// Included by fwp.c after inbound.h (its epoch and layer test).
+//   connect   a send AUTH_CONNECT permits (not one handed to a Go
+//             callout) records its flow the same way (in_note_udp):
+//             the socket's later sends to that remote are the flow's, as
+//             WFP keeps an ALE flow per endpoint rather than classifying
+//             each datagram. A redirected send records the proxy, so the
+//             next send to the original destination is redirected again.
+//
+// Included by inbound.h (its epoch and layer test).
 
 // udp_reply_key is an inbound UDP flow as its socket's sends see it: the
 // socket's cookie fixes its local port, and the remote is the send's
@@ -48,7 +55,7 @@ struct {
 } fwp_udp_replies SEC(".maps");
 
 #define UDP_REPLY_SENT 0     // sends passed as replies, unclassified
-#define UDP_REPLY_RECORDED 1 // inbound flows recorded
+#define UDP_REPLY_RECORDED 1 // flows recorded (inbound, or started by a send)
 #define UDP_REPLY_NCOUNTS 2
 
 struct {
@@ -72,8 +79,9 @@ static __always_inline int udp_reply_wanted(__u32 gen, __u8 v6)
 	return in_layer_used(gen, SLOT_CONNECT_REDIRECT + v6) || in_layer_used(gen, SLOT_AUTH_CONNECT + v6);
 }
 
-// fwp_udp_reply_note records an inbound UDP flow the ingress hook lets in,
-// while wanted (a global function: its key off the ingress frame).
+// fwp_udp_reply_note records a UDP flow: one the ingress hook lets in, or
+// one a permitted send started; while wanted (a global function: its key
+// off the callers' frames).
 __attribute__((noinline)) int fwp_udp_reply_note(struct tuple *t, __u32 ep)
 {
 	if (!t || !udp_reply_wanted(current_gen(), t->v6))

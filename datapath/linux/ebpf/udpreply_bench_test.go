@@ -21,14 +21,15 @@ func init() { testutil.RegisterHelper("udpreplybench", udpReplyBenchHelper) }
 
 // udpReplyBenchHelper runs in the hooked cgroup: a server socket S on
 // 127.0.0.1:7300 that received a datagram from P1 (127.0.0.1:7301, so its
-// sends there are replies); P2 (127.0.0.1:7302) never sent. Commands on
-// stdin, one answer line each:
+// sends there are replies). Commands on stdin, one answer line each:
 //
-//	alt N       N sendto's from S to P1 and N to P2, alternating; answers
-//	            the mean ns of each ("reply first")
-//	reply N     N sendto's to P1; first N: to P2 (for bpf_stats passes)
-//	newflows N  N datagrams to S, each from a new socket (a new flow:
-//	            ingress records it); sameflow N: N from P1 (a known flow)
+//	alt N       N sendto's from S to P1 and N first sends (each to a new
+//	            remote of 127.2/16), alternating; answers the mean ns of
+//	            each ("reply first")
+//	reply N     N sendto's to P1; first N: N first sends (bpf_stats passes)
+//	newflows N  N datagrams to S, each from a new socket on a new address
+//	            and port of 127.3/16 (a new flow: ingress records it);
+//	            sameflow N: N from P1 (a known flow)
 func udpReplyBenchHelper([]string) error {
 	s, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:7300")))
 	if err != nil {
@@ -64,10 +65,19 @@ func udpReplyBenchHelper([]string) error {
 			}
 		}()
 	}
-	to1, to2 := p1.LocalAddr().(*net.UDPAddr).AddrPort(), p2.LocalAddr().(*net.UDPAddr).AddrPort()
+	_ = p2
+	to1 := p1.LocalAddr().(*net.UDPAddr).AddrPort()
 	send := func(to netip.AddrPort) error {
 		_, err := s.WriteToUDPAddrPort([]byte("y"), to)
 		return err
+	}
+	// A first send goes to a remote never sent to before (the sends to a
+	// remote after its first are its flow's: not classified).
+	var nfirst, nflow int
+	next := func(a byte, n *int) netip.AddrPort {
+		i := *n
+		*n++
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, a, byte(i >> 8), byte(i)}), uint16(10000+i>>16))
 	}
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
@@ -78,7 +88,7 @@ func udpReplyBenchHelper([]string) error {
 		case "alt":
 			var d [2]time.Duration
 			for range n {
-				for i, to := range []netip.AddrPort{to1, to2} {
+				for i, to := range []netip.AddrPort{to1, next(2, &nfirst)} {
 					start := time.Now()
 					if err := send(to); err != nil {
 						return err
@@ -88,11 +98,11 @@ func udpReplyBenchHelper([]string) error {
 			}
 			answer = fmt.Sprintf("%d %d", d[0].Nanoseconds()/int64(n), d[1].Nanoseconds()/int64(n))
 		case "reply", "first":
-			to := to1
-			if f[0] == "first" {
-				to = to2
-			}
 			for range n {
+				to := to1
+				if f[0] == "first" {
+					to = next(2, &nfirst)
+				}
 				if err := send(to); err != nil {
 					return err
 				}
@@ -100,7 +110,7 @@ func udpReplyBenchHelper([]string) error {
 			answer = "ok"
 		case "newflows":
 			for range n {
-				c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
+				c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(next(3, &nflow)))
 				if err != nil {
 					return err
 				}

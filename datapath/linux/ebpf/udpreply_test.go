@@ -18,6 +18,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
+
+	xunix "golang.org/x/sys/unix"
 
 	"fwp/engine"
 	"fwp/internal/testutil"
@@ -34,6 +37,8 @@ type urCmd struct {
 	Net  string `json:"net,omitempty"`
 	Addr string `json:"addr,omitempty"`
 	To   string `json:"to,omitempty"`
+	// Src: "send" names this source address (IP_PKTINFO, IPv4).
+	Src string `json:"src,omitempty"`
 }
 
 // udpReplyHelper is a UDP echo server in the test cgroup: "listen" opens
@@ -65,7 +70,16 @@ func udpReplyHelper([]string) error {
 				answer = "no socket"
 				break
 			}
-			if _, err := pc.WriteTo([]byte("s"), net.UDPAddrFromAddrPort(netip.MustParseAddrPort(c.To))); errors.Is(err, syscall.EPERM) {
+			var oob []byte
+			if c.Src != "" {
+				info := xunix.Inet4Pktinfo{Spec_dst: netip.MustParseAddr(c.Src).As4()}
+				oob = make([]byte, xunix.CmsgSpace(xunix.SizeofInet4Pktinfo))
+				h := (*xunix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+				h.Level, h.Type = syscall.IPPROTO_IP, syscall.IP_PKTINFO
+				h.SetLen(xunix.CmsgLen(xunix.SizeofInet4Pktinfo))
+				*(*xunix.Inet4Pktinfo)(unsafe.Pointer(&oob[xunix.CmsgLen(0)])) = info
+			}
+			if _, _, err := pc.(*net.UDPConn).WriteMsgUDPAddrPort([]byte("s"), oob, netip.MustParseAddrPort(c.To)); errors.Is(err, syscall.EPERM) {
 				answer = "eperm"
 			} else if err != nil {
 				answer = err.Error()
@@ -579,5 +593,27 @@ func TestKernelUDPSendsPerRemote(t *testing.T) {
 	}
 	if p2, b2 := recvCounts(t, d, engine.KindAuthConnect); p2-p1 != 1 || b2-b1 != 1 {
 		t.Fatalf("after the policy change: %d permits, %d blocks, want 1 and 1", p2-p1, b2-b1)
+	}
+}
+
+// A reply naming a source address (IP_PKTINFO) is the flow's only from the
+// local address the flow's datagram came to; from another, it is a first
+// send (blocked under "block outbound UDP"). The socket is on the wildcard
+// address, so without IP_PKTINFO the flow's address is taken.
+func TestKernelUDPReplySourceAddress(t *testing.T) {
+	d, cg := kernelSetup(t)
+	apply(t, d, blockOutboundUDP(t, false))
+	h := testutil.StartHelper(t, cg, "udpreply")
+	if a := urCall(t, h, urCmd{Op: "listen", Net: "udp4", Addr: "0.0.0.0:7104"}); a != "ok" {
+		t.Fatal(a)
+	}
+	cl := newURClient(t, h, "udp4", "127.0.0.1:5104")
+	if got := cl.exchange(netip.MustParseAddrPort("127.0.0.7:7104"), 2*time.Second); got != "ok" {
+		t.Fatalf("exchange: %s", got)
+	}
+	for _, c := range []struct{ src, want string }{{"127.0.0.7", "ok"}, {"", "ok"}, {"127.0.0.8", "eperm"}} {
+		if a := urCall(t, h, urCmd{Op: "send", To: "127.0.0.1:5104", Src: c.src}); a != c.want {
+			t.Errorf("reply from %q: %s, want %s", c.src, a, c.want)
+		}
 	}
 }

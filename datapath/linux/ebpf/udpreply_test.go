@@ -20,6 +20,7 @@ import (
 	"time"
 	"unsafe"
 
+	ciliumebpf "github.com/cilium/ebpf"
 	xunix "golang.org/x/sys/unix"
 
 	"fwp/engine"
@@ -39,6 +40,10 @@ type urCmd struct {
 	To   string `json:"to,omitempty"`
 	// Src: "send" names this source address (IP_PKTINFO, IPv4).
 	Src string `json:"src,omitempty"`
+	// UID, GID: "listen" becomes this user first (for good).
+	UID, GID uint32 `json:",omitempty"`
+	// MapID: "mapopen" tries to open this map by id.
+	MapID uint32 `json:",omitempty"`
 }
 
 // udpReplyHelper is a UDP echo server in the test cgroup: "listen" opens
@@ -55,7 +60,23 @@ func udpReplyHelper([]string) error {
 		}
 		answer := "ok"
 		switch c.Op {
+		case "mapopen":
+			if m, err := ciliumebpf.NewMapFromID(ciliumebpf.MapID(c.MapID)); err != nil {
+				answer = err.Error()
+				if errors.Is(err, syscall.EPERM) {
+					answer = "eperm"
+				}
+			} else {
+				m.Close()
+				answer = "opened"
+			}
 		case "listen":
+			if c.UID != 0 {
+				if err := dropTo(c.UID, c.GID); err != nil {
+					answer = err.Error()
+					break
+				}
+			}
 			if pc != nil {
 				pc.Close()
 			}
@@ -615,5 +636,34 @@ func TestKernelUDPReplySourceAddress(t *testing.T) {
 		if a := urCall(t, h, urCmd{Op: "send", To: "127.0.0.1:5104", Src: c.src}); a != c.want {
 			t.Errorf("reply from %q: %s, want %s", c.src, a, c.want)
 		}
+	}
+}
+
+// An unprivileged user's UDP server in the hooked cgroup gets the same
+// exemption (a flow is the socket's, whoever owns it) and no more: its
+// sends to a remote that never sent are refused, and it cannot open the
+// reply table to add or read flows (the maps are root's).
+func TestKernelUDPReplyUnprivileged(t *testing.T) {
+	d, cg := kernelSetup(t)
+	u := testutil.NewUser(t)
+	apply(t, d, blockOutboundUDP(t, false))
+	h := testutil.StartHelper(t, cg, "udpreply")
+	if a := urCall(t, h, urCmd{Op: "listen", Net: "udp4", Addr: "127.0.0.1:7105", UID: u.UID, GID: u.GID}); a != "ok" {
+		t.Fatal(a)
+	}
+	cl := newURClient(t, h, "udp4", "127.0.0.1:5105")
+	if got := cl.exchange(netip.MustParseAddrPort("127.0.0.1:7105"), 2*time.Second); got != "ok" {
+		t.Fatalf("an unprivileged server's reply: %s", got)
+	}
+	if a := urCall(t, h, urCmd{Op: "send", To: "127.0.0.1:5106"}); a != "eperm" {
+		t.Fatalf("an unprivileged server's send to a remote that never sent: %s, want eperm", a)
+	}
+	info, err := d.objs.FwpUdpReplies.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	if a := urCall(t, h, urCmd{Op: "mapopen", MapID: uint32(id)}); a != "eperm" {
+		t.Fatalf("an unprivileged process opening fwp_udp_replies: %s, want eperm", a)
 	}
 }

@@ -8,15 +8,16 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
-// Replies within inbound UDP flows (bpf/udpreply.h): a datagram an
-// unconnected socket of the hooked cgroups receives and AUTH_RECV_ACCEPT
-// lets in (a filter's permit, no filter, a Go callout's permit) makes a
-// flow, as WFP's ALE makes one; the socket's sends to that remote are the
-// flow's replies and pass the sendmsg hook without a classification at
-// CONNECT_REDIRECT and AUTH_CONNECT. The ingress hook records such flows
-// while the policy has filters at the outbound layers (else no send is
-// refused or redirected): it is attached with the first such policy. See
-// docs/semantics.md, "Replies within inbound UDP flows".
+// UDP flows on the send side (bpf/udpreply.h): a datagram an unconnected
+// socket of the hooked cgroups receives and AUTH_RECV_ACCEPT lets in (a
+// filter's permit, no filter, a Go callout's permit) makes a flow, as
+// WFP's ALE makes one, and so does a send AUTH_CONNECT permits; the
+// socket's later sends to that remote (replies, or the flow's next
+// datagrams) pass the sendmsg hook without a classification at
+// CONNECT_REDIRECT and AUTH_CONNECT. The ingress hook records inbound
+// flows while the policy has filters at the outbound layers (else no send
+// is refused or redirected): it is attached with the first such policy.
+// See docs/semantics.md, "UDP flows on the send side".
 
 // outboundFilters reports whether the policy has filters at
 // CONNECT_REDIRECT or AUTH_CONNECT (v4 or v6), which an unconnected UDP
@@ -72,8 +73,9 @@ func (d *Datapath) attachIngressHook() error {
 
 // UDPReplyStats counts the work of the UDP reply exemption since Load.
 type UDPReplyStats struct {
-	// Replies: unconnected sends that passed as replies within an inbound
-	// flow, without a classification.
+	// Replies: unconnected sends that passed as a recorded flow's (a reply
+	// within an inbound flow, or a later send of one the socket started),
+	// without a classification.
 	Replies uint64
 	// Recorded: UDP flows recorded for their later sends: inbound ones
 	// (the ingress hook) and those a permitted first send started.

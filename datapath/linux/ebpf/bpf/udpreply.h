@@ -99,7 +99,7 @@ __attribute__((noinline)) int fwp_udp_reply_note(struct tuple *t, __u32 ep)
 // inbound flow let in under the current policy epoch. A flow let in under
 // an older policy does not exempt: the send is classified as a first send
 // (the remote's next datagram, classified under the new policy, records
-// the flow again). See docs/semantics.md, "Replies within inbound UDP flows".
+// the flow again). See docs/semantics.md, "UDP flows on the send side".
 static __always_inline int udp_reply(struct bpf_sock_addr *ctx, int v6sock)
 {
 	if (!ctx || ctx->protocol != IPPROTO_UDP)

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -665,5 +666,104 @@ func TestKernelUDPReplyUnprivileged(t *testing.T) {
 	id, _ := info.ID()
 	if a := urCall(t, h, urCmd{Op: "mapopen", MapID: uint32(id)}); a != "eperm" {
 		t.Fatalf("an unprivileged process opening fwp_udp_replies: %s, want eperm", a)
+	}
+}
+
+// TestKernelUDPFlowsMatchModel is the differential test of UDP flows on
+// the send side: random policies (blocks of UDP to some remote ports at
+// AUTH_CONNECT, blocks of some at AUTH_RECV_ACCEPT or none there) and
+// random sequences of datagrams received (from a client outside the
+// cgroup; the server echoes) and sent (by the server, to a client) on one
+// server socket; the kernel's outcome must be WFP's flow model run on
+// engine.Classify: a remote with a flow passes both ways; otherwise a
+// datagram in is classified at AUTH_RECV_ACCEPT and a send at
+// CONNECT_REDIRECT and AUTH_CONNECT, and a permit makes the flow; a new
+// policy starts without flows (the epoch).
+func TestKernelUDPFlowsMatchModel(t *testing.T) {
+	d, cg := kernelSetup(t)
+	h := testutil.StartHelper(t, cg, "udpreply")
+	server := netip.MustParseAddrPort("127.0.0.1:7110")
+	if a := urCall(t, h, urCmd{Op: "listen", Net: "udp4", Addr: server.String()}); a != "ok" {
+		t.Fatal(a)
+	}
+	const nremotes = 6
+	remote := func(k int) netip.AddrPort { return netip.AddrPortFrom(server.Addr(), uint16(5300+k)) }
+	clients := make([]*urClient, nremotes)
+	for k := range clients {
+		clients[k] = newURClient(t, h, "udp4", remote(k).String())
+	}
+	r := rand.New(rand.NewPCG(17, 1))
+	port := func(k int) engine.Condition {
+		return engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(remote(k).Port())}
+	}
+	ops := 0
+	seen := map[string]int{} // outcomes, and whether a flow decided them
+	for round := range 4 {
+		recvFilters := round%2 == 1
+		e := buildEngine(t, func(tx *engine.Txn) error {
+			for k := range nremotes {
+				if r.IntN(2) == 0 {
+					if _, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4, udpProto(), port(k))); err != nil {
+						return err
+					}
+				}
+				if recvFilters && r.IntN(3) == 0 {
+					if _, err := tx.AddFilter(blockFilter(recvAccept(false), port(k))); err != nil {
+						return err
+					}
+				}
+			}
+			// Always something outbound, so the flows are recorded.
+			_, err := tx.AddFilter(blockFilter(engine.LayerALEAuthConnectV4, udpProto(), engine.Condition{Field: engine.FieldIPRemotePort, Match: engine.MatchEqual, Value: engine.Uint16(9)}))
+			return err
+		})
+		apply(t, d, e)
+		flows := map[int]bool{}
+		for range 20 {
+			k := r.IntN(nremotes)
+			tp := tuple{proto: 17, remote: remote(k), local: server, cgroup: cg.ID}
+			var want, got string
+			had := flows[k]
+			if r.IntN(2) == 0 {
+				want = "ok"
+				if !flows[k] {
+					if engineRecvBlocks(e, tp) {
+						want = "timeout"
+					} else {
+						flows[k] = true
+					}
+				}
+				got = clients[k].exchange(server, 200*time.Millisecond)
+				if want == "ok" && got == "timeout" {
+					got = clients[k].read(2 * time.Second) // a slow echo, not a drop
+				}
+				want, got = "in "+want, "in "+got
+			} else {
+				want = "ok"
+				if !flows[k] {
+					if engineBlocks(e, tp) {
+						want = "eperm"
+					} else {
+						flows[k] = true
+					}
+				}
+				got = urCall(t, h, urCmd{Op: "send", To: remote(k).String()})
+				if got == "ok" {
+					clients[k].read(2 * time.Second) // drain it
+				}
+				want, got = "out "+want, "out "+got
+			}
+			ops++
+			seen[fmt.Sprintf("%s flow=%v", want, had)]++
+			if got != want {
+				t.Fatalf("round %d (AUTH_RECV_ACCEPT filters: %v), op %d with remote %s: %s, want %s (flows before: %v)", round, recvFilters, ops, remote(k), got, want, flows)
+			}
+		}
+	}
+	t.Logf("%d ops: %v", ops, seen)
+	for _, c := range []string{"in ok flow=true", "in ok flow=false", "in timeout flow=false", "out ok flow=true", "out ok flow=false", "out eperm flow=false"} {
+		if seen[c] == 0 {
+			t.Errorf("no op of the kind %q: the random sequence misses a case", c)
+		}
 	}
 }

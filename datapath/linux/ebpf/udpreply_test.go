@@ -756,7 +756,7 @@ func TestKernelUDPFlowsMatchModel(t *testing.T) {
 			ops++
 			seen[fmt.Sprintf("%s flow=%v", want, had)]++
 			if got != want {
-				t.Fatalf("round %d (AUTH_RECV_ACCEPT filters: %v), op %d with remote %s: %s, want %s (flows before: %v)", round, recvFilters, ops, remote(k), got, want, flows)
+				t.Fatalf("round %d (AUTH_RECV_ACCEPT filters: %v), op %d with remote %s: %s, want %s (a flow before: %v)", round, recvFilters, ops, remote(k), got, want, had)
 			}
 		}
 	}

@@ -79,6 +79,9 @@ type Datapath struct {
 	// redirectHooks: the redirect hooks are attached (or are to be, to
 	// each cgroup attached), since a policy redirected connections.
 	redirectHooks bool
+	// ingressHook: the ingress hook alone is attached (or is to be), since
+	// a policy had outbound filters (udpreply.go).
+	ingressHook bool
 	// mounted is the directory Load mounted a bpffs on for PinDir (none
 	// was there): Close unmounts it, unless the hooks stay (KeepHooks).
 	mounted string
@@ -207,7 +210,9 @@ func (d *Datapath) Attach(cgroupPath string) error {
 			return err
 		}
 	}
-	links, err := d.attachHooks(cgroupPath, func(h hook) bool { return !h.redirect || d.redirectHooks })
+	links, err := d.attachHooks(cgroupPath, func(h hook) bool {
+		return !h.redirect || d.redirectHooks || (d.ingressHook && h.name == ingressHookName)
+	})
 	if err != nil {
 		return err
 	}
@@ -255,7 +260,7 @@ func (d *Datapath) attachRedirectHooks() error {
 	}
 	added := map[string][]link.Link{}
 	for path := range d.links {
-		links, err := d.attachHooks(path, func(h hook) bool { return h.redirect })
+		links, err := d.attachHooks(path, func(h hook) bool { return h.redirect && !(d.ingressHook && h.name == ingressHookName) })
 		if err != nil {
 			for _, ls := range added {
 				for _, l := range ls {
@@ -341,6 +346,12 @@ func (d *Datapath) Apply(p *Policy) error {
 			return err
 		}
 		if err := d.attachTargets(p); err != nil {
+			return err
+		}
+	}
+	// Inbound UDP flows are recorded for their replies (udpreply.go).
+	if p.outboundFilters() {
+		if err := d.attachIngressHook(); err != nil {
 			return err
 		}
 	}

@@ -262,63 +262,80 @@ type fwpTupleKey struct {
 	Pad        [3]uint8
 }
 
+type fwpUdpReply struct {
+	_     structs.HostLayout
+	Epoch uint32
+	Laddr [16]uint8
+}
+
+type fwpUdpReplyKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Raddr  [16]uint8
+	Rport  uint16
+	V6     uint8
+	Pad    [5]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fwpMapFwpAddrs         = "fwp_addrs"
-	fwpMapFwpBitsets       = "fwp_bitsets"
-	fwpMapFwpCalloutCfg    = "fwp_callout_cfg"
-	fwpMapFwpCalloutFlows  = "fwp_callout_flows"
-	fwpMapFwpCalloutTuples = "fwp_callout_tuples"
-	fwpMapFwpCalloutUdp    = "fwp_callout_udp"
-	fwpMapFwpConfig        = "fwp_config"
-	fwpMapFwpCounts        = "fwp_counts"
-	fwpMapFwpEvents        = "fwp_events"
-	fwpMapFwpFilters       = "fwp_filters"
-	fwpMapFwpHits          = "fwp_hits"
-	fwpMapFwpHostIds       = "fwp_host_ids"
-	fwpMapFwpHostRuns      = "fwp_host_runs"
-	fwpMapFwpHosts         = "fwp_hosts"
-	fwpMapFwpIdRuns        = "fwp_id_runs"
-	fwpMapFwpInEpoch       = "fwp_in_epoch"
-	fwpMapFwpInFlows       = "fwp_in_flows"
-	fwpMapFwpInListenIdx   = "fwp_in_listen_idx"
-	fwpMapFwpInListeners   = "fwp_in_listeners"
-	fwpMapFwpInUdpOwners   = "fwp_in_udp_owners"
-	fwpMapFwpInts          = "fwp_ints"
-	fwpMapFwpLayers        = "fwp_layers"
-	fwpMapFwpNoteCfg       = "fwp_note_cfg"
-	fwpMapFwpPorts         = "fwp_ports"
-	fwpMapFwpProxyPorts    = "fwp_proxy_ports"
-	fwpMapFwpRedirects     = "fwp_redirects"
-	fwpMapFwpSkFlow        = "fwp_sk_flow"
-	fwpMapFwpSkOwner       = "fwp_sk_owner"
-	fwpMapFwpSkRecords     = "fwp_sk_records"
-	fwpMapFwpSockRecords   = "fwp_sock_records"
-	fwpMapFwpSockRedirect  = "fwp_sock_redirect"
-	fwpMapFwpTargets       = "fwp_targets"
-	fwpMapFwpTupleRedirect = "fwp_tuple_redirect"
-	fwpMapFwpUdpKey        = "fwp_udp_key"
-	fwpMapFwpZeroState     = "fwp_zero_state"
-	fwpProgFwpBind4        = "fwp_bind4"
-	fwpProgFwpBind6        = "fwp_bind6"
-	fwpProgFwpConnect4     = "fwp_connect4"
-	fwpProgFwpConnect6     = "fwp_connect6"
-	fwpProgFwpEgress       = "fwp_egress"
-	fwpProgFwpGetpeername4 = "fwp_getpeername4"
-	fwpProgFwpGetpeername6 = "fwp_getpeername6"
-	fwpProgFwpGetsockopt   = "fwp_getsockopt"
-	fwpProgFwpIngress      = "fwp_ingress"
-	fwpProgFwpRecvmsg4     = "fwp_recvmsg4"
-	fwpProgFwpRecvmsg6     = "fwp_recvmsg6"
-	fwpProgFwpSendmsg4     = "fwp_sendmsg4"
-	fwpProgFwpSendmsg6     = "fwp_sendmsg6"
-	fwpProgFwpSetsockopt   = "fwp_setsockopt"
-	fwpProgFwpSockRelease  = "fwp_sock_release"
-	fwpProgFwpSockops      = "fwp_sockops"
-	fwpVarFwpRecMade       = "fwp_rec_made"
-	fwpVarFwpRecReleased   = "fwp_rec_released"
+	fwpMapFwpAddrs          = "fwp_addrs"
+	fwpMapFwpBitsets        = "fwp_bitsets"
+	fwpMapFwpCalloutCfg     = "fwp_callout_cfg"
+	fwpMapFwpCalloutFlows   = "fwp_callout_flows"
+	fwpMapFwpCalloutTuples  = "fwp_callout_tuples"
+	fwpMapFwpCalloutUdp     = "fwp_callout_udp"
+	fwpMapFwpConfig         = "fwp_config"
+	fwpMapFwpCounts         = "fwp_counts"
+	fwpMapFwpEvents         = "fwp_events"
+	fwpMapFwpFilters        = "fwp_filters"
+	fwpMapFwpHits           = "fwp_hits"
+	fwpMapFwpHostIds        = "fwp_host_ids"
+	fwpMapFwpHostRuns       = "fwp_host_runs"
+	fwpMapFwpHosts          = "fwp_hosts"
+	fwpMapFwpIdRuns         = "fwp_id_runs"
+	fwpMapFwpInEpoch        = "fwp_in_epoch"
+	fwpMapFwpInFlows        = "fwp_in_flows"
+	fwpMapFwpInListenIdx    = "fwp_in_listen_idx"
+	fwpMapFwpInListeners    = "fwp_in_listeners"
+	fwpMapFwpInUdpOwners    = "fwp_in_udp_owners"
+	fwpMapFwpInts           = "fwp_ints"
+	fwpMapFwpLayers         = "fwp_layers"
+	fwpMapFwpNoteCfg        = "fwp_note_cfg"
+	fwpMapFwpPorts          = "fwp_ports"
+	fwpMapFwpProxyPorts     = "fwp_proxy_ports"
+	fwpMapFwpRedirects      = "fwp_redirects"
+	fwpMapFwpSkFlow         = "fwp_sk_flow"
+	fwpMapFwpSkOwner        = "fwp_sk_owner"
+	fwpMapFwpSkRecords      = "fwp_sk_records"
+	fwpMapFwpSockRecords    = "fwp_sock_records"
+	fwpMapFwpSockRedirect   = "fwp_sock_redirect"
+	fwpMapFwpTargets        = "fwp_targets"
+	fwpMapFwpTupleRedirect  = "fwp_tuple_redirect"
+	fwpMapFwpUdpKey         = "fwp_udp_key"
+	fwpMapFwpUdpReplies     = "fwp_udp_replies"
+	fwpMapFwpUdpReplyCounts = "fwp_udp_reply_counts"
+	fwpMapFwpZeroState      = "fwp_zero_state"
+	fwpProgFwpBind4         = "fwp_bind4"
+	fwpProgFwpBind6         = "fwp_bind6"
+	fwpProgFwpConnect4      = "fwp_connect4"
+	fwpProgFwpConnect6      = "fwp_connect6"
+	fwpProgFwpEgress        = "fwp_egress"
+	fwpProgFwpGetpeername4  = "fwp_getpeername4"
+	fwpProgFwpGetpeername6  = "fwp_getpeername6"
+	fwpProgFwpGetsockopt    = "fwp_getsockopt"
+	fwpProgFwpIngress       = "fwp_ingress"
+	fwpProgFwpRecvmsg4      = "fwp_recvmsg4"
+	fwpProgFwpRecvmsg6      = "fwp_recvmsg6"
+	fwpProgFwpSendmsg4      = "fwp_sendmsg4"
+	fwpProgFwpSendmsg6      = "fwp_sendmsg6"
+	fwpProgFwpSetsockopt    = "fwp_setsockopt"
+	fwpProgFwpSockRelease   = "fwp_sock_release"
+	fwpProgFwpSockops       = "fwp_sockops"
+	fwpVarFwpRecMade        = "fwp_rec_made"
+	fwpVarFwpRecReleased    = "fwp_rec_released"
 )
 
 // loadFwp returns the embedded CollectionSpec for fwp.
@@ -385,41 +402,43 @@ type fwpProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fwpMapSpecs struct {
-	FwpAddrs         *ebpf.MapSpec `ebpf:"fwp_addrs"`
-	FwpBitsets       *ebpf.MapSpec `ebpf:"fwp_bitsets"`
-	FwpCalloutCfg    *ebpf.MapSpec `ebpf:"fwp_callout_cfg"`
-	FwpCalloutFlows  *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
-	FwpCalloutTuples *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
-	FwpCalloutUdp    *ebpf.MapSpec `ebpf:"fwp_callout_udp"`
-	FwpConfig        *ebpf.MapSpec `ebpf:"fwp_config"`
-	FwpCounts        *ebpf.MapSpec `ebpf:"fwp_counts"`
-	FwpEvents        *ebpf.MapSpec `ebpf:"fwp_events"`
-	FwpFilters       *ebpf.MapSpec `ebpf:"fwp_filters"`
-	FwpHits          *ebpf.MapSpec `ebpf:"fwp_hits"`
-	FwpHostIds       *ebpf.MapSpec `ebpf:"fwp_host_ids"`
-	FwpHostRuns      *ebpf.MapSpec `ebpf:"fwp_host_runs"`
-	FwpHosts         *ebpf.MapSpec `ebpf:"fwp_hosts"`
-	FwpIdRuns        *ebpf.MapSpec `ebpf:"fwp_id_runs"`
-	FwpInEpoch       *ebpf.MapSpec `ebpf:"fwp_in_epoch"`
-	FwpInFlows       *ebpf.MapSpec `ebpf:"fwp_in_flows"`
-	FwpInListenIdx   *ebpf.MapSpec `ebpf:"fwp_in_listen_idx"`
-	FwpInListeners   *ebpf.MapSpec `ebpf:"fwp_in_listeners"`
-	FwpInUdpOwners   *ebpf.MapSpec `ebpf:"fwp_in_udp_owners"`
-	FwpInts          *ebpf.MapSpec `ebpf:"fwp_ints"`
-	FwpLayers        *ebpf.MapSpec `ebpf:"fwp_layers"`
-	FwpNoteCfg       *ebpf.MapSpec `ebpf:"fwp_note_cfg"`
-	FwpPorts         *ebpf.MapSpec `ebpf:"fwp_ports"`
-	FwpProxyPorts    *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
-	FwpRedirects     *ebpf.MapSpec `ebpf:"fwp_redirects"`
-	FwpSkFlow        *ebpf.MapSpec `ebpf:"fwp_sk_flow"`
-	FwpSkOwner       *ebpf.MapSpec `ebpf:"fwp_sk_owner"`
-	FwpSkRecords     *ebpf.MapSpec `ebpf:"fwp_sk_records"`
-	FwpSockRecords   *ebpf.MapSpec `ebpf:"fwp_sock_records"`
-	FwpSockRedirect  *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
-	FwpTargets       *ebpf.MapSpec `ebpf:"fwp_targets"`
-	FwpTupleRedirect *ebpf.MapSpec `ebpf:"fwp_tuple_redirect"`
-	FwpUdpKey        *ebpf.MapSpec `ebpf:"fwp_udp_key"`
-	FwpZeroState     *ebpf.MapSpec `ebpf:"fwp_zero_state"`
+	FwpAddrs          *ebpf.MapSpec `ebpf:"fwp_addrs"`
+	FwpBitsets        *ebpf.MapSpec `ebpf:"fwp_bitsets"`
+	FwpCalloutCfg     *ebpf.MapSpec `ebpf:"fwp_callout_cfg"`
+	FwpCalloutFlows   *ebpf.MapSpec `ebpf:"fwp_callout_flows"`
+	FwpCalloutTuples  *ebpf.MapSpec `ebpf:"fwp_callout_tuples"`
+	FwpCalloutUdp     *ebpf.MapSpec `ebpf:"fwp_callout_udp"`
+	FwpConfig         *ebpf.MapSpec `ebpf:"fwp_config"`
+	FwpCounts         *ebpf.MapSpec `ebpf:"fwp_counts"`
+	FwpEvents         *ebpf.MapSpec `ebpf:"fwp_events"`
+	FwpFilters        *ebpf.MapSpec `ebpf:"fwp_filters"`
+	FwpHits           *ebpf.MapSpec `ebpf:"fwp_hits"`
+	FwpHostIds        *ebpf.MapSpec `ebpf:"fwp_host_ids"`
+	FwpHostRuns       *ebpf.MapSpec `ebpf:"fwp_host_runs"`
+	FwpHosts          *ebpf.MapSpec `ebpf:"fwp_hosts"`
+	FwpIdRuns         *ebpf.MapSpec `ebpf:"fwp_id_runs"`
+	FwpInEpoch        *ebpf.MapSpec `ebpf:"fwp_in_epoch"`
+	FwpInFlows        *ebpf.MapSpec `ebpf:"fwp_in_flows"`
+	FwpInListenIdx    *ebpf.MapSpec `ebpf:"fwp_in_listen_idx"`
+	FwpInListeners    *ebpf.MapSpec `ebpf:"fwp_in_listeners"`
+	FwpInUdpOwners    *ebpf.MapSpec `ebpf:"fwp_in_udp_owners"`
+	FwpInts           *ebpf.MapSpec `ebpf:"fwp_ints"`
+	FwpLayers         *ebpf.MapSpec `ebpf:"fwp_layers"`
+	FwpNoteCfg        *ebpf.MapSpec `ebpf:"fwp_note_cfg"`
+	FwpPorts          *ebpf.MapSpec `ebpf:"fwp_ports"`
+	FwpProxyPorts     *ebpf.MapSpec `ebpf:"fwp_proxy_ports"`
+	FwpRedirects      *ebpf.MapSpec `ebpf:"fwp_redirects"`
+	FwpSkFlow         *ebpf.MapSpec `ebpf:"fwp_sk_flow"`
+	FwpSkOwner        *ebpf.MapSpec `ebpf:"fwp_sk_owner"`
+	FwpSkRecords      *ebpf.MapSpec `ebpf:"fwp_sk_records"`
+	FwpSockRecords    *ebpf.MapSpec `ebpf:"fwp_sock_records"`
+	FwpSockRedirect   *ebpf.MapSpec `ebpf:"fwp_sock_redirect"`
+	FwpTargets        *ebpf.MapSpec `ebpf:"fwp_targets"`
+	FwpTupleRedirect  *ebpf.MapSpec `ebpf:"fwp_tuple_redirect"`
+	FwpUdpKey         *ebpf.MapSpec `ebpf:"fwp_udp_key"`
+	FwpUdpReplies     *ebpf.MapSpec `ebpf:"fwp_udp_replies"`
+	FwpUdpReplyCounts *ebpf.MapSpec `ebpf:"fwp_udp_reply_counts"`
+	FwpZeroState      *ebpf.MapSpec `ebpf:"fwp_zero_state"`
 }
 
 // fwpVariableSpecs contains global variables before they are loaded into the kernel.
@@ -450,41 +469,43 @@ func (o *fwpObjects) Close() error {
 //
 // It can be passed to loadFwpObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fwpMaps struct {
-	FwpAddrs         *ebpf.Map `ebpf:"fwp_addrs"`
-	FwpBitsets       *ebpf.Map `ebpf:"fwp_bitsets"`
-	FwpCalloutCfg    *ebpf.Map `ebpf:"fwp_callout_cfg"`
-	FwpCalloutFlows  *ebpf.Map `ebpf:"fwp_callout_flows"`
-	FwpCalloutTuples *ebpf.Map `ebpf:"fwp_callout_tuples"`
-	FwpCalloutUdp    *ebpf.Map `ebpf:"fwp_callout_udp"`
-	FwpConfig        *ebpf.Map `ebpf:"fwp_config"`
-	FwpCounts        *ebpf.Map `ebpf:"fwp_counts"`
-	FwpEvents        *ebpf.Map `ebpf:"fwp_events"`
-	FwpFilters       *ebpf.Map `ebpf:"fwp_filters"`
-	FwpHits          *ebpf.Map `ebpf:"fwp_hits"`
-	FwpHostIds       *ebpf.Map `ebpf:"fwp_host_ids"`
-	FwpHostRuns      *ebpf.Map `ebpf:"fwp_host_runs"`
-	FwpHosts         *ebpf.Map `ebpf:"fwp_hosts"`
-	FwpIdRuns        *ebpf.Map `ebpf:"fwp_id_runs"`
-	FwpInEpoch       *ebpf.Map `ebpf:"fwp_in_epoch"`
-	FwpInFlows       *ebpf.Map `ebpf:"fwp_in_flows"`
-	FwpInListenIdx   *ebpf.Map `ebpf:"fwp_in_listen_idx"`
-	FwpInListeners   *ebpf.Map `ebpf:"fwp_in_listeners"`
-	FwpInUdpOwners   *ebpf.Map `ebpf:"fwp_in_udp_owners"`
-	FwpInts          *ebpf.Map `ebpf:"fwp_ints"`
-	FwpLayers        *ebpf.Map `ebpf:"fwp_layers"`
-	FwpNoteCfg       *ebpf.Map `ebpf:"fwp_note_cfg"`
-	FwpPorts         *ebpf.Map `ebpf:"fwp_ports"`
-	FwpProxyPorts    *ebpf.Map `ebpf:"fwp_proxy_ports"`
-	FwpRedirects     *ebpf.Map `ebpf:"fwp_redirects"`
-	FwpSkFlow        *ebpf.Map `ebpf:"fwp_sk_flow"`
-	FwpSkOwner       *ebpf.Map `ebpf:"fwp_sk_owner"`
-	FwpSkRecords     *ebpf.Map `ebpf:"fwp_sk_records"`
-	FwpSockRecords   *ebpf.Map `ebpf:"fwp_sock_records"`
-	FwpSockRedirect  *ebpf.Map `ebpf:"fwp_sock_redirect"`
-	FwpTargets       *ebpf.Map `ebpf:"fwp_targets"`
-	FwpTupleRedirect *ebpf.Map `ebpf:"fwp_tuple_redirect"`
-	FwpUdpKey        *ebpf.Map `ebpf:"fwp_udp_key"`
-	FwpZeroState     *ebpf.Map `ebpf:"fwp_zero_state"`
+	FwpAddrs          *ebpf.Map `ebpf:"fwp_addrs"`
+	FwpBitsets        *ebpf.Map `ebpf:"fwp_bitsets"`
+	FwpCalloutCfg     *ebpf.Map `ebpf:"fwp_callout_cfg"`
+	FwpCalloutFlows   *ebpf.Map `ebpf:"fwp_callout_flows"`
+	FwpCalloutTuples  *ebpf.Map `ebpf:"fwp_callout_tuples"`
+	FwpCalloutUdp     *ebpf.Map `ebpf:"fwp_callout_udp"`
+	FwpConfig         *ebpf.Map `ebpf:"fwp_config"`
+	FwpCounts         *ebpf.Map `ebpf:"fwp_counts"`
+	FwpEvents         *ebpf.Map `ebpf:"fwp_events"`
+	FwpFilters        *ebpf.Map `ebpf:"fwp_filters"`
+	FwpHits           *ebpf.Map `ebpf:"fwp_hits"`
+	FwpHostIds        *ebpf.Map `ebpf:"fwp_host_ids"`
+	FwpHostRuns       *ebpf.Map `ebpf:"fwp_host_runs"`
+	FwpHosts          *ebpf.Map `ebpf:"fwp_hosts"`
+	FwpIdRuns         *ebpf.Map `ebpf:"fwp_id_runs"`
+	FwpInEpoch        *ebpf.Map `ebpf:"fwp_in_epoch"`
+	FwpInFlows        *ebpf.Map `ebpf:"fwp_in_flows"`
+	FwpInListenIdx    *ebpf.Map `ebpf:"fwp_in_listen_idx"`
+	FwpInListeners    *ebpf.Map `ebpf:"fwp_in_listeners"`
+	FwpInUdpOwners    *ebpf.Map `ebpf:"fwp_in_udp_owners"`
+	FwpInts           *ebpf.Map `ebpf:"fwp_ints"`
+	FwpLayers         *ebpf.Map `ebpf:"fwp_layers"`
+	FwpNoteCfg        *ebpf.Map `ebpf:"fwp_note_cfg"`
+	FwpPorts          *ebpf.Map `ebpf:"fwp_ports"`
+	FwpProxyPorts     *ebpf.Map `ebpf:"fwp_proxy_ports"`
+	FwpRedirects      *ebpf.Map `ebpf:"fwp_redirects"`
+	FwpSkFlow         *ebpf.Map `ebpf:"fwp_sk_flow"`
+	FwpSkOwner        *ebpf.Map `ebpf:"fwp_sk_owner"`
+	FwpSkRecords      *ebpf.Map `ebpf:"fwp_sk_records"`
+	FwpSockRecords    *ebpf.Map `ebpf:"fwp_sock_records"`
+	FwpSockRedirect   *ebpf.Map `ebpf:"fwp_sock_redirect"`
+	FwpTargets        *ebpf.Map `ebpf:"fwp_targets"`
+	FwpTupleRedirect  *ebpf.Map `ebpf:"fwp_tuple_redirect"`
+	FwpUdpKey         *ebpf.Map `ebpf:"fwp_udp_key"`
+	FwpUdpReplies     *ebpf.Map `ebpf:"fwp_udp_replies"`
+	FwpUdpReplyCounts *ebpf.Map `ebpf:"fwp_udp_reply_counts"`
+	FwpZeroState      *ebpf.Map `ebpf:"fwp_zero_state"`
 }
 
 func (m *fwpMaps) Close() error {
@@ -523,6 +544,8 @@ func (m *fwpMaps) Close() error {
 		m.FwpTargets,
 		m.FwpTupleRedirect,
 		m.FwpUdpKey,
+		m.FwpUdpReplies,
+		m.FwpUdpReplyCounts,
 		m.FwpZeroState,
 	)
 }

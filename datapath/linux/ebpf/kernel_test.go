@@ -515,8 +515,9 @@ func TestRedirectHooksAttachWithFirstRedirect(t *testing.T) {
 		testutil.Unavailable(t, err)
 	}
 	apply(t, d, tenThousand(t))
-	if c, r := attached(cg); c != 6 || r != 0 {
-		t.Fatalf("policy without redirects: %d classifying and %d redirect hooks attached, want 6 and 0", c, r)
+	// Its outbound filters bring the ingress hook alone (udpreply.go).
+	if c, r := attached(cg); c != 6 || r != 1 {
+		t.Fatalf("policy without redirects: %d classifying and %d redirect hooks attached, want 6 and 1 (ingress)", c, r)
 	}
 	e, _ := redirectPolicy(t, false, 1, netip.MustParseAddrPort("127.0.0.1:3128"), nil)
 	apply(t, d, e)

@@ -93,6 +93,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		"fwp_sk_owner": m.FwpSkOwner, "fwp_in_epoch": m.FwpInEpoch, "fwp_in_flows": m.FwpInFlows, // inbound.go
 		"fwp_in_listeners": m.FwpInListeners, "fwp_in_listen_idx": m.FwpInListenIdx, // inlisten.go
 		"fwp_in_udp_owners": m.FwpInUdpOwners, // inudp.go
+
+		"fwp_udp_replies": m.FwpUdpReplies, "fwp_udp_reply_counts": m.FwpUdpReplyCounts, // udpreply.go
 	}
 }
 
@@ -109,7 +111,10 @@ var pinnedMaps = []string{"fwp_addrs", "fwp_bitsets", "fwp_config", "fwp_filters
 	// The listeners' owners by address, for the callout path (inlisten.go).
 	"fwp_in_listeners", "fwp_in_listen_idx",
 	// The UDP sockets' owners by cookie, for the callout path (inudp.go).
-	"fwp_in_udp_owners"}
+	"fwp_in_udp_owners",
+	// The inbound UDP flows whose replies pass (udpreply.go), with the
+	// epoch they are stamped with.
+	"fwp_udp_replies"}
 
 // EnsureBPFFS makes dir a directory on a bpffs: it creates it and, when
 // its parent is not on a bpffs, mounts one on the parent (usually

@@ -1479,11 +1479,13 @@ int fwp_connect4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 0) ? fwp
 SEC("cgroup/connect6")
 int fwp_connect6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1, 0) ? fwp_note6(ctx) : 0; }
 
+// sendmsg: a reply within an inbound UDP flow passes unclassified
+// (udpreply.h); any other unconnected send is a first send.
 SEC("cgroup/sendmsg4")
-int fwp_sendmsg4(struct bpf_sock_addr *ctx) { return do_connect(ctx, 0, 1); }
+int fwp_sendmsg4(struct bpf_sock_addr *ctx) { return fwp_udp_reply4(ctx) || do_connect(ctx, 0, 1); }
 
 SEC("cgroup/sendmsg6")
-int fwp_sendmsg6(struct bpf_sock_addr *ctx) { return do_connect(ctx, 1, 1); }
+int fwp_sendmsg6(struct bpf_sock_addr *ctx) { return fwp_udp_reply6(ctx) || do_connect(ctx, 1, 1); }
 
 // restore_peer makes the proxy's address look like the original
 // destination (getpeername, and the source of UDP replies).

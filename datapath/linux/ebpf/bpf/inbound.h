@@ -197,6 +197,8 @@ static __always_inline int in_layer_used(__u32 gen, __u32 slot)
 	return lc && lc->nfilters;
 }
 
+#include "udpreply.h" // a UDP flow's later sends (in_note_udp, fwp_in_udp_permit record them)
+
 // in_note_udp: a UDP socket of the hooked cgroups sent to a peer (its
 // AUTH_CONNECT permitted it): the peer's replies are that flow, not new
 // inbound ones. A socket bound implicitly (by this send) gets its owner
@@ -205,7 +207,10 @@ static __always_inline int in_layer_used(__u32 gen, __u32 slot)
 // limit with the walk's.
 __attribute__((noinline)) int in_note_udp(struct bpf_sock_addr *ctx, struct tuple *t, __u32 gen)
 {
-	if (!t || !in_layer_used(gen, SLOT_AUTH_RECV_ACCEPT + t->v6))
+	if (!t)
+		return 0;
+	fwp_udp_reply_note(t, in_epoch()); // its later sends are the flow's (udpreply.h)
+	if (!in_layer_used(gen, SLOT_AUTH_RECV_ACCEPT + t->v6))
 		return 0;
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && !bpf_sk_storage_get(&fwp_sk_owner, sk, 0, 0)) {
@@ -475,6 +480,7 @@ __attribute__((noinline)) int fwp_in_udp_permit(struct tuple *t, __u32 ep)
 	__builtin_memcpy(k.laddr, t->laddr, 16);
 	struct in_flow v = {.epoch = ep};
 	bpf_map_update_elem(&fwp_in_flows, &k, &v, BPF_ANY);
+	fwp_udp_reply_note(t, ep); // the socket's replies are this flow
 	return 0;
 }
 
@@ -556,8 +562,15 @@ int fwp_ingress(struct __sk_buff *skb)
 		}
 	}
 	__u32 rslot = SLOT_AUTH_RECV_ACCEPT + t.v6;
-	if (!in_layer_used(gen, rslot))
-		return 1; // nothing to decide (and nothing recorded)
+	if (!in_layer_used(gen, rslot)) {
+		// Nothing to decide. A UDP flow is still recorded when a send
+		// could be refused or redirected, so that the socket's replies
+		// pass as the flow's (udpreply.h) and its next datagrams return
+		// at fwp_in_udp_seen.
+		if (proto == IPPROTO_UDP && udp_reply_wanted(gen, t.v6))
+			fwp_in_udp_permit(&t, ep);
+		return 1;
+	}
 	in_owner_tuple(&t, o, suid, scg);
 	in_app_class(&t, o, gen, rslot);
 	v.nocount = 0;

@@ -686,7 +686,7 @@ type HookStats struct {
 }
 
 // Stats returns the run statistics of each hook program by name (connect4,
-// sendmsg6, ...).
+// sendmsg6, ...; flow_sockops and flow_release once reauthorization is on).
 func (d *Datapath) Stats() (map[string]HookStats, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -699,6 +699,9 @@ func (d *Datapath) Stats() (map[string]HookStats, error) {
 		"recvmsg4": p.FwpRecvmsg4, "recvmsg6": p.FwpRecvmsg6, "getpeername4": p.FwpGetpeername4, "getpeername6": p.FwpGetpeername6,
 		"bind4": p.FwpBind4, "bind6": p.FwpBind6, "sockops": p.FwpSockops, "getsockopt": p.FwpGetsockopt, "setsockopt": p.FwpSetsockopt,
 		"sock_release": p.FwpSockRelease, "egress": p.FwpEgress, "ingress": p.FwpIngress,
+	}
+	if d.reauth != nil { // reauth.c's flow programs, attached beside the hooks
+		progs["flow_sockops"], progs["flow_release"] = d.reauth.objs.FwpFlowSockops, d.reauth.objs.FwpFlowRelease
 	}
 	out := map[string]HookStats{}
 	for name, prog := range progs {

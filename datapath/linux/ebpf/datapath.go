@@ -113,6 +113,10 @@ type genKeys struct {
 	ints    []fwpIntKey
 }
 
+// loadSpec is the programs' spec Load loads: the embedded object; a
+// benchmark comparing two builds of bpf/fwp.c side by side replaces it.
+var loadSpec = loadFwp
+
 // Load loads and verifies the programs and creates the maps. It needs root
 // (CAP_BPF and CAP_NET_ADMIN); without it the error wraps ErrUnavailable
 // and says what is missing.
@@ -123,7 +127,7 @@ func Load(opts Options) (*Datapath, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("%w: memlock rlimit: %v", ErrUnavailable, err)
 	}
-	spec, err := loadFwp()
+	spec, err := loadSpec()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
@@ -585,7 +589,7 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 		if _, err := d.objs.FwpFilters.BatchUpdate(keys, lp.filters, nil); err != nil {
 			return mapErr("filters", err)
 		}
-		cfg := fwpLayerCfg{Nfilters: uint32(len(lp.filters)), Nwords: uint32((len(lp.filters) + 63) / 64), Active: lp.active,
+		cfg := fwpLayerCfg{Nfilters: uint32(len(lp.filters)), Nwords: uint32((len(lp.filters) + 63) / 64), Active: lp.activeWord(),
 			DefaultClass: lp.def, EmptyClass: lp.empty}
 		if err := d.objs.FwpLayers.Put(uint32(li), cfg); err != nil {
 			return mapErr("layers", err)

@@ -119,6 +119,10 @@ type genKeys struct {
 	ints    []fwpIntKey
 }
 
+// loadSpec is the programs' spec Load loads: the embedded object; a
+// benchmark comparing two builds of bpf/fwp.c side by side replaces it.
+var loadSpec = loadFwp
+
 // Load loads and verifies the programs and creates the maps. It needs root
 // (CAP_BPF and CAP_NET_ADMIN); without it the error wraps ErrUnavailable
 // and says what is missing.
@@ -129,7 +133,7 @@ func Load(opts Options) (*Datapath, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("%w: memlock rlimit: %v", ErrUnavailable, err)
 	}
-	spec, err := loadFwp()
+	spec, err := loadSpec()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
@@ -599,7 +603,7 @@ func (d *Datapath) writeGen(gen uint32, p *Policy) error {
 		if _, err := d.objs.FwpFilters.BatchUpdate(keys, lp.filters, nil); err != nil {
 			return mapErr("filters", err)
 		}
-		cfg := fwpLayerCfg{Nfilters: uint32(len(lp.filters)), Nwords: uint32((len(lp.filters) + 63) / 64), Active: lp.active,
+		cfg := fwpLayerCfg{Nfilters: uint32(len(lp.filters)), Nwords: uint32((len(lp.filters) + 63) / 64), Active: lp.activeWord(),
 			DefaultClass: lp.def, EmptyClass: lp.empty}
 		if err := d.objs.FwpLayers.Put(uint32(li), cfg); err != nil {
 			return mapErr("layers", err)
@@ -700,7 +704,7 @@ type HookStats struct {
 }
 
 // Stats returns the run statistics of each hook program by name (connect4,
-// sendmsg6, ...).
+// sendmsg6, ...; flow_sockops and flow_release once reauthorization is on).
 func (d *Datapath) Stats() (map[string]HookStats, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -713,6 +717,9 @@ func (d *Datapath) Stats() (map[string]HookStats, error) {
 		"recvmsg4": p.FwpRecvmsg4, "recvmsg6": p.FwpRecvmsg6, "getpeername4": p.FwpGetpeername4, "getpeername6": p.FwpGetpeername6,
 		"bind4": p.FwpBind4, "bind6": p.FwpBind6, "sockops": p.FwpSockops, "getsockopt": p.FwpGetsockopt, "setsockopt": p.FwpSetsockopt,
 		"sock_release": p.FwpSockRelease, "egress": p.FwpEgress, "ingress": p.FwpIngress,
+	}
+	if d.reauth != nil { // reauth.c's flow programs, attached beside the hooks
+		progs["flow_sockops"], progs["flow_release"] = d.reauth.objs.FwpFlowSockops, d.reauth.objs.FwpFlowRelease
 	}
 	out := map[string]HookStats{}
 	for name, prog := range progs {

@@ -132,7 +132,9 @@
 // ALE_AUTH_RECV_ACCEPT: a sockops program of that object, attached beside
 // the hooks from then on, records listeners' owners and notes each
 // accepted socket with its listener's owner. EnableFlowEvents turns on
-// the reports of that sockops and a sock_release program; ReadFlowEvents
+// the reports of that sockops program and attaches a sock_release program
+// (it only reports ends: without flow events it is not attached, issue
+// 15's connect cost); ReadFlowEvents
 // reports each noted outbound TCP flow's and accepted TCP connection's
 // (direction inbound) establishment and end once, and
 // each noted connected UDP socket's end (no establishment report), and

@@ -73,29 +73,70 @@ func (d *Datapath) EnableFlowEvents() error {
 	if d.closed {
 		return ErrClosed
 	}
-	if err := d.loadLive(); err != nil { // attaches the programs
+	if err := d.loadLive(); err != nil { // attaches the sockops program
 		return err
 	}
 	r := d.reauth
 	if r.flowEvents {
 		return nil
 	}
+	// The sock_release program reports ends only: it joins the hooked
+	// cgroups now (before, each socket's close would have run it for
+	// nothing: issue 15's connect cost).
+	added := map[string][]link.Link{}
+	undo := func() {
+		for _, ls := range added {
+			for _, l := range ls {
+				l.Close()
+			}
+		}
+	}
+	for path := range d.links {
+		ls, err := r.attachFlowHooks(path, flowRelease)
+		if err != nil {
+			undo()
+			return err
+		}
+		added[path] = ls
+	}
 	if err := r.objs.FwpFlowCfg.Put(uint32(0), uint32(1)); err != nil {
+		undo()
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	for path, ls := range added {
+		d.links[path] = append(d.links[path], ls...)
 	}
 	r.flowEvents = true
 	return nil
 }
 
-// attachFlowHooks attaches the flow programs to one cgroup (all or none);
-// d.mu is held. They are not pinned: they serve fwpd's reauthorization
-// and reader.
-func (r *reauthObjs) attachFlowHooks(cgroupPath string) ([]link.Link, error) {
+// Which of reauth.c's flow programs attachFlowHooks attaches.
+const (
+	flowSockops = 1 << iota // notes listeners and accepted sockets; reports establishment
+	flowRelease             // reports ends: only while flow events are on
+)
+
+// liveProgs are the flow programs a hooked cgroup carries now.
+func (r *reauthObjs) liveProgs() int {
+	if r.flowEvents {
+		return flowSockops | flowRelease
+	}
+	return flowSockops
+}
+
+// attachFlowHooks attaches the flow programs which picks to one cgroup
+// (all or none); d.mu is held. They are not pinned: they serve fwpd's
+// reauthorization and reader.
+func (r *reauthObjs) attachFlowHooks(cgroupPath string, which int) ([]link.Link, error) {
 	var out []link.Link
 	for _, h := range []struct {
-		p  *ebpf.Program
-		at ebpf.AttachType
-	}{{r.objs.FwpFlowSockops, ebpf.AttachCGroupSockOps}, {r.objs.FwpFlowRelease, ebpf.AttachCgroupInetSockRelease}} {
+		bit int
+		p   *ebpf.Program
+		at  ebpf.AttachType
+	}{{flowSockops, r.objs.FwpFlowSockops, ebpf.AttachCGroupSockOps}, {flowRelease, r.objs.FwpFlowRelease, ebpf.AttachCgroupInetSockRelease}} {
+		if which&h.bit == 0 {
+			continue
+		}
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: h.at, Program: h.p})
 		if err != nil {
 			for _, l := range out {
@@ -114,7 +155,7 @@ func (d *Datapath) attachLive(cgroupPath string) ([]link.Link, error) {
 	if d.reauth == nil {
 		return nil, nil
 	}
-	return d.reauth.attachFlowHooks(cgroupPath)
+	return d.reauth.attachFlowHooks(cgroupPath, d.reauth.liveProgs())
 }
 
 // ReadFlowEvents calls fn with every flow event until ctx ends or the

@@ -994,6 +994,25 @@ func (e rankError) Unwrap() error { return e.err }
 // field's key (bpf/fwp.c ACTIVE_FLAGS).
 const activeFlags = 1 << 31
 
+// activeNoTrie << which in layer_cfg.active: the remote (0) or local (1)
+// address field has no prefix in the LPM trie in this generation; the
+// hook then skips the trie lookup after a host table miss (bpf/fwp.c
+// ACTIVE_NO_TRIE).
+const activeNoTrie = 1 << 16
+
+// activeWord is the layer's layer_cfg.active as the hook reads it: the
+// fields with conditions, the flags bit, and which address fields have an
+// empty trie.
+func (lp *layerPolicy) activeWord() uint32 {
+	a := lp.active
+	for which := range lp.addrs {
+		if len(lp.addrs[which]) == 0 {
+			a |= activeNoTrie << which
+		}
+	}
+	return a
+}
+
 // flagIndexBits are the condition flags the hooks know, by their bit in
 // the flags index the kernel computes (bpf/fwp.c tuple_flags: TF_*). Every
 // other flag (IS_REAUTHORIZE: a hook classifies each connect once,

@@ -130,12 +130,12 @@ func (d *Datapath) loadLive() error {
 		}
 		r.iters[i] = it
 	}
-	// The flow programs (sockops, sock_release) go beside the hooks from
-	// now on: the sockops program notes accepted sockets for the pass;
-	// they report flow events only from EnableFlowEvents.
+	// The flow sockops program goes beside the hooks from now on: it
+	// notes listeners and accepted sockets for the pass; it reports, and
+	// the sock_release program joins it, from EnableFlowEvents.
 	added := map[string][]link.Link{}
 	for path := range d.links {
-		ls, err := r.attachFlowHooks(path)
+		ls, err := r.attachFlowHooks(path, r.liveProgs())
 		if err != nil {
 			for _, ls := range added {
 				for _, l := range ls {

@@ -940,6 +940,22 @@ static __always_inline void count_hit(__u64 id)
 	}
 }
 
+// ACTIVE_NO_TRIE + f (f: FIELD_RADDR, FIELD_LADDR) in layer_cfg.active:
+// the generation put no prefix of the field in the LPM trie (its
+// addresses are all in a host table, or it has none), so a present
+// address the host table missed takes the default class without a trie
+// lookup (issue 15: ~0.1 us of a connect). Set, not clear, by user space:
+// a generation written without it is looked up as before.
+#define ACTIVE_NO_TRIE 16
+static __always_inline int trie_empty(__u32 active, int f, struct tuple *t)
+{
+	if (f == FIELD_RADDR)
+		return (active & (1U << (ACTIVE_NO_TRIE + FIELD_RADDR))) && t->has_raddr;
+	if (f == FIELD_LADDR)
+		return (active & (1U << (ACTIVE_NO_TRIE + FIELD_LADDR))) && t->has_laddr;
+	return 0;
+}
+
 // fwp_classify runs one layer over the tuple and fills v with ACT_BLOCK or
 // ACT_PERMIT and, at CONNECT_REDIRECT, the chosen redirect.
 __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *t, struct verdict *v)
@@ -980,7 +996,7 @@ __attribute__((noinline)) int fwp_classify(__u32 gen, __u32 slot, struct tuple *
 		__u32 c = CLASS_MISS;
 		if (f == FIELD_RADDR || f == FIELD_LADDR)
 			c = fwp_host_class(li, f, t); // a host table first
-		if (c == CLASS_MISS)
+		if (c == CLASS_MISS && !trie_empty(active, f, t))
 			c = fwp_field_class(li, f == FIELD_PROTO && (active & ACTIVE_FLAGS) ? f | FIELD_FOLD : f, t);
 		if (c == CLASS_MISS)
 			c = lc->default_class[f];

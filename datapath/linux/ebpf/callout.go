@@ -134,7 +134,14 @@ func (d *Datapath) CalloutFlowDecided(f CalloutFlow, verdict uint8) error {
 		return nil
 	}
 	k := raw.Key
-	// Only if still there: a record the socket's close removed stays gone.
+	// Only if still this socket's: a record the socket's close removed
+	// stays gone, and one a new socket on the same 4-tuple wrote since
+	// (its SYN not yet classified) is not given this flow's verdict.
+	// (The window left is the one between the two calls.)
+	var cur fwpCalloutFlow
+	if err := d.objs.FwpCalloutTuples.Lookup(&k, &cur); err != nil || cur.Cookie != raw.Cookie {
+		return nil
+	}
 	if err := d.objs.FwpCalloutTuples.Update(&k, &raw, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return err
 	}

@@ -258,3 +258,40 @@ func TestSweepDeadSoak(t *testing.T) {
 		t.Errorf("goroutines grew from %d to %d", gs, n)
 	}
 }
+
+// TestCalloutFlowDecidedKeepsNewSocket: the verdict noted on a callout
+// flow's 4-tuple record lands only while the record is still that
+// socket's; a new socket's record on the same 4-tuple (written by its
+// connect hook before the note) keeps no verdict, so its SYN is
+// classified, not answered with the old flow's verdict.
+func TestCalloutFlowDecidedKeepsNewSocket(t *testing.T) {
+	d, _ := kernelSetup(t)
+	var k fwpFlowKey
+	k.LocalPort, k.RemotePort = 40123, 8080
+	k.Local[0], k.Remote[0] = 127, 127
+	old := fwpCalloutFlow{Cookie: 1<<62 + 7, Indexed: 1, Key: k}
+	fresh := fwpCalloutFlow{Cookie: 1<<62 + 8, Indexed: 1, Key: k}
+	t.Cleanup(func() { d.objs.FwpCalloutTuples.Delete(&k) })
+
+	if err := d.objs.FwpCalloutTuples.Put(&k, &old); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.CalloutFlowDecided(CalloutFlow{raw: old}, VerdictPermit); err != nil {
+		t.Fatal(err)
+	}
+	var got fwpCalloutFlow
+	if err := d.objs.FwpCalloutTuples.Lookup(&k, &got); err != nil || got.Verdict != VerdictPermit {
+		t.Fatalf("the flow's own record: %+v, %v; want its verdict noted", got, err)
+	}
+	// The socket closed, a new one took the 4-tuple; the old flow's note
+	// comes late.
+	if err := d.objs.FwpCalloutTuples.Put(&k, &fresh); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.CalloutFlowDecided(CalloutFlow{raw: old}, VerdictPermit); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.objs.FwpCalloutTuples.Lookup(&k, &got); err != nil || got.Cookie != fresh.Cookie || got.Verdict != 0 {
+		t.Fatalf("the new socket's record after the old flow's note: %+v, %v", got, err)
+	}
+}

@@ -178,7 +178,8 @@ func buildPeer(tb testing.TB) string {
 		}
 		goBin, err := exec.LookPath("go")
 		if err != nil {
-			goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+			peerBinErr = err
+			return
 		}
 		peerBin = filepath.Join(dir, "nfqpeer")
 		out, err := exec.Command(goBin, "build", "-o", peerBin, "fwp/internal/nfqpeer/cmd/nfqpeer").CombinedOutput()
